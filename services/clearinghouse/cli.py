@@ -1,0 +1,162 @@
+"""``clearingctl``: the operator's command line.
+
+``clearingctl cluster up|down|status|kill|stop|start|pause|resume|schema|check`` runs
+the local three-city cluster. Exit codes: 0 success, 1 the operation failed (the message
+names the component and its log), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clearinghouse import topology
+from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
+from clearinghouse.localcluster.paths import Paths
+from clearinghouse.localcluster.procs import ProcessError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clearingctl", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--topology", type=Path, default=None, help="topology file (default: cluster/topology.json)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where processes keep data and logs (default: .state/, or $CLEARING_STATE_DIR)",
+    )
+    sub = p.add_subparsers(dest="group", required=True)
+    c = sub.add_parser("cluster", help="run the local three-city cluster")
+    cs = c.add_subparsers(dest="cmd", required=True)
+    up = cs.add_parser(
+        "up", help="start etcd and Cassandra (whatever is not running) and apply the schema"
+    )
+    up.add_argument(
+        "--cassandra-nodes",
+        type=int,
+        default=None,
+        help="3 (one per city, default) or 6 (one per zone)",
+    )
+    down = cs.add_parser("down", help="stop everything this tool started")
+    down.add_argument("--wipe", action="store_true", help="also delete all data and logs")
+    st = cs.add_parser("status", help="processes by city and zone, Cassandra's ring, etcd's leader")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--no-ring", action="store_true", help="skip nodetool (faster)")
+    for name, what in (
+        ("kill", "SIGKILL"),
+        ("stop", "SIGTERM, then SIGKILL after a grace period"),
+        ("start", "start again"),
+        ("pause", "SIGSTOP"),
+        ("resume", "SIGCONT"),
+    ):
+        a = cs.add_parser(
+            name, help=f"{what}: a process (cassandra@beijing-a), a zone, a city or all"
+        )
+        a.add_argument("target")
+    cs.add_parser("schema", help="apply the keyspace and tables (idempotent)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        topo = topology.load(args.topology)
+    except topology.TopologyError as e:
+        print(f"clearingctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    state = args.state_dir or (
+        Path(os.environ["CLEARING_STATE_DIR"]) if os.environ.get("CLEARING_STATE_DIR") else None
+    )
+    lc = LocalCluster(topo, Paths.default(state), progress=_say)
+    try:
+        if args.group == "cluster":
+            return _cluster(lc, args)
+    except (ClusterError, ProcessError, FileNotFoundError, KeyError) as e:
+        print(f"clearingctl: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
+    cmd = args.cmd
+    if cmd == "up":
+        lc.up(args.cassandra_nodes)
+        print_status(lc.status(with_ring=True))
+        return 0
+    if cmd == "down":
+        lc.down(wipe=args.wipe)
+        return 0
+    if cmd == "status":
+        st = lc.status(with_ring=not args.no_ring)
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print_status(st)
+        return 0
+    if cmd == "schema":
+        lc.apply_schema()
+        return 0
+    action = getattr(lc, cmd)
+    hit = action(args.target)
+    verb = {
+        "kill": "killed",
+        "stop": "stopped",
+        "start": "started",
+        "pause": "paused",
+        "resume": "resumed",
+    }[cmd]
+    _say(f"{verb}: {', '.join(hit) if hit else 'nothing (already in that state)'}")
+    return 0
+
+
+def print_status(st: dict[str, Any]) -> None:
+    if not st["started"]:
+        _say("no cluster has been started here (clearingctl cluster up)")
+    _say(f"{'CITY':<10}{'ZONE':<12}{'PROCESS':<11}{'STATE':<8}{'PID':<9}{'ENDPOINT':<22}NOTE")
+    for r in st["processes"]:
+        note = []
+        if r["etcd_leader"]:
+            note.append("etcd leader")
+        if r["state"] == "up" and not r["listening"]:
+            note.append("not listening yet")
+        endpoint = f"{r['address']}:{r['port']}"
+        pid = str(r["pid"] or "-")
+        cols = f"{r['city']:<10}{r['zone']:<12}{r['kind']:<11}{r['state']:<8}{pid:<9}"
+        _say(f"{cols}{endpoint:<22}{', '.join(note)}")
+    e = st["etcd"]
+    _say(
+        f"etcd: leader {e['leader'] or 'NONE'} (raft term {e['raft_term']}), "
+        f"answering: {', '.join(e['members_answering']) or 'none'}"
+    )
+    ring = st["cassandra_ring"]
+    if ring is None:
+        _say("cassandra ring: unavailable (no node answered nodetool)")
+        return
+    _say(f"cassandra ring (nodetool status via {st['cassandra_ring_via']}):")
+    by_dc: dict[str, list[dict[str, str]]] = {}
+    for r in ring:
+        by_dc.setdefault(r["dc"], []).append(r)
+    for dc, rows in by_dc.items():
+        cells = ", ".join(
+            f"{r['rack']} {r['address']} {'UP' if r['status'] == 'U' else 'DOWN'}/{r['state']}"
+            for r in rows
+        )
+        _say(f"  {dc:<10}{cells}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""Operations on the local cluster: up, down, status, and kill/stop/start of a target.
+
+A target is one process (``cassandra@beijing-a``), a zone (``beijing-a``), a city
+(``beijing``) or everything (``all``). Every wait is bounded; a process that fails to
+start is reported with the tail of its own log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clearinghouse.localcluster import cassandra, etcd, procs
+from clearinghouse.localcluster.paths import Paths
+from clearinghouse.localcluster.procs import Managed
+from clearinghouse.storage import schema
+from clearinghouse.storage.session import CassandraConfig, connect
+from clearinghouse.topology import Topology, Zone
+
+ETCD_READY_TIMEOUT_S = 60.0
+CASSANDRA_JOIN_TIMEOUT_S = 120.0
+NODETOOL_TIMEOUT_S = 30.0
+KINDS = ("etcd", "cassandra")
+
+Progress = Callable[[str], None]
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation failed; the message names the component and its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What ``up`` started; stored so later commands act on the same cluster."""
+
+    cassandra_nodes: int
+
+    def to_json(self) -> str:
+        return json.dumps({"cassandra_nodes": self.cassandra_nodes})
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    kind: str
+    zone: Zone
+    managed: Managed
+    logs: tuple[Any, ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}@{self.zone.name}"
+
+
+class LocalCluster:
+    def __init__(self, topo: Topology, paths: Paths, progress: Progress = print) -> None:
+        self.topo = topo
+        self.paths = paths
+        self.progress = progress
+
+    # -- what the cluster is made of -------------------------------------------------
+
+    def spec(self) -> Spec | None:
+        try:
+            raw = json.loads(self.paths.cluster_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return Spec(cassandra_nodes=int(raw["cassandra_nodes"]))
+
+    def etcd_members(self) -> list[etcd.EtcdMember]:
+        return etcd.members(self.topo, self.paths)
+
+    def cassandra_nodes(self, spec: Spec | None = None) -> list[cassandra.CassandraNode]:
+        s = spec or self.spec() or Spec(cassandra_nodes=len(self.topo.cities))
+        return cassandra.nodes(self.topo, self.paths, s.cassandra_nodes)
+
+    def components(self, spec: Spec | None = None) -> list[Component]:
+        out = [Component("etcd", m.zone, m.managed, (m.managed.log,)) for m in self.etcd_members()]
+        out += [
+            Component("cassandra", n.zone, n.managed, (n.managed.log, n.system_log))
+            for n in self.cassandra_nodes(spec)
+        ]
+        return out
+
+    def select(self, target: str) -> list[Component]:
+        """Components named by ``target``: all, a city, a zone, or kind@zone."""
+        comps = self.components()
+        if target == "all":
+            return comps
+        if "@" in target:
+            kind, _, zone = target.partition("@")
+            if kind not in KINDS:
+                raise ClusterError(f"unknown process kind {kind!r}; kinds are {', '.join(KINDS)}")
+            self.topo.zone(zone)  # raises with the list of zones
+            hit = [c for c in comps if c.kind == kind and c.zone.name == zone]
+            if not hit:
+                raise ClusterError(f"no {kind} runs in zone {zone} in this cluster")
+            return hit
+        if target in self.topo.city_names():
+            return [c for c in comps if c.zone.city == target]
+        if target in self.topo.zone_names():
+            return [c for c in comps if c.zone.name == target]
+        raise ClusterError(
+            f"unknown target {target!r}: use all, a city ({', '.join(self.topo.city_names())}), "
+            f"a zone ({', '.join(self.topo.zone_names())}) or kind@zone (e.g. cassandra@beijing-a)"
+        )
+
+    # -- up / down ---------------------------------------------------------------------
+
+    def up(self, cassandra_nodes: int | None = None) -> dict[str, float]:
+        """Start whatever is not running, wait for it, apply the schema. Idempotent."""
+        timings: dict[str, float] = {}
+        t0 = time.monotonic()
+        spec = self._resolve_spec(cassandra_nodes)
+        self.paths.state.mkdir(parents=True, exist_ok=True)
+        self.paths.cluster_file.write_text(spec.to_json())
+        self.progress(
+            f"cluster {self.topo.name}: {len(self.topo.cities)} cities, "
+            f"{len(self.topo.zones)} zones, {spec.cassandra_nodes} Cassandra nodes, "
+            f"{len(self.etcd_members())} etcd members (state in {self.paths.state})"
+        )
+        self._start_etcd(self.etcd_members())
+        timings["etcd_s"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        self._start_cassandra(self.cassandra_nodes(spec))
+        timings["cassandra_s"] = time.monotonic() - t1
+        t2 = time.monotonic()
+        self.apply_schema(spec)
+        timings["schema_s"] = time.monotonic() - t2
+        timings["total_s"] = time.monotonic() - t0
+        self.progress(f"cluster up in {timings['total_s']:.1f}s")
+        return timings
+
+    def _resolve_spec(self, cassandra_nodes: int | None) -> Spec:
+        existing = self.spec()
+        if cassandra_nodes is None:
+            return existing or Spec(cassandra_nodes=len(self.topo.cities))
+        self.topo.cassandra_zones(cassandra_nodes)  # validates the count
+        if existing and existing.cassandra_nodes != cassandra_nodes and self._has_data():
+            raise ClusterError(
+                f"the state folder holds a cluster of {existing.cassandra_nodes} Cassandra "
+                f"nodes; run `clearingctl cluster down --wipe` before starting one of "
+                f"{cassandra_nodes}"
+            )
+        return Spec(cassandra_nodes=cassandra_nodes)
+
+    def _has_data(self) -> bool:
+        return (self.paths.state / "cassandra").exists()
+
+    def down(self, wipe: bool = False) -> list[str]:
+        """Stop everything this tool started (SIGTERM, then SIGKILL); optionally wipe."""
+        stopped = []
+        comps = self._all_known_components()
+        for c in comps:
+            if procs.state(c.managed).alive:
+                procs.signal_proc(c.managed, signal.SIGCONT)
+                procs.signal_proc(c.managed, signal.SIGTERM)
+                stopped.append(c.label)
+        for c in comps:
+            procs.stop(c.managed)
+        if stopped:
+            self.progress(f"stopped {', '.join(stopped)}")
+        else:
+            self.progress("nothing was running")
+        if wipe and self.paths.state.exists():
+            shutil.rmtree(self.paths.state)
+            self.progress(f"wiped {self.paths.state}")
+        return stopped
+
+    def _all_known_components(self) -> list[Component]:
+        """Every component that may have been started, whatever the stored spec says."""
+        seen: dict[str, Component] = {}
+        for n in (len(self.topo.cities), len(self.topo.zones)):
+            for c in self.components(Spec(cassandra_nodes=n)):
+                seen[c.label] = c
+        return list(seen.values())
+
+    # -- starting ----------------------------------------------------------------------
+
+    def _start_etcd(self, members: Sequence[etcd.EtcdMember]) -> None:
+        all_members = self.etcd_members()
+        started = []
+        for m in members:
+            if procs.state(m.managed).alive:
+                continue
+            procs.spawn(m.managed, etcd.argv(m, all_members, self.topo.name))
+            started.append(m)
+        if started:
+            self.progress(f"starting etcd: {', '.join(m.zone.name for m in started)}")
+        live = [m for m in all_members if procs.state(m.managed).alive]
+        waited = procs.wait_until(
+            "etcd to elect a leader",
+            lambda: any(etcd.healthy(m) for m in live),
+            timeout_s=ETCD_READY_TIMEOUT_S,
+            procs=[m.managed for m in started],
+            progress=self.progress,
+        )
+        for m in started:
+            procs.wait_until(
+                f"etcd {m.zone.name} to answer",
+                lambda m=m: etcd.healthy(m),  # type: ignore[misc]
+                timeout_s=ETCD_READY_TIMEOUT_S,
+                procs=[m.managed],
+                progress=self.progress,
+            )
+        if started:
+            self.progress(f"etcd ready ({waited:.1f}s)")
+
+    def _start_cassandra(self, nodes: Sequence[cassandra.CassandraNode]) -> None:
+        all_nodes = self.cassandra_nodes()
+        down = [n for n in nodes if not procs.state(n.managed).alive]
+        if not down:
+            return
+        for n in all_nodes:
+            cassandra.write_config(n, all_nodes, self.topo.name)
+        any_up = any(procs.state(n.managed).alive for n in all_nodes)
+        # A fresh cluster starts one seed first so the others find a ring to join.
+        first = [] if any_up else down[:1]
+        rest = [n for n in down if n not in first]
+        for batch in (first, rest):
+            if not batch:
+                continue
+            for n in batch:
+                procs.spawn(n.managed, cassandra.argv(n, self.paths))
+            names = ", ".join(n.zone.name for n in batch)
+            self.progress(f"starting cassandra: {names} (JVM start takes 10-40 s on a small box)")
+            waited = procs.wait_until(
+                f"cassandra CQL port on {names}",
+                lambda batch=batch: all(  # type: ignore[misc]
+                    procs.port_open(n.zone.address, n.zone.ports.cql) for n in batch
+                ),
+                timeout_s=cassandra.CQL_READY_TIMEOUT_S,
+                procs=[n.managed for n in batch],
+                logs=[n.system_log for n in batch],
+                progress=self.progress,
+            )
+            self.progress(f"cassandra {names} serving CQL ({waited:.1f}s)")
+        self._wait_ring_up(all_nodes)
+
+    def _wait_ring_up(self, nodes: Sequence[cassandra.CassandraNode]) -> None:
+        """Wait until a live node's gossip marks every running node Up/Normal."""
+        running = [n for n in nodes if procs.state(n.managed).alive]
+        want = {n.zone.address for n in running}
+        probe = running[0]
+
+        def all_up() -> bool:
+            ring = self.ring(probe)
+            return ring is not None and want <= {
+                r["address"] for r in ring if r["status"] == "U" and r["state"] == "N"
+            }
+
+        procs.wait_until(
+            "every running Cassandra node to be Up/Normal in gossip",
+            all_up,
+            timeout_s=CASSANDRA_JOIN_TIMEOUT_S,
+            procs=[n.managed for n in running],
+            logs=[n.system_log for n in running],
+            progress=self.progress,
+        )
+
+    def apply_schema(self, spec: Spec | None = None) -> list[str]:
+        s = spec or self.spec()
+        if s is None:
+            raise ClusterError("no cluster has been started here: run `clearingctl cluster up`")
+        nodes = [n for n in self.cassandra_nodes(s) if procs.state(n.managed).alive]
+        if not nodes:
+            raise ClusterError("no Cassandra node is running")
+        cfg = CassandraConfig.from_topology(
+            self.topo, nodes[0].dc, [n.zone.address for n in nodes], keyspace=None
+        )
+        cl, session = connect(cfg)
+        try:
+            changed = schema.apply(
+                session,
+                self.topo.keyspace.name,
+                cassandra.replication(self.topo, s.cassandra_nodes),
+                self.progress,
+            )
+        finally:
+            cl.shutdown()
+        for line in changed:
+            self.progress(f"  schema: {line}")
+        return changed
+
+    # -- kill / stop / start -----------------------------------------------------------
+
+    def kill(self, target: str) -> list[str]:
+        comps = self.select(target)
+        hit = [c.label for c in comps if procs.signal_proc(c.managed, signal.SIGKILL)]
+        for c in comps:
+            procs.kill(c.managed)
+        return hit
+
+    def stop(self, target: str) -> list[str]:
+        comps = self.select(target)
+        hit = [c.label for c in comps if procs.state(c.managed).alive]
+        for c in comps:
+            procs.signal_proc(c.managed, signal.SIGCONT)
+            procs.signal_proc(c.managed, signal.SIGTERM)
+        for c in comps:
+            procs.stop(c.managed)
+        return hit
+
+    def pause(self, target: str) -> list[str]:
+        comps = self.select(target)
+        return [c.label for c in comps if procs.signal_proc(c.managed, signal.SIGSTOP)]
+
+    def resume(self, target: str) -> list[str]:
+        comps = self.select(target)
+        return [c.label for c in comps if procs.signal_proc(c.managed, signal.SIGCONT)]
+
+    def start(self, target: str) -> list[str]:
+        comps = self.select(target)
+        down = [c for c in comps if not procs.state(c.managed).alive]
+        zones = {c.zone.name for c in down}
+        self._start_etcd(
+            [
+                m
+                for m in self.etcd_members()
+                if m.zone.name in zones
+                and any(c.kind == "etcd" and c.zone.name == m.zone.name for c in down)
+            ]
+        )
+        self._start_cassandra(
+            [
+                n
+                for n in self.cassandra_nodes()
+                if any(c.kind == "cassandra" and c.zone.name == n.zone.name for c in down)
+            ]
+        )
+        return [c.label for c in down]
+
+    # -- status ------------------------------------------------------------------------
+
+    def ring(self, via: cassandra.CassandraNode) -> list[dict[str, str]] | None:
+        """Cassandra's own view of the ring (``nodetool status``) from node ``via``."""
+        try:
+            out = subprocess.run(
+                cassandra.nodetool_argv(via, self.paths, "status"),
+                capture_output=True,
+                text=True,
+                timeout=NODETOOL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        if out.returncode != 0:
+            return None
+        return parse_nodetool_status(out.stdout)
+
+    def status(self, with_ring: bool = True) -> dict[str, Any]:
+        spec = self.spec()
+        comps = self.components(spec)
+        etcd_views = {
+            m.zone.name: etcd.status(m)
+            for m in self.etcd_members()
+            if procs.state(m.managed).state == "up"
+        }
+        leader_name = None
+        term = 0
+        for view in etcd_views.values():
+            if view and view["leader_id"] and view["raft_term"] >= term:
+                term = view["raft_term"]
+                leader_name = view["members"].get(view["leader_id"])
+        rows = []
+        for c in comps:
+            st = procs.state(c.managed)
+            port = c.zone.ports.etcd_client if c.kind == "etcd" else c.zone.ports.cql
+            rows.append(
+                {
+                    "city": c.zone.city,
+                    "zone": c.zone.name,
+                    "kind": c.kind,
+                    "state": st.state,
+                    "pid": st.pid if st.alive else None,
+                    "address": c.zone.address,
+                    "port": port,
+                    "listening": procs.port_open(c.zone.address, port)
+                    if st.state == "up"
+                    else False,
+                    "etcd_leader": c.kind == "etcd" and c.zone.name == leader_name,
+                    "log": str(c.managed.log),
+                }
+            )
+        ring: list[dict[str, str]] | None = None
+        ring_via = None
+        if with_ring:
+            for n in self.cassandra_nodes(spec):
+                if procs.state(n.managed).state == "up":
+                    ring = self.ring(n)
+                    if ring is not None:
+                        ring_via = n.zone.name
+                        break
+        return {
+            "cluster": self.topo.name,
+            "state_dir": str(self.paths.state),
+            "started": spec is not None,
+            "cassandra_nodes": spec.cassandra_nodes if spec else None,
+            "processes": rows,
+            "etcd": {
+                "leader": leader_name,
+                "raft_term": term,
+                "members_answering": sorted(k for k, v in etcd_views.items() if v),
+            },
+            "cassandra_ring": ring,
+            "cassandra_ring_via": ring_via,
+        }
+
+
+def parse_nodetool_status(text: str) -> list[dict[str, str]]:
+    """Rows of ``nodetool status``: dc, status (U/D), state (N/L/J/M), address, rack."""
+    rows = []
+    dc = ""
+    for line in text.splitlines():
+        if line.startswith("Datacenter:"):
+            dc = line.split(":", 1)[1].strip()
+            continue
+        parts = line.split()
+        if len(parts) >= 2 and len(parts[0]) == 2 and parts[0][0] in "UD" and parts[0][1] in "NLJM":
+            rows.append(
+                {
+                    "dc": dc,
+                    "status": parts[0][0],
+                    "state": parts[0][1],
+                    "address": parts[1],
+                    "rack": parts[-1],
+                }
+            )
+    return rows

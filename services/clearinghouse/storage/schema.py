@@ -1,0 +1,131 @@
+"""The keyspace and its tables, applied idempotently.
+
+The keyspace is replicated with ``NetworkTopologyStrategy`` over every city, as many
+replicas per city as that city runs Cassandra nodes. Tables come from the numbered
+``cql/NNN_*.cql`` files beside this module, applied in order; each applied file is
+recorded with its checksum in ``schema_migrations`` so a changed file is refused rather
+than silently half-applied. Statements are ``IF NOT EXISTS``: re-running is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.query import SimpleStatement
+
+from clearinghouse._invariant import invariant
+
+CQL_DIR = Path(__file__).parent / "cql"
+DDL_TIMEOUT_S = 60.0
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+class SchemaError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    checksum: str
+    statements: tuple[str, ...]
+
+
+def migrations(directory: Path = CQL_DIR) -> list[Migration]:
+    out = []
+    for f in sorted(directory.glob("*.cql")):
+        version_text, _, name = f.stem.partition("_")
+        text = f.read_text()
+        stmts = tuple(s.strip() for s in _strip_comments(text).split(";") if s.strip())
+        out.append(
+            Migration(int(version_text), name, hashlib.sha256(text.encode()).hexdigest(), stmts)
+        )
+    versions = [m.version for m in out]
+    invariant(versions == sorted(set(versions)), f"duplicate migration versions: {versions}")
+    return out
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
+
+
+def keyspace_cql(keyspace: str, replication: Mapping[str, int]) -> str:
+    if not _NAME.match(keyspace):
+        raise SchemaError(f"bad keyspace name {keyspace!r}")
+    reps = ", ".join(f"'{dc}': {n}" for dc, n in sorted(replication.items()))
+    return f"{{'class': 'NetworkTopologyStrategy', {reps}}}"
+
+
+def apply(
+    session: Any,
+    keyspace: str,
+    replication: Mapping[str, int],
+    progress: Callable[[str], None] = print,
+) -> list[str]:
+    """Create or align the keyspace, then apply pending migrations. Returns what changed."""
+    changed: list[str] = []
+    # The keyspace name is checked against _NAME in keyspace_cql before any CQL uses it.
+    repl = keyspace_cql(keyspace, replication)
+    row = session.execute(
+        "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,)
+    ).one()
+    wanted = {dc: str(n) for dc, n in replication.items()}
+    if row is None:
+        _ddl(session, f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}")
+        changed.append(f"created keyspace {keyspace} {dict(replication)}")
+    else:
+        current = {k: v for k, v in row.replication.items() if k != "class"}
+        if current != wanted:
+            _ddl(session, f"ALTER KEYSPACE {keyspace} WITH replication = {repl}")
+            changed.append(f"altered keyspace {keyspace} replication {current} -> {wanted}")
+    _ddl(
+        session,
+        f"CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations ("
+        "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
+    )
+    applied = {
+        r.version: r.checksum
+        for r in session.execute(
+            SimpleStatement(
+                f"SELECT version, checksum FROM {keyspace}.schema_migrations",  # noqa: S608
+                consistency_level=ConsistencyLevel.QUORUM,
+            )
+        )
+    }
+    for m in migrations():
+        if m.version in applied:
+            if applied[m.version] != m.checksum:
+                raise SchemaError(
+                    f"migration {m.version:03d}_{m.name} changed after it was applied; "
+                    "add a new migration instead of editing an applied one"
+                )
+            continue
+        progress(f"  applying schema migration {m.version:03d}_{m.name}")
+        session.set_keyspace(keyspace)
+        for stmt in m.statements:
+            _ddl(session, stmt)
+        session.execute(
+            SimpleStatement(
+                f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
+                "VALUES (%s, %s, %s, toTimestamp(now()))",
+                consistency_level=ConsistencyLevel.QUORUM,
+            ),
+            (m.version, m.name, m.checksum),
+        )
+        changed.append(f"applied migration {m.version:03d}_{m.name}")
+    return changed
+
+
+def _ddl(session: Any, stmt: str) -> None:
+    session.execute(
+        SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM), timeout=DDL_TIMEOUT_S
+    )
+    if not session.cluster.control_connection.wait_for_schema_agreement(wait_time=DDL_TIMEOUT_S):
+        raise SchemaError(f"no schema agreement within {DDL_TIMEOUT_S:.0f}s after: {stmt[:80]}")

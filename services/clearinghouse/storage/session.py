@@ -1,0 +1,87 @@
+"""One way to connect to Cassandra: prefer the local city, fall back to the others.
+
+``DCAwareRoundRobinPolicy`` is given ``local_dc`` explicitly and allowed to use remote
+hosts, or losing the local city would surface as ``NoHostAvailable`` instead of a
+slower but correct request through another city.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import (
+    ConstantReconnectionPolicy,
+    DCAwareRoundRobinPolicy,
+    TokenAwarePolicy,
+)
+
+from clearinghouse.topology import Topology
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 10.0
+RECONNECT_DELAY_S = 1.0
+REMOTE_HOSTS_PER_DC = 2
+PROTOCOL_VERSION = 5
+SCHEMA_AGREEMENT_WAIT_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class CassandraConfig:
+    contact_points: tuple[str, ...]
+    port: int
+    local_dc: str
+    keyspace: str | None = None
+    consistency: str = "QUORUM"
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+    @classmethod
+    def from_topology(
+        cls, topo: Topology, local_dc: str, contact_points: Sequence[str], keyspace: str | None
+    ) -> CassandraConfig:
+        port = topo.zones[0].ports.cql
+        return cls(
+            contact_points=tuple(contact_points),
+            port=port,
+            local_dc=local_dc,
+            keyspace=keyspace,
+            consistency=topo.keyspace.write_consistency,
+        )
+
+
+def consistency_level(name: str) -> int:
+    level = ConsistencyLevel.name_to_value.get(name)
+    if level is None:
+        raise ValueError(f"unknown consistency level {name!r}")
+    return int(level)
+
+
+def connect(cfg: CassandraConfig) -> tuple[Cluster, Session]:
+    """Connect and return ``(cluster, session)``; the caller shuts the cluster down."""
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(
+            DCAwareRoundRobinPolicy(
+                local_dc=cfg.local_dc, used_hosts_per_remote_dc=REMOTE_HOSTS_PER_DC
+            )
+        ),
+        consistency_level=consistency_level(cfg.consistency),
+        request_timeout=cfg.request_timeout_s,
+    )
+    cluster = Cluster(
+        contact_points=list(cfg.contact_points),
+        port=cfg.port,
+        protocol_version=PROTOCOL_VERSION,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        connect_timeout=cfg.connect_timeout_s,
+        control_connection_timeout=cfg.connect_timeout_s,
+        reconnection_policy=ConstantReconnectionPolicy(RECONNECT_DELAY_S, max_attempts=None),
+        max_schema_agreement_wait=SCHEMA_AGREEMENT_WAIT_S,
+    )
+    session = cluster.connect(cfg.keyspace)
+    return cluster, session

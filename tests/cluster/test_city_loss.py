@@ -1,0 +1,70 @@
+"""Losing a whole city (its Cassandra node and its etcd member) loses nothing.
+
+Real faults: SIGKILL of every process of the city at once. While it is down, QUORUM
+writes and reads go through the two other cities (from a client that prefers the lost
+city), and etcd keeps a leader. When the city starts again it rejoins, and rows written
+while it was down become readable from its own replica (hinted handoff).
+"""
+
+from __future__ import annotations
+
+import pytest
+from cassandra import ConsistencyLevel
+from clearinghouse.localcluster import etcd as etcd_mod
+from clearinghouse.localcluster import procs
+from clearinghouse.localcluster.cluster import LocalCluster
+
+from tests.support import (
+    eventually,
+    read_probe,
+    session_on_replica,
+    session_preferring,
+    write_probe,
+)
+
+pytestmark = pytest.mark.cluster
+
+HINT_REPLAY_TIMEOUT_S = 120.0
+ROWS_WHILE_DOWN = 50
+
+
+@pytest.mark.parametrize("city", ["beijing"])
+def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
+    lc = healthy_cluster
+    zone = lc.topo.city(city).zones[0].name
+    with session_preferring(lc, city) as s:
+        before = write_probe(s, "before-loss")
+
+        killed = lc.kill(city)
+        assert sorted(killed) == sorted([f"etcd@{zone}", f"cassandra@{zone}"])
+        assert all(not procs.state(c.managed).alive for c in lc.select(city))
+
+        # Writes and reads at QUORUM still succeed through the other two cities, from a
+        # session whose preferred (local) city is the one that was lost.
+        written = [write_probe(s, "while-down") for _ in range(ROWS_WHILE_DOWN)]
+        for pid in [before, *written]:
+            assert read_probe(s, pid) is not None, pid
+        with pytest.raises(Exception, match=r"(?i)consistency|unavailable|replica"):
+            # ALL cannot be met with a city down: the check above is not vacuous.
+            write_probe(s, "all", ConsistencyLevel.ALL)
+
+    survivors = [m for m in lc.etcd_members() if m.zone.city != city]
+    assert all(etcd_mod.healthy(m) for m in survivors)
+    leaders = {etcd_mod.status(m)["leader_id"] for m in survivors}  # type: ignore[index]
+    assert len(leaders) == 1 and "" not in leaders
+
+    started = lc.start(city)
+    assert sorted(started) == sorted([f"etcd@{zone}", f"cassandra@{zone}"])
+    lost = etcd_mod.members(lc.topo, lc.paths)
+    assert eventually(lambda: all(etcd_mod.healthy(m) for m in lost), 30)
+
+    # The rejoined city's own replica catches up on what it missed (hint replay).
+    def replica_has_all() -> bool:
+        with session_on_replica(lc, zone) as r:
+            return all(
+                read_probe(r, pid, ConsistencyLevel.LOCAL_ONE) is not None for pid in written
+            )
+
+    assert eventually(replica_has_all, HINT_REPLAY_TIMEOUT_S, every_s=3), (
+        f"{city}'s replica did not receive the rows written while it was down"
+    )

@@ -1,0 +1,97 @@
+"""Shared fixtures.
+
+Integration and cluster tests run against a real local cluster (etcd + Apache
+Cassandra) started once per run in ``.state/pytest`` and always torn down. When a test
+failed, the state folder with every process's log is kept and its path printed.
+``--existing-cluster`` points the suite at a cluster already running in ``.state``
+instead (it is neither started nor stopped).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clearinghouse import topology
+from clearinghouse.localcluster import procs
+from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.localcluster.paths import Paths, repo_root
+
+TEST_STATE = repo_root() / ".state" / "pytest"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--existing-cluster",
+        action="store_true",
+        help="use the cluster already running in .state instead of starting one",
+    )
+
+
+def _ports_in_use(topo: topology.Topology) -> list[str]:
+    busy = []
+    for z in topo.zones:
+        for name in ("etcd_client", "cql", "switch"):
+            port = getattr(z.ports, name)
+            if procs.port_open(z.address, port, timeout_s=0.2):
+                busy.append(f"{z.address}:{port} ({name})")
+    return busy
+
+
+@pytest.fixture(scope="session")
+def topo() -> topology.Topology:
+    return topology.load()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(
+    request: pytest.FixtureRequest, topo: topology.Topology
+) -> Iterator[LocalCluster]:
+    if request.config.getoption("--existing-cluster"):
+        lc = LocalCluster(topo, Paths.default(), progress=print)
+        lc.up()
+        yield lc
+        return
+    paths = Paths.default(TEST_STATE)
+    lc = LocalCluster(topo, paths, progress=print)
+    lc.down(wipe=True)
+    busy = _ports_in_use(topo)
+    if busy:
+        pytest.fail(
+            "another cluster holds the topology's ports "
+            f"({', '.join(busy[:4])}): stop it with `clearingctl cluster down`"
+        )
+    try:
+        lc.up()
+    except Exception:
+        lc.down(wipe=False)
+        raise
+    failed_before = request.session.testsfailed
+    try:
+        yield lc
+    finally:
+        lc.down(wipe=False)
+        if request.session.testsfailed > failed_before:
+            print(f"\nlogs of the failed run kept in {paths.state}")
+            for log in sorted(Path(paths.state).glob("*/*/logs/system.log")):
+                errors = [
+                    ln
+                    for ln in log.read_text(errors="replace").splitlines()
+                    if ln.startswith("ERROR")
+                ]
+                if errors:
+                    print(f"--- {len(errors)} ERROR lines in {log}; last 5:")
+                    print("\n".join(errors[-5:]))
+        else:
+            shutil.rmtree(paths.state, ignore_errors=True)
+
+
+@pytest.fixture()
+def healthy_cluster(local_cluster: LocalCluster) -> LocalCluster:
+    """The cluster with every process running (a previous fault test may have left one down)."""
+    down = [c.label for c in local_cluster.components() if not procs.state(c.managed).alive]
+    if down:
+        local_cluster.start("all")
+    return local_cluster

@@ -1,0 +1,92 @@
+"""The cluster comes up from nothing, as three cities, and QUORUM writes land in them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from cassandra import ConsistencyLevel
+from clearinghouse.localcluster.cluster import LocalCluster
+
+from tests.support import read_probe, session_on_replica, session_preferring, write_probe
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_process_is_up_and_etcd_has_a_leader(healthy_cluster: LocalCluster) -> None:
+    st = healthy_cluster.status(with_ring=True)
+    rows = st["processes"]
+    assert {(r["kind"], r["zone"]) for r in rows} == {
+        ("etcd", "beijing-a"),
+        ("etcd", "shanghai-a"),
+        ("etcd", "shenzhen-a"),
+        ("cassandra", "beijing-a"),
+        ("cassandra", "shanghai-a"),
+        ("cassandra", "shenzhen-a"),
+    }
+    assert all(r["state"] == "up" and r["listening"] for r in rows), rows
+    assert st["etcd"]["leader"] in {"beijing-a", "shanghai-a", "shenzhen-a"}
+    ring = st["cassandra_ring"]
+    assert sorted((r["dc"], r["rack"], r["status"]) for r in ring) == [
+        ("beijing", "beijing-a", "U"),
+        ("shanghai", "shanghai-a", "U"),
+        ("shenzhen", "shenzhen-a", "U"),
+    ]
+
+
+def test_keyspace_is_replicated_over_the_three_cities(healthy_cluster: LocalCluster) -> None:
+    with session_preferring(healthy_cluster, "beijing") as s:
+        row = s.execute(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+            (healthy_cluster.topo.keyspace.name,),
+        ).one()
+    repl = dict(row.replication)
+    assert repl.pop("class").endswith("NetworkTopologyStrategy")
+    assert repl == {"beijing": "1", "shanghai": "1", "shenzhen": "1"}
+
+
+def test_quorum_write_is_acknowledged_and_lands_in_every_city(
+    healthy_cluster: LocalCluster,
+) -> None:
+    with session_preferring(healthy_cluster, "shanghai") as s:
+        pid = write_probe(s, "quorum")
+        assert read_probe(s, pid).payload == f"payload of {pid}"
+    # QUORUM needs two cities to acknowledge; the third receives the write too. Each
+    # city's own replica is read alone (LOCAL_ONE through a session pinned to it).
+    seen = []
+    for z in ("beijing-a", "shanghai-a", "shenzhen-a"):
+        with session_on_replica(healthy_cluster, z) as s:
+            seen.append(read_probe(s, pid, ConsistencyLevel.LOCAL_ONE) is not None)
+    assert sum(seen) >= 2, seen
+
+
+def test_schema_apply_is_idempotent(healthy_cluster: LocalCluster) -> None:
+    assert healthy_cluster.apply_schema() == []
+
+
+def test_status_json_from_the_command_line(healthy_cluster: LocalCluster) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clearinghouse.cli",
+            "--state-dir",
+            str(healthy_cluster.paths.state),
+            "cluster",
+            "status",
+            "--json",
+            "--no-ring",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    st = json.loads(out.stdout)
+    assert {r["zone"] for r in st["processes"] if r["state"] == "up"} == {
+        "beijing-a",
+        "shanghai-a",
+        "shenzhen-a",
+    }
