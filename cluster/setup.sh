@@ -77,9 +77,9 @@ fi
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
     step "installing the project and its dependencies into .venv (pip, about a minute the first time)"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    # compat mode puts services/ on sys.path, so generated code added later imports too.
-    "$VENV/bin/python" -m pip install -q -e ".[dev]" --config-settings editable_mode=compat \
-        || fail "pip install -e .[dev]"
+    # With every package under services/, the editable install is a .pth naming that
+    # folder, so generated code added later (services/clearing/) imports too.
+    "$VENV/bin/python" -m pip install -q -e ".[dev]" || fail "pip install -e .[dev]"
     cp pyproject.toml "$stamp"
 fi
 

@@ -355,7 +355,8 @@ class LocalCluster:
 
     def status(self, with_ring: bool = True) -> dict[str, Any]:
         spec = self.spec()
-        comps = self.components(spec)
+        order = {z.name: i for i, z in enumerate(self.topo.zones)}
+        comps = sorted(self.components(spec), key=lambda c: (order[c.zone.name], c.kind != "etcd"))
         etcd_views = {
             m.zone.name: etcd.status(m)
             for m in self.etcd_members()
