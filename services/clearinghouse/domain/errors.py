@@ -1,0 +1,190 @@
+"""The switch's domain errors, and the one table that maps them to gRPC status codes.
+
+Every error the switch reports on purpose is a :class:`ClearingError`. Each class fixes
+the gRPC status code; each instance carries a machine ``reason`` in UPPER_SNAKE_CASE
+that clients may branch on (the ``reason`` of ``clearing.v1.Error``) and a message for
+people. The hierarchy::
+
+    ClearingError                      (not raised itself)
+    ├── InvalidArgument                INVALID_ARGUMENT     violations: FieldViolation...
+    ├── AlreadyExists                  ALREADY_EXISTS       same payment id, other payload
+    ├── NotFound                       NOT_FOUND
+    ├── FailedPrecondition             FAILED_PRECONDITION
+    │   ├── InsufficientLiquidity      FAILED_PRECONDITION
+    │   └── ParticipantSuspended       FAILED_PRECONDITION
+    ├── PermissionDenied               PERMISSION_DENIED
+    ├── ResourceExhausted              RESOURCE_EXHAUSTED   retry_after_ms
+    ├── Unavailable                    UNAVAILABLE          retry_after_ms
+    └── DeadlineExceeded               DEADLINE_EXCEEDED
+
+:data:`STATUS_BY_ERROR` is the only place where domain errors meet gRPC codes, as in
+etcd's single error table. :func:`status_for` walks the exception's MRO through it, so
+a subclass defined elsewhere inherits its parent's code; anything that is not a
+ClearingError is a bug and maps to INTERNAL, and the caller logs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar, Final
+
+import grpc
+
+from clearinghouse._invariant import invariant
+
+_REASON_PATTERN: Final = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
+# retry_after_ms travels as a protobuf int32.
+RETRY_AFTER_MS_MAX: Final = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field: its path from the request root (``orders[3].payee_id``) and why."""
+
+    field: str
+    description: str
+
+
+class ClearingError(Exception):
+    """Root of the switch's domain errors. Raise a subclass, never this class itself."""
+
+    default_reason: ClassVar[str] = "CLEARING_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        chosen = self.default_reason if reason is None else reason
+        # A reason is part of the API contract; a typo in one would silently break clients.
+        invariant(_REASON_PATTERN.fullmatch(chosen) is not None, f"bad reason {chosen!r}")
+        super().__init__(message)
+        self.message = message
+        self.reason = chosen
+
+
+class InvalidArgument(ClearingError):
+    """The request is malformed whatever the state of the switch; lists every bad field."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        violations: Iterable[FieldViolation],
+        message: str | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        self.violations: tuple[FieldViolation, ...] = tuple(violations)
+        invariant(len(self.violations) > 0, "InvalidArgument needs at least one violation")
+        if message is None:
+            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(message, reason=reason)
+
+
+class AlreadyExists(ClearingError):
+    """The payment id was used before for a different payload (a different fingerprint)."""
+
+    default_reason = "PAYMENT_ID_REUSED"
+
+
+class NotFound(ClearingError):
+    """A named payment or participant does not exist."""
+
+    default_reason = "NOT_FOUND"
+
+
+class FailedPrecondition(ClearingError):
+    """The switch is not in a state that allows the request; retrying it will not help."""
+
+    default_reason = "FAILED_PRECONDITION"
+    CURRENCY_NOT_SUPPORTED: ClassVar[str] = "CURRENCY_NOT_SUPPORTED"
+    ILLEGAL_STATE_TRANSITION: ClassVar[str] = "ILLEGAL_STATE_TRANSITION"
+
+
+class InsufficientLiquidity(FailedPrecondition):
+    """The payer's position cannot cover the payment.
+
+    NET_DEBIT_CAP_EXCEEDED is the reason when the payment would push the payer's net
+    debit position above its cap, as opposed to a reserve that cannot cover it.
+    """
+
+    default_reason = "INSUFFICIENT_LIQUIDITY"
+    NET_DEBIT_CAP_EXCEEDED: ClassVar[str] = "NET_DEBIT_CAP_EXCEEDED"
+
+
+class ParticipantSuspended(FailedPrecondition):
+    """An operator suspended a participant that the request names."""
+
+    default_reason = "PARTICIPANT_SUSPENDED"
+
+
+class PermissionDenied(ClearingError):
+    """The caller may not do this, e.g. a bank submitting a payment as an institution."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+def _checked_retry_after_ms(retry_after_ms: int) -> int:
+    # Zero means "no hint", as in clearing.v1.Error, whose field is an int32.
+    invariant(
+        0 <= retry_after_ms <= RETRY_AFTER_MS_MAX,
+        f"retry_after_ms {retry_after_ms} outside 0..{RETRY_AFTER_MS_MAX}",
+    )
+    return retry_after_ms
+
+
+class ResourceExhausted(ClearingError):
+    """A rate limit or a queue is full; the client should back off for retry_after_ms."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_ms: int = 0, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_ms = _checked_retry_after_ms(retry_after_ms)
+
+
+class Unavailable(ClearingError):
+    """The switch cannot serve the request now; the same request may succeed later."""
+
+    default_reason = "UNAVAILABLE"
+    STORAGE_QUORUM_LOST: ClassVar[str] = "STORAGE_QUORUM_LOST"
+    BANK_UNAVAILABLE: ClassVar[str] = "BANK_UNAVAILABLE"
+    NOT_SHARD_OWNER: ClassVar[str] = "NOT_SHARD_OWNER"
+
+    def __init__(self, message: str, *, retry_after_ms: int = 0, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after_ms = _checked_retry_after_ms(retry_after_ms)
+
+
+class DeadlineExceeded(ClearingError):
+    """The request's deadline passed before the switch decided; the outcome may be unknown."""
+
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingProxyType(
+    {
+        InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+        AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+        NotFound: grpc.StatusCode.NOT_FOUND,
+        FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+        InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
+        ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
+        PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+        ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        Unavailable: grpc.StatusCode.UNAVAILABLE,
+        DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    """The gRPC code for ``err``: the nearest class in its MRO that the table names.
+
+    The bare root and anything that is not a ClearingError map to INTERNAL: they are
+    bugs, and the caller must log them with their traceback.
+    """
+    for cls in type(err).__mro__:
+        if issubclass(cls, ClearingError) and cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,220 @@
+"""Validation of payment orders before the switch records them.
+
+Checks run in two phases. The first looks only at the order and reports every bad
+field at once in one :class:`InvalidArgument`, so that a client fixes its request in
+one round trip. The second, which runs only when the first passed, looks the
+participants up and raises the first problem it finds, in this order: unknown
+participant (NotFound), a non-institution submitting (PermissionDenied), a counterparty
+that is not a bank (InvalidArgument), a suspended participant (ParticipantSuspended),
+an unsupported currency (FailedPrecondition, reason CURRENCY_NOT_SUPPORTED).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+from clearinghouse._invariant import invariant
+from clearinghouse.domain.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ParticipantSuspended,
+    PermissionDenied,
+)
+from clearinghouse.domain.model import (
+    Participant,
+    ParticipantKind,
+    ParticipantStatus,
+    PaymentOrder,
+    PaymentType,
+)
+from clearinghouse.domain.money import MAX_AMOUNT_MINOR, is_supported_currency
+
+PAYMENT_ID_LEN_MAX: Final = 64
+PARTICIPANT_ID_LEN_MAX: Final = 64
+# An IBAN has at most 34 characters; no domestic account number we route is longer.
+BANK_ACCOUNT_LEN_MAX: Final = 34
+MEMO_CHARS_MAX: Final = 140
+# The byte limit bounds what a memo costs to store and to send to a bank whatever the
+# script; it holds a memo in Chinese (3 bytes a character) to 93 characters.
+MEMO_BYTES_MAX: Final = 280
+BATCH_SIZE_MAX: Final = 500
+# How far a client's requested_at may run ahead of the switch's clock.
+CLOCK_SKEW_ALLOWED_US: Final = 5 * 60 * 1_000_000
+
+_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]+")
+_ID_RULE: Final = "must be 1..{} characters of A-Z a-z 0-9 . _ : -"
+
+
+def validate_order(
+    order: PaymentOrder,
+    participants: Mapping[str, Participant],
+    *,
+    max_amount_minor: int,
+    now_us: int,
+    path: str = "order",
+) -> None:
+    """Raise a ClearingError if ``order`` may not enter the switch; return None if it may.
+
+    ``path`` prefixes every field path, e.g. ``orders[3]`` for an order in a batch.
+    """
+    invariant(
+        0 < max_amount_minor <= MAX_AMOUNT_MINOR,
+        f"max_amount_minor {max_amount_minor} outside 1..{MAX_AMOUNT_MINOR}",
+    )
+    violations = [
+        *_id_violations(order, path),
+        *_role_violations(order, path),
+        *_amount_violations(order, path, max_amount_minor),
+        *_bank_account_violations(order.bank_account, f"{path}.bank_account"),
+        *_memo_violations(order.memo, f"{path}.memo"),
+        *_time_violations(order.requested_at_us, f"{path}.requested_at_us", now_us),
+    ]
+    if violations:
+        raise InvalidArgument(violations)
+    _check_participants(order, participants, path)
+
+
+def validate_batch_size(n: int, max_batch: int = BATCH_SIZE_MAX, *, path: str = "orders") -> None:
+    """Raise InvalidArgument unless a batch of ``n`` orders has 1..max_batch orders."""
+    invariant(0 < max_batch <= BATCH_SIZE_MAX, f"max_batch {max_batch} outside 1..{BATCH_SIZE_MAX}")
+    if n < 1:
+        raise InvalidArgument([FieldViolation(path, "must contain at least one order")])
+    if n > max_batch:
+        raise InvalidArgument([FieldViolation(path, f"must contain at most {max_batch} orders")])
+
+
+def is_valid_id(value: str, max_len: int) -> bool:
+    """Whether ``value`` is 1..max_len characters of ``[A-Za-z0-9._:-]``."""
+    return len(value) <= max_len and _ID_PATTERN.fullmatch(value) is not None
+
+
+def _id_violations(order: PaymentOrder, path: str) -> list[FieldViolation]:
+    checks = [
+        ("payment_id", order.payment_id, PAYMENT_ID_LEN_MAX),
+        ("institution_id", order.institution_id, PARTICIPANT_ID_LEN_MAX),
+        ("payer_id", order.payer_id, PARTICIPANT_ID_LEN_MAX),
+        ("payee_id", order.payee_id, PARTICIPANT_ID_LEN_MAX),
+    ]
+    return [
+        FieldViolation(f"{path}.{name}", _ID_RULE.format(max_len))
+        for name, value, max_len in checks
+        if not is_valid_id(value, max_len)
+    ]
+
+
+def _role_violations(order: PaymentOrder, path: str) -> list[FieldViolation]:
+    # The wire enum has an UNSPECIFIED value; whatever the gRPC layer maps it to, it is
+    # reported here together with the other fields.
+    if not isinstance(order.type, PaymentType):
+        return [FieldViolation(f"{path}.type", "must be DEBIT or CREDIT")]
+    violations = []
+    if order.payer_id == order.payee_id:
+        violations.append(FieldViolation(f"{path}.payee_id", "must differ from payer_id"))
+    if order.type is PaymentType.DEBIT and order.payee_id != order.institution_id:
+        violations.append(
+            FieldViolation(f"{path}.payee_id", "must be the institution_id for a DEBIT")
+        )
+    if order.type is PaymentType.CREDIT and order.payer_id != order.institution_id:
+        violations.append(
+            FieldViolation(f"{path}.payer_id", "must be the institution_id for a CREDIT")
+        )
+    return violations
+
+
+def _amount_violations(
+    order: PaymentOrder, path: str, max_amount_minor: int
+) -> list[FieldViolation]:
+    violations = []
+    amount = order.amount.amount_minor
+    if amount <= 0:
+        violations.append(FieldViolation(f"{path}.amount.amount_minor", "must be positive"))
+    elif amount > max_amount_minor:
+        violations.append(
+            FieldViolation(f"{path}.amount.amount_minor", f"must be at most {max_amount_minor}")
+        )
+    if not is_supported_currency(order.amount.currency):
+        violations.append(
+            FieldViolation(f"{path}.amount.currency", "must be a currency the switch supports")
+        )
+    return violations
+
+
+def _bank_account_violations(account: str, field: str) -> list[FieldViolation]:
+    # Printable ASCII without space: what IBANs and domestic account numbers use, and
+    # nothing that could smuggle control characters into a bank's message.
+    printable = all("!" <= ch <= "~" for ch in account)
+    if 0 < len(account) <= BANK_ACCOUNT_LEN_MAX and printable:
+        return []
+    rule = f"must be 1..{BANK_ACCOUNT_LEN_MAX} printable ASCII characters without spaces"
+    return [FieldViolation(field, rule)]
+
+
+def _memo_violations(memo: str, field: str) -> list[FieldViolation]:
+    try:
+        encoded = memo.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates cannot be stored or sent; they are a client bug, not a memo.
+        return [FieldViolation(field, "must be valid Unicode")]
+    if len(memo) > MEMO_CHARS_MAX:
+        return [FieldViolation(field, f"must be at most {MEMO_CHARS_MAX} characters")]
+    if len(encoded) > MEMO_BYTES_MAX:
+        return [FieldViolation(field, f"must be at most {MEMO_BYTES_MAX} bytes in UTF-8")]
+    return []
+
+
+def _time_violations(requested_at_us: int, field: str, now_us: int) -> list[FieldViolation]:
+    if requested_at_us <= 0:
+        return [FieldViolation(field, "must be positive")]
+    if requested_at_us > now_us + CLOCK_SKEW_ALLOWED_US:
+        return [FieldViolation(field, "must not be more than 5 minutes in the future")]
+    return []
+
+
+def _check_participants(
+    order: PaymentOrder, participants: Mapping[str, Participant], path: str
+) -> None:
+    institution = _lookup(participants, order.institution_id, f"{path}.institution_id")
+    if institution.kind is not ParticipantKind.INSTITUTION:
+        raise PermissionDenied(
+            f"participant {institution.participant_id!r} is a {institution.kind.value}; "
+            "only institutions submit payments"
+        )
+    is_debit = order.type is PaymentType.DEBIT
+    bank_field = f"{path}.payer_id" if is_debit else f"{path}.payee_id"
+    bank = _lookup(participants, order.payer_id if is_debit else order.payee_id, bank_field)
+    if bank.kind is not ParticipantKind.BANK:
+        raise InvalidArgument([FieldViolation(bank_field, "must name a BANK participant")])
+    for participant in (institution, bank):
+        _check_active(participant)
+    for participant in (institution, bank):
+        _check_currency(participant, order.amount.currency)
+
+
+def _lookup(
+    participants: Mapping[str, Participant], participant_id: str, field: str
+) -> Participant:
+    participant = participants.get(participant_id)
+    if participant is None:
+        raise NotFound(f"{field}: participant {participant_id!r} does not exist")
+    invariant(
+        participant.participant_id == participant_id,
+        f"registry key {participant_id!r} holds participant {participant.participant_id!r}",
+    )
+    return participant
+
+
+def _check_active(participant: Participant) -> None:
+    if participant.status is not ParticipantStatus.ACTIVE:
+        raise ParticipantSuspended(f"participant {participant.participant_id!r} is suspended")
+
+
+def _check_currency(participant: Participant, currency: str) -> None:
+    if currency not in participant.currencies:
+        raise FailedPrecondition(
+            f"participant {participant.participant_id!r} does not support {currency}",
+            reason=FailedPrecondition.CURRENCY_NOT_SUPPORTED,
+        )
