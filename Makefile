@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CTL := $(VENV)/bin/clearingctl
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help setup demo up down status test test-unit test-integration test-cluster verify lint typecheck fmt proto clean
+.PHONY: help setup demo bench up down status test test-unit test-integration test-cluster verify lint typecheck fmt proto clean
 
 help:
 	@echo "make demo     set up (if needed), start the local 3-city cluster and show it working"
@@ -21,7 +21,7 @@ proto: setup
 	@PYTHON=$(PY) bash cluster/gen_proto.sh
 
 demo: setup
-	@$(CTL) cluster up
+	@$(CTL) demo
 
 up: setup
 	@$(CTL) cluster up
@@ -48,6 +48,10 @@ test-integration: setup
 test-cluster: setup
 	@$(CTL) cluster down >/dev/null
 	@$(PYTEST) -m "cluster"
+
+# Results are committed: docs/bench/latest.json, summarised in docs/PERFORMANCE.md.
+bench: setup
+	@$(CTL) bench --out docs/bench/latest.json
 
 lint: setup
 	@$(VENV)/bin/ruff check services tests

@@ -94,4 +94,14 @@ if [ -d proto/clearing ]; then
     fi
 fi
 
+# 5. buf (the proto linter) from npm, for `make verify` and the API tests ----------------
+if [ -f package-lock.json ] && [ ! -x node_modules/.bin/buf ]; then
+    if command -v npm >/dev/null; then
+        step "installing buf from npm (proto lint)"
+        npm ci --no-audit --no-fund --silent >/dev/null 2>&1 || step "warning: npm ci failed; proto lint tests will be skipped"
+    else
+        step "warning: npm not found; proto lint tests will be skipped"
+    fi
+fi
+
 step "ready: etcd $(etcd --version | sed -n 's/etcd Version: //p'), Java $(java_major), Cassandra $CASSANDRA_VERSION, $("$VENV/bin/python" --version)"

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from clearinghouse import topology
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import Paths, repo_root
+from tests.support import SwitchEnv, start_switch_env
 
 TEST_STATE = repo_root() / ".state" / "pytest"
 
@@ -86,6 +88,20 @@ def local_cluster(
                     print("\n".join(errors[-5:]))
         else:
             shutil.rmtree(paths.state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _switch_env(local_cluster: LocalCluster) -> Iterator[SwitchEnv]:
+    env = start_switch_env(local_cluster)
+    yield env
+    for c in env.clients.values():
+        c.close()
+
+
+@pytest.fixture()
+def switch_env(_switch_env: SwitchEnv, healthy_cluster: LocalCluster) -> SwitchEnv:
+    """Switch nodes in every zone, bank simulators, the demo's participants registered."""
+    return _switch_env
 
 
 @pytest.fixture()

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
 from cassandra.query import SimpleStatement
+
+from clearing.v1 import common_pb2, payment_pb2
+from clearinghouse import demo
+from clearinghouse.client import SwitchClient
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.storage.session import CassandraConfig, connect
+from clearinghouse.switch.config import REGISTRY_REFRESH_S
+from clearinghouse.switch.convert import us_to_ts
 
 
 @contextmanager
@@ -78,3 +86,77 @@ def eventually(check: Callable[[], bool], timeout_s: float, every_s: float = 1.0
             return True
         time.sleep(every_s)
     return check()
+
+
+# -- the switch: participants, bank simulators, clients to every zone -----------------
+
+DEBIT = common_pb2.PAYMENT_TYPE_DEBIT
+EXTRA_BANKS = [
+    {
+        "participant_id": "BANK_SLOW", "name": "A bank that answers too late", "bank_code": "SLOW",
+        "listen": "127.0.0.1:16199", "currencies": ["CNY"], "net_debit_caps": {"CNY": 10**11},
+        "approve_ratio": 1.0, "latency_ms": "1-2",
+        # It applies every transfer but answers only after 8 s, past the 5 s deadline.
+        "timeout_ratio": 1.0, "hang_ms": 8000,
+    },
+    {
+        "participant_id": "BANK_LAGGY", "name": "A bank that takes about two seconds",
+        "bank_code": "LAGGY", "listen": "127.0.0.1:16198", "currencies": ["CNY"],
+        "net_debit_caps": {"CNY": 10**11}, "approve_ratio": 1.0, "latency_ms": "1500-2500",
+    },
+]  # fmt: skip
+
+
+@dataclass
+class SwitchEnv:
+    lc: LocalCluster
+    clients: dict[str, SwitchClient]
+    parts: dict[str, Any]
+
+    def order(self, **kw: Any) -> payment_pb2.PaymentOrder:
+        base: dict[str, Any] = {
+            "payment_id": f"t-{uuid.uuid4().hex[:20]}",
+            "institution_id": "INST_ALIPAY",
+            "type": DEBIT,
+            "payer_id": "BANK_ICBC",
+            "payee_id": "INST_ALIPAY",
+            "bank_account": "6222020000000001",
+            "amount": common_pb2.Money(amount_minor=12345, currency="CNY"),
+            "memo": "top-up",
+            "requested_at": us_to_ts(time.time_ns() // 1000),
+        }
+        base.update(kw)
+        return payment_pb2.PaymentOrder(**base)
+
+    def submit(self, zone: str, order: payment_pb2.PaymentOrder) -> Any:
+        return self.clients[zone].payments.SubmitPayment(
+            payment_pb2.SubmitPaymentRequest(order=order), timeout=30
+        )
+
+    def get(self, zone: str, order: payment_pb2.PaymentOrder) -> Any:
+        req = payment_pb2.GetPaymentRequest(
+            institution_id=order.institution_id, payment_id=order.payment_id
+        )
+        return self.clients[zone].payments.GetPayment(req, timeout=10).payment
+
+    def bank_journal(self, bank_id: str) -> list[dict[str, Any]]:
+        path = demo.bank_managed(self.lc, bank_id).directory / "journal.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def transfers_at_bank(self, bank_id: str, switch_ref: str) -> int:
+        """How many times the bank's book applied a transfer with this reference."""
+        return sum(
+            1 for e in self.bank_journal(bank_id)
+            if e.get("op") == "transfer" and e.get("ref") == switch_ref
+        )  # fmt: skip
+
+
+def start_switch_env(lc: LocalCluster) -> SwitchEnv:
+    lc.up()
+    parts = demo.load_participants()
+    parts["banks"] = [*parts["banks"], *EXTRA_BANKS]
+    demo.start_banks(lc, parts, print)
+    clients = {z.name: SwitchClient.connect(lc.topo, z.name) for z in lc.topo.zones}
+    demo.register_participants(clients[lc.topo.zones[0].name], parts, print)
+    time.sleep(REGISTRY_REFRESH_S * 1.5)  # every node's registry has refreshed by then
+    return SwitchEnv(lc, clients, parts)

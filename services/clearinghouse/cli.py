@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         a.add_argument("target")
     cs.add_parser("schema", help="apply the keyspace and tables (idempotent)")
+    d = sub.add_parser(
+        "demo", help="cluster up, banks, participants, a burst of payments, a summary"
+    )
+    d.add_argument("--payments", type=int, default=600)
+    b = sub.add_parser("bench", help="durable payments/s and latency against the local cluster")
+    b.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p
 
 
@@ -85,6 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.group == "cluster":
             return _cluster(lc, args)
+        if args.group == "demo":
+            from clearinghouse import demo  # noqa: PLC0415 (imports generated gRPC code)
+
+            demo.run(lc, payments=args.payments, progress=_say)
+            return 0
+        if args.group == "bench":
+            from clearinghouse import bench  # noqa: PLC0415 (imports generated gRPC code)
+
+            bench.run(lc, seconds=args.seconds, progress=_say, out=args.out)
+            return 0
     except (ClusterError, ProcessError, FileNotFoundError, KeyError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED

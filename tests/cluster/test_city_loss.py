@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import pytest
 from cassandra import ConsistencyLevel
+from cassandra.query import SimpleStatement
+
+from clearing.v1 import common_pb2
 from clearinghouse.localcluster import etcd as etcd_mod
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
-
 from tests.support import (
+    SwitchEnv,
     eventually,
     read_probe,
     session_on_replica,
@@ -25,6 +28,11 @@ from tests.support import (
 pytestmark = pytest.mark.cluster
 
 HINT_REPLAY_TIMEOUT_S = 120.0
+PAYMENTS_WHILE_DOWN = 24
+FINAL = {
+    common_pb2.PAYMENT_STATE_APPROVED, common_pb2.PAYMENT_STATE_DECLINED,
+    common_pb2.PAYMENT_STATE_FAILED, common_pb2.PAYMENT_STATE_REVERSED,
+}  # fmt: skip
 ROWS_WHILE_DOWN = 50
 
 
@@ -36,7 +44,8 @@ def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
         before = write_probe(s, "before-loss")
 
         killed = lc.kill(city)
-        assert sorted(killed) == sorted([f"etcd@{zone}", f"cassandra@{zone}"])
+        switches = [f"switch@{z.name}" for z in lc.topo.city(city).zones]
+        assert sorted(killed) == sorted([f"etcd@{zone}", f"cassandra@{zone}", *switches])
         assert all(not procs.state(c.managed).alive for c in lc.select(city))
 
         # Writes and reads at QUORUM still succeed through the other two cities, from a
@@ -54,7 +63,7 @@ def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
     assert len(leaders) == 1 and "" not in leaders
 
     started = lc.start(city)
-    assert sorted(started) == sorted([f"etcd@{zone}", f"cassandra@{zone}"])
+    assert sorted(started) == sorted([f"etcd@{zone}", f"cassandra@{zone}", *switches])
     lost = etcd_mod.members(lc.topo, lc.paths)
     assert eventually(lambda: all(etcd_mod.healthy(m) for m in lost), 30)
 
@@ -67,4 +76,43 @@ def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
 
     assert eventually(replica_has_all, HINT_REPLAY_TIMEOUT_S, every_s=3), (
         f"{city}'s replica did not receive the rows written while it was down"
+    )
+
+
+def test_payments_go_on_through_the_other_cities_and_the_lost_city_catches_up(
+    switch_env: SwitchEnv,
+) -> None:
+    env = switch_env
+    lost = "shenzhen"
+    lost_zone = env.lc.topo.city(lost).zones[0].name
+    env.lc.kill(lost)
+    try:
+        survivors = [z.name for z in env.lc.topo.zones if z.city != lost]
+        orders = [env.order(payer_id="BANK_BOC") for _ in range(PAYMENTS_WHILE_DOWN)]
+        states = [env.submit(survivors[i % len(survivors)], o).payment.state
+                  for i, o in enumerate(orders)]  # fmt: skip
+        assert all(s in FINAL for s in states), states
+        # Every acknowledged payment reads back through any surviving zone.
+        for i, o in enumerate(orders):
+            assert env.get(survivors[-1 - i % len(survivors)], o).state == states[i]
+    finally:
+        env.lc.start(lost)
+
+    def replica_has_all() -> bool:
+        with session_on_replica(env.lc, lost_zone) as r:
+            return all(
+                r.execute(
+                    SimpleStatement(
+                        "SELECT state FROM payment_events WHERE institution_id = %s "
+                        "AND payment_id = %s AND step = 2",
+                        consistency_level=ConsistencyLevel.LOCAL_ONE,
+                    ),
+                    (o.institution_id, o.payment_id),
+                ).one()
+                is not None
+                for o in orders
+            )
+
+    assert eventually(replica_has_all, HINT_REPLAY_TIMEOUT_S, every_s=3), (
+        f"{lost}'s own replica lacks payments acknowledged while it was down"
     )

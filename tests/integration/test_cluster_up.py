@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from cassandra import ConsistencyLevel
-from clearinghouse.localcluster.cluster import LocalCluster
 
+from clearinghouse.localcluster.cluster import LocalCluster
 from tests.support import read_probe, session_on_replica, session_preferring, write_probe
 
 pytestmark = pytest.mark.integration
@@ -18,13 +18,10 @@ pytestmark = pytest.mark.integration
 def test_every_process_is_up_and_etcd_has_a_leader(healthy_cluster: LocalCluster) -> None:
     st = healthy_cluster.status(with_ring=True)
     rows = st["processes"]
+    zones = healthy_cluster.topo.zone_names()
     assert {(r["kind"], r["zone"]) for r in rows} == {
-        ("etcd", "beijing-a"),
-        ("etcd", "shanghai-a"),
-        ("etcd", "shenzhen-a"),
-        ("cassandra", "beijing-a"),
-        ("cassandra", "shanghai-a"),
-        ("cassandra", "shenzhen-a"),
+        *((k, z) for k in ("etcd", "cassandra") for z in ("beijing-a", "shanghai-a", "shenzhen-a")),
+        *(("switch", z) for z in zones),
     }
     assert all(r["state"] == "up" and r["listening"] for r in rows), rows
     assert st["etcd"]["leader"] in {"beijing-a", "shanghai-a", "shenzhen-a"}
@@ -85,8 +82,6 @@ def test_status_json_from_the_command_line(healthy_cluster: LocalCluster) -> Non
         check=True,
     )
     st = json.loads(out.stdout)
-    assert {r["zone"] for r in st["processes"] if r["state"] == "up"} == {
-        "beijing-a",
-        "shanghai-a",
-        "shenzhen-a",
-    }
+    up = {(r["kind"], r["zone"]) for r in st["processes"] if r["state"] == "up"}
+    assert {z for k, z in up if k == "cassandra"} == {"beijing-a", "shanghai-a", "shenzhen-a"}
+    assert {z for k, z in up if k == "switch"} == set(healthy_cluster.topo.zone_names())

@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from clearinghouse.bank import (
     REVERSED_BEFORE_ARRIVAL,
     BankBehaviour,
@@ -26,8 +29,6 @@ from clearinghouse.bank._behaviour import (
     DEBIT_DECLINE_CODES,
     parse_latency_ms,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

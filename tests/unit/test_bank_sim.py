@@ -15,6 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from clearing.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 from clearinghouse.bank import (
     ERROR_METADATA_KEY,
@@ -25,8 +28,6 @@ from clearinghouse.bank import (
     TransferKind,
     serve,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 pytestmark = pytest.mark.unit
 

@@ -9,6 +9,9 @@ import struct
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.chain import (
     FIRST_SEQ,
@@ -19,8 +22,6 @@ from clearinghouse.domain.chain import (
     entry_hash,
     verify_chain,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

@@ -6,6 +6,7 @@ import re
 
 import grpc
 import pytest
+
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import errors
 from clearinghouse.domain.errors import (

@@ -8,12 +8,13 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clearinghouse.domain.errors import AlreadyExists
 from clearinghouse.domain.fingerprint import canonical_bytes, check_replay, fingerprint
 from clearinghouse.domain.model import PaymentOrder, PaymentType
 from clearinghouse.domain.money import Money
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

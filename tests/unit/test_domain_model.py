@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 
 import pytest
+
 from clearinghouse.domain.model import (
     ALLOWED_TRANSITIONS,
     Participant,

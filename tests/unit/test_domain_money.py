@@ -5,6 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.money import (
     AMOUNT_MINOR_LIMIT,
@@ -15,8 +18,6 @@ from clearinghouse.domain.money import (
     is_supported_currency,
     minor_exponent,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import clearinghouse.domain as domain
 import pytest
+
+import clearinghouse.domain as domain
 
 pytestmark = pytest.mark.unit
 

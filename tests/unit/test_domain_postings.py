@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.model import PaymentOrder, PaymentState, PaymentType
 from clearinghouse.domain.money import CURRENCY_EXPONENTS, MAX_AMOUNT_MINOR, Money
@@ -17,8 +20,6 @@ from clearinghouse.domain.postings import (
     postings_for,
     would_exceed_cap,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

@@ -7,6 +7,9 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.errors import (
     FailedPrecondition,
@@ -31,8 +34,6 @@ from clearinghouse.domain.validation import (
     validate_batch_size,
     validate_order,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from clearing.v1 import admin_pb2, bank_pb2, common_pb2, payment_pb2
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor, FileDescriptor
+
+from clearing.v1 import admin_pb2, bank_pb2, common_pb2, payment_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from clearinghouse import topology
 from clearinghouse.localcluster import cassandra
 from clearinghouse.localcluster.cluster import parse_nodetool_status

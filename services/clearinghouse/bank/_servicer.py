@@ -13,8 +13,8 @@ import time
 from typing import NoReturn
 
 import grpc
-from clearing.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 
+from clearing.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 from clearinghouse.bank._behaviour import BankBehaviour, BankControls, TransferKind
 from clearinghouse.bank._ledger import (
     BankLedger,

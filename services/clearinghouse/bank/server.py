@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from clearing.v1 import bank_pb2, bank_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clearing.v1 import bank_pb2, bank_pb2_grpc
 from clearinghouse.bank._behaviour import BankBehaviour, BankControls
 from clearinghouse.bank._ledger import BankLedger
 from clearinghouse.bank._servicer import BankServicer

@@ -11,9 +11,11 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clearinghouse.localcluster import cassandra, etcd, procs
@@ -22,11 +24,13 @@ from clearinghouse.localcluster.procs import Managed
 from clearinghouse.storage import schema
 from clearinghouse.storage.session import CassandraConfig, connect
 from clearinghouse.topology import Topology, Zone
+from clearinghouse.topology import default_path as default_topology_path
 
 ETCD_READY_TIMEOUT_S = 60.0
 CASSANDRA_JOIN_TIMEOUT_S = 120.0
 NODETOOL_TIMEOUT_S = 30.0
-KINDS = ("etcd", "cassandra")
+KINDS = ("etcd", "cassandra", "switch")
+SWITCH_READY_TIMEOUT_S = 60.0
 
 Progress = Callable[[str], None]
 
@@ -58,10 +62,17 @@ class Component:
 
 
 class LocalCluster:
-    def __init__(self, topo: Topology, paths: Paths, progress: Progress = print) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        paths: Paths,
+        progress: Progress = print,
+        topo_path: Path | None = None,
+    ) -> None:
         self.topo = topo
         self.paths = paths
         self.progress = progress
+        self.topo_path = topo_path or default_topology_path()
 
     # -- what the cluster is made of -------------------------------------------------
 
@@ -85,7 +96,12 @@ class LocalCluster:
             Component("cassandra", n.zone, n.managed, (n.managed.log, n.system_log))
             for n in self.cassandra_nodes(spec)
         ]
+        out += [Component("switch", z, self.switch_managed(z)) for z in self.topo.zones]
         return out
+
+    def switch_managed(self, zone: Zone) -> Managed:
+        d = self.paths.component_dir("switch", zone.name)
+        return Managed("switch", zone.name, d, d / "switch.log")
 
     def select(self, target: str) -> list[Component]:
         """Components named by ``target``: all, a city, a zone, or kind@zone."""
@@ -132,6 +148,9 @@ class LocalCluster:
         t2 = time.monotonic()
         self.apply_schema(spec)
         timings["schema_s"] = time.monotonic() - t2
+        t3 = time.monotonic()
+        self._start_switches(list(self.topo.zones))
+        timings["switch_s"] = time.monotonic() - t3
         timings["total_s"] = time.monotonic() - t0
         self.progress(f"cluster up in {timings['total_s']:.1f}s")
         return timings
@@ -155,14 +174,16 @@ class LocalCluster:
     def down(self, wipe: bool = False) -> list[str]:
         """Stop everything this tool started (SIGTERM, then SIGKILL); optionally wipe."""
         stopped = []
-        comps = self._all_known_components()
-        for c in comps:
-            if procs.state(c.managed).alive:
-                procs.signal_proc(c.managed, signal.SIGCONT)
-                procs.signal_proc(c.managed, signal.SIGTERM)
-                stopped.append(c.label)
-        for c in comps:
-            procs.stop(c.managed)
+        known = self._all_known_components()
+        for kind in dict.fromkeys(m.kind for m in known):
+            # One kind at a time, clients before servers; within a kind, all at once.
+            group = [m for m in known if m.kind == kind and procs.state(m).alive]
+            for m in group:
+                procs.signal_proc(m, signal.SIGCONT)
+                procs.signal_proc(m, signal.SIGTERM)
+            for m in group:
+                procs.stop(m)
+            stopped += [m.label for m in group]
         if stopped:
             self.progress(f"stopped {', '.join(stopped)}")
         else:
@@ -172,13 +193,14 @@ class LocalCluster:
             self.progress(f"wiped {self.paths.state}")
         return stopped
 
-    def _all_known_components(self) -> list[Component]:
-        """Every component that may have been started, whatever the stored spec says."""
-        seen: dict[str, Component] = {}
-        for n in (len(self.topo.cities), len(self.topo.zones)):
-            for c in self.components(Spec(cassandra_nodes=n)):
-                seen[c.label] = c
-        return list(seen.values())
+    def _all_known_components(self) -> list[Managed]:
+        """Every process with a record under the state folder, clients before servers."""
+        rank = {"bank": 0, "switch": 1, "cassandra": 2, "etcd": 3}
+        found = []
+        for record in self.paths.state.glob("*/*/process.json"):
+            kind, name = record.parent.parent.name, record.parent.name
+            found.append(Managed(kind, name, record.parent, record.parent / "log"))
+        return sorted(found, key=lambda m: rank.get(m.kind, 0))
 
     # -- starting ----------------------------------------------------------------------
 
@@ -333,7 +355,31 @@ class LocalCluster:
                 if any(c.kind == "cassandra" and c.zone.name == n.zone.name for c in down)
             ]
         )
+        self._start_switches([c.zone for c in down if c.kind == "switch"])
         return [c.label for c in down]
+
+    def _start_switches(self, zones: Sequence[Zone]) -> None:
+        down = [z for z in zones if not procs.state(self.switch_managed(z)).alive]
+        if not down:
+            return
+        hosts = ",".join(n.zone.address for n in self.cassandra_nodes())
+        for z in down:
+            m = self.switch_managed(z)
+            procs.spawn(m, [
+                sys.executable, "-m", "clearinghouse.switch", "--zone", z.name,
+                "--cassandra", hosts, "--topology", str(self.topo_path),
+                "--state-marker", m.marker,
+            ], env=procs.python_env(self.paths.root))  # fmt: skip
+        names = ", ".join(z.name for z in down)
+        self.progress(f"starting switch nodes: {names}")
+        waited = procs.wait_until(
+            f"switch nodes to serve gRPC ({names})",
+            lambda: all(procs.port_open(z.address, z.ports.switch) for z in down),
+            timeout_s=SWITCH_READY_TIMEOUT_S,
+            procs=[self.switch_managed(z) for z in down],
+            progress=self.progress,
+        )
+        self.progress(f"switch nodes serving ({waited:.1f}s)")
 
     # -- status ------------------------------------------------------------------------
 
@@ -371,7 +417,11 @@ class LocalCluster:
         rows = []
         for c in comps:
             st = procs.state(c.managed)
-            port = c.zone.ports.etcd_client if c.kind == "etcd" else c.zone.ports.cql
+            port = {
+                "etcd": c.zone.ports.etcd_client,
+                "cassandra": c.zone.ports.cql,
+                "switch": c.zone.ports.switch,
+            }[c.kind]
             rows.append(
                 {
                     "city": c.zone.city,

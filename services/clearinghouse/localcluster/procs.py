@@ -122,6 +122,17 @@ def spawn(m: Managed, argv: Sequence[str], env: dict[str, str] | None = None) ->
     return pid
 
 
+def python_env(root: Path) -> dict[str, str]:
+    """The environment for a Python server of this checkout: its ``services/`` first.
+
+    The launcher may run from any interpreter that can import the project; the servers
+    it starts must import the same code, whatever the venv's install mode.
+    """
+    services = str(root / "services")
+    current = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{services}{os.pathsep}{current}" if current else services}
+
+
 def signal_proc(m: Managed, sig: signal.Signals) -> bool:
     """Send ``sig`` if the process is alive; return whether it was."""
     st = state(m)

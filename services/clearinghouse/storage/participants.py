@@ -1,0 +1,157 @@
+"""The participant registry on Cassandra: table ``participant_versions``, one row a version.
+
+A change never updates a row: it inserts the next version, newest first in the
+partition, so the latest version is the partition's first row and the others are the
+audit trail. Every insert is a lightweight transaction (``IF NOT EXISTS``, serial
+consistency SERIAL): two operators changing the same version cannot both win, and the
+loser learns it as ``FailedPrecondition`` with reason VERSION_CONFLICT. Admin changes
+are rare, so the cost of Paxos here is nothing next to a lost update. Any other writer
+of this table (seeding, tools) must be conditional too: Cassandra does not order a
+plain write against Paxos writes to the same partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Final
+
+from cassandra import ConsistencyLevel
+
+from clearinghouse._invariant import invariant
+from clearinghouse.domain import (
+    FailedPrecondition,
+    Participant,
+    ParticipantKind,
+    ParticipantStatus,
+)
+from clearinghouse.storage.retry import with_retries
+from clearinghouse.switch.admin import VERSION_CONFLICT
+
+_SELECT: Final = (
+    "SELECT participant_id, version, kind, name, status, bank_code, endpoint, currencies, "
+    "net_debit_caps, updated_at_us, reason FROM participant_versions"
+)
+# Absent text is stored as "" rather than null: binding None writes a tombstone.
+_ABSENT_TEXT: Final = ""
+
+
+class CassandraParticipantStore:
+    """A :class:`~clearinghouse.switch.ports.ParticipantStore` on ``participant_versions``.
+
+    Reads and the commit of each insert use ``consistency`` (QUORUM in the topology);
+    the Paxos round of an insert uses SERIAL.
+    """
+
+    def __init__(self, session: Any, consistency: int = ConsistencyLevel.QUORUM) -> None:
+        self.session = session
+        self.cl = consistency
+        p = session.prepare
+        # The clustering order is version DESC, so one row per partition is the newest.
+        self._select_all = p(_SELECT + " PER PARTITION LIMIT 1")
+        self._select_one = p(_SELECT + " WHERE participant_id = ? LIMIT 1")
+        for stmt in (self._select_all, self._select_one):
+            stmt.consistency_level = self.cl
+            stmt.is_idempotent = True
+        self._insert = p(
+            "INSERT INTO participant_versions (participant_id, version, kind, name, status, "
+            "bank_code, endpoint, currencies, net_debit_caps, updated_at_us, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+        )
+        self._insert.consistency_level = self.cl
+        self._insert.serial_consistency_level = ConsistencyLevel.SERIAL
+        # Reads back one version after a lost insert. SERIAL sees the outcome of any Paxos
+        # round in progress, which a QUORUM read might not yet.
+        self._select_version = p(_SELECT + " WHERE participant_id = ? AND version = ?")
+        self._select_version.consistency_level = ConsistencyLevel.SERIAL
+        self._select_version.is_idempotent = True
+
+    # -- reads -------------------------------------------------------------------------
+
+    def all(self) -> Mapping[str, Participant]:
+        """The newest version of every participant, by id."""
+        rows = with_retries(
+            "reading the participants", lambda: list(self.session.execute(self._select_all))
+        )
+        return {r.participant_id: participant_from_row(r) for r in rows}
+
+    def get(self, participant_id: str) -> Participant | None:
+        """The newest version of one participant, or None if it was never registered."""
+        row = with_retries(
+            "reading a participant",
+            lambda: self.session.execute(self._select_one, (participant_id,)).one(),
+        )
+        return None if row is None else participant_from_row(row)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def put(self, participant: Participant, *, reason: str, now_us: int) -> Participant:
+        """Insert ``participant.version`` as a new row; VERSION_CONFLICT if it exists.
+
+        Returns the participant as it reads back. ``with_retries`` may repeat the insert
+        after a timeout whose first attempt had in fact applied; the repeat then finds
+        the row, and it is ours if it holds exactly what we wrote.
+        """
+        values = _row_values(participant, reason, now_us)
+        result = with_retries(
+            "recording a participant version", lambda: self.session.execute(self._insert, values)
+        )
+        # What a read returns: absent text comes back as None.
+        stored = replace(
+            participant,
+            bank_code=participant.bank_code or None,
+            endpoint=participant.endpoint or None,
+        )
+        if result.was_applied:
+            return stored
+        pid, version = participant.participant_id, participant.version
+        existing = with_retries(
+            "reading back a participant version",
+            lambda: self.session.execute(self._select_version, (pid, version)).one(),
+        )
+        invariant(existing is not None, f"{pid} v{version}: conditional insert lost to a ghost")
+        if _row_values_of(existing) == values:
+            return stored
+        raise FailedPrecondition(
+            f"participant {pid!r} already has a version {version}: it changed since it was read",
+            reason=VERSION_CONFLICT,
+        )
+
+
+def participant_from_row(row: Any) -> Participant:
+    """A row of ``participant_versions`` as a domain Participant.
+
+    Cassandra returns an empty collection as null, and absent text is stored as "".
+    """
+    return Participant(
+        participant_id=row.participant_id,
+        kind=ParticipantKind(row.kind),
+        name=row.name,
+        status=ParticipantStatus(row.status),
+        bank_code=row.bank_code or None,
+        endpoint=row.endpoint or None,
+        currencies=frozenset(row.currencies or ()),
+        net_debit_caps=dict(row.net_debit_caps or {}),
+        version=row.version,
+    )
+
+
+def _row_values(p: Participant, reason: str, now_us: int) -> tuple[Any, ...]:
+    """The insert's bind values, in the insert's column order."""
+    return (
+        p.participant_id, p.version, p.kind.value, p.name, p.status.value,
+        p.bank_code or _ABSENT_TEXT, p.endpoint or _ABSENT_TEXT,
+        set(p.currencies), dict(p.net_debit_caps), now_us, reason,
+    )  # fmt: skip
+
+
+def _row_values_of(row: Any) -> tuple[Any, ...]:
+    """A stored row in the shape of :func:`_row_values`, to compare the two."""
+    return (
+        row.participant_id, row.version, row.kind, row.name, row.status,
+        row.bank_code or _ABSENT_TEXT, row.endpoint or _ABSENT_TEXT,
+        set(row.currencies or ()), dict(row.net_debit_caps or {}), row.updated_at_us, row.reason,
+    )  # fmt: skip
+
+
+__all__ = ["CassandraParticipantStore", "participant_from_row"]

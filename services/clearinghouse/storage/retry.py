@@ -1,0 +1,55 @@
+"""Bounded retries for idempotent Cassandra statements, and the one place driver errors
+become domain errors.
+
+Only statements whose repetition cannot cause a second effect are retried: plain
+inserts of write-once rows (same key, same values) and reads. A conditional insert is
+retried too, because its outcome is read back and compared (see ``payments.begin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import NoHostAvailable
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from clearinghouse.domain import Unavailable as DomainUnavailable
+
+STORAGE_ATTEMPTS_MAX = 3
+STORAGE_RETRY_BUDGET_S = 6.0
+STORAGE_BACKOFF_MIN_S = 0.05
+STORAGE_BACKOFF_MAX_S = 1.0
+RETRY_AFTER_MS = 500
+
+TRANSIENT = (OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable, NoHostAvailable)
+
+T = TypeVar("T")
+
+
+def with_retries(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` with bounded retries; exhausted transient errors become Unavailable."""
+    try:
+        for attempt in Retrying(
+            stop=stop_after_attempt(STORAGE_ATTEMPTS_MAX)
+            | stop_after_delay(STORAGE_RETRY_BUDGET_S),
+            wait=wait_exponential(min=STORAGE_BACKOFF_MIN_S, max=STORAGE_BACKOFF_MAX_S),
+            retry=retry_if_exception_type(TRANSIENT),
+            reraise=True,
+        ):
+            with attempt:
+                return fn()
+    except TRANSIENT as e:
+        raise DomainUnavailable(
+            f"ledger storage unavailable while {what}: {type(e).__name__}",
+            retry_after_ms=RETRY_AFTER_MS,
+            reason="STORAGE_UNAVAILABLE",
+        ) from e
+    raise AssertionError("unreachable: Retrying either returns or raises")

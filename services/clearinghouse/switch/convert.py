@@ -1,0 +1,184 @@
+"""Protobuf <-> domain, in one place. No rules live here, only shapes.
+
+Unknown enum values become None so that validation, not conversion, reports them with
+the field's path.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clearing.v1 import admin_pb2, common_pb2, payment_pb2
+from clearinghouse.domain import (
+    ClearingError,
+    FieldViolation,
+    InvalidArgument,
+    Money,
+    Participant,
+    ParticipantKind,
+    ParticipantStatus,
+    PaymentOrder,
+    PaymentState,
+    PaymentType,
+    ResourceExhausted,
+    Unavailable,
+    status_for,
+)
+from clearinghouse.switch.records import PaymentRecord
+
+_TYPE_TO_DOMAIN = {
+    common_pb2.PAYMENT_TYPE_DEBIT: PaymentType.DEBIT,
+    common_pb2.PAYMENT_TYPE_CREDIT: PaymentType.CREDIT,
+}
+_TYPE_TO_PB = {v: k for k, v in _TYPE_TO_DOMAIN.items()}
+_STATE_TO_PB = {
+    PaymentState.RECEIVED: common_pb2.PAYMENT_STATE_RECEIVED,
+    PaymentState.ROUTED: common_pb2.PAYMENT_STATE_ROUTED,
+    PaymentState.APPROVED: common_pb2.PAYMENT_STATE_APPROVED,
+    PaymentState.DECLINED: common_pb2.PAYMENT_STATE_DECLINED,
+    PaymentState.FAILED: common_pb2.PAYMENT_STATE_FAILED,
+    PaymentState.REVERSED: common_pb2.PAYMENT_STATE_REVERSED,
+}
+_KIND_TO_DOMAIN = {
+    common_pb2.PARTICIPANT_KIND_INSTITUTION: ParticipantKind.INSTITUTION,
+    common_pb2.PARTICIPANT_KIND_BANK: ParticipantKind.BANK,
+}
+_KIND_TO_PB = {v: k for k, v in _KIND_TO_DOMAIN.items()}
+_STATUS_TO_DOMAIN = {
+    common_pb2.PARTICIPANT_STATUS_ACTIVE: ParticipantStatus.ACTIVE,
+    common_pb2.PARTICIPANT_STATUS_SUSPENDED: ParticipantStatus.SUSPENDED,
+}
+_STATUS_TO_PB = {v: k for k, v in _STATUS_TO_DOMAIN.items()}
+
+
+def ts_to_us(ts: Timestamp) -> int:
+    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
+
+
+def us_to_ts(at_us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.seconds, rem = divmod(at_us, 1_000_000)
+    ts.nanos = rem * 1000
+    return ts
+
+
+def order_from_pb(o: payment_pb2.PaymentOrder, path: str = "order") -> PaymentOrder:
+    kind = _TYPE_TO_DOMAIN.get(o.type)
+    if kind is None:
+        raise InvalidArgument([FieldViolation(f"{path}.type", "must be DEBIT or CREDIT")])
+    return PaymentOrder(
+        payment_id=o.payment_id,
+        institution_id=o.institution_id,
+        type=kind,
+        payer_id=o.payer_id,
+        payee_id=o.payee_id,
+        bank_account=o.bank_account,
+        amount=_money_from_pb(o.amount, f"{path}.amount"),
+        memo=o.memo,
+        requested_at_us=ts_to_us(o.requested_at),
+    )
+
+
+def _money_from_pb(m: common_pb2.Money, path: str) -> Money:
+    # Money's own checks (int64 range) run in the domain; a malformed currency is left
+    # to validation so that every field problem is reported together.
+    try:
+        return Money(int(m.amount_minor), m.currency)
+    except (ValueError, AssertionError) as e:
+        raise InvalidArgument([FieldViolation(path, str(e))]) from e
+
+
+def order_to_pb(o: PaymentOrder) -> payment_pb2.PaymentOrder:
+    return payment_pb2.PaymentOrder(
+        payment_id=o.payment_id,
+        institution_id=o.institution_id,
+        type=_TYPE_TO_PB[o.type],
+        payer_id=o.payer_id,
+        payee_id=o.payee_id,
+        bank_account=o.bank_account,
+        amount=common_pb2.Money(amount_minor=o.amount.amount_minor, currency=o.amount.currency),
+        memo=o.memo,
+        requested_at=us_to_ts(o.requested_at_us),
+    )
+
+
+def payment_to_pb(rec: PaymentRecord) -> payment_pb2.Payment:
+    decided = rec.decided
+    final = [s for s in rec.steps if s.event.state.is_final]
+    return payment_pb2.Payment(
+        order=order_to_pb(rec.order),
+        state=_STATE_TO_PB[rec.state],
+        switch_ref=rec.switch_ref,
+        bank_ref=decided.bank_ref if decided else "",
+        decline_reason=(
+            decided.event.detail
+            if decided and decided.event.state is not PaymentState.APPROVED
+            else ""
+        ),
+        received_at=us_to_ts(rec.received_at_us),
+        decided_at=us_to_ts(final[-1].event.at_us) if final else None,
+        received_zone=rec.received_zone,
+        shard=rec.shard,
+        events=[
+            payment_pb2.PaymentEvent(
+                state=_STATE_TO_PB[s.event.state],
+                at=us_to_ts(s.event.at_us),
+                zone=s.event.zone,
+                detail=s.event.detail,
+            )
+            for s in rec.steps
+        ],
+    )
+
+
+def participant_from_pb(p: admin_pb2.Participant) -> Participant:
+    kind = _KIND_TO_DOMAIN.get(p.kind)
+    if kind is None:
+        raise InvalidArgument([FieldViolation("participant.kind", "must be INSTITUTION or BANK")])
+    status = _STATUS_TO_DOMAIN.get(p.status, ParticipantStatus.ACTIVE)
+    return Participant(
+        participant_id=p.participant_id,
+        kind=kind,
+        name=p.name,
+        status=status,
+        bank_code=p.bank_code or None,
+        endpoint=p.endpoint or None,
+        currencies=frozenset(p.currencies),
+        net_debit_caps={m.currency: int(m.amount_minor) for m in p.net_debit_caps},
+        version=int(p.version),
+    )
+
+
+def participant_to_pb(p: Participant) -> admin_pb2.Participant:
+    return admin_pb2.Participant(
+        participant_id=p.participant_id,
+        kind=_KIND_TO_PB[p.kind],
+        name=p.name,
+        status=_STATUS_TO_PB[p.status],
+        bank_code=p.bank_code or "",
+        endpoint=p.endpoint or "",
+        currencies=sorted(p.currencies),
+        net_debit_caps=[
+            common_pb2.Money(amount_minor=v, currency=k)
+            for k, v in sorted(p.net_debit_caps.items())
+        ],
+        version=p.version,
+    )
+
+
+def error_to_pb(err: ClearingError) -> common_pb2.Error:
+    violations = getattr(err, "violations", ())
+    retry_after = (
+        int(getattr(err, "retry_after_ms", 0))
+        if isinstance(err, (Unavailable, ResourceExhausted))
+        else 0
+    )
+    return common_pb2.Error(
+        code=status_for(err).value[0],
+        reason=err.reason,
+        message=str(err),
+        field_violations=[
+            common_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
+        ],
+        retry_after_ms=retry_after,
+    )

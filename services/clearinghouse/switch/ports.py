@@ -1,0 +1,114 @@
+"""The interfaces the payment processor depends on; real and fake implementations.
+
+The processor never imports Cassandra or gRPC: storage errors arrive as the domain's
+``Unavailable``; bank answers arrive as a :class:`BankOutcome`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from clearinghouse.domain import Money, Participant, PaymentType, Posting
+from clearinghouse.switch.records import PaymentRecord, StepRecord
+
+
+class BankAnswer(enum.Enum):
+    APPROVED = "APPROVED"
+    DECLINED = "DECLINED"
+    REVERSED = "REVERSED"
+    UNKNOWN_REF = "UNKNOWN_REF"  # the bank has never seen this reference
+    NO_ANSWER = "NO_ANSWER"  # timed out or unreachable: the outcome is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class BankOutcome:
+    answer: BankAnswer
+    bank_ref: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BankTransfer:
+    """What the switch asks a bank to do; ``switch_ref`` is the bank's idempotency key."""
+
+    kind: PaymentType
+    switch_ref: str
+    institution_id: str
+    account: str
+    amount: Money
+
+
+class BankGateway(Protocol):
+    def transfer(self, bank: Participant, req: BankTransfer, deadline_s: float) -> BankOutcome: ...
+
+    def inquire(self, bank: Participant, switch_ref: str, deadline_s: float) -> BankOutcome: ...
+
+    def reverse(
+        self, bank: Participant, switch_ref: str, reason: str, deadline_s: float
+    ) -> BankOutcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OwedReversal:
+    """A reversal the switch owes a bank: the payment was decided FAILED without it."""
+
+    payment_key: str
+    bank_id: str
+    switch_ref: str
+    day: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    records: Sequence[PaymentRecord]
+    next_token: str
+
+
+class PaymentStore(Protocol):
+    def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None: ...
+
+    def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
+        """Write steps RECEIVED and ROUTED unless the payment exists.
+
+        Returns ``(stored, won)``: ``won`` is False when another attempt got there first,
+        and ``stored`` is then that attempt's record.
+        """
+        ...
+
+    def decide(
+        self,
+        record: PaymentRecord,
+        step: StepRecord,
+        postings: Sequence[Posting],
+        *,
+        reversal_owed: bool = False,
+    ) -> None:
+        """Write the decision and its postings together (all or nothing, eventually).
+
+        ``reversal_owed``: the bank did not confirm the reversal that makes this decision
+        true at the bank; record the obligation in the same write.
+        """
+        ...
+
+    def owed_reversals(self, limit: int) -> Sequence[OwedReversal]:
+        """Reversals recorded as owed and not yet confirmed by their bank, oldest first."""
+        ...
+
+    def confirm_reversal(self, owed: OwedReversal, at_us: int) -> None: ...
+
+    def list(
+        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
+    ) -> Page: ...
+
+
+class ParticipantStore(Protocol):
+    def all(self) -> Mapping[str, Participant]: ...
+
+    def get(self, participant_id: str) -> Participant | None: ...
+
+    def put(self, participant: Participant, *, reason: str, now_us: int) -> Participant:
+        """Store ``participant`` as its next version; raise if that version exists."""
+        ...

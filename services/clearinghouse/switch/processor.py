@@ -1,0 +1,336 @@
+"""The payment path: validate, record, route to the bank, decide, record, answer.
+
+1. Validate against the participant registry (nothing is written for a bad order).
+2. Look the id up: the same id with the same payload replays the stored result; with a
+   different payload it is ``AlreadyExists``.
+3. ``begin``: steps RECEIVED and ROUTED are written at QUORUM (two cities) *before* the
+   bank is called, so a crash after the call leaves a trace that a retry resolves.
+4. Call the bank under a deadline. No answer in time: status inquiry; still nothing or
+   the bank never saw it: reversal. Every bank call of the attempt that received the
+   payment ends within :data:`BANK_CALLS_BOUND_S` of its receipt (deadlines are cut to
+   what is left), and it starts its decision write within :data:`DECISION_BOUND_S` or
+   not at all.
+5. ``decide``: the decision and its balanced postings are written together at QUORUM,
+   and only then is the answer returned.
+
+A replay is answered from the stored payment before the order is checked against the
+registry: a payment already accepted completes even if its bank was suspended since.
+
+Until shard ownership lands (issue "Routing ownership through etcd leases"), the store's
+conditional ``begin`` decides which attempt processes a payment, and a retry that finds
+an undecided payment is asked to come back until :data:`RESUME_AFTER_S`: by then the
+first attempt can neither call the bank nor still be writing, so the retry resolves the
+payment by inquiry without racing it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from clearinghouse._invariant import invariant
+from clearinghouse.domain import (
+    MAX_AMOUNT_MINOR,
+    PAYMENT_ID_LEN_MAX,
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Participant,
+    PaymentEvent,
+    PaymentOrder,
+    PaymentState,
+    PaymentType,
+    Unavailable,
+    check_balanced,
+    fingerprint,
+    postings_for,
+    validate_order,
+)
+from clearinghouse.domain.validation import PARTICIPANT_ID_LEN_MAX, is_valid_id
+from clearinghouse.storage.retry import STORAGE_RETRY_BUDGET_S
+from clearinghouse.switch.ports import (
+    BankAnswer,
+    BankGateway,
+    BankOutcome,
+    BankTransfer,
+    Page,
+    PaymentStore,
+)
+from clearinghouse.switch.records import (
+    STEP_DECIDED,
+    STEP_RECEIVED,
+    STEP_ROUTED,
+    PaymentRecord,
+    StepRecord,
+    shard_of,
+    switch_ref_for,
+)
+
+BANK_TRANSFER_DEADLINE_S = 5.0
+INQUIRY_DEADLINE_S = 2.0
+INQUIRY_ATTEMPTS = 3
+INQUIRY_PAUSE_S = 1.0
+REVERSAL_DEADLINE_S = 2.0
+REVERSAL_ATTEMPTS = 2
+# 5 s transfer + 3 x 2 s inquiries + 2 x 1 s pauses + 2 x 2 s reversals = 17 s.
+BANK_CALLS_BOUND_S = 17.0
+# A bank call with less time than this left is not started.
+BANK_CALL_MIN_S = 0.2
+DECISION_BOUND_S = 20.0
+# The receiving attempt's decision write (started by DECISION_BOUND_S) gives up within
+# the storage retry budget; a retry resolves an undecided payment only after that.
+RESUME_AFTER_S = DECISION_BOUND_S + STORAGE_RETRY_BUDGET_S + 1.0
+OWED_REVERSALS_PER_RUN_MAX = 100
+LIST_PAGE_SIZE_MAX = 500
+LIST_PAGE_SIZE_DEFAULT = 100
+
+Clock = Callable[[], int]
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    record: PaymentRecord
+    replayed: bool
+
+
+class Registry:
+    """A snapshot of participants, replaced whole when it changes (never mutated)."""
+
+    def __init__(self, participants: Mapping[str, Participant] | None = None) -> None:
+        self._snapshot: Mapping[str, Participant] = dict(participants or {})
+
+    def snapshot(self) -> Mapping[str, Participant]:
+        return self._snapshot
+
+    def replace(self, participants: Mapping[str, Participant]) -> None:
+        self._snapshot = dict(participants)
+
+
+class _Budget:
+    """What is left of an attempt's time for bank calls; cuts each call's deadline to fit."""
+
+    def __init__(self, clock: Clock, ends_at_us: int | None) -> None:
+        self.clock = clock
+        self.ends_at_us = ends_at_us
+
+    @classmethod
+    def unbounded(cls, clock: Clock) -> _Budget:
+        return cls(clock, None)
+
+    def cut(self, deadline_s: float) -> float | None:
+        if self.ends_at_us is None:
+            return deadline_s
+        left_s = (self.ends_at_us - self.clock()) / 1e6
+        return min(deadline_s, left_s) if left_s >= BANK_CALL_MIN_S else None
+
+
+class PaymentProcessor:
+    def __init__(
+        self,
+        *,
+        zone: str,
+        store: PaymentStore,
+        bank: BankGateway,
+        registry: Registry,
+        clock: Clock = wall_clock_us,
+        sleep: Callable[[float], None] = time.sleep,
+        max_amount_minor: int = MAX_AMOUNT_MINOR,
+    ) -> None:
+        self.zone = zone
+        self.store = store
+        self.bank = bank
+        self.registry = registry
+        self.clock = clock
+        self.sleep = sleep
+        self.max_amount_minor = max_amount_minor
+
+    # -- queries -----------------------------------------------------------------------
+
+    def get(self, institution_id: str, payment_id: str) -> PaymentRecord:
+        rec = self.store.load(institution_id, payment_id)
+        if rec is None:
+            raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
+        return rec
+
+    def list(
+        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
+    ) -> Page:
+        if page_size < 0:
+            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+        size = min(page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
+        return self.store.list(institution_id, start_us, end_us, size, page_token)
+
+    # -- the payment path --------------------------------------------------------------
+
+    def validate(self, order: PaymentOrder, path: str = "order") -> None:
+        validate_order(
+            order,
+            self.registry.snapshot(),
+            max_amount_minor=self.max_amount_minor,
+            now_us=self.clock(),
+            path=path,
+        )
+
+    def submit(self, order: PaymentOrder) -> Result:
+        """Process ``order`` to a final state, or replay the stored result of its id."""
+        if not (
+            is_valid_id(order.institution_id, PARTICIPANT_ID_LEN_MAX)
+            and is_valid_id(order.payment_id, PAYMENT_ID_LEN_MAX)
+        ):
+            self.validate(order)  # raises, naming every bad field
+        fp = fingerprint(order)
+        existing = self.store.load(order.institution_id, order.payment_id)
+        if existing is not None:
+            return Result(self._replay(existing, fp), replayed=True)
+        self.validate(order)
+        now = self.clock()
+        bank = self._bank_of(order)
+        received = PaymentEvent(PaymentState.RECEIVED, now, self.zone, "")
+        routed = PaymentEvent(PaymentState.ROUTED, now, self.zone, f"to {bank.participant_id}")
+        fresh = PaymentRecord(
+            order=order,
+            fingerprint=fp,
+            attempt_id=uuid.uuid4(),
+            shard=shard_of(order.institution_id, order.payment_id),
+            switch_ref=switch_ref_for(order.institution_id, order.payment_id),
+            bank_id=bank.participant_id,
+            received_zone=self.zone,
+            steps=(StepRecord(STEP_RECEIVED, received), StepRecord(STEP_ROUTED, routed)),
+        )
+        stored, won = self.store.begin(fresh)
+        if not won:
+            return Result(self._replay(stored, fp), replayed=True)
+        budget = _Budget(self.clock, stored.received_at_us + int(BANK_CALLS_BOUND_S * 1e6))
+        req = BankTransfer(
+            order.type, stored.switch_ref, order.institution_id, order.bank_account, order.amount
+        )
+        deadline = budget.cut(BANK_TRANSFER_DEADLINE_S)
+        if deadline is None:
+            # Storage used the whole bound before the bank was called: nothing moved.
+            outcome = BankOutcome(
+                BankAnswer.UNKNOWN_REF, "", "decision bound reached before routing"
+            )
+        else:
+            outcome = self.bank.transfer(bank, req, deadline)
+            if outcome.answer is BankAnswer.NO_ANSWER:
+                outcome = self._resolve_unknown(stored, bank, budget)
+        if self.clock() > stored.received_at_us + int(DECISION_BOUND_S * 1e6):
+            # Too late to be the one who decides: a retry after RESUME_AFTER_S will.
+            raise Unavailable(
+                f"payment {order.payment_id!r} took too long to decide; retry to learn its outcome",
+                retry_after_ms=int(RESUME_AFTER_S * 1000),
+                reason="PAYMENT_IN_PROGRESS",
+            )
+        return Result(self._decide(stored, outcome), replayed=False)
+
+    def _bank_of(self, order: PaymentOrder) -> Participant:
+        bank_id = order.payer_id if order.type is PaymentType.DEBIT else order.payee_id
+        bank = self.registry.snapshot().get(bank_id)
+        invariant(bank is not None, f"validated order names unknown bank {bank_id}")
+        assert bank is not None  # for the type checker; invariant() above always runs
+        return bank
+
+    def _stored_bank(self, rec: PaymentRecord) -> Participant:
+        """The bank a stored payment was routed to, whatever its status is now."""
+        bank = self.registry.snapshot().get(rec.bank_id)
+        if bank is None:
+            raise Unavailable(
+                f"bank {rec.bank_id!r} is not in this node's registry yet",
+                retry_after_ms=1000,
+                reason="REGISTRY_NOT_READY",
+            )
+        return bank
+
+    def _replay(self, rec: PaymentRecord, fp: bytes) -> PaymentRecord:
+        if rec.fingerprint != fp:
+            raise AlreadyExists(
+                f"payment id {rec.order.payment_id!r} was already used for a different order",
+                reason="PAYMENT_ID_REUSED",
+            )
+        if rec.is_final:
+            return rec
+        age_s = (self.clock() - rec.received_at_us) / 1e6
+        if age_s < RESUME_AFTER_S:
+            # Its first attempt may still be working on it: do not race it.
+            wait_ms = int((RESUME_AFTER_S - age_s) * 1000) + 100
+            raise Unavailable(
+                f"payment {rec.order.payment_id!r} is being processed; retry after {wait_ms} ms",
+                retry_after_ms=wait_ms,
+                reason="PAYMENT_IN_PROGRESS",
+            )
+        # Its first attempt ended without deciding: find out from the bank what happened.
+        bank = self._stored_bank(rec)
+        return self._decide(rec, self._resolve_unknown(rec, bank, _Budget.unbounded(self.clock)))
+
+    def _resolve_unknown(
+        self, rec: PaymentRecord, bank: Participant, budget: _Budget
+    ) -> BankOutcome:
+        """The transfer's fate is unknown: ask, then reverse. Bounded in attempts and time."""
+        for attempt in range(INQUIRY_ATTEMPTS):
+            if attempt:
+                self.sleep(INQUIRY_PAUSE_S)
+            deadline = budget.cut(INQUIRY_DEADLINE_S)
+            if deadline is None:
+                break
+            answer = self.bank.inquire(bank, rec.switch_ref, deadline)
+            if answer.answer in (BankAnswer.APPROVED, BankAnswer.DECLINED, BankAnswer.REVERSED):
+                return answer
+            if answer.answer is BankAnswer.UNKNOWN_REF:
+                break
+        # Never seen, or no answer: reverse, so a late arrival at the bank is refused.
+        for _ in range(REVERSAL_ATTEMPTS):
+            deadline = budget.cut(REVERSAL_DEADLINE_S)
+            if deadline is None:
+                break
+            rev = self.bank.reverse(bank, rec.switch_ref, "no answer in time", deadline)
+            if rev.answer is not BankAnswer.NO_ANSWER:
+                return BankOutcome(BankAnswer.REVERSED, rev.bank_ref, "reversed after no answer")
+        return BankOutcome(BankAnswer.NO_ANSWER, "", "bank unreachable; reversal not confirmed")
+
+    def _decide(self, rec: PaymentRecord, outcome: BankOutcome) -> PaymentRecord:
+        state = {
+            BankAnswer.APPROVED: PaymentState.APPROVED,
+            BankAnswer.DECLINED: PaymentState.DECLINED,
+            BankAnswer.REVERSED: PaymentState.REVERSED,
+            BankAnswer.UNKNOWN_REF: PaymentState.FAILED,
+            BankAnswer.NO_ANSWER: PaymentState.FAILED,
+        }[outcome.answer]
+        if outcome.answer is BankAnswer.REVERSED and rec.state is PaymentState.ROUTED:
+            # The bank undid (or never applied) a transfer the switch never approved.
+            state = PaymentState.REVERSED
+        step = StepRecord(
+            STEP_DECIDED,
+            PaymentEvent(state, self.clock(), self.zone, outcome.detail),
+            outcome.bank_ref,
+        )
+        postings = postings_for(rec.key, rec.order, state, from_state=PaymentState.ROUTED)
+        check_balanced(postings)
+        # No answer at all: the switch decides FAILED and owes the bank a reversal, so
+        # that a transfer the bank applied unseen is undone and the two agree again.
+        owed = outcome.answer is BankAnswer.NO_ANSWER
+        self.store.decide(rec, step, postings, reversal_owed=owed)
+        return rec.with_step(step)
+
+    def settle_owed_reversals(self, limit: int = OWED_REVERSALS_PER_RUN_MAX) -> int:
+        """Send the reversals the switch owes; record each one a bank confirms.
+
+        Safe to run on every node at once: a reversal is idempotent at the bank, and a
+        confirmation is a write-once row. Returns how many were confirmed.
+        """
+        confirmed = 0
+        for owed in self.store.owed_reversals(limit):
+            bank = self.registry.snapshot().get(owed.bank_id)
+            if bank is None:
+                continue
+            rev = self.bank.reverse(bank, owed.switch_ref, "owed reversal", REVERSAL_DEADLINE_S)
+            if rev.answer is not BankAnswer.NO_ANSWER:
+                self.store.confirm_reversal(owed, self.clock())
+                confirmed += 1
+        return confirmed
