@@ -30,7 +30,7 @@ ETCD_READY_TIMEOUT_S = 60.0
 CASSANDRA_JOIN_TIMEOUT_S = 120.0
 NODETOOL_TIMEOUT_S = 30.0
 KINDS = ("etcd", "cassandra", "switch")
-SWITCH_READY_TIMEOUT_S = 60.0
+SWITCH_READY_TIMEOUT_S = 90.0
 
 Progress = Callable[[str], None]
 

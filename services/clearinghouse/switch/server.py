@@ -75,8 +75,9 @@ class Node:
             self.health.set(name, status)
 
     def start(self) -> None:
-        self.server.start()
+        # The registry first: a node whose port is open can already route payments.
         self.refresh_registry()
+        self.server.start()
         threading.Thread(target=self._refresh_loop, name="registry-refresh", daemon=True).start()
         threading.Thread(target=self._reversal_loop, name="owed-reversals", daemon=True).start()
         self.set_serving(True)
