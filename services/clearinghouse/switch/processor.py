@@ -35,6 +35,7 @@ from clearinghouse.domain import (
     MAX_AMOUNT_MINOR,
     PAYMENT_ID_LEN_MAX,
     AlreadyExists,
+    ClearingError,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -186,10 +187,17 @@ class PaymentProcessor:
         ):
             self.validate(order)  # raises, naming every bad field
         fp = fingerprint(order)
-        existing = self.store.load(order.institution_id, order.payment_id)
-        if existing is not None:
+        try:
+            self.validate(order)
+        except ClearingError:
+            # A replay is answered from the stored payment, whatever the registry says
+            # now; only an order that was never accepted gets the validation error.
+            existing = self.store.load(order.institution_id, order.payment_id)
+            if existing is None:
+                raise
             return Result(self._replay(existing, fp), replayed=True)
-        self.validate(order)
+        # A valid order goes straight to the conditional begin, which reports an
+        # existing payment itself: no read before the write for new payments.
         now = self.clock()
         bank = self._bank_of(order)
         received = PaymentEvent(PaymentState.RECEIVED, now, self.zone, "")
