@@ -41,6 +41,10 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         err = convert.error_to_pb(e)
         context.set_trailing_metadata(((ERROR_METADATA_KEY, err.SerializeToString()),))
         context.abort(status_for(e), f"{e.reason}: {e}")
+    except Exception:
+        # A bug, not the client's doing: keep the details in the node's log.
+        log.exception("internal error in %s", type(context).__name__)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; the node logged the details")
 
 
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
