@@ -106,6 +106,7 @@ def test_same_id_with_a_different_payload_is_already_exists(env: SwitchEnv) -> N
         ({"memo": "m" * 141}, "INVALID_ARGUMENT", "order.memo"),
         ({"bank_account": ""}, "INVALID_ARGUMENT", "order.bank_account"),
         ({"type": common_pb2.PAYMENT_TYPE_UNSPECIFIED}, "INVALID_ARGUMENT", "order.type"),
+        ({"requested_at": us_to_ts(0)}, "INVALID_ARGUMENT", "order.requested_at"),
         ({"payer_id": "BANK_NOPE"}, None, None),
     ],
 )

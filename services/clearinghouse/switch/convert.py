@@ -166,6 +166,14 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
     )
 
 
+# Domain field names that differ from the proto's, for field paths in errors.
+_PROTO_FIELD_NAMES = {"requested_at_us": "requested_at"}
+
+
+def _proto_path(path: str) -> str:
+    return ".".join(_PROTO_FIELD_NAMES.get(part, part) for part in path.split("."))
+
+
 def error_to_pb(err: ClearingError) -> common_pb2.Error:
     violations = getattr(err, "violations", ())
     retry_after = (
@@ -178,7 +186,8 @@ def error_to_pb(err: ClearingError) -> common_pb2.Error:
         reason=err.reason,
         message=str(err),
         field_violations=[
-            common_pb2.FieldViolation(field=v.field, description=v.description) for v in violations
+            common_pb2.FieldViolation(field=_proto_path(v.field), description=v.description)
+            for v in violations
         ],
         retry_after_ms=retry_after,
     )

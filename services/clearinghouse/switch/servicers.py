@@ -40,7 +40,8 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     except ClearingError as e:
         err = convert.error_to_pb(e)
         context.set_trailing_metadata(((ERROR_METADATA_KEY, err.SerializeToString()),))
-        context.abort(status_for(e), f"{e.reason}: {e}")
+        detail = "; ".join(f"{v.field}: {v.description}" for v in err.field_violations)
+        context.abort(status_for(e), f"{e.reason}: {detail or e}")
     except Exception:
         # A bug, not the client's doing: keep the details in the node's log.
         log.exception("internal error in %s", type(context).__name__)
