@@ -100,6 +100,11 @@ EXTRA_BANKS = [
         "timeout_ratio": 1.0, "hang_ms": 8000,
     },
     {
+        "participant_id": "BANK_FLAKY", "name": "A bank whose outages the tests switch on",
+        "bank_code": "FLAKY", "listen": "127.0.0.1:16197", "currencies": ["CNY"],
+        "net_debit_caps": {"CNY": 10**11}, "approve_ratio": 1.0, "latency_ms": "1-3",
+    },
+    {
         "participant_id": "BANK_LAGGY", "name": "A bank that takes about two seconds",
         "bank_code": "LAGGY", "listen": "127.0.0.1:16198", "currencies": ["CNY"],
         "net_debit_caps": {"CNY": 10**11}, "approve_ratio": 1.0, "latency_ms": "1500-2500",
