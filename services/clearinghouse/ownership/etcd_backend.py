@@ -1,0 +1,575 @@
+"""The ownership agent on a real etcd, through pyetcd's generated gRPC stubs.
+
+:class:`OwnershipAgent` runs :class:`~.node.NodeCore` with three threads:
+
+* the loop (every :data:`LOOP_INTERVAL_S`): one core step, then its requests as unary
+  RPCs under :data:`RPC_TIMEOUT_S` each (a grant, the registration put, one claim
+  transaction, conditional deletes, a revoke);
+* the keepalive reader: one long-lived ``LeaseKeepAlive`` stream per lease. pyetcd's
+  ``refresh_lease`` opens a new stream for every single keepalive (it sends a
+  one-element request list and waits for the answer), so each refresh pays a stream
+  set-up and blocks its caller. etcd's own client keeps one stream per lease open; so
+  does this module, built from pyetcd's generated ``LeaseStub``: gRPC pulls requests
+  from a generator that yields one keepalive every ``KEEPALIVES_PER_TTL``-th of the
+  TTL and records each send time, and this thread reads the answers, which etcd sends
+  in order, and moves the lease's local deadline;
+* the watcher: lists the prefix, then watches it from the next revision to keep the
+  :class:`~.view.View` (no etcd read per lookup). It asks for a progress report every
+  :data:`WATCH_PROGRESS_S`; after :data:`WATCH_STALL_S` of silence, or any error, it
+  re-lists (after :data:`WATCH_RETRY_S`).
+
+One lock guards the core and the view. Callbacks run outside it, one at a time and in
+the order the events happened, from whichever thread produced them: keep them short.
+
+:meth:`OwnershipAgent.epoch_if_owner` is exact at the moment it is called (it reads the
+clock, CLOCK_BOOTTIME on Linux, against the lease's local deadline). The ``on_lost`` callback for a
+lapsed lease comes within :data:`LOOP_INTERVAL_S` + :data:`STEP_BUDGET_S` of the
+deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
+
+from clearinghouse._invariant import invariant
+from clearinghouse.ownership.node import (
+    KEEPALIVE_INFLIGHT_MAX,
+    LEASE_TTL_S,
+    LOOP_INTERVAL_S,
+    RPC_TIMEOUT_S,
+    WATCH_RETRY_S,
+    ClaimShards,
+    DeleteClaim,
+    Event,
+    Gained,
+    GrantLease,
+    NodeCore,
+    Register,
+    Request,
+    Timing,
+    protocol_for_ttl,
+)
+from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.ownership.protocol import ProtocolConfig
+from clearinghouse.ownership.view import (
+    KEY_PREFIX,
+    KeyRecord,
+    View,
+    encode_member,
+    node_key,
+    shard_key,
+)
+
+# etcd refuses (raises) TTLs below about 1.5 election timeouts; 2 s is its default floor.
+LEASE_TTL_MIN_S = 2
+# The most one loop step spends on requests before it checks the lease again.
+STEP_BUDGET_S = 2 * RPC_TIMEOUT_S
+KEEPALIVE_RETRY_S = 0.25
+# A watch stream can stall without breaking (a half-open connection): the agent asks etcd
+# for a progress report this often, and re-lists if it has heard nothing for a while.
+WATCH_PROGRESS_S = 1.0
+WATCH_STALL_S = 3.0
+CLOSE_TIMEOUT_S = 5.0
+
+# Type of pyetcd's client (``pyetcd.Etcd3Client``), which ships without type hints.
+EtcdClient = Any
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    node_id: str
+    address: str
+    epoch: int
+
+
+class OwnershipAgent:
+    """One switch node's share of the shards, claimed and kept alive in etcd."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        node: NodeInfo,
+        address: str,
+        lease_ttl_s: int = LEASE_TTL_S,
+        *,
+        on_gained: Callable[[int, int], None] | None = None,
+        on_lost: Callable[[int], None] | None = None,
+        prefix: str = KEY_PREFIX,
+        config: ProtocolConfig | None = None,
+    ) -> None:
+        invariant(lease_ttl_s >= LEASE_TTL_MIN_S, f"lease TTL below {LEASE_TTL_MIN_S} s")
+        self.node = node
+        self.address = address
+        self.prefix = prefix
+        self._channel = client.channel
+        # Credentials and metadata carry etcd auth when the client was built with it.
+        self._call_kw: dict[str, Any] = {
+            "credentials": client.call_credentials,
+            "metadata": client.metadata,
+        }
+        self._kv = etcdrpc.KVStub(self._channel)
+        self._leases = etcdrpc.LeaseStub(self._channel)
+        self._watch_stub = etcdrpc.WatchStub(self._channel)
+        self._on_gained = on_gained
+        self._on_lost = on_lost
+        self._timing = Timing.for_ttl(lease_ttl_s)
+        cfg = config or protocol_for_ttl(lease_ttl_s)
+        self._lock = threading.Lock()
+        self._view = View(prefix)
+        self._core = NodeCore(node, self._view, self._timing, cfg)
+        self._outbox: deque[Event] = deque()
+        self._dispatch_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keepalive: _KeepAliveStream | None = None
+        self._watch_call: Any = None
+        self._watch_heard_at = _clock()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> OwnershipAgent:
+        invariant(not self._threads, "an agent starts once")
+        tag = self.node.node_id
+        self._threads = [
+            threading.Thread(target=self._watch_forever, name=f"ownership-watch-{tag}"),
+            threading.Thread(target=self._loop_forever, name=f"ownership-loop-{tag}"),
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
+        return self
+
+    def close(self, revoke: bool = True) -> None:
+        """Stop; every shard is reported lost first. ``revoke=False`` behaves like a crash:
+        the lease (and with it the shards) stays in etcd until its TTL runs out."""
+        self._stop.set()
+        watch = self._watch_call
+        if watch is not None:
+            watch.cancel()  # etcd keeps a watch stream open until the client cancels it
+        for t in self._threads:
+            t.join(CLOSE_TIMEOUT_S)
+            if t.is_alive():
+                _log.warning("%s did not stop within %s s", t.name, CLOSE_TIMEOUT_S)
+        with self._lock:
+            lease = self._core.lease
+            self._outbox.extend(self._core.shutdown())
+        self._dispatch()
+        if self._keepalive is not None:
+            self._keepalive.close()
+        if revoke and lease:
+            self._revoke(lease)
+
+    def __enter__(self) -> OwnershipAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries (no etcd read) -------------------------------------------------------
+
+    def epoch_if_owner(self, shard: int) -> int | None:
+        """My epoch for ``shard`` if I own it right now; the token to fence writes with."""
+        with self._lock:
+            return self._core.epoch_if_owner(shard, _clock())
+
+    def owned(self) -> dict[int, int]:
+        with self._lock:
+            return self._core.owned(_clock())
+
+    def owner_of(self, shard: int) -> Owner | None:
+        """Who owns ``shard``: exact for this node, a routing hint for the others."""
+        with self._lock:
+            mine = self._core.epoch_if_owner(shard, _clock())
+            if mine is not None:
+                return Owner(self.node.node_id, self.address, mine)
+            claim = self._view.claims.get(shard)
+            if claim is None or claim.owner == self.node.node_id:
+                return None
+            address = self._view.address(claim.owner)
+            return Owner(claim.owner, address, claim.epoch) if address else None
+
+    def members(self) -> list[NodeInfo]:
+        with self._lock:
+            return [m.info for m in self._view.members()]
+
+    @property
+    def lease(self) -> int:
+        with self._lock:
+            return self._core.lease
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _loop_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step_once()
+                self._ensure_keepalive()
+                self._cancel_stalled_watch()
+            except Exception:  # noqa: BLE001 (logged; see below)
+                # The loop is what keeps this node's ownership honest: it must not die of
+                # a bug in one step. The next step starts from the core's state again.
+                _log.exception("ownership step failed on %s", self.node.node_id)
+            self._dispatch()
+            self._stop.wait(LOOP_INTERVAL_S)
+
+    def _step_once(self) -> None:
+        with self._lock:
+            step = self._core.step(_clock())
+            self._outbox.extend(step.events)
+        # Lost shards are reported before any delete of their keys is sent.
+        self._dispatch()
+        budget_end = _clock() + STEP_BUDGET_S
+        for i, request in enumerate(step.requests):
+            if self._stop.is_set() or _clock() > budget_end:
+                self._give_up(step.requests[i:])
+                return
+            try:
+                self._execute(request)
+            except (grpc.RpcError, _EtcdRefused) as e:
+                _log.warning("%s: %s failed: %s", self.node.node_id, request, _describe(e))
+                # etcd is unreachable or slow: do not spend the budget on the rest.
+                self._give_up(step.requests[i:])
+                return
+
+    def _give_up(self, requests: list[Request]) -> None:
+        with self._lock:
+            for r in requests:
+                self._core.on_failed(r)
+
+    def _execute(self, request: Request) -> None:
+        if isinstance(request, GrantLease):
+            self._grant(request)
+        elif isinstance(request, Register):
+            self._register(request)
+        elif isinstance(request, ClaimShards):
+            self._claim(request)
+        elif isinstance(request, DeleteClaim):
+            self._delete(request)
+        else:
+            self._revoke(request.lease)
+
+    def _grant(self, request: GrantLease) -> None:
+        sent_at = _clock()
+        resp = self._leases.LeaseGrant(
+            etcdrpc.LeaseGrantRequest(TTL=request.ttl_s), RPC_TIMEOUT_S, **self._call_kw
+        )
+        if resp.error or resp.TTL <= 0:
+            raise _EtcdRefused(f"lease grant refused: {resp.error!r}")
+        with self._lock:
+            self._core.on_granted(int(resp.ID), float(resp.TTL), sent_at)
+        _log.info("%s: lease %x granted, TTL %s s", self.node.node_id, resp.ID, resp.TTL)
+
+    def _register(self, request: Register) -> None:
+        value = encode_member(self.node, self.address)
+        put = etcdrpc.PutRequest(
+            key=node_key(self.prefix, self.node.node_id).encode(), value=value, lease=request.lease
+        )
+        resp = self._kv.Put(put, RPC_TIMEOUT_S, **self._call_kw)
+        with self._lock:
+            self._core.on_registered(request.lease, int(resp.header.revision))
+
+    def _claim(self, request: ClaimShards) -> None:
+        me = self.node.node_id.encode()
+        resp = self._kv.Txn(_claim_txn(self.prefix, request, me), RPC_TIMEOUT_S, **self._call_kw)
+        won = []
+        for shard, op in zip(request.shards, resp.responses, strict=True):
+            inner = op.response_txn
+            if inner.succeeded:
+                # Read back in the same transaction: the key's create_revision is the epoch.
+                kv = inner.responses[1].response_range.kvs[0]
+                invariant(
+                    kv.value == me and kv.lease == request.lease,
+                    f"claim of shard {shard} read back {kv.value!r} under lease {kv.lease:x}",
+                )
+                won.append((shard, int(kv.create_revision)))
+        with self._lock:
+            self._outbox.extend(self._core.on_claimed(request.lease, won, _clock()))
+
+    def _delete(self, request: DeleteClaim) -> None:
+        key = shard_key(self.prefix, request.shard).encode()
+        txn = etcdrpc.TxnRequest(
+            compare=[
+                _compare_value(key, self.node.node_id.encode()),
+                _compare_create(key, request.epoch),
+            ],
+            success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))],
+        )
+        resp = self._kv.Txn(txn, RPC_TIMEOUT_S, **self._call_kw)
+        with self._lock:
+            self._core.on_deleted(request.shard, request.epoch, bool(resp.succeeded))
+
+    def _revoke(self, lease: int) -> None:
+        try:
+            self._leases.LeaseRevoke(
+                etcdrpc.LeaseRevokeRequest(ID=lease), RPC_TIMEOUT_S, **self._call_kw
+            )
+        except grpc.RpcError as e:
+            # Best effort: a lease that cannot be revoked expires on its own.
+            _log.info("%s: revoke of %x failed: %s", self.node.node_id, lease, _describe(e))
+
+    # -- keepalive --------------------------------------------------------------------
+
+    def _ensure_keepalive(self) -> None:
+        with self._lock:
+            lease = self._core.lease
+        ka = self._keepalive
+        if ka is not None and ka.lease == lease and not ka.broken_for(KEEPALIVE_RETRY_S):
+            return
+        if ka is not None:
+            ka.close()
+            self._keepalive = None
+        if lease and not self._stop.is_set():
+            self._keepalive = _KeepAliveStream(
+                self._leases,
+                lease,
+                interval_s=self._timing.keepalive_interval_s,
+                on_answer=self._on_keepalive,
+                call_kw=self._call_kw,
+                name=f"ownership-keepalive-{self.node.node_id}",
+            )
+
+    def _on_keepalive(self, lease: int, sent_at: float, ttl_s: int) -> None:
+        with self._lock:
+            self._outbox.extend(self._core.on_keepalive(lease, sent_at, float(ttl_s)))
+        self._dispatch()
+
+    # -- watch ------------------------------------------------------------------------
+
+    def _watch_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._list_then_watch()
+            except grpc.RpcError as e:
+                if not self._stop.is_set():
+                    _log.warning("%s: watch broke: %s", self.node.node_id, _describe(e))
+            except _EtcdRefused as e:
+                _log.warning("%s: watch refused: %s", self.node.node_id, e)
+            except Exception:  # noqa: BLE001 (logged)
+                # Without its watch a node cannot see shards freed: it must keep trying.
+                _log.exception("watch failed on %s", self.node.node_id)
+            with self._lock:
+                self._view.unsync()
+            self._stop.wait(WATCH_RETRY_S)
+
+    def _list_then_watch(self) -> None:
+        start, end = self.prefix.encode(), _prefix_end(self.prefix.encode())
+        listing = self._kv.Range(
+            etcdrpc.RangeRequest(key=start, range_end=end), RPC_TIMEOUT_S, **self._call_kw
+        )
+        revision = int(listing.header.revision)
+        with self._lock:
+            self._view.load(revision, [_record(kv) for kv in listing.kvs], _clock())
+        create = etcdrpc.WatchCreateRequest(key=start, range_end=end, start_revision=revision + 1)
+        done = threading.Event()
+        call = self._watch_stub.Watch(
+            _watch_requests(etcdrpc.WatchRequest(create_request=create), done), **self._call_kw
+        )
+        self._watch_heard_at = _clock()
+        self._watch_call = call
+        try:
+            if self._stop.is_set():
+                return  # close() ran before this call existed, so it could not cancel it
+            for resp in call:
+                self._watch_heard_at = _clock()
+                if resp.canceled or resp.compact_revision:
+                    raise _EtcdRefused(f"watch cancelled ({resp.cancel_reason or 'compacted'})")
+                self._apply_events(resp.events)
+        finally:
+            # Ends the request side too: etcd keeps a watch open until the client goes.
+            done.set()
+            call.cancel()
+
+    def _cancel_stalled_watch(self) -> None:
+        call = self._watch_call
+        if call is not None and _clock() - self._watch_heard_at > WATCH_STALL_S:
+            _log.warning("%s: watch silent for %s s, re-listing", self.node.node_id, WATCH_STALL_S)
+            self._watch_heard_at = _clock()
+            call.cancel()  # the watch thread sees the stream end, re-lists and watches again
+
+    def _apply_events(self, events: Any) -> None:
+        now = _clock()
+        with self._lock:
+            for ev in events:
+                key = ev.kv.key.decode(errors="replace")
+                record = None if ev.type == kv_pb2.Event.DELETE else _record(ev.kv)
+                self._view.apply(int(ev.kv.mod_revision), key, record, now)
+
+    # -- callbacks --------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Run the callbacks of queued events, in order, never two at once."""
+        with self._dispatch_lock:
+            while True:
+                with self._lock:
+                    if not self._outbox:
+                        return
+                    event = self._outbox.popleft()
+                try:
+                    if isinstance(event, Gained):
+                        _log.info(
+                            "%s gained shard %d at epoch %d",
+                            self.node.node_id,
+                            event.shard,
+                            event.epoch,
+                        )
+                        if self._on_gained:
+                            self._on_gained(event.shard, event.epoch)
+                    else:
+                        _log.info("%s lost shard %d", self.node.node_id, event.shard)
+                        if self._on_lost:
+                            self._on_lost(event.shard)
+                except Exception:  # noqa: BLE001 (logged; see below)
+                    # A broken callback must not stop ownership from being reported.
+                    _log.exception("ownership callback failed for %s", event)
+
+
+class _EtcdRefused(Exception):
+    """etcd answered, but not with what was asked (an error field, a cancelled watch)."""
+
+
+class _KeepAliveStream:
+    """One long-lived LeaseKeepAlive stream for one lease.
+
+    gRPC pulls requests from :meth:`_requests` on its own thread; the generator paces
+    them and records each send time. etcd answers in order on the stream, so the oldest
+    recorded send time belongs to the next answer.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        lease: int,
+        *,
+        interval_s: float,
+        on_answer: Callable[[int, float, int], None],
+        call_kw: dict[str, Any],
+        name: str,
+    ) -> None:
+        self.lease = lease
+        self._interval_s = interval_s
+        self._on_answer = on_answer
+        self._sent: deque[float] = deque()
+        self._sent_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._broken_at: float | None = None
+        self._call = stub.LeaseKeepAlive(self._requests(), **call_kw)
+        self._thread = threading.Thread(target=self._read, name=name, daemon=True)
+        self._thread.start()
+
+    def broken_for(self, seconds: float) -> bool:
+        at = self._broken_at
+        return at is not None and _clock() - at >= seconds
+
+    def close(self) -> None:
+        self._stop.set()
+        self._call.cancel()
+        self._thread.join(CLOSE_TIMEOUT_S)
+
+    def _requests(self) -> Iterator[Any]:
+        request = etcdrpc.LeaseKeepAliveRequest(ID=self.lease)
+        while not self._stop.is_set():
+            with self._sent_lock:
+                room = len(self._sent) < KEEPALIVE_INFLIGHT_MAX
+                if room:
+                    # Recorded before the send: etcd renews later, so this is conservative.
+                    self._sent.append(_clock())
+            if room:
+                yield request
+            self._stop.wait(self._interval_s)
+
+    def _read(self) -> None:
+        try:
+            for resp in self._call:
+                with self._sent_lock:
+                    sent_at = self._sent.popleft() if self._sent else None
+                if sent_at is not None:
+                    self._on_answer(self.lease, sent_at, int(resp.TTL))
+        except grpc.RpcError as e:
+            if not self._stop.is_set():
+                _log.warning("keepalive stream of %x broke: %s", self.lease, _describe(e))
+        finally:
+            self._broken_at = _clock()
+
+
+def _clock() -> float:
+    """Seconds on a clock that never goes back and keeps counting through a suspend.
+
+    Linux's CLOCK_MONOTONIC stops while the machine sleeps, but etcd's clock does not:
+    a node measuring its lease with it would wake up believing in an expired lease.
+    CLOCK_BOOTTIME counts the sleep too; elsewhere, fall back to the monotonic clock.
+    """
+    return time.clock_gettime(_CLOCK_ID)
+
+
+_CLOCK_ID = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _claim_txn(prefix: str, request: ClaimShards, me: bytes) -> Any:
+    """One transaction of independent conditional creates, one nested txn per shard."""
+    ops = []
+    for shard in request.shards:
+        key = shard_key(prefix, shard).encode()
+        put = etcdrpc.PutRequest(key=key, value=me, lease=request.lease)
+        inner = etcdrpc.TxnRequest(
+            compare=[_compare_create(key, 0)],
+            success=[
+                etcdrpc.RequestOp(request_put=put),
+                etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key)),
+            ],
+        )
+        ops.append(etcdrpc.RequestOp(request_txn=inner))
+    return etcdrpc.TxnRequest(success=ops)
+
+
+def _compare_create(key: bytes, revision: int) -> Any:
+    return etcdrpc.Compare(
+        key=key,
+        target=etcdrpc.Compare.CREATE,
+        result=etcdrpc.Compare.EQUAL,
+        create_revision=revision,
+    )
+
+
+def _compare_value(key: bytes, value: bytes) -> Any:
+    return etcdrpc.Compare(
+        key=key, target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL, value=value
+    )
+
+
+def _record(kv: Any) -> KeyRecord:
+    return KeyRecord(
+        kv.key.decode(errors="replace"), bytes(kv.value), int(kv.create_revision), int(kv.lease)
+    )
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (etcd's range end)."""
+    invariant(prefix and prefix[-1] < 0xFF, "prefix must end below 0xff")
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _watch_requests(create: Any, done: threading.Event) -> Iterator[Any]:
+    # A watch stream's request side: the create request, then progress requests (each
+    # answered by etcd, which proves the stream alive) until the stream is done.
+    yield create
+    progress = etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
+    while not done.wait(WATCH_PROGRESS_S):
+        yield progress
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, grpc.Call):
+        return f"{e.code().name}: {e.details()}"
+    return f"{type(e).__name__}: {e}"
