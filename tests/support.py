@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
@@ -17,7 +18,7 @@ from cassandra.query import SimpleStatement
 
 from clearing.v1 import common_pb2, payment_pb2
 from clearinghouse import demo
-from clearinghouse.client import SwitchClient
+from clearinghouse.client import SwitchClient, error_details
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.storage.session import CassandraConfig, connect
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
@@ -137,6 +138,26 @@ class SwitchEnv:
         return self.clients[zone].payments.SubmitPayment(
             payment_pb2.SubmitPaymentRequest(order=order), timeout=30
         )
+
+    def submit_until_final(
+        self, zones: list[str], order: payment_pb2.PaymentOrder, budget_s: float
+    ) -> tuple[Any, int]:
+        """Submit as a real client does: on UNAVAILABLE, retry the same order (on the next
+        zone) after the advised pause, within ``budget_s``. Returns (response, retries)."""
+        deadline = time.monotonic() + budget_s
+        retries = 0
+        while True:
+            zone = zones[retries % len(zones)]
+            try:
+                return self.submit(zone, order), retries
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if code is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                err = error_details(e)
+                pause_s = (err.retry_after_ms if err and err.retry_after_ms else 500) / 1000
+                time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+                retries += 1
 
     def get(self, zone: str, order: payment_pb2.PaymentOrder) -> Any:
         req = payment_pb2.GetPaymentRequest(
