@@ -18,17 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cassandra import DriverException
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+from cassandra.policies import WhiteListRoundRobinPolicy
+
 from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.storage import schema
-from clearinghouse.storage.session import CassandraConfig, connect
+from clearinghouse.storage.session import PROTOCOL_VERSION, CassandraConfig, connect
 from clearinghouse.topology import Topology, Zone
 from clearinghouse.topology import default_path as default_topology_path
 
 ETCD_READY_TIMEOUT_S = 60.0
 CASSANDRA_JOIN_TIMEOUT_S = 120.0
 NODETOOL_TIMEOUT_S = 30.0
+PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
 
@@ -284,6 +289,16 @@ class LocalCluster:
             logs=[n.system_log for n in running],
             progress=self.progress,
         )
+        # One node's view is not every node's: a coordinator that has not yet learned a
+        # city's data centre refuses a keyspace that names it. Wait for all views.
+        procs.wait_until(
+            "every Cassandra node to know every other node and its city",
+            lambda: all(_knows_all(n, running) for n in running),
+            timeout_s=CASSANDRA_JOIN_TIMEOUT_S,
+            procs=[n.managed for n in running],
+            logs=[n.system_log for n in running],
+            progress=self.progress,
+        )
 
     def apply_schema(self, spec: Spec | None = None) -> list[str]:
         s = spec or self.spec()
@@ -461,6 +476,32 @@ class LocalCluster:
             "cassandra_ring": ring,
             "cassandra_ring_via": ring_via,
         }
+
+
+def _knows_all(node: cassandra.CassandraNode, nodes: Sequence[cassandra.CassandraNode]) -> bool:
+    """Whether ``node``'s own peers table lists every other node with its city."""
+    profile = ExecutionProfile(
+        load_balancing_policy=WhiteListRoundRobinPolicy([node.zone.address]),
+        request_timeout=PEERS_QUERY_TIMEOUT_S,
+    )
+    cluster = Cluster(
+        [node.zone.address],
+        port=node.zone.ports.cql,
+        protocol_version=PROTOCOL_VERSION,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        connect_timeout=PEERS_QUERY_TIMEOUT_S,
+        control_connection_timeout=PEERS_QUERY_TIMEOUT_S,
+    )
+    try:
+        session = cluster.connect()
+        rows = session.execute("SELECT peer, data_center FROM system.peers_v2")
+        seen = {(str(r.peer), r.data_center) for r in rows}
+    except (DriverException, NoHostAvailable, OSError):  # not answering yet = not knowing yet
+        return False
+    finally:
+        cluster.shutdown()
+    want = {(n.zone.address, n.dc) for n in nodes if n is not node}
+    return want <= seen
 
 
 def parse_nodetool_status(text: str) -> list[dict[str, str]]:
