@@ -12,15 +12,14 @@ from typing import Any
 
 import grpc
 from cassandra import ConsistencyLevel
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
-from cassandra.policies import WhiteListRoundRobinPolicy
+from cassandra.cluster import Session
 from cassandra.query import SimpleStatement
 
 from clearing.v1 import common_pb2, payment_pb2
 from clearinghouse import demo
 from clearinghouse.client import SwitchClient, error_details
 from clearinghouse.localcluster.cluster import LocalCluster
-from clearinghouse.storage.session import CassandraConfig, connect
+from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.convert import us_to_ts
 
@@ -43,19 +42,7 @@ def session_preferring(lc: LocalCluster, city: str) -> Iterator[Session]:
 def session_on_replica(lc: LocalCluster, zone: str) -> Iterator[Session]:
     """A session that talks to one node only, so LOCAL_ONE reads that node's own replica."""
     z = lc.topo.zone(zone)
-    profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([z.address]),
-        consistency_level=ConsistencyLevel.LOCAL_ONE,
-        request_timeout=10,
-    )
-    cluster = Cluster(
-        [z.address],
-        port=z.ports.cql,
-        protocol_version=5,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        connect_timeout=5,
-    )
-    session = cluster.connect(lc.topo.keyspace.name)
+    cluster, session = connect_to_node(z.address, z.ports.cql, keyspace=lc.topo.keyspace.name)
     try:
         yield session
     finally:

@@ -27,7 +27,7 @@ import grpc
 
 from clearing.v1 import payment_pb2
 from clearinghouse import demo
-from clearinghouse.client import SwitchClient
+from clearinghouse.client import CALL_DEADLINE_S, SwitchClient
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
@@ -37,7 +37,6 @@ BATCH_CLIENTS = 6
 BATCH_SIZE = 100
 PHASE_S = 20.0
 WARMUP_S = 15.0
-CALL_DEADLINE_S = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

@@ -12,10 +12,11 @@ from typing import Any
 import grpc
 
 from clearing.v1 import admin_pb2_grpc, common_pb2, payment_pb2_grpc
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
 from clearinghouse.topology import Topology
 
+# A payment is decided within 20 s of receipt; a client waits a little longer.
 CALL_DEADLINE_S = 30.0
-ERROR_METADATA_KEY = "clearing-error-bin"
 
 
 @dataclass

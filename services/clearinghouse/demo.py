@@ -23,7 +23,7 @@ import grpc
 
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse._invariant import invariant
-from clearinghouse.client import SwitchClient, error_details
+from clearinghouse.client import CALL_DEADLINE_S, SwitchClient, error_details
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import repo_root
@@ -36,7 +36,6 @@ BANK_READY_TIMEOUT_S = 30.0
 DEMO_PAYMENTS = 600
 DEMO_BATCH_SIZE = 20
 DEMO_CLIENT_THREADS = 12
-CALL_DEADLINE_S = 30.0
 
 Progress = Callable[[str], None]
 

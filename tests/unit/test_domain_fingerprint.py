@@ -11,8 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.errors import AlreadyExists
-from clearinghouse.domain.fingerprint import canonical_bytes, check_replay, fingerprint
+from clearinghouse.domain.fingerprint import (
+    canonical_bytes,
+    check_replay,
+    fingerprint,
+    order_from_canonical_bytes,
+)
 from clearinghouse.domain.model import PaymentOrder, PaymentType
 from clearinghouse.domain.money import Money
 
@@ -145,3 +151,17 @@ def test_same_id_different_payload_is_already_exists() -> None:
     with pytest.raises(AlreadyExists, match="pay-1") as caught:
         check_replay(stored, _order(requested_at_us=FIELDS["requested_at_us"] + 1))
     assert caught.value.reason == "PAYMENT_ID_REUSED"
+
+
+@given(orders)
+def test_decoding_gives_back_the_order(order: PaymentOrder) -> None:
+    assert order_from_canonical_bytes(canonical_bytes(order)) == order
+
+
+@pytest.mark.parametrize("cut", [1, 5, 40])
+def test_truncated_or_padded_bytes_are_refused(cut: int) -> None:
+    data = canonical_bytes(_order())
+    with pytest.raises(InvariantViolation):
+        order_from_canonical_bytes(data[:-cut])
+    with pytest.raises(InvariantViolation):
+        order_from_canonical_bytes(data + b"\0")

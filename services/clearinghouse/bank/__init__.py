@@ -19,8 +19,8 @@ from clearinghouse.bank._ledger import (
     TxnRecord,
     TxnStatus,
 )
-from clearinghouse.bank._servicer import ERROR_METADATA_KEY
 from clearinghouse.bank.server import GRACE_S, BankConfig, BankServerHandle, serve
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
 
 __all__ = [
     "ERROR_METADATA_KEY",

@@ -23,12 +23,10 @@ from clearinghouse.bank._ledger import (
     TxnRecord,
     TxnStatus,
 )
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
 
 _log = logging.getLogger(__name__)
 
-# The trailing metadata key under which a failed call carries a serialized
-# clearing.v1.Error (see common.proto); "-bin" makes gRPC carry the bytes as binary.
-ERROR_METADATA_KEY = "clearing-error-bin"
 # What an outage tells the caller about when to try again, in milliseconds.
 OUTAGE_RETRY_AFTER_MS = 1_000
 # How often a hanging request looks whether its caller gave up or the server stops.

@@ -31,7 +31,12 @@ from clearinghouse.domain.errors import (
     Unavailable,
     status_for,
 )
-from clearinghouse.domain.fingerprint import canonical_bytes, check_replay, fingerprint
+from clearinghouse.domain.fingerprint import (
+    canonical_bytes,
+    check_replay,
+    fingerprint,
+    order_from_canonical_bytes,
+)
 from clearinghouse.domain.model import (
     ALLOWED_TRANSITIONS,
     Participant,
@@ -115,6 +120,7 @@ __all__ = [
     "is_supported_currency",
     "minor_exponent",
     "net_positions",
+    "order_from_canonical_bytes",
     "postings_for",
     "status_for",
     "validate_batch_size",

@@ -37,3 +37,29 @@ def text(value: str) -> bytes:
     # Strict UTF-8: a string with lone surrogates has no canonical bytes, so it is a
     # programming error to encode one (validation rejects them first).
     return blob(value.encode("utf-8", errors="strict"))
+
+
+class Reader:
+    """Reads back what the functions above wrote, in order; checks every length."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        invariant(self.pos + n <= len(self.data), "encoded value ends early")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def i64(self) -> int:
+        return int.from_bytes(self._take(8), "big", signed=True)
+
+    def blob(self) -> bytes:
+        return self._take(int.from_bytes(self._take(4), "big", signed=False))
+
+    def text(self) -> str:
+        return self.blob().decode("utf-8", errors="strict")
+
+    def done(self) -> None:
+        invariant(self.pos == len(self.data), "trailing bytes after an encoded value")

@@ -162,6 +162,11 @@ class DeadlineExceeded(ClearingError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+# The trailing metadata key under which a failed call carries a serialized
+# clearing.v1.Error (see common.proto); "-bin" makes gRPC carry the bytes as binary.
+# The switch, the banks and clients all use this one name.
+ERROR_METADATA_KEY: Final = "clearing-error-bin"
+
 STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingProxyType(
     {
         InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

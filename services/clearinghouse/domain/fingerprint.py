@@ -31,9 +31,11 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
+from clearinghouse._invariant import invariant
 from clearinghouse.domain import _codec
 from clearinghouse.domain.errors import AlreadyExists
-from clearinghouse.domain.model import PaymentOrder
+from clearinghouse.domain.model import PaymentOrder, PaymentType
+from clearinghouse.domain.money import Money
 
 FINGERPRINT_TAG: Final = b"clearing.PaymentOrder.v1"
 
@@ -54,6 +56,29 @@ def canonical_bytes(order: PaymentOrder) -> bytes:
             _codec.text(order.memo),
             _codec.i64(order.requested_at_us),
         )
+    )
+
+
+def order_from_canonical_bytes(data: bytes) -> PaymentOrder:
+    """The inverse of :func:`canonical_bytes`: stores keep the order as its canonical bytes."""
+    r = _codec.Reader(data)
+    tag = r.blob()
+    invariant(tag == FINGERPRINT_TAG, f"not a version-1 payment order encoding: {tag[:32]!r}")
+    payment_id, institution_id, kind, payer, payee, account = (r.text() for _ in range(6))
+    amount = r.i64()
+    currency, memo = r.text(), r.text()
+    requested_at_us = r.i64()
+    r.done()
+    return PaymentOrder(
+        payment_id=payment_id,
+        institution_id=institution_id,
+        type=PaymentType(kind),
+        payer_id=payer,
+        payee_id=payee,
+        bank_account=account,
+        amount=Money(amount, currency),
+        memo=memo,
+        requested_at_us=requested_at_us,
     )
 
 

@@ -14,19 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cassandra import DriverException
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
-from cassandra.policies import WhiteListRoundRobinPolicy
+from cassandra.cluster import NoHostAvailable
 
 from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.storage import schema
-from clearinghouse.storage.session import PROTOCOL_VERSION, CassandraConfig, connect
+from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.topology import Topology, Zone
 from clearinghouse.topology import default_path as default_topology_path
 
@@ -59,7 +58,6 @@ class Component:
     kind: str
     zone: Zone
     managed: Managed
-    logs: tuple[Any, ...] = field(default=())
 
     @property
     def label(self) -> str:
@@ -96,11 +94,8 @@ class LocalCluster:
         return cassandra.nodes(self.topo, self.paths, s.cassandra_nodes)
 
     def components(self, spec: Spec | None = None) -> list[Component]:
-        out = [Component("etcd", m.zone, m.managed, (m.managed.log,)) for m in self.etcd_members()]
-        out += [
-            Component("cassandra", n.zone, n.managed, (n.managed.log, n.system_log))
-            for n in self.cassandra_nodes(spec)
-        ]
+        out = [Component("etcd", m.zone, m.managed) for m in self.etcd_members()]
+        out += [Component("cassandra", n.zone, n.managed) for n in self.cassandra_nodes(spec)]
         out += [Component("switch", z, self.switch_managed(z)) for z in self.topo.zones]
         return out
 
@@ -480,23 +475,16 @@ class LocalCluster:
 
 def _knows_all(node: cassandra.CassandraNode, nodes: Sequence[cassandra.CassandraNode]) -> bool:
     """Whether ``node``'s own peers table lists every other node with its city."""
-    profile = ExecutionProfile(
-        load_balancing_policy=WhiteListRoundRobinPolicy([node.zone.address]),
-        request_timeout=PEERS_QUERY_TIMEOUT_S,
-    )
-    cluster = Cluster(
-        [node.zone.address],
-        port=node.zone.ports.cql,
-        protocol_version=PROTOCOL_VERSION,
-        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        connect_timeout=PEERS_QUERY_TIMEOUT_S,
-        control_connection_timeout=PEERS_QUERY_TIMEOUT_S,
-    )
     try:
-        session = cluster.connect()
+        cluster, session = connect_to_node(
+            node.zone.address, node.zone.ports.cql, timeout_s=PEERS_QUERY_TIMEOUT_S
+        )
+    except (DriverException, NoHostAvailable, OSError):  # not answering yet = not knowing yet
+        return False
+    try:
         rows = session.execute("SELECT peer, data_center FROM system.peers_v2")
         seen = {(str(r.peer), r.data_center) for r in rows}
-    except (DriverException, NoHostAvailable, OSError):  # not answering yet = not knowing yet
+    except (DriverException, NoHostAvailable, OSError):
         return False
     finally:
         cluster.shutdown()

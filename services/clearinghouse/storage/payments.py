@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import builtins
-import struct
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,13 +21,11 @@ from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
     FieldViolation,
     InvalidArgument,
-    Money,
     PaymentEvent,
-    PaymentOrder,
     PaymentState,
-    PaymentType,
     Posting,
     canonical_bytes,
+    order_from_canonical_bytes,
 )
 from clearinghouse.storage.retry import with_retries
 from clearinghouse.switch.ports import OwedReversal, Page
@@ -240,7 +237,7 @@ def _record_from_rows(rows: Sequence[Any]) -> PaymentRecord | None:
         for r in rows
     )
     return PaymentRecord(
-        order=decode_order(first.order_bytes),
+        order=order_from_canonical_bytes(first.order_bytes),
         fingerprint=first.fingerprint,
         attempt_id=first.attempt_id,
         shard=first.shard,
@@ -249,39 +246,6 @@ def _record_from_rows(rows: Sequence[Any]) -> PaymentRecord | None:
         received_zone=first.zone,
         steps=steps,
     )
-
-
-def decode_order(data: bytes) -> PaymentOrder:
-    """Inverse of the domain's canonical encoding (version 1)."""
-    pos = 0
-
-    def lp() -> bytes:
-        nonlocal pos
-        (n,) = struct.unpack_from(">I", data, pos)
-        pos += 4
-        out = data[pos : pos + n]
-        pos += n
-        return out
-
-    def i64() -> int:
-        nonlocal pos
-        (v,) = struct.unpack_from(">q", data, pos)
-        pos += 8
-        return int(v)
-
-    tag = lp()
-    invariant(tag == b"clearing.PaymentOrder.v1", f"unknown order encoding {tag!r}")
-    payment_id, institution_id, kind, payer, payee, account = (lp().decode() for _ in range(6))
-    amount = i64()
-    currency = lp().decode()
-    memo = lp().decode()
-    requested = i64()
-    invariant(pos == len(data), "trailing bytes after an encoded order")
-    return PaymentOrder(
-        payment_id=payment_id, institution_id=institution_id, type=PaymentType(kind),
-        payer_id=payer, payee_id=payee, bank_account=account,
-        amount=Money(amount, currency), memo=memo, requested_at_us=requested,
-    )  # fmt: skip
 
 
 def _encode_token(at_us: int, payment_id: str) -> str:
@@ -298,4 +262,4 @@ def _decode_token(token: str) -> tuple[int, str]:
         ) from e
 
 
-__all__ = ["CassandraPaymentStore", "day_of", "decode_order"]
+__all__ = ["CassandraPaymentStore", "day_of"]

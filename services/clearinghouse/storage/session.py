@@ -17,6 +17,7 @@ from cassandra.policies import (
     ConstantReconnectionPolicy,
     DCAwareRoundRobinPolicy,
     TokenAwarePolicy,
+    WhiteListRoundRobinPolicy,
 )
 
 from clearinghouse.topology import Topology
@@ -85,3 +86,36 @@ def connect(cfg: CassandraConfig) -> tuple[Cluster, Session]:
     )
     session = cluster.connect(cfg.keyspace)
     return cluster, session
+
+
+def connect_to_node(
+    address: str,
+    port: int,
+    *,
+    consistency: str = "LOCAL_ONE",
+    keyspace: str | None = None,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> tuple[Cluster, Session]:
+    """A session that talks to one node only: what that node itself knows or stores.
+
+    For operators and tests (is this city's replica caught up? does this node know every
+    other?), never for the payment path, which must fall back to other cities.
+    """
+    profile = ExecutionProfile(
+        load_balancing_policy=WhiteListRoundRobinPolicy([address]),
+        consistency_level=consistency_level(consistency),
+        request_timeout=timeout_s,
+    )
+    cluster = Cluster(
+        [address],
+        port=port,
+        protocol_version=PROTOCOL_VERSION,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        connect_timeout=timeout_s,
+        control_connection_timeout=timeout_s,
+    )
+    try:
+        return cluster, cluster.connect(keyspace)
+    except Exception:
+        cluster.shutdown()
+        raise

@@ -25,12 +25,11 @@ from clearinghouse.domain import (
     status_for,
     validate_batch_size,
 )
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
 from clearinghouse.switch import convert
 from clearinghouse.switch.processor import PaymentProcessor
 
 log = logging.getLogger(__name__)
-
-ERROR_METADATA_KEY = "clearing-error-bin"
 
 
 @contextmanager
