@@ -2,30 +2,36 @@
 
 * :class:`FakeClock` reads integer microseconds and only moves when told to;
   :meth:`FakeClock.sleep` advances it instead of sleeping.
-* :class:`FakePaymentStore` keeps records in a dict. ``begin`` is atomic like
-  Cassandra's conditional insert; ``decide`` writes the decision step and the postings
-  together. Any method can be told to raise ``Unavailable`` on its next calls, with or
-  without its write landing first (a write that timed out but applied).
+* :class:`FakePaymentStore` keeps records in a dict, as the shard owner's store does in
+  memory: ``begin`` of an existing id returns it (``won`` False) and writes nothing;
+  ``decide`` writes the decision step and the postings together and returns the decided
+  record, and a second decision leaves the first one standing; ``abandon`` hands a
+  payment left undecided to ``on_unresolved``. Any method can be told to raise
+  ``Unavailable`` on its next calls, with or without its write landing first (a write
+  that was stored but not acknowledged).
+* :class:`FakeLedger` is the shard ledger (:class:`~clearinghouse.switch.ports.LedgerStore`)
+  as Cassandra holds it: fences per shard, seals, entries per (shard, epoch), a commit
+  that stores every entry and then reports, per shard, whether the shard's highest fence
+  is still the writer's epoch. A commit can be made to fail, or to let something happen
+  between its write and its fence check.
 * :class:`FakeBank` keeps a ledger per ``switch_ref``, answers from a script per
   reference (or a default), and spends the caller's deadline on the fake clock whenever
   it does not answer.
 
 The fakes check their callers' obvious mistakes with ``invariant`` and count every call,
-so tests can assert on exactly what the processor did.
+so tests can assert on exactly what the code under test did.
 """
 
 from __future__ import annotations
 
 import enum
-import uuid
-from collections import Counter
+import threading
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
-    FieldViolation,
-    InvalidArgument,
     Participant,
     PaymentEvent,
     PaymentOrder,
@@ -35,7 +41,16 @@ from clearinghouse.domain import (
     Unavailable,
     fingerprint,
 )
-from clearinghouse.switch.ports import BankAnswer, BankOutcome, BankTransfer, OwedReversal, Page
+from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.switch.ports import (
+    BankAnswer,
+    BankOutcome,
+    BankTransfer,
+    IndexRow,
+    OwedReversal,
+    Seal,
+    ShardWrite,
+)
 from clearinghouse.switch.records import (
     STEP_DECIDED,
     STEP_RECEIVED,
@@ -77,7 +92,15 @@ def _advance(clock: FakeClock | None, seconds: float) -> None:
         clock.advance(seconds)
 
 
-# -- storage ---------------------------------------------------------------------------
+def _storage_down(what: str) -> Unavailable:
+    return Unavailable(
+        f"fake storage lost quorum during {what}",
+        retry_after_ms=OUTAGE_RETRY_AFTER_MS,
+        reason=Unavailable.STORAGE_QUORUM_LOST,
+    )
+
+
+# -- the payment store -----------------------------------------------------------------
 
 
 class FakePaymentStore:
@@ -85,8 +108,11 @@ class FakePaymentStore:
 
     ``records`` maps (institution_id, payment_id) to the stored record; ``postings`` is
     every posting written, in order; ``decisions`` every (payment_key, step) that
-    ``decide`` wrote, in order; ``calls`` counts calls per method, failed ones included.
-    ``latency_s[method]`` advances the clock on each call of ``method``.
+    ``decide`` wrote, in order; ``abandoned`` every record passed to ``abandon``;
+    ``unresolved`` what ``abandon`` handed on (through ``on_unresolved``, replaceable as
+    on the real store); ``calls`` counts calls per method, failed ones included.
+    ``latency_s[method]`` advances the clock on each call of ``method``. Each stored
+    change gets the next ``ledger_seq`` of its shard, as the shard's chain would.
     """
 
     def __init__(self, clock: FakeClock | None = None) -> None:
@@ -95,11 +121,15 @@ class FakePaymentStore:
         self.decisions: list[tuple[str, StepRecord]] = []
         self.owed: list[OwedReversal] = []
         self.confirmed: dict[str, int] = {}
+        self.abandoned: list[PaymentRecord] = []
+        self.unresolved: list[PaymentRecord] = []
+        self.on_unresolved: Callable[[PaymentRecord], None] = self.unresolved.append
         self.calls: Counter[str] = Counter()
         self.latency_s: dict[str, float] = {}
         self._clock = clock
+        self._seqs: Counter[int] = Counter()
         # Per method, one entry per pending outage: whether the write lands before the
-        # error (as when a write times out on the client after the replicas applied it).
+        # error (it was stored, but its acknowledgement never came).
         self._outages: dict[str, list[bool]] = {}
         self._slip_in: PaymentRecord | None = None
 
@@ -110,9 +140,12 @@ class FakePaymentStore:
 
         With ``applied``, a write (``begin``, ``decide``) takes effect before the error.
         """
-        invariant(method in ("load", "begin", "decide", "list"), f"no method {method!r}")
+        invariant(method in ("load", "begin", "decide"), f"no method {method!r}")
         invariant(times > 0, "times must be positive")
         self._outages.setdefault(method, []).extend([applied] * times)
+
+    def clear_outages(self) -> None:
+        self._outages.clear()
 
     def slip_in_before_next_begin(self, record: PaymentRecord) -> None:
         """Store ``record`` just before the next ``begin`` runs: another attempt won."""
@@ -121,11 +154,16 @@ class FakePaymentStore:
     def postings_of(self, key: str) -> list[Posting]:
         return [p for p in self.postings if p.payment_key == key]
 
+    def undecided(self) -> list[PaymentRecord]:
+        """What a new owner of the shards would hand to the resolver at takeover."""
+        return [r for r in self.records.values() if not r.is_final]
+
     # -- the port ----------------------------------------------------------------------
 
     def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None:
         self._enter("load")
-        self._maybe_fail("load")
+        if self._pending_outage("load") is not None:
+            raise _storage_down("load")
         return self.records.get((institution_id, payment_id))
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
@@ -134,20 +172,22 @@ class FakePaymentStore:
             [s.step for s in record.steps] == [STEP_RECEIVED, STEP_ROUTED],
             f"{record.key}: begin writes exactly the RECEIVED and ROUTED steps",
         )
+        invariant(record.ledger_seq == 0, f"{record.key}: a new payment has no ledger entry")
         if self._slip_in is not None:
             other, self._slip_in = self._slip_in, None
             self.records.setdefault(_key_of(other), other)
         fail_applied = self._pending_outage("begin")
         if fail_applied is False:
-            self._raise("begin")
+            raise _storage_down("begin")
         key = _key_of(record)
         stored = self.records.get(key)
+        won = stored is None
         if stored is None:
-            self.records[key] = record
-            stored = record
+            stored = replace(record, ledger_seq=self._next_seq(record.shard))
+            self.records[key] = stored
         if fail_applied:
-            self._raise("begin")
-        return stored, stored.attempt_id == record.attempt_id
+            raise _storage_down("begin")
+        return stored, won
 
     def decide(
         self,
@@ -156,54 +196,46 @@ class FakePaymentStore:
         postings: Sequence[Posting],
         *,
         reversal_owed: bool = False,
-    ) -> None:
+    ) -> PaymentRecord:
         self._enter("decide")
         key = _key_of(record)
         stored = self.records.get(key)
         invariant(stored is not None, f"{record.key}: decided before it was begun")
         assert stored is not None
         invariant(
+            step.step == STEP_DECIDED and step.event.state.is_final,
+            f"{record.key}: a decision is a final DECIDED step, not {step}",
+        )
+        invariant(
             all(p.payment_key == record.key for p in postings),
             f"{record.key}: postings of another payment",
         )
         fail_applied = self._pending_outage("decide")
         if fail_applied is False:
-            self._raise("decide")
-        # As in Cassandra, a second decision overwrites the row of the first.
-        self.records[key] = stored.with_step(step)
-        self.postings.extend(postings)
-        self.decisions.append((record.key, step))
-        if reversal_owed:
-            self.owed.append(OwedReversal(record.key, record.bank_id, record.switch_ref, 0))
+            raise _storage_down("decide")
+        if not stored.is_final:  # a second decision never replaces the first
+            stored = replace(stored.with_step(step), ledger_seq=self._next_seq(stored.shard))
+            self.records[key] = stored
+            self.postings.extend(postings)
+            self.decisions.append((record.key, step))
+            if reversal_owed:
+                self.owed.append(OwedReversal(record.key, record.bank_id, record.switch_ref, 0))
         if fail_applied:
-            self._raise("decide")
+            raise _storage_down("decide")
+        return stored
+
+    def abandon(self, record: PaymentRecord) -> None:
+        self._enter("abandon")
+        self.abandoned.append(record)
+        stored = self.records.get(_key_of(record))
+        if stored is not None and not stored.is_final:
+            self.on_unresolved(stored)
 
     def owed_reversals(self, limit: int) -> list[OwedReversal]:
         return [o for o in self.owed if o.payment_key not in self.confirmed][:limit]
 
     def confirm_reversal(self, owed: OwedReversal, at_us: int) -> None:
         self.confirmed[owed.payment_key] = at_us
-
-    def list(
-        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
-    ) -> Page:
-        self._enter("list")
-        self._maybe_fail("list")
-        invariant(page_size > 0, f"page_size {page_size} must be positive")
-        rows = sorted(
-            (
-                r
-                for (inst, _), r in self.records.items()
-                if inst == institution_id and start_us <= r.received_at_us < end_us
-            ),
-            key=_list_key,
-        )
-        if page_token:
-            after = _decode_token(page_token)
-            rows = [r for r in rows if _list_key(r) > after]
-        page = rows[:page_size]
-        more = len(rows) > page_size
-        return Page(page, _encode_token(*_list_key(page[-1])) if more else "")
 
     # -- internals ---------------------------------------------------------------------
 
@@ -215,36 +247,13 @@ class FakePaymentStore:
         queue = self._outages.get(method)
         return queue.pop(0) if queue else None
 
-    def _maybe_fail(self, method: str) -> None:
-        if self._pending_outage(method) is not None:
-            self._raise(method)
-
-    @staticmethod
-    def _raise(method: str) -> None:
-        raise Unavailable(
-            f"fake storage lost quorum during {method}",
-            retry_after_ms=OUTAGE_RETRY_AFTER_MS,
-            reason=Unavailable.STORAGE_QUORUM_LOST,
-        )
+    def _next_seq(self, shard: int) -> int:
+        self._seqs[shard] += 1
+        return self._seqs[shard]
 
 
 def _key_of(record: PaymentRecord) -> tuple[str, str]:
     return record.order.institution_id, record.order.payment_id
-
-
-def _list_key(record: PaymentRecord) -> tuple[int, str]:
-    return record.received_at_us, record.order.payment_id
-
-
-def _encode_token(at_us: int, payment_id: str) -> str:
-    return f"{at_us}|{payment_id}"
-
-
-def _decode_token(token: str) -> tuple[int, str]:
-    at, sep, payment_id = token.partition("|")
-    if not sep or not at.isdigit():
-        raise InvalidArgument([FieldViolation("page_token", "not a token this switch issued")])
-    return int(at), payment_id
 
 
 def begun_record(
@@ -252,17 +261,15 @@ def begun_record(
     *,
     at_us: int,
     zone: str,
-    attempt_id: uuid.UUID | None = None,
     decided: PaymentState | None = None,
     bank_ref: str = "",
 ) -> PaymentRecord:
-    """The record an attempt in ``zone`` writes with ``begin`` at ``at_us``, as the
+    """The record an attempt in ``zone`` passes to ``begin`` at ``at_us``, as the
     processor builds it; with ``decided``, also the decision that attempt wrote."""
     bank_id = order.payer_id if order.type is PaymentType.DEBIT else order.payee_id
     rec = PaymentRecord(
         order=order,
         fingerprint=fingerprint(order),
-        attempt_id=attempt_id or uuid.uuid4(),
         shard=shard_of(order.institution_id, order.payment_id),
         switch_ref=switch_ref_for(order.institution_id, order.payment_id),
         bank_id=bank_id,
@@ -279,6 +286,157 @@ def begun_record(
             StepRecord(STEP_DECIDED, PaymentEvent(decided, at_us, zone, ""), bank_ref)
         )
     return rec
+
+
+# -- the shard ledger ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """One shard's part of a group commit as the fake ledger saw it."""
+
+    write: ShardWrite
+    acknowledged: bool
+
+
+class FakeLedger:
+    """An in-memory :class:`~clearinghouse.switch.ports.LedgerStore`, safe across threads.
+
+    ``fences[shard]`` maps each fenced epoch to the node that raised it; ``rows[(shard,
+    epoch)]`` maps seq to entry; ``index_rows`` is every time-index row written;
+    ``commits`` every shard write with whether it was acknowledged. ``entries`` reads a
+    partition as Cassandra's reader does: from a seq on, as long as seqs are contiguous.
+
+    ``commit`` stores every write, then (unless a failure was injected) runs
+    ``between_write_and_check`` if set, then reads the fences: a shard's commit is
+    acknowledged only if its highest fence is still the writer's epoch.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fences: defaultdict[int, dict[int, str]] = defaultdict(dict)
+        self._seals: defaultdict[int, dict[int, Seal]] = defaultdict(dict)
+        self.rows: defaultdict[tuple[int, int], dict[int, LedgerEntry]] = defaultdict(dict)
+        self.index_rows: list[IndexRow] = []
+        self.commits: list[CommitRecord] = []
+        self.calls: Counter[str] = Counter()
+        self.between_write_and_check: Callable[[Sequence[ShardWrite]], None] | None = None
+        self._commit_failures: list[tuple[bool, int | None]] = []
+        self._failures: Counter[str] = Counter()
+
+    # -- test controls -----------------------------------------------------------------
+
+    def fail_next(self, method: str, times: int = 1) -> None:
+        """The next ``times`` calls of a takeover method raise ``Unavailable``."""
+        invariant(method in ("fence", "seals", "write_seal", "entries"), f"no method {method!r}")
+        with self._lock:
+            self._failures[method] += times
+
+    def fail_next_commit(
+        self, times: int = 1, *, applied: bool = False, shard: int | None = None
+    ) -> None:
+        """The next ``times`` commits (that write ``shard``, if given) raise
+        ``Unavailable``; with ``applied``, after their entries were stored (a write that
+        landed but was never acknowledged)."""
+        with self._lock:
+            self._commit_failures.extend([(applied, shard)] * times)
+
+    def max_fence(self, shard: int) -> int:
+        with self._lock:
+            return max(self.fences[shard], default=0)
+
+    def partition(self, shard: int, epoch: int) -> list[LedgerEntry]:
+        """Every entry stored in the (shard, epoch) partition, holes and all, by seq."""
+        with self._lock:
+            part = self.rows[(shard, epoch)]
+            return [part[s] for s in sorted(part)]
+
+    def tamper(self, shard: int, epoch: int, seq: int, body: bytes) -> None:
+        """Change a stored entry's body behind its hash, as corruption would."""
+        with self._lock:
+            e = self.rows[(shard, epoch)][seq]
+            self.rows[(shard, epoch)][seq] = replace(e, body=body)
+
+    # -- the port ----------------------------------------------------------------------
+
+    def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None:
+        with self._lock:
+            self._enter("fence")
+            invariant(epoch > 0, f"shard {shard}: epochs start at 1, not {epoch}")
+            invariant(
+                self.fences[shard].get(epoch, node_id) == node_id,
+                f"shard {shard}: epoch {epoch} fenced by two nodes",
+            )
+            self.fences[shard][epoch] = node_id
+
+    def seals(self, shard: int) -> list[Seal]:
+        with self._lock:
+            self._enter("seals")
+            return list(self._seals[shard].values())
+
+    def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None:
+        with self._lock:
+            self._enter("write_seal")
+            invariant(
+                self.fences[seal.shard].get(seal.epoch) == node_id,
+                f"shard {seal.shard}: seal of epoch {seal.epoch} before its fence",
+            )
+            self._seals[seal.shard][seal.epoch] = seal
+
+    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
+        with self._lock:
+            self._enter("entries")
+            part = self.rows[(shard, epoch)]
+            out: list[LedgerEntry] = []
+            seq = from_seq
+            while seq in part:
+                out.append(part[seq])
+                seq += 1
+            return out
+
+    def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
+        with self._lock:
+            self.calls["commit"] += 1
+            failure = self._pending_commit_failure({w.shard for w in writes})
+            if failure is False:
+                raise _storage_down("commit")
+            for w in writes:
+                part = self.rows[(w.shard, w.epoch)]
+                for e in w.entries:
+                    invariant(
+                        (e.shard, e.epoch) == (w.shard, w.epoch),
+                        f"entry of shard {e.shard} epoch {e.epoch} in the write of "
+                        f"shard {w.shard} epoch {w.epoch}",
+                    )
+                    invariant(
+                        part.get(e.seq, e) == e,
+                        f"shard {w.shard} epoch {w.epoch}: seq {e.seq} written twice",
+                    )
+                    part[e.seq] = e
+                self.index_rows.extend(w.index_rows)
+            if failure:
+                raise _storage_down("commit")
+        if self.between_write_and_check is not None:
+            self.between_write_and_check(writes)
+        with self._lock:
+            acked = {w.shard: max(self.fences[w.shard], default=0) == w.epoch for w in writes}
+            self.commits += [CommitRecord(w, acked[w.shard]) for w in writes]
+            return acked
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _pending_commit_failure(self, shards: set[int]) -> bool | None:  # with the lock held
+        for i, (applied, shard) in enumerate(self._commit_failures):
+            if shard is None or shard in shards:
+                del self._commit_failures[i]
+                return applied
+        return None
+
+    def _enter(self, method: str) -> None:  # with the lock held
+        self.calls[method] += 1
+        if self._failures[method] > 0:
+            self._failures[method] -= 1
+            raise _storage_down(method)
 
 
 # -- bank ------------------------------------------------------------------------------
@@ -434,8 +592,10 @@ __all__ = [
     "REVERSED_BEFORE_ARRIVAL",
     "START_US",
     "BankCall",
+    "CommitRecord",
     "FakeBank",
     "FakeClock",
+    "FakeLedger",
     "FakePaymentStore",
     "Reply",
     "begun_record",

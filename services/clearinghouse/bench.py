@@ -2,10 +2,12 @@
 
 Every payment counted was acknowledged with a final state, which the switch returns only
 after writing it at QUORUM (two cities). Phases: single submissions from concurrent
-clients; batches; then single submissions paced at half the measured single rate, for
-the latency a lightly loaded switch gives. CPU seconds per 1,000 payments come from
-/proc for every process kind (Cassandra, etcd, switch, bank, and this load generator),
-and resident memory is summed over all of them.
+clients to every zone (most are forwarded to their shard's owner); the same with each
+payment sent straight to its shard's owner, to price the forwarding hop; batches;
+then single submissions paced at half the measured single rate, for the latency a
+lightly loaded switch gives. CPU seconds per 1,000 payments come from /proc for every
+process kind (Cassandra, etcd, switch, bank, and this load generator), and resident
+memory is summed over all of them.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pyetcd
 
 from clearing.v1 import payment_pb2
 from clearinghouse import demo
 from clearinghouse.client import CALL_DEADLINE_S, SwitchClient
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.ownership.view import KEY_PREFIX, shard_key
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
+from clearinghouse.switch.records import shard_of
 
 SINGLE_CLIENTS = 48
 BATCH_CLIENTS = 6
@@ -41,8 +46,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 DURABILITY = (
-    "acknowledged = decision and postings written at QUORUM (2 of 3 cities), "
-    "commit log synced before each replica acknowledges (commitlog_sync: batch)"
+    "acknowledged = the decision entry (with its postings) appended to its shard's chain "
+    "at QUORUM (2 of 3 cities) and fenced, commit log synced before each replica "
+    "acknowledges (commitlog_sync: batch)"
 )
 
 Progress = Callable[[str], None]
@@ -92,6 +98,19 @@ def _cpu_and_rss(lc: LocalCluster) -> tuple[dict[str, float], int]:
     return cpu, rss
 
 
+def _shard_owners(lc: LocalCluster) -> dict[int, str]:
+    """Shard -> owning zone, read once from etcd (ownership is stable during a bench)."""
+    z = lc.topo.etcd_zones()[0]
+    client = pyetcd.client(host=z.address, port=z.ports.etcd_client, timeout=5)
+    try:
+        return {
+            int(meta.key.decode().rsplit("/", 1)[1]): value.decode()
+            for value, meta in client.get_prefix(shard_key(KEY_PREFIX, 0)[:-1])
+        }
+    finally:
+        client.close()
+
+
 def _orders(parts: dict[str, Any], n: int) -> list[payment_pb2.PaymentOrder]:
     return demo.make_orders(parts, n, f"b{uuid.uuid4().hex[:10]}")
 
@@ -122,10 +141,18 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     time.sleep(REGISTRY_REFRESH_S * 1.5)
     lock = threading.Lock()
 
-    def single_worker(ph: Phase, stop: threading.Event, i: int, pace_s: float) -> None:
+    by_zone = {c.zone: c for c in clients}
+    owners: dict[int, str] = {}
+
+    def single_worker(
+        ph: Phase, stop: threading.Event, i: int, pace_s: float, to_owner: bool = False
+    ) -> None:
         c = clients[i % len(clients)]
         while not stop.is_set():
             (o,) = _orders(parts, 1)
+            if to_owner:
+                # As a client that knows the ownership map: straight to the shard's owner.
+                c = by_zone.get(owners.get(shard_of(o.institution_id, o.payment_id), ""), c)
             t = time.monotonic()
             try:
                 c.payments.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=o),
@@ -179,6 +206,11 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     progress(f"phase single: {SINGLE_CLIENTS} clients, {seconds:.0f}s")
     single = _run_phase(lc, "single", pool_run(SINGLE_CLIENTS, single_worker, 0.0), seconds)
     results.append(single.summary())
+    progress(f"  {results[-1]}")
+    owners.update(_shard_owners(lc))
+    progress(f"phase single, each payment sent to its shard's owner: {seconds:.0f}s")
+    direct = pool_run(SINGLE_CLIENTS, single_worker, 0.0, True)
+    results.append(_run_phase(lc, "single_to_owner", direct, seconds).summary())
     progress(f"  {results[-1]}")
     progress(f"phase batched: {BATCH_CLIENTS} clients x batches of {BATCH_SIZE}, {seconds:.0f}s")
     results.append(

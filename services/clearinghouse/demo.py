@@ -24,11 +24,12 @@ import grpc
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse._invariant import invariant
 from clearinghouse.client import CALL_DEADLINE_S, SwitchClient, error_details
+from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import repo_root
-from clearinghouse.storage.payments import day_of
-from clearinghouse.storage.session import CassandraConfig, connect
+from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.session import CassandraConfig, connect, consistency_level
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.convert import us_to_ts
 
@@ -184,31 +185,17 @@ def send_burst(
         return [o for f in futs for o in f.result()]
 
 
-def ledger_totals(
-    lc: LocalCluster, parts: dict[str, Any], day: int
-) -> dict[tuple[str, str], tuple[int, int]]:
+def ledger_totals(lc: LocalCluster) -> LedgerSummary:
+    """Every shard's chain read back at QUORUM and verified, summarised."""
     nodes = lc.cassandra_nodes()
     cfg = CassandraConfig.from_topology(
         lc.topo, nodes[0].dc, [n.zone.address for n in nodes], lc.topo.keyspace.name
     )
     cluster, session = connect(cfg)
-    totals: dict[tuple[str, str], tuple[int, int]] = {}
     try:
-        for p in [*parts["institutions"], *parts["banks"]]:
-            for ccy in p["currencies"]:
-                rows = session.execute(
-                    "SELECT debit_minor, credit_minor FROM postings "
-                    "WHERE participant_id = %s AND currency = %s AND day = %s",
-                    (p["participant_id"], ccy, day),
-                )
-                d = c = 0
-                for r in rows:
-                    d += r.debit_minor
-                    c += r.credit_minor
-                totals[(p["participant_id"], ccy)] = (d, c)
+        return read_ledger(CassandraLedger(session, consistency_level(cfg.consistency)))
     finally:
         cluster.shutdown()
-    return totals
 
 
 def run(
@@ -242,13 +229,16 @@ def run(
     progress(
         "by zone:  " + ", ".join(f"{z} {n / elapsed:.0f}/s" for z, n in sorted(by_zone.items()))
     )
-    totals = ledger_totals(lc, parts, day_of(time.time_ns() // 1000))
-    progress("\nledger today (postings read back at QUORUM), net = debits - credits:")
+    summary = ledger_totals(lc)
+    progress(
+        f"\nledger (every shard's hash chain read back at QUORUM and verified: "
+        f"{summary.entries} entries in {summary.shards_with_entries} shards), "
+        "all time, net = debits - credits:"
+    )
     progress(f"  {'PARTICIPANT':<14}{'CCY':<5}{'DEBITS':>16}{'CREDITS':>16}{'NET':>16}")
-    net_by_ccy: Counter[str] = Counter()
-    for (pid, ccy), (debits, credits) in sorted(totals.items()):
-        net_by_ccy[ccy] += debits - credits
+    for (pid, ccy), (debits, credits) in sorted(summary.totals.items()):
         progress(f"  {pid:<14}{ccy:<5}{debits:>16,}{credits:>16,}{debits - credits:>16,}")
+    net_by_ccy = summary.net_by_currency()
     for ccy, net in net_by_ccy.items():
         invariant(net == 0, f"net positions in {ccy} sum to {net}, not zero")
     progress(
@@ -256,4 +246,5 @@ def run(
         + ", ".join(f"{c} {n}" for c, n in sorted(net_by_ccy.items()))
     )
     progress("\nstop everything with: make down")
+    totals = {k: (v[0], v[1]) for k, v in summary.totals.items()}
     return {"by_state": dict(by_state), "elapsed_s": elapsed, "totals": totals}

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import pytest
 from cassandra import ConsistencyLevel
-from cassandra.query import SimpleStatement
 
 from clearing.v1 import common_pb2
+from clearinghouse._invariant import InvariantViolation
+from clearinghouse.ledger_view import read_ledger
 from clearinghouse.localcluster import etcd as etcd_mod
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.switch.records import payment_key
 from tests.support import (
     SwitchEnv,
     eventually,
@@ -107,19 +110,15 @@ def test_payments_go_on_through_the_other_cities_and_the_lost_city_catches_up(
         env.lc.start(lost)
 
     def replica_has_all() -> bool:
+        # The lost city's own replica alone (LOCAL_ONE) holds every shard chain with the
+        # decision of every payment acknowledged while it was down.
         with session_on_replica(env.lc, lost_zone) as r:
-            return all(
-                r.execute(
-                    SimpleStatement(
-                        "SELECT state FROM payment_events WHERE institution_id = %s "
-                        "AND payment_id = %s AND step = 2",
-                        consistency_level=ConsistencyLevel.LOCAL_ONE,
-                    ),
-                    (o.institution_id, o.payment_id),
-                ).one()
-                is not None
-                for o in orders
-            )
+            try:
+                ledger = read_ledger(CassandraLedger(r, ConsistencyLevel.LOCAL_ONE))
+            except InvariantViolation:
+                return False  # a chain not yet complete on this replica
+            keys = [payment_key(o.institution_id, o.payment_id) for o in orders]
+            return all(k in ledger.decided for k in keys)
 
     assert eventually(replica_has_all, HINT_REPLAY_TIMEOUT_S, every_s=3), (
         f"{lost}'s own replica lacks payments acknowledged while it was down"

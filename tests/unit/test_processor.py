@@ -8,7 +8,6 @@ the time bounds are checked exactly and the file runs in well under a second per
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from clearinghouse.domain import (
     ParticipantKind,
     ParticipantStatus,
     ParticipantSuspended,
+    PaymentEvent,
     PaymentOrder,
     PaymentState,
     PaymentType,
@@ -40,11 +40,10 @@ from clearinghouse.switch.ports import BankAnswer, BankTransfer
 from clearinghouse.switch.processor import (
     BANK_TRANSFER_DEADLINE_S,
     DECISION_BOUND_S,
+    IN_PROGRESS_RETRY_AFTER_MS,
     INQUIRY_ATTEMPTS,
     INQUIRY_DEADLINE_S,
     INQUIRY_PAUSE_S,
-    LIST_PAGE_SIZE_DEFAULT,
-    RESUME_AFTER_S,
     REVERSAL_ATTEMPTS,
     REVERSAL_DEADLINE_S,
     PaymentProcessor,
@@ -239,6 +238,7 @@ def test_approved_payment_is_routed_decided_and_posted(
     assert rec.switch_ref == ref_of(order)
     assert rec.shard == shard_of(order.institution_id, order.payment_id)
     assert env.stored(order) == rec
+    assert rec.ledger_seq == 2  # the store's decided record: intent 1, decision 2
     amount, currency = order.amount.amount_minor, order.amount.currency
     assert env.store.postings == [
         Posting(payer, currency, amount, 0, key_of(order), Leg.APPROVE_PAYER),
@@ -271,34 +271,19 @@ def test_declined_payment_posts_nothing(env: Env) -> None:
     assert env.bank.calls == Counter({"transfer": 1})
 
 
+def test_payment_forwarded_from_another_zone_records_where_it_was_received(env: Env) -> None:
+    res = env.processor.submit(debit(), received_zone=OTHER_ZONE)
+
+    assert res.record.received_zone == OTHER_ZONE
+    assert [s.event.zone for s in res.record.steps] == [OTHER_ZONE, OTHER_ZONE, ZONE]
+    assert env.stored(debit()) == res.record
+
+
 def test_get_returns_the_stored_payment_and_not_found_otherwise(env: Env) -> None:
     res = env.processor.submit(debit())
     assert env.processor.get(INST_A, "pay-1") == res.record
     with pytest.raises(NotFound):
         env.processor.get(INST_B, "pay-1")  # ids are scoped to their institution
-
-
-def test_list_pages_in_receipt_order(env: Env) -> None:
-    for i in (3, 1, 2, 5, 4):
-        env.processor.submit(debit(f"pay-{i}"))
-        env.clock.advance(1)
-    env.processor.submit(credit("pay-9"))  # another institution's payment: not listed
-
-    seen: list[str] = []
-    token = ""
-    pages = 0
-    while True:
-        page = env.processor.list(INST_A, START_US, START_US + 10**9, 2, token)
-        seen.extend(r.order.payment_id for r in page.records)
-        pages += 1
-        token = page.next_token
-        if not token:
-            break
-    assert seen == ["pay-3", "pay-1", "pay-2", "pay-5", "pay-4"]
-    assert pages == 3
-    everything = env.processor.list(INST_A, START_US, START_US + 10**9, 0, "")
-    assert len(everything.records) == 5 <= LIST_PAGE_SIZE_DEFAULT
-    assert everything.next_token == ""
 
 
 # -- replays ---------------------------------------------------------------------------
@@ -477,7 +462,127 @@ def test_unreachable_bank_fails_the_payment_within_the_bound(env: Env) -> None:
     assert res.record.steps[2].event.at_us == START_US + 17_000_000
 
 
-# -- crashes, lost races and storage outages ---------------------------------------------
+# -- attempts that end without deciding; the resolver ------------------------------------
+
+
+def test_storage_outage_in_decide_abandons_the_payment_to_the_resolver(env: Env) -> None:
+    order = debit()
+    env.store.fail_next("decide")
+
+    with pytest.raises(Unavailable) as err:
+        env.processor.submit(order)
+
+    assert err.value.reason == Unavailable.STORAGE_QUORUM_LOST
+    assert err.value.retry_after_ms == OUTAGE_RETRY_AFTER_MS
+    # The bank approved; the switch could not record it: the payment stays ROUTED and
+    # the attempt hands it back to the store, which passes it on to be resolved.
+    routed = env.stored(order)
+    assert routed.state is S.ROUTED
+    assert env.store.abandoned == [routed]
+    assert env.store.unresolved == [routed]
+    assert env.bank.status(ref_of(order)) is BankAnswer.APPROVED
+    assert env.store.postings == []
+    assert env.store.calls == Counter({"begin": 1, "decide": 1, "abandon": 1})
+
+    # A retry while it is undecided is asked to come back; it never acts on the payment.
+    with pytest.raises(Unavailable) as early:
+        env.processor.submit(order)
+    assert early.value.reason == "PAYMENT_IN_PROGRESS"
+    assert early.value.retry_after_ms == IN_PROGRESS_RETRY_AFTER_MS
+    assert env.bank.calls == Counter({"transfer": 1})
+
+    resolved = env.processor.resolve(env.store.unresolved[0])
+
+    assert resolved.state is S.APPROVED
+    assert resolved == env.stored(order)
+    assert env.bank.calls == Counter({"transfer": 1, "inquire": 1})
+    assert len(env.store.postings) == 2
+    assert len(env.store.decisions) == 1
+    assert env.processor.submit(order) == Result(resolved, replayed=True)
+    assert env.bank.calls == Counter({"transfer": 1, "inquire": 1})
+
+
+def test_decide_that_landed_before_the_outage_is_replayed_without_the_bank(env: Env) -> None:
+    order = debit()
+    env.store.fail_next("decide", applied=True)
+    with pytest.raises(Unavailable):
+        env.processor.submit(order)
+    # The attempt still hands the payment back, but it is decided: nothing to resolve.
+    assert [r.key for r in env.store.abandoned] == [key_of(order)]
+    assert env.store.unresolved == []
+
+    res = env.processor.submit(order)
+
+    assert res == Result(env.stored(order), replayed=True)
+    assert res.record.state is S.APPROVED
+    assert env.bank.calls == Counter({"transfer": 1})
+    assert len(env.store.postings) == 2
+
+
+def test_storage_outage_in_begin_writes_nothing_and_calls_no_bank(env: Env) -> None:
+    order = debit()
+    env.store.fail_next("begin")
+    with pytest.raises(Unavailable) as err:
+        env.processor.submit(order)
+    assert err.value.reason == Unavailable.STORAGE_QUORUM_LOST
+    assert env.store.records == {}
+    assert env.store.abandoned == []  # it never began: nothing to hand back
+    assert env.bank.calls == Counter()
+
+    res = env.processor.submit(order)  # the client's immediate retry processes it
+
+    assert (res.replayed, res.record.state) == (False, S.APPROVED)
+    assert env.bank.calls == Counter({"transfer": 1})
+
+
+def test_begin_stored_but_not_acknowledged_is_reversed_and_never_sent(env: Env) -> None:
+    """The intent reached the ledger but its commit was not acknowledged: the bank was
+    never called, and whoever resolves the payment makes sure it never will be."""
+    order = debit()
+    env.store.fail_next("begin", applied=True)
+    with pytest.raises(Unavailable):
+        env.processor.submit(order)
+    assert env.store.abandoned == []
+    assert env.bank.calls == Counter()
+
+    with pytest.raises(Unavailable) as retry:
+        env.processor.submit(order)
+    assert retry.value.reason == "PAYMENT_IN_PROGRESS"
+    assert env.bank.calls == Counter()
+
+    (left,) = env.store.undecided()  # what the shard's next owner resolves
+    res = env.processor.resolve(left)
+
+    assert res.state is S.REVERSED
+    assert env.bank.calls == Counter({"inquire": 1, "reverse": 1})
+    tomb = env.bank.ledger[ref_of(order)]
+    assert (tomb.answer, tomb.detail) == (BankAnswer.DECLINED, REVERSED_BEFORE_ARRIVAL)
+    assert env.processor.submit(order) == Result(res, replayed=True)
+    assert env.bank.calls["transfer"] == 0
+    assert env.store.postings == []
+
+
+def test_attempt_past_the_decision_bound_abandons_instead_of_deciding(env: Env) -> None:
+    order = debit()
+    env.bank.latency_s = DECISION_BOUND_S + 1  # approves, but answers too late
+
+    with pytest.raises(Unavailable) as err:
+        env.processor.submit(order)
+
+    assert err.value.reason == "PAYMENT_IN_PROGRESS"
+    assert err.value.retry_after_ms == IN_PROGRESS_RETRY_AFTER_MS
+    routed = env.stored(order)
+    assert routed.state is S.ROUTED
+    assert env.store.calls == Counter({"begin": 1, "abandon": 1})  # decide never started
+    assert env.store.abandoned == env.store.unresolved == [routed]
+    assert env.bank.status(ref_of(order)) is BankAnswer.APPROVED
+
+    res = env.processor.resolve(routed)
+
+    assert res.state is S.APPROVED
+    assert res.steps[2].bank_ref == env.bank.ledger[ref_of(order)].bank_ref
+    assert env.bank.calls == Counter({"transfer": 1, "inquire": 1})
+    assert len(env.store.postings) == 2
 
 
 @pytest.mark.parametrize(
@@ -489,12 +594,12 @@ def test_unreachable_bank_fails_the_payment_within_the_bound(env: Env) -> None:
     ],
     ids=["bank-applied", "bank-declined", "bank-never-saw-it"],
 )
-def test_payment_left_routed_by_a_crash_is_resolved_by_a_retry_after_the_bound(
+def test_payment_left_routed_by_a_crash_is_resolved_by_inquiry(
     env: Env, bank_has: BankAnswer | None, decided: PaymentState, bank_calls: dict[str, int]
 ) -> None:
     order = debit()
-    crashed = begun_record(order, at_us=env.clock(), zone=OTHER_ZONE)
-    assert env.store.begin(crashed) == (crashed, True)
+    crashed, won = env.store.begin(begun_record(order, at_us=env.clock(), zone=OTHER_ZONE))
+    assert won
     if bank_has is not None:
         env.bank.apply(ref_of(order), bank_has)
     env.clock.advance(5)
@@ -503,29 +608,94 @@ def test_payment_left_routed_by_a_crash_is_resolved_by_a_retry_after_the_bound(
         env.processor.submit(order)
 
     assert err.value.reason == "PAYMENT_IN_PROGRESS"
-    remaining_ms = (RESUME_AFTER_S - 5) * 1000
-    assert remaining_ms < err.value.retry_after_ms <= remaining_ms + 1000
+    assert err.value.retry_after_ms == IN_PROGRESS_RETRY_AFTER_MS
     assert env.bank.calls == Counter()
     assert env.store.decisions == []
+    assert env.store.abandoned == []  # a replay did not begin it: not its to hand back
 
-    env.clock.advance(err.value.retry_after_ms / 1000)
-    res = env.processor.submit(order)
+    res = env.processor.resolve(crashed)
 
-    assert res.replayed is True
-    assert res.record.attempt_id == crashed.attempt_id
-    assert res.record.received_zone == OTHER_ZONE
-    assert res.record.state is decided
-    assert res.record.steps[2].event.zone == ZONE
-    assert res.record.steps[2].event.at_us == env.clock()
-    assert env.stored(order) == res.record
+    assert res.received_zone == OTHER_ZONE
+    assert res.state is decided
+    assert res.steps[2].event.zone == ZONE
+    assert res.steps[2].event.at_us == env.clock()
+    assert res.ledger_seq == 2  # the store's decided record, not the processor's own copy
+    assert env.stored(order) == res
     assert env.bank.calls == Counter(bank_calls)  # and never a transfer
     assert env.store.postings == list(
         postings_for(key_of(order), order, decided, from_state=S.ROUTED)
     )
     assert len(env.store.postings) == (2 if decided is S.APPROVED else 0)
     # Now decided: the next retry replays it without asking the bank again.
-    assert env.processor.submit(order) == Result(res.record, replayed=True)
+    assert env.processor.submit(order) == Result(res, replayed=True)
     assert env.bank.calls == Counter(bank_calls)
+
+
+def test_resolve_has_no_time_budget(env: Env) -> None:
+    """Long after the decision bound, the resolver still asks and reverses in full."""
+    order = debit()
+    crashed, _ = env.store.begin(begun_record(order, at_us=env.clock(), zone=OTHER_ZONE))
+    env.bank.apply(ref_of(order), BankAnswer.APPROVED)
+    env.clock.advance(10 * DECISION_BOUND_S)
+    env.bank.unreachable = True
+    started = env.clock()
+
+    res = env.processor.resolve(crashed)
+
+    assert res.state is S.FAILED
+    assert env.bank.calls == Counter({"inquire": INQUIRY_ATTEMPTS, "reverse": REVERSAL_ATTEMPTS})
+    assert [c.deadline_s for c in env.bank.log] == [
+        *[INQUIRY_DEADLINE_S] * INQUIRY_ATTEMPTS,
+        *[REVERSAL_DEADLINE_S] * REVERSAL_ATTEMPTS,
+    ]
+    assert (env.clock() - started) / 1e6 == WORST_CASE_S - BANK_TRANSFER_DEADLINE_S
+    # No confirmed reversal: the switch owes the bank one, and settles it later.
+    assert [o.payment_key for o in env.store.owed_reversals(10)] == [key_of(order)]
+    env.bank.unreachable = False
+    assert env.processor.settle_owed_reversals() == 1
+    assert env.bank.status(ref_of(order)) is BankAnswer.REVERSED
+    assert env.store.postings == []
+
+
+def test_resolve_of_a_decided_payment_returns_it_and_calls_nothing(env: Env) -> None:
+    decided = env.processor.submit(debit()).record
+    calls_before = Counter(env.store.calls)
+
+    assert env.processor.resolve(decided) is decided
+    assert env.bank.calls == Counter({"transfer": 1})
+    assert env.store.calls == calls_before
+
+
+def test_resolve_of_a_stale_copy_returns_the_decision_that_stands(env: Env) -> None:
+    """The resolver's copy is ROUTED, but the payment was decided meanwhile: the first
+    decision stands and is what resolve returns."""
+    order = debit()
+    routed, _ = env.store.begin(begun_record(order, at_us=env.clock(), zone=OTHER_ZONE))
+    first = env.processor.resolve(routed)  # never seen by the bank: REVERSED
+    env.clock.advance(3)
+
+    again = env.processor.resolve(routed)
+
+    assert again == first == env.stored(order)
+    assert again.steps[2].event.at_us == START_US
+    assert len(env.store.decisions) == 1
+    assert env.bank.calls == Counter({"inquire": 2, "reverse": 1})  # asks; never transfers
+
+
+def test_resolve_needs_the_bank_in_the_registry(env: Env) -> None:
+    order = debit()
+    routed, _ = env.store.begin(begun_record(order, at_us=env.clock(), zone=OTHER_ZONE))
+    env.registry.replace({k: v for k, v in PARTICIPANTS.items() if k != BANK_A})
+
+    with pytest.raises(Unavailable) as err:
+        env.processor.resolve(routed)
+
+    assert err.value.reason == "REGISTRY_NOT_READY"
+    assert env.bank.calls == Counter()
+    assert env.store.decisions == []
+
+
+# -- lost races ---------------------------------------------------------------------------
 
 
 def test_begin_lost_to_a_decided_attempt_replays_it_without_calling_the_bank(env: Env) -> None:
@@ -552,8 +722,9 @@ def test_begin_lost_to_an_undecided_attempt_asks_to_come_back(env: Env) -> None:
         env.processor.submit(order)
 
     assert err.value.reason == "PAYMENT_IN_PROGRESS"
-    assert err.value.retry_after_ms >= RESUME_AFTER_S * 1000
+    assert err.value.retry_after_ms == IN_PROGRESS_RETRY_AFTER_MS
     assert env.bank.calls == Counter()
+    assert env.store.calls == Counter({"begin": 1})  # neither decided nor abandoned
     assert env.store.decisions == []
 
 
@@ -570,68 +741,9 @@ def test_begin_lost_to_another_order_with_the_same_id_is_refused(env: Env) -> No
     assert env.bank.calls == Counter()
 
 
-def test_storage_outage_in_decide_leaves_it_routed_until_a_retry_after_the_bound(
-    env: Env,
-) -> None:
-    order = debit()
-    env.store.fail_next("decide")
-
-    with pytest.raises(Unavailable) as err:
-        env.processor.submit(order)
-
-    assert err.value.reason == Unavailable.STORAGE_QUORUM_LOST
-    assert err.value.retry_after_ms == OUTAGE_RETRY_AFTER_MS
-    # The bank approved; the switch could not record it: the payment stays ROUTED.
-    assert env.stored(order).state is S.ROUTED
-    assert env.bank.status(ref_of(order)) is BankAnswer.APPROVED
-    assert env.store.postings == []
-
-    with pytest.raises(Unavailable) as early:
-        env.processor.submit(order)
-    assert early.value.reason == "PAYMENT_IN_PROGRESS"
-
-    env.clock.advance(RESUME_AFTER_S)
-    res = env.processor.submit(order)
-
-    assert res.replayed is True
-    assert res.record.state is S.APPROVED
-    assert env.bank.calls == Counter({"transfer": 1, "inquire": 1})
-    assert len(env.store.postings) == 2
-    assert env.stored(order) == res.record
-
-
-def test_decide_that_landed_before_the_outage_is_replayed_without_the_bank(env: Env) -> None:
-    order = debit()
-    env.store.fail_next("decide", applied=True)
-    with pytest.raises(Unavailable):
-        env.processor.submit(order)
-
-    res = env.processor.submit(order)
-
-    assert res == Result(env.stored(order), replayed=True)
-    assert res.record.state is S.APPROVED
-    assert env.bank.calls == Counter({"transfer": 1})
-    assert len(env.store.postings) == 2
-
-
-def test_storage_outage_in_begin_writes_nothing_and_calls_no_bank(env: Env) -> None:
-    order = debit()
-    env.store.fail_next("begin")
-    with pytest.raises(Unavailable) as err:
-        env.processor.submit(order)
-    assert err.value.reason == Unavailable.STORAGE_QUORUM_LOST
-    assert env.store.records == {}
-    assert env.bank.calls == Counter()
-
-    res = env.processor.submit(order)  # the client's immediate retry processes it
-
-    assert (res.replayed, res.record.state) == (False, S.APPROVED)
-    assert env.bank.calls == Counter({"transfer": 1})
-
-
 def test_retry_during_a_live_attempt_is_turned_away(env: Env) -> None:
     """While the first attempt still works (here: in its second reversal), a retry of
-    the same order on another node must not act on the payment."""
+    the same order must not act on the payment."""
     order = debit()
     env.bank.script(ref_of(order), Reply.NO_ANSWER_APPLIED)
     env.bank.drop_next("inquire", INQUIRY_ATTEMPTS)
@@ -653,80 +765,64 @@ def test_retry_during_a_live_attempt_is_turned_away(env: Env) -> None:
     assert env.bank.status(ref_of(order)) is BankAnswer.REVERSED
     assert env.store.postings == []
     assert len(env.store.decisions) == 1
+    assert env.store.abandoned == []
 
 
-# -- bugs in processor.py (strict xfail: they start failing the day the bug is fixed) ---
-
-BUG_BOUND_NOT_ENFORCED = (
-    "processor.py does not enforce DECISION_BOUND_S: received_at is taken before begin(), "
-    "but the bank deadlines (17 s) are then spent in full whatever storage already took. "
-    "A begin() slower than 3 s (one storage request may take 10 s, retries 6 s) pushes "
-    "the decision past the bound, when _replay() treats the payment as abandoned and a "
-    "retry resolves it concurrently with the live attempt."
-)
+# -- time bounds and registry changes --------------------------------------------------
 
 
 def test_bound_holds_when_storage_is_slow(env: Env) -> None:
+    """Receipt is stamped before begin, so a slow begin eats into the bank's time, not
+    past the decision bound."""
     env.store.latency_s["begin"] = 4.0
     env.bank.unreachable = True
 
     res = env.processor.submit(debit())
 
     assert res.record.state is S.FAILED
-    assert env.elapsed_s() <= DECISION_BOUND_S  # 21.0 today
+    assert env.elapsed_s() <= DECISION_BOUND_S
+    assert env.store.abandoned == []
 
 
 def test_retry_after_the_bound_never_races_a_live_attempt(env: Env) -> None:
-    """As test_retry_during_a_live_attempt_is_turned_away, with begin() taking 4 s.
-
-    Today: the retry (at 20.5 s) inquires, finds APPROVED, decides APPROVED and posts
-    it; the live attempt's second reversal then reverses it at the bank and it decides
-    REVERSED over the top. The client was told APPROVED, the record says REVERSED, the
-    bank reversed the money, and the switch's approval postings remain.
-    """
+    """begin() takes 4 s and the bank holds the transfer until 21 s after receipt: a
+    retry arriving then, past the decision bound, is still turned away; the live attempt
+    comes back too late to decide and hands the payment to the resolver, whose decision
+    is the only one."""
     order = debit()
     env.store.latency_s["begin"] = 4.0
-    env.bank.script(ref_of(order), Reply.NO_ANSWER_APPLIED)
-    env.bank.drop_next("inquire", INQUIRY_ATTEMPTS)
-    env.bank.drop_next("reverse", 1)
-    retried: list[Result] = []
+    turned_away: list[Unavailable] = []
 
     def concurrent_retry(method: str, _ref: str) -> None:
-        if method == "reverse" and env.bank.calls["reverse"] == 2 and not retried:
-            env.clock.advance(1.5)
-            try:
-                retried.append(env.processor.submit(order))
-            except Unavailable as e:
-                assert e.reason == "PAYMENT_IN_PROGRESS"
+        if method == "transfer":
+            env.clock.advance(17.0)  # 21 s after receipt: the bound has passed
+            with pytest.raises(Unavailable) as err:
+                env.processor.submit(order)
+            turned_away.append(err.value)
 
     env.bank.before_call = concurrent_retry
-    live = env.processor.submit(order)
-    # A FAILED decision without a confirmed reversal leaves a reversal owed; once the
-    # bank answers again, settling it makes the bank agree with the switch.
-    for _ in range(3):  # nodes retry owed reversals every few seconds
-        env.processor.settle_owed_reversals()
-    assert env.store.owed_reversals(10) == []
+    with pytest.raises(Unavailable) as live:
+        env.processor.submit(order)
 
-    final = env.stored(order)
-    assert [r.record.state for r in retried] in ([], [final.state])
-    assert live.record.state is final.state
+    assert [e.reason for e in turned_away] == ["PAYMENT_IN_PROGRESS"]
+    assert live.value.reason == "PAYMENT_IN_PROGRESS"
+    assert env.store.decisions == []
+    (routed,) = env.store.unresolved
+    assert env.store.abandoned == [routed]
+    env.bank.before_call = None
+
+    res = env.processor.resolve(routed)
+
+    assert res.state is S.APPROVED
+    assert env.stored(order) == res
     assert len(env.store.decisions) == 1
-    bank_approved = env.bank.status(ref_of(order)) is BankAnswer.APPROVED
-    assert (final.state is S.APPROVED) == bank_approved
-    assert len(env.store.postings) == (2 if final.state is S.APPROVED else 0)
-
-
-BUG_REPLAY_REVALIDATES = (
-    "submit() validates against the current registry before looking the id up, so a "
-    "replay depends on the registry: after an operator suspends the bank, the same order "
-    "gets ParticipantSuspended instead of its stored result, and a payment left ROUTED "
-    "(crash or decide() outage) can never be resolved, against SubmitPayment's contract "
-    "(idempotent; retry after any error) and ParticipantStatus.SUSPENDED ('payments "
-    "already routed still complete')."
-)
+    assert env.bank.calls == Counter({"transfer": 1, "inquire": 1})
+    assert env.bank.status(ref_of(order)) is BankAnswer.APPROVED
+    assert len(env.store.postings) == 2
 
 
 def test_replay_of_a_decided_payment_survives_its_bank_being_suspended(env: Env) -> None:
+    """A replay is answered from the stored payment, whatever the registry says now."""
     order = debit()
     first = env.processor.submit(order)
     env.registry.replace(_with_suspended(BANK_A))
@@ -735,17 +831,19 @@ def test_replay_of_a_decided_payment_survives_its_bank_being_suspended(env: Env)
 
 
 def test_routed_payment_completes_after_its_bank_is_suspended(env: Env) -> None:
+    """ParticipantStatus.SUSPENDED: payments already routed still complete."""
     order = debit()
     env.store.fail_next("decide")
     with pytest.raises(Unavailable):
         env.processor.submit(order)  # the bank approved; the decision was not recorded
     env.registry.replace(_with_suspended(BANK_A))
-    env.clock.advance(RESUME_AFTER_S)
 
-    res = env.processor.submit(order)
+    (routed,) = env.store.unresolved
+    resolved = env.processor.resolve(routed)
 
-    assert (res.replayed, res.record.state) == (True, S.APPROVED)
+    assert resolved.state is S.APPROVED
     assert len(env.store.postings) == 2
+    assert env.processor.submit(order) == Result(resolved, replayed=True)
 
 
 # -- property: random traffic keeps the ledger right -----------------------------------
@@ -770,6 +868,11 @@ class Outage:
     applied: bool
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """A new owner takes the shards over and resolves every payment left undecided."""
+
+
 def _order_for(step: Submit) -> PaymentOrder:
     make = debit if step.institution_id == INST_A else credit
     return make(step.payment_id, amount=1_000 + step.variant)
@@ -785,7 +888,16 @@ ACTIONS = st.one_of(
     ),
     st.builds(Advance, st.sampled_from([1.0, 8.0, DECISION_BOUND_S + 1])),
     st.builds(Outage, st.sampled_from(["load", "begin", "decide"]), st.booleans()),
+    st.just(Takeover()),
 )
+
+
+def _take_over(env: Env) -> None:
+    for rec in env.store.undecided():
+        try:
+            env.processor.resolve(rec)
+        except Unavailable as e:  # storage down: the next takeover resolves it
+            assert e.reason == Unavailable.STORAGE_QUORUM_LOST
 
 
 def _check_invariants(env: Env, decisions_seen: dict[str, StepRecord]) -> None:
@@ -818,7 +930,7 @@ def _check_invariants(env: Env, decisions_seen: dict[str, StepRecord]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(ACTIONS, min_size=1, max_size=30))
 def test_random_traffic_keeps_every_invariant(
-    actions: list[Submit | Advance | Outage],
+    actions: list[Submit | Advance | Outage | Takeover],
 ) -> None:
     env = make_env()
     decisions_seen: dict[str, StepRecord] = {}
@@ -827,10 +939,13 @@ def test_random_traffic_keeps_every_invariant(
             env.clock.advance(action.seconds)
         elif isinstance(action, Outage):
             env.store.fail_next(action.method, applied=action.applied)
+        elif isinstance(action, Takeover):
+            _take_over(env)
         else:
             order = _order_for(action)
             env.bank.script(ref_of(order), action.reply)
             before = env.store.records.get((order.institution_id, order.payment_id))
+            calls_before = Counter(env.store.calls)
             try:
                 res = env.processor.submit(order)
             except AlreadyExists as e:
@@ -841,25 +956,40 @@ def test_random_traffic_keeps_every_invariant(
                 assert e.reason in ("PAYMENT_IN_PROGRESS", Unavailable.STORAGE_QUORUM_LOST)
                 if e.reason == "PAYMENT_IN_PROGRESS":
                     assert before is not None and not before.is_final
-                    assert env.clock() - before.received_at_us < RESUME_AFTER_S * 1e6
+                # An attempt that began the payment and then failed hands it back.
+                began = env.store.calls["decide"] > calls_before["decide"]
+                assert env.store.calls["abandon"] - calls_before["abandon"] == int(began)
             else:
                 assert res.replayed is (before is not None)
                 assert res.record == env.stored(order)
                 assert res.record.is_final
                 assert res.record.fingerprint == fingerprint(order)
+                assert env.store.calls["abandon"] == calls_before["abandon"]
                 if before is not None and before.is_final:
                     assert res.record == before
         _check_invariants(env, decisions_seen)
+    # Once storage is back, one takeover decides every payment that was left undecided.
+    env.store.clear_outages()
+    _take_over(env)
+    assert env.store.undecided() == []
+    _check_invariants(env, decisions_seen)
 
 
-def test_fake_begin_counts_a_retried_attempt_of_ours_as_won() -> None:
-    """The fake's begin behaves like the Cassandra store's, which the processor relies on."""
+def test_fake_store_keeps_the_first_decision_and_reports_a_lost_begin() -> None:
+    """The fake behaves like the shard owner's store where the processor relies on it."""
     store = FakePaymentStore()
-    rec = begun_record(debit(), at_us=START_US, zone=ZONE, attempt_id=uuid.uuid4())
-    assert store.begin(rec) == (rec, True)
-    assert store.begin(rec) == (rec, True)
-    rival = dataclasses.replace(rec, attempt_id=uuid.uuid4())
-    assert store.begin(rival) == (rec, False)
+    rec = begun_record(debit(), at_us=START_US, zone=ZONE)
+    stored, won = store.begin(rec)
+    assert (stored, won) == (dataclasses.replace(rec, ledger_seq=1), True)
+    assert store.begin(rec) == (stored, False)
+    approve = StepRecord(STEP_DECIDED, PaymentEvent(S.APPROVED, START_US + 1, ZONE, ""))
+    decline = StepRecord(STEP_DECIDED, PaymentEvent(S.DECLINED, START_US + 2, ZONE, ""))
+    first = store.decide(stored, approve, ())
+    assert (first.state, first.ledger_seq) == (S.APPROVED, 2)
+    assert store.decide(stored, decline, ()) == first
+    assert store.begin(rec) == (first, False)
+    store.abandon(stored)
+    assert store.unresolved == []  # decided: nothing to resolve
 
 
 def test_unreachable_bank_leaves_a_reversal_owed_until_the_bank_confirms(env: Env) -> None:

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
 
+from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.storage import schema
 from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
+from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.topology import Topology, Zone
 from clearinghouse.topology import default_path as default_topology_path
 
@@ -35,6 +38,7 @@ NODETOOL_TIMEOUT_S = 30.0
 PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
+DESCRIBE_TIMEOUT_S = 2.0
 
 Progress = Callable[[str], None]
 
@@ -390,6 +394,36 @@ class LocalCluster:
             progress=self.progress,
         )
         self.progress(f"switch nodes serving ({waited:.1f}s)")
+        self._wait_for_shard_owners()
+
+    def _wait_for_shard_owners(self) -> None:
+        """Every ledger shard served (taken over and rebuilt) by a live switch node."""
+
+        def served() -> bool:
+            return len(self.served_shards()) >= SHARD_COUNT
+
+        waited = procs.wait_until(
+            f"all {SHARD_COUNT} ledger shards to be served by a switch node",
+            served,
+            timeout_s=SWITCH_READY_TIMEOUT_S,
+            procs=[self.switch_managed(z) for z in self.topo.zones],
+            progress=self.progress,
+        )
+        self.progress(f"every ledger shard is served ({waited:.1f}s)")
+
+    def served_shards(self) -> dict[int, str]:
+        """Shard -> the zone whose switch node serves it now, as the nodes themselves say."""
+        out: dict[int, str] = {}
+        for z in self.topo.zones:
+            with grpc.insecure_channel(f"{z.address}:{z.ports.switch}") as channel:
+                try:
+                    d = shard_pb2_grpc.ShardServiceStub(channel).Describe(
+                        shard_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S
+                    )
+                except grpc.RpcError:
+                    continue
+            out.update({s.shard: z.name for s in d.shards})
+        return out
 
     # -- status ------------------------------------------------------------------------
 

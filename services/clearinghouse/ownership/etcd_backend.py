@@ -53,6 +53,7 @@ from clearinghouse.ownership.node import (
     Event,
     Gained,
     GrantLease,
+    Lost,
     NodeCore,
     Register,
     Request,
@@ -199,6 +200,14 @@ class OwnershipAgent:
                 return None
             address = self._view.address(claim.owner)
             return Owner(claim.owner, address, claim.epoch) if address else None
+
+    def relinquish(self, shard: int) -> None:
+        """Stop owning ``shard`` now (its writer failed); the protocol deletes its key and
+        claims it again, so it comes back under a new epoch, rebuilt from the ledger."""
+        with self._lock:
+            if self._core.holdings.give_up(shard) is not None:
+                self._outbox.append(Lost(shard))
+        self._dispatch()
 
     def members(self) -> list[NodeInfo]:
         with self._lock:

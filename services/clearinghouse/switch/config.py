@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.storage.session import CassandraConfig
 from clearinghouse.topology import Topology
 
@@ -18,6 +19,9 @@ MAX_MESSAGE_BYTES = 4 << 20
 REGISTRY_REFRESH_S = 2.0
 SHUTDOWN_GRACE_S = 5.0
 OWED_REVERSAL_RETRY_S = 5.0
+TAKEOVER_WORKERS = 8
+RESOLVER_WORKERS = 8
+ROUTER_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,12 @@ class NodeConfig:
     listen_host: str
     listen_port: int
     cassandra: CassandraConfig
+    # This node's identity for shard ownership, and where other nodes forward to it.
+    node_id: str
+    advertise_address: str
+    etcd_host: str
+    etcd_port: int
+    lease_ttl_s: int = LEASE_TTL_S
     grpc_workers: int = GRPC_WORKERS
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     batch_workers: int = BATCH_WORKERS
@@ -34,20 +44,36 @@ class NodeConfig:
     registry_refresh_s: float = REGISTRY_REFRESH_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     owed_reversal_retry_s: float = OWED_REVERSAL_RETRY_S
+    takeover_workers: int = TAKEOVER_WORKERS
+    resolver_workers: int = RESOLVER_WORKERS
+    router_workers: int = ROUTER_WORKERS
 
     @classmethod
     def for_zone(
-        cls, topo: Topology, zone_name: str, cassandra_hosts: list[str], port: int | None = None
+        cls,
+        topo: Topology,
+        zone_name: str,
+        cassandra_hosts: list[str],
+        port: int | None = None,
+        lease_ttl_s: int = LEASE_TTL_S,
     ) -> NodeConfig:
         zone = topo.zone(zone_name)
+        # The etcd member of the node's own city.
+        etcd = next(z for z in topo.etcd_zones() if z.city == zone.city)
+        listen_port = zone.ports.switch if port is None else port
         # The node's own city first, so the driver's contact point list starts local.
         hosts = sorted(cassandra_hosts, key=lambda h: topo_city_of(topo, h) != zone.city)
         return cls(
             zone=zone.name,
             city=zone.city,
             listen_host=zone.address,
-            listen_port=zone.ports.switch if port is None else port,
+            listen_port=listen_port,
             cassandra=CassandraConfig.from_topology(topo, zone.city, hosts, topo.keyspace.name),
+            node_id=zone.name,
+            advertise_address=f"{zone.address}:{listen_port}",
+            etcd_host=etcd.address,
+            etcd_port=etcd.ports.etcd_client,
+            lease_ttl_s=lease_ttl_s,
         )
 
 

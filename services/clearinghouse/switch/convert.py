@@ -119,6 +119,7 @@ def payment_to_pb(rec: PaymentRecord) -> payment_pb2.Payment:
         decided_at=us_to_ts(final[-1].event.at_us) if final else None,
         received_zone=rec.received_zone,
         shard=rec.shard,
+        ledger_seq=rec.ledger_seq,
         events=[
             payment_pb2.PaymentEvent(
                 state=_STATE_TO_PB[s.event.state],

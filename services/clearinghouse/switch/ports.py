@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clearinghouse.domain import Money, Participant, PaymentType, Posting
+from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.switch.records import PaymentRecord, StepRecord
 
 
@@ -68,6 +69,13 @@ class Page:
 
 
 class PaymentStore(Protocol):
+    """What the processor needs of the ledger, as the owner of the payment's shard.
+
+    ``begin`` and ``decide`` return only once what they wrote is acknowledged in two
+    cities; they raise the domain's ``Unavailable`` (or ``FailedPrecondition`` for a cap)
+    and write nothing the processor may rely on otherwise.
+    """
+
     def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None: ...
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
@@ -85,12 +93,17 @@ class PaymentStore(Protocol):
         postings: Sequence[Posting],
         *,
         reversal_owed: bool = False,
-    ) -> None:
-        """Write the decision and its postings together (all or nothing, eventually).
+    ) -> PaymentRecord:
+        """Write the decision and its postings together; return the decided payment (the
+        one already decided, if an earlier write of this decision was acknowledged).
 
         ``reversal_owed``: the bank did not confirm the reversal that makes this decision
         true at the bank; record the obligation in the same write.
         """
+        ...
+
+    def abandon(self, record: PaymentRecord) -> None:
+        """The attempt that began ``record`` ends without deciding it: someone must."""
         ...
 
     def owed_reversals(self, limit: int) -> Sequence[OwedReversal]:
@@ -99,9 +112,54 @@ class PaymentStore(Protocol):
 
     def confirm_reversal(self, owed: OwedReversal, at_us: int) -> None: ...
 
-    def list(
-        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
-    ) -> Page: ...
+
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    """One row of an institution's payments-by-time index."""
+
+    institution_id: str
+    payment_id: str
+    received_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardWrite:
+    """One shard's part of a group commit: its new entries and index rows."""
+
+    shard: int
+    epoch: int
+    at_us: int
+    entries: Sequence[LedgerEntry]
+    index_rows: Sequence[IndexRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """Where the owner at ``epoch`` starts its part of the shard's chain."""
+
+    shard: int
+    epoch: int
+    prev_epoch: int
+    start_seq: int
+    start_hash: bytes
+
+
+class LedgerStore(Protocol):
+    """The shard ledger as owners use it (Cassandra in production, a fake in tests)."""
+
+    def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None: ...
+
+    def seals(self, shard: int) -> list[Seal]: ...
+
+    def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None: ...
+
+    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
+        """The contiguous entries of ``epoch`` from ``from_seq`` on."""
+        ...
+
+    def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
+        """Write, then check fences; per shard, whether the commit may be acknowledged."""
+        ...
 
 
 class ParticipantStore(Protocol):

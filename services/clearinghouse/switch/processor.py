@@ -1,32 +1,32 @@
-"""The payment path: validate, record, route to the bank, decide, record, answer.
+"""The payment path on the shard's owner: validate, record, route to the bank, decide.
+
+Runs on the node that owns the payment's shard (requests reach it through
+:mod:`.routing`); the store (:class:`.shards.ShardedStore`) is the shard's only writer.
 
 1. Validate against the participant registry (nothing is written for a bad order).
-2. Look the id up: the same id with the same payload replays the stored result; with a
-   different payload it is ``AlreadyExists``.
-3. ``begin``: steps RECEIVED and ROUTED are written at QUORUM (two cities) *before* the
-   bank is called, so a crash after the call leaves a trace that a retry resolves.
-4. Call the bank under a deadline. No answer in time: status inquiry; still nothing or
-   the bank never saw it: reversal. Every bank call of the attempt that received the
-   payment ends within :data:`BANK_CALLS_BOUND_S` of its receipt (deadlines are cut to
-   what is left), and it starts its decision write within :data:`DECISION_BOUND_S` or
-   not at all.
-5. ``decide``: the decision and its balanced postings are written together at QUORUM,
-   and only then is the answer returned.
+2. ``begin``: the same id with the same payload replays the stored result (waiting for
+   an attempt still in flight); with a different payload it is ``AlreadyExists``. A new
+   payment is checked against the payer's net debit cap and its intent (RECEIVED and
+   ROUTED) is acknowledged by two cities *before* the bank is called.
+3. Call the bank under a deadline. No answer in time: status inquiry; still nothing or
+   the bank never saw it: reversal. Every bank call of the attempt ends within
+   :data:`BANK_CALLS_BOUND_S` of receipt (deadlines are cut to what is left), and the
+   decision write starts within :data:`DECISION_BOUND_S` or not at all.
+4. ``decide``: the decision and its balanced postings, one ledger entry, acknowledged
+   by two cities; only then is the answer returned.
+
+An attempt that ends without deciding (too late, storage down) hands the payment back
+to the store (``abandon``), which has it resolved by :meth:`PaymentProcessor.resolve`:
+inquiry first, then reversal. A new owner does the same for every payment it finds
+received but undecided when it takes a shard over.
 
 A replay is answered from the stored payment before the order is checked against the
 registry: a payment already accepted completes even if its bank was suspended since.
-
-Until shard ownership lands (issue "Routing ownership through etcd leases"), the store's
-conditional ``begin`` decides which attempt processes a payment, and a retry that finds
-an undecided payment is asked to come back until :data:`RESUME_AFTER_S`: by then the
-first attempt can neither call the bank nor still be writing, so the retry resolves the
-payment by inquiry without racing it.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -36,8 +36,6 @@ from clearinghouse.domain import (
     PAYMENT_ID_LEN_MAX,
     AlreadyExists,
     ClearingError,
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     Participant,
     PaymentEvent,
@@ -51,13 +49,11 @@ from clearinghouse.domain import (
     validate_order,
 )
 from clearinghouse.domain.validation import PARTICIPANT_ID_LEN_MAX, is_valid_id
-from clearinghouse.storage.retry import STORAGE_RETRY_BUDGET_S
 from clearinghouse.switch.ports import (
     BankAnswer,
     BankGateway,
     BankOutcome,
     BankTransfer,
-    Page,
     PaymentStore,
 )
 from clearinghouse.switch.records import (
@@ -81,12 +77,8 @@ BANK_CALLS_BOUND_S = 17.0
 # A bank call with less time than this left is not started.
 BANK_CALL_MIN_S = 0.2
 DECISION_BOUND_S = 20.0
-# The receiving attempt's decision write (started by DECISION_BOUND_S) gives up within
-# the storage retry budget; a retry resolves an undecided payment only after that.
-RESUME_AFTER_S = DECISION_BOUND_S + STORAGE_RETRY_BUDGET_S + 1.0
 OWED_REVERSALS_PER_RUN_MAX = 100
-LIST_PAGE_SIZE_MAX = 500
-LIST_PAGE_SIZE_DEFAULT = 100
+IN_PROGRESS_RETRY_AFTER_MS = 1000
 
 Clock = Callable[[], int]
 
@@ -160,14 +152,6 @@ class PaymentProcessor:
             raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
         return rec
 
-    def list(
-        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
-    ) -> Page:
-        if page_size < 0:
-            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
-        size = min(page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
-        return self.store.list(institution_id, start_us, end_us, size, page_token)
-
     # -- the payment path --------------------------------------------------------------
 
     def validate(self, order: PaymentOrder, path: str = "order") -> None:
@@ -179,8 +163,12 @@ class PaymentProcessor:
             path=path,
         )
 
-    def submit(self, order: PaymentOrder) -> Result:
-        """Process ``order`` to a final state, or replay the stored result of its id."""
+    def submit(self, order: PaymentOrder, received_zone: str = "") -> Result:
+        """Process ``order`` to a final state, or replay the stored result of its id.
+
+        ``received_zone`` is the zone whose node the participant called (this node's own
+        zone when empty); the decision records this node's zone.
+        """
         if not (
             is_valid_id(order.institution_id, PARTICIPANT_ID_LEN_MAX)
             and is_valid_id(order.payment_id, PAYMENT_ID_LEN_MAX)
@@ -196,25 +184,35 @@ class PaymentProcessor:
             if existing is None:
                 raise
             return Result(self._replay(existing, fp), replayed=True)
-        # A valid order goes straight to the conditional begin, which reports an
-        # existing payment itself: no read before the write for new payments.
+        # A valid order goes straight to begin, which reports an existing payment itself.
         now = self.clock()
         bank = self._bank_of(order)
-        received = PaymentEvent(PaymentState.RECEIVED, now, self.zone, "")
-        routed = PaymentEvent(PaymentState.ROUTED, now, self.zone, f"to {bank.participant_id}")
+        zone = received_zone or self.zone
+        received = PaymentEvent(PaymentState.RECEIVED, now, zone, "")
+        routed = PaymentEvent(PaymentState.ROUTED, now, zone, f"to {bank.participant_id}")
         fresh = PaymentRecord(
             order=order,
             fingerprint=fp,
-            attempt_id=uuid.uuid4(),
             shard=shard_of(order.institution_id, order.payment_id),
             switch_ref=switch_ref_for(order.institution_id, order.payment_id),
             bank_id=bank.participant_id,
-            received_zone=self.zone,
+            received_zone=zone,
             steps=(StepRecord(STEP_RECEIVED, received), StepRecord(STEP_ROUTED, routed)),
         )
         stored, won = self.store.begin(fresh)
         if not won:
             return Result(self._replay(stored, fp), replayed=True)
+        decided = False
+        try:
+            record = self._process(stored, bank)
+            decided = True
+            return Result(record, replayed=False)
+        finally:
+            if not decided:
+                self.store.abandon(stored)
+
+    def _process(self, stored: PaymentRecord, bank: Participant) -> PaymentRecord:
+        order = stored.order
         budget = _Budget(self.clock, stored.received_at_us + int(BANK_CALLS_BOUND_S * 1e6))
         req = BankTransfer(
             order.type, stored.switch_ref, order.institution_id, order.bank_account, order.amount
@@ -230,13 +228,24 @@ class PaymentProcessor:
             if outcome.answer is BankAnswer.NO_ANSWER:
                 outcome = self._resolve_unknown(stored, bank, budget)
         if self.clock() > stored.received_at_us + int(DECISION_BOUND_S * 1e6):
-            # Too late to be the one who decides: a retry after RESUME_AFTER_S will.
+            # Too late to decide here: the store has it resolved (inquiry, reversal).
             raise Unavailable(
                 f"payment {order.payment_id!r} took too long to decide; retry to learn its outcome",
-                retry_after_ms=int(RESUME_AFTER_S * 1000),
+                retry_after_ms=IN_PROGRESS_RETRY_AFTER_MS,
                 reason="PAYMENT_IN_PROGRESS",
             )
-        return Result(self._decide(stored, outcome), replayed=False)
+        return self._decide(stored, outcome)
+
+    def resolve(self, rec: PaymentRecord) -> PaymentRecord:
+        """Decide a payment whose attempt ended without deciding: ask the bank, reverse.
+
+        The store calls this for a payment it holds no live attempt for; the bank's
+        answers are idempotent, and a reversal makes a late transfer be refused.
+        """
+        if rec.is_final:
+            return rec
+        bank = self._stored_bank(rec)
+        return self._decide(rec, self._resolve_unknown(rec, bank, _Budget.unbounded(self.clock)))
 
     def _bank_of(self, order: PaymentOrder) -> Participant:
         bank_id = order.payer_id if order.type is PaymentType.DEBIT else order.payee_id
@@ -264,18 +273,13 @@ class PaymentProcessor:
             )
         if rec.is_final:
             return rec
-        age_s = (self.clock() - rec.received_at_us) / 1e6
-        if age_s < RESUME_AFTER_S:
-            # Its first attempt may still be working on it: do not race it.
-            wait_ms = int((RESUME_AFTER_S - age_s) * 1000) + 100
-            raise Unavailable(
-                f"payment {rec.order.payment_id!r} is being processed; retry after {wait_ms} ms",
-                retry_after_ms=wait_ms,
-                reason="PAYMENT_IN_PROGRESS",
-            )
-        # Its first attempt ended without deciding: find out from the bank what happened.
-        bank = self._stored_bank(rec)
-        return self._decide(rec, self._resolve_unknown(rec, bank, _Budget.unbounded(self.clock)))
+        # The store waited for the attempt in flight; it is still working on it (or the
+        # resolver is): never race it, ask the client to come back.
+        raise Unavailable(
+            f"payment {rec.order.payment_id!r} is being processed; retry with the same id",
+            retry_after_ms=IN_PROGRESS_RETRY_AFTER_MS,
+            reason="PAYMENT_IN_PROGRESS",
+        )
 
     def _resolve_unknown(
         self, rec: PaymentRecord, bank: Participant, budget: _Budget
@@ -323,8 +327,7 @@ class PaymentProcessor:
         # No answer at all: the switch decides FAILED and owes the bank a reversal, so
         # that a transfer the bank applied unseen is undone and the two agree again.
         owed = outcome.answer is BankAnswer.NO_ANSWER
-        self.store.decide(rec, step, postings, reversal_owed=owed)
-        return rec.with_step(step)
+        return self.store.decide(rec, step, postings, reversal_owed=owed)
 
     def settle_owed_reversals(self, limit: int = OWED_REVERSALS_PER_RUN_MAX) -> int:
         """Send the reversals the switch owes; record each one a bank confirms.

@@ -1,9 +1,8 @@
-"""What the payment store keeps about one payment, as the processor sees it."""
+"""What the ledger holds about one payment, as the processor sees it; shards and keys."""
 
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass, field, replace
 
 from clearinghouse.domain import PaymentEvent, PaymentOrder, PaymentState
@@ -46,12 +45,16 @@ class PaymentRecord:
 
     order: PaymentOrder
     fingerprint: bytes
-    attempt_id: uuid.UUID
     shard: int
     switch_ref: str
     bank_id: str
     received_zone: str
     steps: tuple[StepRecord, ...] = field(default=())
+    # The seq of the payment's latest entry in its shard's chain (0: not written yet).
+    ledger_seq: int = 0
+    # The shard-ownership epoch under which this copy was begun or rebuilt: a decision
+    # is accepted only from an attempt of the epoch the shard is owned under now.
+    owner_epoch: int = 0
 
     @property
     def key(self) -> str:

@@ -1,7 +1,10 @@
-"""One switch node: connect to Cassandra, load the registry, serve gRPC until told to stop.
+"""One switch node: storage, shard ownership, the owner's write path, gRPC.
 
-Health is NOT_SERVING until the registry is loaded, SERVING after, and NOT_SERVING again
-while draining on SIGTERM. Reflection is on so that ``grpcurl`` can list the services.
+Start-up order: connect to Cassandra and load the registry; start the group commit;
+start serving gRPC (health NOT_SERVING); join shard ownership in etcd (each gained shard
+is taken over in the background: fence, rebuild, seal); health SERVING. A request for a
+shard that is still being taken over waits for it, within a bound. On SIGTERM: health
+NOT_SERVING, leave ownership (the lease is revoked, so the shards move at once), drain.
 """
 
 from __future__ import annotations
@@ -13,25 +16,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import pyetcd
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clearing.v1 import admin_pb2, admin_pb2_grpc, payment_pb2, payment_pb2_grpc
+from clearing.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    payment_pb2,
+    payment_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+)
+from clearinghouse.ownership.etcd_backend import OwnershipAgent
+from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.participants import CassandraParticipantStore
-from clearinghouse.storage.payments import CassandraPaymentStore
 from clearinghouse.storage.session import connect, consistency_level
 from clearinghouse.switch.admin import AdminDomain
 from clearinghouse.switch.bank_gateway import GrpcBankGateway
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
-from clearinghouse.switch.servicers import AdminServicer, PaymentServicer
+from clearinghouse.switch.records import PaymentRecord
+from clearinghouse.switch.routing import LocalOwner, Router
+from clearinghouse.switch.servicers import AdminServicer, PaymentServicer, ShardServicer
+from clearinghouse.switch.shards import ShardedStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name,
 )
+ETCD_CALL_TIMEOUT_S = 5
+RESOLVE_RETRY_S = 5.0
 
 
 @dataclass
@@ -43,6 +62,10 @@ class Node:
     registry: Registry
     participants: CassandraParticipantStore
     processor: PaymentProcessor
+    store: ShardedStore
+    router: Router
+    agent: OwnershipAgent
+    resolver_pool: ThreadPoolExecutor
     closers: list[Any] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -65,6 +88,35 @@ class Node:
             except Exception:  # retried on the next round; the obligation stays recorded
                 log.warning("settling owed reversals failed", exc_info=True)
 
+    def _resolve(self, rec: PaymentRecord) -> None:
+        try:
+            self.processor.resolve(rec)
+        except Exception:
+            log.warning("resolving payment %s failed", rec.key, exc_info=True)
+            # Still ours and still undecided: try again later (a new owner would do it
+            # at its takeover otherwise).
+            if not self.stopping.is_set() and self.store.owns(rec.shard, rec.owner_epoch):
+                retry = threading.Timer(RESOLVE_RETRY_S, self._schedule_resolution, (rec,))
+                retry.daemon = True
+                retry.start()
+
+    def _schedule_resolution(self, rec: PaymentRecord) -> None:
+        self.resolver_pool.submit(self._resolve, rec)
+
+    def describe(self) -> shard_pb2.DescribeResponse:
+        committer = self.store.committer
+        return shard_pb2.DescribeResponse(
+            node_id=self.cfg.node_id,
+            shards=[
+                shard_pb2.OwnedShard(shard=s, epoch=e)
+                for s, e in sorted(self.store.owned().items())
+            ],
+            commits=committer.commits,
+            entries=committer.entries,
+            routed_local=self.router.local_count,
+            routed_forwarded=self.router.forwarded,
+        )
+
     def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -77,16 +129,22 @@ class Node:
     def start(self) -> None:
         # The registry first: a node whose port is open can already route payments.
         self.refresh_registry()
+        self.store.on_unresolved = self._schedule_resolution
+        self.store.committer.start()
         self.server.start()
+        cfg = self.cfg
+        self.agent.start()
         threading.Thread(target=self._refresh_loop, name="registry-refresh", daemon=True).start()
         threading.Thread(target=self._reversal_loop, name="owed-reversals", daemon=True).start()
         self.set_serving(True)
-        log.info("switch node %s serving on %s:%d", self.cfg.zone, self.cfg.listen_host, self.port)
+        log.info("switch node %s serving on %s:%d", cfg.zone, cfg.listen_host, self.port)
 
     def stop(self) -> None:
         self.stopping.set()
         self.set_serving(False)
+        self.agent.close(revoke=True)
         self.server.stop(self.cfg.shutdown_grace_s).wait(self.cfg.shutdown_grace_s + 1)
+        self.store.committer.stop()
         for close in reversed(self.closers):
             close()
 
@@ -94,27 +152,73 @@ class Node:
 def build(cfg: NodeConfig) -> Node:
     cluster, session = connect(cfg.cassandra)
     cl = consistency_level(cfg.cassandra.consistency)
-    payments = CassandraPaymentStore(session, cl)
+    ledger = CassandraLedger(session, cl)
     participants = CassandraParticipantStore(session, cl)
     registry = Registry()
     bank = GrpcBankGateway()
-    processor = PaymentProcessor(zone=cfg.zone, store=payments, bank=bank, registry=registry)
+    etcd = pyetcd.client(host=cfg.etcd_host, port=cfg.etcd_port, timeout=ETCD_CALL_TIMEOUT_S)
+    stopping = threading.Event()
+    takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
+    resolver_pool = ThreadPoolExecutor(cfg.resolver_workers, thread_name_prefix="resolve")
+    # The store asks the agent (defined below, started by Node.start) whether it still
+    # owns a shard at an epoch, and gives a shard back through it.
+    store = ShardedStore(
+        node_id=cfg.node_id,
+        zone=cfg.zone,
+        ledger=ledger,
+        participants=registry.snapshot,
+        still_owner=lambda shard, epoch: agent.epoch_if_owner(shard) == epoch,
+        relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)
+        clock=wall_clock_us,
+        borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (router is bound later)
+    )
+
+    def take(shard: int, epoch: int) -> None:
+        try:
+            store.take(shard, epoch, stopping)
+        except Exception:
+            log.exception("taking over shard %d at epoch %d failed", shard, epoch)
+
+    def take_over(shard: int, epoch: int) -> None:
+        takeover_pool.submit(take, shard, epoch)
+
+    agent = OwnershipAgent(
+        etcd,
+        NodeInfo(cfg.node_id, cfg.zone, cfg.city),
+        cfg.advertise_address,
+        cfg.lease_ttl_s,
+        on_gained=take_over,
+        on_lost=store.lose,
+    )
+    processor = PaymentProcessor(zone=cfg.zone, store=store, bank=bank, registry=registry)
     admin = AdminDomain(participants, wall_clock_us)
     batch_pool = ThreadPoolExecutor(cfg.batch_workers, thread_name_prefix="batch")
+    router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+    ]
+    local = LocalOwner(processor, batch_pool)
+    router = Router(
+        node_id=cfg.node_id,
+        zone=cfg.zone,
+        owners=agent,
+        local=local,
+        pool=router_pool,
+        channel_options=options,
+    )
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=[*options, ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.HealthServicer()
-    node = Node(cfg, server, 0, health_servicer, registry, participants, processor)
-    payment_pb2_grpc.add_PaymentServiceServicer_to_server(
-        PaymentServicer(processor, batch_pool), server
-    )
+    node = Node(
+        cfg, server, 0, health_servicer, registry, participants, processor, store, router,
+        agent, resolver_pool, stopping=stopping,
+    )  # fmt: skip
+    payment_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(router, ledger), server)
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(admin, on_change=node.refresh_registry), server
     )
@@ -126,5 +230,14 @@ def build(cfg: NodeConfig) -> Node:
     if node.port == 0:
         raise OSError(f"could not bind {cfg.listen_host}:{cfg.listen_port}")
     node.set_serving(False)
-    node.closers += [cluster.shutdown, bank.close, lambda: batch_pool.shutdown(wait=False)]
+    node.closers += [
+        cluster.shutdown,
+        bank.close,
+        router.close,
+        etcd.close,
+        lambda: batch_pool.shutdown(wait=False),
+        lambda: router_pool.shutdown(wait=False),
+        lambda: takeover_pool.shutdown(wait=False),
+        lambda: resolver_pool.shutdown(wait=False),
+    ]
     return node

@@ -1,0 +1,188 @@
+"""What each kind of ledger entry carries, and its exact bytes (the body that is hashed).
+
+A shard's chain (:mod:`.chain`) holds three kinds of entries; everything an owner needs
+to rebuild a shard, and everything an auditor needs to check it, is in their bodies:
+
+* ``INTENT`` - the payment was received and routed: the order's canonical bytes, its
+  fingerprint, the bank it goes to, where and when it was received. Written (and
+  acknowledged by two cities) before the bank is called.
+* ``DECISION`` - the final state, when and where it was decided, the bank's reference,
+  whether a reversal is owed to the bank, and the payment's double-entry postings.
+* ``REVERSAL_CONFIRMED`` - a bank confirmed a reversal the switch owed it.
+* ``CAP_GRANT`` (in a participant's home shard for a currency) - the home shard lent
+  part of the participant's net debit cap to a shard; ``CAP_RECEIVE`` (in that shard) -
+  the shard took the loan into its allowance. Their ``payment_key`` is
+  ``cap:<participant>/<currency>``.
+
+Body encoding, version 1, with :mod:`._codec` (``lp`` = 4-byte length prefix, integers
+signed 64-bit big-endian): INTENT = lp(order) lp(fingerprint) lp(bank_id) lp(zone)
+i64(received_at_us) lp(switch_ref); DECISION = lp(state) i64(at_us) lp(zone) lp(detail)
+lp(bank_ref) i64(reversal_owed 0|1) i64(n) then n x [lp(participant) lp(currency)
+i64(debit) i64(credit) lp(leg)]; REVERSAL_CONFIRMED = i64(at_us) lp(zone);
+CAP_GRANT and CAP_RECEIVE = lp(participant) lp(currency) i64(other shard) i64(amount)
+i64(at_us), where the other shard is the borrower for a grant and the lender for a receipt.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from clearinghouse._invariant import invariant
+from clearinghouse.domain import _codec
+from clearinghouse.domain.model import PaymentState
+from clearinghouse.domain.postings import Leg, Posting
+
+KIND_INTENT: Final = "INTENT"
+KIND_DECISION: Final = "DECISION"
+KIND_REVERSAL_CONFIRMED: Final = "REVERSAL_CONFIRMED"
+KIND_CAP_GRANT: Final = "CAP_GRANT"
+KIND_CAP_RECEIVE: Final = "CAP_RECEIVE"
+POSTINGS_MAX: Final = 16
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _enum(cls: type[E], value: str) -> E:
+    """``cls(value)``, refusing an unknown value as corrupt data (InvariantViolation)."""
+    try:
+        return cls(value)
+    except ValueError:
+        invariant(False, f"unknown {cls.__name__} {value!r} in a ledger entry")
+        raise
+
+
+KINDS: Final = (
+    KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    order_bytes: bytes
+    fingerprint: bytes
+    bank_id: str
+    zone: str
+    received_at_us: int
+    switch_ref: str
+
+    def encode(self) -> bytes:
+        return b"".join((
+            _codec.blob(self.order_bytes), _codec.blob(self.fingerprint),
+            _codec.text(self.bank_id), _codec.text(self.zone),
+            _codec.i64(self.received_at_us), _codec.text(self.switch_ref),
+        ))  # fmt: skip
+
+    @classmethod
+    def decode(cls, body: bytes) -> Intent:
+        r = _codec.Reader(body)
+        out = cls(r.blob(), r.blob(), r.text(), r.text(), r.i64(), r.text())
+        r.done()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: PaymentState
+    at_us: int
+    zone: str
+    detail: str
+    bank_ref: str
+    reversal_owed: bool
+    postings: tuple[Posting, ...]
+
+    def encode(self) -> bytes:
+        invariant(self.state.is_final, f"a decision must be final, not {self.state.value}")
+        invariant(len(self.postings) <= POSTINGS_MAX, f"at most {POSTINGS_MAX} postings")
+        parts = [
+            _codec.text(self.state.value), _codec.i64(self.at_us), _codec.text(self.zone),
+            _codec.text(self.detail), _codec.text(self.bank_ref),
+            _codec.i64(int(self.reversal_owed)), _codec.i64(len(self.postings)),
+        ]  # fmt: skip
+        for p in self.postings:
+            parts += [
+                _codec.text(p.participant_id), _codec.text(p.currency),
+                _codec.i64(p.debit_minor), _codec.i64(p.credit_minor), _codec.text(p.leg.value),
+            ]  # fmt: skip
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, body: bytes, payment_key: str) -> Decision:
+        r = _codec.Reader(body)
+        state = _enum(PaymentState, r.text())
+        invariant(state.is_final, f"a decision must be final, not {state.value}")
+        at_us, zone, detail, bank_ref = r.i64(), r.text(), r.text(), r.text()
+        owed = r.i64() != 0
+        count = r.i64()
+        invariant(0 <= count <= POSTINGS_MAX, f"at most {POSTINGS_MAX} postings, not {count}")
+        postings = tuple(
+            Posting(r.text(), r.text(), r.i64(), r.i64(), payment_key, _enum(Leg, r.text()))
+            for _ in range(count)
+        )
+        r.done()
+        return cls(state, at_us, zone, detail, bank_ref, owed, postings)
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalConfirmed:
+    at_us: int
+    zone: str
+
+    def encode(self) -> bytes:
+        return _codec.i64(self.at_us) + _codec.text(self.zone)
+
+    @classmethod
+    def decode(cls, body: bytes) -> ReversalConfirmed:
+        r = _codec.Reader(body)
+        out = cls(r.i64(), r.text())
+        r.done()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CapTransfer:
+    """Headroom of a participant's net debit cap moving between two shards."""
+
+    participant_id: str
+    currency: str
+    other_shard: int
+    amount_minor: int
+    at_us: int
+
+    def encode(self) -> bytes:
+        invariant(
+            self.amount_minor > 0,
+            f"a cap transfer moves a positive amount, not {self.amount_minor}",
+        )
+        return b"".join((
+            _codec.text(self.participant_id), _codec.text(self.currency),
+            _codec.i64(self.other_shard), _codec.i64(self.amount_minor), _codec.i64(self.at_us),
+        ))  # fmt: skip
+
+    @classmethod
+    def decode(cls, body: bytes) -> CapTransfer:
+        r = _codec.Reader(body)
+        out = cls(r.text(), r.text(), r.i64(), r.i64(), r.i64())
+        r.done()
+        return out
+
+
+def cap_key(participant_id: str, currency: str) -> str:
+    """The ``payment_key`` of a cap transfer entry."""
+    return f"cap:{participant_id}/{currency}"
+
+
+__all__ = [
+    "KINDS",
+    "KIND_CAP_GRANT",
+    "KIND_CAP_RECEIVE",
+    "KIND_DECISION",
+    "KIND_INTENT",
+    "KIND_REVERSAL_CONFIRMED",
+    "CapTransfer",
+    "Decision",
+    "Intent",
+    "ReversalConfirmed",
+    "cap_key",
+]

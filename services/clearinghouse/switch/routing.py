@@ -1,0 +1,342 @@
+"""Routing: the node that receives a request sends each payment to its shard's owner.
+
+The receiving node looks the owner of each payment's shard up in its ownership map (kept
+by watching etcd: no etcd read per payment), processes what it owns itself and forwards
+the rest over ``clearing.v1.ShardService``, one call per owner and batch. A stale map is
+corrected by the owner's answer: ``NOT_SHARD_OWNER`` sends the payment round again once
+the map moved on. While a shard has no owner (its owner died and its lease has not run
+out yet, or the new owner is rebuilding), the request waits up to :data:`OWNER_WAIT_S`;
+after that the answer is UNAVAILABLE with retry advice, and the client retries with the
+same id, which is always safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from clearing.v1 import payment_pb2, shard_pb2, shard_pb2_grpc
+from clearinghouse._invariant import invariant
+from clearinghouse.client import error_details
+from clearinghouse.domain import ClearingError, InsufficientLiquidity, NotFound, Unavailable
+from clearinghouse.ownership.node import LEASE_TTL_S
+from clearinghouse.switch import convert
+from clearinghouse.switch.processor import PaymentProcessor
+from clearinghouse.switch.records import shard_of
+from clearinghouse.switch.shards import ShardedStore, home_shard
+
+log = logging.getLogger(__name__)
+
+FORWARD_ATTEMPTS = 4
+# A dead owner's shards are claimed again once its lease runs out (TTL) and the new
+# owner rebuilt them; a request waits that long, and a little more, for an owner.
+OWNER_WAIT_S = LEASE_TTL_S + 4.0
+OWNER_POLL_S = 0.05
+# A forwarded payment may take the whole decision bound (20 s) and a commit.
+FORWARD_DEADLINE_S = 28.0
+GET_DEADLINE_S = 5.0
+LEND_DEADLINE_S = 5.0
+NO_OWNER_RETRY_AFTER_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRef:
+    node_id: str
+    address: str
+
+
+class OwnerMap(Protocol):
+    def owner_of(self, shard: int) -> Any:  # an object with node_id and address, or None
+        ...
+
+
+class LocalOwner:
+    """The owner's side: processes orders and reads payments of shards owned here."""
+
+    def __init__(self, processor: PaymentProcessor, pool: ThreadPoolExecutor) -> None:
+        self.processor = processor
+        self.pool = pool
+
+    def submit(self, orders: Sequence[Any], paths: Sequence[str], received_zone: str) -> list[Any]:
+        if len(orders) == 1:
+            return [self._one(orders[0], paths[0], received_zone)]
+        futures = [
+            self.pool.submit(self._one, o, p, received_zone)
+            for o, p in zip(orders, paths, strict=True)
+        ]
+        return [f.result() for f in futures]
+
+    def _one(self, order_pb: Any, path: str, received_zone: str) -> Any:
+        try:
+            result = self.processor.submit(convert.order_from_pb(order_pb, path), received_zone)
+        except ClearingError as e:
+            return payment_pb2.PaymentResult(
+                payment_id=order_pb.payment_id, error=convert.error_to_pb(e)
+            )
+        return payment_pb2.PaymentResult(
+            payment_id=order_pb.payment_id,
+            payment=convert.payment_to_pb(result.record),
+            replayed=result.replayed,
+        )
+
+    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+        store = self.processor.store
+        invariant(isinstance(store, ShardedStore), "lending needs the shard owner's store")
+        assert isinstance(store, ShardedStore)
+        return store.lend(participant_id, currency, for_shard, need_minor)
+
+    def get(self, refs: Sequence[tuple[str, str]]) -> list[Any]:
+        out = []
+        for institution_id, payment_id in refs:
+            try:
+                rec = self.processor.store.load(institution_id, payment_id)
+                if rec is None:
+                    raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
+                out.append(
+                    payment_pb2.PaymentResult(
+                        payment_id=payment_id, payment=convert.payment_to_pb(rec)
+                    )
+                )
+            except ClearingError as e:
+                out.append(
+                    payment_pb2.PaymentResult(payment_id=payment_id, error=convert.error_to_pb(e))
+                )
+        return out
+
+
+def _error_result(payment_id: str, err: ClearingError) -> Any:
+    return payment_pb2.PaymentResult(payment_id=payment_id, error=convert.error_to_pb(err))
+
+
+def _no_owner(shard: int) -> Unavailable:
+    return Unavailable(
+        f"shard {shard} has no owner yet (failover in progress); retry with the same id",
+        retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
+        reason="NO_SHARD_OWNER",
+    )
+
+
+class Router:
+    """Sends payments to their shards' owners; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        zone: str,
+        owners: OwnerMap,
+        local: LocalOwner,
+        pool: ThreadPoolExecutor,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node_id = node_id
+        self.zone = zone
+        self.owners = owners
+        self.local = local
+        self.pool = pool
+        self.channel_options = list(channel_options)
+        self.clock = clock
+        self._stubs: dict[str, tuple[grpc.Channel, shard_pb2_grpc.ShardServiceStub]] = {}
+        self._stubs_lock = threading.Lock()
+        self.forwarded = 0
+        self.local_count = 0
+
+    def close(self) -> None:
+        with self._stubs_lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
+    def _stub(self, address: str) -> shard_pb2_grpc.ShardServiceStub:
+        with self._stubs_lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address, options=self.channel_options)
+                self._stubs[address] = (channel, shard_pb2_grpc.ShardServiceStub(channel))
+            return self._stubs[address][1]
+
+    # -- owners -------------------------------------------------------------------------
+
+    def _owner(self, shard: int, avoid: str | None, until: float) -> OwnerRef | None:
+        """The shard's owner, waiting (bounded) while there is none or it is ``avoid``."""
+        while True:
+            o = self.owners.owner_of(shard)
+            if o is not None and o.node_id != avoid:
+                return OwnerRef(o.node_id, o.address)
+            if self.clock() >= until:
+                return None
+            time.sleep(OWNER_POLL_S)
+
+    # -- submit -------------------------------------------------------------------------
+
+    def submit(self, orders: Sequence[Any], paths: Sequence[str], deadline_s: float) -> list[Any]:
+        """One PaymentResult per order, in order."""
+        until = self.clock() + min(deadline_s, FORWARD_DEADLINE_S)
+        results: list[Any] = [None] * len(orders)
+        todo = list(range(len(orders)))
+        avoid: dict[int, str] = {}
+        for _attempt in range(FORWARD_ATTEMPTS):
+            if not todo:
+                break
+            groups: dict[OwnerRef, list[int]] = defaultdict(list)
+            wait_until = min(until, self.clock() + OWNER_WAIT_S)
+            for i in todo:
+                o = orders[i]
+                shard = shard_of(o.institution_id, o.payment_id)
+                owner = self._owner(shard, avoid.get(i), wait_until)
+                if owner is None:
+                    results[i] = _error_result(o.payment_id, _no_owner(shard))
+                else:
+                    groups[owner].append(i)
+            futures: dict[OwnerRef, Future[list[Any]]] = {
+                owner: self.pool.submit(self._send, owner, orders, paths, idx, until)
+                for owner, idx in groups.items()
+            }
+            todo = []
+            for owner, fut in futures.items():
+                idx = groups[owner]
+                for i, r in zip(idx, fut.result(), strict=True):
+                    if r.HasField("error") and r.error.reason == Unavailable.NOT_SHARD_OWNER:
+                        todo.append(i)
+                        avoid[i] = owner.node_id
+                    results[i] = r
+            if todo:
+                time.sleep(OWNER_POLL_S)
+        return results
+
+    def _send(
+        self,
+        owner: OwnerRef,
+        orders: Sequence[Any],
+        paths: Sequence[str],
+        idx: list[int],
+        until: float,
+    ) -> list[Any]:
+        batch = [orders[i] for i in idx]
+        batch_paths = [paths[i] for i in idx]
+        if owner.node_id == self.node_id:
+            self.local_count += len(batch)
+            return self.local.submit(batch, batch_paths, self.zone)
+        self.forwarded += len(batch)
+        request = shard_pb2.SubmitOwnedRequest(
+            orders=batch, paths=batch_paths, received_zone=self.zone
+        )
+        try:
+            response = self._stub(owner.address).SubmitOwned(
+                request, timeout=max(0.1, until - self.clock())
+            )
+            return list(response.results)
+        except grpc.RpcError as e:
+            return [self._forward_failed(owner, o.payment_id, e) for o in batch]
+
+    def _forward_failed(self, owner: OwnerRef, payment_id: str, e: grpc.RpcError) -> Any:
+        code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+        if code is grpc.StatusCode.UNAVAILABLE:
+            # The owner is unreachable (dead, or not serving yet): route again once the
+            # map names another owner. Nothing was processed there.
+            return _error_result(
+                payment_id,
+                Unavailable(
+                    f"shard owner {owner.node_id} unreachable",
+                    retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
+                    reason=Unavailable.NOT_SHARD_OWNER,
+                ),
+            )
+        log.warning("forwarding to %s failed: %s", owner.node_id, code)
+        return _error_result(
+            payment_id,
+            Unavailable(
+                f"shard owner {owner.node_id} did not answer in time ({code.name}); the "
+                "outcome is unknown: retry with the same id",
+                retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
+                reason="SHARD_OWNER_TIMEOUT",
+            ),
+        )
+
+    # -- cap headroom -------------------------------------------------------------------
+
+    def borrow(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+        """Cap headroom from the owner of the participant's home shard (see shards.py)."""
+        home = home_shard(participant_id, currency)
+        until = self.clock() + OWNER_WAIT_S
+        avoid: str | None = None
+        for _ in range(FORWARD_ATTEMPTS):
+            owner = self._owner(home, avoid, until)
+            if owner is None:
+                raise _no_owner(home)
+            if owner.node_id == self.node_id:
+                return self.local.lend(participant_id, currency, for_shard, need_minor)
+            request = shard_pb2.LendRequest(
+                participant_id=participant_id, currency=currency, for_shard=for_shard,
+                need_minor=need_minor,
+            )  # fmt: skip
+            try:
+                return int(
+                    self._stub(owner.address).Lend(request, timeout=LEND_DEADLINE_S).granted_minor
+                )
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+                err = error_details(e)
+                reason = err.reason if err is not None else ""
+                if code is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise InsufficientLiquidity(
+                        f"{participant_id} would exceed its net debit cap in {currency}",
+                        reason=reason or InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED,
+                    ) from e
+                if code is grpc.StatusCode.UNAVAILABLE and (
+                    reason in ("", Unavailable.NOT_SHARD_OWNER)
+                ):
+                    avoid = owner.node_id  # stale map or dead owner: ask the next one
+                    continue
+                raise Unavailable(
+                    f"the owner of {participant_id}'s cap ({owner.node_id}) did not lend: "
+                    f"{code.name} {reason}",
+                    retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
+                    reason="CAP_LENDER_UNAVAILABLE",
+                ) from e
+        raise _no_owner(home)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, refs: Sequence[tuple[str, str]]) -> list[Any]:
+        """One PaymentResult per (institution_id, payment_id), from the shards' owners."""
+        until = self.clock() + OWNER_WAIT_S
+        results: list[Any] = [None] * len(refs)
+        groups: dict[OwnerRef, list[int]] = defaultdict(list)
+        for i, (inst, pid) in enumerate(refs):
+            shard = shard_of(inst, pid)
+            owner = self._owner(shard, None, until)
+            if owner is None:
+                results[i] = _error_result(pid, _no_owner(shard))
+            else:
+                groups[owner].append(i)
+        futures = {
+            owner: self.pool.submit(self._get_from, owner, [refs[i] for i in idx])
+            for owner, idx in groups.items()
+        }
+        for owner, fut in futures.items():
+            for i, r in zip(groups[owner], fut.result(), strict=True):
+                results[i] = r
+        return results
+
+    def _get_from(self, owner: OwnerRef, refs: list[tuple[str, str]]) -> list[Any]:
+        if owner.node_id == self.node_id:
+            return self.local.get(refs)
+        request = shard_pb2.GetOwnedRequest(
+            refs=[shard_pb2.PaymentRef(institution_id=i, payment_id=p) for i, p in refs]
+        )
+        try:
+            return list(self._stub(owner.address).GetOwned(request, timeout=GET_DEADLINE_S).results)
+        except grpc.RpcError as e:
+            return [self._forward_failed(owner, p, e) for _, p in refs]
+
+
+__all__ = ["FORWARD_DEADLINE_S", "OWNER_WAIT_S", "LocalOwner", "OwnerRef", "Router"]

@@ -1,0 +1,754 @@
+"""The shards this node owns: their state in memory, their chains, their group commit.
+
+:class:`ShardedStore` is the :class:`~.ports.PaymentStore` of a shard owner. For each
+shard it owns it keeps, in memory, every payment of the shard (the idempotency index),
+the participants' exposure within the shard (for their net debit caps), the payments
+that still owe a bank a reversal, and the head of the shard's hash chain. It is the only
+writer of its shards: every change is a ledger entry appended to the shard's chain and
+acknowledged by :class:`Committer` only after Cassandra holds it in two cities and the
+shard's fence still names this owner's epoch.
+
+**Takeover** (:meth:`ShardedStore.take`): raise the fence to the new epoch, follow the
+seals back from the newest to find the chain's segments, read them at QUORUM, verify
+the chain, rebuild the state, write this epoch's seal, then serve. Payments found
+received but undecided are handed to the resolver (status inquiry, then reversal).
+
+**Caps.** A participant's net debit cap in a currency is lent out by its *home shard*
+(:func:`home_shard`) to the shards that need it. A shard's owner keeps the payer's
+exposure in the shard (approved net debit plus amounts in flight) within the shard's
+allowance; short of it, it borrows the shortfall (and, while there is plenty left, a
+share of what is left, so that later payments need not borrow) from the home shard's
+owner, which lends only while the loans stay within the cap. Both sides record the loan
+in their chains (``CAP_GRANT``, ``CAP_RECEIVE``) before the payment's intent, so a new
+owner rebuilds allowances and loans with everything else. Allowances sum to at most the
+loans, and the loans to at most the cap: the participant's position never exceeds it,
+whatever the concurrency and whichever nodes own the shards. A loan whose receipt was
+never recorded (a crash in between) is headroom lost until the next cap change or
+settlement, never headroom gained.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from clearinghouse._invariant import InvariantViolation, invariant
+from clearinghouse.domain import (
+    InsufficientLiquidity,
+    Participant,
+    PaymentEvent,
+    PaymentOrder,
+    PaymentState,
+    Posting,
+    ResourceExhausted,
+    Unavailable,
+    canonical_bytes,
+    order_from_canonical_bytes,
+)
+from clearinghouse.domain.chain import (
+    FIRST_SEQ,
+    GENESIS_HASH,
+    ChainBuilder,
+    LedgerEntry,
+    verify_chain,
+)
+from clearinghouse.domain.entries import (
+    KIND_CAP_GRANT,
+    KIND_CAP_RECEIVE,
+    KIND_DECISION,
+    KIND_INTENT,
+    KIND_REVERSAL_CONFIRMED,
+    CapTransfer,
+    Decision,
+    Intent,
+    ReversalConfirmed,
+    cap_key,
+)
+from clearinghouse.switch.ports import IndexRow, LedgerStore, OwedReversal, Seal, ShardWrite
+from clearinghouse.switch.records import (
+    SHARD_COUNT,
+    STEP_DECIDED,
+    STEP_RECEIVED,
+    STEP_ROUTED,
+    PaymentRecord,
+    StepRecord,
+    payment_key,
+    shard_of,
+)
+
+log = logging.getLogger(__name__)
+
+# A request for a shard that is being taken over waits this long for it to serve.
+TAKEOVER_WAIT_S = 8.0
+# A writer waits this long for its group commit (a commit retries within it).
+COMMIT_WAIT_S = 15.0
+COMMIT_ENTRIES_MAX = 2000
+COMMIT_QUEUE_ENTRIES_MAX = 20_000
+# After the first entry arrives, the committer waits this long for more to join it.
+COMMIT_LINGER_S = 0.002
+TAKEOVER_RETRY_S = 1.0
+# A duplicate of an in-flight payment waits this long for its first attempt to decide.
+IN_FLIGHT_WAIT_S = 25.0
+
+Clock = Callable[[], int]
+
+
+# While plenty of the cap is left, a loan adds this fraction of what remains after it, so
+# a busy shard borrows once for many payments; as the cap runs out, loans shrink to need.
+LEND_SPARE_DIVISOR = 8 * SHARD_COUNT
+BORROW_ROUNDS_MAX = 3
+
+# (participant_id, currency, for_shard, need_minor) -> granted_minor; raises
+# InsufficientLiquidity when the cap cannot cover it, Unavailable when the lender is away.
+Borrow = Callable[[str, str, int, int], int]
+
+
+def home_shard(participant_id: str, currency: str) -> int:
+    """The shard whose owner lends out the participant's cap in ``currency``."""
+    return shard_of(f"cap:{participant_id}", currency)
+
+
+def loan_minor(available_minor: int, need_minor: int) -> int:
+    """How much to lend for ``need_minor`` when ``available_minor`` of the cap is left."""
+    invariant(0 < need_minor <= available_minor, "a loan is made only when the cap covers it")
+    return need_minor + (available_minor - need_minor) // LEND_SPARE_DIVISOR
+
+
+@dataclass
+class _Payment:
+    record: PaymentRecord
+    done: threading.Event = field(default_factory=threading.Event)
+    busy: bool = False  # an attempt (first or resolver) is working on it
+    deciding: bool = False  # a decision entry is being committed
+    reversal_owed: bool = False
+
+
+class _Shard:
+    """One owned shard. ``lock`` guards payments and exposure; the chain is the
+    committer's alone once the shard serves."""
+
+    def __init__(self, shard: int, epoch: int) -> None:
+        self.shard = shard
+        self.epoch = epoch
+        self.lock = threading.Lock()
+        self.payments: dict[str, _Payment] = {}
+        self.exposure: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Cap headroom this shard may use, and (in a home shard) what it has lent out.
+        self.allowance: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.lent: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.chain: ChainBuilder | None = None
+        self.serving = threading.Event()
+        self.dropped = False
+        # Set when the chain read back does not verify: the shard is not served.
+        self.broken = ""
+
+    # Exposure: the payer's amount counts from the intent on; a decision other than
+    # APPROVED gives it back; an approval credits the payee.
+    def apply_intent(self, rec: PaymentRecord) -> None:
+        o = rec.order
+        self.exposure[(o.payer_id, o.amount.currency)] += o.amount.amount_minor
+
+    def apply_decision(self, rec: PaymentRecord, state: PaymentState) -> None:
+        o = rec.order
+        amount, ccy = o.amount.amount_minor, o.amount.currency
+        if state is PaymentState.APPROVED:
+            self.exposure[(o.payee_id, ccy)] -= amount
+        else:
+            self.exposure[(o.payer_id, ccy)] -= amount
+
+
+@dataclass
+class _Pending:
+    shard: int
+    epoch: int
+    kind: str
+    key: str
+    body: bytes
+    index_row: IndexRow | None
+    done: threading.Event = field(default_factory=threading.Event)
+    entry: LedgerEntry | None = None
+    ok: bool = False
+
+
+class ShardedStore:
+    """The payment store of a shard owner; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        zone: str,
+        ledger: LedgerStore,
+        participants: Callable[[], Mapping[str, Participant]],
+        still_owner: Callable[[int, int], bool],
+        relinquish: Callable[[int], None],
+        clock: Clock,
+        borrow: Borrow | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.zone = zone
+        self.ledger = ledger
+        self._participants = participants
+        self._still_owner = still_owner
+        self._relinquish = relinquish
+        self.clock = clock
+        # Through the router in a node; to this very store when none is given (tests).
+        self.borrow: Borrow = borrow or self.lend
+        self._shards: dict[int, _Shard] = {}
+        self._lock = threading.Lock()
+        self.committer = Committer(ledger, self)
+        # Set by the node: called with a payment that needs resolving (no live attempt).
+        self.on_unresolved: Callable[[PaymentRecord], None] = lambda rec: None
+        self.takeover_durations_s: deque[float] = deque(maxlen=256)
+
+    # -- ownership events ---------------------------------------------------------------
+
+    def take(self, shard: int, epoch: int, stop: threading.Event) -> bool:
+        """Take the shard over at ``epoch``: fence, rebuild, seal, serve. Retries storage
+        errors while this node still owns the shard; returns whether it serves."""
+        started = time.monotonic()
+        st = _Shard(shard, epoch)
+        with self._lock:
+            old = self._shards.get(shard)
+            self._shards[shard] = st
+        if old is not None:
+            self._drop(old)
+        while not stop.is_set() and not st.dropped:
+            if not self._still_owner(shard, epoch):
+                self._forget(st)
+                return False
+            try:
+                self._rebuild(st)
+            except Unavailable as e:
+                log.warning("shard %d epoch %d: takeover waits for storage: %s", shard, epoch, e)
+                stop.wait(TAKEOVER_RETRY_S)
+                continue
+            except InvariantViolation as e:
+                # Never build on a chain that does not verify: keep the shard claimed (so
+                # no other node builds on it either), refuse its requests, alert.
+                log.error("shard %d epoch %d NOT SERVED: its chain does not verify: %s",
+                          shard, epoch, e)  # fmt: skip
+                with st.lock:
+                    st.broken = str(e)
+                    st.serving.set()
+                return False
+            break
+        if st.dropped or stop.is_set():
+            self._forget(st)
+            return False
+        unresolved = []
+        with st.lock:
+            for p in st.payments.values():
+                if not p.record.is_final:
+                    p.busy = True
+                    unresolved.append(p.record)
+            st.serving.set()
+        took = time.monotonic() - started
+        self.takeover_durations_s.append(took)
+        log.info(
+            "shard %d epoch %d serving after %.2f s: %d payments, %d to resolve",
+            shard, epoch, took, len(st.payments), len(unresolved),
+        )  # fmt: skip
+        for rec in unresolved:
+            self.on_unresolved(rec)
+        return True
+
+    def _forget(self, st: _Shard) -> None:
+        with self._lock:
+            if self._shards.get(st.shard) is st:
+                del self._shards[st.shard]
+        self._drop(st)
+
+    def lose(self, shard: int) -> None:
+        """Ownership ended (lease lost or shard moved): forget the shard at once."""
+        with self._lock:
+            st = self._shards.pop(shard, None)
+        if st is not None:
+            self._drop(st)
+
+    def fail(self, shard: int, epoch: int) -> None:
+        """A commit of the shard was not acknowledged: stop serving it and give it back,
+        so that it is claimed again under a new epoch and rebuilt from the ledger."""
+        with self._lock:
+            st = self._shards.get(shard)
+            if st is None or st.epoch != epoch:
+                return
+            del self._shards[shard]
+        self._drop(st)
+        log.warning("shard %d epoch %d: commit not acknowledged; giving the shard up", shard, epoch)
+        self._relinquish(shard)
+
+    def _drop(self, st: _Shard) -> None:
+        with st.lock:
+            st.dropped = True
+            st.serving.set()  # waiters wake up and see it dropped
+            for p in st.payments.values():
+                p.done.set()
+
+    def owns(self, shard: int, epoch: int) -> bool:
+        """Whether this node serves ``shard`` under ``epoch`` right now."""
+        with self._lock:
+            st = self._shards.get(shard)
+        return st is not None and st.epoch == epoch and _live(st)
+
+    def owned(self) -> dict[int, int]:
+        """The shards this node serves now (taken over, chain verified), with epochs."""
+        with self._lock:
+            shards = list(self._shards.values())
+        return {st.shard: st.epoch for st in shards if _live(st)}
+
+    # -- takeover -----------------------------------------------------------------------
+
+    def _rebuild(self, st: _Shard) -> None:
+        self.ledger.fence(st.shard, st.epoch, self.node_id, self.clock())
+        entries, prev_epoch = read_chain(self.ledger, st.shard, below_epoch=st.epoch)
+        head_seq = entries[-1].seq if entries else FIRST_SEQ - 1
+        head_hash = entries[-1].entry_hash if entries else GENESIS_HASH
+        for e in entries:
+            self._replay_entry(st, e)
+        seal = Seal(st.shard, st.epoch, prev_epoch, head_seq + 1, head_hash)
+        self.ledger.write_seal(seal, self.node_id, self.clock())
+        st.chain = ChainBuilder(st.shard, st.epoch, head_seq + 1, head_hash)
+
+    def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
+        if e.kind == KIND_INTENT:
+            intent = Intent.decode(e.body)
+            order = order_from_canonical_bytes(intent.order_bytes)
+            rec = replace(_intent_record(order, intent, st.shard, e.seq), owner_epoch=st.epoch)
+            st.payments[e.payment_key] = _Payment(rec)
+            st.apply_intent(rec)
+        elif e.kind == KIND_DECISION:
+            p = st.payments[e.payment_key]
+            d = Decision.decode(e.body, e.payment_key)
+            event = PaymentEvent(d.state, d.at_us, d.zone, d.detail)
+            step = StepRecord(STEP_DECIDED, event, d.bank_ref)
+            p.record = replace(p.record.with_step(step), ledger_seq=e.seq)
+            p.reversal_owed = d.reversal_owed
+            st.apply_decision(p.record, d.state)
+            p.done.set()
+        elif e.kind == KIND_REVERSAL_CONFIRMED:
+            st.payments[e.payment_key].reversal_owed = False
+        elif e.kind == KIND_CAP_GRANT:
+            t = CapTransfer.decode(e.body)
+            st.lent[(t.participant_id, t.currency)] += t.amount_minor
+        elif e.kind == KIND_CAP_RECEIVE:
+            t = CapTransfer.decode(e.body)
+            st.allowance[(t.participant_id, t.currency)] += t.amount_minor
+        else:
+            invariant(False, f"shard {st.shard} seq {e.seq}: unknown entry kind {e.kind!r}")
+
+    # -- PaymentStore -------------------------------------------------------------------
+
+    def _serving(self, shard: int) -> _Shard:
+        with self._lock:
+            st = self._shards.get(shard)
+        if st is None:
+            raise Unavailable(
+                f"this node does not own shard {shard}",
+                retry_after_ms=200,
+                reason=Unavailable.NOT_SHARD_OWNER,
+            )
+        if not st.serving.wait(TAKEOVER_WAIT_S):
+            raise Unavailable(
+                f"shard {shard} is being taken over", retry_after_ms=1000, reason="SHARD_RECOVERING"
+            )
+        if st.dropped:
+            raise _not_owner(shard)
+        if st.broken:
+            raise Unavailable(
+                f"shard {shard} is out of service: its ledger chain does not verify",
+                retry_after_ms=60_000,
+                reason="SHARD_CHAIN_BROKEN",
+            )
+        return st
+
+    def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None:
+        st = self._serving(shard_of(institution_id, payment_id))
+        with st.lock:
+            p = st.payments.get(payment_key(institution_id, payment_id))
+            return p.record if p else None
+
+    def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
+        st = self._serving(record.shard)
+        o = record.order
+        payer = (o.payer_id, o.amount.currency)
+        for _ in range(BORROW_ROUNDS_MAX + 1):
+            with st.lock:
+                if st.dropped:
+                    raise _not_owner(st.shard)
+                existing = st.payments.get(record.key)
+                shortfall = st.exposure[payer] + o.amount.amount_minor - st.allowance[payer]
+                if existing is None and shortfall <= 0:
+                    record = replace(record, owner_epoch=st.epoch)
+                    row = IndexRow(o.institution_id, o.payment_id, record.received_at_us)
+                    body = _intent_of(record).encode()
+                    pending = self._enqueue(st, KIND_INTENT, record.key, body, row)
+                    p = _Payment(record, busy=True)
+                    st.payments[record.key] = p
+                    st.apply_intent(record)
+                    break
+            if existing is not None:
+                if existing.busy:  # an attempt or the resolver is on it: wait for it
+                    existing.done.wait(IN_FLIGHT_WAIT_S)
+                with st.lock:
+                    return existing.record, False
+            # Short of headroom: borrow from the payer's home shard, outside the lock.
+            granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall)
+            receipt = CapTransfer(
+                o.payer_id, o.amount.currency, home_shard(*payer), granted, self.clock()
+            )
+            with st.lock:
+                if st.dropped:
+                    raise _not_owner(st.shard)
+                # Recorded before any intent that relies on it (the queue keeps order).
+                self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode(), None)
+                st.allowance[payer] += granted
+        else:
+            raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
+        entry = self._await(pending)
+        with st.lock:
+            p.record = replace(p.record, ledger_seq=entry.seq)
+            return p.record, True
+
+    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+        """As the owner of the participant's home shard: lend cap headroom to a shard."""
+        st = self._serving(home_shard(participant_id, currency))
+        key = (participant_id, currency)
+        participant = self._participants().get(participant_id)
+        cap = participant.net_debit_cap(currency) if participant is not None else 0
+        with st.lock:
+            available = cap - st.lent[key]
+            if need_minor > available:
+                raise _cap_exceeded(participant_id, currency, f"{max(available, 0)} left")
+            granted = loan_minor(available, need_minor)
+            grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock())
+            pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode(), None)
+            st.lent[key] += granted
+        self._await(pending)
+        return granted
+
+    def decide(
+        self,
+        record: PaymentRecord,
+        step: StepRecord,
+        postings: Sequence[Posting],
+        *,
+        reversal_owed: bool = False,
+    ) -> PaymentRecord:
+        st = self._serving(record.shard)
+        with st.lock:
+            p = st.payments.get(record.key)
+            invariant(p is not None, f"{record.key}: decided before it began")
+            assert p is not None
+            if p.record.is_final:
+                return p.record  # decided already: the first decision stands
+            if record.owner_epoch != st.epoch:
+                # Begun under an earlier ownership of the shard: the takeover handed the
+                # payment to the resolver, whose decision is the one that counts.
+                raise Unavailable(
+                    f"{record.key}: the shard changed hands during this attempt; retry to "
+                    "learn the outcome",
+                    retry_after_ms=1000,
+                    reason="PAYMENT_IN_PROGRESS",
+                )
+            racing = p.deciding
+            p.deciding = True
+        if racing:
+            # Another attempt is writing its decision: the first one stands.
+            p.done.wait(COMMIT_WAIT_S)
+            with st.lock:
+                if p.record.is_final:
+                    return p.record
+            raise Unavailable(
+                f"{record.key}: another decision is being written", retry_after_ms=500,
+                reason="PAYMENT_IN_PROGRESS",
+            )  # fmt: skip
+        with st.lock:
+            ev, owed = step.event, reversal_owed
+            legs = tuple(postings)
+            d = Decision(ev.state, ev.at_us, ev.zone, ev.detail, step.bank_ref, owed, legs)
+            pending = self._enqueue(st, KIND_DECISION, record.key, d.encode(), None)
+        try:
+            entry = self._await(pending)
+        finally:
+            with st.lock:
+                p.deciding = False
+        with st.lock:
+            p.record = replace(p.record.with_step(step), ledger_seq=entry.seq)
+            p.reversal_owed = reversal_owed
+            p.busy = False
+            st.apply_decision(p.record, step.event.state)
+            p.done.set()
+            return p.record
+
+    def abandon(self, record: PaymentRecord) -> None:
+        with self._lock:
+            st = self._shards.get(record.shard)
+        if st is None or st.dropped:
+            return  # the next owner resolves it
+        with st.lock:
+            p = st.payments.get(record.key)
+            if p is None or p.record.is_final or record.owner_epoch != st.epoch:
+                return  # decided, or the takeover already handed it to the resolver
+            p.busy = True  # the resolver's now
+            rec = p.record
+        self.on_unresolved(rec)
+
+    def owed_reversals(self, limit: int) -> Sequence[OwedReversal]:
+        out: list[OwedReversal] = []
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        for st in shards:
+            with st.lock:
+                out += [
+                    OwedReversal(k, p.record.bank_id, p.record.switch_ref, 0)
+                    for k, p in st.payments.items()
+                    if p.reversal_owed
+                ]
+            if len(out) >= limit:
+                break
+        return out[:limit]
+
+    def confirm_reversal(self, owed: OwedReversal, at_us: int) -> None:
+        institution_id, _, payment_id = owed.payment_key.partition("/")
+        st = self._serving(shard_of(institution_id, payment_id))
+        body = ReversalConfirmed(at_us, self.zone).encode()
+        with st.lock:
+            p = st.payments.get(owed.payment_key)
+            if p is None or not p.reversal_owed:
+                return
+            pending = self._enqueue(st, KIND_REVERSAL_CONFIRMED, owed.payment_key, body, None)
+        self._await(pending)
+        with st.lock:
+            p.reversal_owed = False
+
+    # -- exposure ------------------------------------------------------------------------
+
+    def exposure(self) -> dict[tuple[str, str], int]:
+        """Net debit exposure per (participant, currency) over the shards owned here."""
+        out: defaultdict[tuple[str, str], int] = defaultdict(int)
+        with self._lock:
+            shards = list(self._shards.values())
+        for st in shards:
+            with st.lock:
+                for k, v in st.exposure.items():
+                    out[k] += v
+        return dict(out)
+
+    # -- commit plumbing ------------------------------------------------------------------
+
+    def _enqueue(
+        self, st: _Shard, kind: str, key: str, body: bytes, index_row: IndexRow | None
+    ) -> _Pending:
+        pending = _Pending(st.shard, st.epoch, kind, key, body, index_row)
+        self.committer.submit(pending)
+        return pending
+
+    def _await(self, pending: _Pending) -> LedgerEntry:
+        if not pending.done.wait(COMMIT_WAIT_S) or not pending.ok or pending.entry is None:
+            # Whether the entry landed is unknown: the shard's state in memory can no
+            # longer be trusted. Give it up; it comes back rebuilt from the ledger.
+            self.fail(pending.shard, pending.epoch)
+            raise Unavailable(
+                f"shard {pending.shard}: the ledger write was not acknowledged; retry with "
+                "the same payment id",
+                retry_after_ms=500,
+                reason="LEDGER_WRITE_NOT_ACKNOWLEDGED",
+            )
+        return pending.entry
+
+    def chain_for_commit(self, shard: int, epoch: int) -> ChainBuilder | None:
+        with self._lock:
+            st = self._shards.get(shard)
+        if st is None or st.epoch != epoch or st.dropped or st.chain is None:
+            return None
+        if not self._still_owner(shard, epoch):
+            return None
+        return st.chain
+
+
+class Committer:
+    """The group commit: one thread takes every queued entry, appends them to their
+    shards' chains, writes them all at once and acknowledges those that were fenced in."""
+
+    def __init__(self, ledger: LedgerStore, store: ShardedStore) -> None:
+        self.ledger = ledger
+        self.store = store
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.entries = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(COMMIT_WAIT_S)
+
+    def submit(self, pending: _Pending) -> None:
+        with self._cond:
+            if len(self._queue) >= COMMIT_QUEUE_ENTRIES_MAX:
+                raise ResourceExhausted(
+                    "the ledger commit queue is full",
+                    retry_after_ms=200,
+                    reason="COMMIT_QUEUE_FULL",
+                )
+            self._queue.append(pending)
+            self._cond.notify()
+
+    def _take(self) -> list[_Pending]:
+        with self._cond:
+            while not self._queue and not self._stop.is_set():
+                self._cond.wait(0.5)
+        time.sleep(COMMIT_LINGER_S)
+        with self._cond:
+            n = min(len(self._queue), COMMIT_ENTRIES_MAX)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take()
+            if batch:
+                try:
+                    self.commit_once(batch)
+                except Exception:
+                    log.exception("group commit failed")
+                    for p in batch:
+                        p.done.set()
+
+    def commit_once(self, batch: list[_Pending]) -> None:
+        by_shard: dict[tuple[int, int], list[_Pending]] = defaultdict(list)
+        for p in batch:
+            by_shard[(p.shard, p.epoch)].append(p)
+        writes: list[ShardWrite] = []
+        now = self.store.clock()
+        for (shard, epoch), items in by_shard.items():
+            chain = self.store.chain_for_commit(shard, epoch)
+            if chain is None:
+                for p in items:
+                    p.done.set()  # not ok: the shard is no longer ours at this epoch
+                continue
+            for p in items:
+                p.entry = chain.append(p.kind, p.key, p.body)
+            rows = [p.index_row for p in items if p.index_row is not None]
+            writes.append(ShardWrite(shard, epoch, now, [p.entry for p in items if p.entry], rows))
+        if not writes:
+            return
+        try:
+            acked = self.ledger.commit(writes)
+        except Exception:
+            log.warning("group commit of %d shards failed", len(writes), exc_info=True)
+            acked = {}
+        self.commits += 1
+        for w in writes:
+            ok = acked.get(w.shard, False)
+            for p in by_shard[(w.shard, w.epoch)]:
+                p.ok = ok
+                p.done.set()
+            if ok:
+                self.entries += len(w.entries)
+            else:
+                self.store.fail(w.shard, w.epoch)
+
+
+def _live(st: _Shard) -> bool:
+    return st.serving.is_set() and not st.dropped and not st.broken
+
+
+def _not_owner(shard: int) -> Unavailable:
+    return Unavailable(
+        f"this node no longer owns shard {shard}",
+        retry_after_ms=200,
+        reason=Unavailable.NOT_SHARD_OWNER,
+    )
+
+
+def _cap_exceeded(participant_id: str, currency: str, detail: str) -> InsufficientLiquidity:
+    return InsufficientLiquidity(
+        f"{participant_id} would exceed its net debit cap in {currency} ({detail})",
+        reason=InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED,
+    )
+
+
+def read_chain(
+    ledger: LedgerStore, shard: int, below_epoch: int | None = None
+) -> tuple[list[LedgerEntry], int]:
+    """The shard's chain as its seals define it, verified; and the newest sealed epoch.
+
+    Follows ``prev_epoch`` from the newest seal (below ``below_epoch``, if given) back to
+    the first; each epoch's part runs from its seal's start to the next seal's start
+    (the last part: as far as its entries are contiguous). Raises InvariantViolation if
+    the chain does not verify: an owner must not build on a broken chain.
+    """
+    seals = {
+        s.epoch: s for s in ledger.seals(shard) if below_epoch is None or s.epoch < below_epoch
+    }
+    segments: list[Seal] = []
+    cur = seals.get(max(seals)) if seals else None
+    while cur is not None:
+        segments.insert(0, cur)
+        if cur.prev_epoch == 0:
+            break
+        prev = seals.get(cur.prev_epoch)
+        invariant(prev is not None, f"shard {shard}: seal {cur.epoch} names a missing epoch")
+        cur = prev
+    entries: list[LedgerEntry] = []
+    for i, seg in enumerate(segments):
+        part = ledger.entries(shard, seg.epoch, seg.start_seq)
+        if i + 1 < len(segments):
+            end = segments[i + 1].start_seq  # the next owner's seal ends this part
+            part = [e for e in part if e.seq < end]
+            invariant(
+                (part[-1].seq if part else seg.start_seq - 1) == end - 1,
+                f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
+            )
+        entries += part
+    report = verify_chain(entries, FIRST_SEQ, GENESIS_HASH, shard=shard)
+    why = f"shard {shard}: chain broken at {report.broken_seq}: {report.detail}"
+    invariant(report.ok, why)
+    return entries, (segments[-1].epoch if segments else 0)
+
+
+def _intent_of(rec: PaymentRecord) -> Intent:
+    return Intent(
+        canonical_bytes(rec.order), rec.fingerprint, rec.bank_id, rec.received_zone,
+        rec.received_at_us, rec.switch_ref,
+    )  # fmt: skip
+
+
+def _intent_record(order: PaymentOrder, intent: Intent, shard: int, seq: int) -> PaymentRecord:
+    at, zone = intent.received_at_us, intent.zone
+    received = PaymentEvent(PaymentState.RECEIVED, at, zone, "")
+    routed = PaymentEvent(PaymentState.ROUTED, at, zone, f"to {intent.bank_id}")
+    return PaymentRecord(
+        order=order,
+        fingerprint=intent.fingerprint,
+        shard=shard,
+        switch_ref=intent.switch_ref,
+        bank_id=intent.bank_id,
+        received_zone=zone,
+        steps=(StepRecord(STEP_RECEIVED, received), StepRecord(STEP_ROUTED, routed)),
+        ledger_seq=seq,
+    )
+
+
+__all__ = [
+    "COMMIT_ENTRIES_MAX",
+    "Borrow",
+    "Committer",
+    "ShardedStore",
+    "home_shard",
+    "loan_minor",
+    "read_chain",
+]

@@ -1,0 +1,1032 @@
+"""The shard owner's store over an in-memory ledger: chains, takeover, fencing, caps.
+
+Each test drives :meth:`ShardedStore.take` itself, with ownership (``still_owner``)
+and ``relinquish`` under its control, and runs the stores' real group-commit threads
+against :class:`tests.fakes.FakeLedger`. A lender node owns the payers' home shards
+(where their net debit caps are lent out from); the nodes under test borrow from it.
+Waits are on events and futures, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from itertools import count
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clearinghouse._invariant import InvariantViolation
+from clearinghouse.domain import (
+    FailedPrecondition,
+    InsufficientLiquidity,
+    Money,
+    Participant,
+    ParticipantKind,
+    ParticipantStatus,
+    PaymentEvent,
+    PaymentOrder,
+    PaymentState,
+    PaymentType,
+    Unavailable,
+    canonical_bytes,
+    fingerprint,
+    postings_for,
+)
+from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
+from clearinghouse.domain.entries import (
+    KIND_CAP_GRANT,
+    KIND_CAP_RECEIVE,
+    KIND_DECISION,
+    KIND_INTENT,
+    KIND_REVERSAL_CONFIRMED,
+    CapTransfer,
+    Decision,
+    Intent,
+    ReversalConfirmed,
+    cap_key,
+)
+from clearinghouse.switch import shards
+from clearinghouse.switch.ports import BankAnswer, IndexRow, OwedReversal, Seal
+from clearinghouse.switch.processor import PaymentProcessor, Registry
+from clearinghouse.switch.records import (
+    SHARD_COUNT,
+    STEP_DECIDED,
+    PaymentRecord,
+    StepRecord,
+    payment_key,
+    shard_of,
+)
+from clearinghouse.switch.shards import (
+    LEND_SPARE_DIVISOR,
+    ShardedStore,
+    home_shard,
+    loan_minor,
+    read_chain,
+)
+from tests.fakes import START_US, FakeBank, FakeClock, FakeLedger, begun_record
+
+pytestmark = pytest.mark.unit
+
+S = PaymentState
+ZONE = "shanghai-a"
+INST = "inst-a"
+BANK = "bank-a"  # a payer with plenty of cap
+SMALL = "bank-b"  # a payer whose cap a few payments use up
+CAP = 10**9  # plenty: a shard's first loan covers many payments
+SMALL_CAP = 1_000
+CNY = "CNY"
+HOMES = {home_shard(p, c) for p in (BANK, SMALL) for c in (CNY, "USD")}
+SHARD, OTHER_SHARD, *SPARE_SHARDS = [s for s in range(SHARD_COUNT) if s not in HOMES][:6]
+BANK_CAP = cap_key(BANK, CNY)
+NOT_ACKED = "LEDGER_WRITE_NOT_ACKNOWLEDGED"
+WAIT_S = 5.0  # how long a test waits for something that should happen at once
+
+
+def _participant(pid: str, kind: ParticipantKind, cap: int) -> Participant:
+    is_bank = kind is ParticipantKind.BANK
+    return Participant(
+        participant_id=pid,
+        kind=kind,
+        name=pid.upper(),
+        status=ParticipantStatus.ACTIVE,
+        bank_code=pid.upper() if is_bank else None,
+        endpoint=f"{pid}.bank.test:7000" if is_bank else None,
+        currencies=frozenset({CNY, "USD"}),
+        net_debit_caps={CNY: cap},  # no USD cap: no net debit in USD at all
+        version=1,
+    )
+
+
+PARTICIPANTS = {
+    INST: _participant(INST, ParticipantKind.INSTITUTION, CAP),
+    BANK: _participant(BANK, ParticipantKind.BANK, CAP),
+    SMALL: _participant(SMALL, ParticipantKind.BANK, SMALL_CAP),
+}
+
+
+def ids_in(shard: int, n: int, prefix: str = "p") -> list[str]:
+    """``n`` payment ids of INST that fall in ``shard``."""
+    found = (f"{prefix}-{i}" for i in count() if shard_of(INST, f"{prefix}-{i}") == shard)
+    return [next(found) for _ in range(n)]
+
+
+def k(payment_id: str) -> str:
+    return payment_key(INST, payment_id)
+
+
+def debit(
+    payment_id: str, amount: int = 100, currency: str = CNY, payer: str = BANK
+) -> PaymentOrder:
+    """``payer`` (a bank) pays INST: its exposure grows by ``amount`` from the intent on."""
+    return PaymentOrder(
+        payment_id=payment_id,
+        institution_id=INST,
+        type=PaymentType.DEBIT,
+        payer_id=payer,
+        payee_id=INST,
+        bank_account="6222020000000001",
+        amount=Money(amount, currency),
+        memo="top-up",
+        requested_at_us=START_US - 1_000,
+    )
+
+
+def decision_step(state: PaymentState, at_us: int, bank_ref: str = "") -> StepRecord:
+    return StepRecord(STEP_DECIDED, PaymentEvent(state, at_us, ZONE, state.value), bank_ref)
+
+
+class Node:
+    """One switch node's store, with its ownership in the test's hands."""
+
+    def __init__(
+        self, node_id: str, ledger: FakeLedger, clock: FakeClock, borrow: shards.Borrow | None
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.epochs: dict[int, int] = {}  # what the node believes it owns
+        self.relinquished: list[int] = []
+        self.gave_up = threading.Event()
+        self.unresolved: list[PaymentRecord] = []
+        self.store = ShardedStore(
+            node_id=node_id,
+            zone=ZONE,
+            ledger=ledger,
+            participants=lambda: PARTICIPANTS,
+            still_owner=lambda shard, epoch: self.epochs.get(shard) == epoch,
+            relinquish=self._relinquish,
+            clock=clock,
+            borrow=borrow,
+        )
+        self.store.on_unresolved = self.unresolved.append
+        self.store.committer.start()
+
+    def _relinquish(self, shard: int) -> None:
+        self.relinquished.append(shard)
+        self.gave_up.set()
+
+    def take(self, shard: int, epoch: int) -> bool:
+        self.epochs[shard] = epoch
+        return self.store.take(shard, epoch, threading.Event())
+
+    def begin(self, order: PaymentOrder) -> tuple[PaymentRecord, bool]:
+        return self.store.begin(begun_record(order, at_us=self.clock(), zone=ZONE))
+
+    def decide(
+        self, rec: PaymentRecord, state: PaymentState, *, owed: bool = False, bank_ref: str = ""
+    ) -> PaymentRecord:
+        postings = postings_for(rec.key, rec.order, state, from_state=S.ROUTED)
+        step = decision_step(state, self.clock(), bank_ref)
+        return self.store.decide(rec, step, postings, reversal_owed=owed)
+
+    def load(self, payment_id: str) -> PaymentRecord | None:
+        return self.store.load(INST, payment_id)
+
+
+class World:
+    """One ledger, one clock, the nodes; ``lender`` owns every payer's home shard."""
+
+    def __init__(self) -> None:
+        self.ledger = FakeLedger()
+        self.clock = FakeClock()
+        self.nodes: list[Node] = []
+        self.loans: list[tuple[str, str, int, int]] = []  # what was asked of a lender
+        self.lender = self.node("lender")
+        for home in sorted(HOMES):
+            assert self.lender.take(home, 1)
+
+    def node(self, node_id: str, *, own_lender: bool = False) -> Node:
+        n = Node(node_id, self.ledger, self.clock, None if own_lender else self.borrow)
+        self.nodes.append(n)
+        return n
+
+    def borrow(self, participant_id: str, currency: str, for_shard: int, need: int) -> int:
+        """The router's part: find the home shard's owner and ask it to lend."""
+        self.loans.append((participant_id, currency, for_shard, need))
+        home = home_shard(participant_id, currency)
+        for n in reversed(self.nodes):
+            if home in n.store.owned():
+                return n.store.lend(participant_id, currency, for_shard, need)
+        raise Unavailable("no owner of the home shard", reason=Unavailable.NOT_SHARD_OWNER)
+
+    def chain(self, shard: int = SHARD) -> list[LedgerEntry]:
+        entries, _ = read_chain(self.ledger, shard)
+        return entries
+
+    def transfers(self, shard: int, kind: str) -> list[CapTransfer]:
+        return [CapTransfer.decode(e.body) for e in self.chain(shard) if e.kind == kind]
+
+
+@pytest.fixture()
+def world() -> Iterator[World]:
+    w = World()
+    yield w
+    for n in w.nodes:
+        n.store.committer.stop()
+
+
+def summary(entries: list[LedgerEntry]) -> list[tuple[int, int, str, str]]:
+    return [(e.seq, e.epoch, e.kind, e.payment_key) for e in entries]
+
+
+def test_the_shards_used_here() -> None:
+    assert {SHARD, OTHER_SHARD}.isdisjoint(HOMES)
+    assert len({SHARD, OTHER_SHARD, *SPARE_SHARDS}) == 6
+    assert all(shard_of(INST, pid) == SHARD for pid in ids_in(SHARD, 5))
+    assert len(set(ids_in(SHARD, 5))) == 5
+
+
+# -- one owner -------------------------------------------------------------------------------
+
+
+def test_a_new_shard_serves_and_chains_its_entries(world: World) -> None:
+    a = world.node("node-a")
+    assert a.take(SHARD, 10) is True
+    assert a.store.owned() == {SHARD: 10}
+    assert world.ledger.fences[SHARD] == {10: "node-a"}
+    assert world.ledger.seals(SHARD) == [Seal(SHARD, 10, 0, FIRST_SEQ, GENESIS_HASH)]
+    (pid,) = ids_in(SHARD, 1)
+    order = debit(pid, 250)
+    rec = begun_record(order, at_us=world.clock(), zone=ZONE)
+
+    stored, won = a.store.begin(rec)
+
+    # A new shard has no allowance yet: it borrows from the payer's home shard first.
+    assert (stored, won) == (replace(rec, ledger_seq=2, owner_epoch=10), True)
+    assert a.load(pid) == stored
+    world.clock.advance(1)
+    postings = postings_for(rec.key, order, S.APPROVED, from_state=S.ROUTED)
+    step = decision_step(S.APPROVED, world.clock(), "BANKREF1")
+
+    decided = a.store.decide(stored, step, postings)
+
+    assert decided == replace(stored.with_step(step), ledger_seq=3)
+    assert decided.state is S.APPROVED
+    assert a.load(pid) == decided
+    entries = world.ledger.partition(SHARD, 10)
+    assert summary(entries) == [
+        (1, 10, KIND_CAP_RECEIVE, BANK_CAP),
+        (2, 10, KIND_INTENT, k(pid)),
+        (3, 10, KIND_DECISION, k(pid)),
+    ]
+    report = verify_chain(entries, FIRST_SEQ, GENESIS_HASH, shard=SHARD)
+    assert (report.ok, report.verified) == (True, 3)
+    assert [e.prev_hash for e in entries[1:]] == [e.entry_hash for e in entries[:-1]]
+    loan = loan_minor(CAP, 250)
+    home = home_shard(BANK, CNY)
+    assert world.loans == [(BANK, CNY, SHARD, 250)]
+    assert CapTransfer.decode(entries[0].body) == CapTransfer(BANK, CNY, home, loan, START_US)
+    assert world.transfers(home, KIND_CAP_GRANT) == [CapTransfer(BANK, CNY, SHARD, loan, START_US)]
+    assert Intent.decode(entries[1].body) == Intent(
+        canonical_bytes(order), fingerprint(order), BANK, ZONE, START_US, rec.switch_ref
+    )
+    assert Decision.decode(entries[2].body, rec.key) == Decision(
+        S.APPROVED, START_US + 1_000_000, ZONE, "APPROVED", "BANKREF1", False, postings
+    )
+    assert read_chain(world.ledger, SHARD) == (entries, 10)
+    assert world.ledger.index_rows == [IndexRow(INST, pid, START_US)]  # one, for the intent
+    assert all(c.acknowledged for c in world.ledger.commits)
+
+
+def test_a_store_lends_to_itself_when_it_owns_the_home_shard(world: World) -> None:
+    solo = world.node("node-solo", own_lender=True)
+    home = home_shard(BANK, CNY)
+    world.lender.store.lose(home)
+    solo.take(home, 2)
+    solo.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+
+    assert solo.begin(debit(pid, 100))[1] is True
+
+    assert world.loans == []  # not through the router
+    loan = loan_minor(CAP, 100)
+    assert world.transfers(home, KIND_CAP_GRANT) == [CapTransfer(BANK, CNY, SHARD, loan, START_US)]
+    assert world.transfers(SHARD, KIND_CAP_RECEIVE) == [
+        CapTransfer(BANK, CNY, home, loan, START_US)
+    ]
+
+
+def test_a_second_decision_leaves_the_first_standing(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    stored, _ = a.begin(debit(pid))
+    first = a.decide(stored, S.DECLINED)
+
+    again = a.decide(stored, S.APPROVED)
+
+    assert again == first
+    assert again.state is S.DECLINED
+    assert [e.kind for e in world.chain()] == [KIND_CAP_RECEIVE, KIND_INTENT, KIND_DECISION]
+
+
+def test_begin_of_a_known_payment_returns_it_and_writes_nothing(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    stored, _ = a.begin(debit(pid))
+    decided = a.decide(stored, S.APPROVED)
+    world.clock.advance(30)
+    written = world.chain()
+
+    assert a.begin(debit(pid)) == (decided, False)
+    # Also with another payload, even one past the allowance: the store reports what it
+    # holds (the processor compares fingerprints), and borrows nothing for it.
+    assert a.begin(debit(pid, amount=CAP)) == (decided, False)
+    assert world.chain() == written
+    assert len(world.loans) == 1
+    assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+
+
+def test_begin_of_an_in_flight_payment_waits_for_its_decision(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    stored, _ = a.begin(debit(pid))
+    with ThreadPoolExecutor(1) as pool:
+        duplicate = pool.submit(a.begin, debit(pid))
+        with pytest.raises(TimeoutError):
+            duplicate.result(timeout=0.05)  # it waits rather than answer "undecided"
+
+        decided = a.decide(stored, S.APPROVED)
+
+        assert duplicate.result(timeout=WAIT_S) == (decided, False)
+    assert decided.state is S.APPROVED
+
+
+def test_a_shard_not_owned_here_is_refused(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(OTHER_SHARD, 1)
+    for call in (lambda: a.begin(debit(pid)), lambda: a.load(pid)):
+        with pytest.raises(Unavailable) as err:
+            call()
+        assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+    assert world.chain(OTHER_SHARD) == []
+
+
+def test_lose_stops_serving_and_wakes_waiters(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    stored, _ = a.begin(debit(pid))
+    with ThreadPoolExecutor(1) as pool:
+        duplicate = pool.submit(a.begin, debit(pid))
+        with pytest.raises(TimeoutError):
+            duplicate.result(timeout=0.05)
+
+        a.store.lose(SHARD)
+
+        assert duplicate.result(timeout=WAIT_S) == (stored, False)  # still undecided
+    assert a.store.owned() == {}
+    with pytest.raises(Unavailable) as err:
+        a.decide(stored, S.APPROVED)
+    assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+    a.store.abandon(stored)  # nothing to hand on: the next owner resolves it
+    assert a.unresolved == []
+    assert a.relinquished == []  # lost, not given up
+
+
+def test_abandon_hands_an_undecided_payment_to_on_unresolved(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    open_id, done_id = ids_in(SHARD, 2)
+    open_rec, _ = a.begin(debit(open_id))
+    done_rec, _ = a.begin(debit(done_id))
+    decided = a.decide(done_rec, S.DECLINED)
+
+    a.store.abandon(open_rec)
+    a.store.abandon(decided)
+    a.store.abandon(done_rec)  # a stale copy: the store knows it is decided
+
+    assert a.unresolved == [open_rec]
+
+
+def test_an_owed_reversal_is_recorded_and_its_confirmation_chained(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    stored, _ = a.begin(debit(pid))
+    a.decide(stored, S.FAILED, owed=True)
+    owed = OwedReversal(stored.key, BANK, stored.switch_ref, 0)
+    assert a.store.owed_reversals(10) == [owed]
+
+    a.store.confirm_reversal(owed, START_US + 7)
+    a.store.confirm_reversal(owed, START_US + 8)  # confirmed already: nothing written
+
+    assert a.store.owed_reversals(10) == []
+    entries = world.chain()
+    assert [e.kind for e in entries][1:] == [KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED]
+    assert ReversalConfirmed.decode(entries[-1].body) == ReversalConfirmed(START_US + 7, ZONE)
+
+
+# -- takeover ----------------------------------------------------------------------------------
+
+
+def test_takeover_rebuilds_the_shard_and_continues_its_chain(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    approved, declined, in_flight, owed, confirmed = ids_in(SHARD, 5)
+    r, _ = a.begin(debit(approved, 100))
+    a.decide(r, S.APPROVED, bank_ref="B-1")
+    r, _ = a.begin(debit(declined, 200))
+    a.decide(r, S.DECLINED)
+    a.begin(debit(in_flight, 300))
+    r, _ = a.begin(debit(owed, 400))
+    a.decide(r, S.FAILED, owed=True)
+    r, _ = a.begin(debit(confirmed, 50))
+    a.decide(r, S.FAILED, owed=True)
+    a.store.confirm_reversal(OwedReversal(r.key, BANK, r.switch_ref, 0), world.clock())
+    ids = [approved, declined, in_flight, owed, confirmed]
+    before = {pid: a.load(pid) for pid in ids}
+    exposure = {(BANK, CNY): 100 + 300, (INST, CNY): -100}
+    assert a.store.exposure() == exposure
+    allowance = sum(t.amount_minor for t in world.transfers(SHARD, KIND_CAP_RECEIVE))
+    written = world.ledger.partition(SHARD, 10)
+    head = written[-1]
+    assert head.kind == KIND_REVERSAL_CONFIRMED
+    assert sum(e.kind != KIND_CAP_RECEIVE for e in written) == 5 + 4 + 1
+    a.store.lose(SHARD)  # node-a's lease ran out; node-b claims the shard
+
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is True
+
+    assert b.store.owned() == {SHARD: 20}
+    # The same payments, now under node-b's epoch.
+    assert {pid: b.load(pid) for pid in ids} == {
+        pid: replace(r, owner_epoch=20) for pid, r in before.items()
+    }
+    assert b.store.exposure() == exposure
+    assert b.unresolved == [replace(before[in_flight], owner_epoch=20)]
+    owed_rec = before[owed]
+    assert owed_rec is not None
+    assert b.store.owed_reversals(10) == [OwedReversal(owed_rec.key, BANK, owed_rec.switch_ref, 0)]
+    n = head.seq
+    assert Seal(SHARD, 20, 10, n + 1, head.entry_hash) in world.ledger.seals(SHARD)
+    assert world.ledger.fences[SHARD] == {10: "node-a", 20: "node-b"}
+
+    open_rec = b.unresolved[0]  # as the resolver gets it, under node-b's epoch
+    decided = b.decide(open_rec, S.APPROVED)
+    # The allowance came back with the shard: what is left of it needs no new loan.
+    room = allowance - 400
+    assert room > 0
+    fits, short = ids_in(SHARD, 2, prefix="new")
+    loans = len(world.loans)
+    fresh, won = b.begin(debit(fits, room))
+    assert (decided.ledger_seq, fresh.ledger_seq, won) == (n + 1, n + 2, True)
+    assert len(world.loans) == loans
+    b.begin(debit(short, 1))
+    assert world.loans[-1] == (BANK, CNY, SHARD, 1)
+
+    entries, newest = read_chain(world.ledger, SHARD)
+    assert newest == 20
+    assert [e.seq for e in entries] == list(range(1, n + 5))
+    assert [e.epoch for e in entries] == [10] * n + [20] * 4
+    assert [e.kind for e in entries[n:]] == [
+        KIND_DECISION, KIND_INTENT, KIND_CAP_RECEIVE, KIND_INTENT,
+    ]  # fmt: skip
+    assert entries[n].prev_hash == head.entry_hash
+    assert b.store.exposure() == {(BANK, CNY): allowance + 1, (INST, CNY): -400}
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(fits))
+    assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+
+
+def test_a_fenced_owner_is_not_acknowledged_and_its_late_entry_is_cut_off(
+    world: World,
+) -> None:
+    a, b = world.node("node-a"), world.node("node-b")
+    a.take(SHARD, 10)
+    first, late, next_ = ids_in(SHARD, 3)
+    r, _ = a.begin(debit(first))
+    a.decide(r, S.APPROVED)  # seq 1 (loan received), 2, 3
+    # node-b takes the shard over; node-a has not noticed (its lease looks alive to it).
+    assert b.take(SHARD, 20) is True
+    head = world.ledger.partition(SHARD, 10)[-1]
+    assert world.ledger.seals(SHARD)[-1] == Seal(SHARD, 20, 10, 4, head.entry_hash)
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(late))  # within node-a's allowance: just the intent
+
+    assert err.value.reason == NOT_ACKED
+    assert a.gave_up.wait(WAIT_S)
+    assert a.relinquished == [SHARD]
+    assert a.store.owned() == {}
+    # The write itself landed, in node-a's partition, past node-b's seal.
+    stale = world.ledger.partition(SHARD, 10)
+    assert summary(stale)[-1] == (4, 10, KIND_INTENT, k(late))
+    assert world.ledger.commits[-1].acknowledged is False
+    assert b.load(late) is None
+
+    mine, _ = b.begin(debit(next_))
+
+    assert mine.ledger_seq == 4
+    entries = world.chain()
+    assert summary(entries) == [
+        (1, 10, KIND_CAP_RECEIVE, BANK_CAP),
+        (2, 10, KIND_INTENT, k(first)),
+        (3, 10, KIND_DECISION, k(first)),
+        (4, 20, KIND_INTENT, k(next_)),
+    ]
+    # A third owner rebuilds from the chain the seals define: no trace of the late write.
+    b.store.lose(SHARD)
+    c = world.node("node-c")
+    assert c.take(SHARD, 30) is True
+    assert c.load(late) is None
+    assert c.load(next_) == replace(mine, owner_epoch=30)
+    assert c.unresolved == [replace(mine, owner_epoch=30)]
+    assert c.store.exposure() == {(BANK, CNY): 200, (INST, CNY): -100}
+    assert world.ledger.seals(SHARD)[-1] == Seal(SHARD, 30, 20, 5, entries[-1].entry_hash)
+    with pytest.raises(Unavailable) as again:
+        a.begin(debit(late))
+    assert again.value.reason == Unavailable.NOT_SHARD_OWNER
+
+
+def test_a_write_the_new_owner_read_is_kept_though_never_acknowledged(world: World) -> None:
+    """node-b fences and rebuilds between node-a's write and node-a's fence check: the
+    write is part of node-b's state (and resolved there), and node-a does not ack it."""
+    a, b = world.node("node-a"), world.node("node-b")
+    a.take(SHARD, 10)
+    first, raced = ids_in(SHARD, 2)
+    r, _ = a.begin(debit(first))
+    a.decide(r, S.APPROVED)  # seq 1, 2, 3
+    took: list[bool] = []
+
+    def takeover_in_between(_writes: object) -> None:
+        if not took:
+            took.append(b.take(SHARD, 20))
+
+    world.ledger.between_write_and_check = takeover_in_between
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(raced, 300))
+
+    assert err.value.reason == NOT_ACKED
+    assert took == [True]
+    assert a.gave_up.wait(WAIT_S)
+    (left,) = b.unresolved
+    assert (left.order.payment_id, left.ledger_seq, left.state) == (raced, 4, S.ROUTED)
+    assert b.store.exposure() == {(BANK, CNY): 100 + 300, (INST, CNY): -100}
+    assert world.ledger.seals(SHARD)[-1].start_seq == 5
+    resolved = b.decide(left, S.REVERSED)
+    assert resolved.ledger_seq == 5
+    assert summary(world.chain())[3:] == [
+        (4, 10, KIND_INTENT, k(raced)),
+        (5, 20, KIND_DECISION, k(raced)),
+    ]
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["lost", "landed"])
+def test_a_failed_commit_gives_the_shard_up_to_be_rebuilt(world: World, applied: bool) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    warm, pid = ids_in(SHARD, 2)
+    r, _ = a.begin(debit(warm))  # the shard has an allowance: the next begin only writes
+    a.decide(r, S.APPROVED)  # its intent (seq 1, 2, 3)
+    world.ledger.fail_next_commit(applied=applied, shard=SHARD)
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(pid))
+
+    assert err.value.reason == NOT_ACKED
+    assert a.gave_up.wait(WAIT_S)
+    assert (a.relinquished, a.store.owned()) == ([SHARD], {})
+    assert len(world.ledger.partition(SHARD, 10)) == 3 + int(applied)
+
+    # The protocol claims it again under a new epoch; the ledger decides what happened.
+    assert a.take(SHARD, 11) is True
+    if applied:
+        (left,) = a.unresolved
+        assert left == a.load(pid)
+        assert (left.ledger_seq, left.state) == (4, S.ROUTED)
+        assert world.ledger.seals(SHARD)[-1].start_seq == 5
+    else:
+        assert a.load(pid) is None
+        assert a.unresolved == []
+        assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+        again, won = a.begin(debit(pid))
+        assert (again.ledger_seq, won) == (4, True)
+        assert summary(world.chain())[3:] == [(4, 11, KIND_INTENT, k(pid))]
+
+
+def test_take_retries_storage_errors_while_it_owns_the_shard(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "TAKEOVER_RETRY_S", 0.001)
+    a = world.node("node-a")
+    calls = world.ledger.calls["fence"], world.ledger.calls["seals"]
+    world.ledger.fail_next("seals", 2)
+
+    assert a.take(SHARD, 10) is True
+
+    assert (world.ledger.calls["fence"], world.ledger.calls["seals"]) == (
+        calls[0] + 3,
+        calls[1] + 3,
+    )
+    assert a.store.owned() == {SHARD: 10}
+
+
+def test_take_gives_up_a_shard_it_no_longer_owns(world: World) -> None:
+    a = world.node("node-a")
+    a.epochs[SHARD] = 11  # the agent has moved on to another epoch already
+
+    assert a.store.take(SHARD, 10, threading.Event()) is False
+
+    assert SHARD not in world.ledger.fences
+    (pid,) = ids_in(SHARD, 1)
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(pid))
+    assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+
+
+def test_takeover_refuses_to_build_on_a_broken_chain(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid))
+    a.decide(r, S.APPROVED)
+    a.store.lose(SHARD)
+    world.ledger.tamper(SHARD, 10, 3, Decision(S.DECLINED, 1, ZONE, "", "", False, ()).encode())
+    b = world.node("node-b")
+
+    assert b.take(SHARD, 20) is False
+
+    assert b.store.owned() == {}
+    assert [s.epoch for s in world.ledger.seals(SHARD)] == [10]  # nothing built on it
+    # The shard stays claimed by node-b (no other node builds on it) and is refused.
+    with pytest.raises(Unavailable) as err:
+        b.begin(debit(pid))
+    assert err.value.reason == "SHARD_CHAIN_BROKEN"
+    with pytest.raises(InvariantViolation, match="chain broken at 3"):
+        read_chain(world.ledger, SHARD)
+
+
+# -- net debit caps --------------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(st.integers(1, 10**15), st.integers(0, 10**15))
+def test_a_loan_covers_the_need_and_a_share_of_what_is_left(need: int, extra: int) -> None:
+    available = need + extra
+    loan = loan_minor(available, need)
+    assert need <= loan <= available
+    assert loan - need == extra // LEND_SPARE_DIVISOR
+
+
+@pytest.mark.parametrize(("available", "need"), [(10, 11), (10, 0), (0, 1), (5, -1)])
+def test_a_loan_the_cap_cannot_cover_is_never_made(available: int, need: int) -> None:
+    with pytest.raises(InvariantViolation):
+        loan_minor(available, need)
+
+
+@settings(deadline=None)
+@given(st.integers(0, 10**9), st.lists(st.integers(1, 10**7), max_size=80))
+def test_loans_never_sum_past_the_cap(cap: int, needs: list[int]) -> None:
+    lent = 0
+    for need in needs:
+        available = cap - lent
+        if need <= available:
+            lent += loan_minor(available, need)
+        assert 0 <= lent <= cap
+
+
+def test_a_shard_borrows_only_when_its_allowance_falls_short(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    home = home_shard(BANK, CNY)
+    first = loan_minor(CAP, 100)
+
+    a.begin(debit(p1, 100))
+    a.begin(debit(p2, first - 100))  # exactly what is left of the allowance
+    assert world.loans == [(BANK, CNY, SHARD, 100)]
+    a.begin(debit(p3, 50))  # short by 50
+
+    second = loan_minor(CAP - first, 50)
+    assert world.loans == [(BANK, CNY, SHARD, 100), (BANK, CNY, SHARD, 50)]
+    assert world.transfers(home, KIND_CAP_GRANT) == [
+        CapTransfer(BANK, CNY, SHARD, first, START_US),
+        CapTransfer(BANK, CNY, SHARD, second, START_US),
+    ]
+    assert [e.kind for e in world.chain()] == [
+        KIND_CAP_RECEIVE, KIND_INTENT, KIND_INTENT, KIND_CAP_RECEIVE, KIND_INTENT,
+    ]  # fmt: skip
+    assert [t.amount_minor for t in world.transfers(SHARD, KIND_CAP_RECEIVE)] == [first, second]
+
+
+def test_begin_past_the_payers_cap_is_refused_and_writes_nothing(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    full, over = ids_in(SHARD, 2)
+    (elsewhere,) = ids_in(OTHER_SHARD, 1)
+    first = loan_minor(SMALL_CAP, 700)
+    a.begin(debit(full, 700, payer=SMALL))
+    a.begin(debit(elsewhere, SMALL_CAP - first, payer=SMALL))  # the rest of the cap
+    home = home_shard(SMALL, CNY)
+    grants = world.transfers(home, KIND_CAP_GRANT)
+    assert [t.amount_minor for t in grants] == [first, SMALL_CAP - first]
+    written = world.chain()
+
+    with pytest.raises(InsufficientLiquidity) as err:
+        a.begin(debit(over, first - 700 + 1, payer=SMALL))  # 1 more than this shard holds
+
+    assert isinstance(err.value, FailedPrecondition)
+    assert err.value.reason == InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED
+    assert "0 left" in str(err.value)
+    assert a.load(over) is None
+    assert world.chain() == written
+    assert world.transfers(home, KIND_CAP_GRANT) == grants
+    assert a.store.exposure() == {(SMALL, CNY): 700 + SMALL_CAP - first}
+
+
+def test_a_payer_without_a_cap_in_the_currency_is_refused(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(pid, 1, currency="USD"))
+
+    assert world.loans == [(BANK, "USD", SHARD, 1)]
+    assert world.chain() == []
+    assert world.chain(home_shard(BANK, "USD")) == []
+
+
+def test_a_shard_short_of_headroom_needs_its_lender(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    world.lender.store.lose(home_shard(BANK, CNY))
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(pid))
+
+    assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+    assert a.load(pid) is None  # no payment is left half begun
+    assert a.store.exposure() in ({}, {(BANK, CNY): 0})
+    assert world.chain() == []
+
+
+@pytest.mark.parametrize("release", [S.DECLINED, S.FAILED, S.REVERSED])
+def test_a_decision_other_than_approved_gives_the_reservation_back(
+    world: World, release: PaymentState
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    r1, _ = a.begin(debit(p1, SMALL_CAP, payer=SMALL))  # borrows the whole cap
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p2, 1, payer=SMALL))
+
+    a.decide(r1, release)
+
+    assert a.store.exposure() == {(SMALL, CNY): 0}
+    r2, won = a.begin(debit(p2, SMALL_CAP, payer=SMALL))
+    assert won
+    assert len(world.transfers(home_shard(SMALL, CNY), KIND_CAP_GRANT)) == 1  # no new loan
+    a.decide(r2, S.APPROVED)  # an approval keeps it, and credits the payee
+    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): -SMALL_CAP}
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p3, 1, payer=SMALL))
+
+
+def _approved(e: LedgerEntry) -> bool:
+    return Decision.decode(e.body, e.payment_key).state is S.APPROVED
+
+
+def _replay_limits(
+    world: World, shard: int, payer: str, amounts: dict[str, int]
+) -> tuple[int, int]:
+    """Replay a shard's chain in order: the payer's highest exposure minus allowance (never
+    positive if the caps hold), and its allowance at the end."""
+    exposure = allowance = 0
+    worst = -(10**18)
+    for e in world.chain(shard):
+        if e.kind == KIND_CAP_RECEIVE:
+            t = CapTransfer.decode(e.body)
+            if t.participant_id == payer:
+                allowance += t.amount_minor
+        elif e.kind == KIND_INTENT:
+            exposure += amounts[e.payment_key]
+        elif e.kind == KIND_DECISION and not _approved(e):
+            exposure -= amounts[e.payment_key]
+        worst = max(worst, exposure - allowance)
+    return worst, allowance
+
+
+def test_concurrent_begins_over_many_shards_never_pass_the_cap(world: World) -> None:
+    a = world.node("node-a")
+    spread = [SHARD, OTHER_SHARD, *SPARE_SHARDS]
+    for shard in spread:
+        a.take(shard, 10)
+    threads, per_thread, amount = 32, 2, 50  # 3200 asked for, 1000 of cap
+    ids = [pid for shard in spread for pid in ids_in(shard, threads * per_thread // 6 + 1)]
+    start = threading.Barrier(threads)
+
+    def worker(t: int) -> int:
+        start.wait(WAIT_S)
+        got = 0
+        for i in range(per_thread):
+            pid = ids[t * per_thread + i]
+            with contextlib.suppress(InsufficientLiquidity):
+                got += a.begin(debit(pid, amount, payer=SMALL))[1]
+        return got
+
+    with ThreadPoolExecutor(threads) as pool:
+        accepted = sum(pool.map(worker, range(threads))) * amount
+
+    lent = sum(t.amount_minor for t in world.transfers(home_shard(SMALL, CNY), KIND_CAP_GRANT))
+    assert accepted <= lent <= SMALL_CAP
+    assert accepted >= SMALL_CAP // 2  # lending does not strand most of the cap
+    assert a.store.exposure() == {(SMALL, CNY): accepted}
+    received = 0
+    for shard in spread:
+        mine = [t for t in world.transfers(shard, KIND_CAP_RECEIVE) if t.participant_id == SMALL]
+        allowance = sum(t.amount_minor for t in mine)
+        intents = [e for e in world.chain(shard) if e.kind == KIND_INTENT]
+        assert len(intents) * amount <= allowance
+        received += allowance
+    assert received == lent  # every loan was taken in; none was lost
+
+
+def test_concurrent_traffic_keeps_the_shard_within_its_allowance(world: World) -> None:
+    """Begins and decisions from many threads: replaying the shard's chain in order, the
+    payer's exposure never passes what the shard had borrowed, and memory matches."""
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    threads, per_thread = 12, 8
+    ids = ids_in(SHARD, threads * per_thread)
+    amounts = {k(pid): 60 + 10 * (n % 5) for n, pid in enumerate(ids)}
+    start = threading.Barrier(threads)
+
+    def worker(t: int) -> None:
+        start.wait(WAIT_S)
+        for i in range(per_thread):
+            pid = ids[t * per_thread + i]
+            try:
+                rec, _ = a.begin(debit(pid, amounts[k(pid)], payer=SMALL))
+            except InsufficientLiquidity:
+                continue
+            a.decide(rec, S.APPROVED if (t + i) % 4 == 0 else S.DECLINED)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(worker, range(threads)))
+
+    worst, allowance = _replay_limits(world, SHARD, SMALL, amounts)
+    assert worst <= 0
+    assert allowance <= SMALL_CAP
+    chain = world.chain()
+    assert sum(e.kind == KIND_INTENT for e in chain) > SMALL_CAP // 100  # declines freed room
+    approved = sum(
+        amounts[e.payment_key] for e in chain if e.kind == KIND_DECISION and _approved(e)
+    )
+    assert approved > 0
+    assert a.store.exposure() == {(SMALL, CNY): approved, (INST, CNY): -approved}
+
+
+# -- the processor on the owner's store ------------------------------------------------------
+
+
+class Owner:
+    """A processor over a node's store."""
+
+    def __init__(self, node: Node, bank: FakeBank, clock: FakeClock) -> None:
+        self.node = node
+        self.processor = PaymentProcessor(
+            zone=ZONE,
+            store=node.store,
+            bank=bank,
+            registry=Registry(PARTICIPANTS),
+            clock=clock,
+            sleep=clock.sleep,
+            max_amount_minor=10**9,
+        )
+        self.resolved: list[PaymentRecord] = []
+
+    def resolve_now(self) -> Callable[[PaymentRecord], None]:
+        """An ``on_unresolved`` that resolves at once (a node does it in a pool)."""
+
+        def resolve(rec: PaymentRecord) -> None:
+            self.resolved.append(self.processor.resolve(rec))
+
+        return resolve
+
+
+def test_processor_decides_and_replays_through_the_owner_store(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    bank = FakeBank(world.clock)
+    owner = Owner(a, bank, world.clock)
+    (pid,) = ids_in(SHARD, 1)
+
+    res = owner.processor.submit(debit(pid))
+
+    assert (res.replayed, res.record.state, res.record.ledger_seq) == (False, S.APPROVED, 3)
+    assert owner.processor.submit(debit(pid)).record == res.record
+    assert bank.calls["transfer"] == 1
+    assert [e.kind for e in world.chain()] == [KIND_CAP_RECEIVE, KIND_INTENT, KIND_DECISION]
+
+
+def test_processor_hands_a_late_attempt_to_the_resolver_through_the_store(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    bank = FakeBank(world.clock)
+    bank.latency_s = 21.0  # approves, but answers after the decision bound
+    owner = Owner(a, bank, world.clock)
+    (pid,) = ids_in(SHARD, 1)
+
+    with pytest.raises(Unavailable) as err:
+        owner.processor.submit(debit(pid))
+
+    assert err.value.reason == "PAYMENT_IN_PROGRESS"
+    (left,) = a.unresolved
+    assert (left.state, left.ledger_seq) == (S.ROUTED, 2)
+    resolved = owner.processor.resolve(left)
+    assert (resolved.state, resolved.ledger_seq) == (S.APPROVED, 3)
+    assert bank.calls == {"transfer": 1, "inquire": 1}
+    assert owner.processor.submit(debit(pid)).record == resolved
+
+
+def test_new_owner_resolves_a_payment_its_predecessor_left_undecided(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    a.begin(debit(pid))  # node-a crashed before calling the bank
+    a.store.lose(SHARD)
+    b = world.node("node-b")
+    bank = FakeBank(world.clock)
+    owner = Owner(b, bank, world.clock)
+    b.store.on_unresolved = owner.resolve_now()
+
+    assert b.take(SHARD, 20) is True
+
+    (resolved,) = owner.resolved
+    assert (resolved.state, resolved.ledger_seq) == (S.REVERSED, 3)
+    assert bank.calls == {"inquire": 1, "reverse": 1}  # never a transfer
+    res = owner.processor.submit(debit(pid))
+    assert (res.replayed, res.record) == (True, resolved)
+    assert summary(world.chain())[-1] == (3, 20, KIND_DECISION, k(pid))
+    assert b.store.exposure() == {(BANK, CNY): 0}
+
+
+def test_an_attempt_from_before_a_retake_never_races_the_resolver(world: World) -> None:
+    """node-a's commit fails while a payment is at the bank; the protocol gives the shard
+    straight back to node-a (new epoch), whose takeover hands the payment to the
+    resolver. The bank approves the live attempt's transfer; the resolver, its inquiries
+    unanswered, reverses it; the live attempt's decision lands first."""
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    bank = FakeBank(world.clock)
+    owner = Owner(a, bank, world.clock)
+    warm, pid, other = ids_in(SHARD, 3)
+    owner.processor.submit(debit(warm))  # the shard has an allowance from here on
+    order = debit(pid)
+    ref = begun_record(order, at_us=0, zone=ZONE).switch_ref
+    handed: list[PaymentRecord] = []
+    resolver: list[threading.Thread] = []
+
+    def commit_fails_and_shard_comes_back(method: str, switch_ref: str) -> None:
+        if (method, switch_ref) != ("transfer", ref) or handed:
+            return
+        world.ledger.fail_next_commit(shard=SHARD)
+        with pytest.raises(Unavailable):
+            a.begin(debit(other))
+        assert a.gave_up.wait(WAIT_S)
+        assert a.take(SHARD, 11)  # claimed again under a new epoch
+        handed.extend(a.unresolved)
+        world.ledger.between_write_and_check = resolver_reverses_meanwhile
+
+    def resolve() -> None:
+        bank.drop_next("inquire", 3)
+        owner.resolved.append(owner.processor.resolve(handed[0]))
+
+    def resolver_reverses_meanwhile(_writes: object) -> None:
+        if resolver:
+            return
+        resolver.append(threading.Thread(target=resolve))
+        resolver[0].start()
+        deadline = time.monotonic() + WAIT_S
+        while bank.status(ref) is not BankAnswer.REVERSED and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    bank.before_call = commit_fails_and_shard_comes_back
+    with contextlib.suppress(Unavailable):  # a fixed store turns the stale attempt away
+        owner.processor.submit(order)
+    assert [r.order.payment_id for r in handed] == [pid]
+    if not resolver:
+        resolve()
+    else:
+        resolver[0].join(WAIT_S)
+
+    final = a.load(pid)
+    assert final is not None and final.is_final
+    assert (final.state is S.APPROVED) == (bank.status(ref) is BankAnswer.APPROVED)
