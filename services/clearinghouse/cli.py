@@ -1,7 +1,9 @@
 """``clearingctl``: the operator's command line.
 
 ``clearingctl cluster up|down|status|kill|stop|start|pause|resume|schema|check`` runs
-the local three-city cluster. Exit codes: 0 success, 1 the operation failed (the message
+the local three-city cluster; ``demo`` and ``bench`` drive it; ``audit ...`` reads and
+verifies the ledger (``audit verify DIR`` offline); ``window close|settle`` runs
+settlement windows. Exit codes: 0 success, 1 the operation failed (the message
 names the component and its log), 2 bad usage.
 """
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="durable payments/s and latency against the local cluster")
     b.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
+
+    audit_cli.add_parsers(sub)
     return p
 
 
@@ -97,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             demo.run(lc, payments=args.payments, progress=_say)
             return 0
+        if args.group in ("audit", "window"):
+            from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
+
+            return audit_cli.run(args.group, args, topo)
         if args.group == "bench":
             from clearinghouse import bench  # noqa: PLC0415 (imports generated gRPC code)
 

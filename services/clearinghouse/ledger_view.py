@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from clearinghouse._invariant import invariant
+from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT
@@ -43,6 +45,43 @@ class LedgerSummary:
         return dict(out)
 
 
+@dataclass(frozen=True)
+class WindowData:
+    """A closed window as the ledger holds it: per shard, the entries after the previous
+    window's cut up to and including this window's cut; and the INTENT entries of the
+    window's decisions that lie in earlier windows."""
+
+    window_id: int
+    entries_by_shard: dict[int, list[LedgerEntry]]
+    referenced_intents: list[LedgerEntry]
+
+
+def read_window(
+    ledger: LedgerStore, windows: Any, window_id: int, shard_count: int = SHARD_COUNT
+) -> WindowData:
+    """Read window ``window_id`` (every shard must have cut it) from verified chains."""
+    cuts = windows.cuts(window_id)
+    missing = sorted(set(range(shard_count)) - set(cuts))
+    invariant(not missing, f"window {window_id} is not cut in shards {missing[:8]}")
+    prev = windows.cuts(window_id - 1) if window_id > 1 else {}
+    by_shard: dict[int, list[LedgerEntry]] = {}
+    intents: list[LedgerEntry] = []
+    for shard in range(shard_count):
+        chain, _ = read_chain(ledger, shard)
+        lo = prev[shard].seq if shard in prev else 0
+        cut = cuts[shard]
+        part = [e for e in chain if lo < e.seq <= cut.seq]
+        invariant(
+            bool(part) and part[-1].entry_hash == cut.entry_hash,
+            f"shard {shard}: the chain does not hold window {window_id}'s recorded cut",
+        )
+        by_shard[shard] = part
+        inside = {e.payment_key for e in part if e.kind == KIND_INTENT}
+        wanted = {e.payment_key for e in part if e.kind == KIND_DECISION} - inside
+        intents += [e for e in chain if e.kind == KIND_INTENT and e.payment_key in wanted]
+    return WindowData(window_id, by_shard, intents)
+
+
 def read_ledger(ledger: LedgerStore, shard_count: int = SHARD_COUNT) -> LedgerSummary:
     """Every shard's verified chain, summarised; raises InvariantViolation on a broken
     chain, a decision without an intent, or unbalanced postings."""
@@ -72,4 +111,4 @@ def read_ledger(ledger: LedgerStore, shard_count: int = SHARD_COUNT) -> LedgerSu
     return out
 
 
-__all__ = ["LedgerSummary", "read_ledger"]
+__all__ = ["LedgerSummary", "WindowData", "read_ledger", "read_window"]

@@ -31,7 +31,9 @@ from clearing.v1 import common_pb2, payment_pb2
 from clearinghouse import demo
 from clearinghouse.client import error_details
 from clearinghouse.ledger_view import read_ledger
+from clearinghouse.ownership import placement
 from clearinghouse.ownership.node import LEASE_TTL_S
+from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.records import payment_key, shard_of
@@ -73,13 +75,15 @@ def order_for_shard(env: SwitchEnv, shard: int, **kw: Any) -> payment_pb2.Paymen
 
 
 def wait_all_owned(env: SwitchEnv, zones: set[str]) -> None:
-    """Every shard served by a node (as the nodes say), and every zone serving some."""
+    """Every shard served (as the nodes say) by the node placement gives it to: no shard
+    is still moving after a node came back (moves wait a grace period)."""
+    members = [NodeInfo(z.name, z.name, z.city) for z in env.lc.topo.zones if z.name in zones]
+    target = placement.assign(128, members)
 
     def settled() -> bool:
-        served = env.lc.served_shards()
-        return len(served) == 128 and set(served.values()) == zones
+        return env.lc.served_shards() == dict(target)
 
-    assert eventually(settled, timeout_s=60, every_s=0.5), "shards did not settle on every zone"
+    assert eventually(settled, timeout_s=90, every_s=0.5), "shards did not settle on every zone"
 
 
 def kill_and_time_shards(env: SwitchEnv, victim: str) -> list[float]:

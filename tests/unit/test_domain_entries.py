@@ -17,6 +17,7 @@ from clearinghouse.domain.entries import (
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
+    KIND_WINDOW_CUT,
     KINDS,
     CapTransfer,
     Decision,
@@ -86,8 +87,9 @@ def _decode(kind: str, body: bytes) -> object:
 def test_kinds() -> None:
     assert set(KINDS) == {
         KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
+        KIND_WINDOW_CUT,
     }  # fmt: skip
-    assert len(KINDS) == 5
+    assert len(KINDS) == 6
 
 
 def test_cap_entries_have_a_key_no_payment_can_have() -> None:

@@ -13,6 +13,9 @@ to rebuild a shard, and everything an auditor needs to check it, is in their bod
   part of the participant's net debit cap to a shard; ``CAP_RECEIVE`` (in that shard) -
   the shard took the loan into its allowance. Their ``payment_key`` is
   ``cap:<participant>/<currency>``.
+* ``WINDOW_CUT`` - the end of a settlement window in this shard: every entry of the
+  shard after the previous cut and before this one belongs to the window. Its
+  ``payment_key`` is ``window:<window_id>``.
 
 Body encoding, version 1, with :mod:`._codec` (``lp`` = 4-byte length prefix, integers
 signed 64-bit big-endian): INTENT = lp(order) lp(fingerprint) lp(bank_id) lp(zone)
@@ -20,7 +23,8 @@ i64(received_at_us) lp(switch_ref); DECISION = lp(state) i64(at_us) lp(zone) lp(
 lp(bank_ref) i64(reversal_owed 0|1) i64(n) then n x [lp(participant) lp(currency)
 i64(debit) i64(credit) lp(leg)]; REVERSAL_CONFIRMED = i64(at_us) lp(zone);
 CAP_GRANT and CAP_RECEIVE = lp(participant) lp(currency) i64(other shard) i64(amount)
-i64(at_us), where the other shard is the borrower for a grant and the lender for a receipt.
+i64(at_us), where the other shard is the borrower for a grant and the lender for a receipt;
+WINDOW_CUT = i64(window_id) i64(at_us).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ KIND_DECISION: Final = "DECISION"
 KIND_REVERSAL_CONFIRMED: Final = "REVERSAL_CONFIRMED"
 KIND_CAP_GRANT: Final = "CAP_GRANT"
 KIND_CAP_RECEIVE: Final = "CAP_RECEIVE"
+KIND_WINDOW_CUT: Final = "WINDOW_CUT"
 POSTINGS_MAX: Final = 16
 
 E = TypeVar("E", bound=enum.Enum)
@@ -55,6 +60,7 @@ def _enum(cls: type[E], value: str) -> E:
 
 KINDS: Final = (
     KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
+    KIND_WINDOW_CUT,
 )  # fmt: skip
 
 
@@ -168,6 +174,30 @@ class CapTransfer:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class WindowCut:
+    """The end of settlement window ``window_id`` in one shard's chain."""
+
+    window_id: int
+    at_us: int
+
+    def encode(self) -> bytes:
+        invariant(self.window_id > 0, f"window ids start at 1, not {self.window_id}")
+        return _codec.i64(self.window_id) + _codec.i64(self.at_us)
+
+    @classmethod
+    def decode(cls, body: bytes) -> WindowCut:
+        r = _codec.Reader(body)
+        out = cls(r.i64(), r.i64())
+        r.done()
+        return out
+
+
+def window_key(window_id: int) -> str:
+    """The ``payment_key`` of a window cut entry."""
+    return f"window:{window_id}"
+
+
 def cap_key(participant_id: str, currency: str) -> str:
     """The ``payment_key`` of a cap transfer entry."""
     return f"cap:{participant_id}/{currency}"
@@ -180,9 +210,12 @@ __all__ = [
     "KIND_DECISION",
     "KIND_INTENT",
     "KIND_REVERSAL_CONFIRMED",
+    "KIND_WINDOW_CUT",
     "CapTransfer",
     "Decision",
     "Intent",
     "ReversalConfirmed",
+    "WindowCut",
     "cap_key",
+    "window_key",
 ]

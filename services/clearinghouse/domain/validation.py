@@ -65,6 +65,22 @@ def validate_order(
         0 < max_amount_minor <= MAX_AMOUNT_MINOR,
         f"max_amount_minor {max_amount_minor} outside 1..{MAX_AMOUNT_MINOR}",
     )
+    check_order_shape(order, max_amount_minor=max_amount_minor, now_us=now_us, path=path)
+    _check_participants(order, participants, path)
+
+
+def check_order_shape(
+    order: PaymentOrder,
+    *,
+    max_amount_minor: int = MAX_AMOUNT_MINOR,
+    now_us: int,
+    path: str = "order",
+) -> None:
+    """The first phase alone: the order by itself, every bad field at once.
+
+    An order that fails it can never have been accepted, so any node may refuse it
+    before routing it (a replay of an accepted order always passes it).
+    """
     violations = [
         *_id_violations(order, path),
         *_role_violations(order, path),
@@ -75,7 +91,6 @@ def validate_order(
     ]
     if violations:
         raise InvalidArgument(violations)
-    _check_participants(order, participants, path)
 
 
 def validate_batch_size(n: int, max_batch: int = BATCH_SIZE_MAX, *, path: str = "orders") -> None:

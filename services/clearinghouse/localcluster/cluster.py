@@ -379,11 +379,19 @@ class LocalCluster:
         hosts = ",".join(n.zone.address for n in self.cassandra_nodes())
         for z in down:
             m = self.switch_managed(z)
+            # Telemetry by default: traces to a file beside the node's log, Prometheus
+            # metrics on the zone's admin port; the caller's environment may override.
+            env = {
+                "CLEARING_TRACE_FILE": str(m.directory / "traces.jsonl"),
+                "CLEARING_PROMETHEUS_HOST": z.address,
+                "CLEARING_PROMETHEUS_PORT": str(z.ports.admin_http),
+                **procs.python_env(self.paths.root),
+            }
             procs.spawn(m, [
                 sys.executable, "-m", "clearinghouse.switch", "--zone", z.name,
                 "--cassandra", hosts, "--topology", str(self.topo_path),
                 "--state-marker", m.marker,
-            ], env=procs.python_env(self.paths.root))  # fmt: skip
+            ], env=env)  # fmt: skip
         names = ", ".join(z.name for z in down)
         self.progress(f"starting switch nodes: {names}")
         waited = procs.wait_until(
@@ -426,6 +434,16 @@ class LocalCluster:
         return out
 
     # -- status ------------------------------------------------------------------------
+
+    def nodetool(
+        self, zone: str, *args: str, timeout_s: float = NODETOOL_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``nodetool args`` against the Cassandra node of ``zone``."""
+        node = next(n for n in self.cassandra_nodes() if n.zone.name == zone)
+        return subprocess.run(
+            cassandra.nodetool_argv(node, self.paths, *args),
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
 
     def ring(self, via: cassandra.CassandraNode) -> list[dict[str, str]] | None:
         """Cassandra's own view of the ring (``nodetool status``) from node ``via``."""

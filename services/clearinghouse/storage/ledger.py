@@ -56,6 +56,10 @@ class CassandraLedger:
             "SELECT seq, kind, payment_key, body, prev_hash, entry_hash FROM ledger_entries "
             "WHERE shard = ? AND epoch = ? AND block = ? AND seq >= ?"
         )
+        self._select_range = p(
+            "SELECT seq, kind, payment_key, body, prev_hash, entry_hash FROM ledger_entries "
+            "WHERE shard = ? AND epoch = ? AND block = ? AND seq >= ? AND seq <= ?"
+        )
         self._insert_fence = p(
             "INSERT INTO shard_fences (bucket, shard, epoch, node_id, at_us) VALUES (?, ?, ?, ?, ?)"
         )
@@ -80,7 +84,7 @@ class CassandraLedger:
         )
         for stmt in (
             self._insert_entry, self._select_entries, self._insert_fence, self._select_fences,
-            self._select_some_fences,
+            self._select_some_fences, self._select_range,
             self._insert_seal, self._select_seals, self._insert_time, self._select_time,
         ):  # fmt: skip
             stmt.consistency_level = self.cl
@@ -108,6 +112,24 @@ class CassandraLedger:
             node_id, at_us,
         )  # fmt: skip
         with_retries("sealing a shard", lambda: self.session.execute(self._insert_seal, values))
+
+    def rows(
+        self, shard: int, epoch: int, block: int, from_seq: int, to_seq: int
+    ) -> list[LedgerEntry]:
+        """The rows of one partition with ``from_seq <= seq <= to_seq``, as stored (no
+        chain check): what this session's replicas hold, for comparing replicas."""
+        rows = with_retries(
+            "reading ledger rows",
+            lambda: list(
+                self.session.execute(self._select_range, (shard, epoch, block, from_seq, to_seq))
+            ),
+        )
+        return [
+            LedgerEntry(
+                shard, epoch, r.seq, r.kind, r.payment_key, r.body, r.prev_hash, r.entry_hash
+            )
+            for r in rows
+        ]
 
     def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
         """Entries of ``epoch`` from ``from_seq`` on, as long as they are contiguous."""

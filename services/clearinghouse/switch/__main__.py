@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from clearinghouse import topology
+from clearinghouse import telemetry, topology
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.switch.server import Node, build
 
@@ -56,25 +57,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", type=Path, default=None)
     p.add_argument("--port", type=int, default=None, help="override the topology's switch port")
     p.add_argument("--state-marker", default="", help="ignored; identifies the process")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [" + args.zone + "] %(message)s",
-        stream=sys.stderr,
+    p.add_argument(
+        "--window-interval-s",
+        type=float,
+        default=float(os.environ.get("CLEARING_WINDOW_INTERVAL_S", "0")),
+        help="close the settlement window this often (0: only on demand)",
     )
+    args = p.parse_args(argv)
+    telemetry.configure_logging(logging.INFO, zone=args.zone, stream=sys.stderr)
     topo = topology.load(args.topology)
-    cfg = NodeConfig.for_zone(topo, args.zone, args.cassandra.split(","), args.port)
+    cfg = NodeConfig.for_zone(
+        topo, args.zone, args.cassandra.split(","), args.port,
+        window_interval_s=args.window_interval_s,
+    )  # fmt: skip
+    # Traces, metrics (Prometheus on the zone's admin port) and OTLP as the environment
+    # says (CLEARING_TRACE_FILE, CLEARING_PROMETHEUS_PORT, CLEARING_OTLP_ENDPOINT, ...).
+    tel = telemetry.Telemetry.setup(
+        telemetry.TelemetryConfig.from_env(
+            service_name="clearing-switch", node_id=cfg.node_id, zone=cfg.zone, city=cfg.city
+        )
+    )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    node = start_with_retries(cfg, done)
-    if node is None:
-        return 1
-    print(f"switch {cfg.zone} listening on {cfg.listen_host}:{node.port}", flush=True)
-    done.wait()
-    logging.getLogger(__name__).info("switch node %s draining", cfg.zone)
-    node.stop()
-    return 0
+    try:
+        node = start_with_retries(cfg, done)
+        if node is None:
+            return 1
+        print(f"switch {cfg.zone} listening on {cfg.listen_host}:{node.port}", flush=True)
+        done.wait()
+        logging.getLogger(__name__).info("switch node %s draining", cfg.zone)
+        node.stop()
+        return 0
+    finally:
+        tel.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import threading
 import grpc
 
 from clearing.v1 import bank_pb2, bank_pb2_grpc, common_pb2
+from clearinghouse import telemetry
 from clearinghouse.domain import Participant, PaymentType
 from clearinghouse.switch.ports import BankAnswer, BankOutcome, BankTransfer
 
@@ -45,6 +46,9 @@ class GrpcBankGateway:
                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ],
                 )
+                tel = telemetry.current()
+                if tel is not None:
+                    channel = tel.intercept_channel(channel)  # the trace goes to the bank
                 self._channels.append(channel)
                 stub = bank_pb2_grpc.BankServiceStub(channel)
                 self._stubs[endpoint] = stub

@@ -37,6 +37,10 @@ class NodeConfig:
     etcd_host: str
     etcd_port: int
     lease_ttl_s: int = LEASE_TTL_S
+    # Cassandra addresses per city, for reading one city's own replica (audits).
+    cassandra_by_city: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Close the open settlement window this often (0: only on demand).
+    window_interval_s: float = 0.0
     grpc_workers: int = GRPC_WORKERS
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     batch_workers: int = BATCH_WORKERS
@@ -55,7 +59,9 @@ class NodeConfig:
         zone_name: str,
         cassandra_hosts: list[str],
         port: int | None = None,
+        *,
         lease_ttl_s: int = LEASE_TTL_S,
+        window_interval_s: float = 0.0,
     ) -> NodeConfig:
         zone = topo.zone(zone_name)
         # The etcd member of the node's own city.
@@ -74,6 +80,11 @@ class NodeConfig:
             etcd_host=etcd.address,
             etcd_port=etcd.ports.etcd_client,
             lease_ttl_s=lease_ttl_s,
+            cassandra_by_city=tuple(
+                (c, tuple(h for h in cassandra_hosts if topo_city_of(topo, h) == c))
+                for c in topo.city_names()
+            ),
+            window_interval_s=window_interval_s,
         )
 
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from clearinghouse import telemetry
 from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
     MAX_AMOUNT_MINOR,
@@ -327,7 +328,9 @@ class PaymentProcessor:
         # No answer at all: the switch decides FAILED and owes the bank a reversal, so
         # that a transfer the bank applied unseen is undone and the two agree again.
         owed = outcome.answer is BankAnswer.NO_ANSWER
-        return self.store.decide(rec, step, postings, reversal_owed=owed)
+        decided = self.store.decide(rec, step, postings, reversal_owed=owed)
+        telemetry.metrics.payment_decided(decided.state.value, rec.order.type.value, self.zone)
+        return decided
 
     def settle_owed_reversals(self, limit: int = OWED_REVERSALS_PER_RUN_MAX) -> int:
         """Send the reversals the switch owes; record each one a bank confirms.

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import grpc
 
 from clearing.v1 import payment_pb2, shard_pb2, shard_pb2_grpc
+from clearinghouse import telemetry
 from clearinghouse._invariant import invariant
 from clearinghouse.client import error_details
 from clearinghouse.domain import ClearingError, InsufficientLiquidity, NotFound, Unavailable
@@ -69,7 +70,7 @@ class LocalOwner:
         if len(orders) == 1:
             return [self._one(orders[0], paths[0], received_zone)]
         futures = [
-            self.pool.submit(self._one, o, p, received_zone)
+            self.pool.submit(telemetry.bind_context(self._one), o, p, received_zone)
             for o, p in zip(orders, paths, strict=True)
         ]
         return [f.result() for f in futures]
@@ -160,6 +161,9 @@ class Router:
         with self._stubs_lock:
             if address not in self._stubs:
                 channel = grpc.insecure_channel(address, options=self.channel_options)
+                tel = telemetry.current()
+                if tel is not None:
+                    channel = tel.intercept_channel(channel)  # the trace crosses the hop
                 self._stubs[address] = (channel, shard_pb2_grpc.ShardServiceStub(channel))
             return self._stubs[address][1]
 
@@ -197,7 +201,9 @@ class Router:
                 else:
                     groups[owner].append(i)
             futures: dict[OwnerRef, Future[list[Any]]] = {
-                owner: self.pool.submit(self._send, owner, orders, paths, idx, until)
+                owner: self.pool.submit(
+                    telemetry.bind_context(self._send), owner, orders, paths, idx, until
+                )
                 for owner, idx in groups.items()
             }
             todo = []
@@ -319,7 +325,9 @@ class Router:
             else:
                 groups[owner].append(i)
         futures = {
-            owner: self.pool.submit(self._get_from, owner, [refs[i] for i in idx])
+            owner: self.pool.submit(
+                telemetry.bind_context(self._get_from), owner, [refs[i] for i in idx]
+            )
             for owner, idx in groups.items()
         }
         for owner, fut in futures.items():

@@ -23,23 +23,37 @@ from grpc_reflection.v1alpha import reflection
 from clearing.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     payment_pb2,
     payment_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
     shard_pb2,
     shard_pb2_grpc,
 )
+from clearinghouse import telemetry
+from clearinghouse.audit.service import AuditDomain
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.settlement import WindowKeeper
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.participants import CassandraParticipantStore
-from clearinghouse.storage.session import connect, consistency_level
+from clearinghouse.storage.session import connect, connect_to_node, consistency_level
+from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.admin import AdminDomain
 from clearinghouse.switch.bank_gateway import GrpcBankGateway
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
 from clearinghouse.switch.records import PaymentRecord
 from clearinghouse.switch.routing import LocalOwner, Router
-from clearinghouse.switch.servicers import AdminServicer, PaymentServicer, ShardServicer
+from clearinghouse.switch.servicers import (
+    AdminServicer,
+    AuditServicer,
+    PaymentServicer,
+    SettlementServicer,
+    ShardServicer,
+)
 from clearinghouse.switch.shards import ShardedStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,8 @@ SERVICE_NAMES = (
     payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name,
+    settlement_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 ETCD_CALL_TIMEOUT_S = 5
 RESOLVE_RETRY_S = 5.0
@@ -66,6 +82,7 @@ class Node:
     router: Router
     agent: OwnershipAgent
     resolver_pool: ThreadPoolExecutor
+    window_keeper: WindowKeeper
     closers: list[Any] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -131,11 +148,15 @@ class Node:
         self.refresh_registry()
         self.store.on_unresolved = self._schedule_resolution
         self.store.committer.start()
+        telemetry.metrics.shards_owned_from(lambda: len(self.store.owned()))
         self.server.start()
         cfg = self.cfg
         self.agent.start()
         threading.Thread(target=self._refresh_loop, name="registry-refresh", daemon=True).start()
         threading.Thread(target=self._reversal_loop, name="owed-reversals", daemon=True).start()
+        threading.Thread(
+            target=self.window_keeper.run, args=(self.stopping,), name="windows", daemon=True
+        ).start()
         self.set_serving(True)
         log.info("switch node %s serving on %s:%d", cfg.zone, cfg.listen_host, self.port)
 
@@ -207,16 +228,47 @@ def build(cfg: NodeConfig) -> Node:
         pool=router_pool,
         channel_options=options,
     )
+    tel = telemetry.current()
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[*options, ("grpc.so_reuseport", 0)],
+        interceptors=[tel.server_interceptor()] if tel is not None else None,
     )
     health_servicer = health.HealthServicer()
+    windows = CassandraWindows(session, cl)
+
+    def kinds() -> dict[str, Any]:
+        return {pid: p.kind for pid, p in registry.snapshot().items()}
+
+    keeper = WindowKeeper(
+        node_id=cfg.node_id, store=store, ledger=ledger, windows=windows, kinds=kinds,
+        clock=wall_clock_us, interval_s=cfg.window_interval_s,
+    )  # fmt: skip
+    by_city = dict(cfg.cassandra_by_city)
+
+    def city_reader(city: str) -> tuple[Any, Any, Any]:
+        hosts = by_city.get(city, ())
+        if not hosts:
+            raise LookupError(f"no Cassandra node in {city}")
+        c, sess = connect_to_node(
+            hosts[0], cfg.cassandra.port, consistency="LOCAL_ONE", keyspace=cfg.cassandra.keyspace
+        )
+        local_one = consistency_level("LOCAL_ONE")
+        return CassandraLedger(sess, local_one), CassandraWindows(sess, local_one), c.shutdown
+
+    audit = AuditDomain(
+        ledger=ledger, windows=windows, kinds=kinds, cities=list(by_city),
+        city_reader=city_reader,
+    )  # fmt: skip
     node = Node(
         cfg, server, 0, health_servicer, registry, participants, processor, store, router,
-        agent, resolver_pool, stopping=stopping,
+        agent, resolver_pool, keeper, stopping=stopping,
     )  # fmt: skip
+    settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
+        SettlementServicer(windows, cfg.node_id, wall_clock_us), server
+    )
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit, router, ledger), server)
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(router, ledger), server)
     shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(

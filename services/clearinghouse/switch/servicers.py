@@ -18,25 +18,39 @@ import grpc
 from clearing.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     payment_pb2,
     payment_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
     shard_pb2,
     shard_pb2_grpc,
 )
+from clearinghouse import settlement, telemetry
 from clearinghouse.domain import (
     PAYMENT_ID_LEN_MAX,
     ClearingError,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     ParticipantKind,
     Unavailable,
     validate_batch_size,
 )
+from clearinghouse.domain.clearing import WindowClearing
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
-from clearinghouse.domain.validation import PARTICIPANT_ID_LEN_MAX, is_valid_id
+from clearinghouse.domain.validation import (
+    PARTICIPANT_ID_LEN_MAX,
+    check_order_shape,
+    is_valid_id,
+)
 from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch import convert
+from clearinghouse.switch.processor import wall_clock_us
+from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
 
 LIST_PAGE_SIZE_MAX = 500
@@ -50,6 +64,7 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
     except ClearingError as e:
+        telemetry.metrics.rejection(e.reason)
         abort_with(context, convert.error_to_pb(e))
     except Exception:
         # A bug, not the client's doing: keep the details in the node's log.
@@ -81,7 +96,8 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
 
     def SubmitPayment(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            convert.order_from_pb(request.order)  # a malformed order is refused here
+            # An order that could never be accepted is refused here, not routed.
+            check_order_shape(convert.order_from_pb(request.order), now_us=wall_clock_us())
             (r,) = self.router.submit([request.order], ["order"], _time_left_s(context))
         if r.HasField("error"):
             abort_with(context, r.error)
@@ -92,8 +108,23 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             orders = list(request.orders)
             validate_batch_size(len(orders))
             _check_batch(orders)
+            telemetry.metrics.batch_size(len(orders))
             paths = [f"orders[{i}]" for i in range(len(orders))]
-            results = self.router.submit(orders, paths, _time_left_s(context))
+            results: list[Any] = [None] * len(orders)
+            now = wall_clock_us()
+            for i, (o, path) in enumerate(zip(orders, paths, strict=True)):
+                try:
+                    check_order_shape(convert.order_from_pb(o, path), now_us=now, path=path)
+                except ClearingError as e:
+                    results[i] = payment_pb2.PaymentResult(
+                        payment_id=o.payment_id, error=convert.error_to_pb(e)
+                    )
+            todo = [i for i, r in enumerate(results) if r is None]
+            routed = self.router.submit(
+                [orders[i] for i in todo], [paths[i] for i in todo], _time_left_s(context)
+            )
+            for i, r in zip(todo, routed, strict=True):
+                results[i] = r
             return payment_pb2.SubmitPaymentsResponse(results=results)
 
     def GetPayment(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -106,32 +137,8 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
 
     def ListPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            if request.page_size < 0:
-                raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
-            if not is_valid_id(request.institution_id, PARTICIPANT_ID_LEN_MAX):
-                raise InvalidArgument([FieldViolation("institution_id", "not a valid id")])
-            size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
-            ids, token = self.ledger.list_index(
-                request.institution_id,
-                convert.ts_to_us(request.start_time),
-                convert.ts_to_us(request.end_time),
-                size,
-                request.page_token,
-            )
-            results = self.router.get([(request.institution_id, pid) for pid in ids])
-            for r in results:
-                if r.HasField("error") and r.error.reason != "NOT_FOUND":
-                    raise Unavailable(
-                        f"could not read payment {r.payment_id!r}: {r.error.reason}",
-                        retry_after_ms=max(r.error.retry_after_ms, 500),
-                        reason=r.error.reason or "UNAVAILABLE",
-                    )
-            # An index row without a payment was written by an owner whose commit was
-            # never acknowledged: the payment does not exist.
-            return payment_pb2.ListPaymentsResponse(
-                payments=[r.payment for r in results if r.HasField("payment")],
-                next_page_token=token,
-            )
+            payments, token = _list_payments(self.router, self.ledger, request)
+            return payment_pb2.ListPaymentsResponse(payments=payments, next_page_token=token)
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -243,3 +250,198 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return admin_pb2.ListParticipantsResponse(
                 participants=[convert.participant_to_pb(p) for p in ps]
             )
+
+
+class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
+    """Operators' window RPCs over :mod:`clearinghouse.settlement`."""
+
+    def __init__(self, windows: Any, node_id: str, clock: Callable[[], int]) -> None:
+        self.windows = windows
+        self.node_id = node_id
+        self.clock = clock
+
+    def CloseWindow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.window_id < 0:
+                raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
+            window_id, made = settlement.request_close(
+                self.windows, self.node_id, self.clock(), request.window_id, request.reason[:200]
+            )
+            return settlement_pb2.CloseWindowResponse(window_id=window_id, requested_now=made)
+
+    def ConfirmSettlement(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.window_id <= 0:
+                raise InvalidArgument([FieldViolation("window_id", "must be positive")])
+            status = self.windows.status(request.window_id)
+            if status.state not in ("CLEARED", "SETTLED"):
+                raise FailedPrecondition(
+                    f"window {request.window_id} is {status.state}, not CLEARED",
+                    reason="WINDOW_NOT_CLEARED",
+                )
+            made = self.windows.record(
+                request.window_id, WindowEvent.SETTLED, self.clock(), self.node_id,
+                request.reference[:200],
+            )  # fmt: skip
+            return settlement_pb2.ConfirmSettlementResponse(confirmed_now=made)
+
+
+def _window_summary(status: Any) -> Any:
+    def ts(ev: WindowEvent) -> Any:
+        at = status.at(ev)
+        return convert.us_to_ts(at) if at is not None else None
+
+    return audit_pb2.WindowSummary(
+        window_id=status.window_id, state=status.state,
+        closing_at=ts(WindowEvent.CLOSING), closed_at=ts(WindowEvent.CLOSED),
+        cleared_at=ts(WindowEvent.CLEARED), settled_at=ts(WindowEvent.SETTLED),
+    )  # fmt: skip
+
+
+def _entry_ref(e: Any) -> Any:
+    return audit_pb2.LedgerEntryRef(
+        shard=e.shard, epoch=e.epoch, seq=e.seq, kind=e.kind, payment_key=e.payment_key,
+        body=e.body, prev_hash=e.prev_hash, entry_hash=e.entry_hash,
+    )  # fmt: skip
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    """Auditors' read-only RPCs over :class:`clearinghouse.audit.service.AuditDomain`."""
+
+    def __init__(self, audit: Any, router: Router, ledger: CassandraLedger) -> None:
+        self.audit = audit
+        self.router = router
+        self.ledger = ledger
+
+    def GetPaymentHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            _check_ref(request.institution_id, request.payment_id)
+            (r,) = self.router.get([(request.institution_id, request.payment_id)])
+            if r.HasField("error"):
+                abort_with(context, r.error)
+            entries = self.audit.payment_entries(request.institution_id, request.payment_id)
+            decisions = [e for e in entries if e.kind == "DECISION"]
+            window = self.audit.window_of(decisions[0]) if decisions else 0
+            return audit_pb2.GetPaymentHistoryResponse(
+                payment=r.payment, entries=[_entry_ref(e) for e in entries], window_id=window
+            )
+
+    def ListInstitutionPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            payments, token = _list_payments(self.router, self.ledger, request)
+            return audit_pb2.ListInstitutionPaymentsResponse(
+                payments=payments, next_page_token=token
+            )
+
+    def ListWindows(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.page_size < 0:
+                raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+            size = min(request.page_size or 20, 200)
+            return audit_pb2.ListWindowsResponse(
+                windows=[_window_summary(w) for w in self.audit.list_windows(size)]
+            )
+
+    def GetWindow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.window_id <= 0:
+                raise InvalidArgument([FieldViolation("window_id", "must be positive")])
+            status, stored = self.audit.window(request.window_id)
+            out = audit_pb2.GetWindowResponse(summary=_window_summary(status))
+            if stored is not None:
+                c = WindowClearing.from_json(stored.clearing_json)
+                out.merkle_root = stored.merkle_root
+                out.clearing_json = stored.clearing_json
+                out.clearing_digest = stored.clearing_digest
+                for n in c.net_positions:
+                    money = common_pb2.Money(amount_minor=n.net_minor, currency=n.currency)
+                    out.net_positions.append(
+                        audit_pb2.NetPosition(participant_id=n.participant_id, net_debit=money)
+                    )
+                for i in c.instructions:
+                    money = common_pb2.Money(amount_minor=i.amount_minor, currency=i.currency)
+                    out.instructions.append(
+                        audit_pb2.SettlementInstruction(
+                            from_account=i.from_account, to_account=i.to_account, amount=money
+                        )
+                    )
+                out.entry_count, out.payment_count = c.entry_count, c.payments_decided
+            return out
+
+    def VerifyChains(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            shards = list(request.shards)
+            if any(not 0 <= s < SHARD_COUNT for s in shards):
+                raise InvalidArgument([FieldViolation("shards", f"each in 0..{SHARD_COUNT - 1}")])
+            return audit_pb2.VerifyChainsResponse(reports=[
+                audit_pb2.ChainReport(shard=c.shard, ok=c.ok, entries=c.entries,
+                                      head_seq=c.head_seq, head_hash=c.head_hash,
+                                      problem=c.problem)
+                for c in self.audit.verify_chains(shards)
+            ])  # fmt: skip
+
+    def GetInclusionProof(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            _check_ref(request.institution_id, request.payment_id)
+            if request.window_id < 0:
+                raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
+            p = self.audit.inclusion(request.window_id, request.institution_id, request.payment_id)
+            return audit_pb2.GetInclusionProofResponse(
+                window_id=p.window_id, entry=_entry_ref(p.entry), leaf_index=p.leaf_index,
+                tree_size=p.tree_size, audit_path=p.audit_path, merkle_root=p.merkle_root,
+            )  # fmt: skip
+
+    def CompareCities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.window_id <= 0:
+                raise InvalidArgument([FieldViolation("window_id", "must be positive")])
+            cmp = self.audit.compare_cities(request.window_id)
+            return audit_pb2.CompareCitiesResponse(agree=cmp.agree, cities=[
+                audit_pb2.CityDigest(city=v.city, merkle_root=v.merkle_root,
+                                     entry_count=v.entry_count, differing_rows=diff[:1000],
+                                     error=v.error)
+                for v, diff in cmp.cities
+            ])  # fmt: skip
+
+    def ExportWindow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.window_id <= 0:
+            with grpc_errors(context):
+                raise InvalidArgument([FieldViolation("window_id", "must be positive")])
+        try:
+            chunks = list(self.audit.export(request.window_id))
+        except ClearingError as e:
+            abort_with(context, convert.error_to_pb(e))
+            return
+        except Exception:
+            log.exception("exporting window %d failed", request.window_id)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; the node logged the details")
+            return
+        for path, data in chunks:
+            yield audit_pb2.ExportWindowResponse(path=path, data=data)
+
+
+def _list_payments(router: Router, ledger: CassandraLedger, request: Any) -> tuple[list[Any], str]:
+    """One page of an institution's payments: the time index, then each from its owner."""
+    if request.page_size < 0:
+        raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+    if not is_valid_id(request.institution_id, PARTICIPANT_ID_LEN_MAX):
+        raise InvalidArgument([FieldViolation("institution_id", "not a valid id")])
+    size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
+    ids, token = ledger.list_index(
+        request.institution_id,
+        convert.ts_to_us(request.start_time),
+        convert.ts_to_us(request.end_time),
+        size,
+        request.page_token,
+    )
+    results = router.get([(request.institution_id, pid) for pid in ids])
+    for r in results:
+        if r.HasField("error") and r.error.reason != "NOT_FOUND":
+            raise Unavailable(
+                f"could not read payment {r.payment_id!r}: {r.error.reason}",
+                retry_after_ms=max(r.error.retry_after_ms, 500),
+                reason=r.error.reason or "UNAVAILABLE",
+            )
+    # An index row without a payment was written by an owner whose commit was never
+    # acknowledged: the payment does not exist.
+    return [r.payment for r in results if r.HasField("payment")], token

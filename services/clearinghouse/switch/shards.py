@@ -36,6 +36,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from clearinghouse import telemetry
 from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import (
     InsufficientLiquidity,
@@ -62,11 +63,14 @@ from clearinghouse.domain.entries import (
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
+    KIND_WINDOW_CUT,
     CapTransfer,
     Decision,
     Intent,
     ReversalConfirmed,
+    WindowCut,
     cap_key,
+    window_key,
 )
 from clearinghouse.switch.ports import IndexRow, LedgerStore, OwedReversal, Seal, ShardWrite
 from clearinghouse.switch.records import (
@@ -145,6 +149,9 @@ class _Shard:
         self.dropped = False
         # Set when the chain read back does not verify: the shard is not served.
         self.broken = ""
+        # The newest settlement window cut in this shard's chain, and its entry.
+        self.last_cut = 0
+        self.last_cut_entry: LedgerEntry | None = None
 
     # Exposure: the payer's amount counts from the intent on; a decision other than
     # APPROVED gives it back; an approval credits the payee.
@@ -295,6 +302,12 @@ class ShardedStore:
             st = self._shards.get(shard)
         return st is not None and st.epoch == epoch and _live(st)
 
+    def owns_now(self, shard: int) -> bool:
+        """Whether this node serves ``shard`` right now, under any epoch."""
+        with self._lock:
+            st = self._shards.get(shard)
+        return st is not None and _live(st)
+
     def owned(self) -> dict[int, int]:
         """The shards this node serves now (taken over, chain verified), with epochs."""
         with self._lock:
@@ -338,6 +351,10 @@ class ShardedStore:
         elif e.kind == KIND_CAP_RECEIVE:
             t = CapTransfer.decode(e.body)
             st.allowance[(t.participant_id, t.currency)] += t.amount_minor
+        elif e.kind == KIND_WINDOW_CUT:
+            cut = WindowCut.decode(e.body)
+            invariant(cut.window_id == st.last_cut + 1, f"shard {st.shard}: cut out of order")
+            st.last_cut, st.last_cut_entry = cut.window_id, e
         else:
             invariant(False, f"shard {st.shard} seq {e.seq}: unknown entry kind {e.kind!r}")
 
@@ -526,6 +543,50 @@ class ShardedStore:
         with st.lock:
             p.reversal_owed = False
 
+    # -- settlement windows -----------------------------------------------------------
+
+    def cut_window(self, window_id: int) -> list[LedgerEntry]:
+        """End ``window_id`` in every shard served here whose previous window is cut: a
+        WINDOW_CUT entry in its chain. Returns the cut entries that were acknowledged.
+
+        The cut takes its place in the shard's chain like any entry, under the shard's
+        lock: every entry before it belongs to the window, every entry after it to the
+        next one. No payment can fall between two windows or into both.
+        """
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        pendings: list[tuple[_Shard, _Pending]] = []
+        for st in shards:
+            with st.lock:
+                if st.dropped or st.last_cut != window_id - 1:
+                    continue
+                body = WindowCut(window_id, self.clock()).encode()
+                pendings.append(
+                    (st, self._enqueue(st, KIND_WINDOW_CUT, window_key(window_id), body, None))
+                )
+                st.last_cut = window_id
+        out: list[LedgerEntry] = []
+        for st, pending in pendings:
+            try:
+                entry = self._await(pending)
+            except Unavailable:
+                continue  # the shard is given up; its next owner cuts it
+            with st.lock:
+                st.last_cut_entry = entry
+            out.append(entry)
+        return out
+
+    def latest_cuts(self) -> dict[int, tuple[int, LedgerEntry]]:
+        """Per shard served here: the newest window it cut and the cut's entry."""
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        out: dict[int, tuple[int, LedgerEntry]] = {}
+        for st in shards:
+            with st.lock:
+                if st.last_cut_entry is not None:
+                    out[st.shard] = (st.last_cut, st.last_cut_entry)
+        return out
+
     # -- exposure ------------------------------------------------------------------------
 
     def exposure(self) -> dict[tuple[str, str], int]:
@@ -645,12 +706,15 @@ class Committer:
             writes.append(ShardWrite(shard, epoch, now, [p.entry for p in items if p.entry], rows))
         if not writes:
             return
+        started = time.monotonic()
         try:
-            acked = self.ledger.commit(writes)
+            with telemetry.span("ledger.commit", shards=len(writes)):
+                acked = self.ledger.commit(writes)
         except Exception:
             log.warning("group commit of %d shards failed", len(writes), exc_info=True)
             acked = {}
         self.commits += 1
+        telemetry.metrics.commit(sum(len(w.entries) for w in writes), time.monotonic() - started)
         for w in writes:
             ok = acked.get(w.shard, False)
             for p in by_shard[(w.shard, w.epoch)]:

@@ -1,0 +1,240 @@
+"""The auditor's reads of the replicated ledger: payments, windows, proofs, replicas.
+
+Everything here reads; nothing writes. Answers come from the verified hash chains (read
+at QUORUM through :class:`~clearinghouse.storage.ledger.CassandraLedger`), from the
+clearing stored when each window was cleared, or, for :meth:`AuditDomain.compare_cities`,
+from each city's own replica alone (consistency LOCAL_ONE through a session whose only
+coordinators are that city's nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clearinghouse._invariant import InvariantViolation
+from clearinghouse.audit.export import write_export
+from clearinghouse.domain import FailedPrecondition, NotFound, ParticipantKind
+from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
+from clearinghouse.domain.entries import KIND_DECISION
+from clearinghouse.domain.merkle import inclusion_proof, merkle_root, window_leaves
+from clearinghouse.ledger_view import WindowData, read_window
+from clearinghouse.settlement import stored_clearing
+from clearinghouse.storage.ledger import block_of
+from clearinghouse.storage.windows import CassandraWindows, WindowStatus
+from clearinghouse.switch.ports import LedgerStore
+from clearinghouse.switch.records import SHARD_COUNT, payment_key, shard_of
+from clearinghouse.switch.shards import read_chain
+
+log = logging.getLogger(__name__)
+
+EXPORT_CHUNK_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    shard: int
+    ok: bool
+    entries: int
+    head_seq: int
+    head_hash: bytes
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    window_id: int
+    entry: LedgerEntry
+    leaf_index: int
+    tree_size: int
+    audit_path: list[bytes]
+    merkle_root: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CityView:
+    city: str
+    merkle_root: bytes
+    entry_count: int
+    rows: frozenset[tuple[int, int, bytes]] = field(default_factory=frozenset)
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CityComparison:
+    cities: list[tuple[CityView, list[str]]]  # each city with the rows it differs on
+    agree: bool
+
+
+# Opens (ledger, windows) reading one city's own replica only; the caller closes it.
+CityReader = Callable[[str], tuple[Any, CassandraWindows, Callable[[], None]]]
+
+
+class AuditDomain:
+    def __init__(
+        self,
+        *,
+        ledger: LedgerStore,
+        windows: CassandraWindows,
+        kinds: Callable[[], Mapping[str, ParticipantKind]],
+        cities: Sequence[str],
+        city_reader: CityReader | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.windows = windows
+        self.kinds = kinds
+        self.cities = list(cities)
+        self.city_reader = city_reader
+        self._lock = threading.Lock()
+
+    # -- payments -----------------------------------------------------------------------
+
+    def payment_entries(self, institution_id: str, payment_id: str) -> list[LedgerEntry]:
+        key = payment_key(institution_id, payment_id)
+        chain, _ = read_chain(self.ledger, shard_of(institution_id, payment_id))
+        out = [e for e in chain if e.payment_key == key]
+        if not out:
+            raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
+        return out
+
+    def window_of(self, entry: LedgerEntry) -> int:
+        """The window whose cut follows ``entry`` in its shard; 0 if it is still open."""
+        for status in sorted(self.windows.recent(), key=lambda w: w.window_id):
+            cut = self.windows.cuts(status.window_id).get(entry.shard)
+            if cut is not None and cut.seq >= entry.seq:
+                return status.window_id
+        return 0
+
+    # -- windows ------------------------------------------------------------------------
+
+    def list_windows(self, limit: int) -> list[WindowStatus]:
+        recent = self.windows.recent(limit)
+        current = recent[0].window_id + 1 if recent else 1
+        return [WindowStatus(current, ()), *recent][:limit]
+
+    def window(self, window_id: int) -> tuple[WindowStatus, Any]:
+        status = self.windows.status(window_id)
+        if not status.events and window_id != self.windows.current():
+            raise NotFound(f"no settlement window {window_id}")
+        return status, stored_clearing(self.windows, window_id)
+
+    def _cleared(self, window_id: int) -> Any:
+        stored = stored_clearing(self.windows, window_id)
+        if stored is None:
+            raise FailedPrecondition(
+                f"window {window_id} is not cleared yet", reason="WINDOW_NOT_CLEARED"
+            )
+        return stored
+
+    # -- chains and proofs ----------------------------------------------------------------
+
+    def verify_chains(self, shards: Sequence[int]) -> list[ChainCheck]:
+        out = []
+        for shard in shards or range(SHARD_COUNT):
+            try:
+                chain, _ = read_chain(self.ledger, shard)
+            except InvariantViolation as e:
+                out.append(ChainCheck(shard, False, 0, 0, b"", str(e)))
+                continue
+            report = verify_chain(chain, FIRST_SEQ, GENESIS_HASH, shard=shard)
+            out.append(ChainCheck(shard, report.ok, report.verified, report.head_seq,
+                                  report.head_hash, report.detail))  # fmt: skip
+        return out
+
+    def inclusion(self, window_id: int, institution_id: str, payment_id: str) -> Proof:
+        decisions = [
+            e for e in self.payment_entries(institution_id, payment_id) if e.kind == KIND_DECISION
+        ]
+        if not decisions:
+            raise FailedPrecondition(
+                f"payment {payment_id!r} is not decided yet", reason="PAYMENT_NOT_DECIDED"
+            )
+        decision = decisions[0]
+        window_id = window_id or self.window_of(decision)
+        if window_id == 0:
+            raise FailedPrecondition(
+                f"payment {payment_id!r} is in the open window", reason="WINDOW_NOT_CLOSED"
+            )
+        stored = self._cleared(window_id)
+        data = read_window(self.ledger, self.windows, window_id)
+        leaves = window_leaves(_flatten(data))
+        try:
+            index = leaves.index(decision.entry_hash)
+        except ValueError:
+            raise NotFound(
+                f"payment {payment_id!r} was not decided in window {window_id}"
+            ) from None
+        return Proof(window_id, decision, index, len(leaves), inclusion_proof(leaves, index),
+                     stored.merkle_root)  # fmt: skip
+
+    # -- replicas -------------------------------------------------------------------------
+
+    def compare_cities(self, window_id: int) -> CityComparison:
+        """Read the window's rows from each city's own replica and compare them with the
+        window as a QUORUM read gives it: the digest (Merkle root over the rows the city
+        holds) and, by name, every row the city lacks or holds differently."""
+        if self.city_reader is None:
+            raise FailedPrecondition("no per-city readers configured", reason="NOT_CONFIGURED")
+        truth = _flatten(read_window(self.ledger, self.windows, window_id))
+        views = [self._city_view(city, truth) for city in self.cities]
+        expected = {(e.shard, e.seq): e.entry_hash for e in truth}
+        out = []
+        for v in views:
+            held = {(s, q): h for s, q, h in v.rows}
+            diff = [] if v.error else sorted(
+                [f"shard {s} seq {q}: missing" for (s, q) in expected.keys() - held.keys()]
+                + [f"shard {s} seq {q}: differs ({held[(s, q)].hex()[:16]})"
+                   for (s, q), h in expected.items() if (s, q) in held and held[(s, q)] != h]
+            )  # fmt: skip
+            out.append((v, diff))
+        agree = all(not v.error and not d for v, d in out)
+        return CityComparison(out, agree=agree)
+
+    def _city_view(self, city: str, truth: Sequence[LedgerEntry]) -> CityView:
+        assert self.city_reader is not None
+        try:
+            ledger, _, close = self.city_reader(city)
+        except Exception as e:  # noqa: BLE001 (reported per city)
+            return CityView(city, b"", 0, error=f"cannot reach {city}: {type(e).__name__}: {e}")
+        try:
+            ranges: dict[tuple[int, int, int], list[int]] = {}
+            for t in truth:
+                ranges.setdefault((t.shard, t.epoch, block_of(t.seq)), []).append(t.seq)
+            held: list[LedgerEntry] = []
+            for (shard, epoch, block), seqs in sorted(ranges.items()):
+                held += ledger.rows(shard, epoch, block, min(seqs), max(seqs))
+            rows = frozenset((h.shard, h.seq, h.entry_hash) for h in held)
+            return CityView(city, merkle_root(window_leaves(held)), len(held), rows)
+        except Exception as e:  # noqa: BLE001 (a replica that is down is reported)
+            return CityView(city, b"", 0, error=f"{type(e).__name__}: {e}")
+        finally:
+            close()
+
+    # -- export ---------------------------------------------------------------------------
+
+    def export(self, window_id: int) -> Iterator[tuple[str, bytes]]:
+        """The export files of a cleared window, as (path, chunk) pairs."""
+        self._cleared(window_id)
+        data = read_window(self.ledger, self.windows, window_id)
+        with tempfile.TemporaryDirectory(prefix=f"window-{window_id}-") as tmp:
+            root = write_export(Path(tmp), window_id, data.entries_by_shard,
+                                data.referenced_intents, self.kinds())  # fmt: skip
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                rel = str(path.relative_to(root))
+                with path.open("rb") as f:
+                    chunk = f.read(EXPORT_CHUNK_BYTES)
+                    yield rel, chunk  # an empty file too: it is part of the export
+                    while chunk := f.read(EXPORT_CHUNK_BYTES):
+                        yield rel, chunk
+
+
+def _flatten(data: WindowData) -> list[LedgerEntry]:
+    return [e for shard in sorted(data.entries_by_shard) for e in data.entries_by_shard[shard]]
+
+
+__all__ = ["AuditDomain", "ChainCheck", "CityComparison", "CityView", "Proof"]

@@ -1,0 +1,195 @@
+"""Settlement windows: close on demand or on a schedule, cut every shard, clear.
+
+Every switch node runs :class:`WindowKeeper` once per :data:`WINDOW_POLL_S`:
+
+1. It reads the newest windows. For each window that is CLOSING, it has each shard it
+   serves cut the window (:meth:`ShardedStore.cut_window`: a WINDOW_CUT entry in the
+   shard's chain) and records the cut (``window_cuts``). A new owner finds the cuts in
+   the chain it rebuilt and records them again (same values), so a crash between the
+   cut and its record loses nothing.
+2. The owner of shard 0 (the coordinator; ownership moves with it) records CLOSED once
+   every shard's cut is recorded, then computes the window's clearing from the ledger
+   (:func:`clear_window`), stores it (``window_clearing``) and records CLEARED; and,
+   when a schedule is set, asks the open window to close once it has been open for the
+   interval.
+
+A payment belongs to the window whose cut follows its decision in its shard's chain:
+the chain is the order, so closing a window under load can neither drop a payment
+between two windows nor count it in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from clearinghouse.domain import ClearingError, FailedPrecondition, ParticipantKind
+from clearinghouse.domain.clearing import WindowClearing, clear_window
+from clearinghouse.domain.entries import Intent
+from clearinghouse.domain.merkle import merkle_root, window_leaves
+from clearinghouse.ledger_view import WindowData, read_window
+from clearinghouse.storage.windows import CassandraWindows, CutRow, WindowEvent
+from clearinghouse.switch.ports import LedgerStore
+from clearinghouse.switch.records import SHARD_COUNT
+from clearinghouse.switch.shards import ShardedStore
+
+log = logging.getLogger(__name__)
+
+WINDOW_POLL_S = 1.0
+COORDINATOR_SHARD = 0
+PART_CLEARING = "clearing.json"
+PART_MERKLE_ROOT = "merkle_root"
+PART_COUNTS = "counts.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredClearing:
+    window_id: int
+    clearing_json: str
+    clearing_digest: bytes
+    merkle_root: bytes
+
+
+def compute_clearing(
+    ledger: LedgerStore,
+    windows: CassandraWindows,
+    window_id: int,
+    kinds: Mapping[str, ParticipantKind],
+) -> tuple[WindowData, WindowClearing, bytes]:
+    """Read the window from the ledger (verified chains) and clear it."""
+    data = read_window(ledger, windows, window_id)
+    entries = [e for shard in sorted(data.entries_by_shard) for e in data.entries_by_shard[shard]]
+    intents = {e.payment_key: Intent.decode(e.body) for e in data.referenced_intents}
+    intents.update({e.payment_key: Intent.decode(e.body) for e in entries if e.kind == "INTENT"})
+    clearing = clear_window(window_id, entries, kinds, intents)
+    return data, clearing, merkle_root(window_leaves(entries))
+
+
+def store_clearing(
+    windows: CassandraWindows, window_id: int, clearing: WindowClearing, root: bytes, at_us: int
+) -> StoredClearing:
+    body = clearing.to_json()
+    digest = hashlib.sha256(body.encode()).digest()
+    windows.put_part(window_id, PART_CLEARING, body, digest, at_us)
+    windows.put_part(window_id, PART_MERKLE_ROOT, root.hex(), hashlib.sha256(root).digest(), at_us)
+    return StoredClearing(window_id, body, digest, root)
+
+
+def stored_clearing(windows: CassandraWindows, window_id: int) -> StoredClearing | None:
+    parts = windows.parts(window_id)
+    if PART_CLEARING not in parts or PART_MERKLE_ROOT not in parts:
+        return None
+    body, digest = parts[PART_CLEARING]
+    return StoredClearing(window_id, body, digest, bytes.fromhex(parts[PART_MERKLE_ROOT][0]))
+
+
+def request_close(
+    windows: CassandraWindows, node_id: str, at_us: int, window_id: int = 0, reason: str = ""
+) -> tuple[int, bool]:
+    """Ask the open window (or ``window_id``, which must be the open one) to close."""
+    current = windows.current()
+    if window_id not in (0, current):
+        # Already closing (or closed): closing it again changes nothing.
+        if 0 < window_id < current:
+            return window_id, False
+        raise FailedPrecondition(
+            f"window {window_id} is not open; the open window is {current}",
+            reason="WINDOW_NOT_OPEN",
+        )
+    made = windows.record(current, WindowEvent.CLOSING, at_us, node_id, reason)
+    return current, made
+
+
+class WindowKeeper:
+    """One node's part in closing and clearing windows; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        store: ShardedStore,
+        ledger: LedgerStore,
+        windows: CassandraWindows,
+        kinds: Callable[[], Mapping[str, ParticipantKind]],
+        clock: Callable[[], int],
+        interval_s: float = 0.0,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.ledger = ledger
+        self.windows = windows
+        self.kinds = kinds
+        self.clock = clock
+        self.interval_s = interval_s
+        self._recorded: set[tuple[int, int, int]] = set()  # (window, shard, seq)
+        self._started_us = clock()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(WINDOW_POLL_S):
+            try:
+                self.step()
+            except ClearingError as e:
+                log.warning("settlement window step: %s", e)
+            except Exception:
+                log.exception("settlement window step failed")
+
+    def step(self) -> None:
+        recent = self.windows.recent(4)
+        closing = sorted(w.window_id for w in recent if w.state == "CLOSING")
+        for window_id in closing:
+            self.store.cut_window(window_id)
+        self._record_cuts()
+        if not self.store.owns_now(COORDINATOR_SHARD):
+            return
+        for window_id in closing:
+            cut_everywhere = len(self.windows.cuts(window_id)) >= SHARD_COUNT
+            if cut_everywhere and self.windows.record(
+                window_id, WindowEvent.CLOSED, self.clock(), self.node_id
+            ):
+                log.info("settlement window %d closed: every shard cut it", window_id)
+        for w in sorted(recent, key=lambda w: w.window_id):
+            if w.state == "CLOSED":
+                self._clear(w.window_id)
+        self._maybe_schedule(recent)
+
+    def _record_cuts(self) -> None:
+        for shard, (window_id, entry) in self.store.latest_cuts().items():
+            key = (window_id, shard, entry.seq)
+            if key in self._recorded:
+                continue
+            cut = CutRow(window_id, shard, entry.epoch, entry.seq, entry.entry_hash)
+            self.windows.put_cut(cut, self.node_id, self.clock())
+            self._recorded.add(key)
+
+    def _clear(self, window_id: int) -> None:
+        _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, self.kinds())
+        stored = store_clearing(self.windows, window_id, clearing, root, self.clock())
+        detail = f"clearing sha256 {stored.clearing_digest.hex()}, merkle root {root.hex()}"
+        if self.windows.record(window_id, WindowEvent.CLEARED, self.clock(), self.node_id, detail):
+            log.info("settlement window %d cleared: %s", window_id, detail)
+
+    def _maybe_schedule(self, recent: list[Any]) -> None:
+        if self.interval_s <= 0:
+            return
+        closing_times = [w.at(WindowEvent.CLOSING) for w in recent]
+        last = max((t for t in closing_times if t is not None), default=self._started_us)
+        if self.clock() - last >= self.interval_s * 1e6:
+            window_id, made = request_close(self.windows, self.node_id, self.clock(),
+                                            reason="schedule")  # fmt: skip
+            if made:
+                log.info("settlement window %d closing on schedule", window_id)
+
+
+__all__ = [
+    "WINDOW_POLL_S",
+    "StoredClearing",
+    "WindowKeeper",
+    "compute_clearing",
+    "request_close",
+    "store_clearing",
+    "stored_clearing",
+]
