@@ -6,7 +6,8 @@
   ledger, and an exported window verifies offline; one byte changed in it does not.
 * A city's Cassandra is down while a window fills and closes, with hinted handoff off,
   so its replica lacks the window's rows: the cross-city check names that city and
-  rows, and after a repair the three cities agree again.
+  rows, and after a repair the three cities agree again. Then one row is written to
+  that city only, at consistency ONE: the check names exactly that row.
 * A stored entry changed in place is caught by the chain verification.
 """
 
@@ -20,13 +21,16 @@ from typing import Any
 
 import grpc
 import pytest
+from cassandra import ConsistencyLevel
+from cassandra.query import SimpleStatement
 
 from clearing.v1 import audit_pb2, audit_pb2_grpc, common_pb2, settlement_pb2, settlement_pb2_grpc
 from clearinghouse.audit.verify import verify_export
 from clearinghouse.domain.entries import KIND_DECISION, Decision
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.ledger_view import read_ledger, read_window
-from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.ledger import CassandraLedger, block_of
+from clearinghouse.storage.session import connect_to_node
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.records import payment_key
 from tests.support import SwitchEnv, eventually, session_preferring
@@ -34,10 +38,26 @@ from tests.support import SwitchEnv, eventually, session_preferring
 pytestmark = pytest.mark.cluster
 
 CLEAR_TIMEOUT_S = 90.0
+# Past Cassandra's write_request_timeout (2 s): a frozen replica drops the mutation.
+WRITE_EXPIRY_S = 6.0
+COMPARE_RETRY_S = 90.0
 FINAL = {
     common_pb2.PAYMENT_STATE_APPROVED, common_pb2.PAYMENT_STATE_DECLINED,
     common_pb2.PAYMENT_STATE_FAILED, common_pb2.PAYMENT_STATE_REVERSED,
 }  # fmt: skip
+
+
+def compare(audit: Any, window: int) -> Any:
+    """CompareCities, retried while the cluster is still settling after a fault."""
+    deadline = time.monotonic() + COMPARE_RETRY_S
+    while True:
+        try:
+            return audit.CompareCities(audit_pb2.CompareCitiesRequest(window_id=window),
+                                       timeout=120)  # fmt: skip
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def stubs(env: SwitchEnv, zone: str) -> tuple[Any, Any]:
@@ -175,7 +195,7 @@ def test_a_city_that_missed_a_window_is_named_then_converges(switch_env: SwitchE
         window = close_and_wait_cleared(env, "beijing-b")
         assert env.lc.start(f"cassandra@{lost}") == [f"cassandra@{lost}"]
         _, audit = stubs(env, "shanghai-b")
-        cmp = audit.CompareCities(audit_pb2.CompareCitiesRequest(window_id=window), timeout=120)
+        cmp = compare(audit, window)
         print({c.city: (c.entry_count, c.error[:80], len(c.differing_rows)) for c in cmp.cities})
         assert not cmp.agree
         shenzhen = next(c for c in cmp.cities if c.city == "shenzhen")
@@ -187,8 +207,43 @@ def test_a_city_that_missed_a_window_is_named_then_converges(switch_env: SwitchE
         repair = env.lc.nodetool(lost, "repair", "-full", env.lc.topo.keyspace.name,
                                  timeout_s=300)  # fmt: skip
         assert repair.returncode == 0, repair.stderr[-2000:]
-        again = audit.CompareCities(audit_pb2.CompareCitiesRequest(window_id=window), timeout=120)
+        again = compare(audit, window)
         assert again.agree, [(c.city, c.error, c.differing_rows[:3]) for c in again.cities]
+
+        # A write to one city only: consistency ONE through shenzhen's node while the
+        # other cities' replicas are frozen past the write timeout (so the mutation sent
+        # to them expires unapplied) and hints are off. The check names that very row.
+        with session_preferring(env.lc, "beijing") as s:
+            row = read_window(CassandraLedger(s), CassandraWindows(s), window).entries_by_shard[7][
+                -1
+            ]
+        stmt = ("UPDATE ledger_entries SET entry_hash = %s WHERE shard = %s AND epoch = %s "
+                "AND block = %s AND seq = %s")  # fmt: skip
+        key = (row.shard, row.epoch, block_of(row.seq), row.seq)
+        z = env.lc.topo.zone(lost)
+        cluster, one = connect_to_node(z.address, z.ports.cql, consistency="ONE",
+                                       keyspace=env.lc.topo.keyspace.name)  # fmt: skip
+        try:
+            env.lc.pause("cassandra@beijing-a")
+            env.lc.pause("cassandra@shanghai-a")
+            try:
+                one.execute(stmt, (bytes(32), *key))
+                time.sleep(WRITE_EXPIRY_S)
+            finally:
+                env.lc.resume("cassandra@beijing-a")
+                env.lc.resume("cassandra@shanghai-a")
+        finally:
+            cluster.shutdown()
+        tampered = compare(audit, window)
+        assert not tampered.agree
+        named = next(c for c in tampered.cities if c.city == "shenzhen").differing_rows
+        assert f"shard {row.shard} seq {row.seq}: differs (0000000000000000)" in named, named
+        # Put the true value back in every city; they agree again.
+        with session_preferring(env.lc, "beijing") as s:
+            s.execute(SimpleStatement(stmt, consistency_level=ConsistencyLevel.ALL),
+                      (row.entry_hash, *key))  # fmt: skip
+        healed = compare(audit, window)
+        assert healed.agree, [(c.city, c.differing_rows[:3]) for c in healed.cities]
     finally:
         env.lc.start(f"cassandra@{lost}")
         for z in ("beijing-a", "shanghai-a", lost):

@@ -36,7 +36,13 @@ from clearinghouse.switch.shards import ShardedStore, home_shard
 
 log = logging.getLogger(__name__)
 
-FORWARD_ATTEMPTS = 4
+# Rounds of routing one payment; the time bound (OWNER_WAIT_S, the caller's deadline)
+# usually ends it first.
+FORWARD_ATTEMPTS = 12
+# An owner that said it does not serve a shard is asked again after this long if the map
+# still names it (a claim is visible in etcd slightly before its owner has registered it).
+STALE_OWNER_WAIT_S = 0.5
+OWNER_UNREACHABLE = "SHARD_OWNER_UNREACHABLE"
 # A dead owner's shards are claimed again once its lease runs out (TTL) and the new
 # owner rebuilt them; a request waits that long, and a little more, for an owner.
 OWNER_WAIT_S = LEASE_TTL_S + 4.0
@@ -169,12 +175,23 @@ class Router:
 
     # -- owners -------------------------------------------------------------------------
 
-    def _owner(self, shard: int, avoid: str | None, until: float) -> OwnerRef | None:
-        """The shard's owner, waiting (bounded) while there is none or it is ``avoid``."""
+    def _owner(
+        self, shard: int, avoid: tuple[OwnerRef, bool] | None, until: float
+    ) -> OwnerRef | None:
+        """The shard's owner, waiting (bounded by ``until``) while there is none.
+
+        ``avoid`` is an owner that just failed, and whether it was unreachable: then wait
+        for the map to name another (its lease must run out); if it answered that it does
+        not serve the shard, only for :data:`STALE_OWNER_WAIT_S` (its ownership may be
+        just starting)."""
+        avoided, unreachable = avoid if avoid is not None else (None, False)
+        avoid_until = until if unreachable else self.clock() + STALE_OWNER_WAIT_S
         while True:
             o = self.owners.owner_of(shard)
-            if o is not None and o.node_id != avoid:
-                return OwnerRef(o.node_id, o.address)
+            if o is not None:
+                ref = OwnerRef(o.node_id, o.address)
+                if ref != avoided or self.clock() >= avoid_until:
+                    return ref
             if self.clock() >= until:
                 return None
             time.sleep(OWNER_POLL_S)
@@ -186,9 +203,9 @@ class Router:
         until = self.clock() + min(deadline_s, FORWARD_DEADLINE_S)
         results: list[Any] = [None] * len(orders)
         todo = list(range(len(orders)))
-        avoid: dict[int, str] = {}
+        avoid: dict[int, tuple[OwnerRef, bool]] = {}
         for _attempt in range(FORWARD_ATTEMPTS):
-            if not todo:
+            if not todo or self.clock() >= until:
                 break
             groups: dict[OwnerRef, list[int]] = defaultdict(list)
             wait_until = min(until, self.clock() + OWNER_WAIT_S)
@@ -210,9 +227,10 @@ class Router:
             for owner, fut in futures.items():
                 idx = groups[owner]
                 for i, r in zip(idx, fut.result(), strict=True):
-                    if r.HasField("error") and r.error.reason == Unavailable.NOT_SHARD_OWNER:
+                    reason = r.error.reason if r.HasField("error") else ""
+                    if reason in (Unavailable.NOT_SHARD_OWNER, OWNER_UNREACHABLE):
                         todo.append(i)
-                        avoid[i] = owner.node_id
+                        avoid[i] = (owner, reason == OWNER_UNREACHABLE)
                     results[i] = r
             if todo:
                 time.sleep(OWNER_POLL_S)
@@ -253,7 +271,7 @@ class Router:
                 Unavailable(
                     f"shard owner {owner.node_id} unreachable",
                     retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
-                    reason=Unavailable.NOT_SHARD_OWNER,
+                    reason=OWNER_UNREACHABLE,
                 ),
             )
         log.warning("forwarding to %s failed: %s", owner.node_id, code)
@@ -273,7 +291,7 @@ class Router:
         """Cap headroom from the owner of the participant's home shard (see shards.py)."""
         home = home_shard(participant_id, currency)
         until = self.clock() + OWNER_WAIT_S
-        avoid: str | None = None
+        avoid: tuple[OwnerRef, bool] | None = None
         for _ in range(FORWARD_ATTEMPTS):
             owner = self._owner(home, avoid, until)
             if owner is None:
@@ -300,7 +318,7 @@ class Router:
                 if code is grpc.StatusCode.UNAVAILABLE and (
                     reason in ("", Unavailable.NOT_SHARD_OWNER)
                 ):
-                    avoid = owner.node_id  # stale map or dead owner: ask the next one
+                    avoid = (owner, reason == "")  # dead owner or stale map: ask the next
                     continue
                 raise Unavailable(
                     f"the owner of {participant_id}'s cap ({owner.node_id}) did not lend: "

@@ -201,6 +201,7 @@ def build(cfg: NodeConfig) -> Node:
             log.exception("taking over shard %d at epoch %d failed", shard, epoch)
 
     def take_over(shard: int, epoch: int) -> None:
+        store.gain(shard, epoch)  # at once: requests for it wait rather than bounce
         takeover_pool.submit(take, shard, epoch)
 
     agent = OwnershipAgent(

@@ -214,16 +214,31 @@ class ShardedStore:
 
     # -- ownership events ---------------------------------------------------------------
 
+    def gain(self, shard: int, epoch: int) -> None:
+        """The shard is ours at ``epoch`` from now: requests for it wait for the takeover
+        (instead of being told this node is not the owner) until :meth:`take` serves it."""
+        self._register(shard, epoch)
+
+    def _register(self, shard: int, epoch: int) -> _Shard | None:
+        with self._lock:
+            old = self._shards.get(shard)
+            if old is not None and old.epoch == epoch:
+                return old
+            if old is not None and old.epoch > epoch:
+                return None  # a newer ownership already replaced this one
+            st = _Shard(shard, epoch)
+            self._shards[shard] = st
+        if old is not None:
+            self._drop(old)
+        return st
+
     def take(self, shard: int, epoch: int, stop: threading.Event) -> bool:
         """Take the shard over at ``epoch``: fence, rebuild, seal, serve. Retries storage
         errors while this node still owns the shard; returns whether it serves."""
         started = time.monotonic()
-        st = _Shard(shard, epoch)
-        with self._lock:
-            old = self._shards.get(shard)
-            self._shards[shard] = st
-        if old is not None:
-            self._drop(old)
+        st = self._register(shard, epoch)
+        if st is None:
+            return False
         while not stop.is_set() and not st.dropped:
             if not self._still_owner(shard, epoch):
                 self._forget(st)
