@@ -289,7 +289,11 @@ def test_a_new_shard_serves_and_chains_its_entries(world: World) -> None:
         S.APPROVED, START_US + 1_000_000, ZONE, "APPROVED", "BANKREF1", False, postings
     )
     assert read_chain(world.ledger, SHARD) == (entries, 10)
-    assert world.ledger.index_rows == [IndexRow(INST, pid, START_US)]  # one, for the intent
+    # Listed under the institution and under its bank, once, with the intent.
+    assert world.ledger.index_rows == [
+        IndexRow(INST, pid, START_US),
+        IndexRow(INST, pid, START_US, BANK),
+    ]
     assert all(c.acknowledged for c in world.ledger.commits)
 
 

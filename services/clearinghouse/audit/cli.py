@@ -211,13 +211,13 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
     start, end = _ts(args.start), _ts(args.end)
     token, rows = "", []
     while True:
-        req = audit_pb2.ListInstitutionPaymentsRequest(
-            institution_id=args.institution_id, page_size=args.page_size, page_token=token
+        req = audit_pb2.ListParticipantPaymentsRequest(
+            participant_id=args.participant_id, page_size=args.page_size, page_token=token
         )
         req.start_time.FromMicroseconds(start)
         req.end_time.FromMicroseconds(end)
-        r = stub.ListInstitutionPayments(req, timeout=CALL_DEADLINE_S)
-        rows += [{"payment_id": p.order.payment_id,
+        r = stub.ListParticipantPayments(req, timeout=CALL_DEADLINE_S)
+        rows += [{"institution_id": p.order.institution_id, "payment_id": p.order.payment_id,
                   "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
                   "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
                   "amount_minor": p.order.amount.amount_minor,

@@ -74,13 +74,16 @@ class CassandraLedger:
         self._select_seals = p(
             "SELECT epoch, prev_epoch, start_seq, start_hash FROM shard_seals WHERE shard = ?"
         )
+        # The index's partition key column is named institution_id for history; it holds
+        # any participant's id (an institution's own rows, or a bank's).
         self._insert_time = p(
-            "INSERT INTO payments_by_time (institution_id, day, received_at_us, payment_id) "
-            "VALUES (?, ?, ?, ?)"
+            "INSERT INTO payments_by_time (institution_id, day, received_at_us, payment_id, "
+            "payment_institution) VALUES (?, ?, ?, ?, ?)"
         )
         self._select_time = p(
-            "SELECT received_at_us, payment_id FROM payments_by_time WHERE institution_id = ? "
-            "AND day = ? AND (received_at_us, payment_id) > (?, ?) AND received_at_us < ? LIMIT ?"
+            "SELECT received_at_us, payment_id, payment_institution FROM payments_by_time "
+            "WHERE institution_id = ? AND day = ? AND (received_at_us, payment_id) > (?, ?) "
+            "AND received_at_us < ? LIMIT ?"
         )
         for stmt in (
             self._insert_entry, self._select_entries, self._insert_fence, self._select_fences,
@@ -214,11 +217,14 @@ class CassandraLedger:
             out.append(batch)
         by_partition: dict[tuple[str, int], list[IndexRow]] = defaultdict(list)
         for row in w.index_rows:
-            by_partition[(row.institution_id, day_of(row.received_at_us))].append(row)
-        for (inst, day), rows in by_partition.items():
+            by_partition[(row.listed_under, day_of(row.received_at_us))].append(row)
+        for (listed, day), rows in by_partition.items():
             batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
             for row in rows:
-                batch.add(self._insert_time, (inst, day, row.received_at_us, row.payment_id))
+                other = row.institution_id if row.institution_id != listed else None
+                batch.add(
+                    self._insert_time, (listed, day, row.received_at_us, row.payment_id, other)
+                )
             batch.is_idempotent = True
             out.append(batch)
         return out
@@ -226,9 +232,11 @@ class CassandraLedger:
     # -- listing ------------------------------------------------------------------------
 
     def list_index(
-        self, institution_id: str, start_us: int, end_us: int, page_size: int, page_token: str
-    ) -> tuple[list[str], str]:
-        """Payment ids received in ``[start_us, end_us)``, oldest first, and the next token.
+        self, participant_id: str, start_us: int, end_us: int, page_size: int, page_token: str
+    ) -> tuple[list[tuple[str, str]], str]:
+        """(institution_id, payment_id) of the participant's payments (an institution's
+        own, or those routed to a bank) received in ``[start_us, end_us)``, oldest first,
+        and the next page's token.
 
         The token is the last (received_at_us, payment_id) returned: the next page
         starts strictly after it, so concurrent inserts never repeat or skip a row.
@@ -238,17 +246,17 @@ class CassandraLedger:
                 [FieldViolation("end_time", f"a listing spans at most {LIST_DAYS_MAX} days")]
             )
         cursor = _decode_token(page_token) if page_token else (start_us - 1, "")
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         day_start = (max(cursor[0], start_us) // DAY_US) * DAY_US
         while day_start < end_us and len(out) < page_size:
             limit = page_size - len(out)
-            values = (institution_id, day_of(day_start), cursor[0], cursor[1], end_us, limit)
+            values = (participant_id, day_of(day_start), cursor[0], cursor[1], end_us, limit)
             rows = with_retries(
                 "listing payments",
                 lambda v=values: list(self.session.execute(self._select_time, v)),  # type: ignore[misc]
             )
             for r in rows:
-                out.append(r.payment_id)
+                out.append((r.payment_institution or participant_id, r.payment_id))
                 cursor = (r.received_at_us, r.payment_id)
             if len(rows) < limit:
                 day_start += DAY_US

@@ -115,11 +115,17 @@ class PaymentStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class IndexRow:
-    """One row of an institution's payments-by-time index."""
+    """One row of a participant's payments-by-time index: the payment ``institution_id``
+    / ``payment_id`` listed under ``participant_id`` (the institution, or its bank)."""
 
     institution_id: str
     payment_id: str
     received_at_us: int
+    participant_id: str = ""
+
+    @property
+    def listed_under(self) -> str:
+        return self.participant_id or self.institution_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
+    except RemoteError as e:
+        telemetry.metrics.rejection(e.reason)
+        abort_with(context, e.pb)
     except ClearingError as e:
         telemetry.metrics.rejection(e.reason)
         abort_with(context, convert.error_to_pb(e))
@@ -70,6 +73,18 @@ def grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         # A bug, not the client's doing: keep the details in the node's log.
         log.exception("internal error in %s", type(context).__name__)
         context.abort(grpc.StatusCode.INTERNAL, "internal error; the node logged the details")
+
+
+class RemoteError(ClearingError):
+    """An error another node answered with, passed on with its code and details."""
+
+    def __init__(self, err: common_pb2.Error) -> None:
+        super().__init__(err.message, reason=err.reason)
+        self.pb = err
+
+
+def error_from_pb(err: common_pb2.Error) -> RemoteError:
+    return RemoteError(err)
 
 
 def abort_with(context: grpc.ServicerContext, err: common_pb2.Error) -> None:
@@ -137,8 +152,12 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
 
     def ListPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            payments, token = _list_payments(self.router, self.ledger, request)
-            return payment_pb2.ListPaymentsResponse(payments=payments, next_page_token=token)
+            payments, token = _list_payments(
+                self.router, self.ledger, request, request.institution_id, "institution_id"
+            )
+            # An institution lists its own payments only (a bank's rows name others').
+            mine = [p for p in payments if p.order.institution_id == request.institution_id]
+            return payment_pb2.ListPaymentsResponse(payments=mine, next_page_token=token)
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -318,7 +337,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             _check_ref(request.institution_id, request.payment_id)
             (r,) = self.router.get([(request.institution_id, request.payment_id)])
             if r.HasField("error"):
-                abort_with(context, r.error)
+                raise error_from_pb(r.error)
             entries = self.audit.payment_entries(request.institution_id, request.payment_id)
             decisions = [e for e in entries if e.kind == "DECISION"]
             window = self.audit.window_of(decisions[0]) if decisions else 0
@@ -326,10 +345,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 payment=r.payment, entries=[_entry_ref(e) for e in entries], window_id=window
             )
 
-    def ListInstitutionPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListParticipantPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            payments, token = _list_payments(self.router, self.ledger, request)
-            return audit_pb2.ListInstitutionPaymentsResponse(
+            payments, token = _list_payments(
+                self.router, self.ledger, request, request.participant_id, "participant_id"
+            )
+            return audit_pb2.ListParticipantPaymentsResponse(
                 payments=payments, next_page_token=token
             )
 
@@ -420,21 +441,23 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             yield audit_pb2.ExportWindowResponse(path=path, data=data)
 
 
-def _list_payments(router: Router, ledger: CassandraLedger, request: Any) -> tuple[list[Any], str]:
-    """One page of an institution's payments: the time index, then each from its owner."""
+def _list_payments(
+    router: Router, ledger: CassandraLedger, request: Any, participant_id: str, field: str
+) -> tuple[list[Any], str]:
+    """One page of a participant's payments: the time index, then each from its owner."""
     if request.page_size < 0:
         raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
-    if not is_valid_id(request.institution_id, PARTICIPANT_ID_LEN_MAX):
-        raise InvalidArgument([FieldViolation("institution_id", "not a valid id")])
+    if not is_valid_id(participant_id, PARTICIPANT_ID_LEN_MAX):
+        raise InvalidArgument([FieldViolation(field, "not a valid id")])
     size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
-    ids, token = ledger.list_index(
-        request.institution_id,
+    refs, token = ledger.list_index(
+        participant_id,
         convert.ts_to_us(request.start_time),
         convert.ts_to_us(request.end_time),
         size,
         request.page_token,
     )
-    results = router.get([(request.institution_id, pid) for pid in ids])
+    results = router.get(refs)
     for r in results:
         if r.HasField("error") and r.error.reason != "NOT_FOUND":
             raise Unavailable(

@@ -175,7 +175,7 @@ class _Pending:
     kind: str
     key: str
     body: bytes
-    index_row: IndexRow | None
+    index_rows: tuple[IndexRow, ...]
     done: threading.Event = field(default_factory=threading.Event)
     entry: LedgerEntry | None = None
     ok: bool = False
@@ -416,9 +416,13 @@ class ShardedStore:
                 shortfall = st.exposure[payer] + o.amount.amount_minor - st.allowance[payer]
                 if existing is None and shortfall <= 0:
                     record = replace(record, owner_epoch=st.epoch)
-                    row = IndexRow(o.institution_id, o.payment_id, record.received_at_us)
+                    at = record.received_at_us
+                    rows = (
+                        IndexRow(o.institution_id, o.payment_id, at),
+                        IndexRow(o.institution_id, o.payment_id, at, record.bank_id),
+                    )
                     body = _intent_of(record).encode()
-                    pending = self._enqueue(st, KIND_INTENT, record.key, body, row)
+                    pending = self._enqueue(st, KIND_INTENT, record.key, body, rows)
                     p = _Payment(record, busy=True)
                     st.payments[record.key] = p
                     st.apply_intent(record)
@@ -437,7 +441,7 @@ class ShardedStore:
                 if st.dropped:
                     raise _not_owner(st.shard)
                 # Recorded before any intent that relies on it (the queue keeps order).
-                self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode(), None)
+                self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode())
                 st.allowance[payer] += granted
         else:
             raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
@@ -458,7 +462,7 @@ class ShardedStore:
                 raise _cap_exceeded(participant_id, currency, f"{max(available, 0)} left")
             granted = loan_minor(available, need_minor)
             grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock())
-            pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode(), None)
+            pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode())
             st.lent[key] += granted
         self._await(pending)
         return granted
@@ -503,7 +507,7 @@ class ShardedStore:
             ev, owed = step.event, reversal_owed
             legs = tuple(postings)
             d = Decision(ev.state, ev.at_us, ev.zone, ev.detail, step.bank_ref, owed, legs)
-            pending = self._enqueue(st, KIND_DECISION, record.key, d.encode(), None)
+            pending = self._enqueue(st, KIND_DECISION, record.key, d.encode())
         try:
             entry = self._await(pending)
         finally:
@@ -553,7 +557,7 @@ class ShardedStore:
             p = st.payments.get(owed.payment_key)
             if p is None or not p.reversal_owed:
                 return
-            pending = self._enqueue(st, KIND_REVERSAL_CONFIRMED, owed.payment_key, body, None)
+            pending = self._enqueue(st, KIND_REVERSAL_CONFIRMED, owed.payment_key, body)
         self._await(pending)
         with st.lock:
             p.reversal_owed = False
@@ -577,7 +581,7 @@ class ShardedStore:
                     continue
                 body = WindowCut(window_id, self.clock()).encode()
                 pendings.append(
-                    (st, self._enqueue(st, KIND_WINDOW_CUT, window_key(window_id), body, None))
+                    (st, self._enqueue(st, KIND_WINDOW_CUT, window_key(window_id), body))
                 )
                 st.last_cut = window_id
         out: list[LedgerEntry] = []
@@ -618,9 +622,9 @@ class ShardedStore:
     # -- commit plumbing ------------------------------------------------------------------
 
     def _enqueue(
-        self, st: _Shard, kind: str, key: str, body: bytes, index_row: IndexRow | None
+        self, st: _Shard, kind: str, key: str, body: bytes, index_rows: tuple[IndexRow, ...] = ()
     ) -> _Pending:
-        pending = _Pending(st.shard, st.epoch, kind, key, body, index_row)
+        pending = _Pending(st.shard, st.epoch, kind, key, body, index_rows)
         self.committer.submit(pending)
         return pending
 
@@ -717,7 +721,7 @@ class Committer:
                 continue
             for p in items:
                 p.entry = chain.append(p.kind, p.key, p.body)
-            rows = [p.index_row for p in items if p.index_row is not None]
+            rows = [row for p in items for row in p.index_rows]
             writes.append(ShardWrite(shard, epoch, now, [p.entry for p in items if p.entry], rows))
         if not writes:
             return
