@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs whatever the local cluster and the switch need and is missing:
-#   Debian's etcd-server, OpenJDK 17 and Maven; Apache Cassandra's runtime jars from
-#   Maven Central (cassandra-all); a virtualenv with the project; generated protobuf code.
+#   Debian's etcd-server, OpenJDK 17 and Maven; Debian's chromium and chromium-driver
+#   (the operator console's browser test); Apache Cassandra's runtime jars from Maven
+#   Central (cassandra-all); a virtualenv with the project; generated protobuf code.
 # Idempotent: with everything in place it checks a few files and exits in about a second.
 set -euo pipefail
 
@@ -48,6 +49,10 @@ if ! command -v java >/dev/null || [ "$(java_major)" != "17" ]; then
     fi
 fi
 command -v mvn >/dev/null || missing+=(maven)
+# Headless chromium and its WebDriver for tests/cluster/test_console_browser.py
+# (about 100 MB the first time; selenium comes with the dev extra).
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

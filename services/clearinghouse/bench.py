@@ -237,6 +237,7 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
                     "switch_nodes": len(lc.topo.zones),
                     "write_consistency": lc.topo.keyspace.write_consistency,
                     "durability": DURABILITY},
+        "telemetry": os.environ.get("CLEARING_TELEMETRY", "on"),
         "phases": results,
         "resident_memory_all_processes_mib": round(rss / 2**20),
     }  # fmt: skip

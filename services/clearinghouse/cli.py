@@ -3,8 +3,9 @@
 ``clearingctl cluster up|down|status|kill|stop|start|pause|resume|schema|check`` runs
 the local three-city cluster; ``demo`` and ``bench`` drive it; ``audit ...`` reads and
 verifies the ledger (``audit verify DIR`` offline); ``window close|settle`` runs
-settlement windows. Exit codes: 0 success, 1 the operation failed (the message
-names the component and its log), 2 bad usage.
+settlement windows; ``console`` serves the operator's web page; ``drill SCENARIO`` runs a
+failover drill under load and reports it. Exit codes: 0 success,
+1 the operation failed (the message names the component and its log), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from clearinghouse import topology
+from clearinghouse.console import observe
+from clearinghouse.console import server as console_server
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import ProcessError
@@ -55,9 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     down = cs.add_parser("down", help="stop everything this tool started")
     down.add_argument("--wipe", action="store_true", help="also delete all data and logs")
-    st = cs.add_parser("status", help="processes by city and zone, Cassandra's ring, etcd's leader")
+    st = cs.add_parser(
+        "status",
+        help="processes by city and zone, Cassandra's ring, etcd's leader, shard owners, "
+        "payments/s and errors per zone",
+    )
     st.add_argument("--json", action="store_true")
     st.add_argument("--no-ring", action="store_true", help="skip nodetool (faster)")
+    st.add_argument(
+        "--no-live",
+        action="store_true",
+        help="skip shard ownership (Describe) and payments/s (two metrics scrapes, 1 s)",
+    )
     for name, what in (
         ("kill", "SIGKILL"),
         ("stop", "SIGTERM, then SIGKILL after a grace period"),
@@ -77,9 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="durable payments/s and latency against the local cluster")
     b.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    con = sub.add_parser(
+        "console", help="serve the operator console (zones, shard ownership, payments/s)"
+    )
+    con.add_argument("--port", type=int, default=console_server.DEFAULT_PORT)
+    con.add_argument(
+        "--host",
+        default=console_server.DEFAULT_HOST,
+        help="address to bind (default 127.0.0.1; the page has no authentication)",
+    )
+    con.add_argument(
+        "--interval", type=float, default=console_server.INTERVAL_S, help="seconds between samples"
+    )
+    con.add_argument("--no-ring", action="store_true", help="never run nodetool for the ring")
     from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
 
     audit_cli.add_parsers(sub)
+    from clearinghouse.drill import cli as drill_cli  # noqa: PLC0415 (loads gRPC code)
+
+    drill_cli.add_parser(sub)
     return p
 
 
@@ -111,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             bench.run(lc, seconds=args.seconds, progress=_say, out=args.out)
             return 0
+        if args.group == "drill":
+            from clearinghouse.drill import cli as drill_cli  # noqa: PLC0415 (loads gRPC code)
+
+            return drill_cli.run(lc, args, _say)
+        if args.group == "console":
+            return _console(lc, args)
     except (ClusterError, ProcessError, FileNotFoundError, KeyError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -128,10 +162,14 @@ def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
         return 0
     if cmd == "status":
         st = lc.status(with_ring=not args.no_ring)
+        if not args.no_live:
+            st.update(observe.live_status(lc))
         if args.json:
             print(json.dumps(st, indent=2))
         else:
             print_status(st)
+            if not args.no_live:
+                print_live(st)
         return 0
     if cmd == "schema":
         lc.apply_schema()
@@ -182,6 +220,69 @@ def print_status(st: dict[str, Any]) -> None:
             for r in rows
         )
         _say(f"  {dc:<10}{cells}")
+
+
+def print_live(st: dict[str, Any]) -> None:
+    """Shard ownership per node and payments/s and errors per zone (``observe.live_status``)."""
+    own = st["ownership"]
+    served = f"{own['served']}/{own['shard_count']} shards served"
+    if own["unserved"]:
+        served += f"; waiting for an owner: {observe.shard_ranges(own['unserved'])}"
+    _say(f"switch nodes (ShardService/Describe): {served}")
+    _say(
+        f"  {'ZONE':<12}{'SHARDS':>7}{'COMMITS':>10}{'ENTRIES':>10}{'LOCAL':>9}{'FORWARDED':>11}"
+        f"  {'EPOCHS':<14}SHARD NUMBERS"
+    )
+    for zone, d in st["switch_nodes"].items():
+        if d is None:
+            _say(f"  {zone:<12}{'-':>7}  not answering")
+            continue
+        shards = [s["shard"] for s in d["shards"]]
+        epochs = [s["epoch"] for s in d["shards"]]
+        ep = f"{min(epochs)}..{max(epochs)}" if epochs else "-"
+        _say(
+            f"  {zone:<12}{len(shards):>7}{d['commits']:>10}{d['entries']:>10}"
+            f"{d['routed_local']:>9}{d['routed_forwarded']:>11}  {ep:<14}"
+            f"{observe.shard_ranges(shards) or '-'}"
+        )
+    for shard, zones in own["contested"].items():
+        _say(f"  shard {shard} is claimed by {', '.join(zones)} (a handover in progress)")
+    _say(
+        f"payments per zone over {st['throughput_interval_s']:g} s (decided by the node; "
+        f"PaymentService requests and errors received):"
+    )
+    _say(f"  {'ZONE':<12}{'PAYMENTS/S':>11}{'REQUESTS/S':>12}{'ERRORS/S':>10}{'ERROR RATE':>12}")
+    for zone, r in st["throughput"].items():
+        if r is None:
+            _say(f"  {zone:<12}{'-':>11}  metrics not answering")
+            continue
+        ratio = "-" if r["error_ratio"] is None else f"{100 * r['error_ratio']:.1f}%"
+        _say(
+            f"  {zone:<12}{r['payments_per_s']:>11.1f}{r['requests_per_s']:>12.1f}"
+            f"{r['errors_per_s']:>10.2f}{ratio:>12}"
+        )
+
+
+def _console(lc: LocalCluster, args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        print("clearingctl: --interval must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        console_server.run(
+            lc,
+            host=args.host,
+            port=args.port,
+            interval_s=args.interval,
+            ring_every_s=None if args.no_ring else console_server.RING_EVERY_S,
+            progress=_say,
+        )
+    except OSError as e:
+        print(
+            f"clearingctl: cannot serve the console on {args.host}:{args.port}: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return 0
 
 
 if __name__ == "__main__":

@@ -433,6 +433,57 @@ class LocalCluster:
             out.update({s.shard: z.name for s in d.shards})
         return out
 
+    def describe_nodes(
+        self, timeout_s: float = DESCRIBE_TIMEOUT_S
+    ) -> dict[str, dict[str, Any] | None]:
+        """Each zone's switch node's own account of itself (``ShardService/Describe``).
+
+        Every node is asked at once, so the whole call takes at most about ``timeout_s``;
+        a node that does not answer in time (dead, paused, still starting) is None.
+        """
+        channels = {
+            z.name: grpc.insecure_channel(f"{z.address}:{z.ports.switch}") for z in self.topo.zones
+        }
+        try:
+            calls = {
+                name: shard_pb2_grpc.ShardServiceStub(ch).Describe.future(
+                    shard_pb2.DescribeRequest(), timeout=timeout_s
+                )
+                for name, ch in channels.items()
+            }
+            out: dict[str, dict[str, Any] | None] = {}
+            for name, call in calls.items():
+                try:
+                    d = call.result(timeout=timeout_s + 1.0)
+                except (grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
+                    out[name] = None  # closing the channel below cancels a call still open
+                    continue
+                out[name] = {
+                    "node_id": d.node_id,
+                    "shards": [{"shard": s.shard, "epoch": s.epoch} for s in d.shards],
+                    "commits": d.commits,
+                    "entries": d.entries,
+                    "routed_local": d.routed_local,
+                    "routed_forwarded": d.routed_forwarded,
+                }
+            return out
+        finally:
+            for ch in channels.values():
+                ch.close()
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Zone -> its switch node's Prometheus endpoint (the zone's admin port)."""
+        return {z.name: f"http://{z.address}:{z.ports.admin_http}/metrics" for z in self.topo.zones}
+
+    def ring_view(self) -> tuple[list[dict[str, str]] | None, str | None]:
+        """Cassandra's ring as the first running node that answers sees it, and that node."""
+        for n in self.cassandra_nodes():
+            if procs.state(n.managed).state == "up":
+                ring = self.ring(n)
+                if ring is not None:
+                    return ring, n.zone.name
+        return None, None
+
     # -- status ------------------------------------------------------------------------
 
     def nodetool(

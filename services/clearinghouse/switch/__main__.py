@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     # Traces, metrics (Prometheus on the zone's admin port) and OTLP as the environment
     # says (CLEARING_TRACE_FILE, CLEARING_PROMETHEUS_PORT, CLEARING_OTLP_ENDPOINT, ...).
-    tel = telemetry.Telemetry.setup(
-        telemetry.TelemetryConfig.from_env(
-            service_name="clearing-switch", node_id=cfg.node_id, zone=cfg.zone, city=cfg.city
+    # CLEARING_TELEMETRY=off runs the node without any (for measuring what it costs).
+    tel = (
+        None
+        if os.environ.get("CLEARING_TELEMETRY", "on") == "off"
+        else telemetry.Telemetry.setup(
+            telemetry.TelemetryConfig.from_env(
+                service_name="clearing-switch", node_id=cfg.node_id, zone=cfg.zone, city=cfg.city
+            )
         )
     )
     done = threading.Event()
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         node.stop()
         return 0
     finally:
-        tel.shutdown()
+        if tel is not None:
+            tel.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,372 @@
+"""One drill from start to report: load, fault, recovery, checks, files.
+
+Timeline: the load starts at 0 s; the fault is injected at ``max(BEFORE_MIN_S,
+BEFORE_FRACTION * duration)``; it is held ``hold_s``, then recovered (start, resume);
+the load goes on until the requested duration, and at least ``AFTER_MIN_S`` after the
+recovery finished. Then no new payment is sent, those in flight finish (bounded), the
+cluster is made whole if a step failed, and the checks read everything back. Whatever
+happens, every paused process is resumed and every stopped one started before return.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from clearinghouse import demo
+from clearinghouse.client import SwitchClient
+from clearinghouse.drill import observe, report, scenarios, timeline
+from clearinghouse.drill.checker import (
+    BankEffect,
+    Check,
+    Evidence,
+    expected_state,
+    judge,
+    needs_resolution,
+)
+from clearinghouse.drill.clientlog import ClientLog
+from clearinghouse.drill.load import (
+    LoadConfig,
+    LoadGenerator,
+    OrderStream,
+    close_zones,
+    connect_zones,
+)
+from clearinghouse.drill.scenarios import FaultPlan, Step
+from clearinghouse.localcluster import procs
+from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
+from clearinghouse.localcluster.procs import ProcessError
+from clearinghouse.switch.config import REGISTRY_REFRESH_S
+
+DEFAULT_SEED = 1
+DEFAULT_DURATION_S = 120.0
+DEFAULT_RATE_PER_S = 30.0
+BEFORE_FRACTION = 0.25
+BEFORE_MIN_S = 10.0
+AFTER_MIN_S = 10.0
+# Payments still retrying when the load stops get this long; then they end unknown.
+DRAIN_TIMEOUT_S = 45.0
+LEDGER_WAIT_S = 120.0
+BANK_AGREEMENT_WAIT_S = 60.0
+HINTS_BASELINE_WAIT_S = 60.0
+STEP_EVENT_SPLIT_S = 1.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class DrillOptions:
+    scenario: str
+    seed: int = DEFAULT_SEED
+    duration_s: float = DEFAULT_DURATION_S
+    rate_per_s: float = DEFAULT_RATE_PER_S
+    out: Path | None = None
+    hold_s: float | None = None
+    # Start what is not running, the banks, and register the participants first.
+    prepare: bool = True
+    ledger_wait_s: float = LEDGER_WAIT_S
+
+
+def prepare(lc: LocalCluster, progress: Progress) -> None:
+    """The cluster up, the bank simulators, the demo's participants registered."""
+    lc.up()
+    parts = demo.load_participants()
+    demo.start_banks(lc, parts, progress)
+    client = SwitchClient.connect(lc.topo, lc.topo.zones[0].name)
+    try:
+        demo.register_participants(client, parts, progress)
+    finally:
+        client.close()
+    time.sleep(REGISTRY_REFRESH_S * 1.5)  # every node's registry has refreshed by then
+
+
+def default_out(lc: LocalCluster, scenario: str, seed: int) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return lc.paths.state / "drills" / f"{stamp}-{scenario}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the load phase leaves for the checks."""
+
+    run_id: str
+    started_at: str
+    gen: LoadGenerator
+    monitor: observe.ShardMonitor
+    channels: dict[str, Any]
+    restarted: set[str]
+    load_s: float
+    in_flight: int
+
+
+class Drill:
+    def __init__(
+        self, lc: LocalCluster, opts: DrillOptions, plan: FaultPlan, progress: Progress
+    ) -> None:
+        self.lc = lc
+        self.opts = opts
+        self.plan = plan
+        self.progress = progress
+        self.out = opts.out or default_out(lc, opts.scenario, opts.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+        self.events: list[dict[str, Any]] = []
+        self.log = ClientLog(self.out / report.CLIENT_LOG)
+        self.fault_start_s: float | None = None
+        self.fault_end_s: float | None = None
+        self.fault_error = ""
+        self.hints_before: dict[str, int | None] = {}
+
+    def clock(self) -> float:
+        return time.monotonic() - self.t0
+
+    def event(self, what: str, t: float | None = None) -> None:
+        at = round(self.clock() if t is None else t, 3)
+        self.events.append({"t": at, "what": what})
+        self.log.record({"ev": "event", "t": at, "what": what})
+        self.progress(f"[{at:7.1f}s] {what}")
+
+    def sleep_until(self, t: float) -> None:
+        time.sleep(max(0.0, t - self.clock()))
+
+    # -- the fault ----------------------------------------------------------------------------
+
+    def step(self, s: Step) -> None:
+        if s.action == "converge":
+            served, target, waited = observe.wait_converged(self.lc, self.progress)
+            settled = "settled" if served == target else "NOT settled"
+            self.event(f"shard map {settled} after {waited:.1f}s")
+            return
+        t = self.clock()
+        hit = getattr(self.lc, s.action)(s.target)
+        took = self.clock() - t
+        names = ", ".join(hit) or "nothing (already in that state)"
+        if took < STEP_EVENT_SPLIT_S:
+            self.event(f"{s.action} {s.target}: {names}", t)
+        else:
+            self.event(f"{s.action} {s.target}", t)
+            self.event(f"{s.action} {s.target} done in {took:.1f}s: {names}")
+
+    def run_fault(self, plan: FaultPlan) -> None:
+        try:
+            for i, s in enumerate(plan.inject):
+                if i == 0:
+                    self.fault_start_s = self.clock()
+                self.step(s)
+            if plan.hold_s:
+                time.sleep(plan.hold_s)
+            for s in plan.recover:
+                self.step(s)
+        except (ClusterError, ProcessError) as e:
+            self.fault_error = f"{type(e).__name__}: {e}"
+            self.event(f"drill step failed: {str(e).splitlines()[0]}")
+        finally:
+            self.fault_end_s = self.clock()
+            if self.fault_start_s is None:
+                self.fault_start_s = self.fault_end_s
+
+    def restore(self) -> None:
+        """Resume what is paused, start what is down: the cluster as it was."""
+        comps = self.lc.components()
+        for c in comps:
+            if procs.state(c.managed).state == "paused":
+                self.lc.resume(f"{c.kind}@{c.zone.name}")
+                self.event(f"resumed {c.label} (left paused)")
+        down = [c.label for c in comps if not procs.state(c.managed).alive]
+        if down:
+            self.event(f"starting what is down: {', '.join(down)}")
+            self.lc.start("all")
+
+    # -- the whole drill ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.log.close()
+
+    def _run(self) -> dict[str, Any]:
+        o, lc, plan = self.opts, self.lc, self.plan
+        parts = demo.load_participants()
+        self.progress(f"drill {o.scenario}, seed {o.seed}: {plan.summary}; "
+                      f"{report.rate_text(o.rate_per_s)} for {o.duration_s:.0f}s; "
+                      f"files in {self.out}")  # fmt: skip
+        served, target, waited = observe.wait_converged(lc, self.progress)
+        if served != target:
+            raise ClusterError(f"the shard map did not settle within {waited:.0f}s before the "
+                               "drill: `clearingctl cluster status`, then retry")  # fmt: skip
+        restarted = self._cassandra_victims(plan)
+        run_id = uuid.uuid4().hex[:8]
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.log.record({"ev": "run", "scenario": o.scenario, "seed": o.seed, "run_id": run_id,
+                         "rate_per_s": o.rate_per_s, "duration_s": o.duration_s,
+                         "started_at": started_at, "victims": list(plan.victims)})  # fmt: skip
+        channels = connect_zones(lc.topo)
+        stubs = {z: stub for z, (_, stub) in channels.items()}
+        cfg = LoadConfig(o.rate_per_s, o.seed, run_id)
+        stream = OrderStream(parts, len(lc.topo.zones), o.seed, run_id)
+        gen = LoadGenerator(cfg, stream, stubs, self.log, self.clock)
+        monitor = observe.ShardMonitor(lc.topo, self.clock)
+        baseline = threading.Thread(target=self._hints_baseline, name="drill-hints", daemon=True)
+        before_s = max(BEFORE_MIN_S, BEFORE_FRACTION * o.duration_s)
+        in_flight = 0
+        self.t0 = time.monotonic()  # the timeline's 0 s: the load starts now
+        try:
+            baseline.start()
+            monitor.start()
+            gen.start()
+            self.event(f"load started: {gen.workers} workers")
+            self.sleep_until(before_s)
+            baseline.join(max(0.0, HINTS_BASELINE_WAIT_S - self.clock()))
+            self.run_fault(plan)
+            self.sleep_until(max(o.duration_s, (self.fault_end_s or 0.0) + AFTER_MIN_S))
+        finally:
+            gen.stop()
+            self.event("load stopped: no new payments")
+            in_flight = gen.drain(DRAIN_TIMEOUT_S)
+            monitor.stop()
+            self.restore()
+        run = _Run(run_id, started_at, gen, monitor, channels, restarted, self.clock(), in_flight)
+        try:
+            return self._check_and_report(run)
+        finally:
+            close_zones(channels)
+
+    def _cassandra_victims(self, plan: FaultPlan) -> set[str]:
+        zones: set[str] = set()
+        for s in plan.inject:
+            if s.target:
+                zones |= {c.zone.name for c in self.lc.select(s.target) if c.kind == "cassandra"}
+        return zones
+
+    def _hints_baseline(self) -> None:
+        self.hints_before = observe.hints_by_node(self.lc)
+
+    def _check_and_report(self, run: _Run) -> dict[str, Any]:
+        lc, o, say, plan = self.lc, self.opts, self.progress, self.plan
+        gen, monitor, channels, restarted = run.gen, run.monitor, run.channels, run.restarted
+        run_id, started_at, load_s, in_flight = (
+            run.run_id,
+            run.started_at,
+            run.load_s,
+            run.in_flight,
+        )
+        stubs = {z: stub for z, (_, stub) in channels.items()}
+        say("checking: shard map, open outcomes, every city's ledger, bank journals, caps")
+        served, target, converge_s = observe.wait_converged(lc, say)
+        traces = self.log.traces()
+        queries = [observe.Query(t.key, t.institution_id, t.payment_id)
+                   for t in traces if needs_resolution(t)]  # fmt: skip
+        for key, state in observe.resolve(stubs, queries).items():
+            self.log.record({"ev": "resolved", "key": key, "state": state})
+        traces = self.log.traces()
+        expected = {t.key: s for t in traces if (s := expected_state(t)) is not None}
+        restored = {lc.topo.zone(z).city for z in restarted}
+        cities = [c for c in lc.topo.city_names() if c not in restored] + sorted(restored)
+        ledgers = [
+            observe.read_city(lc, city, role="restored" if city in restored else "survivor",
+                              expected=expected, wait_s=o.ledger_wait_s, progress=say)
+            for city in cities
+        ]  # fmt: skip
+        bank = self._bank_effects(traces, expected)
+        caps = observe.registered_caps(observe.admin_stubs(lc.topo, {
+            z: ch for z, (ch, _) in channels.items()}))  # fmt: skip
+        hints_after = observe.hints_by_node(lc)
+        hints_count, hints_note = observe.hints_replayed(self.hints_before, hints_after, restarted)
+        self.log.close()
+        verdict = judge(Evidence(traces, ledgers, bank, caps, served, target))
+        verdict.checks.insert(0, Check(
+            "drill_ran", not self.fault_error,
+            self.fault_error or f"every step of the plan ran ({len(plan.inject)} inject, "
+            f"{len(plan.recover)} recover)",
+        ))  # fmt: skip
+        fault = timeline.FaultWindow(self.fault_start_s or 0.0, self.fault_end_s or 0.0)
+        secs = timeline.per_second(traces, load_s, monitor.samples)
+        base = timeline.baseline_rate(secs, fault)
+        files = {"report": str(self.out / report.REPORT_JSON),
+                 "timeline": str(self.out / report.TIMELINE_HTML),
+                 "client_log": str(self.out / report.CLIENT_LOG)}  # fmt: skip
+        rep: dict[str, Any] = {
+            "scenario": o.scenario, "seed": o.seed, "run_id": run_id, "started_at": started_at,
+            "ok": verdict.ok, "lost": verdict.lost, "duplicated": verdict.duplicated,
+            "plan": {"summary": plan.summary, "victims": list(plan.victims),
+                     "hold_s": plan.hold_s, "inject": [str(s) for s in plan.inject],
+                     "recover": [str(s) for s in plan.recover]},
+            "load": {"rate_per_s": o.rate_per_s, "duration_s": o.duration_s,
+                     "seconds": round(load_s, 1), "sent": len(traces),
+                     "batched": sum(t.batched for t in traces), "jobs": gen.jobs_sent,
+                     "retries": sum(t.retries for t in traces), "workers": gen.workers,
+                     "skipped_payments": gen.skipped_payments,
+                     "jobs_in_flight_after_drain": in_flight},
+            "fault": {"start_s": round(fault.start_s, 2), "end_s": round(fault.end_s, 2),
+                      "error": self.fault_error},
+            "events": self.events,
+            "verdict": verdict.to_json(),
+            "success_rate_before_fault": base,
+            "error_rate_during_fault": timeline.error_rate(secs, fault),
+            "answer_slo_s": timeline.ANSWER_SLO_S,
+            "success_rate_during_fault": timeline.success_rate(
+                secs, math.floor(fault.start_s), math.ceil(fault.end_s)),
+            "recovery_time_s": timeline.recovery_time_s(secs, fault, base),
+            "last_degraded_s": timeline.last_degraded_s(secs, fault, base),
+            "recovery_definition": (
+                f"seconds from the fault's start to the first of {timeline.RECOVERY_STABLE_S} "
+                f"seconds in a row in which at least {timeline.RECOVERY_FRACTION:.0%} of the "
+                f"rate before the fault of the payments sent were answered within "
+                f"{timeline.ANSWER_SLO_S:g}s"),
+            "shards_moved": timeline.shard_moves(monitor.samples),
+            "shards_unserved_max": timeline.unserved_max(monitor.samples, len(target)),
+            "ownership_converged_after_s": round(converge_s, 1),
+            "hints_replayed": {"count": hints_count, "source": "nodetool sjk mx "
+                               "(HintsService.HintsSucceeded)", "note": hints_note,
+                               "before": self.hints_before, "after": hints_after},
+            "ledgers": [{"city": c.city, "role": c.role, "read": c.read, "entries": c.entries,
+                         "waited_s": round(c.waited_s, 1), "error": c.error} for c in ledgers],
+            "files": files,
+            "timeline": [s.to_json() for s in secs],
+        }  # fmt: skip
+        report.write_json(rep, self.out)
+        report.write_html(rep, secs, self.out)
+        for line in report.summary_lines(rep):
+            say(line)
+        return rep
+
+    def _bank_effects(self, traces: list[Any], expected: dict[str, str]) -> dict[str, BankEffect]:
+        """The banks' journals, read again (bounded) while an owed reversal may still be
+        on its way: money stands at the bank exactly for APPROVED payments."""
+        banks = {t.bank_id for t in traces}
+        by_key = {t.key: t for t in traces}
+        deadline = time.monotonic() + BANK_AGREEMENT_WAIT_S
+        while True:
+            effects = observe.bank_effects(self.lc, banks)
+            off = [
+                k for k, s in expected.items()
+                if effects.get(by_key[k].switch_ref, BankEffect()).standing
+                != (1 if s == "APPROVED" else 0)
+            ]  # fmt: skip
+            if not off or time.monotonic() > deadline:
+                return effects
+            self.progress(f"  {len(off)} payments' bank effects differ from the switch's "
+                          f"decision (owed reversals?); reading the journals again")  # fmt: skip
+            time.sleep(observe.BANK_AGREEMENT_POLL_S)
+
+
+def run(lc: LocalCluster, opts: DrillOptions, progress: Progress = print) -> dict[str, Any]:
+    """Run one drill and write its report; returns the report (``report["ok"]``)."""
+    # Usage errors (scenario, hold) before anything is started; the leader is known later.
+    scenarios.plan(opts.scenario, opts.seed, lc.topo, lc.topo.etcd_zones()[0].name, opts.hold_s)
+    if opts.prepare:
+        prepare(lc, progress)
+    leader = lc.status(with_ring=False)["etcd"]["leader"]
+    plan = scenarios.plan(opts.scenario, opts.seed, lc.topo, leader, opts.hold_s)
+    return Drill(lc, opts, plan, progress).run()
+
+
+__all__ = ["DEFAULT_DURATION_S", "DEFAULT_RATE_PER_S", "DEFAULT_SEED", "DrillOptions", "run"]

@@ -1,0 +1,709 @@
+"""The drill's logic without a cluster: client log, order stream, plans, load generator
+retries (fake stubs), the checker, the timeline numbers and the report files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from clearing.v1 import common_pb2, payment_pb2
+from clearinghouse import demo, topology
+from clearinghouse._invariant import InvariantViolation
+from clearinghouse.domain import PaymentState, Posting
+from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, ChainBuilder
+from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.domain.postings import Leg
+from clearinghouse.drill import report, scenarios, timeline
+from clearinghouse.drill.checker import BankEffect, CityLedger, Evidence, expected_state, judge
+from clearinghouse.drill.clientlog import (
+    ACK,
+    NOT_FOUND,
+    REJECTED,
+    UNKNOWN,
+    UNRESOLVED,
+    Attempt,
+    ClientLog,
+    PaymentTrace,
+    read_log,
+)
+from clearinghouse.drill.load import LoadConfig, LoadGenerator, OrderStream
+from clearinghouse.drill.observe import (
+    hints_replayed,
+    hints_succeeded,
+    journal_effects,
+    ledger_facts,
+)
+from clearinghouse.ownership.node import LEASE_TTL_S
+from clearinghouse.switch.ports import Seal, ShardWrite
+from clearinghouse.switch.records import switch_ref_for
+from tests.fakes import FakeLedger
+
+pytestmark = pytest.mark.unit
+
+SHARDS = 8
+CITIES = ("beijing", "shanghai", "shenzhen")
+
+
+@pytest.fixture(scope="module")
+def topo() -> topology.Topology:
+    return topology.load()
+
+
+# -- fakes ----------------------------------------------------------------------------------
+
+
+def trace(
+    n: int,
+    outcome: str = ACK,
+    state: str = "APPROVED",
+    *,
+    resolution: str = "",
+    amount: int = 100,
+    attempts: Sequence[Attempt] = (),
+    t_sent: float = 0.0,
+    t_done: float | None = None,
+) -> PaymentTrace:
+    pid = f"p-{n}"
+    t = PaymentTrace(
+        key=f"INST_A/{pid}", payment_id=pid, institution_id="INST_A", type="CREDIT",
+        payer_id="INST_A", payee_id="BANK_B", amount_minor=amount, currency="CNY",
+        bank_id="BANK_B", switch_ref=switch_ref_for("INST_A", pid), batched=False,
+        t_sent=t_sent, attempts=list(attempts), outcome=outcome,
+        state=state if outcome == ACK else "", resolution=resolution,
+        t_done=t_done,
+    )  # fmt: skip
+    if outcome in (REJECTED, UNKNOWN):
+        t.code = "INVALID_ARGUMENT" if outcome == REJECTED else "UNAVAILABLE"
+    return t
+
+
+def city_ledger(
+    city: str, decided: dict[str, str], role: str = "survivor", **kw: Any
+) -> CityLedger:
+    approved = sum(1 for s in decided.values() if s == "APPROVED") * 100
+    totals = {("INST_A", "CNY"): (approved, 0), ("BANK_B", "CNY"): (0, approved)}
+    base: dict[str, Any] = {
+        "decided": decided, "decisions": dict.fromkeys(decided, 1), "totals": totals,
+    }  # fmt: skip
+    base.update(kw)
+    return CityLedger(city, role, **base)
+
+
+def bank_for(traces: Sequence[PaymentTrace], states: dict[str, str]) -> dict[str, BankEffect]:
+    return {
+        t.switch_ref: BankEffect(1, int(states[t.key] == "APPROVED"), 0)
+        for t in traces
+        if t.key in states
+    }
+
+
+def evidence(
+    traces: Sequence[PaymentTrace],
+    ledgers: Sequence[CityLedger] | None = None,
+    bank: dict[str, BankEffect] | None = None,
+    **kw: Any,
+) -> Evidence:
+    states = {t.key: s for t in traces if (s := expected_state(t)) is not None}
+    owners = {s: f"zone-{s % 3}" for s in range(SHARDS)}
+    base: dict[str, Any] = {
+        "traces": traces,
+        "ledgers": ledgers if ledgers is not None else [city_ledger(c, states) for c in CITIES],
+        "bank": bank if bank is not None else bank_for(traces, states),
+        "caps": {("INST_A", "CNY"): 10**9, ("BANK_B", "CNY"): 10**9},
+        "served": owners, "placement": owners, "shard_count": SHARDS,
+    }  # fmt: skip
+    base.update(kw)
+    return Evidence(**base)
+
+
+def failing(ev: Evidence) -> list[str]:
+    return [c.name for c in judge(ev).checks if not c.ok]
+
+
+# -- the checker ----------------------------------------------------------------------------
+
+
+def test_a_clean_drill_passes_every_check() -> None:
+    traces = [trace(i, state="APPROVED" if i % 3 else "DECLINED") for i in range(9)]
+    v = judge(evidence(traces))
+    assert v.ok, [c for c in v.checks if not c.ok]
+    assert (v.acknowledged, v.confirmed, v.lost, v.duplicated) == (9, 9, 0, 0)
+    assert v.by_state == {"APPROVED": 6, "DECLINED": 3}
+
+
+def test_a_payment_missing_from_the_restored_city_is_lost() -> None:
+    traces = [trace(i) for i in range(4)]
+    full = {t.key: "APPROVED" for t in traces}
+    short = {k: s for k, s in full.items() if k != traces[2].key}
+    ledgers = [city_ledger("beijing", full), city_ledger("shenzhen", short, role="restored")]
+    v = judge(evidence(traces, ledgers))
+    assert v.lost == 1
+    assert v.lost_by_city == {
+        "beijing": {"missing": 0, "other_state": 0},
+        "shenzhen": {"missing": 1, "other_state": 0},
+    }
+    assert "acknowledged_in_every_city" in failing(evidence(traces, ledgers))
+
+
+def test_an_acknowledged_state_the_ledger_contradicts_is_lost() -> None:
+    traces = [trace(0, state="APPROVED"), trace(1, state="DECLINED")]
+    decided = {traces[0].key: "FAILED", traces[1].key: "DECLINED"}
+    v = judge(evidence(traces, [city_ledger(c, decided) for c in CITIES]))
+    assert v.lost == 1
+    assert v.lost_by_city["beijing"] == {"missing": 0, "other_state": 1}
+
+
+def test_two_transfers_at_the_bank_or_two_decisions_are_duplicates() -> None:
+    traces = [trace(i) for i in range(3)]
+    states = {t.key: "APPROVED" for t in traces}
+    bank = bank_for(traces, states)
+    bank[traces[0].switch_ref] = BankEffect(2, 2, 1)
+    ledgers = [city_ledger(c, states) for c in CITIES]
+    ledgers[1] = city_ledger("shanghai", states, decisions={**dict.fromkeys(states, 1),
+                                                            traces[1].key: 2})  # fmt: skip
+    v = judge(evidence(traces, ledgers, bank))
+    assert v.duplicated == 2
+    assert "no_double_effect" in failing(evidence(traces, ledgers, bank))
+
+
+def test_unknown_outcomes_must_be_resolved_and_then_agree_with_the_ledger() -> None:
+    found = trace(0, UNKNOWN, resolution="APPROVED")
+    absent = trace(1, UNKNOWN, resolution=NOT_FOUND)
+    open_ = trace(2, UNKNOWN, resolution=UNRESOLVED)
+    v = judge(evidence([found, absent, open_]))
+    assert v.unresolved == 1 and v.unknown == 3 and v.confirmed == 1
+    assert failing(evidence([found, absent, open_])) == ["unknowns_resolved"]
+    # The query found it, but a city lacks it: lost like an acknowledged payment.
+    ledgers = [city_ledger(c, {}) for c in CITIES]
+    assert judge(evidence([found], ledgers)).lost == 1
+
+
+def test_an_unacknowledged_undecided_state_needs_a_query() -> None:
+    routed = trace(0, ACK, state="ROUTED")
+    assert failing(evidence([routed])) == ["unknowns_resolved"]
+    routed.resolution = "APPROVED"
+    assert judge(evidence([routed])).ok
+
+
+def test_not_found_and_refused_payments_leave_no_trace() -> None:
+    absent = trace(0, UNKNOWN, resolution=NOT_FOUND)
+    refused = trace(1, REJECTED)
+    assert judge(evidence([absent, refused])).ok
+    sneaked = {absent.key: "APPROVED"}
+    ledgers = [city_ledger(c, sneaked) for c in CITIES]
+    assert "not_found_left_no_trace" in failing(evidence([absent, refused], ledgers, bank={}))
+    # Money moved at the bank for a refused payment: only that check sees it (the
+    # ledger, its nets and caps know nothing of it).
+    bank = {refused.switch_ref: BankEffect(1, 1, 0)}
+    assert failing(evidence([absent, refused], bank=bank)) == ["rejected_left_no_trace"]
+
+
+def test_money_must_stand_at_the_bank_exactly_for_approved_payments() -> None:
+    approved, failed = trace(0, state="APPROVED"), trace(1, state="FAILED")
+    bank = {approved.switch_ref: BankEffect(1, 1, 1), failed.switch_ref: BankEffect(1, 1, 0)}
+    v = judge(evidence([approved, failed], bank=bank))
+    bad = next(c for c in v.checks if c.name == "bank_agrees")
+    assert not bad.ok and len(bad.examples) == 2
+    reversed_ok = {approved.switch_ref: BankEffect(1, 1, 0), failed.switch_ref: BankEffect(1, 1, 1)}
+    assert judge(evidence([approved, failed], bank=reversed_ok)).ok
+
+
+def test_caps_are_checked_in_every_city_and_no_cap_means_zero() -> None:
+    traces = [trace(0)]
+    states = {traces[0].key: "APPROVED"}
+    over = [city_ledger(c, states) for c in CITIES]
+    assert failing(evidence(traces, over, caps={("INST_A", "CNY"): 99})) == ["within_caps"]
+    assert failing(evidence(traces, over, caps={})) == ["within_caps"]
+    assert judge(evidence(traces, over, caps={("INST_A", "CNY"): 100})).ok
+    assert failing(evidence(traces, over, caps=None)) == ["within_caps"]
+
+
+def test_nets_must_sum_to_zero_per_currency() -> None:
+    traces = [trace(0)]
+    skewed = {("INST_A", "CNY"): (100, 0), ("BANK_B", "CNY"): (0, 90)}
+    ledgers = [city_ledger(c, {traces[0].key: "APPROVED"}, totals=skewed) for c in CITIES]
+    assert failing(evidence(traces, ledgers)) == ["nets_sum_to_zero"]
+
+
+def test_ownership_must_cover_every_shard_where_placement_puts_it() -> None:
+    placed = {s: f"zone-{s % 3}" for s in range(SHARDS)}
+    unserved = {s: z for s, z in placed.items() if s != 5}
+    assert failing(evidence([], served=unserved, placement=placed)) == ["ownership_converged"]
+    moved = {**placed, 2: "zone-9"}
+    v = judge(evidence([], served=moved, placement=placed))
+    assert [c.examples for c in v.checks if c.name == "ownership_converged"] == [
+        ["shard 2 on zone-9, placement says zone-2"]
+    ]
+
+
+def test_a_city_whose_ledger_cannot_be_read_fails_the_drill() -> None:
+    traces = [trace(0)]
+    ledgers = [city_ledger("beijing", {traces[0].key: "APPROVED"}),
+               CityLedger("shenzhen", "restored", read=False, error="chain broken")]  # fmt: skip
+    assert failing(evidence(traces, ledgers)) == ["ledger_readable"]
+    assert "acknowledged_in_every_city" in failing(evidence(traces, []))
+    # A city refused because a payment is decided twice there still counts the duplicate.
+    twice = CityLedger("shanghai", "survivor", decisions={traces[0].key: 2}, read=False,
+                       error="1 payments decided twice")  # fmt: skip
+    ledgers = [city_ledger("beijing", {traces[0].key: "APPROVED"}), twice]
+    assert judge(evidence(traces, ledgers)).duplicated == 1
+
+
+# -- the client log -------------------------------------------------------------------------
+
+
+def _send(key: str, t: float) -> dict[str, Any]:
+    return {"ev": "send", "key": key, "payment_id": key.split("/")[1], "institution_id": "I",
+            "type": "DEBIT", "payer_id": "B", "payee_id": "I", "amount_minor": 5,
+            "currency": "CNY", "bank_id": "B", "switch_ref": "SW1", "batched": True,
+            "zone": "z1", "t": t}  # fmt: skip
+
+
+def test_the_client_log_reads_back_what_the_run_saw(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    log = ClientLog(path)
+    log.record({"ev": "run", "scenario": "kill-city", "seed": 3})
+    log.record(_send("I/a", 0.5))
+    log.record({"ev": "attempt", "key": "I/a", "zone": "z1", "t0": 0.5, "t1": 0.6,
+                "code": "UNAVAILABLE", "reason": "NO_OWNER", "retry_after_ms": 1000})  # fmt: skip
+    log.record({"ev": ACK, "key": "I/a", "state": "APPROVED", "replayed": True, "zone": "z2",
+                "t0": 1.6, "t1": 1.7})  # fmt: skip
+    log.record(_send("I/b", 0.7))
+    log.record({"ev": UNKNOWN, "key": "I/b", "code": "DEADLINE_EXCEEDED", "reason": "",
+                "t1": 9.0})  # fmt: skip
+    log.record({"ev": "resolved", "key": "I/b", "state": NOT_FOUND})
+    log.record({"ev": "event", "t": 1.0, "what": "kill beijing"})
+    log.close()
+    log.close()  # idempotent
+    assert log.fsyncs >= 1
+    back = read_log(path)
+    assert back.header["scenario"] == "kill-city"
+    assert back.events == [(1.0, "kill beijing")]
+    assert back.traces == log.view.traces
+    a = back.traces["I/a"]
+    assert (a.outcome, a.state, a.replayed, a.retries) == (ACK, "APPROVED", True, 1)
+    assert a.latency_s == pytest.approx(1.2)
+    assert back.traces["I/b"].resolution == NOT_FOUND
+
+
+def test_a_torn_last_line_is_dropped_but_a_torn_middle_line_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    good = json.dumps(_send("I/a", 0.1))
+    path.write_text(good + "\n" + '{"ev": "ack", "key": "I/a", "sta')
+    assert read_log(path).traces["I/a"].outcome == "pending"
+    path.write_text('{"ev": "se\n' + good + "\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        read_log(path)
+
+
+# -- the order stream and the plans ---------------------------------------------------------
+
+
+def test_the_order_stream_is_a_function_of_the_seed() -> None:
+    parts = demo.load_participants()
+
+    def jobs(seed: int, run_id: str) -> list[Any]:
+        s = OrderStream(parts, 6, seed, run_id)
+        return [s.next_job() for _ in range(300)]
+
+    a, b, c = jobs(7, "r1"), jobs(7, "r2"), jobs(8, "r1")
+    strip = [[(o.institution_id, o.payer_id, o.payee_id, o.amount_minor, o.currency, j.zone_index)
+              for o in j.orders] for j in a]  # fmt: skip
+    assert strip == [[(o.institution_id, o.payer_id, o.payee_id, o.amount_minor, o.currency,
+                       j.zone_index) for o in j.orders] for j in b]  # fmt: skip
+    assert a != c
+    orders = [o for j in a for o in j.orders]
+    assert len({o.payment_id for o in orders}) == len(orders)
+    assert all(re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", o.payment_id) for o in orders)
+    batched = sum(len(j.orders) for j in a if j.batched)
+    assert 0.25 <= batched / len(orders) <= 0.35
+    assert all(len({o.institution_id for o in j.orders}) == 1 for j in a)
+    banks = {b["participant_id"]: b for b in parts["banks"]}
+    for o in orders:
+        assert o.currency in banks[o.bank_id]["currencies"]
+        if o.type == "DEBIT":
+            assert (o.payer_id, o.payee_id) == (o.bank_id, o.institution_id)
+        else:
+            assert (o.payer_id, o.payee_id) == (o.institution_id, o.bank_id)
+    assert {o.type for o in orders} == {"DEBIT", "CREDIT"}
+    assert len({o.institution_id for o in orders}) == len(parts["institutions"])
+
+
+def test_plans_pick_their_victims_from_the_seed(topo: topology.Topology) -> None:
+    for name in scenarios.SCENARIOS:
+        p1 = scenarios.plan(name, 11, topo, etcd_leader="shanghai-a")
+        assert p1 == scenarios.plan(name, 11, topo, etcd_leader="shanghai-a")
+        assert p1.inject, name
+    cities = {scenarios.plan("kill-city", s, topo).victims for s in range(30)}
+    assert cities == {(c,) for c in topo.city_names()}
+    kc = scenarios.plan("kill-city", 4, topo)
+    assert [s.action for s in kc.inject + kc.recover] == ["kill", "start", "converge"]
+    leader = scenarios.plan("kill-etcd-leader", 1, topo, etcd_leader="shenzhen-a")
+    assert leader.victims == ("etcd@shenzhen-a",)
+    roll = scenarios.plan("rolling-restart", 5, topo)
+    assert sorted(roll.victims) == sorted(f"switch@{z}" for z in topo.zone_names())
+    assert [s.action for s in roll.inject[:3]] == ["stop", "start", "converge"]
+    assert scenarios.plan("pause-node", 1, topo).hold_s > LEASE_TTL_S
+
+
+def test_plans_refuse_what_cannot_be_run(topo: topology.Topology) -> None:
+    with pytest.raises(scenarios.PlanError, match="unknown scenario"):
+        scenarios.plan("kill-moon", 1, topo)
+    with pytest.raises(scenarios.PlanError, match="no leader"):
+        scenarios.plan("kill-etcd-leader", 1, topo, etcd_leader=None)
+    with pytest.raises(scenarios.PlanError, match="lease TTL"):
+        scenarios.plan("pause-node", 1, topo, hold_s=LEASE_TTL_S)
+
+
+# -- the load generator against fake stubs --------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError, grpc.Call):
+    def __init__(self, code: grpc.StatusCode, reason: str = "", retry_after_ms: int = 0) -> None:
+        self._code = code
+        err = common_pb2.Error(code=code.value[0], reason=reason, retry_after_ms=retry_after_ms)
+        self._trailers = ((ERROR_METADATA_KEY, err.SerializeToString()),)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._code.name
+
+    def trailing_metadata(self) -> Any:
+        return self._trailers
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+class FakeZone:
+    """A zone's PaymentService: answers from a script per call, else approves."""
+
+    def __init__(self, name: str, script: list[Any]) -> None:
+        self.name = name
+        self.script = script
+        self.calls: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def _next(self) -> Any:
+        with self.lock:
+            return self.script.pop(0) if self.script else "ok"
+
+    def SubmitPayment(self, request: Any, timeout: float) -> Any:
+        self.calls.append([request.order.payment_id])
+        step = self._next()
+        if isinstance(step, Exception):
+            raise step
+        p = payment_pb2.Payment(order=request.order, state=common_pb2.PAYMENT_STATE_APPROVED)
+        return payment_pb2.SubmitPaymentResponse(payment=p)
+
+    def SubmitPayments(self, request: Any, timeout: float) -> Any:
+        self.calls.append([o.payment_id for o in request.orders])
+        step = self._next()
+        if isinstance(step, Exception):
+            raise step
+        results = []
+        for i, o in enumerate(request.orders):
+            if step == "first-unavailable" and i == 0:
+                err = common_pb2.Error(code=14, reason="NO_OWNER", retry_after_ms=10)
+                results.append(payment_pb2.PaymentResult(payment_id=o.payment_id, error=err))
+            else:
+                p = payment_pb2.Payment(order=o, state=common_pb2.PAYMENT_STATE_DECLINED)
+                results.append(payment_pb2.PaymentResult(payment_id=o.payment_id, payment=p))
+        return payment_pb2.SubmitPaymentsResponse(results=results)
+
+
+def run_load(
+    tmp_path: Path, zones: dict[str, FakeZone], batch_share: float, budget_s: float = 5.0
+) -> tuple[LoadGenerator, ClientLog]:
+    parts = demo.load_participants()
+    log = ClientLog(tmp_path / "client-log.jsonl")
+    cfg = LoadConfig(rate_per_s=40, seed=3, run_id="unit", batch_share=batch_share,
+                     retry_budget_s=budget_s, workers=4)  # fmt: skip
+    stream = OrderStream(parts, len(zones), 3, "unit", batch_share=batch_share)
+    t0 = time.monotonic()
+    gen = LoadGenerator(cfg, stream, dict(zones), log, lambda: time.monotonic() - t0)
+    gen.start()
+    time.sleep(0.3)
+    gen.stop()
+    assert gen.drain(timeout_s=10) == 0
+    log.close()
+    return gen, log
+
+
+def test_unavailable_is_retried_with_the_same_order_on_the_next_zone(tmp_path: Path) -> None:
+    unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "NO_OWNER", retry_after_ms=5)
+    zones = {f"z{i}": FakeZone(f"z{i}", [unavailable] * 50 if i == 0 else []) for i in range(3)}
+    _, log = run_load(tmp_path, zones, batch_share=0.0)
+    traces = log.traces()
+    assert traces and all(t.outcome == ACK for t in traces)
+    retried = [t for t in traces if t.attempts[0].zone == "z0"]
+    assert retried, "no payment started on the failing zone"
+    for t in retried:
+        assert [a.zone for a in t.attempts] == ["z0", "z1"]
+        assert [a.code for a in t.attempts] == ["UNAVAILABLE", "OK"]
+        assert t.attempts[0].reason == "NO_OWNER"
+    # Both attempts carried the same payment id (the same order).
+    first = retried[0].payment_id
+    assert [first] in zones["z0"].calls and [first] in zones["z1"].calls
+    assert read_log(log.path).traces == log.view.traces
+
+
+def test_refusals_are_final_and_exhausted_retries_are_unknown(tmp_path: Path) -> None:
+    refused = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "BAD_ORDER")
+    down = FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+    zones = {"z0": FakeZone("z0", [refused] * 100), "z1": FakeZone("z1", [down] * 1000)}
+    _, log = run_load(tmp_path, zones, batch_share=0.0, budget_s=0.2)
+    by_zone: dict[str, set[str]] = {}
+    for t in log.traces():
+        by_zone.setdefault(t.attempts[0].zone, set()).add(t.outcome)
+    assert by_zone["z0"] == {REJECTED}
+    assert by_zone["z1"] <= {REJECTED, UNKNOWN}  # z1's retries go to z0, which refuses
+    unknown = [t for t in log.traces() if t.outcome == UNKNOWN]
+    assert all(t.code == "UNAVAILABLE" for t in unknown)
+
+
+def test_a_batch_retries_only_the_orders_that_failed(tmp_path: Path) -> None:
+    zones = {"z0": FakeZone("z0", ["first-unavailable"] * 100), "z1": FakeZone("z1", [])}
+    _, log = run_load(tmp_path, zones, batch_share=1.0)
+    traces = log.traces()
+    assert traces and all(t.batched and t.outcome == ACK for t in traces)
+    assert {t.state for t in traces} == {"DECLINED"}
+    retried = [t for t in traces if len(t.attempts) > 1]
+    assert retried
+    for t in retried:
+        assert [a.code for a in t.attempts] == ["UNAVAILABLE", "OK"]
+        assert [a.zone for a in t.attempts] == ["z0", "z1"]
+    assert all(len(c) == 1 for c in zones["z1"].calls)  # only the failed order resent
+
+
+# -- timeline numbers -----------------------------------------------------------------------
+
+
+def steady(n: int, t: float, ok: bool, latency_s: float = 0.05) -> PaymentTrace:
+    code = "OK" if ok else "UNAVAILABLE"
+    return trace(n, ACK if ok else UNKNOWN, attempts=[Attempt("z", t, t + latency_s, code)],
+                 t_sent=t, t_done=t + latency_s)  # fmt: skip
+
+
+def synthetic(fail_from: float, fail_to: float, end: float = 40.0) -> list[PaymentTrace]:
+    out = []
+    n = 0
+    t = 0.0
+    while t < end:
+        out.append(steady(n, t, not fail_from <= t < fail_to))
+        n += 1
+        t += 0.1
+    return out
+
+
+def test_recovery_time_and_error_rate_are_read_off_the_seconds() -> None:
+    traces = synthetic(10.0, 14.0)
+    secs = timeline.per_second(traces, 40.0)
+    assert secs[3].sent == 10 and secs[3].acked == 10 and secs[3].started == 10
+    assert secs[11].errors == 10 and secs[11].success_rate == 0.0
+    fault = timeline.FaultWindow(10.0, 20.0)
+    base = timeline.baseline_rate(secs, fault)
+    assert base == 1.0
+    assert timeline.recovery_time_s(secs, fault, base) == pytest.approx(4.0)
+    assert timeline.error_rate(secs, fault) == pytest.approx(0.4, abs=0.01)
+    assert secs[5].p50_ms == pytest.approx(50.0, abs=0.5)
+    assert timeline.last_degraded_s(secs, fault, base) == pytest.approx(4.0)
+    # A second dip inside the fault window (shards moving back) is the last degraded.
+    dips = [t for t in traces if not 25.0 <= t.t_sent < 26.0]
+    dips += [steady(2000 + i, 25.0 + i / 10, ok=False) for i in range(10)]
+    secs = timeline.per_second(dips, 40.0)
+    longer = timeline.FaultWindow(10.0, 30.0)
+    assert timeline.recovery_time_s(secs, longer, base) == pytest.approx(4.0)
+    assert timeline.last_degraded_s(secs, longer, base) == pytest.approx(16.0)
+
+
+def test_recovery_needs_stable_seconds_and_none_when_it_never_comes() -> None:
+    fault = timeline.FaultWindow(10.0, 12.0)
+    never = timeline.per_second(synthetic(10.0, 38.0), 40.0)
+    assert timeline.recovery_time_s(never, fault, 1.0) is None
+    # A failed second after two good ones starts the count again.
+    blip = [t for t in synthetic(10.0, 12.0) if not 14.0 <= t.t_sent < 15.0]
+    blip += [steady(1000 + i, 14.0 + i / 10, ok=False) for i in range(10)]
+    assert timeline.recovery_time_s(timeline.per_second(blip, 40.0), fault, 1.0) == 5.0
+    # A second that sent nothing (the client stalled) neither counts nor breaks the run.
+    quiet = [t for t in synthetic(10.0, 12.0) if not 14.0 <= t.t_sent < 15.0]
+    assert timeline.recovery_time_s(timeline.per_second(quiet, 40.0), fault, 1.0) == 2.0
+
+
+def test_a_payment_answered_late_is_not_a_success() -> None:
+    slow = [steady(i, 5.0, ok=True, latency_s=timeline.ANSWER_SLO_S + 0.5) for i in range(3)]
+    fast = [steady(10 + i, 5.0, ok=True) for i in range(1)]
+    secs = timeline.per_second(slow + fast, 10.0)
+    assert (secs[5].sent, secs[5].good, secs[5].success_rate) == (4, 1, 0.25)
+    assert secs[5].started_ok == 4  # every attempt got its answer, just late
+    refused = trace(99, REJECTED, attempts=[Attempt("z", 6.0, 6.1, "INVALID_ARGUMENT")],
+                    t_sent=6.0, t_done=6.1)  # fmt: skip
+    assert timeline.per_second([refused], 10.0)[6].good == 1  # an answer, in time
+
+
+def test_shard_moves_count_new_epochs() -> None:
+    samples: list[timeline.ShardSample] = [
+        (0.0, {0: ("a", 1), 1: ("b", 2)}),
+        (1.0, {1: ("b", 2)}),  # shard 0 unserved: not a move yet
+        (2.0, {0: ("c", 5), 1: ("b", 2)}),
+        (3.0, {0: ("c", 5), 1: ("b", 7)}),  # same node, new epoch: a takeover
+    ]
+    assert timeline.shard_moves(samples) == 2
+    assert timeline.unserved_max(samples, 2) == 1
+    secs = timeline.per_second([], 4.0, samples)
+    assert [s.shards_served for s in secs] == [2, 1, 2, 2]
+
+
+# -- gathered evidence ----------------------------------------------------------------------
+
+
+def chain_ledger(decisions: dict[str, int]) -> FakeLedger:
+    """Shard 0's chain: an intent and ``n`` approving decisions per payment key."""
+    led = FakeLedger()
+    led.fence(0, 1, "zone-a", 0)
+    led.write_seal(Seal(0, 1, 0, FIRST_SEQ, GENESIS_HASH), "zone-a", 0)
+    b = ChainBuilder(0, 1, FIRST_SEQ, GENESIS_HASH)
+    entries = []
+    for key, n in decisions.items():
+        entries.append(b.append(KIND_INTENT, key, b"intent"))
+        postings = (Posting("INST_A", "CNY", 100, 0, key, Leg.APPROVE_PAYER),
+                    Posting("BANK_B", "CNY", 0, 100, key, Leg.APPROVE_PAYEE))  # fmt: skip
+        body = Decision(PaymentState.APPROVED, 1, "zone-a", "", "R1", False, postings).encode()
+        entries += [b.append(KIND_DECISION, key, body) for _ in range(n)]
+    led.commit([ShardWrite(0, 1, 1, entries, [])])
+    return led
+
+
+def test_ledger_facts_count_decisions_beside_the_verified_summary() -> None:
+    summary, decisions = ledger_facts(chain_ledger({"I/a": 1, "I/b": 1}))
+    assert summary is not None
+    assert summary.decided == {"I/a": "APPROVED", "I/b": "APPROVED"}
+    assert summary.net("INST_A", "CNY") == 200 and summary.net_by_currency() == {"CNY": 0}
+    assert decisions == {"I/a": 1, "I/b": 1}
+    twice, decisions = ledger_facts(chain_ledger({"I/a": 1, "I/b": 2}))
+    assert twice is None and decisions["I/b"] == 2
+    broken = chain_ledger({"I/a": 1})
+    broken.tamper(0, 1, 2, b"forged")
+    with pytest.raises(InvariantViolation, match="shard 0"):
+        ledger_facts(broken)
+
+
+def test_bank_journals_reduce_to_effects_per_reference() -> None:
+    lines = [
+        '{"op":"open","bank_id":"B","v":1}',
+        '{"op":"transfer","ref":"SW1","status":"APPROVED"}',
+        '{"op":"transfer","ref":"SW2","status":"DECLINED"}',
+        '{"op":"reverse","ref":"SW1","reason":"x"}',
+        '{"op":"tombstone","ref":"SW3","status":"DECLINED"}',
+        '{"op":"transfer","ref":"SW4","sta',
+    ]
+    eff = journal_effects(lines)
+    assert eff["SW1"] == BankEffect(1, 1, 1) and eff["SW1"].standing == 0
+    assert eff["SW2"] == BankEffect(1, 0, 0)
+    assert eff["SW3"] == BankEffect(0, 0, 0)
+    assert "SW4" not in eff
+
+
+class FakeNodetool:
+    def __init__(self, rc: int, out: str, err: str = "") -> None:
+        self.answer = subprocess.CompletedProcess(["nodetool"], rc, out, err)
+        self.args: tuple[str, ...] = ()
+
+    def nodetool(self, zone: str, *args: str, timeout_s: float) -> Any:
+        self.args = args
+        return self.answer
+
+
+def test_hints_succeeded_reads_the_jmx_count_and_zero_before_the_first_hint() -> None:
+    mbean = "org.apache.cassandra.metrics:type=HintsService,name=HintsSucceeded"
+    ok = FakeNodetool(0, f"{mbean}\n606\n")
+    assert hints_succeeded(ok, "beijing-a") == 606
+    assert ok.args[:4] == ("sjk", "mx", "-b", mbean)
+    fresh = FakeNodetool(0, "", f"MBean not found: {mbean}\n")  # sjk exits 0 then
+    assert hints_succeeded(fresh, "beijing-a") == 0
+    down = FakeNodetool(1, "", "nodetool: Failed to connect to '127.0.0.1:17101'")
+    assert hints_succeeded(down, "beijing-a") is None
+
+
+def test_hints_replayed_counts_a_restarted_node_from_zero() -> None:
+    before = {"beijing-a": 10, "shanghai-a": 5, "shenzhen-a": 7}
+    after = {"beijing-a": 110, "shanghai-a": 5, "shenzhen-a": 3}
+    count, note = hints_replayed(before, after, restarted={"shenzhen-a"})
+    assert count == 100 + 0 + 3 and "HintsSucceeded" in note
+    count, note = hints_replayed(before, {"beijing-a": None, "shanghai-a": 6}, restarted=())
+    assert count == 1 and "beijing-a" in note
+    assert hints_replayed({}, {"beijing-a": None}, ())[0] is None
+    assert hints_replayed({}, {}, ())[0] is None
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def fake_report(secs: list[timeline.Second], ok: bool) -> dict[str, Any]:
+    traces = [trace(0)]
+    ev = evidence(traces) if ok else evidence(traces, bank={})
+    v = judge(ev)
+    return {
+        "scenario": "kill-city", "seed": 3, "started_at": "2026-11-25T00:00:00+00:00",
+        "ok": v.ok, "lost": v.lost, "duplicated": v.duplicated,
+        "plan": {"summary": "SIGKILL every process of city <beijing>", "hold_s": 15.0},
+        "load": {"rate_per_s": 20, "seconds": 40.0, "sent": 1, "retries": 0,
+                 "skipped_payments": 0},
+        "fault": {"start_s": 10.0, "end_s": 20.0},
+        "events": [{"t": 10.0, "what": "kill beijing"}, {"t": 20.0, "what": "start <b>"}],
+        "verdict": v.to_json(), "success_rate_before_fault": 1.0,
+        "error_rate_during_fault": 0.4, "recovery_time_s": 4.0, "shards_moved": 43,
+        "last_degraded_s": 4.0,
+        "answer_slo_s": 2.0, "success_rate_during_fault": 0.6,
+        "shards_unserved_max": 22,
+        "hints_replayed": {"count": None, "source": "nodetool", "note": "no answer"},
+        "files": {"report": "r.json", "timeline": "t.html", "client_log": "c.jsonl"},
+    }  # fmt: skip
+
+
+def test_the_summary_says_lost_duplicated_and_the_result() -> None:
+    secs = timeline.per_second(synthetic(10.0, 14.0), 40.0)
+    good = "\n".join(report.summary_lines(fake_report(secs, ok=True)))
+    assert "LOST 0   DUPLICATED 0" in good and good.endswith("RESULT: PASS")
+    assert "recovery time 4.0s" in good and "error rate during the fault 40.00%" in good
+    assert "hints replayed unavailable" in good
+    bad = "\n".join(report.summary_lines(fake_report(secs, ok=False)))
+    assert "FAIL bank_agrees" in bad and bad.endswith("RESULT: FAIL")
+
+
+def test_the_timeline_page_is_self_contained_and_marks_the_fault(tmp_path: Path) -> None:
+    secs = timeline.per_second(synthetic(10.0, 14.0), 40.0)
+    rep = fake_report(secs, ok=True)
+    path = report.write_html(rep, secs, tmp_path)
+    page = path.read_text()
+    assert page.count("<svg") == 5
+    assert not re.search(r"<script|<link|\bsrc=|\bhref=|@import|url\(", page)
+    assert re.findall(r"https?://[^\"' ]+", page) == ["http://www.w3.org/2000/svg"] * 5
+    assert "fault 10.0s - 20.0s" in page
+    assert "recovered (+4.0s)" in page
+    assert "&lt;beijing&gt;" in page and "start &lt;b&gt;" in page  # escaped
+    assert json.loads(report.write_json(rep, tmp_path).read_text())["lost"] == 0
