@@ -13,6 +13,7 @@ from clearinghouse.domain.errors import (
     STATUS_BY_ERROR,
     AlreadyExists,
     ClearingError,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -40,6 +41,7 @@ EXPECTED_CODES: dict[type[ClearingError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 

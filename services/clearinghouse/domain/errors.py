@@ -156,6 +156,13 @@ class Unavailable(ClearingError):
         self.retry_after_ms = _checked_retry_after_ms(retry_after_ms)
 
 
+class DataLoss(ClearingError):
+    """Stored data failed its own checks (a ledger chain that does not verify): nothing
+    read from it is trusted; operators must look."""
+
+    default_reason = "LEDGER_INCONSISTENT"
+
+
 class DeadlineExceeded(ClearingError):
     """The request's deadline passed before the switch decided; the outcome may be unknown."""
 
@@ -179,6 +186,7 @@ STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingP
         ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Unavailable: grpc.StatusCode.UNAVAILABLE,
         DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+        DataLoss: grpc.StatusCode.DATA_LOSS,
     }
 )
 

@@ -41,6 +41,7 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
+from clearinghouse import telemetry
 from clearinghouse._invariant import invariant
 from clearinghouse.ownership.node import (
     KEEPALIVE_INFLIGHT_MAX,
@@ -350,6 +351,7 @@ class OwnershipAgent:
             )
 
     def _on_keepalive(self, lease: int, sent_at: float, ttl_s: int) -> None:
+        telemetry.metrics.lease_event("renewed" if ttl_s > 0 else "expired")
         with self._lock:
             self._outbox.extend(self._core.on_keepalive(lease, sent_at, float(ttl_s)))
         self._dispatch()
@@ -433,10 +435,12 @@ class OwnershipAgent:
                             event.shard,
                             event.epoch,
                         )
+                        telemetry.metrics.lease_event("shard_gained")
                         if self._on_gained:
                             self._on_gained(event.shard, event.epoch)
                     else:
                         _log.info("%s lost shard %d", self.node.node_id, event.shard)
+                        telemetry.metrics.lease_event("shard_lost")
                         if self._on_lost:
                             self._on_lost(event.shard)
                 except Exception:  # noqa: BLE001 (logged; see below)

@@ -14,6 +14,7 @@ from typing import TypeVar
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
@@ -21,6 +22,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from clearinghouse import telemetry
 from clearinghouse.domain import Unavailable as DomainUnavailable
 
 STORAGE_ATTEMPTS_MAX = 3
@@ -34,6 +36,11 @@ TRANSIENT = (OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable, NoHostAv
 T = TypeVar("T")
 
 
+def _count_retry(state: RetryCallState) -> None:
+    err = state.outcome.exception() if state.outcome is not None else None
+    telemetry.metrics.retry(f"cassandra.{type(err).__name__}")
+
+
 def with_retries(what: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` with bounded retries; exhausted transient errors become Unavailable."""
     try:
@@ -42,6 +49,7 @@ def with_retries(what: str, fn: Callable[[], T]) -> T:
             | stop_after_delay(STORAGE_RETRY_BUDGET_S),
             wait=wait_exponential(min=STORAGE_BACKOFF_MIN_S, max=STORAGE_BACKOFF_MAX_S),
             retry=retry_if_exception_type(TRANSIENT),
+            before_sleep=_count_retry,
             reraise=True,
         ):
             with attempt:

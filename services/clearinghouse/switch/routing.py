@@ -229,6 +229,7 @@ class Router:
                 for i, r in zip(idx, fut.result(), strict=True):
                     reason = r.error.reason if r.HasField("error") else ""
                     if reason in (Unavailable.NOT_SHARD_OWNER, OWNER_UNREACHABLE):
+                        telemetry.metrics.retry(f"route.{reason}")
                         todo.append(i)
                         avoid[i] = (owner, reason == OWNER_UNREACHABLE)
                     results[i] = r

@@ -29,9 +29,11 @@ from clearing.v1 import (
     shard_pb2_grpc,
 )
 from clearinghouse import settlement, telemetry
+from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import (
     PAYMENT_ID_LEN_MAX,
     ClearingError,
+    DataLoss,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -324,11 +326,30 @@ def _entry_ref(e: Any) -> Any:
     )  # fmt: skip
 
 
+class _LedgerChecked:
+    """Wraps the audit domain: a chain that fails verification while being read is
+    DATA_LOSS for the caller (the stored ledger is inconsistent), not an internal bug."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._inner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except InvariantViolation as e:
+                raise DataLoss(f"the stored ledger does not verify: {e}") from e
+
+        return call
+
+
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """Auditors' read-only RPCs over :class:`clearinghouse.audit.service.AuditDomain`."""
 
     def __init__(self, audit: Any, router: Router, ledger: CassandraLedger) -> None:
-        self.audit = audit
+        self.audit = _LedgerChecked(audit)
         self.router = router
         self.ledger = ledger
 
