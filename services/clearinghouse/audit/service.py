@@ -178,12 +178,45 @@ class AuditDomain:
     def compare_cities(self, window_id: int) -> CityComparison:
         """Read the window's rows from each city's own replica and compare them: the
         digest (Merkle root over the rows a city holds) and, by name, every row where a
-        city lacks or differs from what the majority of cities holds. Positions come
-        from a QUORUM read taken as is (a tampered row must not stop the comparison)."""
+        city lacks or differs from what the majority of cities holds.
+
+        Every read is one city's replica alone (LOCAL_ONE): a QUORUM read here would
+        repair a row that differs in one city into the others before it is counted.
+        Which rows belong to the window is the union of what the cities that hold the
+        window's cuts say; a city that missed them is still read at those positions.
+        """
         if self.city_reader is None:
             raise FailedPrecondition("no per-city readers configured", reason="NOT_CONFIGURED")
-        positions = _flatten(read_window(self.ledger, self.windows, window_id, verify=False))
-        views = [self._city_view(city, positions) for city in self.cities]
+        opened: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        positions: dict[tuple[int, int], int] = {}  # (shard, seq) -> epoch
+        try:
+            for city in self.cities:
+                try:
+                    opened[city] = self.city_reader(city)
+                except Exception as e:  # noqa: BLE001 (reported per city)
+                    errors[city] = f"cannot reach {city}: {type(e).__name__}: {e}"
+                    continue
+                ledger, windows, _ = opened[city]
+                try:
+                    data = read_window(ledger, windows, window_id, verify=False)
+                except Exception:  # noqa: BLE001,S112 (this city lacks the window; see below)
+                    continue
+                for ent in _flatten(data):
+                    positions.setdefault((ent.shard, ent.seq), ent.epoch)
+            if not positions:
+                raise FailedPrecondition(
+                    f"no city's replica holds window {window_id}", reason="WINDOW_NOT_FOUND"
+                )
+            views = [
+                CityView(city, b"", 0, error=errors[city])
+                if city in errors
+                else self._city_view(city, opened[city][0], positions)
+                for city in self.cities
+            ]
+        finally:
+            for _, _, close in opened.values():
+                close()
         votes: dict[tuple[int, int], Counter[bytes]] = {}
         for v in views:
             for s, q, h in v.rows:
@@ -206,25 +239,21 @@ class AuditDomain:
         agree = all(not v.error and not d for v, d in out)
         return CityComparison(out, agree=agree)
 
-    def _city_view(self, city: str, truth: Sequence[LedgerEntry]) -> CityView:
-        assert self.city_reader is not None
-        try:
-            ledger, _, close = self.city_reader(city)
-        except Exception as e:  # noqa: BLE001 (reported per city)
-            return CityView(city, b"", 0, error=f"cannot reach {city}: {type(e).__name__}: {e}")
+    def _city_view(
+        self, city: str, ledger: Any, positions: Mapping[tuple[int, int], int]
+    ) -> CityView:
         try:
             ranges: dict[tuple[int, int, int], list[int]] = {}
-            for t in truth:
-                ranges.setdefault((t.shard, t.epoch, block_of(t.seq)), []).append(t.seq)
+            for (shard, seq), epoch in positions.items():
+                ranges.setdefault((shard, epoch, block_of(seq)), []).append(seq)
             held: list[LedgerEntry] = []
             for (shard, epoch, block), seqs in sorted(ranges.items()):
                 held += ledger.rows(shard, epoch, block, min(seqs), max(seqs))
+            held = [h for h in held if (h.shard, h.seq) in positions]
             rows = frozenset((h.shard, h.seq, h.entry_hash) for h in held)
             return CityView(city, merkle_root(window_leaves(held)), len(held), rows)
         except Exception as e:  # noqa: BLE001 (a replica that is down is reported)
             return CityView(city, b"", 0, error=f"{type(e).__name__}: {e}")
-        finally:
-            close()
 
     # -- export ---------------------------------------------------------------------------
 
