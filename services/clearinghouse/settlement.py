@@ -43,7 +43,6 @@ WINDOW_POLL_S = 1.0
 COORDINATOR_SHARD = 0
 PART_CLEARING = "clearing.json"
 PART_MERKLE_ROOT = "merkle_root"
-PART_COUNTS = "counts.json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,6 @@ class CassandraLedger:
         self._insert_fence = p(
             "INSERT INTO shard_fences (bucket, shard, epoch, node_id, at_us) VALUES (?, ?, ?, ?, ?)"
         )
-        self._select_fences = p("SELECT shard, epoch FROM shard_fences WHERE bucket = ?")
         self._select_some_fences = p(
             "SELECT shard, epoch FROM shard_fences WHERE bucket = ? AND shard IN ?"
         )
@@ -86,7 +85,7 @@ class CassandraLedger:
             "AND received_at_us < ? LIMIT ?"
         )
         for stmt in (
-            self._insert_entry, self._select_entries, self._insert_fence, self._select_fences,
+            self._insert_entry, self._select_entries, self._insert_fence,
             self._select_some_fences, self._select_range,
             self._insert_seal, self._select_seals, self._insert_time, self._select_time,
         ):  # fmt: skip
@@ -185,13 +184,9 @@ class CassandraLedger:
             return {w.shard: False for w in writes}
         return {w.shard: w.shard not in failed and fences.get(w.shard) == w.epoch for w in writes}
 
-    def max_fences(self, shards: Sequence[int] | None = None) -> dict[int, int]:
-        """The highest fence of each shard (of ``shards`` only, when given)."""
-        values: tuple[Any, ...]
-        if shards is None:
-            stmt, values = self._select_fences, (FENCE_BUCKET,)
-        else:
-            stmt, values = self._select_some_fences, (FENCE_BUCKET, list(shards))
+    def max_fences(self, shards: Sequence[int]) -> dict[int, int]:
+        """The highest fence of each of ``shards``."""
+        stmt, values = self._select_some_fences, (FENCE_BUCKET, list(shards))
         rows = with_retries(
             "reading the shard fences", lambda: list(self.session.execute(stmt, values))
         )

@@ -85,10 +85,6 @@ class RemoteError(ClearingError):
         self.pb = err
 
 
-def error_from_pb(err: common_pb2.Error) -> RemoteError:
-    return RemoteError(err)
-
-
 def abort_with(context: grpc.ServicerContext, err: common_pb2.Error) -> None:
     """End the call with ``err``: its code, and the whole error in the trailer."""
     context.set_trailing_metadata(((ERROR_METADATA_KEY, err.SerializeToString()),))
@@ -358,7 +354,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             _check_ref(request.institution_id, request.payment_id)
             (r,) = self.router.get([(request.institution_id, request.payment_id)])
             if r.HasField("error"):
-                raise error_from_pb(r.error)
+                raise RemoteError(r.error)
             entries = self.audit.payment_entries(request.institution_id, request.payment_id)
             decisions = [e for e in entries if e.kind == "DECISION"]
             window = self.audit.window_of(decisions[0]) if decisions else 0
