@@ -109,4 +109,7 @@ if [ -f package-lock.json ] && [ ! -x node_modules/.bin/buf ]; then
     fi
 fi
 
+# 6. The local certificate authority (.state/pki, git-ignored, keys 0600) ------------------
+"$VENV/bin/clearingctl" pki init | sed 's/^/[setup] certificate authority /'
+
 step "ready: etcd $(etcd --version | sed -n 's/etcd Version: //p'), Java $(java_major), Cassandra $CASSANDRA_VERSION, $("$VENV/bin/python" --version)"

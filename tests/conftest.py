@@ -19,6 +19,7 @@ from clearinghouse import topology
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import Paths, repo_root
+from clearinghouse.security import pki
 from tests.support import SwitchEnv, start_switch_env
 
 TEST_STATE = repo_root() / ".state" / "pytest"
@@ -40,6 +41,14 @@ def _ports_in_use(topo: topology.Topology) -> list[str]:
             if procs.port_open(z.address, port, timeout_s=0.2):
                 busy.append(f"{z.address}:{port} ({name})")
     return busy
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> pki.LocalCA:
+    """A certificate authority of the tests' own, for servers started in-process."""
+    ca = pki.LocalCA(tmp_path_factory.mktemp("pki"))
+    ca.init()
+    return ca
 
 
 @pytest.fixture(scope="session")

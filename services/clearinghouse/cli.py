@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clearinghouse.drill import cli as drill_cli  # noqa: PLC0415 (loads gRPC code)
 
     drill_cli.add_parser(sub)
+    from clearinghouse.security import cli as pki_cli  # noqa: PLC0415 (loads cryptography)
+
+    pki_cli.add_parser(sub)
     return p
 
 
@@ -145,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return drill_cli.run(lc, args, _say)
         if args.group == "console":
             return _console(lc, args)
+        if args.group == "pki":
+            from clearinghouse.security import cli as pki_cli  # noqa: PLC0415
+
+            return pki_cli.run(args)
     except (ClusterError, ProcessError, FileNotFoundError, KeyError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,44 +1,168 @@
-"""A participant's or operator's view of the switch: stubs to any zone's node.
+"""A participant's or operator's view of the switch: authenticated stubs to any zone's node.
 
-Used by ``clearingctl demo``, the load generator and the tests. Every call carries a
+Every connection is TLS with a client certificate; the certificate is the caller's
+identity, and the switch authorizes each call by it (see
+:mod:`clearinghouse.security.authz`). A :class:`SwitchClient` holds one channel per
+identity it acts as:
+
+- ``channel`` and ``admin``: the operator's (or the identity given to ``connect``);
+- ``payments``: a PaymentService stub that calls as the institution each request is for.
+  The demo, the load generators and the tests act for several institutions at once; a
+  real participant's client holds only its own certificate, and ``payments_as`` is what
+  it uses.
+
+Certificates come from the local CA (:mod:`clearinghouse.security.pki`); with the CA's key
+at hand (the local cluster), a missing one is issued on first use. Every call carries a
 deadline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from clearing.v1 import admin_pb2_grpc, common_pb2, payment_pb2_grpc
+from clearing.v1 import admin_pb2_grpc, common_pb2, payment_pb2, payment_pb2_grpc
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity, Role
 from clearinghouse.topology import Topology
 
 # A payment is decided within 20 s of receipt; a client waits a little longer.
 CALL_DEADLINE_S = 30.0
 
 
+class Credentials:
+    """Key pairs by identity from a CA folder; issues missing ones when ``issue`` is on."""
+
+    def __init__(self, directory: Path | None = None, *, issue: bool = True) -> None:
+        self.ca = pki.LocalCA(directory or pki.default_directory())
+        self.issue = issue
+        self._cache: dict[Identity, pki.KeyPair] = {}
+        self._lock = threading.Lock()
+
+    def keys(self, identity: Identity) -> pki.KeyPair:
+        with self._lock:
+            pair = self._cache.get(identity)
+            if pair is None:
+                if self.issue and not self.ca.has(identity):
+                    self.ca.issue(identity)
+                pair = self.ca.load(identity)
+                self._cache[identity] = pair
+            return pair
+
+    def channel(
+        self, target: str, identity: Identity, options: Iterable[tuple[str, Any]] = ()
+    ) -> grpc.Channel:
+        return pki.secure_channel(target, self.keys(identity), list(options))
+
+
+_DEFAULT_CREDENTIALS: Credentials | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def local_credentials() -> Credentials:
+    """The local cluster's CA (``CLEARING_PKI_DIR`` or ``.state/pki``), shared per process."""
+    global _DEFAULT_CREDENTIALS  # noqa: PLW0603 (one cache per process)
+    with _DEFAULT_LOCK:
+        if _DEFAULT_CREDENTIALS is None:
+            _DEFAULT_CREDENTIALS = Credentials()
+        return _DEFAULT_CREDENTIALS
+
+
+def institution(participant_id: str) -> Identity:
+    return Identity(Role.INSTITUTION, participant_id)
+
+
+class _ActingPayments:
+    """PaymentService calls, each made as the institution its request names."""
+
+    def __init__(self, client: SwitchClient) -> None:
+        self._client = client
+
+    def _stub(self, institution_id: str) -> payment_pb2_grpc.PaymentServiceStub:
+        return self._client.payments_as(institution_id)
+
+    def SubmitPayment(
+        self, request: payment_pb2.SubmitPaymentRequest, **kw: Any
+    ) -> payment_pb2.SubmitPaymentResponse:
+        return self._stub(request.order.institution_id).SubmitPayment(request, **kw)
+
+    def SubmitPayments(
+        self, request: payment_pb2.SubmitPaymentsRequest, **kw: Any
+    ) -> payment_pb2.SubmitPaymentsResponse:
+        inst = request.orders[0].institution_id if request.orders else ""
+        return self._stub(inst).SubmitPayments(request, **kw)
+
+    def GetPayment(
+        self, request: payment_pb2.GetPaymentRequest, **kw: Any
+    ) -> payment_pb2.GetPaymentResponse:
+        return self._stub(request.institution_id).GetPayment(request, **kw)
+
+    def ListPayments(
+        self, request: payment_pb2.ListPaymentsRequest, **kw: Any
+    ) -> payment_pb2.ListPaymentsResponse:
+        return self._stub(request.institution_id).ListPayments(request, **kw)
+
+
 @dataclass
 class SwitchClient:
     zone: str
+    target: str
+    credentials: Credentials
+    identity: Identity
     channel: grpc.Channel
-    payments: payment_pb2_grpc.PaymentServiceStub
     admin: admin_pb2_grpc.AdminServiceStub
+    options: tuple[tuple[str, Any], ...] = ()
+    _channels: dict[Identity, grpc.Channel] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def connect(cls, topo: Topology, zone: str) -> SwitchClient:
+    def connect(
+        cls,
+        topo: Topology,
+        zone: str,
+        *,
+        identity: Identity | None = None,
+        credentials: Credentials | None = None,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> SwitchClient:
         z = topo.zone(zone)
-        channel = grpc.insecure_channel(f"{z.address}:{z.ports.switch}")
-        return cls(
-            zone,
-            channel,
-            payment_pb2_grpc.PaymentServiceStub(channel),
-            admin_pb2_grpc.AdminServiceStub(channel),
+        creds = credentials or local_credentials()
+        ident = identity or pki.operator()
+        target = f"{z.address}:{z.ports.switch}"
+        opts = tuple(options)
+        channel = creds.channel(target, ident, opts)
+        client = cls(
+            zone, target, creds, ident, channel, admin_pb2_grpc.AdminServiceStub(channel), opts
         )
+        client._channels[ident] = channel
+        return client
+
+    def channel_as(self, identity: Identity) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(identity)
+            if ch is None:
+                ch = self.credentials.channel(self.target, identity, self.options)
+                self._channels[identity] = ch
+            return ch
+
+    def payments_as(self, institution_id: str) -> payment_pb2_grpc.PaymentServiceStub:
+        return payment_pb2_grpc.PaymentServiceStub(self.channel_as(institution(institution_id)))
+
+    @property
+    def payments(self) -> _ActingPayments:
+        return _ActingPayments(self)
 
     def close(self) -> None:
-        self.channel.close()
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
 
 
 def error_details(e: grpc.RpcError) -> common_pb2.Error | None:

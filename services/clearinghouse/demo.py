@@ -28,6 +28,8 @@ from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import repo_root
+from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity, Role
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import CassandraConfig, connect, consistency_level
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
@@ -57,12 +59,21 @@ def bank_managed(lc: LocalCluster, bank_id: str) -> procs.Managed:
 
 def start_banks(lc: LocalCluster, parts: dict[str, Any], progress: Progress) -> None:
     started = []
+    lc.ensure_pki()
+    ca = pki.LocalCA(lc.pki_dir)
     for b in parts["banks"]:
         m = bank_managed(lc, b["participant_id"])
         if procs.state(m).alive:
             continue
+        # The bank's server certificate, for the address the switch will call.
+        ca.ensure(
+            Identity(Role.BANK, b["participant_id"]),
+            ips=[b["listen"].rpartition(":")[0]],
+            dns=pki.LOOPBACK_DNS,
+        )
         procs.spawn(m, [
             sys.executable, "-m", "clearinghouse.bank", "--bank-id", b["participant_id"],
+            "--pki-dir", str(lc.pki_dir),
             "--listen", b["listen"], "--journal", str(m.directory / "journal.jsonl"),
             "--approve-ratio", str(b["approve_ratio"]), "--latency-ms", b["latency_ms"],
             "--timeout-ratio", str(b.get("timeout_ratio", 0.0)),

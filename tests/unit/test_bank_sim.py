@@ -28,6 +28,8 @@ from clearinghouse.bank import (
     TransferKind,
     serve,
 )
+from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity, Role
 
 pytestmark = pytest.mark.unit
 
@@ -47,9 +49,11 @@ UNKNOWN_REF = bank_pb2.BANK_TXN_STATUS_UNKNOWN_REF
 class Bank:
     """A running bank, a channel to it and its stubs."""
 
-    def __init__(self, handle: BankServerHandle, address: str | None = None) -> None:
+    def __init__(
+        self, handle: BankServerHandle, client: pki.KeyPair, address: str | None = None
+    ) -> None:
         self.handle = handle
-        self.channel = grpc.insecure_channel(address or handle.address)
+        self.channel = pki.secure_channel(address or handle.address, client)
         self.stub = bank_pb2_grpc.BankServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -94,19 +98,32 @@ def _error_of(exc: grpc.RpcError) -> common_pb2.Error:
 StartBank = Callable[..., Bank]
 
 
+def bank_keys(ca: pki.LocalCA, bank_id: str) -> pki.KeyPair:
+    ident = Identity(Role.BANK, bank_id)
+    ca.ensure(ident, ips=["127.0.0.1"], dns=pki.LOOPBACK_DNS)
+    return ca.load(ident)
+
+
+def node_keys(ca: pki.LocalCA) -> pki.KeyPair:
+    ca.ensure(pki.node("beijing-a"))
+    return ca.load(pki.node("beijing-a"))
+
+
 @pytest.fixture
-def start_bank(tmp_path: Path) -> Iterator[StartBank]:
-    """Start banks on 127.0.0.1 port 0, each journalled under tmp_path; stop them after."""
+def start_bank(tmp_path: Path, test_ca: pki.LocalCA) -> Iterator[StartBank]:
+    """Start banks on 127.0.0.1 port 0, each journalled under tmp_path; stop them after.
+    The tests call as a switch node would (a node certificate)."""
     banks: list[Bank] = []
 
     def start(bank_id: str = "BANK_TEST", journal: str = "bank.jsonl", **behaviour: object) -> Bank:
         config = BankConfig(
             bank_id=bank_id,
+            keys=bank_keys(test_ca, bank_id),
             listen="127.0.0.1:0",
             journal_path=tmp_path / journal,
             behaviour=BankBehaviour(**behaviour),  # type: ignore[arg-type]
         )
-        bank = Bank(serve(config))
+        bank = Bank(serve(config), node_keys(test_ca))
         banks.append(bank)
         return bank
 
@@ -332,7 +349,10 @@ def test_invalid_requests_name_their_fields(start_bank: StartBank) -> None:
 # ---- the command line -------------------------------------------------------------------
 
 
-def test_cli_serves_until_sigterm_and_obeys_drill_signals(tmp_path: Path) -> None:
+def test_cli_serves_until_sigterm_and_obeys_drill_signals(
+    tmp_path: Path, test_ca: pki.LocalCA
+) -> None:
+    bank_keys(test_ca, "BANK_CLI")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT / "services"), env.get("PYTHONPATH", "")) if p
@@ -340,7 +360,7 @@ def test_cli_serves_until_sigterm_and_obeys_drill_signals(tmp_path: Path) -> Non
     argv = [
         sys.executable, "-m", "clearinghouse.bank",
         "--bank-id", "BANK_CLI", "--listen", "127.0.0.1:0",
-        "--journal", str(tmp_path / "cli.jsonl"),
+        "--journal", str(tmp_path / "cli.jsonl"), "--pki-dir", str(test_ca.directory),
         "--approve-ratio", "1", "--latency-ms", "0-1", "--hang-ms", "10000", "--seed", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -354,7 +374,7 @@ def test_cli_serves_until_sigterm_and_obeys_drill_signals(tmp_path: Path) -> Non
         port = int(line.removeprefix(prefix))
         assert port > 0
 
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pki.secure_channel(f"127.0.0.1:{port}", node_keys(test_ca)) as channel:
             stub = bank_pb2_grpc.BankServiceStub(channel)
             assert stub.Debit(_transfer("cli-1"), timeout=CALL_TIMEOUT_S).status == APPROVED
 

@@ -28,6 +28,7 @@ from clearinghouse.console import observe
 from clearinghouse.console.server import Console, ConsoleServer, page, run
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import Paths
+from clearinghouse.security import pki
 from clearinghouse.telemetry.instruments import DomainMetrics, RpcInstruments
 from clearinghouse.telemetry.prometheus import PrometheusReader
 
@@ -373,7 +374,13 @@ class StubShards(shard_pb2_grpc.ShardServiceServicer):  # type: ignore[misc]
         )  # fmt: skip
 
 
-def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(tmp_path: Path) -> None:
+def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(
+    tmp_path: Path, test_ca: pki.LocalCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLEARING_PKI_DIR", str(test_ca.directory))
+    test_ca.ensure(pki.operator())
+    test_ca.ensure(pki.node("beijing-a"), ips=["127.0.0.1"])
+    server_keys = test_ca.load(pki.node("beijing-a"))
     hang = threading.Event()
     servers, ports = [], {}
     for zone, servicer in (
@@ -383,7 +390,7 @@ def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(tmp_path: P
     ):
         srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, srv)
-        ports[zone] = srv.add_insecure_port("127.0.0.1:0")
+        ports[zone] = srv.add_secure_port("127.0.0.1:0", pki.server_credentials(server_keys))
         srv.start()
         servers.append(srv)
     dead = closed_port()

@@ -23,6 +23,7 @@ from clearinghouse.domain.errors import (
     ParticipantSuspended,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     status_for,
 )
@@ -38,6 +39,7 @@ EXPECTED_CODES: dict[type[ClearingError], grpc.StatusCode] = {
     InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
     ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

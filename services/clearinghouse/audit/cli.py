@@ -28,8 +28,9 @@ from clearing.v1 import (
     settlement_pb2_grpc,
 )
 from clearinghouse.audit.verify import verify_export
-from clearinghouse.client import error_details
+from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.merkle import verify_inclusion
+from clearinghouse.security import pki
 from clearinghouse.topology import Topology
 
 CALL_DEADLINE_S = 120.0
@@ -102,7 +103,10 @@ def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 0 if report.ok else 1
     zone = topo.zone(args.zone or topo.zones[0].name)
-    with grpc.insecure_channel(f"{zone.address}:{zone.ports.switch}") as channel:
+    # Auditors read as the auditor; closing and settling windows is the operator's.
+    identity = pki.operator() if group == "window" else pki.auditor()
+    target = f"{zone.address}:{zone.ports.switch}"
+    with local_credentials().channel(target, identity) as channel:
         try:
             if group == "window":
                 return _window(settlement_pb2_grpc.SettlementServiceStub(channel), args)

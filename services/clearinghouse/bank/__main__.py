@@ -34,6 +34,8 @@ from types import FrameType
 
 from clearinghouse.bank._behaviour import DEFAULT_HANG_MS, BankBehaviour, parse_latency_ms
 from clearinghouse.bank.server import GRACE_S, BankConfig, serve
+from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity, Role
 
 _log = logging.getLogger("clearinghouse.bank")
 
@@ -49,6 +51,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bank-id", required=True, help="participant id, e.g. BANK_ICBC")
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any)")
     parser.add_argument("--journal", type=Path, required=True, help="JSON-lines book journal")
+    parser.add_argument(
+        "--pki-dir", type=Path, default=None, help="the CA folder (default: .state/pki)"
+    )
     parser.add_argument("--approve-ratio", type=float, default=0.9)
     parser.add_argument("--latency-ms", default="2-10", help="MIN-MAX answer delay in ms")
     parser.add_argument("--timeout-ratio", type=float, default=0.0)
@@ -93,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(handled, on_signal)
 
+    ca = pki.LocalCA(args.pki_dir or pki.default_directory())
+    keys = ca.load(Identity(Role.BANK, args.bank_id))
     handle = serve(
         BankConfig(
-            bank_id=args.bank_id, listen=args.listen, journal_path=args.journal, behaviour=behaviour
+            bank_id=args.bank_id,
+            keys=keys,
+            listen=args.listen,
+            journal_path=args.journal,
+            behaviour=behaviour,
         )
     )
     print(f"bank {handle.bank_id} listening on {handle.address}", flush=True)

@@ -21,6 +21,8 @@ from clearing.v1 import bank_pb2, bank_pb2_grpc
 from clearinghouse.bank._behaviour import BankBehaviour, BankControls
 from clearinghouse.bank._ledger import BankLedger
 from clearinghouse.bank._servicer import BankServicer
+from clearinghouse.security.authz import BANK_POLICY, SecurityInterceptor
+from clearinghouse.security.pki import KeyPair, server_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ class BankConfig:
     """What one bank process serves, and where."""
 
     bank_id: str
+    # The bank's certificate and key, and the switch's CA: the bank serves over TLS and
+    # answers only the switch's nodes (clients with a node certificate).
+    keys: KeyPair
     listen: str = "127.0.0.1:0"
     # The JSON-lines journal of the book; None keeps the book in memory only.
     journal_path: Path | None = None
@@ -122,6 +127,7 @@ def serve(config: BankConfig) -> BankServerHandle:
             # same fixed port silently and steal half of the first one's calls.
             ("grpc.so_reuseport", 0),
         ],
+        interceptors=[SecurityInterceptor(BANK_POLICY)],
     )
     bank_pb2_grpc.add_BankServiceServicer_to_server(BankServicer(ledger, controls), server)
 
@@ -146,7 +152,7 @@ def serve(config: BankConfig) -> BankServerHandle:
     )
 
     try:
-        port = server.add_insecure_port(config.listen)
+        port = server.add_secure_port(config.listen, server_credentials(config.keys))
     except RuntimeError as exc:
         ledger.close()
         raise OSError(f"bank {config.bank_id} cannot listen on {config.listen}: {exc}") from exc

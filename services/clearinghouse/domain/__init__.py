@@ -29,6 +29,7 @@ from clearinghouse.domain.errors import (
     ParticipantSuspended,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     status_for,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "Position",
     "Posting",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "canonical_bytes",
     "check_balanced",

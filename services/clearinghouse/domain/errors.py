@@ -12,6 +12,7 @@ people. The hierarchy::
     ├── FailedPrecondition             FAILED_PRECONDITION
     │   ├── InsufficientLiquidity      FAILED_PRECONDITION
     │   └── ParticipantSuspended       FAILED_PRECONDITION
+    ├── Unauthenticated                UNAUTHENTICATED      no certificate the CA issued
     ├── PermissionDenied               PERMISSION_DENIED
     ├── ResourceExhausted              RESOURCE_EXHAUSTED   retry_after_ms
     ├── Unavailable                    UNAVAILABLE          retry_after_ms
@@ -124,6 +125,12 @@ class PermissionDenied(ClearingError):
     default_reason = "PERMISSION_DENIED"
 
 
+class Unauthenticated(ClearingError):
+    """The call carries no client certificate the switch's CA issued."""
+
+    default_reason = "NOT_AUTHENTICATED"
+
+
 def _checked_retry_after_ms(retry_after_ms: int) -> int:
     # Zero means "no hint", as in clearing.v1.Error, whose field is an int32.
     invariant(
@@ -183,6 +190,7 @@ STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingP
         InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
         ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
         PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+        Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
         ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Unavailable: grpc.StatusCode.UNAVAILABLE,
         DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -106,6 +106,8 @@ class Participant:
     currencies: frozenset[str]
     net_debit_caps: Mapping[str, int] = field(hash=False)
     version: int
+    # Payments per second on each node; 0: the switch's default.
+    payments_per_s_quota: int = 0
 
     def __post_init__(self) -> None:
         # Copy the caller's containers so that a later change to them cannot alter a

@@ -27,8 +27,8 @@ from typing import Any
 
 import grpc
 
-from clearing.v1 import common_pb2, payment_pb2, payment_pb2_grpc
-from clearinghouse.client import CALL_DEADLINE_S, error_details
+from clearing.v1 import common_pb2, payment_pb2
+from clearinghouse.client import CALL_DEADLINE_S, SwitchClient, error_details
 from clearinghouse.drill.clientlog import ACK, REJECTED, UNKNOWN, ClientLog
 from clearinghouse.switch.convert import us_to_ts
 from clearinghouse.switch.records import payment_key, switch_ref_for
@@ -154,12 +154,13 @@ class OrderStream:
         return Job((self._order(inst),), False, zone)
 
 
-def connect_zones(topo: Topology) -> dict[str, tuple[grpc.Channel, Any]]:
-    """zone -> (channel, PaymentService stub), with quick reconnects."""
-    out: dict[str, tuple[grpc.Channel, Any]] = {}
+def connect_zones(topo: Topology) -> dict[str, tuple[SwitchClient, Any]]:
+    """zone -> (client, PaymentService calls made as each order's institution), with
+    quick reconnects."""
+    out: dict[str, tuple[SwitchClient, Any]] = {}
     for z in topo.zones:
-        ch = grpc.insecure_channel(f"{z.address}:{z.ports.switch}", options=CHANNEL_OPTIONS)
-        out[z.name] = (ch, payment_pb2_grpc.PaymentServiceStub(ch))
+        c = SwitchClient.connect(topo, z.name, options=CHANNEL_OPTIONS)
+        out[z.name] = (c, c.payments)
     return out
 
 
@@ -420,9 +421,9 @@ class LoadGenerator:
             attempt += 1
 
 
-def close_zones(stubs: dict[str, tuple[grpc.Channel, Any]]) -> None:
-    for ch, _ in stubs.values():
-        ch.close()
+def close_zones(stubs: dict[str, tuple[SwitchClient, Any]]) -> None:
+    for c, _ in stubs.values():
+        c.close()
 
 
 __all__ = [

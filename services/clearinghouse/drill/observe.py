@@ -27,6 +27,7 @@ from cassandra.cluster import NoHostAvailable
 from clearing.v1 import admin_pb2, admin_pb2_grpc, payment_pb2, shard_pb2, shard_pb2_grpc
 from clearinghouse import demo
 from clearinghouse._invariant import InvariantViolation
+from clearinghouse.client import local_credentials
 from clearinghouse.domain import ClearingError
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION
@@ -38,6 +39,7 @@ from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.ownership import placement
 from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.security import pki
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import connect_to_node
 from clearinghouse.switch.ports import LedgerStore, Seal, ShardWrite
@@ -72,7 +74,7 @@ def describe_all(topo: Topology, pool: ThreadPoolExecutor) -> ShardMap:
     """shard -> (zone, epoch) as every switch node that answers says (asked at once)."""
 
     def one(zone: str, target: str) -> list[tuple[int, str, int]]:
-        with grpc.insecure_channel(target) as ch:
+        with local_credentials().channel(target, pki.operator()) as ch:
             try:
                 d = shard_pb2_grpc.ShardServiceStub(ch).Describe(
                     shard_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S

@@ -277,7 +277,7 @@ class Drill:
         ]  # fmt: skip
         bank = self._bank_effects(traces, expected)
         caps = observe.registered_caps(observe.admin_stubs(lc.topo, {
-            z: ch for z, (ch, _) in channels.items()}))  # fmt: skip
+            z: c.channel for z, (c, _) in channels.items()}))  # fmt: skip
         hints_after = observe.hints_by_node(lc)
         hints_count, hints_note = observe.hints_replayed(self.hints_before, hints_after, restarted)
         self.log.close()

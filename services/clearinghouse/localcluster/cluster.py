@@ -26,6 +26,7 @@ from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
+from clearinghouse.security import pki
 from clearinghouse.storage import schema
 from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.switch.records import SHARD_COUNT
@@ -159,6 +160,36 @@ class LocalCluster:
         self.progress(f"cluster up in {timings['total_s']:.1f}s")
         return timings
 
+    # -- certificates ------------------------------------------------------------------
+
+    @property
+    def pki_dir(self) -> Path:
+        return pki.default_directory()
+
+    def ensure_pki(self) -> None:
+        """The local CA and the certificates the cluster's own processes need: each
+        zone's node (a server for its address), the operator and the auditor."""
+        ca = pki.LocalCA(self.pki_dir)
+        if ca.init():
+            self.progress(f"created the local certificate authority in {self.pki_dir}")
+        issued = []
+        for z in self.topo.zones:
+            ident = pki.node(z.name)
+            had = ca.has(ident)
+            ca.ensure(ident, ips=[z.address], dns=pki.LOOPBACK_DNS)
+            if not had:
+                issued.append(ident)
+        for ident in (pki.operator(), pki.auditor()):
+            if not ca.has(ident):
+                ca.issue(ident)
+                issued.append(ident)
+        if issued:
+            self.progress(f"issued certificates: {', '.join(map(str, issued))}")
+
+    def operator_channel(self, z: Zone) -> grpc.Channel:
+        keys = pki.LocalCA(self.pki_dir).load(pki.operator())
+        return pki.secure_channel(f"{z.address}:{z.ports.switch}", keys)
+
     def _resolve_spec(self, cassandra_nodes: int | None) -> Spec:
         existing = self.spec()
         if cassandra_nodes is None:
@@ -193,8 +224,16 @@ class LocalCluster:
         else:
             self.progress("nothing was running")
         if wipe and self.paths.state.exists():
-            shutil.rmtree(self.paths.state)
-            self.progress(f"wiped {self.paths.state}")
+            # The certificate authority survives a wipe: certificates handed to
+            # participants stay valid (`clearingctl pki init --force` starts over).
+            for child in self.paths.state.iterdir():
+                if child.resolve() == self.pki_dir.resolve():
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            self.progress(f"wiped {self.paths.state} (kept the CA in {self.pki_dir})")
         return stopped
 
     def _all_known_components(self) -> list[Managed]:
@@ -376,6 +415,7 @@ class LocalCluster:
         down = [z for z in zones if not procs.state(self.switch_managed(z)).alive]
         if not down:
             return
+        self.ensure_pki()
         hosts = ",".join(n.zone.address for n in self.cassandra_nodes())
         for z in down:
             m = self.switch_managed(z)
@@ -390,7 +430,7 @@ class LocalCluster:
             procs.spawn(m, [
                 sys.executable, "-m", "clearinghouse.switch", "--zone", z.name,
                 "--cassandra", hosts, "--topology", str(self.topo_path),
-                "--state-marker", m.marker,
+                "--pki-dir", str(self.pki_dir), "--state-marker", m.marker,
             ], env=env)  # fmt: skip
         names = ", ".join(z.name for z in down)
         self.progress(f"starting switch nodes: {names}")
@@ -423,7 +463,7 @@ class LocalCluster:
         """Shard -> the zone whose switch node serves it now, as the nodes themselves say."""
         out: dict[int, str] = {}
         for z in self.topo.zones:
-            with grpc.insecure_channel(f"{z.address}:{z.ports.switch}") as channel:
+            with self.operator_channel(z) as channel:
                 try:
                     d = shard_pb2_grpc.ShardServiceStub(channel).Describe(
                         shard_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S
@@ -441,9 +481,7 @@ class LocalCluster:
         Every node is asked at once, so the whole call takes at most about ``timeout_s``;
         a node that does not answer in time (dead, paused, still starting) is None.
         """
-        channels = {
-            z.name: grpc.insecure_channel(f"{z.address}:{z.ports.switch}") for z in self.topo.zones
-        }
+        channels = {z.name: self.operator_channel(z) for z in self.topo.zones}
         try:
             calls = {
                 name: shard_pb2_grpc.ShardServiceStub(ch).Describe.future(

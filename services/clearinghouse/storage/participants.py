@@ -30,7 +30,7 @@ from clearinghouse.switch.admin import VERSION_CONFLICT
 
 _SELECT: Final = (
     "SELECT participant_id, version, kind, name, status, bank_code, endpoint, currencies, "
-    "net_debit_caps, updated_at_us, reason FROM participant_versions"
+    "net_debit_caps, updated_at_us, reason, payments_per_s_quota FROM participant_versions"
 )
 # Absent text is stored as "" rather than null: binding None writes a tombstone.
 _ABSENT_TEXT: Final = ""
@@ -55,8 +55,8 @@ class CassandraParticipantStore:
             stmt.is_idempotent = True
         self._insert = p(
             "INSERT INTO participant_versions (participant_id, version, kind, name, status, "
-            "bank_code, endpoint, currencies, net_debit_caps, updated_at_us, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            "bank_code, endpoint, currencies, net_debit_caps, updated_at_us, reason, "
+            "payments_per_s_quota) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
         )
         self._insert.consistency_level = self.cl
         self._insert.serial_consistency_level = ConsistencyLevel.SERIAL
@@ -133,6 +133,7 @@ def participant_from_row(row: Any) -> Participant:
         currencies=frozenset(row.currencies or ()),
         net_debit_caps=dict(row.net_debit_caps or {}),
         version=row.version,
+        payments_per_s_quota=row.payments_per_s_quota or 0,
     )
 
 
@@ -141,7 +142,7 @@ def _row_values(p: Participant, reason: str, now_us: int) -> tuple[Any, ...]:
     return (
         p.participant_id, p.version, p.kind.value, p.name, p.status.value,
         p.bank_code or _ABSENT_TEXT, p.endpoint or _ABSENT_TEXT,
-        set(p.currencies), dict(p.net_debit_caps), now_us, reason,
+        set(p.currencies), dict(p.net_debit_caps), now_us, reason, p.payments_per_s_quota,
     )  # fmt: skip
 
 
@@ -151,6 +152,7 @@ def _row_values_of(row: Any) -> tuple[Any, ...]:
         row.participant_id, row.version, row.kind, row.name, row.status,
         row.bank_code or _ABSENT_TEXT, row.endpoint or _ABSENT_TEXT,
         set(row.currencies or ()), dict(row.net_debit_caps or {}), row.updated_at_us, row.reason,
+        row.payments_per_s_quota or 0,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from clearinghouse import telemetry, topology
+from clearinghouse.security import pki
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.switch.server import Node, build
 
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cassandra", required=True, help="comma-separated Cassandra addresses")
     p.add_argument("--topology", type=Path, default=None)
     p.add_argument("--port", type=int, default=None, help="override the topology's switch port")
+    p.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=None,
+        help="the local CA's folder (default: CLEARING_PKI_DIR or .state/pki)",
+    )
     p.add_argument("--state-marker", default="", help="ignored; identifies the process")
     p.add_argument(
         "--window-interval-s",
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     topo = topology.load(args.topology)
     cfg = NodeConfig.for_zone(
         topo, args.zone, args.cassandra.split(","), args.port,
-        window_interval_s=args.window_interval_s,
+        window_interval_s=args.window_interval_s, pki_dir=args.pki_dir or pki.default_directory(),
     )  # fmt: skip
     # Traces, metrics (Prometheus on the zone's admin port) and OTLP as the environment
     # says (CLEARING_TRACE_FILE, CLEARING_PROMETHEUS_PORT, CLEARING_OTLP_ENDPOINT, ...).

@@ -42,6 +42,7 @@ from clearinghouse.switch.processor import Clock
 VERSION_CONFLICT: Final = "VERSION_CONFLICT"
 PARTICIPANT_EXISTS: Final = "PARTICIPANT_EXISTS"
 FIRST_VERSION: Final = 1
+PAYMENTS_PER_S_QUOTA_MAX: Final = 1_000_000
 
 NAME_CHARS_MAX: Final = 100
 # An operator's reason is kept in every version it caused; bound what one may cost.
@@ -230,9 +231,16 @@ def _raise_if_invalid(participant: Participant, path: str = "participant") -> No
             for currency, cap in sorted(participant.net_debit_caps.items(), key=_by_currency)
             for violation in _caps_violations(participant, currency, cap, path)
         ],
+        *_quota_violations(participant.payments_per_s_quota, f"{path}.payments_per_s_quota"),
     ]
     if violations:
         raise InvalidArgument(violations)
+
+
+def _quota_violations(quota: int, path: str) -> list[FieldViolation]:
+    if 0 <= quota <= PAYMENTS_PER_S_QUOTA_MAX:
+        return []
+    return [FieldViolation(path, f"must be 0 (the default) to {PAYMENTS_PER_S_QUOTA_MAX}")]
 
 
 def _by_currency(item: tuple[str, int]) -> str:

@@ -29,7 +29,9 @@ _ANSWERS = {
 
 
 class GrpcBankGateway:
-    def __init__(self) -> None:
+    def __init__(self, credentials: grpc.ChannelCredentials) -> None:
+        # The node's own certificate: banks serve the switch's nodes only.
+        self._credentials = credentials
         self._lock = threading.Lock()
         self._stubs: dict[str, bank_pb2_grpc.BankServiceStub] = {}
         self._channels: list[grpc.Channel] = []
@@ -39,8 +41,9 @@ class GrpcBankGateway:
         with self._lock:
             stub = self._stubs.get(endpoint)
             if stub is None:
-                channel = grpc.insecure_channel(
+                channel = grpc.secure_channel(
                     endpoint,
+                    self._credentials,
                     options=[
                         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -7,6 +7,7 @@ from the environment at import time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.storage.session import CassandraConfig
@@ -22,6 +23,11 @@ OWED_REVERSAL_RETRY_S = 5.0
 TAKEOVER_WORKERS = 8
 RESOLVER_WORKERS = 8
 ROUTER_WORKERS = 64
+# A participant's default quota on each node, in payments per second (a payment in a
+# batch counts one, any other call one); AdminService sets one per participant.
+PARTICIPANT_QUOTA_PER_S = 2_000
+# Operators and auditors: calls per second per node.
+STAFF_QUOTA_PER_S = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,8 @@ class NodeConfig:
     advertise_address: str
     etcd_host: str
     etcd_port: int
+    # The local CA's folder: the node's certificate (node-<zone>/) and the CA's.
+    pki_dir: Path
     lease_ttl_s: int = LEASE_TTL_S
     # Cassandra addresses per city, for reading one city's own replica (audits).
     cassandra_by_city: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -51,6 +59,8 @@ class NodeConfig:
     takeover_workers: int = TAKEOVER_WORKERS
     resolver_workers: int = RESOLVER_WORKERS
     router_workers: int = ROUTER_WORKERS
+    participant_quota_per_s: int = PARTICIPANT_QUOTA_PER_S
+    staff_quota_per_s: int = STAFF_QUOTA_PER_S
 
     @classmethod
     def for_zone(
@@ -60,6 +70,7 @@ class NodeConfig:
         cassandra_hosts: list[str],
         port: int | None = None,
         *,
+        pki_dir: Path,
         lease_ttl_s: int = LEASE_TTL_S,
         window_interval_s: float = 0.0,
     ) -> NodeConfig:
@@ -79,6 +90,7 @@ class NodeConfig:
             advertise_address=f"{zone.address}:{listen_port}",
             etcd_host=etcd.address,
             etcd_port=etcd.ports.etcd_client,
+            pki_dir=pki_dir,
             lease_ttl_s=lease_ttl_s,
             cassandra_by_city=tuple(
                 (c, tuple(h for h in cassandra_hosts if topo_city_of(topo, h) == c))

@@ -147,6 +147,7 @@ def participant_from_pb(p: admin_pb2.Participant) -> Participant:
         currencies=frozenset(p.currencies),
         net_debit_caps={m.currency: int(m.amount_minor) for m in p.net_debit_caps},
         version=int(p.version),
+        payments_per_s_quota=int(p.payments_per_s_quota),
     )
 
 
@@ -164,6 +165,7 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
             for k, v in sorted(p.net_debit_caps.items())
         ],
         version=p.version,
+        payments_per_s_quota=p.payments_per_s_quota,
     )
 
 

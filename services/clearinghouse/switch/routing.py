@@ -142,6 +142,7 @@ class Router:
         owners: OwnerMap,
         local: LocalOwner,
         pool: ThreadPoolExecutor,
+        credentials: grpc.ChannelCredentials,
         channel_options: Sequence[tuple[str, Any]] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -151,6 +152,7 @@ class Router:
         self.local = local
         self.pool = pool
         self.channel_options = list(channel_options)
+        self.credentials = credentials
         self.clock = clock
         self._stubs: dict[str, tuple[grpc.Channel, shard_pb2_grpc.ShardServiceStub]] = {}
         self._stubs_lock = threading.Lock()
@@ -166,7 +168,9 @@ class Router:
     def _stub(self, address: str) -> shard_pb2_grpc.ShardServiceStub:
         with self._stubs_lock:
             if address not in self._stubs:
-                channel = grpc.insecure_channel(address, options=self.channel_options)
+                channel = grpc.secure_channel(
+                    address, self.credentials, options=self.channel_options
+                )
                 tel = telemetry.current()
                 if tel is not None:
                     channel = tel.intercept_channel(channel)  # the trace crosses the hop

@@ -34,8 +34,13 @@ from clearing.v1 import (
 )
 from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
+from clearinghouse.domain.validation import BATCH_SIZE_MAX
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.security import pki
+from clearinghouse.security.authz import SWITCH_POLICY, SecurityInterceptor
+from clearinghouse.security.identity import Identity
+from clearinghouse.security.ratelimit import RateLimiter
 from clearinghouse.settlement import WindowKeeper
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.participants import CassandraParticipantStore
@@ -176,7 +181,9 @@ def build(cfg: NodeConfig) -> Node:
     ledger = CassandraLedger(session, cl)
     participants = CassandraParticipantStore(session, cl)
     registry = Registry()
-    bank = GrpcBankGateway()
+    keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
+    client_credentials = pki.channel_credentials(keys)
+    bank = GrpcBankGateway(client_credentials)
     etcd = pyetcd.client(host=cfg.etcd_host, port=cfg.etcd_port, timeout=ETCD_CALL_TIMEOUT_S)
     stopping = threading.Event()
     takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
@@ -227,14 +234,32 @@ def build(cfg: NodeConfig) -> Node:
         owners=agent,
         local=local,
         pool=router_pool,
+        credentials=client_credentials,
         channel_options=options,
     )
     tel = telemetry.current()
+
+    def quota_per_s(common_name: str) -> int:
+        caller = Identity.parse(common_name)
+        if caller is None or not caller.role.is_participant:
+            return cfg.staff_quota_per_s
+        p = registry.snapshot().get(caller.name)
+        if p is not None and p.payments_per_s_quota > 0:
+            return p.payments_per_s_quota
+        return cfg.participant_quota_per_s
+
+    security = SecurityInterceptor(
+        SWITCH_POLICY, RateLimiter(quota_per_s, min_capacity=BATCH_SIZE_MAX)
+    )
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[*options, ("grpc.so_reuseport", 0)],
-        interceptors=[tel.server_interceptor()] if tel is not None else None,
+        # Telemetry outermost, so refused calls are counted and traced too.
+        interceptors=[
+            *([tel.server_interceptor()] if tel is not None else []),
+            security,
+        ],
     )
     health_servicer = health.HealthServicer()
     windows = CassandraWindows(session, cl)
@@ -279,7 +304,9 @@ def build(cfg: NodeConfig) -> Node:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    node.port = server.add_insecure_port(f"{cfg.listen_host}:{cfg.listen_port}")
+    node.port = server.add_secure_port(
+        f"{cfg.listen_host}:{cfg.listen_port}", pki.server_credentials(keys)
+    )
     if node.port == 0:
         raise OSError(f"could not bind {cfg.listen_host}:{cfg.listen_port}")
     node.set_serving(False)

@@ -7,7 +7,7 @@ A process calls, before it builds its servers and channels::
     telemetry.configure_logging("INFO", zone=cfg.zone)
     tel = telemetry.Telemetry.setup(telemetry.TelemetryConfig(node_id=..., zone=..., ...))
     server = grpc.server(pool, interceptors=[tel.server_interceptor()])
-    channel = tel.intercept_channel(grpc.insecure_channel(address))
+    channel = tel.intercept_channel(grpc.secure_channel(address, credentials))
     ...
     tel.shutdown()
 

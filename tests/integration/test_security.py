@@ -1,0 +1,285 @@
+"""Security against the live cluster: who gets in (mTLS), who may do what (the policy),
+and a participant flooding at ten times its quota (isolation).
+
+The isolation bound this file states and checks: while one participant floods a node
+at 10x its quota, the other participants on that node lose no payment to the flood
+(every one is decided by its bank, none refused) and their p99 latency stays within
+``ISOLATION_P99_FACTOR`` x their p99 without the flood + ``ISOLATION_P99_SLACK_MS``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clearing.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    common_pb2,
+    payment_pb2,
+    payment_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
+    shard_pb2,
+    shard_pb2_grpc,
+)
+from clearinghouse.client import error_details, local_credentials
+from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity, Role
+from clearinghouse.switch.config import REGISTRY_REFRESH_S
+from tests.support import SwitchEnv
+
+pytestmark = pytest.mark.integration
+
+ZONE = "shanghai-a"
+FLOOD_QUOTA_PER_S = 20
+FLOOD_FACTOR = 10
+PHASE_S = 12.0
+VICTIM_RATE_PER_S = 8  # per victim institution
+VICTIMS = ("INST_ALIPAY", "INST_WECHAT")
+ISOLATION_P99_FACTOR = 2.0
+ISOLATION_P99_SLACK_MS = 150.0
+
+
+def _target(env: SwitchEnv, zone: str = ZONE) -> str:
+    z = env.lc.topo.zone(zone)
+    return f"{z.address}:{z.ports.switch}"
+
+
+def _channel_as(env: SwitchEnv, who: Identity) -> grpc.Channel:
+    return local_credentials().channel(_target(env), who)
+
+
+def _refused(call: Any) -> tuple[grpc.StatusCode, Any]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    e: Any = info.value
+    return e.code(), error_details(e)
+
+
+def test_a_live_node_refuses_plaintext_no_certificate_and_a_foreign_ca(
+    switch_env: SwitchEnv, tmp_path: Any
+) -> None:
+    env = switch_env
+    ca_pem = local_credentials().ca.ca_cert_path.read_bytes()
+    foreign = pki.LocalCA(tmp_path / "foreign")
+    foreign.init()
+    alipay = Identity(Role.INSTITUTION, "INST_ALIPAY")
+    foreign.issue(alipay)  # the right name, signed by the wrong authority
+    forged = foreign.load(alipay)
+    channels = {
+        "plaintext": grpc.insecure_channel(_target(env)),
+        "no client certificate": grpc.secure_channel(
+            _target(env), grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        ),
+        "foreign CA": grpc.secure_channel(
+            _target(env),
+            grpc.ssl_channel_credentials(
+                root_certificates=ca_pem, private_key=forged.key_pem,
+                certificate_chain=forged.cert_pem,
+            ),
+        ),
+    }  # fmt: skip
+    order = env.order()
+    for name, ch in channels.items():
+        stub = payment_pb2_grpc.PaymentServiceStub(ch)
+        code, _ = _refused(
+            lambda s=stub: s.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), timeout=3)
+        )
+        assert code is grpc.StatusCode.UNAVAILABLE, (name, code)
+        ch.close()
+    # Nothing was written, and the node serves a proper client.
+    code, _ = _refused(lambda: env.get(ZONE, order))
+    assert code is grpc.StatusCode.NOT_FOUND
+    health = health_pb2_grpc.HealthStub(_channel_as(env, pki.auditor()))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+
+
+def test_each_identity_may_do_only_its_own_part(switch_env: SwitchEnv) -> None:
+    env = switch_env
+    alipay_channel = _channel_as(env, Identity(Role.INSTITUTION, "INST_ALIPAY"))
+    alipay = payment_pb2_grpc.PaymentServiceStub(alipay_channel)
+    bank_channel = _channel_as(env, Identity(Role.BANK, "BANK_ICBC"))
+    auditor_channel = _channel_as(env, pki.auditor())
+    victim = env.order(institution_id="INST_WECHAT", payee_id="INST_WECHAT")
+    denied = {
+        "an institution submits for another": lambda: alipay.SubmitPayment(
+            payment_pb2.SubmitPaymentRequest(order=victim), timeout=10
+        ),
+        "an institution reads another's payment": lambda: alipay.GetPayment(
+            payment_pb2.GetPaymentRequest(institution_id="INST_WECHAT", payment_id="x"),
+            timeout=10,
+        ),
+        "a bank submits a payment": lambda: payment_pb2_grpc.PaymentServiceStub(
+            bank_channel
+        ).SubmitPayment(payment_pb2.SubmitPaymentRequest(order=env.order()), timeout=10),
+        "a bank lists another participant's payments": lambda: audit_pb2_grpc.AuditServiceStub(
+            bank_channel
+        ).ListParticipantPayments(
+            audit_pb2.ListParticipantPaymentsRequest(participant_id="BANK_CCB"), timeout=10
+        ),
+        "an auditor registers a participant": lambda: admin_pb2_grpc.AdminServiceStub(
+            auditor_channel
+        ).RegisterParticipant(
+            admin_pb2.RegisterParticipantRequest(
+                participant=admin_pb2.Participant(participant_id="INST_EVIL")
+            ),
+            timeout=10,
+        ),
+        "an auditor closes a window": lambda: settlement_pb2_grpc.SettlementServiceStub(
+            auditor_channel
+        ).CloseWindow(settlement_pb2.CloseWindowRequest(), timeout=10),
+        "an institution calls the node-to-node API": lambda: shard_pb2_grpc.ShardServiceStub(
+            alipay_channel
+        ).SubmitOwned(shard_pb2.SubmitOwnedRequest(), timeout=10),
+    }
+    for what, call in denied.items():
+        code, err = _refused(call)
+        assert code is grpc.StatusCode.PERMISSION_DENIED, (what, code)
+        assert err is not None and err.reason == "NOT_AUTHORIZED", (what, err)
+    # Nothing was written for the refused order, as its owner can see.
+    code, _ = _refused(lambda: env.get(ZONE, victim))
+    assert code is grpc.StatusCode.NOT_FOUND
+    # What each may do, it can.
+    mine = env.order()
+    r = alipay.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=mine), timeout=30)
+    assert r.payment.order.payment_id == mine.payment_id
+    listed = audit_pb2_grpc.AuditServiceStub(bank_channel).ListParticipantPayments(
+        audit_pb2.ListParticipantPaymentsRequest(participant_id="BANK_ICBC", page_size=10),
+        timeout=10,
+    )
+    assert listed is not None
+    windows = audit_pb2_grpc.AuditServiceStub(auditor_channel).ListWindows(
+        audit_pb2.ListWindowsRequest(), timeout=10
+    )
+    assert windows is not None
+
+
+# -- quotas and isolation ------------------------------------------------------------------
+
+
+class Paced:
+    """Calls ``send(i)`` at ``rate_per_s`` for ``seconds`` from a few threads; records
+    (status, latency_s) of each."""
+
+    def __init__(self, send: Any, rate_per_s: float, seconds: float, threads: int = 8) -> None:
+        self.send, self.rate, self.seconds, self.threads = send, rate_per_s, seconds, threads
+        self.results: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+
+    def run(self) -> list[tuple[str, float]]:
+        start = time.monotonic()
+        n_total = int(self.rate * self.seconds)
+        counter = iter(range(n_total))
+        counter_lock = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with counter_lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                due = start + i / self.rate
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                t = time.monotonic()
+                try:
+                    state = self.send(i)
+                except grpc.RpcError as e:
+                    err = error_details(e)
+                    state = f"{e.code().name}:{err.reason if err else ''}"  # type: ignore[attr-defined]
+                with self._lock:
+                    self.results.append((state, time.monotonic() - t))
+
+        ts = [threading.Thread(target=worker, daemon=True) for _ in range(self.threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(self.seconds + 60)
+        return self.results
+
+
+def _p99_ms(results: list[tuple[str, float]]) -> float:
+    lat = sorted(x for _, x in results)
+    return statistics.quantiles(lat, n=100)[98] * 1000 if len(lat) >= 2 else lat[0] * 1000
+
+
+def _victims(env: SwitchEnv, tag: str) -> Paced:
+    stubs = {v: env.clients[ZONE].payments_as(v) for v in VICTIMS}
+
+    def send(i: int) -> str:
+        inst = VICTIMS[i % len(VICTIMS)]
+        o = env.order(
+            institution_id=inst, payee_id=inst, payment_id=f"iso-{tag}-{uuid.uuid4().hex[:16]}"
+        )
+        r = stubs[inst].SubmitPayment(payment_pb2.SubmitPaymentRequest(order=o), timeout=30)
+        return common_pb2.PaymentState.Name(r.payment.state)
+
+    return Paced(send, VICTIM_RATE_PER_S * len(VICTIMS), PHASE_S)
+
+
+def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
+    switch_env: SwitchEnv,
+) -> None:
+    env = switch_env
+    flooder = f"INST_FLOOD{uuid.uuid4().hex[:6].upper()}"
+    env.clients[ZONE].admin.RegisterParticipant(
+        admin_pb2.RegisterParticipantRequest(
+            participant=admin_pb2.Participant(
+                participant_id=flooder, kind=common_pb2.PARTICIPANT_KIND_INSTITUTION,
+                name="floods the switch", status=common_pb2.PARTICIPANT_STATUS_ACTIVE,
+                currencies=["CNY"],
+                net_debit_caps=[common_pb2.Money(amount_minor=10**12, currency="CNY")],
+                version=1, payments_per_s_quota=FLOOD_QUOTA_PER_S,
+            )
+        ),
+        timeout=10,
+    )  # fmt: skip
+    time.sleep(REGISTRY_REFRESH_S * 1.5)
+    flood_stub = env.clients[ZONE].payments_as(flooder)
+
+    def flood(i: int) -> str:
+        o = env.order(institution_id=flooder, payee_id=flooder,
+                      payment_id=f"flood-{uuid.uuid4().hex[:16]}")  # fmt: skip
+        r = flood_stub.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=o), timeout=30)
+        return common_pb2.PaymentState.Name(r.payment.state)
+
+    baseline = _victims(env, "base").run()
+    flood_run = Paced(flood, FLOOD_QUOTA_PER_S * FLOOD_FACTOR, PHASE_S, threads=16)
+    flooding = threading.Thread(target=flood_run.run, daemon=True)
+    flooding.start()
+    during = _victims(env, "flood").run()
+    flooding.join(PHASE_S + 60)
+
+    flood_states = Counter(s for s, _ in flood_run.results)
+    accepted = sum(n for s, n in flood_states.items() if not s.startswith("RESOURCE_EXHAUSTED"))
+    limited = flood_states.get("RESOURCE_EXHAUSTED:RATE_LIMITED", 0)
+    base_p99, flood_p99 = _p99_ms(baseline), _p99_ms(during)
+    print(
+        f"\nflooder {flood_states.most_common()}\n"
+        f"victims without flood: {Counter(s for s, _ in baseline)} p99 {base_p99:.0f} ms; "
+        f"with flood: {Counter(s for s, _ in during)} p99 {flood_p99:.0f} ms"
+    )
+    # The flooder: at most its quota (plus the one-second burst), the rest refused.
+    assert accepted <= FLOOD_QUOTA_PER_S * (PHASE_S + 1) + FLOOD_QUOTA_PER_S
+    assert limited >= len(flood_run.results) * 0.8
+    # The others: every payment decided, none refused, latency within the stated bound.
+    decided = {"APPROVED", "DECLINED"}
+    assert all(s in decided for s, _ in baseline), Counter(s for s, _ in baseline)
+    assert all(s in decided for s, _ in during), Counter(s for s, _ in during)
+    assert len(during) == len(baseline) == int(VICTIM_RATE_PER_S * len(VICTIMS) * PHASE_S)
+    assert flood_p99 <= ISOLATION_P99_FACTOR * base_p99 + ISOLATION_P99_SLACK_MS, (
+        base_p99,
+        flood_p99,
+    )
