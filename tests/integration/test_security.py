@@ -275,7 +275,7 @@ def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
     assert accepted <= FLOOD_QUOTA_PER_S * (PHASE_S + 1) + FLOOD_QUOTA_PER_S
     assert limited >= len(flood_run.results) * 0.8
     # The others: every payment decided, none refused, latency within the stated bound.
-    decided = {"APPROVED", "DECLINED"}
+    decided = {"PAYMENT_STATE_APPROVED", "PAYMENT_STATE_DECLINED"}
     assert all(s in decided for s, _ in baseline), Counter(s for s, _ in baseline)
     assert all(s in decided for s, _ in during), Counter(s for s, _ in during)
     assert len(during) == len(baseline) == int(VICTIM_RATE_PER_S * len(VICTIMS) * PHASE_S)

@@ -114,7 +114,7 @@ class Server:
         ca.ensure(pki.node("beijing-a"), ips=["127.0.0.1"])
         self.payments = RecordingPayments()
         self.admin = RecordingAdmin()
-        limiter = RateLimiter(lambda _key: quota_per_s, min_capacity=1)
+        limiter = RateLimiter(lambda _key: quota_per_s)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
             interceptors=[SecurityInterceptor(SWITCH_POLICY, limiter)],
@@ -322,7 +322,7 @@ def test_every_method_a_node_serves_has_a_rule_and_no_rule_is_stale() -> None:
 
 def test_the_bucket_refills_at_the_quota_and_advises_when() -> None:
     now = [100.0]
-    limiter = RateLimiter(lambda _k: 10, min_capacity=1, clock=lambda: now[0])
+    limiter = RateLimiter(lambda _k: 10, clock=lambda: now[0])
     for _ in range(10):
         limiter.take("a")
     with pytest.raises(ResourceExhausted) as info:
@@ -333,12 +333,18 @@ def test_the_bucket_refills_at_the_quota_and_advises_when() -> None:
         limiter.take("a")
     with pytest.raises(ResourceExhausted):
         limiter.take("a")
-    # A batch costs one per payment; the capacity is at least one whole batch.
-    big = RateLimiter(lambda _k: 10, min_capacity=500, clock=lambda: now[0])
-    big.take("b", 500)
+    # A batch costs one per payment; one larger than the bucket needs a full bucket and
+    # leaves it in debt, so over time nobody exceeds the quota.
+    big = RateLimiter(lambda _k: 10, clock=lambda: now[0])
+    big.take("b", 50)  # the bucket held 10: now 40 in debt
     with pytest.raises(ResourceExhausted) as info:
-        big.take("b", 20)
-    assert info.value.retry_after_ms == 2000
+        big.take("b", 1)
+    assert info.value.retry_after_ms == 4100  # 41 tokens at 10/s
+    now[0] += 4.0
+    with pytest.raises(ResourceExhausted):
+        big.take("b", 1)  # 0 tokens after 4 s
+    now[0] += 0.2
+    big.take("b", 1)
     unlimited = RateLimiter(lambda _k: 0, clock=lambda: now[0])
     for _ in range(10_000):
         unlimited.take("c")

@@ -1,10 +1,12 @@
 """Per-participant quotas: token buckets, one per caller, on each node.
 
 A participant's quota is in payments per second *per node* (a payment in a batch counts
-as one; any other call counts as one). The bucket holds ``BURST_S`` seconds of quota, at
-least one full batch, so a participant below its quota is never refused for bursting
-within a second. Beyond it the call is refused before any work with RESOURCE_EXHAUSTED
-and ``retry_after_ms``: when enough tokens will be back.
+as one; any other call counts as one). The bucket holds ``BURST_S`` seconds of quota, so
+a participant below its quota is never refused for bursting within a second. A batch
+larger than the bucket is let through when the bucket is full and leaves it in debt, so
+over any longer period nobody gets more than its quota. Beyond it the call is refused
+before any work with RESOURCE_EXHAUSTED and ``retry_after_ms``: when enough tokens will
+be back.
 
 The buckets are bounded (``MAX_BUCKETS``): identities are certificates the CA issued, so
 their number is small, but a bound is cheap.
@@ -46,11 +48,9 @@ class RateLimiter:
         self,
         quota_per_s: Callable[[str], int],
         *,
-        min_capacity: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._quota = quota_per_s
-        self._min_capacity = min_capacity
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._lock = threading.Lock()
@@ -59,7 +59,7 @@ class RateLimiter:
         rate = self._quota(key)
         if rate <= 0:
             return
-        capacity = max(rate * BURST_S, float(self._min_capacity))
+        capacity = max(rate * BURST_S, 1.0)
         now = self._clock()
         with self._lock:
             b = self._buckets.get(key)
@@ -74,10 +74,11 @@ class RateLimiter:
                     b.rate_per_s, b.capacity = rate, capacity
                 b.tokens = min(b.capacity, b.tokens + (now - b.at_s) * b.rate_per_s)
                 b.at_s = now
-            if b.tokens >= n:
+            # A call larger than the bucket needs a full bucket, and leaves it in debt.
+            if b.tokens >= min(n, b.capacity):
                 b.tokens -= n
                 return
-            missing = n - b.tokens
+            missing = min(n, b.capacity) - b.tokens
         wait_ms = min(RETRY_AFTER_MS_MAX, max(RETRY_AFTER_MS_MIN, math.ceil(missing / rate * 1000)))
         raise ResourceExhausted(
             f"{key} is over its quota of {rate} payments/s on this node; retry after {wait_ms} ms",

@@ -34,7 +34,6 @@ from clearing.v1 import (
 )
 from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
-from clearinghouse.domain.validation import BATCH_SIZE_MAX
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
@@ -248,9 +247,7 @@ def build(cfg: NodeConfig) -> Node:
             return p.payments_per_s_quota
         return cfg.participant_quota_per_s
 
-    security = SecurityInterceptor(
-        SWITCH_POLICY, RateLimiter(quota_per_s, min_capacity=BATCH_SIZE_MAX)
-    )
+    security = SecurityInterceptor(SWITCH_POLICY, RateLimiter(quota_per_s))
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
