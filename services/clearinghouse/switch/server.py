@@ -36,6 +36,7 @@ from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.settlement import WindowKeeper
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.participants import CassandraParticipantStore
@@ -234,7 +235,10 @@ def build(cfg: NodeConfig) -> Node:
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[*options, ("grpc.so_reuseport", 0)],
-        interceptors=[tel.server_interceptor()] if tel is not None else None,
+        interceptors=[
+            *([tel.server_interceptor()] if tel is not None else []),
+            RequestGuardInterceptor(),
+        ],
     )
     health_servicer = health.HealthServicer()
     windows = CassandraWindows(session, cl)
