@@ -65,13 +65,10 @@ class _Malformed:
 def malformed_error(method: str, size_bytes: int, detail: str = "") -> InvalidArgument:
     """The domain error for ``size_bytes`` of ``method``'s request that did not parse."""
     why = f" ({detail[:PARSER_DETAIL_CHARS_MAX]})" if detail else ""
+    description = f"{size_bytes} bytes are not a valid protobuf request for {method}{why}"
     return InvalidArgument(
-        [
-            FieldViolation(
-                REQUEST_ROOT,
-                f"{size_bytes} bytes are not a valid protobuf request for {method}{why}",
-            )
-        ],
+        [FieldViolation(REQUEST_ROOT, description)],
+        description,
         reason=InvalidArgument.MALFORMED_REQUEST,
     )
 
