@@ -21,6 +21,7 @@ from clearing.v1 import bank_pb2, bank_pb2_grpc
 from clearinghouse.bank._behaviour import BankBehaviour, BankControls
 from clearinghouse.bank._ledger import BankLedger
 from clearinghouse.bank._servicer import BankServicer
+from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security.authz import BANK_POLICY, SecurityInterceptor
 from clearinghouse.security.pki import KeyPair, server_credentials
 
@@ -127,7 +128,8 @@ def serve(config: BankConfig) -> BankServerHandle:
             # same fixed port silently and steal half of the first one's calls.
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=[SecurityInterceptor(BANK_POLICY)],
+        # The guard first: undecodable bytes never reach the policy or the servicer.
+        interceptors=[RequestGuardInterceptor(), SecurityInterceptor(BANK_POLICY)],
     )
     bank_pb2_grpc.add_BankServiceServicer_to_server(BankServicer(ledger, controls), server)
 

@@ -67,6 +67,8 @@ class InvalidArgument(ClearingError):
     """The request is malformed whatever the state of the switch; lists every bad field."""
 
     default_reason = "INVALID_ARGUMENT"
+    # The request's bytes are not a message of the method's request type at all.
+    MALFORMED_REQUEST: ClassVar[str] = "MALFORMED_REQUEST"
 
     def __init__(
         self,
@@ -180,6 +182,27 @@ class DeadlineExceeded(ClearingError):
 # clearing.v1.Error (see common.proto); "-bin" makes gRPC carry the bytes as binary.
 # The switch, the banks and clients all use this one name.
 ERROR_METADATA_KEY: Final = "clearing-error-bin"
+
+# A failed call's error travels in its trailers (the status message and the Error
+# above), which clients cap: gRPC's default is 8 KiB for all of them. Text that echoes a
+# request (an id, a currency code) is cut to these bounds, in UTF-8 bytes, so that the
+# error always arrives whole instead of as the client's RESOURCE_EXHAUSTED.
+ERROR_MESSAGE_BYTES_MAX: Final = 256
+ERROR_VIOLATIONS_MAX: Final = 16
+VIOLATION_FIELD_BYTES_MAX: Final = 64
+VIOLATION_DESCRIPTION_BYTES_MAX: Final = 128
+STATUS_DETAILS_BYTES_MAX: Final = 512
+_CUT_MARK: Final = "..."
+
+
+def clipped(text: str, max_bytes: int) -> str:
+    """``text`` if its UTF-8 is at most ``max_bytes`` long, else a prefix ending in "..."."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return text
+    head = data[: max(0, max_bytes - len(_CUT_MARK))].decode("utf-8", "ignore")
+    return head + _CUT_MARK
+
 
 STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingProxyType(
     {

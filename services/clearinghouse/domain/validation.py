@@ -45,6 +45,12 @@ BATCH_SIZE_MAX: Final = 500
 # How far a client's requested_at may run ahead of the switch's clock.
 CLOCK_SKEW_ALLOWED_US: Final = 5 * 60 * 1_000_000
 
+# The range google.protobuf.Timestamp documents (0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z); a time outside it is no date the switch can store.
+TIMESTAMP_SECONDS_MIN: Final = -62_135_596_800
+TIMESTAMP_SECONDS_MAX: Final = 253_402_300_799
+TIMESTAMP_NANOS_MAX: Final = 999_999_999
+
 _ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]+")
 _ID_RULE: Final = "must be 1..{} characters of A-Z a-z 0-9 . _ : -"
 
@@ -100,6 +106,16 @@ def validate_batch_size(n: int, max_batch: int = BATCH_SIZE_MAX, *, path: str = 
         raise InvalidArgument([FieldViolation(path, "must contain at least one order")])
     if n > max_batch:
         raise InvalidArgument([FieldViolation(path, f"must contain at most {max_batch} orders")])
+
+
+def timestamp_violations(seconds: int, nanos: int, field: str) -> list[FieldViolation]:
+    """A violation unless (seconds, nanos) is a time protobuf's Timestamp allows."""
+    if (
+        TIMESTAMP_SECONDS_MIN <= seconds <= TIMESTAMP_SECONDS_MAX
+        and 0 <= nanos <= TIMESTAMP_NANOS_MAX
+    ):
+        return []
+    return [FieldViolation(field, "must be a time from year 1 to year 9999")]
 
 
 def is_valid_id(value: str, max_len: int) -> bool:

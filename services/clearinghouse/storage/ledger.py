@@ -266,11 +266,14 @@ def _encode_token(at_us: int, payment_id: str) -> str:
 def _decode_token(token: str) -> tuple[int, str]:
     try:
         at, _, pid = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
-        return int(at), pid
+        at_us = int(at)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidArgument(
             [FieldViolation("page_token", "not a token this switch issued")]
         ) from e
+    if not -(2**63) <= at_us < 2**63:  # a bigint: anything else never came from here
+        raise InvalidArgument([FieldViolation("page_token", "not a token this switch issued")])
+    return at_us, pid
 
 
 __all__ = ["LEDGER_BLOCK_ENTRIES", "CassandraLedger", "block_of", "day_of"]

@@ -79,6 +79,11 @@ class AdminDomain:
 
     def get(self, participant_id: str) -> Participant:
         """The newest version of the participant; NotFound if there is none."""
+        # A malformed id names no participant; it never reaches the store (Cassandra
+        # refuses an empty partition key outright).
+        violations = _id_violations(participant_id, "participant_id")
+        if violations:
+            raise InvalidArgument(violations)
         stored = self._store.get(participant_id)
         if stored is None:
             raise NotFound(f"participant {participant_id!r} does not exist")

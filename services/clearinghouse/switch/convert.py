@@ -24,6 +24,13 @@ from clearinghouse.domain import (
     Unavailable,
     status_for,
 )
+from clearinghouse.domain.errors import (
+    ERROR_MESSAGE_BYTES_MAX,
+    ERROR_VIOLATIONS_MAX,
+    VIOLATION_DESCRIPTION_BYTES_MAX,
+    VIOLATION_FIELD_BYTES_MAX,
+    clipped,
+)
 from clearinghouse.switch.records import PaymentRecord
 
 _TYPE_TO_DOMAIN = {
@@ -187,10 +194,13 @@ def error_to_pb(err: ClearingError) -> common_pb2.Error:
     return common_pb2.Error(
         code=status_for(err).value[0],
         reason=err.reason,
-        message=str(err),
+        message=clipped(str(err), ERROR_MESSAGE_BYTES_MAX),
         field_violations=[
-            common_pb2.FieldViolation(field=_proto_path(v.field), description=v.description)
-            for v in violations
+            common_pb2.FieldViolation(
+                field=clipped(_proto_path(v.field), VIOLATION_FIELD_BYTES_MAX),
+                description=clipped(v.description, VIOLATION_DESCRIPTION_BYTES_MAX),
+            )
+            for v in violations[:ERROR_VIOLATIONS_MAX]
         ],
         retry_after_ms=retry_after,
     )

@@ -36,6 +36,7 @@ from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
+from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security import pki
 from clearinghouse.security.authz import SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import Identity
@@ -252,9 +253,11 @@ def build(cfg: NodeConfig) -> Node:
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[*options, ("grpc.so_reuseport", 0)],
-        # Telemetry outermost, so refused calls are counted and traced too.
+        # Telemetry outermost, so refused calls are counted and traced too; then the
+        # guard (undecodable bytes never reach the policy), then identity and quota.
         interceptors=[
             *([tel.server_interceptor()] if tel is not None else []),
+            RequestGuardInterceptor(),
             security,
         ],
     )

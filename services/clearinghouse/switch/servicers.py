@@ -42,11 +42,12 @@ from clearinghouse.domain import (
     validate_batch_size,
 )
 from clearinghouse.domain.clearing import WindowClearing
-from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.domain.errors import ERROR_METADATA_KEY, STATUS_DETAILS_BYTES_MAX, clipped
 from clearinghouse.domain.validation import (
     PARTICIPANT_ID_LEN_MAX,
     check_order_shape,
     is_valid_id,
+    timestamp_violations,
 )
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
@@ -89,7 +90,8 @@ def abort_with(context: grpc.ServicerContext, err: common_pb2.Error) -> None:
     """End the call with ``err``: its code, and the whole error in the trailer."""
     context.set_trailing_metadata(((ERROR_METADATA_KEY, err.SerializeToString()),))
     detail = "; ".join(f"{v.field}: {v.description}" for v in err.field_violations)
-    context.abort(grpc.StatusCode(_CODES[err.code]), f"{err.reason}: {detail or err.message}")
+    status_details = clipped(f"{err.reason}: {detail or err.message}", STATUS_DETAILS_BYTES_MAX)
+    context.abort(grpc.StatusCode(_CODES[err.code]), status_details)
 
 
 _CODES = {c.value[0]: c.value for c in grpc.StatusCode}
@@ -182,6 +184,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         with grpc_errors(context):
             if request.need_minor <= 0:
                 raise InvalidArgument([FieldViolation("need_minor", "must be positive")])
+            if not 0 <= request.for_shard < SHARD_COUNT:
+                raise InvalidArgument([FieldViolation("for_shard", f"in 0..{SHARD_COUNT - 1}")])
             granted = self.local.lend(
                 request.participant_id, request.currency, request.for_shard, request.need_minor
             )
@@ -466,6 +470,15 @@ def _list_payments(
         raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
     if not is_valid_id(participant_id, PARTICIPANT_ID_LEN_MAX):
         raise InvalidArgument([FieldViolation(field, "not a valid id")])
+    times = [
+        v
+        for name in ("start_time", "end_time")
+        for v in timestamp_violations(
+            getattr(request, name).seconds, getattr(request, name).nanos, name
+        )
+    ]
+    if times:
+        raise InvalidArgument(times)
     size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
     refs, token = ledger.list_index(
         participant_id,
