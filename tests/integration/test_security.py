@@ -4,7 +4,9 @@ and a participant flooding at ten times its quota (isolation).
 The isolation bound this file states and checks: while one participant floods a node
 at 10x its quota, the other participants on that node lose no payment to the flood
 (every one is decided by its bank, none refused) and their p99 latency stays within
-``ISOLATION_P99_FACTOR`` x their p99 without the flood + ``ISOLATION_P99_SLACK_MS``.
+``ISOLATION_P99_FACTOR`` x their p99 while the same participant sends at exactly its
+quota + ``ISOLATION_P99_SLACK_MS``. (The payments within its quota are real load the
+flooder is entitled to; what the bound is about is the excess.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from tests.support import SwitchEnv
 pytestmark = pytest.mark.integration
 
 ZONE = "shanghai-a"
-FLOOD_QUOTA_PER_S = 20
+FLOOD_QUOTA_PER_S = 10
 FLOOD_FACTOR = 10
 PHASE_S = 12.0
 VICTIM_RATE_PER_S = 8  # per victim institution
@@ -255,22 +257,31 @@ def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
         r = flood_stub.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=o), timeout=30)
         return common_pb2.PaymentState.Name(r.payment.state)
 
-    baseline = _victims(env, "base").run()
-    flood_run = Paced(flood, FLOOD_QUOTA_PER_S * FLOOD_FACTOR, PHASE_S, threads=16)
-    flooding = threading.Thread(target=flood_run.run, daemon=True)
-    flooding.start()
-    during = _victims(env, "flood").run()
-    flooding.join(PHASE_S + 60)
+    def phase(factor: int, tag: str) -> tuple[Paced, list[tuple[str, float]]]:
+        flood_run = Paced(flood, FLOOD_QUOTA_PER_S * factor, PHASE_S, threads=4 * factor)
+        flooding = threading.Thread(target=flood_run.run, daemon=True)
+        flooding.start()
+        victims = _victims(env, tag).run()
+        flooding.join(PHASE_S + 60)
+        return flood_run, victims
+
+    at_quota, baseline = phase(1, "base")
+    time.sleep(2.0)  # the flooder's bucket refills
+    flood_run, during = phase(FLOOD_FACTOR, "flood")
 
     flood_states = Counter(s for s, _ in flood_run.results)
     accepted = sum(n for s, n in flood_states.items() if not s.startswith("RESOURCE_EXHAUSTED"))
     limited = flood_states.get("RESOURCE_EXHAUSTED:RATE_LIMITED", 0)
     base_p99, flood_p99 = _p99_ms(baseline), _p99_ms(during)
     print(
-        f"\nflooder {flood_states.most_common()}\n"
-        f"victims without flood: {Counter(s for s, _ in baseline)} p99 {base_p99:.0f} ms; "
+        f"\nflooder at its quota: {Counter(s for s, _ in at_quota.results).most_common()}\n"
+        f"flooder at {FLOOD_FACTOR}x: {flood_states.most_common()}\n"
+        f"victims beside it at quota: {Counter(s for s, _ in baseline)} p99 {base_p99:.0f} ms; "
         f"with flood: {Counter(s for s, _ in during)} p99 {flood_p99:.0f} ms"
     )
+    # At its quota the participant is (almost) never refused: pacing jitter only.
+    at_quota_limited = sum(1 for st, _ in at_quota.results if st.startswith("RESOURCE_EXH"))
+    assert at_quota_limited <= len(at_quota.results) * 0.1, at_quota_limited
     # The flooder: at most its quota (plus the one-second burst), the rest refused.
     assert accepted <= FLOOD_QUOTA_PER_S * (PHASE_S + 1) + FLOOD_QUOTA_PER_S
     assert limited >= len(flood_run.results) * 0.8
