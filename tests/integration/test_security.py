@@ -6,8 +6,9 @@ at 10x its quota, the other participants on that node lose no payment to the flo
 (every one is decided by its bank, none refused) and their p99 latency stays within
 ``ISOLATION_P99_FACTOR`` x their p99 while the same participant sends at exactly its
 quota (floored at ``ISOLATION_P99_FLOOR_MS``: a p99 of 200 samples on a shared 2-core
-machine moves by hundreds of milliseconds from run to run) + ``ISOLATION_P99_SLACK_MS``. (The payments within its quota are real load the
-flooder is entitled to; what the bound is about is the excess.)
+machine moves by hundreds of milliseconds from run to run) + ``ISOLATION_P99_SLACK_MS``.
+The payments within its quota are real load the flooder is entitled to; what the bound
+is about is the excess.
 """
 
 from __future__ import annotations
