@@ -13,6 +13,8 @@ import grpc
 
 from clearing.v1 import admin_pb2_grpc, common_pb2, payment_pb2_grpc
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.order_signing import signing_channel
+from clearinghouse.signing_keys import default_store
 from clearinghouse.topology import Topology
 
 # A payment is decided within 20 s of receipt; a client waits a little longer.
@@ -30,6 +32,8 @@ class SwitchClient:
     def connect(cls, topo: Topology, zone: str) -> SwitchClient:
         z = topo.zone(zone)
         channel = grpc.insecure_channel(f"{z.address}:{z.ports.switch}")
+        # Orders are signed with the institution's key from .state/pki (order_signing.py).
+        channel = signing_channel(channel, default_store().existing)
         return cls(
             zone,
             channel,

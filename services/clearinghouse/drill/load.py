@@ -30,6 +30,8 @@ import grpc
 from clearing.v1 import common_pb2, payment_pb2, payment_pb2_grpc
 from clearinghouse.client import CALL_DEADLINE_S, error_details
 from clearinghouse.drill.clientlog import ACK, REJECTED, UNKNOWN, ClientLog
+from clearinghouse.order_signing import signing_channel
+from clearinghouse.signing_keys import default_store
 from clearinghouse.switch.convert import us_to_ts
 from clearinghouse.switch.records import payment_key, switch_ref_for
 from clearinghouse.topology import Topology
@@ -159,6 +161,7 @@ def connect_zones(topo: Topology) -> dict[str, tuple[grpc.Channel, Any]]:
     out: dict[str, tuple[grpc.Channel, Any]] = {}
     for z in topo.zones:
         ch = grpc.insecure_channel(f"{z.address}:{z.ports.switch}", options=CHANNEL_OPTIONS)
+        ch = signing_channel(ch, default_store().existing)  # orders signed as SwitchClient's
         out[z.name] = (ch, payment_pb2_grpc.PaymentServiceStub(ch))
     return out
 

@@ -24,6 +24,7 @@ from clearinghouse.domain import (
     Unavailable,
     status_for,
 )
+from clearinghouse.domain.model import SigningKey
 from clearinghouse.switch.records import PaymentRecord
 
 _TYPE_TO_DOMAIN = {
@@ -76,6 +77,8 @@ def order_from_pb(o: payment_pb2.PaymentOrder, path: str = "order") -> PaymentOr
         amount=_money_from_pb(o.amount, f"{path}.amount"),
         memo=o.memo,
         requested_at_us=ts_to_us(o.requested_at),
+        signature=o.signature,
+        signing_key_id=o.signing_key_id,
     )
 
 
@@ -99,6 +102,8 @@ def order_to_pb(o: PaymentOrder) -> payment_pb2.PaymentOrder:
         amount=common_pb2.Money(amount_minor=o.amount.amount_minor, currency=o.amount.currency),
         memo=o.memo,
         requested_at=us_to_ts(o.requested_at_us),
+        signature=o.signature,
+        signing_key_id=o.signing_key_id,
     )
 
 
@@ -147,6 +152,7 @@ def participant_from_pb(p: admin_pb2.Participant) -> Participant:
         currencies=frozenset(p.currencies),
         net_debit_caps={m.currency: int(m.amount_minor) for m in p.net_debit_caps},
         version=int(p.version),
+        signing_keys=tuple(SigningKey(k.key_id, k.public_key) for k in p.signing_keys),
     )
 
 
@@ -164,6 +170,9 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
             for k, v in sorted(p.net_debit_caps.items())
         ],
         version=p.version,
+        signing_keys=[
+            admin_pb2.SigningKey(key_id=k.key_id, public_key=k.public_key) for k in p.signing_keys
+        ],
     )
 
 
