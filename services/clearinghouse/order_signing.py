@@ -3,9 +3,9 @@
 :class:`OrderSigningInterceptor` signs every unsigned ``PaymentOrder`` of a
 ``SubmitPayment`` or ``SubmitPayments`` request with its institution's key, so that the
 demo, the bench, the drills' load generator and the tests sign without knowing it. The
-order is signed in place: the caller's message then holds exactly what was sent, and
-resending it (a retry) sends the same signed order. Ed25519 signatures are
-deterministic, so signing the same order again gives the same bytes anyway.
+request message is signed in place (a request built with ``order=o`` holds a copy of
+``o``, which stays unsigned). Ed25519 signatures are deterministic, so a retry of the
+same order is signed with the same bytes: it is the same signed order, and a replay.
 
 An order that already carries a signature is left alone (a test may send a tampered
 one on purpose), and so is an order for whose institution ``key_source`` has no key, or

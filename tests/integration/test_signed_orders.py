@@ -68,7 +68,8 @@ def test_a_signed_order_is_accepted_stored_with_its_signature_and_replayed_once(
     env: SwitchEnv,
 ) -> None:
     o = env.order(payer_id="BANK_CCB")
-    first = env.submit("beijing-a", o)  # the client's interceptor signs o in place
+    first = env.submit("beijing-a", o)  # the client's interceptor signs the request
+    sign_order_pb(o, _key())  # Ed25519 is deterministic: what the interceptor sent
     assert o.signature and o.signing_key_id == key_id_of(public_key_bytes(_key()))
     assert first.payment.order == o
     got = env.get("shenzhen-b", o)
