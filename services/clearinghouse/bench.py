@@ -8,6 +8,13 @@ then single submissions paced at half the measured single rate, for the latency 
 lightly loaded switch gives. CPU seconds per 1,000 payments come from /proc for every
 process kind (Cassandra, etcd, switch, bank, and this load generator), and resident
 memory is summed over all of them.
+
+Signed orders: every order is signed by the load generator (the clients' interceptor,
+:mod:`clearinghouse.order_signing`) and verified by the receiving switch node. The cost
+of that is measured in-process first (:func:`signing_cost`: median microseconds to sign
+and to verify one order, as the node does it, over many orders) and set against the
+switch's CPU per payment of each phase (``signature_share_of_switch_cpu``).
+``clearingctl bench --signing-only`` measures just that, without a cluster.
 """
 
 from __future__ import annotations
@@ -21,16 +28,25 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pyetcd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clearing.v1 import payment_pb2
 from clearinghouse import demo
 from clearinghouse.client import CALL_DEADLINE_S, SwitchClient
+from clearinghouse.domain import Money, PaymentOrder, PaymentType
+from clearinghouse.domain.signing import (
+    key_id_of,
+    public_key_bytes,
+    signed,
+    signed_message,
+    verify_signed_order,
+)
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.ownership.view import KEY_PREFIX, shard_key
@@ -41,6 +57,8 @@ SINGLE_CLIENTS = 48
 BATCH_CLIENTS = 6
 BATCH_SIZE = 100
 PHASE_S = 20.0
+SIGNING_SAMPLE_ORDERS = 2000
+SIGNING_ROUNDS = 7
 WARMUP_S = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -78,6 +96,59 @@ class Phase:
             "latency_ms_p99": round(p99, 2),
             "cpu_s_per_1000_payments": per_k,
         }
+
+
+def signing_cost(
+    orders: int = SIGNING_SAMPLE_ORDERS, rounds: int = SIGNING_ROUNDS
+) -> dict[str, Any]:
+    """Median microseconds per order to sign, and to verify as the receiving node does
+    (canonical bytes, key lookup, Ed25519 verify), each the median of ``rounds`` timed
+    runs over ``orders`` distinct orders; and what that bounds one core to."""
+    key = Ed25519PrivateKey.generate()
+    pk = public_key_bytes(key)
+    keys = {key_id_of(pk): pk}
+    base = PaymentOrder(
+        payment_id="", institution_id="INST_ALIPAY", type=PaymentType.DEBIT,
+        payer_id="BANK_ICBC", payee_id="INST_ALIPAY", bank_account="6222020000000001",
+        amount=Money(12_345, "CNY"), memo="top-up", requested_at_us=time.time_ns() // 1000,
+    )  # fmt: skip
+    plain = [replace(base, payment_id=f"bench-{n:06d}") for n in range(orders)]
+    sign_us, verify_us, raw_us = [], [], []
+    signed_orders: list[PaymentOrder] = []
+    public = key.public_key()
+    for _ in range(rounds):
+        t = time.perf_counter_ns()
+        signed_orders = [signed(o, key) for o in plain]
+        sign_us.append((time.perf_counter_ns() - t) / 1000 / orders)
+        t = time.perf_counter_ns()
+        for o in signed_orders:
+            verify_signed_order(o, keys)
+        verify_us.append((time.perf_counter_ns() - t) / 1000 / orders)
+        messages = [(o.signature, signed_message(o)) for o in signed_orders]
+        t = time.perf_counter_ns()
+        for sig, msg in messages:
+            public.verify(sig, msg)
+        raw_us.append((time.perf_counter_ns() - t) / 1000 / orders)
+    verify = statistics.median(verify_us)
+    return {
+        "orders_per_round": orders,
+        "rounds": rounds,
+        "sign_us_per_order_median": round(statistics.median(sign_us), 1),
+        "verify_us_per_order_median": round(verify, 1),
+        "ed25519_verify_alone_us_median": round(statistics.median(raw_us), 1),
+        "cpu_load_1min": round(os.getloadavg()[0], 2),
+        "verify_orders_per_s_one_core": round(1e6 / verify),
+        "where": "the receiving switch node, before routing, one order at a time",
+    }
+
+
+def _signature_share(phases: list[dict[str, Any]], verify_us: float) -> dict[str, float | None]:
+    """Per phase: verify time / switch CPU per payment (CPU-s per 1000 = CPU-ms each)."""
+    out: dict[str, float | None] = {}
+    for ph in phases:
+        switch_ms = ph["cpu_s_per_1000_payments"].get("switch")
+        out[ph["phase"]] = round(verify_us / (switch_ms * 1000), 4) if switch_ms else None
+    return out
 
 
 def _cpu_and_rss(lc: LocalCluster) -> tuple[dict[str, float], int]:
@@ -133,6 +204,8 @@ def _run_phase(
 
 def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
         out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    signing = signing_cost()
+    progress(f"signed orders, in-process: {signing}")
     lc.up()
     parts = demo.load_participants()
     demo.start_banks(lc, parts, progress)
@@ -239,6 +312,12 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
                     "durability": DURABILITY},
         "telemetry": os.environ.get("CLEARING_TELEMETRY", "on"),
         "phases": results,
+        "signing": {
+            **signing,
+            "signature_share_of_switch_cpu": _signature_share(
+                results, signing["verify_us_per_order_median"]
+            ),
+        },
         "resident_memory_all_processes_mib": round(rss / 2**20),
     }  # fmt: skip
     if out is not None:
@@ -248,4 +327,4 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     return report
 
 
-__all__ = ["run"]
+__all__ = ["run", "signing_cost"]

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="durable payments/s and latency against the local cluster")
     b.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    b.add_argument(
+        "--signing-only",
+        action="store_true",
+        help="only measure signing and verifying orders in-process (no cluster)",
+    )
     con = sub.add_parser(
         "console", help="serve the operator console (zones, shard ownership, payments/s)"
     )
@@ -140,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.group == "bench":
             from clearinghouse import bench  # noqa: PLC0415 (imports generated gRPC code)
 
+            if args.signing_only:
+                _say(json.dumps(bench.signing_cost(), indent=2))
+                return 0
             bench.run(lc, seconds=args.seconds, progress=_say, out=args.out)
             return 0
         if args.group == "drill":

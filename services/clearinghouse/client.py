@@ -28,8 +28,10 @@ import grpc
 
 from clearing.v1 import admin_pb2_grpc, common_pb2, payment_pb2, payment_pb2_grpc
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.order_signing import signing_channel
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
+from clearinghouse.signing_keys import default_store
 from clearinghouse.topology import Topology
 
 # A payment is decided within 20 s of receipt; a client waits a little longer.
@@ -137,6 +139,8 @@ class SwitchClient:
         target = f"{z.address}:{z.ports.switch}"
         opts = tuple(options)
         channel = creds.channel(target, ident, opts)
+        if ident.role is Role.INSTITUTION:
+            channel = signing_channel(channel, default_store().existing)
         client = cls(
             zone, target, creds, ident, channel, admin_pb2_grpc.AdminServiceStub(channel), opts
         )
@@ -148,6 +152,9 @@ class SwitchClient:
             ch = self._channels.get(identity)
             if ch is None:
                 ch = self.credentials.channel(self.target, identity, self.options)
+                if identity.role is Role.INSTITUTION:
+                    # Orders are signed with the institution's key (order_signing.py).
+                    ch = signing_channel(ch, default_store().existing)
                 self._channels[identity] = ch
             return ch
 

@@ -24,12 +24,14 @@ import grpc
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse._invariant import invariant
 from clearinghouse.client import CALL_DEADLINE_S, SwitchClient, error_details
+from clearinghouse.domain.signing import key_id_of
 from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import repo_root
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
+from clearinghouse.signing_keys import SigningKeyStore, default_store
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import CassandraConfig, connect, consistency_level
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
@@ -94,20 +96,33 @@ def start_banks(lc: LocalCluster, parts: dict[str, Any], progress: Progress) -> 
         )
 
 
-def register_participants(client: SwitchClient, parts: dict[str, Any], progress: Progress) -> None:
-    made = 0
+def register_participants(
+    client: SwitchClient,
+    parts: dict[str, Any],
+    progress: Progress,
+    keys: SigningKeyStore | None = None,
+) -> None:
+    """Register the participants; each institution with the public half of its
+    order-signing key from ``keys`` (``.state/pki``, created there if missing). An
+    institution registered before without that key gets it added (a key rotation)."""
+    keys = keys or default_store()
+    made = rekeyed = 0
     for kind, rows in (
         (common_pb2.PARTICIPANT_KIND_INSTITUTION, parts["institutions"]),
         (common_pb2.PARTICIPANT_KIND_BANK, parts["banks"]),
     ):
         for r in rows:
+            signing = []
+            if kind == common_pb2.PARTICIPANT_KIND_INSTITUTION:
+                pk = keys.public_key(r["participant_id"])
+                signing = [admin_pb2.SigningKey(key_id=key_id_of(pk), public_key=pk)]
             p = admin_pb2.Participant(
                 participant_id=r["participant_id"], kind=kind, name=r["name"],
                 status=common_pb2.PARTICIPANT_STATUS_ACTIVE, bank_code=r.get("bank_code", ""),
                 endpoint=r.get("listen", ""), currencies=r["currencies"],
                 net_debit_caps=[common_pb2.Money(amount_minor=v, currency=c)
                                 for c, v in r["net_debit_caps"].items()],
-                version=1,
+                version=1, signing_keys=signing,
             )  # fmt: skip
             try:
                 client.admin.RegisterParticipant(
@@ -117,10 +132,28 @@ def register_participants(client: SwitchClient, parts: dict[str, Any], progress:
             except grpc.RpcError as e:
                 if e.code() is not grpc.StatusCode.ALREADY_EXISTS:
                     raise
+                rekeyed += _add_signing_keys(client, r["participant_id"], signing)
     progress(
         f"participants registered: {made} new, "
         f"{len(parts['institutions']) + len(parts['banks']) - made} already there"
+        + (f", {rekeyed} given a new signing key" if rekeyed else "")
     )
+
+
+def _add_signing_keys(client: SwitchClient, participant_id: str, wanted: list[Any]) -> int:
+    """Add the keys of ``wanted`` that the stored participant does not list; 1 if any."""
+    stored = client.admin.GetParticipant(
+        admin_pb2.GetParticipantRequest(participant_id=participant_id), timeout=CALL_DEADLINE_S
+    ).participant
+    listed = {k.key_id for k in stored.signing_keys}
+    missing = [k for k in wanted if k.key_id not in listed]
+    if not missing:
+        return 0
+    stored.signing_keys.extend(missing)  # the old keys stay listed: orders may be in flight
+    client.admin.UpdateParticipant(
+        admin_pb2.UpdateParticipantRequest(participant=stored), timeout=CALL_DEADLINE_S
+    )
+    return 1
 
 
 @dataclass

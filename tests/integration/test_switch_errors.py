@@ -9,11 +9,14 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clearing.v1 import admin_pb2, common_pb2
 from clearinghouse import demo
 from clearinghouse.client import error_details
+from clearinghouse.domain.signing import public_key_bytes
 from clearinghouse.localcluster import procs
+from clearinghouse.order_signing import sign_order_pb
 from clearinghouse.switch.config import OWED_REVERSAL_RETRY_S, REGISTRY_REFRESH_S
 from tests.support import SwitchEnv, eventually
 
@@ -27,12 +30,15 @@ def _fails(call: Any) -> tuple[grpc.StatusCode, Any]:
     return e.code(), error_details(e)
 
 
-def _institution(pid: str, version: int = 1) -> admin_pb2.Participant:
+def _institution(
+    pid: str, version: int = 1, key: Ed25519PrivateKey | None = None
+) -> admin_pb2.Participant:
+    keys = [admin_pb2.SigningKey(public_key=public_key_bytes(key))] if key else []
     return admin_pb2.Participant(
         participant_id=pid, kind=common_pb2.PARTICIPANT_KIND_INSTITUTION,
         name="A test institution", status=common_pb2.PARTICIPANT_STATUS_ACTIVE,
         currencies=["CNY"], net_debit_caps=[common_pb2.Money(amount_minor=10**9, currency="CNY")],
-        version=version,
+        version=version, signing_keys=keys,
     )  # fmt: skip
 
 
@@ -40,14 +46,17 @@ def test_a_suspended_institution_is_refused_and_nothing_is_written(switch_env: S
     env = switch_env
     admin = env.clients["shanghai-a"].admin
     pid = f"INST_T{uuid.uuid4().hex[:8].upper()}"
-    admin.RegisterParticipant(admin_pb2.RegisterParticipantRequest(participant=_institution(pid)),
-                              timeout=10)  # fmt: skip
+    key = Ed25519PrivateKey.generate()  # its orders are signed, so the owner judges them
+    admin.RegisterParticipant(
+        admin_pb2.RegisterParticipantRequest(participant=_institution(pid, key=key)), timeout=10
+    )
     admin.SuspendParticipant(
         admin_pb2.SuspendParticipantRequest(participant_id=pid, reason="test: compliance hold"),
         timeout=10,
     )
     time.sleep(REGISTRY_REFRESH_S * 1.5)  # every node has seen the suspension by now
     order = env.order(institution_id=pid, payee_id=pid)
+    sign_order_pb(order, key)
     for zone in ("shanghai-a", "shenzhen-b"):
         code, err = _fails(lambda zone=zone: env.submit(zone, order))
         assert code is grpc.StatusCode.FAILED_PRECONDITION

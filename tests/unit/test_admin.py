@@ -4,11 +4,13 @@ change, and nothing written for a rejected request."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +23,8 @@ from clearinghouse.domain import (
     ParticipantKind,
     ParticipantStatus,
 )
+from clearinghouse.domain.model import SigningKey
+from clearinghouse.domain.signing import key_id_of, public_key_bytes
 from clearinghouse.switch.admin import (
     CHANGE_ATTEMPTS_MAX,
     NAME_CHARS_MAX,
@@ -558,3 +562,43 @@ def test_history_has_one_version_per_accepted_change(ops: list[tuple[str, Any]])
     assert all(a != dataclasses.replace(b, version=a.version) for a, b in pairwise(history))
     assert history[-1] == current == admin.get("BANK_ICBC")
     assert store.puts == len(history)
+
+
+# -- signing keys -------------------------------------------------------------------------
+
+
+def _raw_key(seed: bytes) -> bytes:
+    return public_key_bytes(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
+
+
+def test_signing_keys_get_their_computed_id_and_a_rotation_is_an_update(
+    admin: AdminDomain,
+) -> None:
+    old, new = _raw_key(b"old"), _raw_key(b"new")
+    got = admin.register(institution(signing_keys=(SigningKey("", old),)))
+    assert got.signing_keys == (SigningKey(key_id_of(old), old),)
+    both = (SigningKey(key_id_of(new), new), SigningKey("", old))
+    rotated = admin.update(institution(signing_keys=both), expected_version=1)
+    assert rotated.version == 2
+    assert {k.key_id for k in rotated.signing_keys} == {key_id_of(old), key_id_of(new)}
+    assert rotated.signing_key_map()[key_id_of(new)] == new
+    # The same keys in another order are no change.
+    again = admin.update(institution(signing_keys=both[::-1]), expected_version=2)
+    assert again.version == 2
+
+
+@pytest.mark.parametrize(
+    ("key_id", "public_key", "field"),
+    [
+        ("0000000000000000", _raw_key(b"k"), "participant.signing_keys[0].key_id"),
+        ("", b"\x01" * 31, "participant.signing_keys[0].public_key"),
+        ("", b"\x01" * 33, "participant.signing_keys[0].public_key"),
+    ],
+)
+def test_a_bad_signing_key_is_invalid_argument(
+    admin: AdminDomain, store: FakeParticipantStore, key_id: str, public_key: bytes, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as ei:
+        admin.register(institution(signing_keys=(SigningKey(key_id, public_key),)))
+    assert [v.field for v in ei.value.violations] == [field]
+    assert store.puts == 0

@@ -3,6 +3,7 @@ refused when any file is tampered with."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.audit.export import (
@@ -18,6 +20,7 @@ from clearinghouse.audit.export import (
     INTENTS_FILE,
     MANIFEST_FILE,
     NET_POSITIONS_FILE,
+    SIGNING_KEYS_FILE,
     entry_from_json,
     entry_to_json,
     read_export,
@@ -41,9 +44,16 @@ from clearinghouse.domain.entries import (
 )
 from clearinghouse.domain.fingerprint import canonical_bytes, fingerprint
 from clearinghouse.domain.merkle import MerkleTree, verify_inclusion, window_leaves
-from clearinghouse.domain.model import ParticipantKind, PaymentOrder, PaymentState, PaymentType
+from clearinghouse.domain.model import (
+    ParticipantKind,
+    PaymentOrder,
+    PaymentState,
+    PaymentType,
+    SigningKeyRecord,
+)
 from clearinghouse.domain.money import Money
 from clearinghouse.domain.postings import postings_for
+from clearinghouse.domain.signing import key_id_of, public_key_bytes, sign_order
 
 pytestmark = pytest.mark.unit
 
@@ -57,6 +67,15 @@ KINDS = {
     "BANK_BOC": ParticipantKind.BANK,  # no payments: an empty reconciliation
 }
 T0_US = 1_790_000_000_000_000
+# Each institution's signing key, fixed so that exports are the same bytes on every run.
+PRIVATE_KEYS = {
+    pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest())
+    for pid in ("INST_ALIPAY", "INST_WECHAT")
+}
+SIGNING_KEYS = [
+    SigningKeyRecord(pid, key_id_of(public_key_bytes(k)), public_key_bytes(k), T0_US)
+    for pid, k in PRIVATE_KEYS.items()
+]
 
 
 @dataclass
@@ -86,7 +105,11 @@ class Ledger:
 
     def intent(self, o: PaymentOrder, shard: int) -> None:
         bank = o.payer_id if o.type is PaymentType.DEBIT else o.payee_id
-        i = Intent(canonical_bytes(o), fingerprint(o), bank, "shanghai-a", self.clock_us, "SW1")
+        key_id, signature = sign_order(o, PRIVATE_KEYS[o.institution_id])
+        i = Intent(
+            canonical_bytes(o), fingerprint(o), bank, "shanghai-a", self.clock_us, "SW1",
+            key_id, signature,
+        )  # fmt: skip
         self.append(shard, KIND_INTENT, _key(o), i.encode())
 
     def decide(self, o: PaymentOrder, shard: int, state: PaymentState) -> None:
@@ -173,7 +196,9 @@ def build_ledger() -> tuple[Ledger, list[LedgerEntry]]:
 @pytest.fixture
 def exported(tmp_path: Path) -> Path:
     led, referenced = build_ledger()
-    return write_export(tmp_path / "w2", 2, led.window(2), referenced, KINDS)
+    return write_export(
+        tmp_path / "w2", 2, led.window(2), referenced, KINDS, signing_keys=SIGNING_KEYS
+    )
 
 
 def _problems(report: VerifyReport, file: str) -> list[Problem]:
@@ -198,7 +223,7 @@ def test_export_verifies_and_reads_back(exported: Path) -> None:
     names = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert names == sorted(
         [MANIFEST_FILE, ENTRIES_FILE, INTENTS_FILE, "clearing.json", NET_POSITIONS_FILE,
-         "bilateral.csv", "instructions.csv"]
+         "bilateral.csv", "instructions.csv", SIGNING_KEYS_FILE]
         + [f"reconciliation/{pid}.{ext}" for pid in KINDS for ext in ("csv", "json")]
     )  # fmt: skip
 
@@ -239,14 +264,16 @@ def test_export_verifies_and_reads_back(exported: Path) -> None:
 
 def test_export_is_deterministic_and_rewritable(tmp_path: Path, exported: Path) -> None:
     led, referenced = build_ledger()
-    other = write_export(tmp_path / "again", 2, led.window(2), referenced, KINDS)
+    other = write_export(
+        tmp_path / "again", 2, led.window(2), referenced, KINDS, signing_keys=SIGNING_KEYS
+    )
     files = sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
     for rel in files:
         assert (exported / rel).read_bytes() == (other / rel).read_bytes(), rel
     # Writing over an earlier export replaces it, stale participant files included.
     fewer = {k: v for k, v in KINDS.items() if k != "BANK_BOC"}
-    write_export(exported, 2, led.window(2), referenced, fewer)
+    write_export(exported, 2, led.window(2), referenced, fewer, signing_keys=SIGNING_KEYS)
     assert not (exported / "reconciliation/BANK_BOC.csv").exists()
     assert not list(exported.rglob(".*.tmp"))
     assert verify_export(exported).ok
@@ -256,25 +283,45 @@ def test_write_export_refuses_bad_input(tmp_path: Path) -> None:
     led, referenced = build_ledger()
     window = led.window(2)
     with pytest.raises(InvariantViolation, match="WINDOW_CUT"):
-        write_export(tmp_path / "a", 2, {**window, 3: window[3][:-1]}, referenced, KINDS)
+        write_export(
+            tmp_path / "a",
+            2,
+            {**window, 3: window[3][:-1]},
+            referenced,
+            KINDS,
+            signing_keys=SIGNING_KEYS,
+        )
     with pytest.raises(InvariantViolation, match="no intent"):
-        write_export(tmp_path / "b", 2, window, referenced[1:], KINDS)
+        write_export(tmp_path / "b", 2, window, referenced[1:], KINDS, signing_keys=SIGNING_KEYS)
     decided_in_1 = next(e for e in led.window(1)[0] if e.kind == KIND_INTENT)
     with pytest.raises(InvariantViolation, match="not needed"):
-        write_export(tmp_path / "c", 2, window, [*referenced, decided_in_1], KINDS)
+        write_export(
+            tmp_path / "c", 2, window, [*referenced, decided_in_1], KINDS, signing_keys=SIGNING_KEYS
+        )
     with pytest.raises(InvariantViolation, match="before the window"):
         in_2 = next(e for e in window[4] if e.kind == KIND_INTENT)
-        write_export(tmp_path / "c", 2, window, [*referenced, in_2], KINDS)
+        write_export(
+            tmp_path / "c", 2, window, [*referenced, in_2], KINDS, signing_keys=SIGNING_KEYS
+        )
     with pytest.raises(InvariantViolation, match="shards must be"):
-        write_export(tmp_path / "d", 2, {s: window[s] for s in range(1, 6)}, referenced, KINDS)
+        write_export(
+            tmp_path / "d",
+            2,
+            {s: window[s] for s in range(1, 6)},
+            referenced,
+            KINDS,
+            signing_keys=SIGNING_KEYS,
+        )
     with pytest.raises(InvariantViolation, match="chain broken"):
         gap = [e for n, e in enumerate(window[1]) if n != 2]
-        write_export(tmp_path / "e", 2, {**window, 1: gap}, referenced, KINDS)
+        write_export(
+            tmp_path / "e", 2, {**window, 1: gap}, referenced, KINDS, signing_keys=SIGNING_KEYS
+        )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        write_export(foreign, 2, window, referenced, KINDS)
+        write_export(foreign, 2, window, referenced, KINDS, signing_keys=SIGNING_KEYS)
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
@@ -353,7 +400,7 @@ def test_a_wrong_start_hash_and_a_tampered_intent_are_reported(exported: Path) -
 
     def alter(entries: list[LedgerEntry]) -> None:
         e = entries[0]
-        body = e.body[:-1] + bytes([e.body[-1] ^ 0x20])  # the switch_ref's last letter
+        body = e.body[:-1] + bytes([e.body[-1] ^ 0x20])  # the signature's last byte
         entries[0] = LedgerEntry(e.shard, e.epoch, e.seq, e.kind, e.payment_key, body,
                                  e.prev_hash, e.entry_hash)  # fmt: skip
         target.append(e)
@@ -363,8 +410,9 @@ def test_a_wrong_start_hash_and_a_tampered_intent_are_reported(exported: Path) -
     chain = _problems(report, ENTRIES_FILE)
     assert [(p.shard, "WRONG_PREV_HASH" in p.message) for p in chain] == [(3, True)]
     intents = _problems(report, INTENTS_FILE)
-    assert [(p.shard, p.seq) for p in intents] == [(target[0].shard, target[0].seq)]
+    assert [(p.shard, p.seq) for p in intents] == [(target[0].shard, target[0].seq)] * 2
     assert "entry_hash" in intents[0].message
+    assert "signature refused (SIGNATURE_INVALID)" in intents[1].message
 
 
 def test_tampered_reconciliation_files_are_reported(exported: Path) -> None:
@@ -431,7 +479,7 @@ def test_cli_as_a_module(exported: Path) -> None:
 
 def test_linking_to_the_previous_window(tmp_path: Path, exported: Path) -> None:
     led, referenced = build_ledger()
-    first = write_export(tmp_path / "w1", 1, led.window(1), [], KINDS)
+    first = write_export(tmp_path / "w1", 1, led.window(1), [], KINDS, signing_keys=SIGNING_KEYS)
     assert verify_export(first).ok
     assert verify_export(exported, previous=first).ok
     assert main([str(exported), "--previous", str(first)]) == 0
@@ -440,7 +488,14 @@ def test_linking_to_the_previous_window(tmp_path: Path, exported: Path) -> None:
     # An export that silently leaves out the first entry of shard 1 (a CAP_GRANT) still verifies on
     # its own (its manifest starts later), but not against the window before.
     window = led.window(2)
-    short = write_export(tmp_path / "short", 2, {**window, 1: window[1][1:]}, referenced, KINDS)
+    short = write_export(
+        tmp_path / "short",
+        2,
+        {**window, 1: window[1][1:]},
+        referenced,
+        KINDS,
+        signing_keys=SIGNING_KEYS,
+    )
     assert verify_export(short).ok
     linked = verify_export(short, previous=first)
     assert [(p.shard, "not right after" in p.message) for p in linked.problems] == [(1, True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -55,6 +56,7 @@ ORDER = PaymentOrder(
     requested_at_us=1_750_000_000_000_000,
 )
 INTENT = Intent(b"order-bytes", bytes(range(32)), "bank-a", "shanghai-a", 1_750_000_000, "SW1")
+SIGNED_INTENT = replace(INTENT, signing_key_id="00112233aabbccdd", signature=bytes(range(64)))
 DECISION = Decision(
     PaymentState.APPROVED,
     1_750_000_000_123,
@@ -68,6 +70,7 @@ REVERSAL = ReversalConfirmed(1_750_000_000_456, "shenzhen-a")
 TRANSFER = CapTransfer("bank-a", "CNY", 17, 5_000, 1_750_000_000_789)
 BODIES = {
     "intent": INTENT.encode(),
+    "signed_intent": SIGNED_INTENT.encode(),
     "decision": DECISION.encode(),
     "reversal": REVERSAL.encode(),
     "cap": TRANSFER.encode(),
@@ -75,7 +78,7 @@ BODIES = {
 
 
 def _decode(kind: str, body: bytes) -> object:
-    if kind == "intent":
+    if kind in ("intent", "signed_intent"):
         return Intent.decode(body)
     if kind == "decision":
         return Decision.decode(body, KEY)
@@ -105,6 +108,35 @@ def test_intent_bytes_are_the_documented_layout() -> None:
         _lp(b"order-bytes") + _lp(bytes(range(32))) + _lp(b"bank-a") + _lp(b"shanghai-a")
         + _i64(1_750_000_000) + _lp(b"SW1")
     )  # fmt: skip
+
+
+def test_a_signed_intent_appends_key_id_and_signature_and_both_decode() -> None:
+    assert SIGNED_INTENT.encode() == (
+        INTENT.encode() + _lp(b"00112233aabbccdd") + _lp(bytes(range(64)))
+    )
+    assert Intent.decode(SIGNED_INTENT.encode()) == SIGNED_INTENT
+    # An entry written before orders were signed keeps its bytes and still decodes.
+    assert Intent.decode(INTENT.encode()) == INTENT
+    assert Intent.decode(INTENT.encode()).signature == b""
+
+
+@pytest.mark.parametrize(
+    "half", [{"signature": b"\x01" * 64}, {"signing_key_id": "00112233aabbccdd"}]
+)
+def test_a_half_signature_is_refused(half: dict[str, object]) -> None:
+    with pytest.raises(InvariantViolation, match="signature"):
+        replace(INTENT, **half).encode()  # type: ignore[arg-type]
+    lone_tail = INTENT.encode() + _lp(b"") + _lp(b"\x01" * 64)
+    with pytest.raises(InvariantViolation, match="incomplete"):
+        Intent.decode(lone_tail)
+
+
+@settings(deadline=None)
+@given(extra=st.binary(min_size=1, max_size=16))
+def test_bytes_after_an_unsigned_intent_are_refused(extra: bytes) -> None:
+    # They would be read as a signature tail: too short, incomplete, or trailing.
+    with pytest.raises(InvariantViolation):
+        Intent.decode(INTENT.encode() + extra)
 
 
 def test_decision_bytes_are_the_documented_layout() -> None:
@@ -210,11 +242,16 @@ def test_a_cap_transfer_moves_a_positive_amount(amount: int) -> None:
 def test_every_truncation_is_refused(kind: str) -> None:
     body = BODIES[kind]
     for cut in range(len(body)):
+        if kind == "signed_intent" and cut == len(INTENT.encode()):
+            # Without its tail a signed intent is an unsigned one: the chain's hash binds
+            # the tail to the entry, and the switch and the auditor refuse unsigned orders.
+            assert _decode(kind, body[:cut]) == INTENT
+            continue
         with pytest.raises(InvariantViolation, match="ends early"):
             _decode(kind, body[:cut])
 
 
-@pytest.mark.parametrize("kind", list(BODIES))
+@pytest.mark.parametrize("kind", [k for k in BODIES if k != "intent"])
 @settings(deadline=None)
 @given(extra=st.binary(min_size=1, max_size=16))
 def test_trailing_bytes_are_refused(kind: str, extra: bytes) -> None:

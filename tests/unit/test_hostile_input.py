@@ -30,6 +30,7 @@ import grpc
 import pytest
 from cassandra import InvalidRequest
 from cassandra.cqltypes import Int32Type, LongType
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +49,9 @@ from clearinghouse.bank.server import MAX_MESSAGE_BYTES as BANK_MAX_MESSAGE_BYTE
 from clearinghouse.bank.server import BankConfig, BankServerHandle, serve
 from clearinghouse.domain import Participant, ParticipantKind, ParticipantStatus
 from clearinghouse.domain.errors import ERROR_METADATA_KEY, STATUS_BY_ERROR
+from clearinghouse.domain.model import SigningKey
+from clearinghouse.domain.signing import key_id_of, public_key_bytes
+from clearinghouse.order_signing import signing_channel
 from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
@@ -244,8 +248,21 @@ def _participant(pid: str, kind: ParticipantKind) -> Participant:
         currencies=frozenset({hostile.CURRENCY}),
         net_debit_caps={hostile.CURRENCY: CAP_MINOR},
         version=1,
+        signing_keys=(
+            ()
+            if is_bank
+            else (
+                SigningKey(key_id_of(public_key_bytes(SIGNING_KEY)), public_key_bytes(SIGNING_KEY)),
+            )
+        ),
     )
 
+
+# The institution's signing key: the world's channel signs every order it carries (as a
+# participant's client does), so generated and mutated orders get past the signature
+# check and exercise everything behind it.
+SIGNING_KEY = Ed25519PrivateKey.generate()
+PUBLIC_KEY = public_key_bytes(SIGNING_KEY)
 
 PARTICIPANTS = {
     hostile.INSTITUTION: _participant(hostile.INSTITUTION, ParticipantKind.INSTITUTION),
@@ -296,7 +313,8 @@ def switch_world() -> Iterator[SwitchWorld]:
     for shard in range(SHARD_COUNT):
         store.gain(shard, EPOCH)
         assert store.take(shard, EPOCH, stop)
-    processor = PaymentProcessor(zone=ZONE, store=store, bank=bank, registry=Registry(PARTICIPANTS))
+    registry = Registry(PARTICIPANTS)
+    processor = PaymentProcessor(zone=ZONE, store=store, bank=bank, registry=registry)
     local = LocalOwner(processor, pool)
     # Every shard is local: the router never opens a channel to another node.
     router = Router(
@@ -321,7 +339,7 @@ def switch_world() -> Iterator[SwitchWorld]:
         interceptors=[RequestGuardInterceptor()],
     )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
-        PaymentServicer(router, ledger),
+        PaymentServicer(router, ledger, registry),
         server,  # type: ignore[arg-type]
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -337,8 +355,11 @@ def switch_world() -> Iterator[SwitchWorld]:
     shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, describe), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    channel = signing_channel(
+        grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        ),
+        lambda pid: SIGNING_KEY if pid == hostile.INSTITUTION else None,
     )
     world = SwitchWorld(ledger, windows, participants, bank, store, channel)
     yield world

@@ -25,6 +25,13 @@ window whose intent lies in an earlier window (same shard, lower seq than the wi
 start). They are not linked to this window's chains: check them against the earlier
 window's export, where they appear with the same hash.
 
+``signing_keys.json`` - every Ed25519 key any participant ever registered for signing
+payment orders (:mod:`clearinghouse.domain.signing`), so that each INTENT's signature can
+be re-checked offline: ``{"format": "clearing.signing-keys.v1", "keys": [{"participant_id",
+"key_id", "public_key_hex" (raw 32 bytes), "added_at_us", "revoked_at_us" (0: still
+listed)}, ...]}`` in (participant_id, key_id) order. It lists the keys known when the
+export was made, so an export made later may list more.
+
 ``clearing.json``, ``net_positions.csv``, ``bilateral.csv``, ``instructions.csv``,
 ``reconciliation/<participant>.csv`` and ``reconciliation/<participant>.json`` (one pair
 per participant in the clearing's ``participants``): the renderings of
@@ -63,7 +70,7 @@ from clearinghouse.domain.entries import (
     window_key,
 )
 from clearinghouse.domain.merkle import merkle_root, window_leaves
-from clearinghouse.domain.model import ParticipantKind
+from clearinghouse.domain.model import ParticipantKind, SigningKeyRecord
 
 EXPORT_FORMAT: Final = "clearing.window-export.v1"
 MANIFEST_FILE: Final = "manifest.json"
@@ -73,6 +80,8 @@ CLEARING_FILE: Final = "clearing.json"
 NET_POSITIONS_FILE: Final = "net_positions.csv"
 BILATERAL_FILE: Final = "bilateral.csv"
 INSTRUCTIONS_FILE: Final = "instructions.csv"
+SIGNING_KEYS_FILE: Final = "signing_keys.json"
+SIGNING_KEYS_FORMAT: Final = "clearing.signing-keys.v1"
 RECONCILIATION_DIR: Final = "reconciliation"
 _TMP_SUFFIX: Final = ".tmp"
 # A participant id as validation allows it, minus a leading dot: it names two files.
@@ -87,6 +96,10 @@ _MANIFEST_KEYS: Final = frozenset(
 )  # fmt: skip
 _SHARD_KEYS: Final = frozenset(
     {"shard", "start_seq", "start_prev_hash", "cut_seq", "cut_entry_hash"}
+)
+_KEY_FILE_KEYS: Final = frozenset({"format", "keys"})
+_KEY_KEYS: Final = frozenset(
+    {"participant_id", "key_id", "public_key_hex", "added_at_us", "revoked_at_us"}
 )
 
 
@@ -259,6 +272,64 @@ def parse_entries(text: str, file: str) -> tuple[LedgerEntry, ...]:
     return tuple(out)
 
 
+# -- signing keys -------------------------------------------------------------------------
+
+
+def render_signing_keys(keys: Iterable[SigningKeyRecord]) -> str:
+    """``signing_keys.json``: indented JSON, keys in (participant_id, key_id) order."""
+    ordered = sorted(keys, key=lambda k: (k.participant_id, k.key_id))
+    obj = {
+        "format": SIGNING_KEYS_FORMAT,
+        "keys": [
+            {
+                "participant_id": k.participant_id,
+                "key_id": k.key_id,
+                "public_key_hex": k.public_key.hex(),
+                "added_at_us": k.added_at_us,
+                "revoked_at_us": k.revoked_at_us,
+            }
+            for k in ordered
+        ],
+    }
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
+
+
+def parse_signing_keys(text: str) -> tuple[SigningKeyRecord, ...]:
+    """The inverse of :func:`render_signing_keys`; ExportFormatError if it is not."""
+    try:
+        top = _fields(json.loads(text), _KEY_FILE_KEYS, "$")
+        if top["format"] != SIGNING_KEYS_FORMAT:
+            raise _Malformed(f"$.format: expected {SIGNING_KEYS_FORMAT!r}, found {top['format']!r}")
+        items = top["keys"]
+        if not isinstance(items, list):
+            raise _Malformed("$.keys: expected an array")
+        out = []
+        for n, item in enumerate(items):
+            where = f"$.keys[{n}]"
+            k = _fields(item, _KEY_KEYS, where)
+            hex_key = _str(k, "public_key_hex", where)
+            if not re.fullmatch(r"(?:[0-9a-f]{2})*", hex_key):
+                raise _Malformed(f"{where}.public_key_hex: expected lowercase hex")
+            out.append(
+                SigningKeyRecord(
+                    participant_id=_str(k, "participant_id", where),
+                    key_id=_str(k, "key_id", where),
+                    public_key=bytes.fromhex(hex_key),
+                    added_at_us=_int(k, "added_at_us", where),
+                    revoked_at_us=_int(k, "revoked_at_us", where),
+                )
+            )
+        return tuple(out)
+    except _Malformed as e:
+        raise ExportFormatError(SIGNING_KEYS_FILE, str(e)) from e
+    except ValueError as e:
+        raise ExportFormatError(SIGNING_KEYS_FILE, f"not JSON: {e}") from e
+
+
+def read_signing_keys(directory: str | os.PathLike[str]) -> tuple[SigningKeyRecord, ...]:
+    return parse_signing_keys(read_text(directory, SIGNING_KEYS_FILE))
+
+
 # -- writing ------------------------------------------------------------------------------
 
 
@@ -297,8 +368,12 @@ def render_export(
     entries_by_shard: Mapping[int, Sequence[LedgerEntry]],
     referenced_intents: Sequence[LedgerEntry],
     kinds: Mapping[str, ParticipantKind],
+    *,
+    signing_keys: Iterable[SigningKeyRecord] = (),
 ) -> dict[str, str]:
     """Every file of the export, by relative path, after checking the input.
+
+    ``signing_keys`` is every signing key the participants ever registered.
 
     ``entries_by_shard`` maps each shard 0..N-1 to its entries of the window in chain
     order, ending with its WINDOW_CUT for ``window_id``. Raises InvariantViolation if a
@@ -330,6 +405,7 @@ def render_export(
         MANIFEST_FILE: manifest.to_json(),
         ENTRIES_FILE: render_entries(entries),
         INTENTS_FILE: render_entries(referenced_intents),
+        SIGNING_KEYS_FILE: render_signing_keys(signing_keys),
         **clearing_files(clearing),
     }
 
@@ -395,6 +471,8 @@ def write_export(
     entries_by_shard: Mapping[int, Sequence[LedgerEntry]],
     referenced_intents: Sequence[LedgerEntry],
     kinds: Mapping[str, ParticipantKind],
+    *,
+    signing_keys: Iterable[SigningKeyRecord] = (),
 ) -> Path:
     """Write window ``window_id``'s export into ``directory`` and return its path.
 
@@ -404,7 +482,9 @@ def write_export(
     renamed into place; the manifest goes first out and last in, so that a folder with a
     manifest always holds a complete export.
     """
-    files = render_export(window_id, entries_by_shard, referenced_intents, kinds)
+    files = render_export(
+        window_id, entries_by_shard, referenced_intents, kinds, signing_keys=signing_keys
+    )
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     (root / RECONCILIATION_DIR).mkdir(exist_ok=True)
@@ -427,7 +507,7 @@ def write_export(
 
 def _check_only_ours(root: Path) -> None:
     top = {MANIFEST_FILE, ENTRIES_FILE, INTENTS_FILE, CLEARING_FILE, NET_POSITIONS_FILE,
-           BILATERAL_FILE, INSTRUCTIONS_FILE, RECONCILIATION_DIR}  # fmt: skip
+           BILATERAL_FILE, INSTRUCTIONS_FILE, SIGNING_KEYS_FILE, RECONCILIATION_DIR}  # fmt: skip
     for path in root.iterdir():
         ours = path.name in top or (path.name.startswith(".") and path.name.endswith(_TMP_SUFFIX))
         if not ours:
@@ -564,6 +644,8 @@ __all__ = [
     "MANIFEST_FILE",
     "NET_POSITIONS_FILE",
     "RECONCILIATION_DIR",
+    "SIGNING_KEYS_FILE",
+    "SIGNING_KEYS_FORMAT",
     "ExportFormatError",
     "Manifest",
     "ShardRange",
@@ -574,13 +656,16 @@ __all__ = [
     "intents_by_key",
     "is_window_cut",
     "parse_entries",
+    "parse_signing_keys",
     "read_clearing",
     "read_entries",
     "read_export",
     "read_manifest",
     "read_reconciliation",
+    "read_signing_keys",
     "read_text",
     "render_entries",
     "render_export",
+    "render_signing_keys",
     "write_export",
 ]

@@ -24,6 +24,7 @@ from clearinghouse.domain import FailedPrecondition, NotFound, ParticipantKind
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
 from clearinghouse.domain.entries import KIND_DECISION
 from clearinghouse.domain.merkle import inclusion_proof, merkle_root, window_leaves
+from clearinghouse.domain.model import SigningKeyRecord
 from clearinghouse.ledger_view import WindowData, read_window
 from clearinghouse.settlement import stored_clearing
 from clearinghouse.storage.ledger import block_of
@@ -85,10 +86,12 @@ class AuditDomain:
         kinds: Callable[[], Mapping[str, ParticipantKind]],
         cities: Sequence[str],
         city_reader: CityReader | None = None,
+        signing_keys: Callable[[], Sequence[SigningKeyRecord]] = tuple,
     ) -> None:
         self.ledger = ledger
         self.windows = windows
         self.kinds = kinds
+        self.signing_keys = signing_keys
         self.cities = list(cities)
         self.city_reader = city_reader
         self._lock = threading.Lock()
@@ -263,7 +266,8 @@ class AuditDomain:
         data = read_window(self.ledger, self.windows, window_id)
         with tempfile.TemporaryDirectory(prefix=f"window-{window_id}-") as tmp:
             root = write_export(Path(tmp), window_id, data.entries_by_shard,
-                                data.referenced_intents, self.kinds())  # fmt: skip
+                                data.referenced_intents, self.kinds(),
+                                signing_keys=self.signing_keys())  # fmt: skip
             for path in sorted(p for p in root.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(root))
                 with path.open("rb") as f:

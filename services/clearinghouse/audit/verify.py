@@ -19,6 +19,13 @@ or participant concerned:
    every ``reconciliation/`` file (no file missing, none extra); the nets in
    ``clearing.json`` and ``net_positions.csv`` sum to zero per currency.
 
+8. ``signing_keys.json`` parses, and every INTENT (of ``entries.jsonl`` and
+   ``intents.jsonl``) carries its institution's Ed25519 signature of the order, made by
+   a key that ``signing_keys.json`` lists for that institution and verifying over the
+   order's canonical bytes (:mod:`clearinghouse.domain.signing`). A changed order field
+   or signature byte fails here (as well as breaking the chain, unless the hashes were
+   recomputed too), with the payment, the key and the reason.
+
 7. With ``previous`` (``--previous <dir>``, the window before's export): every shard
    starts right after that window's cut, and the intents of ``intents.jsonl`` that lie
    in that window are entries of its export with the same hash. Without it, the window
@@ -50,6 +57,7 @@ from clearinghouse.audit.export import (
     MANIFEST_FILE,
     NET_POSITIONS_FILE,
     RECONCILIATION_DIR,
+    SIGNING_KEYS_FILE,
     ExportFormatError,
     Manifest,
     clearing_files,
@@ -58,6 +66,7 @@ from clearinghouse.audit.export import (
     read_clearing,
     read_entries,
     read_manifest,
+    read_signing_keys,
 )
 from clearinghouse.domain.chain import LedgerEntry, entry_hash, verify_chain
 from clearinghouse.domain.clearing import WindowClearing, clear_window
@@ -68,7 +77,11 @@ from clearinghouse.domain.entries import (
     Decision,
     Intent,
 )
+from clearinghouse.domain.errors import SignatureRefused
+from clearinghouse.domain.fingerprint import order_from_canonical_bytes
 from clearinghouse.domain.merkle import merkle_root, window_leaves
+from clearinghouse.domain.model import SigningKeyRecord
+from clearinghouse.domain.signing import verify_order_signature
 
 # Differences listed per file before the rest are summed up in one line.
 DIFFS_PER_FILE_MAX: Final = 10
@@ -158,6 +171,7 @@ def verify_export(directory: str | Path, previous: str | Path | None = None) -> 
     entries = _read(run, ENTRIES_FILE, lambda: read_entries(run.directory, ENTRIES_FILE))
     intents = _read(run, INTENTS_FILE, lambda: read_entries(run.directory, INTENTS_FILE))
     clearing = _read(run, CLEARING_FILE, lambda: read_clearing(run.directory))
+    keys = _read(run, SIGNING_KEYS_FILE, lambda: read_signing_keys(run.directory))
     root_hex = ""
     if manifest is not None:
         _check_manifest_shards(run, manifest)
@@ -180,8 +194,11 @@ def verify_export(directory: str | Path, previous: str | Path | None = None) -> 
             _check_decisions(run, entries)
             if intents is not None:
                 _check_intents(run, manifest, entries, intents)
-                if clearing is not None and in_order:
-                    _check_clearing(run, manifest, entries, intents, clearing)
+            if keys is not None:
+                _check_signatures(run, ENTRIES_FILE, entries, keys)
+                _check_signatures(run, INTENTS_FILE, intents or (), keys)
+            if intents is not None and clearing is not None and in_order:
+                _check_clearing(run, manifest, entries, intents, clearing)
         if previous is not None:
             _check_previous(run, manifest, intents or (), Path(previous))
     if clearing is not None:
@@ -299,6 +316,35 @@ def _check_decisions(run: _Run, entries: Iterable[LedgerEntry]) -> None:
                     shard=e.shard,
                     seq=e.seq,
                 )
+
+
+def _check_signatures(
+    run: _Run, file: str, entries: Iterable[LedgerEntry], keys: Sequence[SigningKeyRecord]
+) -> None:
+    by_participant: defaultdict[str, dict[str, bytes]] = defaultdict(dict)
+    for k in keys:
+        by_participant[k.participant_id][k.key_id] = k.public_key
+    for e in entries:
+        if e.kind != KIND_INTENT:
+            continue
+        try:
+            intent = Intent.decode(e.body)
+            order = order_from_canonical_bytes(intent.order_bytes)
+        except _CORRUPT:
+            continue  # reported where the body is decoded for the chain and the clearing
+        try:
+            verify_order_signature(
+                order, intent.signing_key_id, intent.signature,
+                by_participant.get(order.institution_id, {}),
+            )  # fmt: skip
+        except SignatureRefused as exc:
+            run.add(
+                file,
+                f"INTENT of {e.payment_key}: signature refused ({exc.reason}): {exc.message}",
+                shard=e.shard,
+                seq=e.seq,
+                participant=order.institution_id,
+            )
 
 
 def _check_intents(

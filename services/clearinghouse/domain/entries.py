@@ -19,12 +19,19 @@ to rebuild a shard, and everything an auditor needs to check it, is in their bod
 
 Body encoding, version 1, with :mod:`._codec` (``lp`` = 4-byte length prefix, integers
 signed 64-bit big-endian): INTENT = lp(order) lp(fingerprint) lp(bank_id) lp(zone)
-i64(received_at_us) lp(switch_ref); DECISION = lp(state) i64(at_us) lp(zone) lp(detail)
-lp(bank_ref) i64(reversal_owed 0|1) i64(n) then n x [lp(participant) lp(currency)
-i64(debit) i64(credit) lp(leg)]; REVERSAL_CONFIRMED = i64(at_us) lp(zone);
+i64(received_at_us) lp(switch_ref) [lp(signing_key_id) lp(signature)];
+DECISION = lp(state) i64(at_us) lp(zone) lp(detail) lp(bank_ref) i64(reversal_owed 0|1)
+i64(n) then n x [lp(participant) lp(currency) i64(debit) i64(credit) lp(leg)];
+REVERSAL_CONFIRMED = i64(at_us) lp(zone);
 CAP_GRANT and CAP_RECEIVE = lp(participant) lp(currency) i64(other shard) i64(amount)
 i64(at_us), where the other shard is the borrower for a grant and the lender for a receipt;
 WINDOW_CUT = i64(window_id) i64(at_us).
+
+The INTENT's bracketed tail is the institution's signature of the order
+(:mod:`.signing`) and the id of the key that made it: written whenever the order is
+signed (every order since signing became mandatory), absent in entries written before,
+which therefore keep their bytes and hashes and still decode (with an empty signature).
+The chain hash covers the tail like every other byte of the body.
 """
 
 from __future__ import annotations
@@ -72,20 +79,34 @@ class Intent:
     zone: str
     received_at_us: int
     switch_ref: str
+    signing_key_id: str = ""
+    signature: bytes = b""
 
     def encode(self) -> bytes:
-        return b"".join((
+        parts = [
             _codec.blob(self.order_bytes), _codec.blob(self.fingerprint),
             _codec.text(self.bank_id), _codec.text(self.zone),
             _codec.i64(self.received_at_us), _codec.text(self.switch_ref),
-        ))  # fmt: skip
+        ]  # fmt: skip
+        signed = bool(self.signature) or bool(self.signing_key_id)
+        if signed:
+            invariant(
+                bool(self.signature) and bool(self.signing_key_id),
+                "an intent's signature needs both the signature and its key id",
+            )
+            parts += [_codec.text(self.signing_key_id), _codec.blob(self.signature)]
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, body: bytes) -> Intent:
         r = _codec.Reader(body)
-        out = cls(r.blob(), r.blob(), r.text(), r.text(), r.i64(), r.text())
+        head = (r.blob(), r.blob(), r.text(), r.text(), r.i64(), r.text())
+        # The signature tail is absent in entries of orders written before signing.
+        key_id, signature = (r.text(), r.blob()) if r.pos < len(body) else ("", b"")
         r.done()
-        return out
+        # One encoding per intent: a tail is written only with both of its fields.
+        invariant(bool(key_id) == bool(signature), "an intent's signature tail is incomplete")
+        return cls(*head, key_id, signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,13 @@ people. The hierarchy::
     ├── NotFound                       NOT_FOUND
     ├── FailedPrecondition             FAILED_PRECONDITION
     │   ├── InsufficientLiquidity      FAILED_PRECONDITION
-    │   └── ParticipantSuspended       FAILED_PRECONDITION
+    │   ├── ParticipantSuspended       FAILED_PRECONDITION
+    │   └── OrderNotFresh              FAILED_PRECONDITION  ORDER_EXPIRED | ORDER_FROM_FUTURE
     ├── Unauthenticated                UNAUTHENTICATED      no certificate the CA issued
     ├── PermissionDenied               PERMISSION_DENIED
+    │   └── SignatureRefused           PERMISSION_DENIED    SIGNATURE_MISSING |
+    │                                                       SIGNATURE_INVALID |
+    │                                                       SIGNING_KEY_UNKNOWN
     ├── ResourceExhausted              RESOURCE_EXHAUSTED   retry_after_ms
     ├── Unavailable                    UNAVAILABLE          retry_after_ms
     └── DeadlineExceeded               DEADLINE_EXCEEDED
@@ -133,6 +137,33 @@ class Unauthenticated(ClearingError):
     default_reason = "NOT_AUTHENTICATED"
 
 
+class SignatureRefused(PermissionDenied):
+    """A payment order's signature is missing, made by an unknown key, or does not verify.
+
+    PERMISSION_DENIED rather than UNAUTHENTICATED: the caller's channel may well be
+    authenticated; it is the order that carries no valid authorisation of the
+    institution it names. The reason says which: SIGNATURE_MISSING (no signature or no
+    key id), SIGNING_KEY_UNKNOWN (the key id is not one the institution registered), or
+    SIGNATURE_INVALID (a field or the signature changed, or another key signed).
+    """
+
+    default_reason = "SIGNATURE_INVALID"
+    SIGNATURE_MISSING: ClassVar[str] = "SIGNATURE_MISSING"
+    SIGNATURE_INVALID: ClassVar[str] = "SIGNATURE_INVALID"
+    SIGNING_KEY_UNKNOWN: ClassVar[str] = "SIGNING_KEY_UNKNOWN"
+
+
+class OrderNotFresh(FailedPrecondition):
+    """A payment order's ``requested_at`` lies outside the switch's freshness window:
+    ORDER_EXPIRED (too old; a replayed capture, or a retry too late) or ORDER_FROM_FUTURE
+    (ahead of the switch's clock by more than the allowed skew). Retrying the same order
+    will not help; GetPayment tells whether an earlier attempt was recorded."""
+
+    default_reason = "ORDER_EXPIRED"
+    ORDER_EXPIRED: ClassVar[str] = "ORDER_EXPIRED"
+    ORDER_FROM_FUTURE: ClassVar[str] = "ORDER_FROM_FUTURE"
+
+
 def _checked_retry_after_ms(retry_after_ms: int) -> int:
     # Zero means "no hint", as in clearing.v1.Error, whose field is an int32.
     invariant(
@@ -212,8 +243,10 @@ STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingP
         FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
         InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
         ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
+        OrderNotFresh: grpc.StatusCode.FAILED_PRECONDITION,
         PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+        SignatureRefused: grpc.StatusCode.PERMISSION_DENIED,
         ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Unavailable: grpc.StatusCode.UNAVAILABLE,
         DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -90,11 +90,36 @@ class ParticipantStatus(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One Ed25519 public key of a participant: ``key_id`` names it in signed orders.
+
+    ``key_id`` is the lowercase hex of the first 8 bytes of SHA-256 of ``public_key``
+    (:func:`clearinghouse.domain.signing.key_id_of`); ``public_key`` is the raw 32 bytes.
+    """
+
+    key_id: str
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    """A signing key in a participant's history: when it was first listed and, if it no
+    longer is, when it was dropped (``revoked_at_us`` 0: still listed)."""
+
+    participant_id: str
+    key_id: str
+    public_key: bytes
+    added_at_us: int
+    revoked_at_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Participant:
     """A member of the switch as the registry knows it at ``version``.
 
     ``bank_code`` and ``endpoint`` are None for institutions. ``net_debit_caps`` maps a
     currency to the largest net debit position allowed, in minor units.
+    ``signing_keys`` are the keys its payment orders may be signed with now.
     """
 
     participant_id: str
@@ -106,6 +131,7 @@ class Participant:
     currencies: frozenset[str]
     net_debit_caps: Mapping[str, int] = field(hash=False)
     version: int
+    signing_keys: tuple[SigningKey, ...] = ()
     # Payments per second on each node; 0: the switch's default.
     payments_per_s_quota: int = 0
 
@@ -114,6 +140,11 @@ class Participant:
         # participant that other code already checked.
         object.__setattr__(self, "currencies", frozenset(self.currencies))
         object.__setattr__(self, "net_debit_caps", MappingProxyType(dict(self.net_debit_caps)))
+        object.__setattr__(self, "signing_keys", tuple(self.signing_keys))
+
+    def signing_key_map(self) -> Mapping[str, bytes]:
+        """key_id -> raw public key, as :mod:`clearinghouse.domain.signing` verifies with."""
+        return {k.key_id: k.public_key for k in self.signing_keys}
 
     def net_debit_cap(self, currency: str) -> int:
         """The cap for ``currency``; zero when none is configured.
@@ -126,7 +157,13 @@ class Participant:
 
 @dataclass(frozen=True, slots=True)
 class PaymentOrder:
-    """A payment as an institution submitted it. ``requested_at_us`` is the client's clock."""
+    """A payment as an institution submitted it. ``requested_at_us`` is the client's clock.
+
+    ``signature`` and ``signing_key_id`` are the institution's Ed25519 signature of the
+    order and the key that made it (:mod:`clearinghouse.domain.signing`). They are not
+    part of the order's canonical bytes or fingerprint: the same order signed again is
+    the same order (idempotency), and a signature cannot sign itself.
+    """
 
     payment_id: str
     institution_id: str
@@ -137,6 +174,8 @@ class PaymentOrder:
     amount: Money
     memo: str
     requested_at_us: int
+    signature: bytes = b""
+    signing_key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,13 @@ loser learns it as ``FailedPrecondition`` with reason VERSION_CONFLICT. Admin ch
 are rare, so the cost of Paxos here is nothing next to a lost update. Any other writer
 of this table (seeding, tools) must be conditional too: Cassandra does not order a
 plain write against Paxos writes to the same partition.
+
+Signing keys: each version lists the participant's current keys (column
+``signing_keys``); table ``participant_signing_keys`` keeps every key ever listed, for
+auditors (:meth:`CassandraParticipantStore.signing_key_history`). A key's row is inserted
+before the first version that lists it, so a version never names a key the history
+lacks; ``revoked_at_us`` is set after a version that drops it was written (a crash in
+between leaves it unset: the versions remain the authority on what was current when).
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from clearinghouse.domain import (
     ParticipantKind,
     ParticipantStatus,
 )
+from clearinghouse.domain.model import SigningKey, SigningKeyRecord
 from clearinghouse.storage.retry import with_retries
 from clearinghouse.switch.admin import VERSION_CONFLICT
 
 _SELECT: Final = (
     "SELECT participant_id, version, kind, name, status, bank_code, endpoint, currencies, "
-    "net_debit_caps, updated_at_us, reason, payments_per_s_quota FROM participant_versions"
+    "net_debit_caps, updated_at_us, reason, payments_per_s_quota, signing_keys "
+    "FROM participant_versions"
 )
 # Absent text is stored as "" rather than null: binding None writes a tombstone.
 _ABSENT_TEXT: Final = ""
@@ -56,7 +65,8 @@ class CassandraParticipantStore:
         self._insert = p(
             "INSERT INTO participant_versions (participant_id, version, kind, name, status, "
             "bank_code, endpoint, currencies, net_debit_caps, updated_at_us, reason, "
-            "payments_per_s_quota) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            "payments_per_s_quota, signing_keys) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
         )
         self._insert.consistency_level = self.cl
         self._insert.serial_consistency_level = ConsistencyLevel.SERIAL
@@ -65,6 +75,24 @@ class CassandraParticipantStore:
         self._select_version = p(_SELECT + " WHERE participant_id = ? AND version = ?")
         self._select_version.consistency_level = ConsistencyLevel.SERIAL
         self._select_version.is_idempotent = True
+        # The history of signing keys: every write is conditional (see the module docstring).
+        self._key_add = p(
+            "INSERT INTO participant_signing_keys (participant_id, key_id, public_key, "
+            "added_at_us) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+        )
+        self._key_revoke = p(
+            "UPDATE participant_signing_keys SET revoked_at_us = ? "
+            "WHERE participant_id = ? AND key_id = ? IF EXISTS"
+        )
+        self._key_history = p(
+            "SELECT participant_id, key_id, public_key, added_at_us, revoked_at_us "
+            "FROM participant_signing_keys"
+        )
+        self._key_history.is_idempotent = True
+        for stmt in (self._key_add, self._key_revoke, self._key_history):
+            stmt.consistency_level = self.cl
+        for stmt in (self._key_add, self._key_revoke):
+            stmt.serial_consistency_level = ConsistencyLevel.SERIAL
 
     # -- reads -------------------------------------------------------------------------
 
@@ -83,7 +111,48 @@ class CassandraParticipantStore:
         )
         return None if row is None else participant_from_row(row)
 
+    def signing_key_history(self) -> list[SigningKeyRecord]:
+        """Every signing key any participant ever registered, by (participant, key id)."""
+        rows = with_retries(
+            "reading the signing keys", lambda: list(self.session.execute(self._key_history))
+        )
+        out = [
+            SigningKeyRecord(
+                r.participant_id,
+                r.key_id,
+                bytes(r.public_key),
+                r.added_at_us or 0,
+                r.revoked_at_us or 0,
+            )
+            for r in rows
+        ]
+        return sorted(out, key=lambda k: (k.participant_id, k.key_id))
+
     # -- writes ------------------------------------------------------------------------
+
+    def _execute(self, what: str, stmt: Any, values: tuple[Any, ...]) -> Any:
+        return with_retries(what, lambda: self.session.execute(stmt, values))
+
+    def _record_keys(self, participant: Participant, now_us: int) -> None:
+        """Add the participant's keys to the history (before its version names them) and
+        clear the revocation of any key listed again."""
+        pid = participant.participant_id
+        for k in participant.signing_keys:
+            values = (pid, k.key_id, k.public_key, now_us)
+            result = self._execute("recording a signing key", self._key_add, values)
+            if not result.was_applied and getattr(result.one(), "revoked_at_us", None):
+                self._execute(
+                    "listing a signing key again", self._key_revoke, (None, pid, k.key_id)
+                )
+
+    def _revoke_dropped(self, before: Participant | None, after: Participant, now_us: int) -> None:
+        if before is None:
+            return
+        kept = {k.key_id for k in after.signing_keys}
+        for k in before.signing_keys:
+            if k.key_id not in kept:
+                values = (now_us, after.participant_id, k.key_id)
+                self._execute("revoking a signing key", self._key_revoke, values)
 
     def put(self, participant: Participant, *, reason: str, now_us: int) -> Participant:
         """Insert ``participant.version`` as a new row; VERSION_CONFLICT if it exists.
@@ -93,6 +162,8 @@ class CassandraParticipantStore:
         the row, and it is ours if it holds exactly what we wrote.
         """
         values = _row_values(participant, reason, now_us)
+        self._record_keys(participant, now_us)
+        before = self.get(participant.participant_id) if participant.version > 1 else None
         result = with_retries(
             "recording a participant version", lambda: self.session.execute(self._insert, values)
         )
@@ -103,6 +174,7 @@ class CassandraParticipantStore:
             endpoint=participant.endpoint or None,
         )
         if result.was_applied:
+            self._revoke_dropped(before, stored, now_us)
             return stored
         pid, version = participant.participant_id, participant.version
         existing = with_retries(
@@ -111,6 +183,7 @@ class CassandraParticipantStore:
         )
         invariant(existing is not None, f"{pid} v{version}: conditional insert lost to a ghost")
         if _row_values_of(existing) == values:
+            self._revoke_dropped(before, stored, now_us)
             return stored
         raise FailedPrecondition(
             f"participant {pid!r} already has a version {version}: it changed since it was read",
@@ -134,6 +207,9 @@ def participant_from_row(row: Any) -> Participant:
         net_debit_caps=dict(row.net_debit_caps or {}),
         version=row.version,
         payments_per_s_quota=row.payments_per_s_quota or 0,
+        signing_keys=tuple(
+            SigningKey(kid, bytes(pk)) for kid, pk in sorted((row.signing_keys or {}).items())
+        ),
     )
 
 
@@ -143,6 +219,7 @@ def _row_values(p: Participant, reason: str, now_us: int) -> tuple[Any, ...]:
         p.participant_id, p.version, p.kind.value, p.name, p.status.value,
         p.bank_code or _ABSENT_TEXT, p.endpoint or _ABSENT_TEXT,
         set(p.currencies), dict(p.net_debit_caps), now_us, reason, p.payments_per_s_quota,
+        {k.key_id: k.public_key for k in p.signing_keys},
     )  # fmt: skip
 
 
@@ -153,7 +230,8 @@ def _row_values_of(row: Any) -> tuple[Any, ...]:
         row.bank_code or _ABSENT_TEXT, row.endpoint or _ABSENT_TEXT,
         set(row.currencies or ()), dict(row.net_debit_caps or {}), row.updated_at_us, row.reason,
         row.payments_per_s_quota or 0,
+        {kid: bytes(pk) for kid, pk in (row.signing_keys or {}).items()},
     )  # fmt: skip
 
 
-__all__ = ["CassandraParticipantStore", "participant_from_row"]
+__all__ = ["CassandraParticipantStore", "SigningKeyRecord", "participant_from_row"]

@@ -32,7 +32,9 @@ from clearinghouse.domain import (
     ParticipantStatus,
     is_supported_currency,
 )
+from clearinghouse.domain.model import SigningKey
 from clearinghouse.domain.money import AMOUNT_MINOR_LIMIT
+from clearinghouse.domain.signing import PUBLIC_KEY_LEN, key_id_of
 from clearinghouse.domain.validation import PARTICIPANT_ID_LEN_MAX, is_valid_id
 from clearinghouse.switch.ports import ParticipantStore
 from clearinghouse.switch.processor import Clock
@@ -58,6 +60,8 @@ _BANK_CODE: Final = re.compile(r"[A-Z0-9]{2,11}")
 _ENDPOINT: Final = re.compile(
     r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})"
 )
+# Keys a participant may list at once: the current one and those still being rotated out.
+SIGNING_KEYS_MAX: Final = 8
 HOST_CHARS_MAX: Final = 253  # the longest DNS name
 PORT_MAX: Final = 65_535
 
@@ -213,11 +217,15 @@ def _exists(participant_id: str) -> AlreadyExists:
 
 def _normalized(participant: Participant) -> Participant:
     # The wire has no null strings: an empty bank_code or endpoint means "none", and is
-    # stored and compared as None so that an update sending "" is not a change.
+    # stored and compared as None so that an update sending "" is not a change. A
+    # signing key's id is the server's to compute (a given one was checked to match),
+    # and keys are kept in key_id order so that a reordered list is not a change.
+    keys = {key_id_of(k.public_key): k.public_key for k in participant.signing_keys}
     return replace(
         participant,
         bank_code=participant.bank_code or None,
         endpoint=participant.endpoint or None,
+        signing_keys=tuple(SigningKey(kid, pk) for kid, pk in sorted(keys.items())),
     )
 
 
@@ -231,6 +239,7 @@ def _raise_if_invalid(participant: Participant, path: str = "participant") -> No
         *_name_violations(participant.name, f"{path}.name"),
         *_currency_violations(sorted(participant.currencies, key=str), f"{path}.currencies"),
         *_kind_violations(participant, path),
+        *_signing_key_violations(participant.signing_keys, f"{path}.signing_keys"),
         *[
             violation
             for currency, cap in sorted(participant.net_debit_caps.items(), key=_by_currency)
@@ -299,6 +308,23 @@ def _kind_violations(participant: Participant, path: str) -> list[FieldViolation
             if value
         ]
     return [FieldViolation(f"{path}.kind", "must be INSTITUTION or BANK")]
+
+
+def _signing_key_violations(keys: Sequence[SigningKey], path: str) -> list[FieldViolation]:
+    if len(keys) > SIGNING_KEYS_MAX:
+        return [FieldViolation(path, f"must list at most {SIGNING_KEYS_MAX} keys")]
+    violations = []
+    for i, k in enumerate(keys):
+        if len(k.public_key) != PUBLIC_KEY_LEN:
+            rule = f"must be a raw Ed25519 public key of {PUBLIC_KEY_LEN} bytes"
+            violations.append(FieldViolation(f"{path}[{i}].public_key", rule))
+        elif k.key_id and k.key_id != key_id_of(k.public_key):
+            rule = (
+                "must be empty or the first 8 bytes of SHA-256(public_key) in lowercase "
+                f"hex, {key_id_of(k.public_key)!r}"
+            )
+            violations.append(FieldViolation(f"{path}[{i}].key_id", rule))
+    return violations
 
 
 def _bank_code_violations(bank_code: str | None, field: str) -> list[FieldViolation]:

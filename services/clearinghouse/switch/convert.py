@@ -31,6 +31,7 @@ from clearinghouse.domain.errors import (
     VIOLATION_FIELD_BYTES_MAX,
     clipped,
 )
+from clearinghouse.domain.model import SigningKey
 from clearinghouse.switch.records import PaymentRecord
 
 _TYPE_TO_DOMAIN = {
@@ -83,6 +84,8 @@ def order_from_pb(o: payment_pb2.PaymentOrder, path: str = "order") -> PaymentOr
         amount=_money_from_pb(o.amount, f"{path}.amount"),
         memo=o.memo,
         requested_at_us=ts_to_us(o.requested_at),
+        signature=o.signature,
+        signing_key_id=o.signing_key_id,
     )
 
 
@@ -106,6 +109,8 @@ def order_to_pb(o: PaymentOrder) -> payment_pb2.PaymentOrder:
         amount=common_pb2.Money(amount_minor=o.amount.amount_minor, currency=o.amount.currency),
         memo=o.memo,
         requested_at=us_to_ts(o.requested_at_us),
+        signature=o.signature,
+        signing_key_id=o.signing_key_id,
     )
 
 
@@ -155,6 +160,7 @@ def participant_from_pb(p: admin_pb2.Participant) -> Participant:
         net_debit_caps={m.currency: int(m.amount_minor) for m in p.net_debit_caps},
         version=int(p.version),
         payments_per_s_quota=int(p.payments_per_s_quota),
+        signing_keys=tuple(SigningKey(k.key_id, k.public_key) for k in p.signing_keys),
     )
 
 
@@ -173,6 +179,9 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
         ],
         version=p.version,
         payments_per_s_quota=p.payments_per_s_quota,
+        signing_keys=[
+            admin_pb2.SigningKey(key_id=k.key_id, public_key=k.public_key) for k in p.signing_keys
+        ],
     )
 
 

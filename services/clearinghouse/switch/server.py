@@ -285,7 +285,7 @@ def build(cfg: NodeConfig) -> Node:
 
     audit = AuditDomain(
         ledger=ledger, windows=windows, kinds=kinds, cities=list(by_city),
-        city_reader=city_reader,
+        city_reader=city_reader, signing_keys=participants.signing_key_history,
     )  # fmt: skip
     node = Node(
         cfg, server, 0, health_servicer, registry, participants, processor, store, router,
@@ -295,7 +295,9 @@ def build(cfg: NodeConfig) -> Node:
         SettlementServicer(windows, cfg.node_id, wall_clock_us), server
     )
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit, router, ledger), server)
-    payment_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(router, ledger), server)
+    payment_pb2_grpc.add_PaymentServiceServicer_to_server(
+        PaymentServicer(router, ledger, registry), server
+    )
     shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(admin, on_change=node.refresh_registry), server

@@ -37,12 +37,14 @@ from clearinghouse.domain import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     ParticipantKind,
     Unavailable,
     validate_batch_size,
 )
 from clearinghouse.domain.clearing import WindowClearing
 from clearinghouse.domain.errors import ERROR_METADATA_KEY, STATUS_DETAILS_BYTES_MAX, clipped
+from clearinghouse.domain.signing import check_fresh, verify_signed_order
 from clearinghouse.domain.validation import (
     PARTICIPANT_ID_LEN_MAX,
     check_order_shape,
@@ -52,7 +54,7 @@ from clearinghouse.domain.validation import (
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch import convert
-from clearinghouse.switch.processor import wall_clock_us
+from clearinghouse.switch.processor import Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
 
@@ -103,16 +105,41 @@ def _time_left_s(context: grpc.ServicerContext) -> float:
 
 
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
-    """Participants' RPCs: each payment goes to its shard's owner through the router."""
+    """Participants' RPCs: each payment goes to its shard's owner through the router.
 
-    def __init__(self, router: Router, ledger: CassandraLedger) -> None:
+    The receiving node refuses, before routing and so before anything is written, an
+    order that could never be accepted: a malformed one, one whose signature does not
+    verify with its institution's registered keys (in ``registry``), and one outside the
+    freshness window (:mod:`clearinghouse.domain.signing`).
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        ledger: CassandraLedger,
+        registry: Registry,
+        clock: Callable[[], int] = wall_clock_us,
+    ) -> None:
         self.router = router
         self.ledger = ledger
+        self.registry = registry
+        self.clock = clock
+
+    def _admit(self, order_pb: Any, path: str, now_us: int) -> None:
+        """Raise the ClearingError that refuses ``order_pb`` here; return if it may be routed."""
+        order = convert.order_from_pb(order_pb, path)
+        check_order_shape(order, now_us=now_us, path=path)
+        institution = self.registry.snapshot().get(order.institution_id)
+        if institution is None:
+            raise NotFound(
+                f"{path}.institution_id: participant {order.institution_id!r} does not exist"
+            )
+        verify_signed_order(order, institution.signing_key_map())
+        check_fresh(order, now_us)
 
     def SubmitPayment(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            # An order that could never be accepted is refused here, not routed.
-            check_order_shape(convert.order_from_pb(request.order), now_us=wall_clock_us())
+            self._admit(request.order, "order", self.clock())
             (r,) = self.router.submit([request.order], ["order"], _time_left_s(context))
         if r.HasField("error"):
             abort_with(context, r.error)
@@ -126,10 +153,10 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             telemetry.metrics.batch_size(len(orders))
             paths = [f"orders[{i}]" for i in range(len(orders))]
             results: list[Any] = [None] * len(orders)
-            now = wall_clock_us()
+            now = self.clock()
             for i, (o, path) in enumerate(zip(orders, paths, strict=True)):
                 try:
-                    check_order_shape(convert.order_from_pb(o, path), now_us=now, path=path)
+                    self._admit(o, path, now)
                 except ClearingError as e:
                     results[i] = payment_pb2.PaymentResult(
                         payment_id=o.payment_id, error=convert.error_to_pb(e)

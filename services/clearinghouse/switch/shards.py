@@ -345,7 +345,11 @@ class ShardedStore:
     def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
         if e.kind == KIND_INTENT:
             intent = Intent.decode(e.body)
-            order = order_from_canonical_bytes(intent.order_bytes)
+            order = replace(
+                order_from_canonical_bytes(intent.order_bytes),
+                signature=intent.signature,
+                signing_key_id=intent.signing_key_id,
+            )
             rec = replace(_intent_record(order, intent, st.shard, e.seq), owner_epoch=st.epoch)
             st.payments[e.payment_key] = _Payment(rec)
             st.apply_intent(rec)
@@ -810,7 +814,7 @@ def read_chain(
 def _intent_of(rec: PaymentRecord) -> Intent:
     return Intent(
         canonical_bytes(rec.order), rec.fingerprint, rec.bank_id, rec.received_zone,
-        rec.received_at_us, rec.switch_ref,
+        rec.received_at_us, rec.switch_ref, rec.order.signing_key_id, rec.order.signature,
     )  # fmt: skip
 
 
