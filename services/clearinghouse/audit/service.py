@@ -9,6 +9,7 @@ coordinators are that city's nodes).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import threading
@@ -60,10 +61,14 @@ class Proof:
 
 @dataclass(frozen=True, slots=True)
 class CityView:
+    """One city's replica of a window. ``rows`` holds (shard, seq, row digest, stored
+    entry hash): the digest covers every column, so a row whose body changed while its
+    stored hash did not still differs."""
+
     city: str
     merkle_root: bytes
     entry_count: int
-    rows: frozenset[tuple[int, int, bytes]] = field(default_factory=frozenset)
+    rows: frozenset[tuple[int, int, bytes, bytes]] = field(default_factory=frozenset)
     error: str = ""
 
 
@@ -220,27 +225,7 @@ class AuditDomain:
         finally:
             for _, _, close in opened.values():
                 close()
-        votes: dict[tuple[int, int], Counter[bytes]] = {}
-        for v in views:
-            for s, q, h in v.rows:
-                votes.setdefault((s, q), Counter())[h] += 1
-        readable = sum(1 for v in views if not v.error)
-        expected = {
-            key: c.most_common(1)[0][0]
-            for key, c in votes.items()
-            if c.most_common(1)[0][1] * 2 > readable
-        }
-        out = []
-        for v in views:
-            held = {(s, q): h for s, q, h in v.rows}
-            diff = [] if v.error else sorted(
-                [f"shard {s} seq {q}: missing" for (s, q) in expected.keys() - held.keys()]
-                + [f"shard {s} seq {q}: differs ({held[(s, q)].hex()[:16]})"
-                   for (s, q), h in expected.items() if (s, q) in held and held[(s, q)] != h]
-            )  # fmt: skip
-            out.append((v, diff))
-        agree = all(not v.error and not d for v, d in out)
-        return CityComparison(out, agree=agree)
+        return compare_views(views)
 
     def _city_view(
         self, city: str, ledger: Any, positions: Mapping[tuple[int, int], int]
@@ -253,7 +238,7 @@ class AuditDomain:
             for (shard, epoch, block), seqs in sorted(ranges.items()):
                 held += ledger.rows(shard, epoch, block, min(seqs), max(seqs))
             held = [h for h in held if (h.shard, h.seq) in positions]
-            rows = frozenset((h.shard, h.seq, h.entry_hash) for h in held)
+            rows = frozenset((h.shard, h.seq, row_digest(h), h.entry_hash) for h in held)
             return CityView(city, merkle_root(window_leaves(held)), len(held), rows)
         except Exception as e:  # noqa: BLE001 (a replica that is down is reported)
             return CityView(city, b"", 0, error=f"{type(e).__name__}: {e}")
@@ -275,6 +260,50 @@ class AuditDomain:
                     yield rel, chunk  # an empty file too: it is part of the export
                     while chunk := f.read(EXPORT_CHUNK_BYTES):
                         yield rel, chunk
+
+
+def row_digest(e: LedgerEntry) -> bytes:
+    """SHA-256 over every column of a ledger row, length-prefixed: two cities' rows are
+    the same row only if all of it is the same (not just the hash it claims)."""
+    h = hashlib.sha256()
+    for part in (
+        str(e.shard).encode(), str(e.epoch).encode(), str(e.seq).encode(), e.kind.encode(),
+        e.payment_key.encode(), e.body, e.prev_hash, e.entry_hash,
+    ):  # fmt: skip
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def compare_views(views: list[CityView]) -> CityComparison:
+    """Name, per city, every row it lacks or holds differently from the majority of the
+    readable cities. Where no version of a row has a majority (two readable cities that
+    disagree), every readable city is named for it, marked "no majority"."""
+    votes: dict[tuple[int, int], Counter[bytes]] = {}
+    for v in views:
+        for s, q, digest, _ in v.rows:
+            votes.setdefault((s, q), Counter())[digest] += 1
+    readable = sum(1 for v in views if not v.error)
+    expected = {
+        key: c.most_common(1)[0][0]
+        for key, c in votes.items()
+        if c.most_common(1)[0][1] * 2 > readable
+    }
+    undecided = votes.keys() - expected.keys()
+    out = []
+    for v in views:
+        held = {(s, q): (digest, stored) for s, q, digest, stored in v.rows}
+        diff = [] if v.error else sorted(
+            [f"shard {s} seq {q}: missing" for (s, q) in expected.keys() - held.keys()]
+            + [f"shard {s} seq {q}: differs ({held[(s, q)][1].hex()[:16]})"
+               for (s, q), d in expected.items() if (s, q) in held and held[(s, q)][0] != d]
+            + [f"shard {s} seq {q}: no majority ("
+               + (f"{held[(s, q)][1].hex()[:16]})" if (s, q) in held else "missing)")
+               for (s, q) in undecided]
+        )  # fmt: skip
+        out.append((v, diff))
+    agree = all(not v.error and not d for v, d in out)
+    return CityComparison(out, agree=agree)
 
 
 def _flatten(data: WindowData) -> list[LedgerEntry]:
