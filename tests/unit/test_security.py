@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from clearing.v1 import (
@@ -26,10 +29,14 @@ from clearing.v1 import (
 )
 from clearinghouse.client import error_details
 from clearinghouse.domain.errors import ResourceExhausted
+from clearinghouse.domain.signing import key_id_of, public_key_bytes, verify_signed_order
+from clearinghouse.security import cli as pki_cli
 from clearinghouse.security import pki
 from clearinghouse.security.authz import BANK_POLICY, SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.security.ratelimit import RateLimiter
+from clearinghouse.signing_keys import SigningKeyStore
+from clearinghouse.switch.convert import order_from_pb
 
 pytestmark = pytest.mark.unit
 
@@ -348,3 +355,25 @@ def test_the_bucket_refills_at_the_quota_and_advises_when() -> None:
     unlimited = RateLimiter(lambda _k: 0, clock=lambda: now[0])
     for _ in range(10_000):
         unlimited.take("c")
+
+
+def test_sign_order_prints_a_request_that_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLEARING_PKI_DIR", str(tmp_path))
+    key = SigningKeyStore(tmp_path).get_or_create("INST_ALIPAY")
+    order = {
+        "payment_id": "p-1", "institution_id": "INST_ALIPAY", "type": "PAYMENT_TYPE_DEBIT",
+        "payer_id": "BANK_ICBC", "payee_id": "INST_ALIPAY", "bank_account": "62220200",
+        "amount": {"amount_minor": 12345, "currency": "CNY"}, "memo": "top-up",
+        "requested_at": "2026-11-25T04:20:00Z",
+    }  # fmt: skip
+    args = argparse.Namespace(dir=tmp_path, cmd="sign-order", order_json=json.dumps(order))
+    assert pki_cli.run(args) == 0
+    request = json_format.Parse(capsys.readouterr().out, payment_pb2.SubmitPaymentRequest())
+    pk = public_key_bytes(key)
+    verify_signed_order(order_from_pb(request.order), {key_id_of(pk): pk})
+    # A key that is not the institution's is not found: nothing is printed to sign with.
+    order["institution_id"] = "INST_OTHER"
+    args.order_json = json.dumps(order)
+    assert pki_cli.run(args) == 1

@@ -5,6 +5,7 @@
     clearingctl pki issue bank BANK_X --ip 10.0.0.7 --dns bank-x.example
     clearingctl pki issue auditor kpmg --out ./kpmg-certs
     clearingctl pki list
+    clearingctl pki sign-order '{"payment_id": ..., "institution_id": "INST_ALIPAY", ...}'
 
 ``issue`` writes ``cert.pem`` and ``key.pem`` (0600) in the identity's folder under the
 CA folder, and with ``--out`` also copies them and ``ca.pem`` there, to hand over.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,12 @@ def add_parser(sub: Any) -> None:
     iss.add_argument("--dns", action="append", default=[], help="server name (repeatable)")
     iss.add_argument("--out", type=Path, default=None, help="also copy the PEM files here")
     ps.add_parser("list", help="every identity issued, with its expiry")
+    so = ps.add_parser(
+        "sign-order",
+        help="sign a PaymentOrder (proto JSON) with its institution's key; prints a "
+        "SubmitPaymentRequest for grpcurl -d",
+    )
+    so.add_argument("order_json", help="the order as proto JSON; '-' reads standard input")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +61,28 @@ def run(args: argparse.Namespace) -> int:
             shutil.copy2(ca.ca_cert_path, args.out / "ca.pem")
             print(f"copied cert.pem, key.pem and ca.pem to {args.out}")
         return 0
+    if args.cmd == "sign-order":
+        return _sign_order(args.order_json)
     for ident, expires in ca.identities():
         print(f"{ident.common_name:<40} expires {expires:%Y-%m-%d}")
+    return 0
+
+
+def _sign_order(text: str) -> int:
+    """Sign with the key in ``<pki>/<institution>/signing-key.pem`` (what the demo made)."""
+    from google.protobuf import json_format  # noqa: PLC0415 (only this command needs it)
+
+    from clearing.v1 import payment_pb2  # noqa: PLC0415
+    from clearinghouse.order_signing import sign_order_pb  # noqa: PLC0415
+    from clearinghouse.signing_keys import default_store  # noqa: PLC0415
+
+    raw = sys.stdin.read() if text == "-" else text
+    order = json_format.Parse(raw, payment_pb2.PaymentOrder())
+    key = default_store().existing(order.institution_id)
+    if key is None:
+        print(f"no signing key for {order.institution_id!r} in the key store", file=sys.stderr)
+        return 1
+    sign_order_pb(order, key)
+    request = payment_pb2.SubmitPaymentRequest(order=order)
+    print(json_format.MessageToJson(request, indent=None))
     return 0
