@@ -80,6 +80,17 @@ def institution(participant_id: str) -> Identity:
     return Identity(Role.INSTITUTION, participant_id)
 
 
+def _signing(channel: grpc.Channel, identity: Identity) -> grpc.Channel:
+    """``channel`` signing the orders of ``identity`` (an institution) with its key from
+    the key store (order_signing.py); an order naming anyone else is sent as it is."""
+    store = default_store()
+
+    def key_of(participant_id: str) -> Any:
+        return store.existing(participant_id) if participant_id == identity.name else None
+
+    return signing_channel(channel, key_of)
+
+
 class _ActingPayments:
     """PaymentService calls, each made as the institution its request names."""
 
@@ -140,7 +151,7 @@ class SwitchClient:
         opts = tuple(options)
         channel = creds.channel(target, ident, opts)
         if ident.role is Role.INSTITUTION:
-            channel = signing_channel(channel, default_store().existing)
+            channel = _signing(channel, ident)
         client = cls(
             zone, target, creds, ident, channel, admin_pb2_grpc.AdminServiceStub(channel), opts
         )
@@ -153,8 +164,7 @@ class SwitchClient:
             if ch is None:
                 ch = self.credentials.channel(self.target, identity, self.options)
                 if identity.role is Role.INSTITUTION:
-                    # Orders are signed with the institution's key (order_signing.py).
-                    ch = signing_channel(ch, default_store().existing)
+                    ch = _signing(ch, identity)
                 self._channels[identity] = ch
             return ch
 

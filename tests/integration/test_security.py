@@ -113,7 +113,7 @@ def test_a_live_node_refuses_plaintext_no_certificate_and_a_foreign_ca(
 def test_each_identity_may_do_only_its_own_part(switch_env: SwitchEnv) -> None:
     env = switch_env
     alipay_channel = _channel_as(env, Identity(Role.INSTITUTION, "INST_ALIPAY"))
-    alipay = payment_pb2_grpc.PaymentServiceStub(alipay_channel)
+    alipay = env.clients[ZONE].payments_as("INST_ALIPAY")  # signs INST_ALIPAY's orders
     bank_channel = _channel_as(env, Identity(Role.BANK, "BANK_ICBC"))
     auditor_channel = _channel_as(env, pki.auditor())
     victim = env.order(institution_id="INST_WECHAT", payee_id="INST_WECHAT")
