@@ -181,6 +181,14 @@ def test_list_payments_pages_in_time_order(env: SwitchEnv) -> None:
         if not token:
             break
     assert seen == ids
+    # No end_time means "until now" (not the epoch): the same payments.
+    r = env.clients["shenzhen-a"].payments.ListPayments(
+        payment_pb2.ListPaymentsRequest(
+            institution_id=inst, start_time=us_to_ts(start), page_size=100
+        ),
+        timeout=10,
+    )
+    assert [p.order.payment_id for p in r.payments] == ids
 
 
 def test_a_bank_that_answers_too_late_is_resolved_by_inquiry(env: SwitchEnv) -> None:

@@ -510,7 +510,8 @@ def _list_payments(
     refs, token = ledger.list_index(
         participant_id,
         convert.ts_to_us(request.start_time),
-        convert.ts_to_us(request.end_time),
+        # Unset means now (payment.proto), not the epoch.
+        convert.ts_to_us(request.end_time) if request.HasField("end_time") else wall_clock_us(),
         size,
         request.page_token,
     )
