@@ -323,6 +323,12 @@ def test_every_method_a_node_serves_has_a_rule_and_no_rule_is_stale() -> None:
         ("Submit", "Register", "Update", "Suspend", "Resume", "Set", "Close", "Confirm", "Lend")
     )]  # fmt: skip
     assert writes and all(Role.AUDITOR not in SWITCH_POLICY[m].roles for m in writes)
+    # Whole-ledger audit reads spend more of the quota than a lookup.
+    audit = "/clearing.v1.AuditService/"
+    for name in ("VerifyChains", "CompareCities", "ExportWindow"):
+        cost = SWITCH_POLICY[audit + name].cost
+        assert cost is not None and cost(audit_pb2.VerifyChainsRequest()) >= 10, name
+    assert SWITCH_POLICY[audit + "GetWindow"].cost is None
     assert {m.split("/")[1] for m in BANK_POLICY} >= {"clearing.v1.BankService"}
     assert all(r.roles == {Role.NODE} for m, r in BANK_POLICY.items() if "BankService" in m)
 

@@ -84,6 +84,14 @@ def _own_participant_or_staff(caller: Identity, request: Any) -> str | None:
     return None if pid == caller.name else f"the request is for participant {pid!r}"
 
 
+# Quota units a whole-ledger audit read costs (a staff quota of 200/s: 4 such reads/s).
+EXPENSIVE_READ_COST: Final = 50
+
+
+def _expensive(_request: Any) -> int:
+    return EXPENSIVE_READ_COST
+
+
 def _batch_cost(request: Any) -> int:
     return max(1, len(request.orders))
 
@@ -135,11 +143,14 @@ SWITCH_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
                         "GetPaymentHistory",
                         "ListWindows",
                         "GetWindow",
-                        "VerifyChains",
                         "GetInclusionProof",
-                        "CompareCities",
-                        "ExportWindow",
                     )
+                },
+                # Whole-ledger reads (every chain; each city's replica; a window's files)
+                # cost a node far more than a lookup: they spend more of the quota.
+                **{
+                    name: Rule(STAFF, cost=_expensive)
+                    for name in ("VerifyChains", "CompareCities", "ExportWindow")
                 },
                 # A bank or an institution may list the payments it is party to.
                 "ListParticipantPayments": Rule(
