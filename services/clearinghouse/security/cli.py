@@ -62,23 +62,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"copied cert.pem, key.pem and ca.pem to {args.out}")
         return 0
     if args.cmd == "sign-order":
-        return _sign_order(args.order_json)
+        return _sign_order(args.order_json, ca.directory)
     for ident, expires in ca.identities():
         print(f"{ident.common_name:<40} expires {expires:%Y-%m-%d}")
     return 0
 
 
-def _sign_order(text: str) -> int:
+def _sign_order(text: str, directory: Path) -> int:
     """Sign with the key in ``<pki>/<institution>/signing-key.pem`` (what the demo made)."""
     from google.protobuf import json_format  # noqa: PLC0415 (only this command needs it)
 
     from clearing.v1 import payment_pb2  # noqa: PLC0415
     from clearinghouse.order_signing import sign_order_pb  # noqa: PLC0415
-    from clearinghouse.signing_keys import default_store  # noqa: PLC0415
+    from clearinghouse.signing_keys import SigningKeyStore  # noqa: PLC0415
 
     raw = sys.stdin.read() if text == "-" else text
     order = json_format.Parse(raw, payment_pb2.PaymentOrder())
-    key = default_store().existing(order.institution_id)
+    key = SigningKeyStore(directory).existing(order.institution_id)
     if key is None:
         print(f"no signing key for {order.institution_id!r} in the key store", file=sys.stderr)
         return 1

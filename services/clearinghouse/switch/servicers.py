@@ -51,7 +51,7 @@ from clearinghouse.domain.validation import (
     is_valid_id,
     timestamp_violations,
 )
-from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch import convert
 from clearinghouse.switch.processor import Registry, wall_clock_us
@@ -507,11 +507,17 @@ def _list_payments(
     if times:
         raise InvalidArgument(times)
     size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
+    # Unset end: now; unset start: the longest span before the end (payment.proto).
+    end_us = convert.ts_to_us(request.end_time) if request.HasField("end_time") else wall_clock_us()
+    start_us = (
+        convert.ts_to_us(request.start_time)
+        if request.HasField("start_time")
+        else end_us - LIST_DAYS_MAX * DAY_US
+    )
     refs, token = ledger.list_index(
         participant_id,
-        convert.ts_to_us(request.start_time),
-        # Unset means now (payment.proto), not the epoch.
-        convert.ts_to_us(request.end_time) if request.HasField("end_time") else wall_clock_us(),
+        start_us,
+        end_us,
         size,
         request.page_token,
     )
