@@ -22,13 +22,13 @@ measured and traced with its INVALID_ARGUMENT.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 
 from clearing.v1 import common_pb2
+from clearinghouse._interceptor import Handler, WrappingServerInterceptor
 from clearinghouse.domain.errors import (
     ERROR_METADATA_KEY,
     FieldViolation,
@@ -38,13 +38,6 @@ from clearinghouse.domain.errors import (
 
 log = logging.getLogger(__name__)
 
-# grpc's stubs make these generic; at run time they are plain classes.
-if TYPE_CHECKING:
-    _ServerInterceptorBase = grpc.ServerInterceptor[Any, Any]
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    _ServerInterceptorBase = grpc.ServerInterceptor
-    Handler = grpc.RpcMethodHandler
 
 # The field path of a violation that concerns the request as a whole.
 REQUEST_ROOT: Final = ""
@@ -95,33 +88,11 @@ def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class RequestGuardInterceptor(_ServerInterceptorBase):
+class RequestGuardInterceptor(WrappingServerInterceptor):
     """Undecodable request bytes become INVALID_ARGUMENT (MALFORMED_REQUEST)."""
 
-    def __init__(self) -> None:
-        # method -> (the handler we wrapped, our wrapper): handlers are stable objects,
-        # and an interceptor outside this one may cache by the identity of ours.
-        self._cache: dict[str, tuple[Handler, Handler]] = {}
-        self._lock = threading.Lock()
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode("utf-8", "replace")
-        with self._lock:
-            cached = self._cache.get(method)
-            if cached is not None and cached[0] is handler:
-                return cached[1]
-            wrapped = _wrap(method, handler)
-            self._cache[method] = (handler, wrapped)
-            return wrapped
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        return _wrap(method, handler)
 
 
 def _refuse(method: str, bad: _Malformed, context: grpc.ServicerContext) -> NoReturn:

@@ -18,12 +18,13 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 
 from clearing.v1 import common_pb2
 from clearinghouse import telemetry
+from clearinghouse._interceptor import Handler, WrappingServerInterceptor
 from clearinghouse.domain.errors import (
     ERROR_METADATA_KEY,
     ClearingError,
@@ -39,13 +40,6 @@ log = logging.getLogger(__name__)
 
 NOT_AUTHORIZED: Final = "NOT_AUTHORIZED"
 
-# grpc's stubs make these generic; at run time they are plain classes.
-if TYPE_CHECKING:
-    _ServerInterceptorBase = grpc.ServerInterceptor[Any, Any]
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    _ServerInterceptorBase = grpc.ServerInterceptor
-    Handler = grpc.RpcMethodHandler
 T = TypeVar("T")
 # (caller, request) -> None if allowed, else why not (for the error message).
 RequestCheck = Callable[[Identity, Any], str | None]
@@ -197,7 +191,7 @@ def _abort(context: grpc.ServicerContext, err: ClearingError) -> None:
     context.abort(status_for(err), f"{err.reason}: {err}")
 
 
-class SecurityInterceptor(_ServerInterceptorBase):
+class SecurityInterceptor(WrappingServerInterceptor):
     """Identity from the client certificate, then the policy, then the caller's quota."""
 
     def __init__(
@@ -210,25 +204,7 @@ class SecurityInterceptor(_ServerInterceptorBase):
         self.policy = policy
         self.limiter = limiter
         self.unlimited = frozenset(unlimited_roles)
-        self._cache: dict[str, tuple[Handler, Handler]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode("utf-8", "replace")
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        super().__init__()
 
     # -- the decision ------------------------------------------------------------------
 

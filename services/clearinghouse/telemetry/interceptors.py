@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from clearinghouse._interceptor import WrappingServerInterceptor
 from clearinghouse.telemetry.instruments import RpcInstruments
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,12 @@ T = TypeVar("T")
 
 # grpc's stubs make these generic; at run time they are plain classes.
 if TYPE_CHECKING:
-    _ServerInterceptorBase = grpc.ServerInterceptor[Any, Any]
     _UnaryUnary = grpc.UnaryUnaryClientInterceptor[Any, Any]
     _UnaryStream = grpc.UnaryStreamClientInterceptor[Any, Any]
     _StreamUnary = grpc.StreamUnaryClientInterceptor[Any, Any]
     _StreamStream = grpc.StreamStreamClientInterceptor[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
 else:
-    _ServerInterceptorBase = grpc.ServerInterceptor
     _UnaryUnary = grpc.UnaryUnaryClientInterceptor
     _UnaryStream = grpc.UnaryStreamClientInterceptor
     _StreamUnary = grpc.StreamUnaryClientInterceptor
@@ -153,7 +152,7 @@ class _Method:
             span.end()
 
 
-class ServerInterceptor(_ServerInterceptorBase):
+class ServerInterceptor(WrappingServerInterceptor):
     """Pass to ``grpc.server(..., interceptors=[...])``."""
 
     def __init__(
@@ -165,26 +164,7 @@ class ServerInterceptor(_ServerInterceptorBase):
         self._tracer = tracer
         self._instruments = instruments
         self._untraced = tuple(untraced_prefixes)
-        # method -> (the handler we wrapped, our wrapper); handlers are stable objects.
-        self._cache: dict[str, tuple[Handler, Handler]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode("utf-8", "replace")
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        super().__init__()
 
     # -- wrapping ----------------------------------------------------------------------
 
