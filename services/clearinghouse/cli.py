@@ -24,6 +24,7 @@ from clearinghouse.console import server as console_server
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import ProcessError
+from clearinghouse.security.pki import PkiError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from clearinghouse.security import cli as pki_cli  # noqa: PLC0415
 
             return pki_cli.run(args)
-    except (ClusterError, ProcessError, FileNotFoundError, KeyError) as e:
+    except (ClusterError, ProcessError, FileNotFoundError, KeyError, PkiError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_USAGE

@@ -11,9 +11,13 @@ identity it acts as:
   real participant's client holds only its own certificate, and ``payments_as`` is what
   it uses.
 
+Every channel also names the server it means: a switch node's certificate,
+``node:<zone>`` of the zone dialled (:func:`pki.expect_server`), so a bank's or a
+participant's certificate on that address is refused during the handshake.
+
 Certificates come from the local CA (:mod:`clearinghouse.security.pki`); with the CA's key
-at hand (the local cluster), a missing one is issued on first use. Every call carries a
-deadline.
+at hand (the local cluster), a missing or outdated one is issued on first use. Every call
+carries a deadline.
 """
 
 from __future__ import annotations
@@ -51,16 +55,23 @@ class Credentials:
         with self._lock:
             pair = self._cache.get(identity)
             if pair is None:
-                if self.issue and not self.ca.has(identity):
-                    self.ca.issue(identity)
+                if self.issue:
+                    self.ca.ensure(identity)  # issues a missing or outdated certificate
                 pair = self.ca.load(identity)
                 self._cache[identity] = pair
             return pair
 
     def channel(
-        self, target: str, identity: Identity, options: Iterable[tuple[str, Any]] = ()
+        self,
+        target: str,
+        identity: Identity,
+        options: Iterable[tuple[str, Any]] = (),
+        *,
+        server: Identity,
     ) -> grpc.Channel:
-        return pki.secure_channel(target, self.keys(identity), list(options))
+        """A channel to ``target`` as ``identity`` that accepts only ``server``'s
+        certificate (for a switch node: ``pki.node(<zone>)``)."""
+        return pki.secure_channel(target, self.keys(identity), list(options), server=server)
 
 
 _DEFAULT_CREDENTIALS: Credentials | None = None
@@ -149,7 +160,7 @@ class SwitchClient:
         ident = identity or pki.operator()
         target = f"{z.address}:{z.ports.switch}"
         opts = tuple(options)
-        channel = creds.channel(target, ident, opts)
+        channel = creds.channel(target, ident, opts, server=pki.node(z.name))
         if ident.role is Role.INSTITUTION:
             channel = _signing(channel, ident)
         client = cls(
@@ -162,7 +173,9 @@ class SwitchClient:
         with self._lock:
             ch = self._channels.get(identity)
             if ch is None:
-                ch = self.credentials.channel(self.target, identity, self.options)
+                ch = self.credentials.channel(
+                    self.target, identity, self.options, server=pki.node(self.zone)
+                )
                 if identity.role is Role.INSTITUTION:
                     ch = _signing(ch, identity)
                 self._channels[identity] = ch

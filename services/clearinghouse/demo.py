@@ -65,14 +65,18 @@ def start_banks(lc: LocalCluster, parts: dict[str, Any], progress: Progress) -> 
     ca = pki.LocalCA(lc.pki_dir)
     for b in parts["banks"]:
         m = bank_managed(lc, b["participant_id"])
+        # The bank's server certificate, for the address the switch will call, naming
+        # the bank (the switch accepts nothing else there).
+        ident = Identity(Role.BANK, b["participant_id"])
+        before = _cert_bytes(ca, ident)
+        ca.ensure(ident, ips=[b["listen"].rpartition(":")[0]], dns=pki.LOOPBACK_DNS)
         if procs.state(m).alive:
-            continue
-        # The bank's server certificate, for the address the switch will call.
-        ca.ensure(
-            Identity(Role.BANK, b["participant_id"]),
-            ips=[b["listen"].rpartition(":")[0]],
-            dns=pki.LOOPBACK_DNS,
-        )
+            if before == _cert_bytes(ca, ident):
+                continue
+            # Re-issued (e.g. a certificate from before identity names): the running
+            # simulator still presents the old one, which the switch refuses.
+            progress(f"restarting bank {b['participant_id']}: its certificate was re-issued")
+            procs.stop(m)
         procs.spawn(m, [
             sys.executable, "-m", "clearinghouse.bank", "--bank-id", b["participant_id"],
             "--pki-dir", str(lc.pki_dir),
@@ -94,6 +98,11 @@ def start_banks(lc: LocalCluster, parts: dict[str, Any], progress: Progress) -> 
             procs=[m],
             progress=progress,
         )
+
+
+def _cert_bytes(ca: pki.LocalCA, ident: Identity) -> bytes | None:
+    path = ca.folder(ident) / "cert.pem"
+    return path.read_bytes() if path.is_file() else None
 
 
 def register_participants(

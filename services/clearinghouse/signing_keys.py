@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from clearinghouse.domain.signing import public_key_bytes
 from clearinghouse.localcluster.paths import repo_root
+from clearinghouse.security.pki import participant_folder_conflict
 
 KEY_FILE: Final = "signing-key.pem"
 DIR_MODE: Final = 0o700
@@ -52,8 +53,13 @@ class SigningKeyStore:
         self._lock = threading.Lock()
 
     def path(self, participant_id: str) -> Path:
+        """``<directory>/<participant_id>/signing-key.pem``; ValueError for an id that
+        cannot name a folder or whose folder is another's (the CA's, a node's, ...)."""
         if not _SAFE_ID.fullmatch(participant_id):
             raise ValueError(f"participant id {participant_id!r} cannot name a key directory")
+        taken = participant_folder_conflict(participant_id)
+        if taken is not None:
+            raise ValueError(f"no signing key for {participant_id!r} here: {taken}")
         return self.directory / participant_id / KEY_FILE
 
     def _load(self, participant_id: str) -> Ed25519PrivateKey | None:
@@ -72,6 +78,8 @@ class SigningKeyStore:
         key = self._keys.get(participant_id)
         if key is not None or not _SAFE_ID.fullmatch(participant_id):
             return key
+        if participant_folder_conflict(participant_id) is not None:
+            return None
         loaded = self._load(participant_id)
         if loaded is None:
             return None

@@ -173,9 +173,16 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> floa
     return time.monotonic() - start
 
 
+ZONES = {n.node_id: n.zone for n in (BJ, SH, SZ, SZ_B)}
+
+
 def _routes_like(agent: OwnershipAgent, owners: dict[int, tuple[str, int]]) -> bool:
     found = [agent.owner_of(s) for s in range(SHARD_COUNT)]
-    return all(o is not None and (o.node_id, o.epoch) == owners[s] for s, o in enumerate(found))
+    # The zone as well: the node-to-node hop accepts only the certificate node:<zone>.
+    return all(
+        o is not None and (o.node_id, o.epoch, o.zone) == (*owners[s], ZONES[o.node_id])
+        for s, o in enumerate(found)
+    )
 
 
 def _settled(c: Cluster, nodes: list[NodeInfo]) -> bool:

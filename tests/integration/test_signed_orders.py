@@ -18,6 +18,7 @@ from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.entries import Intent
 from clearinghouse.domain.signing import ORDER_MAX_AGE_S, key_id_of, public_key_bytes
 from clearinghouse.order_signing import sign_order_pb
+from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.signing_keys import default_store
 from clearinghouse.switch.convert import us_to_ts
@@ -147,7 +148,8 @@ def test_an_unsigned_order_is_refused_and_each_batch_item_on_its_own(env: Switch
     z = env.lc.topo.zone("beijing-b")
     alipay = Identity(Role.INSTITUTION, "INST_ALIPAY")
     # The institution's own TLS identity, but no signing interceptor.
-    with local_credentials().channel(f"{z.address}:{z.ports.switch}", alipay) as raw:
+    target = f"{z.address}:{z.ports.switch}"
+    with local_credentials().channel(target, alipay, server=pki.node(z.name)) as raw:
         stub = payment_pb2_grpc.PaymentServiceStub(raw)
         o = env.order()
         with pytest.raises(grpc.RpcError) as ei:

@@ -379,8 +379,6 @@ def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(
 ) -> None:
     monkeypatch.setenv("CLEARING_PKI_DIR", str(test_ca.directory))
     test_ca.ensure(pki.operator())
-    test_ca.ensure(pki.node("beijing-a"), ips=["127.0.0.1"])
-    server_keys = test_ca.load(pki.node("beijing-a"))
     hang = threading.Event()
     servers, ports = [], {}
     for zone, servicer in (
@@ -390,6 +388,9 @@ def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(
     ):
         srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, srv)
+        # Each zone's node with its own certificate: the operator accepts only node:<zone>.
+        test_ca.ensure(pki.node(zone), ips=["127.0.0.1"])
+        server_keys = test_ca.load(pki.node(zone))
         ports[zone] = srv.add_secure_port("127.0.0.1:0", pki.server_credentials(server_keys))
         srv.start()
         servers.append(srv)

@@ -233,7 +233,7 @@ class AllMine:
     """The ownership map of a node that owns every shard."""
 
     def owner_of(self, shard: int) -> OwnerRef:
-        return OwnerRef(NODE, "unused:0")
+        return OwnerRef(NODE, "unused:0", ZONE)
 
 
 def _participant(pid: str, kind: ParticipantKind) -> Participant:

@@ -167,6 +167,19 @@ def test_view_keeps_since_across_a_resync_but_not_across_a_new_lease() -> None:
     assert v.address(A.node_id) == "x:1"
 
 
+def test_view_names_the_zone_a_node_registered() -> None:
+    """The router expects the certificate ``node:<zone>`` of a shard's owner: the zone
+    comes from the owner's registration, whatever its node id."""
+    other = NodeInfo("node-7", "shanghai-b", "shanghai")
+    v = View()
+    v.load(10, [member_rec(A, 0xA), member_rec(other, 0xB)], now=1.0)
+    assert (v.zone(A.node_id), v.zone("node-7"), v.zone("unknown")) == (
+        "beijing-a",
+        "shanghai-b",
+        None,
+    )
+
+
 def test_view_applies_claims_deletes_and_ignores_junk_and_the_past() -> None:
     v = View()
     v.load(10, [rec(shard_key("/clearing/", 7), b"beijing-a", 9, 0xA)], now=0.0)

@@ -106,7 +106,7 @@ def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
     # Auditors read as the auditor; closing and settling windows is the operator's.
     identity = pki.operator() if group == "window" else pki.auditor()
     target = f"{zone.address}:{zone.ports.switch}"
-    with local_credentials().channel(target, identity) as channel:
+    with local_credentials().channel(target, identity, server=pki.node(zone.name)) as channel:
         try:
             if group == "window":
                 return _window(settlement_pb2_grpc.SettlementServiceStub(channel), args)

@@ -74,7 +74,7 @@ def describe_all(topo: Topology, pool: ThreadPoolExecutor) -> ShardMap:
     """shard -> (zone, epoch) as every switch node that answers says (asked at once)."""
 
     def one(zone: str, target: str) -> list[tuple[int, str, int]]:
-        with local_credentials().channel(target, pki.operator()) as ch:
+        with local_credentials().channel(target, pki.operator(), server=pki.node(zone)) as ch:
             try:
                 d = shard_pb2_grpc.ShardServiceStub(ch).Describe(
                     shard_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S

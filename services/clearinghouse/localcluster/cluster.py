@@ -166,29 +166,36 @@ class LocalCluster:
     def pki_dir(self) -> Path:
         return pki.default_directory()
 
-    def ensure_pki(self) -> None:
+    def ensure_pki(self) -> set[str]:
         """The local CA and the certificates the cluster's own processes need: each
-        zone's node (a server for its address), the operator and the auditor."""
+        zone's node (a server for its address), the operator and the auditor. Returns
+        the zones whose existing node certificate was re-issued."""
         ca = pki.LocalCA(self.pki_dir)
         if ca.init():
             self.progress(f"created the local certificate authority in {self.pki_dir}")
         issued = []
+        renewed = set()
         for z in self.topo.zones:
             ident = pki.node(z.name)
-            had = ca.has(ident)
+            cert = ca.folder(ident) / "cert.pem"
+            before = cert.read_bytes() if ca.has(ident) else None
             ca.ensure(ident, ips=[z.address], dns=pki.LOOPBACK_DNS)
-            if not had:
+            if before is None:
                 issued.append(ident)
+            elif before != cert.read_bytes():
+                renewed.add(z.name)
         for ident in (pki.operator(), pki.auditor()):
-            if not ca.has(ident):
-                ca.issue(ident)
+            had = ca.has(ident)
+            ca.ensure(ident)  # also re-issues a certificate without its identity name
+            if not had:
                 issued.append(ident)
         if issued:
             self.progress(f"issued certificates: {', '.join(map(str, issued))}")
+        return renewed
 
     def operator_channel(self, z: Zone) -> grpc.Channel:
         keys = pki.LocalCA(self.pki_dir).load(pki.operator())
-        return pki.secure_channel(f"{z.address}:{z.ports.switch}", keys)
+        return pki.secure_channel(f"{z.address}:{z.ports.switch}", keys, server=pki.node(z.name))
 
     def _resolve_spec(self, cassandra_nodes: int | None) -> Spec:
         existing = self.spec()
@@ -412,10 +419,21 @@ class LocalCluster:
         return [c.label for c in down]
 
     def _start_switches(self, zones: Sequence[Zone]) -> None:
-        down = [z for z in zones if not procs.state(self.switch_managed(z)).alive]
+        # A node whose certificate was just re-issued (one from before identity names)
+        # still presents the old one, which clients and other nodes refuse: restart it.
+        renewed = self.ensure_pki()
+        for z in self.topo.zones:
+            m = self.switch_managed(z)
+            if z.name in renewed and procs.state(m).alive:
+                self.progress(f"restarting switch node {z.name}: its certificate was re-issued")
+                procs.stop(m)
+        down = [
+            z
+            for z in dict.fromkeys([*zones, *(z for z in self.topo.zones if z.name in renewed)])
+            if not procs.state(self.switch_managed(z)).alive
+        ]
         if not down:
             return
-        self.ensure_pki()
         hosts = ",".join(n.zone.address for n in self.cassandra_nodes())
         for z in down:
             m = self.switch_managed(z)

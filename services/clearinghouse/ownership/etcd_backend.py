@@ -94,6 +94,8 @@ class Owner:
     node_id: str
     address: str
     epoch: int
+    # The zone the owner registered: the node-to-node hop accepts only its certificate.
+    zone: str
 
 
 class OwnershipAgent:
@@ -195,12 +197,13 @@ class OwnershipAgent:
         with self._lock:
             mine = self._core.epoch_if_owner(shard, _clock())
             if mine is not None:
-                return Owner(self.node.node_id, self.address, mine)
+                return Owner(self.node.node_id, self.address, mine, self.node.zone)
             claim = self._view.claims.get(shard)
             if claim is None or claim.owner == self.node.node_id:
                 return None
             address = self._view.address(claim.owner)
-            return Owner(claim.owner, address, claim.epoch) if address else None
+            zone = self._view.zone(claim.owner)
+            return Owner(claim.owner, address, claim.epoch, zone) if address and zone else None
 
     def relinquish(self, shard: int) -> None:
         """Stop owning ``shard`` now (its writer failed); the protocol deletes its key and

@@ -103,6 +103,11 @@ class View:
         entry = self._members.get(node_id)
         return entry.address if entry else None
 
+    def zone(self, node_id: str) -> str | None:
+        """The zone the node registered (its certificate is ``node:<zone>``)."""
+        entry = self._members.get(node_id)
+        return entry.member.info.zone if entry else None
+
     def _put(self, r: KeyRecord, now: float) -> None:
         rest = r.key.removeprefix(self.prefix)
         if rest.startswith(NODES_DIR):

@@ -29,6 +29,7 @@ from clearinghouse._invariant import invariant
 from clearinghouse.client import error_details
 from clearinghouse.domain import ClearingError, InsufficientLiquidity, NotFound, Unavailable
 from clearinghouse.ownership.node import LEASE_TTL_S
+from clearinghouse.security import pki
 from clearinghouse.switch import convert
 from clearinghouse.switch.processor import PaymentProcessor
 from clearinghouse.switch.records import shard_of
@@ -58,10 +59,12 @@ NO_OWNER_RETRY_AFTER_MS = 1000
 class OwnerRef:
     node_id: str
     address: str
+    # The owner's zone: the hop accepts only the certificate ``node:<zone>`` there.
+    zone: str
 
 
 class OwnerMap(Protocol):
-    def owner_of(self, shard: int) -> Any:  # an object with node_id and address, or None
+    def owner_of(self, shard: int) -> Any:  # with node_id, address and zone; or None
         ...
 
 
@@ -154,7 +157,9 @@ class Router:
         self.channel_options = list(channel_options)
         self.credentials = credentials
         self.clock = clock
-        self._stubs: dict[str, tuple[grpc.Channel, shard_pb2_grpc.ShardServiceStub]] = {}
+        self._stubs: dict[
+            tuple[str, str], tuple[grpc.Channel, shard_pb2_grpc.ShardServiceStub]
+        ] = {}
         self._stubs_lock = threading.Lock()
         self.forwarded = 0
         self.local_count = 0
@@ -165,17 +170,23 @@ class Router:
                 channel.close()
             self._stubs.clear()
 
-    def _stub(self, address: str) -> shard_pb2_grpc.ShardServiceStub:
+    def _stub(self, owner: OwnerRef) -> shard_pb2_grpc.ShardServiceStub:
+        """A stub to ``owner`` that accepts only the certificate ``node:<its zone>``: a
+        server at that address with any other certificate (another node's after a
+        restart elsewhere, a bank's) fails the handshake, UNAVAILABLE."""
+        key = (owner.address, owner.zone)
         with self._stubs_lock:
-            if address not in self._stubs:
+            if key not in self._stubs:
                 channel = grpc.secure_channel(
-                    address, self.credentials, options=self.channel_options
+                    owner.address,
+                    self.credentials,
+                    options=[*self.channel_options, *pki.expect_server(pki.node(owner.zone))],
                 )
                 tel = telemetry.current()
                 if tel is not None:
                     channel = tel.intercept_channel(channel)  # the trace crosses the hop
-                self._stubs[address] = (channel, shard_pb2_grpc.ShardServiceStub(channel))
-            return self._stubs[address][1]
+                self._stubs[key] = (channel, shard_pb2_grpc.ShardServiceStub(channel))
+            return self._stubs[key][1]
 
     # -- owners -------------------------------------------------------------------------
 
@@ -193,7 +204,7 @@ class Router:
         while True:
             o = self.owners.owner_of(shard)
             if o is not None:
-                ref = OwnerRef(o.node_id, o.address)
+                ref = OwnerRef(o.node_id, o.address, o.zone)
                 if ref != avoided or self.clock() >= avoid_until:
                     return ref
             if self.clock() >= until:
@@ -259,7 +270,7 @@ class Router:
             orders=batch, paths=batch_paths, received_zone=self.zone
         )
         try:
-            response = self._stub(owner.address).SubmitOwned(
+            response = self._stub(owner).SubmitOwned(
                 request, timeout=max(0.1, until - self.clock())
             )
             return list(response.results)
@@ -308,9 +319,7 @@ class Router:
                 need_minor=need_minor,
             )  # fmt: skip
             try:
-                return int(
-                    self._stub(owner.address).Lend(request, timeout=LEND_DEADLINE_S).granted_minor
-                )
+                return int(self._stub(owner).Lend(request, timeout=LEND_DEADLINE_S).granted_minor)
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
                 err = error_details(e)
@@ -365,7 +374,7 @@ class Router:
             refs=[shard_pb2.PaymentRef(institution_id=i, payment_id=p) for i, p in refs]
         )
         try:
-            return list(self._stub(owner.address).GetOwned(request, timeout=GET_DEADLINE_S).results)
+            return list(self._stub(owner).GetOwned(request, timeout=GET_DEADLINE_S).results)
         except grpc.RpcError as e:
             return [self._forward_failed(owner, p, e) for _, p in refs]
 
