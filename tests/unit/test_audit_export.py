@@ -3,18 +3,21 @@ refused when any file is tampered with."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from clearinghouse import topology
 from clearinghouse._invariant import InvariantViolation
+from clearinghouse.audit import cli as audit_cli
 from clearinghouse.audit.export import (
     ENTRIES_FILE,
     INTENTS_FILE,
@@ -24,6 +27,7 @@ from clearinghouse.audit.export import (
     entry_from_json,
     entry_to_json,
     read_export,
+    render_signing_keys,
     write_export,
 )
 from clearinghouse.audit.verify import Problem, VerifyReport, main, verify_export
@@ -76,6 +80,13 @@ SIGNING_KEYS = [
     SigningKeyRecord(pid, key_id_of(public_key_bytes(k)), public_key_bytes(k), T0_US)
     for pid, k in PRIVATE_KEYS.items()
 ]
+# A key someone with write access to the switch made up, and an intent left unsigned.
+INSIDER_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"insider").digest())
+INSIDER_RECORD = SigningKeyRecord(
+    "INST_ALIPAY", key_id_of(public_key_bytes(INSIDER_KEY)), public_key_bytes(INSIDER_KEY), T0_US
+)
+UNSIGNED = Ed25519PrivateKey.from_private_bytes(b"\x01" * 32)
+REWRITTEN = 16  # a window-2 payment of INST_ALIPAY
 
 
 @dataclass
@@ -103,9 +114,14 @@ class Ledger:
         old = self.chains[shard]
         self.chains[shard] = ChainBuilder(shard, epoch, old.next_seq, old.head_hash)
 
-    def intent(self, o: PaymentOrder, shard: int) -> None:
+    def intent(self, o: PaymentOrder, shard: int, key: Ed25519PrivateKey | None = None) -> None:
+        """The order's INTENT, signed with ``key`` (default: its institution's); with
+        ``UNSIGNED``, without a signature."""
         bank = o.payer_id if o.type is PaymentType.DEBIT else o.payee_id
-        key_id, signature = sign_order(o, PRIVATE_KEYS[o.institution_id])
+        if key is UNSIGNED:
+            key_id, signature = "", b""
+        else:
+            key_id, signature = sign_order(o, key or PRIVATE_KEYS[o.institution_id])
         i = Intent(
             canonical_bytes(o), fingerprint(o), bank, "shanghai-a", self.clock_us, "SW1",
             key_id, signature,
@@ -152,8 +168,15 @@ def _key(o: PaymentOrder) -> str:
     return f"{o.institution_id}/{o.payment_id}"
 
 
-def build_ledger() -> tuple[Ledger, list[LedgerEntry]]:
-    """Windows 1 and 2; returns the ledger and the window-1 intents decided in window 2."""
+def build_ledger(
+    rewrite: Callable[[int, PaymentOrder], tuple[PaymentOrder, Ed25519PrivateKey | None]]
+    | None = None,
+) -> tuple[Ledger, list[LedgerEntry]]:
+    """Windows 1 and 2; returns the ledger and the window-1 intents decided in window 2.
+
+    ``rewrite(n, order)`` gives each window-2 payment's order and signing key instead
+    (None: its institution's): the ledger an insider who rewrote history would produce,
+    every hash and chain link recomputed."""
     led = Ledger()
     D, C = PaymentType.DEBIT, PaymentType.CREDIT
     parties = [("INST_ALIPAY", "BANK_ICBC"), ("INST_WECHAT", "BANK_CCB"),
@@ -185,8 +208,11 @@ def build_ledger() -> tuple[Ledger, list[LedgerEntry]]:
     for n in range(16, 30):
         inst, bank = parties[n % 4]
         o = _order(n, C if n % 2 else D, inst, bank, 500 + 11 * n)
+        key = None
+        if rewrite is not None:
+            o, key = rewrite(n, o)
         shard = n % 5
-        led.intent(o, shard)
+        led.intent(o, shard, key)
         if n < 27:
             led.decide(o, shard, states[n % 5])
     led.cut(2)
@@ -499,3 +525,105 @@ def test_linking_to_the_previous_window(tmp_path: Path, exported: Path) -> None:
     assert verify_export(short).ok
     linked = verify_export(short, previous=first)
     assert [(p.shard, "not right after" in p.message) for p in linked.problems] == [(1, True)]
+
+
+# -- the participants' own keys (--keys) ----------------------------------------------------
+
+
+def _published(tmp_path: Path, keys: list[SigningKeyRecord]) -> Path:
+    path = tmp_path / "published-keys.json"
+    path.write_text(render_signing_keys(keys))
+    return path
+
+
+def _export_of(
+    tmp_path: Path,
+    name: str,
+    rewrite: Callable[[int, PaymentOrder], tuple[PaymentOrder, Ed25519PrivateKey | None]],
+    keys: list[SigningKeyRecord],
+) -> Path:
+    led, referenced = build_ledger(rewrite)
+    return write_export(tmp_path / name, 2, led.window(2), referenced, KINDS, signing_keys=keys)
+
+
+def _insider(n: int, o: PaymentOrder) -> tuple[PaymentOrder, Ed25519PrivateKey | None]:
+    """Payment REWRITTEN's amount a hundred times larger, signed with the insider's key."""
+    if n != REWRITTEN:
+        return o, None
+    return replace(o, amount=Money(o.amount.amount_minor * 100, "CNY")), INSIDER_KEY
+
+
+def test_an_insider_rewrite_is_caught_with_the_keys_participants_published(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An order changed after the fact, re-signed with a key the insider also listed in
+    signing_keys.json, with every entry hash, chain link, cut, Merkle root and clearing
+    file recomputed: the export verifies against its own keys (why --keys exists), and
+    fails against the participants' own."""
+    rewritten = _export_of(tmp_path, "rewritten", _insider, [*SIGNING_KEYS, INSIDER_RECORD])
+    assert verify_export(rewritten).ok  # the export's keys vouch for themselves
+    published = _published(tmp_path, SIGNING_KEYS)
+    report = verify_export(rewritten, keys=published)
+    assert not report.ok
+    (refused,) = _problems(report, ENTRIES_FILE)
+    assert "INST_ALIPAY/p-0016" in refused.message
+    assert "signature refused (SIGNING_KEY_UNKNOWN)" in refused.message
+    assert refused.participant == "INST_ALIPAY"
+    (unknown,) = _problems(report, SIGNING_KEYS_FILE)
+    assert INSIDER_RECORD.key_id in unknown.message and unknown.participant == "INST_ALIPAY"
+    assert len(report.problems) == 2
+    # The same from both command lines.
+    assert main([str(rewritten), "--keys", str(published)]) == 1
+    assert "SIGNING_KEY_UNKNOWN" in capsys.readouterr().out
+    args = argparse.Namespace(
+        cmd="verify", folder=rewritten, previous=None, keys=published, format="json"
+    )
+    assert audit_cli.run("audit", args, topology.load()) == 1
+    assert "SIGNING_KEY_UNKNOWN" in capsys.readouterr().err
+    # The untouched export verifies with the published keys.
+    led, referenced = build_ledger()
+    honest = write_export(
+        tmp_path / "honest", 2, led.window(2), referenced, KINDS, signing_keys=SIGNING_KEYS
+    )
+    assert verify_export(honest, keys=published).ok
+    assert main([str(honest), "--keys", str(published)]) == 0
+
+
+def test_a_key_the_export_lists_but_no_participant_published_is_reported(
+    tmp_path: Path, exported: Path
+) -> None:
+    led, referenced = build_ledger()
+    extra = write_export(
+        tmp_path / "extra", 2, led.window(2), referenced, KINDS,
+        signing_keys=[*SIGNING_KEYS, INSIDER_RECORD],
+    )  # fmt: skip
+    assert verify_export(extra).ok  # no signature uses it
+    report = verify_export(extra, keys=_published(tmp_path, SIGNING_KEYS))
+    assert [(p.file, p.participant) for p in report.problems] == [
+        (SIGNING_KEYS_FILE, "INST_ALIPAY")
+    ]
+    assert "not among the keys the participants published" in report.problems[0].message
+    # Same id, other key bytes: not the published key either.
+    forged_bytes = replace(SIGNING_KEYS[1], public_key=INSIDER_RECORD.public_key)
+    report = verify_export(exported, keys=_published(tmp_path, [SIGNING_KEYS[0], forged_bytes]))
+    assert {p.file for p in report.problems} == {SIGNING_KEYS_FILE, ENTRIES_FILE, INTENTS_FILE}
+
+
+def test_an_unsigned_intent_is_reported_with_the_participants_keys(tmp_path: Path) -> None:
+    def unsigned(n: int, o: PaymentOrder) -> tuple[PaymentOrder, Ed25519PrivateKey | None]:
+        return o, (UNSIGNED if n == REWRITTEN else None)
+
+    export = _export_of(tmp_path, "unsigned", unsigned, SIGNING_KEYS)
+    report = verify_export(export, keys=_published(tmp_path, SIGNING_KEYS))
+    (missing,) = report.problems
+    assert missing.file == ENTRIES_FILE and "SIGNATURE_MISSING" in missing.message
+    assert "INST_ALIPAY/p-0016" in missing.message
+
+
+def test_an_unreadable_keys_file_is_a_problem(tmp_path: Path, exported: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "nope"}')
+    for path in (bad, tmp_path / "missing.json"):
+        report = verify_export(exported, keys=path)
+        assert not report.ok
+        assert [p.file for p in report.problems] == [f"--keys {path}"], report.problems

@@ -2,8 +2,10 @@
 operator's commands over ``clearing.v1.AuditService`` and ``SettlementService``.
 
 Every listing prints as a table (default), CSV (``--format csv``) or JSON
-(``--format json``). ``audit verify DIR`` needs no cluster at all: it checks an exported
-window offline (chains, Merkle root, clearing, net positions summing to zero).
+(``--format json``). ``audit verify DIR [--keys FILE]`` needs no cluster at all: it
+checks an exported window offline (chains, Merkle root, clearing, net positions summing
+to zero, signatures: with ``--keys``, against the keys the participants published
+themselves rather than the export's).
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ def add_parsers(sub: Any) -> None:
         "verify", parents=[common], help="check an exported window offline (no cluster needed)"
     )
     v.add_argument("folder", type=Path)
+    v.add_argument(
+        "--previous", type=Path, default=None, help="the previous window's export, to link them"
+    )
+    v.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        help="signing keys the participants published themselves (signing_keys.json's "
+        "shape): signatures are checked with these, not the export's own",
+    )
 
     win = sub.add_parser("window", help="close settlement windows, confirm settlements")
     ws = win.add_subparsers(dest="cmd", required=True)
@@ -97,7 +109,7 @@ def add_parsers(sub: Any) -> None:
 
 def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
     if group == "audit" and args.cmd == "verify":
-        report = verify_export(args.folder)
+        report = verify_export(args.folder, args.previous, args.keys)
         _emit([{"ok": report.ok, "problems": len(report.problems)}], args.format)
         for problem in report.problems:
             print(f"  {problem}", file=sys.stderr)

@@ -26,14 +26,21 @@ or participant concerned:
    or signature byte fails here (as well as breaking the chain, unless the hashes were
    recomputed too), with the payment, the key and the reason.
 
+   The export's keys come from the switch, so an insider who rewrites an order, signs
+   it with a key of its own and lists that key in ``signing_keys.json`` (recomputing
+   every hash) passes this check. With ``keys`` (``--keys FILE``: the keys each
+   participant published itself, in the same JSON shape), every signature must verify
+   with *those* keys instead, and every key of ``signing_keys.json`` that the file does
+   not list is reported.
+
 7. With ``previous`` (``--previous <dir>``, the window before's export): every shard
    starts right after that window's cut, and the intents of ``intents.jsonl`` that lie
    in that window are entries of its export with the same hash. Without it, the window
    is anchored only by the manifest's ``start_prev_hash`` values.
 
-Command line: ``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]``
-prints a summary (or the report as JSON) and exits 0 when the export verifies, 1 when
-it does not.
+Command line: ``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
+[--keys FILE]`` prints a summary (or the report as JSON) and exits 0 when the export
+verifies, 1 when it does not.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from clearinghouse.audit.export import (
     clearing_files,
     intents_by_key,
     is_window_cut,
+    parse_signing_keys,
     read_clearing,
     read_entries,
     read_manifest,
@@ -83,6 +91,8 @@ from clearinghouse.domain.merkle import merkle_root, window_leaves
 from clearinghouse.domain.model import SigningKeyRecord
 from clearinghouse.domain.signing import verify_order_signature
 
+# How problems of the participants' keys file (``--keys``) name it.
+KEYS_OPTION: Final = "--keys {}"
 # Differences listed per file before the rest are summed up in one line.
 DIFFS_PER_FILE_MAX: Final = 10
 # Decoding corrupt bytes raises InvariantViolation (an AssertionError) or ValueError
@@ -158,20 +168,39 @@ class _Run:
         )
 
 
-def verify_export(directory: str | Path, previous: str | Path | None = None) -> VerifyReport:
+def verify_export(
+    directory: str | Path,
+    previous: str | Path | None = None,
+    keys: str | Path | None = None,
+) -> VerifyReport:
     """Verify the export in ``directory`` (see the module docstring); never raises for
     anything wrong in the files, which all become problems in the report.
 
     ``previous``, the export folder of the window before (verified on its own), also
     checks that this window starts in every shard right after that window's cut, and
     that the intents of ``intents.jsonl`` lying in that window are its entries.
+
+    ``keys``, a file of the signing keys the participants published themselves (the
+    shape of ``signing_keys.json``), is what signatures are checked against instead of
+    the export's own keys; a key of the export that it does not list is a problem.
     """
     run = _Run(Path(directory))
     manifest = _read(run, MANIFEST_FILE, lambda: read_manifest(run.directory))
     entries = _read(run, ENTRIES_FILE, lambda: read_entries(run.directory, ENTRIES_FILE))
     intents = _read(run, INTENTS_FILE, lambda: read_entries(run.directory, INTENTS_FILE))
     clearing = _read(run, CLEARING_FILE, lambda: read_clearing(run.directory))
-    keys = _read(run, SIGNING_KEYS_FILE, lambda: read_signing_keys(run.directory))
+    exported_keys = _read(run, SIGNING_KEYS_FILE, lambda: read_signing_keys(run.directory))
+    keys_file = KEYS_OPTION.format(keys)
+    published = (
+        _read(run, keys_file, lambda: _read_published_keys(Path(keys), keys_file))
+        if keys is not None
+        else None
+    )
+    if published is not None and exported_keys is not None:
+        _check_keys_published(run, exported_keys, published)
+    # Signatures are checked with the participants' own keys when given; with the
+    # export's otherwise. Neither readable: nothing to check against (already reported).
+    trusted = published if keys is not None else exported_keys
     root_hex = ""
     if manifest is not None:
         _check_manifest_shards(run, manifest)
@@ -194,9 +223,9 @@ def verify_export(directory: str | Path, previous: str | Path | None = None) -> 
             _check_decisions(run, entries)
             if intents is not None:
                 _check_intents(run, manifest, entries, intents)
-            if keys is not None:
-                _check_signatures(run, ENTRIES_FILE, entries, keys)
-                _check_signatures(run, INTENTS_FILE, intents or (), keys)
+            if trusted is not None:
+                _check_signatures(run, ENTRIES_FILE, entries, trusted)
+                _check_signatures(run, INTENTS_FILE, intents or (), trusted)
             if intents is not None and clearing is not None and in_order:
                 _check_clearing(run, manifest, entries, intents, clearing)
         if previous is not None:
@@ -316,6 +345,34 @@ def _check_decisions(run: _Run, entries: Iterable[LedgerEntry]) -> None:
                     shard=e.shard,
                     seq=e.seq,
                 )
+
+
+def _read_published_keys(path: Path, name: str) -> tuple[SigningKeyRecord, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ExportFormatError(name, f"not UTF-8: {e}") from e
+    try:
+        return parse_signing_keys(text)
+    except ExportFormatError as e:
+        raise ExportFormatError(name, e.message) from e
+
+
+def _check_keys_published(
+    run: _Run, exported: Sequence[SigningKeyRecord], published: Sequence[SigningKeyRecord]
+) -> None:
+    """Every key the export lists must be one a participant published (same id, same
+    key bytes): any other was added by someone else."""
+    known = {(k.participant_id, k.key_id, k.public_key) for k in published}
+    for k in exported:
+        if (k.participant_id, k.key_id, k.public_key) not in known:
+            run.add(
+                SIGNING_KEYS_FILE,
+                f"key {k.key_id} of {k.participant_id} is not among the keys the "
+                "participants published (--keys): the switch lists a key its owner never "
+                "registered",
+                participant=k.participant_id,
+            )
 
 
 def _check_signatures(
@@ -598,8 +655,9 @@ def _check_nets_sum_to_zero(run: _Run, clearing: WindowClearing) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]``: exit
-    status 0 if the export verifies, 1 if not (2 for bad arguments, from argparse)."""
+    """``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
+    [--keys FILE]``: exit status 0 if the export verifies, 1 if not (2 for bad
+    arguments, from argparse)."""
     parser = argparse.ArgumentParser(
         prog="python -m clearinghouse.audit.verify",
         description="Verify a settlement window export folder from its files alone.",
@@ -609,8 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--previous", type=Path, help="the previous window's export, to link the two windows"
     )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        help="signing keys the participants published themselves (signing_keys.json's "
+        "shape): check signatures with these, not the export's",
+    )
     args = parser.parse_args(argv)
-    report = verify_export(args.directory, args.previous)
+    report = verify_export(args.directory, args.previous, args.keys)
     sys.stdout.write(report.to_json() if args.json else report.summary())
     return 0 if report.ok else 1
 
