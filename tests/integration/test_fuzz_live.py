@@ -6,9 +6,11 @@ data, truncated and bit-flipped serializations of a valid request, and messages 
 the descriptor-derived hypothesis strategies of ``tests/hostile.py`` (random, and
 mutations of a valid request). No answer may be INTERNAL or UNKNOWN (or any code the
 error table does not give); the node must answer health checks with SERVING at the end,
-its process must still be the one that started; and no refused payment may exist
-afterwards. The channel is the one ``tests/support.py`` opens for the zone, whatever
-credentials it carries.
+its process must still be the one that started; no refused payment may exist
+afterwards; and every method must have been reached at least once (answered by its own
+code, not only refused by the request guard, the authorization table or the quota: the
+run records per method what stopped each request, and waits out RATE_LIMITED advice).
+Each service is called as the identity allowed to call it.
 
     flock /tmp/clearing-cluster.lock .venv/bin/pytest tests/integration/test_fuzz_live.py -s
 """
@@ -38,7 +40,7 @@ from clearinghouse.domain.validation import (
 from clearinghouse.localcluster import procs
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
-from clearinghouse.switch.config import MAX_MESSAGE_BYTES
+from clearinghouse.switch.config import GRPC_DEFAULT_RECEIVE_BYTES, MAX_REQUEST_BYTES
 from tests import hostile
 from tests.support import SwitchEnv
 
@@ -62,6 +64,13 @@ OUTCOME_UNKNOWN = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ALREADY_EXISTS}
 )
 KINDS = ("raw", "truncated", "bit-flipped", "generated")
+# Refusals that come before a method's own code: the request guard (undecodable bytes),
+# the authorization table and the caller's quota. An answer with any other reason, or
+# OK, means the request reached the servicer.
+BEFORE_THE_SERVICER = frozenset({"MALFORMED_REQUEST", "NOT_AUTHORIZED", "RATE_LIMITED"})
+# A RATE_LIMITED caller waits what the node advises, at most this long: the staff quota
+# (200 units/s) is spent fast by whole-ledger reads (50 units) and large listings.
+RATE_LIMITED_PAUSE_MAX_S = 1.0
 
 
 def _tame(rpc: hostile.Rpc, msg: Any, known_ids: set[str]) -> Any:
@@ -138,6 +147,9 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
     }
     sent: Counter[str] = Counter()
     codes: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    # Per method: how often the request reached the servicer, and what stopped the rest.
+    reached: Counter[str] = Counter()
+    stopped: defaultdict[str, Counter[str]] = defaultdict(Counter)
     by_kind: Counter[str] = Counter()
     failures: list[str] = []
     refused: dict[tuple[str, str], str] = {}  # (institution_id, payment_id) -> why
@@ -182,12 +194,19 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
         sent[rpc.name] += 1
         by_kind[kind] += 1
         response: Any = None
+        reason = ""
         try:
             caller = channels.get(rpc.service.name, channel)
             response = hostile.call(caller, rpc, request, CALL_TIMEOUT_S)
             code = grpc.StatusCode.OK
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+            err = error_details(e)
+            reason = err.reason if err is not None else ""
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                reason = reason or "UNAUTHENTICATED"
+            if reason == "RATE_LIMITED" and err is not None:
+                time.sleep(min(err.retry_after_ms / 1000, RATE_LIMITED_PAUSE_MAX_S))
             if code not in ALLOWED_CODES:
                 details = e.details() if isinstance(e, grpc.Call) else ""
                 failures.append(f"{rpc.name} [{kind}] -> {code.name} {details}: {request!r:.400}")
@@ -198,6 +217,10 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
                 if err is None or err.reason != "MALFORMED_REQUEST":
                     failures.append(f"{rpc.name} [{kind}] undecodable bytes -> {err}")
         codes[rpc.name][code.name] += 1
+        if reason in BEFORE_THE_SERVICER or reason == "UNAUTHENTICATED":
+            stopped[rpc.name][reason] += 1
+        else:
+            reached[rpc.name] += 1
         if msg is not None:
             no, maybe = _sort_orders(rpc, msg, code, response)
             maybe_recorded.update((o.institution_id, o.payment_id) for o in maybe)
@@ -208,8 +231,11 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
                     refused[(o.institution_id, o.payment_id)] = f"{rpc.name} {code.name}"
     elapsed = time.monotonic() - started
 
-    # Oversized: refused by gRPC before any code runs.
-    too_big = b"\x0a" + hostile._varint(MAX_MESSAGE_BYTES) + b"x" * MAX_MESSAGE_BYTES
+    # Oversized: one byte over the node's own limit (far below gRPC's default, so the
+    # limit is the node's) is refused by gRPC before any code runs.
+    n = MAX_REQUEST_BYTES + 1 - 1 - len(hostile._varint(MAX_REQUEST_BYTES))
+    too_big = b"\x0a" + hostile._varint(n) + b"x" * n
+    assert MAX_REQUEST_BYTES < len(too_big) < GRPC_DEFAULT_RECEIVE_BYTES, len(too_big)
     submit = next(r for r in rpcs if r.name == "PaymentService.SubmitPayment")
     with pytest.raises(grpc.RpcError) as exc:
         hostile.call(channels["PaymentService"], submit, too_big, CALL_TIMEOUT_S)
@@ -239,12 +265,15 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
     print(f"\nfuzzed {ZONE} for {elapsed:.1f} s (seed {FUZZ_SEED}): {total} requests, "
           f"{total / elapsed:.0f}/s; by kind {dict(by_kind)}")  # fmt: skip
     for name in sorted(sent):
-        print(f"  {name:42} {sent[name]:6}  {dict(sorted(codes[name].items()))}")
+        print(f"  {name:42} {sent[name]:6}  {dict(sorted(codes[name].items()))}  "
+              f"reached {reached[name]}, stopped before {dict(stopped[name])}")  # fmt: skip
     print(f"  refused payments checked afterwards (GetPayment NOT_FOUND): {len(checked)}")
     assert not failures, "\n".join(failures[:20])
     assert not written, f"refused payments that exist: {written[:10]}"
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert pid_after == pid_before, "the node restarted during the fuzz run"
     assert set(sent) == {r.name for r in rpcs}
-    # Sanity: the run reached past validation too.
+    # Every method's own code ran at least once (not only the guard, the authorization
+    # table or the quota answered it), and the run reached past validation too.
+    assert sorted(r.name for r in rpcs if reached[r.name] == 0) == [], dict(stopped)
     assert codes["PaymentService.SubmitPayment"]["OK"] > 0

@@ -31,6 +31,7 @@ import pytest
 from cassandra import InvalidRequest
 from cassandra.cqltypes import Int32Type, LongType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,18 @@ from clearinghouse.bank.server import BankConfig, BankServerHandle, serve
 from clearinghouse.domain import Participant, ParticipantKind, ParticipantStatus
 from clearinghouse.domain.errors import ERROR_METADATA_KEY, STATUS_BY_ERROR
 from clearinghouse.domain.model import SigningKey
+from clearinghouse.domain.money import MAX_AMOUNT_MINOR
 from clearinghouse.domain.signing import key_id_of, public_key_bytes
+from clearinghouse.domain.validation import (
+    BANK_ACCOUNT_LEN_MAX,
+    BATCH_SIZE_MAX,
+    MEMO_BYTES_MAX,
+    MEMO_CHARS_MAX,
+    PARTICIPANT_ID_LEN_MAX,
+    PAYMENT_ID_LEN_MAX,
+    TIMESTAMP_NANOS_MAX,
+    TIMESTAMP_SECONDS_MAX,
+)
 from clearinghouse.order_signing import signing_channel
 from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security import pki
@@ -58,7 +70,12 @@ from clearinghouse.security.identity import Identity, Role
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.windows import EventRow, WindowEvent, WindowStatus
 from clearinghouse.switch.admin import AdminDomain
-from clearinghouse.switch.config import MAX_MESSAGE_BYTES
+from clearinghouse.switch.config import (
+    GRPC_DEFAULT_RECEIVE_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_RESPONSE_BYTES,
+    server_options,
+)
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT, payment_key
 from clearinghouse.switch.routing import LocalOwner, OwnerRef, Router
@@ -332,10 +349,7 @@ def switch_world() -> Iterator[SwitchWorld]:
 
     server = grpc.server(
         ThreadPoolExecutor(8, thread_name_prefix="hostile-grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
+        options=server_options(),  # the limits server.build gives a node
         interceptors=[RequestGuardInterceptor()],
     )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
@@ -357,7 +371,7 @@ def switch_world() -> Iterator[SwitchWorld]:
     server.start()
     channel = signing_channel(
         grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
         ),
         lambda pid: SIGNING_KEY if pid == hostile.INSTITUTION else None,
     )
@@ -418,14 +432,21 @@ def send(channel: grpc.Channel, rpc: hostile.Rpc, request: Any) -> Outcome:
     return Outcome(grpc.StatusCode.OK, response, None, "")
 
 
-def check_outcome(rpc: hostile.Rpc, request: Any, out: Outcome) -> None:
+def _size(request: Any) -> int:
+    return len(request) if isinstance(request, bytes) else int(request.ByteSize())
+
+
+def check_outcome(
+    rpc: hostile.Rpc, request: Any, out: Outcome, limit_bytes: int = MAX_REQUEST_BYTES
+) -> None:
     where = f"{rpc.name} with {str(request)[:600]!r}"
     assert out.code in ALLOWED_CODES, f"{where}: {out.code} {out.details}"
     if out.code is grpc.StatusCode.OK:
         return
-    # Refusals of the switch carry the error detail; gRPC's own (a message over the
-    # size limit) do not.
-    if out.code is grpc.StatusCode.RESOURCE_EXHAUSTED and out.error is None:
+    # Refusals of the switch carry the error detail; only gRPC's own refusal of a
+    # message over the server's size limit cannot.
+    if out.code is grpc.StatusCode.RESOURCE_EXHAUSTED and _size(request) > limit_bytes:
+        assert out.error is None, where
         return
     assert out.error is not None, f"{where}: {out.code} without {ERROR_METADATA_KEY}"
     assert out.error.code == out.code.value[0], where
@@ -496,7 +517,7 @@ def test_bank_rpcs_answer_hostile_requests_with_client_errors(
     request = data.draw(hostile.request_strategy(rpc), label="request")
     before = bank_world.snapshot()
     out = send(bank_world.channel, rpc, request)
-    check_outcome(rpc, request, out)
+    check_outcome(rpc, request, out, BANK_MAX_MESSAGE_BYTES)
     if out.code is not grpc.StatusCode.OK:
         assert bank_world.snapshot() == before, f"{rpc.name} refused ({out.code}) but wrote"
     _alive(bank_world.channel, INQUIRE, hostile.valid_request(INQUIRE))
@@ -611,20 +632,74 @@ def test_guard_keeps_client_streaming_methods_answering(bank_world: BankWorld) -
     assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
 
 
-def test_messages_over_the_size_limit_are_refused(
-    switch_world: SwitchWorld, bank_world: BankWorld
+def _message_of(size_bytes: int) -> bytes:
+    """A request of exactly ``size_bytes``: field 1, length-delimited, holding ``x``
+    bytes (each one an unknown varint field 15 of value 120: the order parses, empty,
+    and validation refuses it)."""
+    for n in range(size_bytes, 0, -1):
+        head = b"\x0a" + hostile._varint(n)
+        if len(head) + n == size_bytes:
+            return head + b"x" * n
+    raise AssertionError(f"no message of {size_bytes} bytes")
+
+
+def test_the_switch_refuses_a_request_one_byte_over_its_own_limit(
+    switch_world: SwitchWorld,
 ) -> None:
-    submit = next(r for r in SWITCH_RPCS if r.name == "PaymentService.SubmitPayment")
-    inquire = INQUIRE
-    for channel, rpc, limit in (
-        (switch_world.channel, submit, MAX_MESSAGE_BYTES),
-        (bank_world.channel, inquire, BANK_MAX_MESSAGE_BYTES),
-    ):
-        too_big = b"\x0a" + hostile._varint(limit) + b"x" * limit  # field 1, limit bytes
-        out = send(channel, rpc, too_big)
-        assert out.code is grpc.StatusCode.RESOURCE_EXHAUSTED, (rpc.name, out.code)
+    """The limit is the switch's, not gRPC's default: a request just over it (and far
+    under gRPC's 4 MiB) is RESOURCE_EXHAUSTED, one of exactly the limit gets through."""
+    assert MAX_REQUEST_BYTES + 1 < GRPC_DEFAULT_RECEIVE_BYTES
+    submit = _rpc("PaymentService.SubmitPayment")
+    before = switch_world.snapshot()
+    over = send(switch_world.channel, submit, _message_of(MAX_REQUEST_BYTES + 1))
+    assert over.code is grpc.StatusCode.RESOURCE_EXHAUSTED, over
+    at = send(switch_world.channel, submit, _message_of(MAX_REQUEST_BYTES))
+    assert at.code is grpc.StatusCode.INVALID_ARGUMENT, at  # the switch's validation ran
+    assert at.error is not None and at.error.field_violations, at
+    assert switch_world.snapshot() == before
     _alive(switch_world.channel, DESCRIBE, shard_pb2.DescribeRequest())
+
+
+def test_the_bank_refuses_a_request_one_byte_over_its_limit(bank_world: BankWorld) -> None:
+    assert BANK_MAX_MESSAGE_BYTES + 1 < GRPC_DEFAULT_RECEIVE_BYTES
+    out = send(bank_world.channel, INQUIRE, _message_of(BANK_MAX_MESSAGE_BYTES + 1))
+    assert out.code is grpc.StatusCode.RESOURCE_EXHAUSTED, out
     _alive(bank_world.channel, INQUIRE, hostile.valid_request(INQUIRE))
+
+
+def _maximal_order(i: int) -> payment_pb2.PaymentOrder:
+    """An order with every field at the longest validation allows."""
+    ident = "I" * PARTICIPANT_ID_LEN_MAX
+    return payment_pb2.PaymentOrder(
+        payment_id=f"{i:0{PAYMENT_ID_LEN_MAX}d}", institution_id=ident,
+        type=common_pb2.PAYMENT_TYPE_CREDIT, payer_id=ident, payee_id="B" * PARTICIPANT_ID_LEN_MAX,
+        bank_account="9" * BANK_ACCOUNT_LEN_MAX,
+        amount=common_pb2.Money(amount_minor=MAX_AMOUNT_MINOR, currency="CNY"),
+        # Two bytes a character: the most bytes a memo may have.
+        memo="\u00e9" * (MEMO_BYTES_MAX // 2),
+        requested_at=Timestamp(seconds=TIMESTAMP_SECONDS_MAX, nanos=TIMESTAMP_NANOS_MAX),
+        signature=b"\xff" * 64, signing_key_id="f" * 16,
+    )  # fmt: skip
+
+
+def test_a_full_batch_of_maximal_orders_fits_the_request_limit(
+    switch_world: SwitchWorld,
+) -> None:
+    orders = [_maximal_order(i) for i in range(BATCH_SIZE_MAX)]
+    o = orders[0]
+    assert len(o.memo) <= MEMO_CHARS_MAX and len(o.memo.encode()) == MEMO_BYTES_MAX
+    batch = payment_pb2.SubmitPaymentsRequest(orders=orders)
+    # What the receiving node forwards to a shard's owner: the same orders and more.
+    owned = shard_pb2.SubmitOwnedRequest(
+        orders=orders, paths=[f"orders[{i}]" for i in range(BATCH_SIZE_MAX)],
+        received_zone="z" * 64,
+    )  # fmt: skip
+    largest = max(batch.ByteSize(), owned.ByteSize())
+    print(f"\nthe largest valid request: {largest} bytes (limit {MAX_REQUEST_BYTES})")
+    # Room to spare (a field added later), and still a limit of the switch's own.
+    assert largest * 2 <= MAX_REQUEST_BYTES < GRPC_DEFAULT_RECEIVE_BYTES
+    out = send(switch_world.channel, _rpc("PaymentService.SubmitPayments"), batch)
+    assert out.code is not grpc.StatusCode.RESOURCE_EXHAUSTED, out
 
 
 # -- regressions: inputs the fuzzing found ------------------------------------------------
@@ -712,7 +787,9 @@ def test_errors_that_echo_huge_input_still_arrive_whole(switch_world: SwitchWorl
     assert [v.field for v in out.error.field_violations] == ["cap.currency"]
     register = _rpc("AdminService.RegisterParticipant")
     request = hostile.valid_request(register)
-    request.participant.currencies.extend([huge + str(i) for i in range(200)])  # type: ignore[attr-defined]
+    # As many as fit under the request limit (each 9 KB): far more than 8 KiB to echo.
+    many = MAX_REQUEST_BYTES * 8 // 10 // len(huge.encode())
+    request.participant.currencies.extend([huge + str(i) for i in range(many)])  # type: ignore[attr-defined]
     out = send(switch_world.channel, register, request)
     assert out.code is grpc.StatusCode.INVALID_ARGUMENT, out.details
     assert out.error is not None

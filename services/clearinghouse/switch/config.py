@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.storage.session import CassandraConfig
@@ -16,7 +17,18 @@ from clearinghouse.topology import Topology
 GRPC_WORKERS = 32
 MAX_CONCURRENT_RPCS = 256
 BATCH_WORKERS = 64
-MAX_MESSAGE_BYTES = 4 << 20
+# gRPC's own receive limit when none is set: a limit of ours must be below it, or a test
+# of the limit would pass without the option.
+GRPC_DEFAULT_RECEIVE_BYTES: Final = 4 << 20
+# The largest request a node accepts; gRPC refuses a bigger one with RESOURCE_EXHAUSTED
+# before any code of ours runs. The largest valid request is a full batch
+# (BATCH_SIZE_MAX orders, every field at its longest: about 0.35 MiB, computed in
+# tests/unit/test_hostile_input.py), so this leaves room and no more.
+MAX_REQUEST_BYTES: Final = 1 << 20
+# The largest response a node sends (and a node accepts from another): a page of 500
+# payments with their events can be well over a request's size; what clients accept by
+# default.
+MAX_RESPONSE_BYTES: Final = 4 << 20
 REGISTRY_REFRESH_S = 2.0
 SHUTDOWN_GRACE_S = 5.0
 OWED_REVERSAL_RETRY_S = 5.0
@@ -52,7 +64,8 @@ class NodeConfig:
     grpc_workers: int = GRPC_WORKERS
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     batch_workers: int = BATCH_WORKERS
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_response_bytes: int = MAX_RESPONSE_BYTES
     registry_refresh_s: float = REGISTRY_REFRESH_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     owed_reversal_retry_s: float = OWED_REVERSAL_RETRY_S
@@ -98,6 +111,28 @@ class NodeConfig:
             ),
             window_interval_s=window_interval_s,
         )
+
+
+def server_options(
+    max_request_bytes: int = MAX_REQUEST_BYTES, max_response_bytes: int = MAX_RESPONSE_BYTES
+) -> list[tuple[str, int]]:
+    """The message size limits of a switch node's gRPC server (``server.build`` and the
+    tests' in-process servers use this one list)."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", max_response_bytes),
+    ]
+
+
+def node_channel_options(
+    max_request_bytes: int = MAX_REQUEST_BYTES, max_response_bytes: int = MAX_RESPONSE_BYTES
+) -> list[tuple[str, int]]:
+    """The same limits seen from a node calling another: it sends requests, receives
+    responses."""
+    return [
+        ("grpc.max_send_message_length", max_request_bytes),
+        ("grpc.max_receive_message_length", max_response_bytes),
+    ]
 
 
 def topo_city_of(topo: Topology, address: str) -> str:

@@ -48,7 +48,7 @@ from clearinghouse.storage.session import connect, connect_to_node, consistency_
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.admin import AdminDomain
 from clearinghouse.switch.bank_gateway import GrpcBankGateway
-from clearinghouse.switch.config import NodeConfig
+from clearinghouse.switch.config import NodeConfig, node_channel_options, server_options
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
 from clearinghouse.switch.records import PaymentRecord
 from clearinghouse.switch.routing import LocalOwner, Router
@@ -223,10 +223,6 @@ def build(cfg: NodeConfig) -> Node:
     admin = AdminDomain(participants, wall_clock_us)
     batch_pool = ThreadPoolExecutor(cfg.batch_workers, thread_name_prefix="batch")
     router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
-    options = [
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ("grpc.max_send_message_length", cfg.max_message_bytes),
-    ]
     local = LocalOwner(processor, batch_pool)
     router = Router(
         node_id=cfg.node_id,
@@ -235,7 +231,7 @@ def build(cfg: NodeConfig) -> Node:
         local=local,
         pool=router_pool,
         credentials=client_credentials,
-        channel_options=options,
+        channel_options=node_channel_options(cfg.max_request_bytes, cfg.max_response_bytes),
     )
     tel = telemetry.current()
 
@@ -252,7 +248,10 @@ def build(cfg: NodeConfig) -> Node:
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        options=[*options, ("grpc.so_reuseport", 0)],
+        options=[
+            *server_options(cfg.max_request_bytes, cfg.max_response_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
         # Telemetry outermost, so refused calls are counted and traced too; then the
         # guard (undecodable bytes never reach the policy), then identity and quota.
         interceptors=[
