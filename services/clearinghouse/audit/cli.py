@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -33,9 +35,15 @@ from clearinghouse.audit.verify import verify_export
 from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.security import pki
+from clearinghouse.security.ratelimit import RATE_LIMITED
 from clearinghouse.topology import Topology
 
 CALL_DEADLINE_S = 120.0
+# A listing refused for the caller's quota is asked again after the advised pause.
+RATE_LIMITED_RETRIES_MAX = 20
+RATE_LIMITED_PAUSE_MS = 500
+RATE_LIMITED_PAUSE_MAX_MS = 5_000
+T = TypeVar("T")
 FORMATS = ("table", "csv", "json")
 
 
@@ -232,7 +240,9 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
         )
         req.start_time.FromMicroseconds(start)
         req.end_time.FromMicroseconds(end)
-        r = stub.ListParticipantPayments(req, timeout=CALL_DEADLINE_S)
+        r = _within_quota(
+            functools.partial(stub.ListParticipantPayments, req, timeout=CALL_DEADLINE_S)
+        )
         rows += [{"institution_id": p.order.institution_id, "payment_id": p.order.payment_id,
                   "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
                   "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
@@ -244,6 +254,22 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
             break
     _emit(rows, args.format)
     return 0
+
+
+def _within_quota(call: Callable[[], T]) -> T:
+    """``call()``, waiting out the node's RATE_LIMITED refusals as they advise (a listing
+    costs one quota unit per row of its page): up to ``RATE_LIMITED_RETRIES_MAX`` times."""
+    retries = 0
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            err = error_details(e)
+            if err is None or err.reason != RATE_LIMITED or retries >= RATE_LIMITED_RETRIES_MAX:
+                raise
+            retries += 1
+            pause_ms = min(err.retry_after_ms or RATE_LIMITED_PAUSE_MS, RATE_LIMITED_PAUSE_MAX_MS)
+            time.sleep(pause_ms / 1000)
 
 
 def _export(stub: Any, args: argparse.Namespace) -> int:

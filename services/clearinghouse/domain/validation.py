@@ -42,6 +42,10 @@ MEMO_CHARS_MAX: Final = 140
 # script; it holds a memo in Chinese (3 bytes a character) to 93 characters.
 MEMO_BYTES_MAX: Final = 280
 BATCH_SIZE_MAX: Final = 500
+# Payments per page of a listing (ListPayments, ListParticipantPayments): page_size 0
+# means the default, anything above the maximum is the maximum.
+LIST_PAGE_SIZE_DEFAULT: Final = 100
+LIST_PAGE_SIZE_MAX: Final = 500
 # How far a client's requested_at may run ahead of the switch's clock.
 CLOCK_SKEW_ALLOWED_US: Final = 5 * 60 * 1_000_000
 
@@ -106,6 +110,14 @@ def validate_batch_size(n: int, max_batch: int = BATCH_SIZE_MAX, *, path: str = 
         raise InvalidArgument([FieldViolation(path, "must contain at least one order")])
     if n > max_batch:
         raise InvalidArgument([FieldViolation(path, f"must contain at most {max_batch} orders")])
+
+
+def list_page_rows(page_size: int) -> int:
+    """How many payments a listing's page may hold for a requested ``page_size``
+    (negative sizes are refused by the servicer; here they count as the default)."""
+    if page_size <= 0:
+        return LIST_PAGE_SIZE_DEFAULT
+    return min(page_size, LIST_PAGE_SIZE_MAX)
 
 
 def timestamp_violations(seconds: int, nanos: int, field: str) -> list[FieldViolation]:

@@ -32,6 +32,7 @@ from clearinghouse.domain.errors import (
     Unauthenticated,
     status_for,
 )
+from clearinghouse.domain.validation import list_page_rows
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.security.ratelimit import RateLimiter
 from clearinghouse.switch.convert import error_to_pb
@@ -52,7 +53,8 @@ STAFF: Final = frozenset({Role.OPERATOR, Role.AUDITOR})
 class Rule:
     roles: frozenset[Role]
     check: RequestCheck | None = None
-    # How many quota units a call costs (a batch costs one per order); None = 1.
+    # How many quota units a call costs (a batch one per order, a listing one per row of
+    # its page); None = 1.
     cost: Callable[[Any], int] | None = None
 
 
@@ -80,10 +82,20 @@ def _own_participant_or_staff(caller: Identity, request: Any) -> str | None:
 
 # Quota units a whole-ledger audit read costs (a staff quota of 200/s: 4 such reads/s).
 EXPENSIVE_READ_COST: Final = 50
+# Quota units a listing costs per payment its page may hold (page_size, default 100, at
+# most 500): each row is a payment read from its shard's owner, as a GetPayment is (one
+# unit). Charged before the read, for the page asked for: a page of 500 costs 500, a
+# quarter of a participant's default quota and more than a staff member's (the call is
+# let through on a full bucket and leaves it in debt; see ratelimit).
+LISTING_ROW_COST_UNITS: Final = 1
 
 
 def _expensive(_request: Any) -> int:
     return EXPENSIVE_READ_COST
+
+
+def _listing_cost(request: Any) -> int:
+    return list_page_rows(request.page_size) * LISTING_ROW_COST_UNITS
 
 
 def _batch_cost(request: Any) -> int:
@@ -106,7 +118,7 @@ SWITCH_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
                 "SubmitPayment": Rule(_INSTITUTION, _own_order),
                 "SubmitPayments": Rule(_INSTITUTION, _own_orders, _batch_cost),
                 "GetPayment": Rule(_INSTITUTION, _own_institution),
-                "ListPayments": Rule(_INSTITUTION, _own_institution),
+                "ListPayments": Rule(_INSTITUTION, _own_institution, _listing_cost),
             },
         ),
         **_rules(
@@ -148,7 +160,7 @@ SWITCH_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
                 },
                 # A bank or an institution may list the payments it is party to.
                 "ListParticipantPayments": Rule(
-                    STAFF | {Role.INSTITUTION, Role.BANK}, _own_participant_or_staff
+                    STAFF | {Role.INSTITUTION, Role.BANK}, _own_participant_or_staff, _listing_cost
                 ),
             },
         ),

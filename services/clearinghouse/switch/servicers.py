@@ -49,6 +49,7 @@ from clearinghouse.domain.validation import (
     PARTICIPANT_ID_LEN_MAX,
     check_order_shape,
     is_valid_id,
+    list_page_rows,
     timestamp_violations,
 )
 from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
@@ -57,9 +58,6 @@ from clearinghouse.switch import convert
 from clearinghouse.switch.processor import Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
-
-LIST_PAGE_SIZE_MAX = 500
-LIST_PAGE_SIZE_DEFAULT = 100
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +504,7 @@ def _list_payments(
     ]
     if times:
         raise InvalidArgument(times)
-    size = min(request.page_size or LIST_PAGE_SIZE_DEFAULT, LIST_PAGE_SIZE_MAX)
+    size = list_page_rows(request.page_size)
     # Unset end: now; unset start: the longest span before the end (payment.proto).
     end_us = convert.ts_to_us(request.end_time) if request.HasField("end_time") else wall_clock_us()
     start_us = (
