@@ -1,26 +1,52 @@
-"""``clearingctl pki ...``: the local certificate authority, for operators.
+"""``clearingctl pki ...``: the local certificate authority, for operators, and an
+institution's own order-signing key.
 
     clearingctl pki init                         create the CA (set-up does this)
     clearingctl pki issue institution INST_NEW   a participant's certificate and key
     clearingctl pki issue bank BANK_X --ip 10.0.0.7 --dns bank-x.example
-    clearingctl pki issue auditor kpmg --out ./kpmg-certs
+    clearingctl pki issue auditor kpmg --out ~/handover/kpmg
     clearingctl pki list
-    clearingctl pki sign-order '{"payment_id": ..., "institution_id": "INST_ALIPAY", ...}'
+    clearingctl pki signing-key new --out ~/keys/inst_new-signing.pem
+    clearingctl pki signing-key public --key ~/keys/inst_new-signing.pem
+    clearingctl pki sign-order --key ~/keys/inst_new-signing.pem '{"payment_id": ...}'
 
 ``issue`` writes ``cert.pem`` and ``key.pem`` (0600) in the identity's folder under the
-CA folder, and with ``--out`` also copies them and ``ca.pem`` there, to hand over.
+CA folder, and with ``--out`` also copies them and ``ca.pem`` there, to hand over. A
+private key (``issue --out``, ``signing-key new --out``) is never written inside a git
+work tree unless git ignores that path (``git check-ignore``), so it cannot be committed
+by accident.
+
+``signing-key new`` makes an Ed25519 key pair for an institution on its own machine: the
+private key stays in the file it names, and the public half is printed in the form
+``AdminService.RegisterParticipant`` / ``UpdateParticipant`` take it
+(``Participant.signing_keys``: ``{"key_id": ..., "public_key": <base64>}``), for the
+operator to register. ``sign-order --key FILE`` signs with that key; without ``--key`` it
+uses the key the demo keeps for the institution in the CA folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
+
+GIT_TIMEOUT_S: Final = 10.0
+KEY_FILE_MODE: Final = 0o600
 
 
 def add_parser(sub: Any) -> None:
@@ -33,25 +59,54 @@ def add_parser(sub: Any) -> None:
     iss.add_argument("name", help="participant id for institutions and banks")
     iss.add_argument("--ip", action="append", default=[], help="server address (repeatable)")
     iss.add_argument("--dns", action="append", default=[], help="server name (repeatable)")
-    iss.add_argument("--out", type=Path, default=None, help="also copy the PEM files here")
+    iss.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also copy the PEM files here (outside any git work tree, or git-ignored)",
+    )
     ps.add_parser("list", help="every identity issued, with its expiry")
+    sk = ps.add_parser("signing-key", help="an institution's own order-signing key (Ed25519)")
+    sks = sk.add_subparsers(dest="signing_cmd", required=True)
+    new = sks.add_parser(
+        "new", help="make a key pair; prints the public half to register with the switch"
+    )
+    new.add_argument("--out", type=Path, required=True, help="where the private key goes (PEM)")
+    pub = sks.add_parser("public", help="print the public half of a private key file")
+    pub.add_argument("--key", type=Path, required=True, help="the private key (PEM)")
     so = ps.add_parser(
         "sign-order",
         help="sign a PaymentOrder (proto JSON) with its institution's key; prints a "
         "SubmitPaymentRequest for grpcurl -d",
     )
     so.add_argument("order_json", help="the order as proto JSON; '-' reads standard input")
+    so.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        help="the institution's own Ed25519 private key (PEM); default: the key store's",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (pki.PkiError, ValueError, OSError) as e:
+        print(f"clearingctl: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     ca = pki.LocalCA(args.dir or pki.default_directory())
     if args.cmd == "init":
         created = ca.init()
         print(f"{'created' if created else 'already there'}: {ca.ca_cert_path}")
         return 0
     if args.cmd == "issue":
-        ca.init()
         ident = Identity(Role(args.role), args.name)
+        if args.out is not None:
+            refuse_key_in_work_tree(args.out / "key.pem")  # before anything is issued
+        ca.init()
         folder = ca.issue(ident, ips=args.ip, dns=args.dns)
         print(f"issued {ident}: {folder / 'cert.pem'}, {folder / 'key.pem'}")
         if args.out is not None:
@@ -61,15 +116,107 @@ def run(args: argparse.Namespace) -> int:
             shutil.copy2(ca.ca_cert_path, args.out / "ca.pem")
             print(f"copied cert.pem, key.pem and ca.pem to {args.out}")
         return 0
+    if args.cmd == "signing-key":
+        return _signing_key(args)
     if args.cmd == "sign-order":
-        return _sign_order(args.order_json, ca.directory)
+        return _sign_order(args.order_json, ca.directory, args.key)
     for ident, expires in ca.identities():
         print(f"{ident.common_name:<40} expires {expires:%Y-%m-%d}")
     return 0
 
 
-def _sign_order(text: str, directory: Path) -> int:
-    """Sign with the key in ``<pki>/<institution>/signing-key.pem`` (what the demo made)."""
+# -- keys outside work trees ---------------------------------------------------------------
+
+
+def _existing_parent(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return p
+    return Path("/")
+
+
+def git_work_tree_tracking(path: Path) -> Path | None:
+    """The git work tree that would track a file at ``path``: the one it lies in, unless
+    git ignores that path there. None outside work trees, when ignored, or without git."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    absolute = path.expanduser().resolve()
+    top = subprocess.run(
+        [git, "-C", str(_existing_parent(absolute.parent)), "rev-parse", "--show-toplevel"],
+        capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if top.returncode != 0:
+        return None  # not inside a work tree
+    root = Path(top.stdout.strip())
+    ignored = subprocess.run(
+        [git, "-C", str(root), "check-ignore", "-q", str(absolute)],
+        capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    # 0: ignored; 1: not ignored (or tracked); anything else: git could not tell.
+    return None if ignored.returncode == 0 else root
+
+
+def refuse_key_in_work_tree(path: Path) -> None:
+    """Raise ValueError if a private key written at ``path`` could be committed."""
+    root = git_work_tree_tracking(path)
+    if root is not None:
+        raise ValueError(
+            f"{path} lies in the git work tree {root} and is not git-ignored: a private "
+            "key there could be committed. Write it outside the work tree (e.g. under "
+            "your home folder) or to a git-ignored path"
+        )
+
+
+# -- order-signing keys ----------------------------------------------------------------------
+
+
+def read_signing_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file (PKCS#8, unencrypted)."""
+    key = load_pem_private_key(path.expanduser().read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} does not hold an Ed25519 private key")
+    return key
+
+
+def public_half_json(key: Ed25519PrivateKey) -> str:
+    """The key's public half as a ``clearing.v1.SigningKey`` in proto JSON (the form
+    ``Participant.signing_keys`` takes in RegisterParticipant / UpdateParticipant)."""
+    from google.protobuf import json_format  # noqa: PLC0415 (only these commands need it)
+
+    from clearing.v1 import admin_pb2  # noqa: PLC0415
+    from clearinghouse.domain.signing import key_id_of, public_key_bytes  # noqa: PLC0415
+
+    raw = public_key_bytes(key)
+    message = admin_pb2.SigningKey(key_id=key_id_of(raw), public_key=raw)
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True)
+
+
+def _signing_key(args: argparse.Namespace) -> int:
+    if args.signing_cmd == "public":
+        print(public_half_json(read_signing_key(args.key)))
+        return 0
+    out: Path = args.out.expanduser()
+    refuse_key_in_work_tree(out)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    out.parent.mkdir(parents=True, exist_ok=True, mode=pki.DIR_MODE)
+    # O_EXCL: never replaces a key that exists (it may be registered already).
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(public_half_json(key))
+    print(
+        f"private key written to {out} (mode 0600): keep it; give the operator only the "
+        "line above, for Participant.signing_keys",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _sign_order(text: str, directory: Path, key_file: Path | None) -> int:
+    """Sign with ``key_file`` if given, else the key in ``<pki>/<institution>/
+    signing-key.pem`` (what the demo made)."""
     from google.protobuf import json_format  # noqa: PLC0415 (only this command needs it)
 
     from clearing.v1 import payment_pb2  # noqa: PLC0415
@@ -78,7 +225,11 @@ def _sign_order(text: str, directory: Path) -> int:
 
     raw = sys.stdin.read() if text == "-" else text
     order = json_format.Parse(raw, payment_pb2.PaymentOrder())
-    key = SigningKeyStore(directory).existing(order.institution_id)
+    key = (
+        read_signing_key(key_file)
+        if key_file is not None
+        else SigningKeyStore(directory).existing(order.institution_id)
+    )
     if key is None:
         print(f"no signing key for {order.institution_id!r} in the key store", file=sys.stderr)
         return 1
