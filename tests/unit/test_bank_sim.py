@@ -279,6 +279,65 @@ def test_outage_answers_unavailable_and_applies_nothing(start_bank: StartBank) -
     assert bank.debit("pay-6").status == APPROVED
 
 
+# ---- who may call ----------------------------------------------------------------------------
+
+
+def _book(bank: Bank) -> dict[str, object]:
+    with bank.handle.ledger._lock:
+        return dict(bank.handle.ledger._records)
+
+
+@pytest.mark.parametrize(
+    "who",
+    [Identity(Role.INSTITUTION, "INST_ALIPAY"), Identity(Role.BANK, "BANK_OTHER"),
+     pki.operator(), pki.auditor()],
+    ids=str,
+)  # fmt: skip
+def test_only_a_switch_node_moves_money_at_a_bank(
+    start_bank: StartBank, test_ca: pki.LocalCA, who: Identity
+) -> None:
+    bank = start_bank(approve_ratio=1.0)
+    test_ca.ensure(who)
+    with pki.secure_channel(bank.handle.address, test_ca.load(who)) as channel:
+        stub = bank_pb2_grpc.BankServiceStub(channel)
+        for call in (
+            lambda: stub.Debit(_transfer("evil-1"), timeout=CALL_TIMEOUT_S),
+            lambda: stub.Credit(_transfer("evil-2"), timeout=CALL_TIMEOUT_S),
+            lambda: stub.Reverse(
+                bank_pb2.ReverseRequest(switch_ref="evil-3", reason="X"), timeout=CALL_TIMEOUT_S
+            ),
+            lambda: stub.Inquire(
+                bank_pb2.InquireRequest(switch_ref="evil-1"), timeout=CALL_TIMEOUT_S
+            ),
+        ):
+            with _raises(grpc.StatusCode.PERMISSION_DENIED) as caught:
+                call()
+            assert _error_of(caught[0]).reason == "NOT_AUTHORIZED"
+    assert _book(bank) == {}  # nothing applied, not even a reversal marker
+    # A node asking about those references finds nothing.
+    assert [bank.inquire(ref).status for ref in ("evil-1", "evil-2", "evil-3")] == [UNKNOWN_REF] * 3
+
+
+def test_a_caller_without_a_certificate_never_reaches_the_bank(
+    start_bank: StartBank, test_ca: pki.LocalCA
+) -> None:
+    bank = start_bank(approve_ratio=1.0)
+    ca_pem = test_ca.ca_cert_path.read_bytes()
+    channels = [
+        grpc.secure_channel(
+            bank.handle.address, grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        ),
+        grpc.insecure_channel(bank.handle.address),
+    ]
+    for channel in channels:
+        stub = bank_pb2_grpc.BankServiceStub(channel)
+        with _raises(grpc.StatusCode.UNAVAILABLE):  # the handshake is refused
+            stub.Debit(_transfer("anon-1"), timeout=CALL_TIMEOUT_S)
+        channel.close()
+    assert _book(bank) == {}
+    assert bank.inquire("anon-1").status == UNKNOWN_REF
+
+
 def test_a_late_answer_still_applies_the_transfer(start_bank: StartBank) -> None:
     bank = start_bank(approve_ratio=1.0, timeout_ratio=1.0, hang_ms=10_000)
     started = time.monotonic()

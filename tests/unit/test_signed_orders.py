@@ -298,3 +298,31 @@ def test_the_key_store_keeps_one_private_key_per_participant(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="cannot name"):
         store.get_or_create("../etc")
     assert store.existing("../etc") is None
+    # Never inside the CA's folder or another role's (the certificates live beside).
+    for taken in ("ca", "CA", "node-beijing-a", "operator-operator"):
+        with pytest.raises(ValueError, match="no signing key"):
+            store.get_or_create(taken)
+        assert store.existing(taken) is None
+        assert not (tmp_path / "pki" / taken).exists()
+
+
+def test_a_replay_after_the_freshness_window_is_refused_and_changes_nothing(
+    node: Any,
+) -> None:
+    """Within the window a resent order is an idempotent replay (above); once its
+    requested_at is older than ORDER_MAX_AGE_S, the same bytes are refused before routing:
+    a captured order cannot be replayed later, and the original payment stays as it was."""
+    servicer, store, bank, router = node
+    order = _signed()
+    first = servicer.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), FakeContext())
+    assert first.payment.state == common_pb2.PAYMENT_STATE_APPROVED
+    records = dict(store.records)
+    calls = store.calls.total()
+    # requested_at was 1 s before the clock: the window ends ORDER_MAX_AGE_S after it.
+    clock = store._clock
+    assert clock is not None
+    clock.advance(ORDER_MAX_AGE_S)
+    assert _refused(servicer, order) == (grpc.StatusCode.FAILED_PRECONDITION, "ORDER_EXPIRED")
+    assert router.submitted == 1  # never routed again
+    assert store.records == records and store.calls.total() == calls
+    assert bank.calls["transfer"] == 1
