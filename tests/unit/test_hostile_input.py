@@ -151,7 +151,7 @@ class IndexedLedger(FakeLedger):
     def snapshot(self) -> Any:
         with self._lock:
             return (
-                {k: dict(v) for k, v in self.rows.items() if v},
+                {k: dict(v) for k, v in self.stored.items() if v},
                 list(self.index_rows),
                 {k: dict(v) for k, v in self.fences.items() if v},
                 {k: dict(v) for k, v in self._seals.items() if v},
@@ -159,7 +159,7 @@ class IndexedLedger(FakeLedger):
 
     def keys_written(self) -> Counter[str]:
         with self._lock:
-            return Counter(e.payment_key for part in self.rows.values() for e in part.values())
+            return Counter(e.payment_key for part in self.stored.values() for e in part.values())
 
 
 class CassandraLikeParticipantStore(FakeParticipantStore):
