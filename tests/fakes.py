@@ -653,6 +653,10 @@ FAKE_CQL_TABLES: dict[str, TableSpec] = {
         ("participant_id", "day"),
         (("received_at_us", False), ("institution_id", False), ("payment_id", False)),
     ),
+    # No longer written (009 replaced it); here so that code still using it runs.
+    "payments_by_time": TableSpec(
+        ("institution_id", "day"), (("received_at_us", False), ("payment_id", False))
+    ),
 }
 
 _INSERT = re.compile(
