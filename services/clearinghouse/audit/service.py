@@ -114,9 +114,6 @@ class AuditDomain:
         decision = next((e for e in out if e.kind == KIND_DECISION), None)
         return out, (window_in_chain(chain, decision) if decision is not None else 0)
 
-    def payment_entries(self, institution_id: str, payment_id: str) -> list[LedgerEntry]:
-        return self.payment_history(institution_id, payment_id)[0]
-
     def window_of(self, entry: LedgerEntry) -> int:
         """The window whose cut follows ``entry`` in its shard; 0 if it is still open."""
         chain, _ = read_chain(self.ledger, entry.shard)
