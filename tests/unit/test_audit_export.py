@@ -499,3 +499,22 @@ def test_linking_to_the_previous_window(tmp_path: Path, exported: Path) -> None:
     assert verify_export(short).ok
     linked = verify_export(short, previous=first)
     assert [(p.shard, "not right after" in p.message) for p in linked.problems] == [(1, True)]
+
+
+def test_an_expected_root_obtained_independently(
+    exported: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = read_export(exported).manifest.merkle_root
+    assert verify_export(exported, expected_root=root).ok
+    other = hashlib.sha256(b"the root another city's node gave").digest()
+    report = verify_export(exported, expected_root=other)
+    assert [(p.file, p.message) for p in report.problems] == [
+        (MANIFEST_FILE, f"merkle_root {root.hex()} is not the expected root {other.hex()}")
+    ]
+    assert main([str(exported), "--expected-root", root.hex()]) == 0
+    assert main([str(exported), "--expected-root", other.hex().upper()]) == 1
+    assert "not the expected root" in capsys.readouterr().out
+    for bad in ("abc", "zz" * 32, root.hex()[:-2]):
+        with pytest.raises(SystemExit) as e:
+            main([str(exported), "--expected-root", bad])
+        assert e.value.code == 2

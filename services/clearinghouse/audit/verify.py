@@ -31,9 +31,13 @@ or participant concerned:
    in that window are entries of its export with the same hash. Without it, the window
    is anchored only by the manifest's ``start_prev_hash`` values.
 
-Command line: ``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]``
-prints a summary (or the report as JSON) and exits 0 when the export verifies, 1 when
-it does not.
+9. With ``expected_root`` (``--expected-root HEX``, a root the auditor obtained on its
+   own, e.g. ``GetWindow`` on another city's node): the manifest's Merkle root is that
+   root. With checks 2 and 3 this ties every entry of the export to it.
+
+Command line: ``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
+[--expected-root HEX]`` prints a summary (or the report as JSON) and exits 0 when the
+export verifies, 1 when it does not.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from clearinghouse.domain.signing import verify_order_signature
 
 # Differences listed per file before the rest are summed up in one line.
 DIFFS_PER_FILE_MAX: Final = 10
+MERKLE_ROOT_BYTES: Final = 32
 # Decoding corrupt bytes raises InvariantViolation (an AssertionError) or ValueError
 # (UnicodeDecodeError among them); the verifier reports them, it never crashes on them.
 _CORRUPT: Final = (AssertionError, ValueError)
@@ -158,16 +163,29 @@ class _Run:
         )
 
 
-def verify_export(directory: str | Path, previous: str | Path | None = None) -> VerifyReport:
+def verify_export(
+    directory: str | Path,
+    previous: str | Path | None = None,
+    *,
+    expected_root: bytes | None = None,
+) -> VerifyReport:
     """Verify the export in ``directory`` (see the module docstring); never raises for
     anything wrong in the files, which all become problems in the report.
 
     ``previous``, the export folder of the window before (verified on its own), also
     checks that this window starts in every shard right after that window's cut, and
     that the intents of ``intents.jsonl`` lying in that window are its entries.
+    ``expected_root``, the window's Merkle root as obtained independently of the
+    export, must be the manifest's root.
     """
     run = _Run(Path(directory))
     manifest = _read(run, MANIFEST_FILE, lambda: read_manifest(run.directory))
+    found_root = manifest.merkle_root if manifest is not None else None
+    if found_root is not None and expected_root is not None and found_root != expected_root:
+        run.add(
+            MANIFEST_FILE,
+            f"merkle_root {found_root.hex()} is not the expected root {expected_root.hex()}",
+        )
     entries = _read(run, ENTRIES_FILE, lambda: read_entries(run.directory, ENTRIES_FILE))
     intents = _read(run, INTENTS_FILE, lambda: read_entries(run.directory, INTENTS_FILE))
     clearing = _read(run, CLEARING_FILE, lambda: read_clearing(run.directory))
@@ -597,9 +615,31 @@ def _check_nets_sum_to_zero(run: _Run, clearing: WindowClearing) -> None:
             run.add(NET_POSITIONS_FILE, f"net positions in {ccy} sum to {total}, not zero")
 
 
+def merkle_root_arg(text: str) -> bytes:
+    """A Merkle root on the command line: 64 hex digits (SHA-256)."""
+    try:
+        root = bytes.fromhex(text)
+    except ValueError:
+        root = b""
+    if len(root) != MERKLE_ROOT_BYTES:
+        raise argparse.ArgumentTypeError(f"not {MERKLE_ROOT_BYTES * 2} hex digits: {text!r}")
+    return root
+
+
+def add_expected_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expected-root",
+        type=merkle_root_arg,
+        metavar="HEX",
+        help="the window's Merkle root obtained independently (e.g. GetWindow on another "
+        "city's node); the export must have it",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]``: exit
-    status 0 if the export verifies, 1 if not (2 for bad arguments, from argparse)."""
+    """``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
+    [--expected-root HEX]``: exit status 0 if the export verifies, 1 if not (2 for bad
+    arguments, from argparse)."""
     parser = argparse.ArgumentParser(
         prog="python -m clearinghouse.audit.verify",
         description="Verify a settlement window export folder from its files alone.",
@@ -609,8 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--previous", type=Path, help="the previous window's export, to link the two windows"
     )
+    add_expected_root(parser)
     args = parser.parse_args(argv)
-    report = verify_export(args.directory, args.previous)
+    report = verify_export(args.directory, args.previous, expected_root=args.expected_root)
     sys.stdout.write(report.to_json() if args.json else report.summary())
     return 0 if report.ok else 1
 
