@@ -17,6 +17,12 @@
 * :class:`FakeBank` keeps a ledger per ``switch_ref``, answers from a script per
   reference (or a default), and spends the caller's deadline on the fake clock whenever
   it does not answer.
+* :class:`FakeCqlSession` is a Cassandra session in memory for the statements of the
+  storage classes that run over it (:class:`~clearinghouse.storage.windows.
+  CassandraWindows`, the time index of :class:`~clearinghouse.storage.ledger.
+  CassandraLedger`): the real classes run unchanged, ``LIMIT``, clustering order and
+  ``IF NOT EXISTS`` included, so a query that reads the wrong rows fails here too.
+  :func:`fake_windows` is ``CassandraWindows`` over one.
 
 The fakes check their callers' obvious mistakes with ``invariant`` and count every call,
 so tests can assert on exactly what the code under test did.
@@ -25,10 +31,13 @@ so tests can assert on exactly what the code under test did.
 from __future__ import annotations
 
 import enum
+import re
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any
 
 from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
@@ -42,6 +51,8 @@ from clearinghouse.domain import (
     fingerprint,
 )
 from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.storage.ledger import block_of
+from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import (
     BankAnswer,
     BankOutcome,
@@ -302,7 +313,7 @@ class CommitRecord:
 class FakeLedger:
     """An in-memory :class:`~clearinghouse.switch.ports.LedgerStore`, safe across threads.
 
-    ``fences[shard]`` maps each fenced epoch to the node that raised it; ``rows[(shard,
+    ``fences[shard]`` maps each fenced epoch to the node that raised it; ``stored[(shard,
     epoch)]`` maps seq to entry; ``index_rows`` is every time-index row written;
     ``commits`` every shard write with whether it was acknowledged. ``entries`` reads a
     partition as Cassandra's reader does: from a seq on, as long as seqs are contiguous.
@@ -316,7 +327,7 @@ class FakeLedger:
         self._lock = threading.Lock()
         self.fences: defaultdict[int, dict[int, str]] = defaultdict(dict)
         self._seals: defaultdict[int, dict[int, Seal]] = defaultdict(dict)
-        self.rows: defaultdict[tuple[int, int], dict[int, LedgerEntry]] = defaultdict(dict)
+        self.stored: defaultdict[tuple[int, int], dict[int, LedgerEntry]] = defaultdict(dict)
         self.index_rows: list[IndexRow] = []
         self.commits: list[CommitRecord] = []
         self.calls: Counter[str] = Counter()
@@ -348,14 +359,32 @@ class FakeLedger:
     def partition(self, shard: int, epoch: int) -> list[LedgerEntry]:
         """Every entry stored in the (shard, epoch) partition, holes and all, by seq."""
         with self._lock:
-            part = self.rows[(shard, epoch)]
+            part = self.stored[(shard, epoch)]
             return [part[s] for s in sorted(part)]
+
+    def replica(self) -> FakeLedger:
+        """A copy of what is stored (entries, fences, seals), as one city's replica of
+        it: changing one copy leaves the other as it was."""
+        other = FakeLedger()
+        with self._lock:
+            for key, part in self.stored.items():
+                other.stored[key] = dict(part)
+            for shard, fences in self.fences.items():
+                other.fences[shard] = dict(fences)
+            for shard, seals in self._seals.items():
+                other._seals[shard] = dict(seals)
+        return other
+
+    def drop(self, shard: int, epoch: int, seq: int) -> None:
+        """Lose a stored entry, as a replica that missed its write would."""
+        with self._lock:
+            del self.stored[(shard, epoch)][seq]
 
     def tamper(self, shard: int, epoch: int, seq: int, body: bytes) -> None:
         """Change a stored entry's body behind its hash, as corruption would."""
         with self._lock:
-            e = self.rows[(shard, epoch)][seq]
-            self.rows[(shard, epoch)][seq] = replace(e, body=body)
+            e = self.stored[(shard, epoch)][seq]
+            self.stored[(shard, epoch)][seq] = replace(e, body=body)
 
     # -- the port ----------------------------------------------------------------------
 
@@ -383,10 +412,22 @@ class FakeLedger:
             )
             self._seals[seal.shard][seal.epoch] = seal
 
+    def rows(
+        self, shard: int, epoch: int, block: int, from_seq: int, to_seq: int
+    ) -> list[LedgerEntry]:
+        """The stored rows of one block with ``from_seq <= seq <= to_seq``, holes and all
+        (as ``CassandraLedger.rows`` reads one city's replica)."""
+        with self._lock:
+            self._enter("rows")
+            part = self.stored.get((shard, epoch), {})
+            return [
+                part[q] for q in sorted(part) if from_seq <= q <= to_seq and block_of(q) == block
+            ]
+
     def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
         with self._lock:
             self._enter("entries")
-            part = self.rows[(shard, epoch)]
+            part = self.stored[(shard, epoch)]
             out: list[LedgerEntry] = []
             seq = from_seq
             while seq in part:
@@ -401,7 +442,7 @@ class FakeLedger:
             if failure is False:
                 raise _storage_down("commit")
             for w in writes:
-                part = self.rows[(w.shard, w.epoch)]
+                part = self.stored[(w.shard, w.epoch)]
                 for e in w.entries:
                     invariant(
                         (e.shard, e.epoch) == (w.shard, w.epoch),
@@ -587,7 +628,154 @@ class FakeBank:
         return outcome
 
 
+# -- Cassandra, for the storage classes ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A table's primary key: partition key columns, then clustering columns with
+    whether each is in descending order."""
+
+    partition: tuple[str, ...]
+    clustering: tuple[tuple[str, bool], ...]
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return self.partition + tuple(c for c, _ in self.clustering)
+
+
+# The tables of services/clearinghouse/storage/cql that the fake session holds.
+FAKE_CQL_TABLES: dict[str, TableSpec] = {
+    "settlement_windows": TableSpec(("bucket",), (("window_id", True), ("event", False))),
+    "window_cuts": TableSpec(("window_id",), (("shard", False),)),
+    "window_clearing": TableSpec(("window_id",), (("part", False),)),
+    "payments_by_participant": TableSpec(
+        ("participant_id", "day"),
+        (("received_at_us", False), ("institution_id", False), ("payment_id", False)),
+    ),
+    # No longer written (009 replaced it); here so that code still using it runs.
+    "payments_by_time": TableSpec(
+        ("institution_id", "day"), (("received_at_us", False), ("payment_id", False))
+    ),
+}
+
+_INSERT = re.compile(
+    r"INSERT INTO (\w+) \(([^)]*)\) VALUES \(([^)]*)\)( IF NOT EXISTS)?", re.IGNORECASE
+)
+_SELECT = re.compile(r"SELECT (.+?) FROM (\w+) WHERE (.+?)(?: LIMIT (\?))?", re.IGNORECASE)
+_CONDITION = re.compile(r"(\(?[\w, ]+?\)?) (=|<|>|<=|>=) (\(?[?, ]+\)?)")
+
+
+@dataclass
+class FakeStatement:
+    """A prepared statement: its CQL and the attributes the storage classes set."""
+
+    cql: str
+    consistency_level: Any = None
+    serial_consistency_level: Any = None
+    is_idempotent: bool = False
+    fetch_size: int | None = None
+
+
+class FakeResult(list[Any]):
+    """Rows, and ``was_applied`` for a conditional insert."""
+
+    was_applied: bool = True
+
+
+def _names(text: str) -> list[str]:
+    return [c.strip() for c in text.strip("() ").split(",")]
+
+
+@dataclass
+class FakeCqlSession:
+    """The statements of the storage classes over :data:`FAKE_CQL_TABLES`, in memory.
+
+    ``INSERT`` (``IF NOT EXISTS`` applies only if the row is absent; otherwise an insert
+    overwrites its columns, as Cassandra's upsert does) and ``SELECT`` with a partition
+    key, ``=``/``<``/``>`` conditions (a column or a tuple of clustering columns) and
+    ``LIMIT ?``, rows in clustering order. Anything else fails the test loudly.
+    ``executed`` counts statements by table.
+    """
+
+    tables: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(
+        default_factory=lambda: {name: {} for name in FAKE_CQL_TABLES}
+    )
+    executed: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prepare(self, cql: str) -> FakeStatement:
+        return FakeStatement(" ".join(cql.split()))
+
+    def execute(self, stmt: FakeStatement, values: Sequence[Any] = ()) -> FakeResult:
+        with self._lock:
+            if m := _INSERT.fullmatch(stmt.cql):
+                return self._insert(m, list(values))
+            if m := _SELECT.fullmatch(stmt.cql):
+                return self._select(m, list(values))
+        invariant(False, f"the fake session does not know {stmt.cql!r}")
+        raise AssertionError("unreachable")
+
+    def _table(self, name: str) -> tuple[TableSpec, dict[tuple[Any, ...], dict[str, Any]]]:
+        invariant(name in FAKE_CQL_TABLES, f"the fake session has no table {name!r}")
+        self.executed[name] += 1
+        return FAKE_CQL_TABLES[name], self.tables[name]
+
+    def _insert(self, m: re.Match[str], values: list[Any]) -> FakeResult:
+        spec, rows = self._table(m.group(1))
+        cols = _names(m.group(2))
+        invariant(len(cols) == len(values), f"{len(values)} values for {cols}")
+        row = dict(zip(cols, values, strict=True))
+        key = tuple(row[c] for c in spec.key)
+        invariant(None not in key, f"a primary key column is null in {row}")
+        out = FakeResult()
+        if m.group(4) and key in rows:
+            out.was_applied = False
+            return out
+        rows.setdefault(key, {}).update(row)
+        return out
+
+    def _select(self, m: re.Match[str], values: list[Any]) -> FakeResult:
+        spec, rows = self._table(m.group(2))
+        cols = _names(m.group(1))
+        tests: list[Callable[[dict[str, Any]], bool]] = []
+        for cond in m.group(3).split(" AND "):
+            c = _CONDITION.fullmatch(cond.strip())
+            invariant(c is not None, f"the fake session cannot read the condition {cond!r}")
+            assert c is not None
+            left, op, right = _names(c.group(1)), c.group(2), _names(c.group(3))
+            bound = tuple(values.pop(0) for _ in right)
+            tests.append(_comparison(left, op, bound))
+        limit = values.pop(0) if m.group(4) else None
+        invariant(not values, f"values left over: {values}")
+        found = [r for r in rows.values() if all(t(r) for t in tests)]
+        for col, desc in reversed(spec.clustering):
+            found.sort(key=lambda r, c=col: r[c], reverse=desc)
+        found.sort(key=lambda r: tuple(r[c] for c in spec.partition))
+        out = FakeResult(SimpleNamespace(**{c: r.get(c) for c in cols}) for r in found[:limit])
+        return out
+
+
+def _comparison(
+    columns: list[str], op: str, bound: tuple[Any, ...]
+) -> Callable[[dict[str, Any]], bool]:
+    def test(row: dict[str, Any]) -> bool:
+        have = tuple(row.get(c) for c in columns)
+        return {
+            "=": have == bound, "<": have < bound, ">": have > bound,
+            "<=": have <= bound, ">=": have >= bound,
+        }[op]  # fmt: skip
+
+    return test
+
+
+def fake_windows(session: FakeCqlSession | None = None) -> CassandraWindows:
+    """The real :class:`CassandraWindows` over a :class:`FakeCqlSession`."""
+    return CassandraWindows(session if session is not None else FakeCqlSession())
+
+
 __all__ = [
+    "FAKE_CQL_TABLES",
     "OUTAGE_RETRY_AFTER_MS",
     "REVERSED_BEFORE_ARRIVAL",
     "START_US",
@@ -595,8 +783,10 @@ __all__ = [
     "CommitRecord",
     "FakeBank",
     "FakeClock",
+    "FakeCqlSession",
     "FakeLedger",
     "FakePaymentStore",
     "Reply",
     "begun_record",
+    "fake_windows",
 ]

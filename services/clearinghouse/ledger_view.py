@@ -65,16 +65,27 @@ def read_window(
     verify: bool = True,
 ) -> WindowData:
     """Read window ``window_id`` (every shard must have cut it) from verified chains
-    (``verify=False``: the rows as read, for comparing replicas)."""
+    (``verify=False``: the rows as read, for comparing replicas).
+
+    The window starts after the previous window's cut in each shard, so that cut must be
+    recorded too (window 1 starts at the chain's start): a window is never read from a
+    guessed start, which would take in earlier windows' entries."""
     cuts = windows.cuts(window_id)
     missing = sorted(set(range(shard_count)) - set(cuts))
     invariant(not missing, f"window {window_id} is not cut in shards {missing[:8]}")
     prev = windows.cuts(window_id - 1) if window_id > 1 else {}
+    if window_id > 1:
+        missing = sorted(set(range(shard_count)) - set(prev))
+        invariant(
+            not missing,
+            f"window {window_id - 1}'s cut is not recorded in shards {missing[:8]}, so "
+            f"window {window_id}'s start is unknown there",
+        )
     by_shard: dict[int, list[LedgerEntry]] = {}
     intents: list[LedgerEntry] = []
     for shard in range(shard_count):
         chain, _ = read_chain(ledger, shard, verify=verify)
-        lo = prev[shard].seq if shard in prev else 0
+        lo = prev[shard].seq if window_id > 1 else 0
         cut = cuts[shard]
         part = [e for e in chain if lo < e.seq <= cut.seq]
         invariant(

@@ -4,14 +4,22 @@ Every switch node runs :class:`WindowKeeper` once per :data:`WINDOW_POLL_S`:
 
 1. It reads the newest windows. For each window that is CLOSING, it has each shard it
    serves cut the window (:meth:`ShardedStore.cut_window`: a WINDOW_CUT entry in the
-   shard's chain) and records the cut (``window_cuts``). A new owner finds the cuts in
-   the chain it rebuilt and records them again (same values), so a crash between the
-   cut and its record loses nothing.
+   shard's chain) and records the cut (``window_cuts``): every cut of every window still
+   CLOSING, not only a shard's latest one. A new owner finds the cuts in the chain it
+   rebuilt and records them again (same values), so a crash between the cut and its
+   record loses nothing.
 2. The owner of shard 0 (the coordinator; ownership moves with it) records CLOSED once
    every shard's cut is recorded, then computes the window's clearing from the ledger
    (:func:`clear_window`), stores it (``window_clearing``) and records CLEARED; and,
    when a schedule is set, asks the open window to close once it has been open for the
    interval.
+
+One window closes at a time (:func:`request_close`): the open window can be asked to
+close only once the window before it is CLOSED, so a window's start (the previous
+window's cuts) is always recorded before the window itself can be CLOSED and cleared.
+The clearing records the participant kinds it was computed with (``clearing.json``'s
+``participants``); a clearing computed again (a second coordinator, an export) uses
+that snapshot, not the registry of the day, so it gives the same bytes.
 
 A payment belongs to the window whose cut follows its decision in its shard's chain:
 the chain is the order, so closing a window under load can neither drop a payment
@@ -25,14 +33,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from clearinghouse.domain import ClearingError, FailedPrecondition, ParticipantKind
 from clearinghouse.domain.clearing import WindowClearing, clear_window
 from clearinghouse.domain.entries import Intent
 from clearinghouse.domain.merkle import merkle_root, window_leaves
 from clearinghouse.ledger_view import WindowData, read_window
-from clearinghouse.storage.windows import CassandraWindows, CutRow, WindowEvent
+from clearinghouse.storage.windows import CassandraWindows, CutRow, WindowEvent, WindowStatus
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.shards import ShardedStore
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 
 WINDOW_POLL_S = 1.0
 COORDINATOR_SHARD = 0
+# How many of the newest windows each step looks at (one closes at a time; the others
+# may still be clearing).
+WINDOWS_WATCHED = 4
 PART_CLEARING = "clearing.json"
 PART_MERKLE_ROOT = "merkle_root"
 
@@ -86,18 +96,40 @@ def stored_clearing(windows: CassandraWindows, window_id: int) -> StoredClearing
     return StoredClearing(window_id, body, digest, bytes.fromhex(parts[PART_MERKLE_ROOT][0]))
 
 
+def stored_kinds(stored: StoredClearing) -> dict[str, ParticipantKind]:
+    """The participant kinds a stored clearing was computed with."""
+    return WindowClearing.from_json(stored.clearing_json).kinds()
+
+
 def request_close(
     windows: CassandraWindows, node_id: str, at_us: int, window_id: int = 0, reason: str = ""
 ) -> tuple[int, bool]:
-    """Ask the open window (or ``window_id``, which must be the open one) to close."""
-    current = windows.current()
+    """Ask the open window (``window_id`` 0, or the open window's id) to close; returns
+    the window that is closing and whether this call asked for it.
+
+    One window closes at a time. While the newest window asked to close is still
+    CLOSING (not every shard's cut recorded), a close returns that window and closes no
+    other, so a retried close is idempotent; naming the open window then is refused
+    (FAILED_PRECONDITION ``WINDOW_STILL_CLOSING``: it can close once the one before it
+    is CLOSED). Naming a window that is closing or closed already changes nothing.
+    """
+    recent = windows.recent(1)
+    newest = recent[0] if recent else None
+    current = newest.window_id + 1 if newest is not None else 1
+    if 0 < window_id < current:
+        return window_id, False  # closing or closed already: closing it again changes nothing
     if window_id not in (0, current):
-        # Already closing (or closed): closing it again changes nothing.
-        if 0 < window_id < current:
-            return window_id, False
         raise FailedPrecondition(
             f"window {window_id} is not open; the open window is {current}",
             reason="WINDOW_NOT_OPEN",
+        )
+    if newest is not None and newest.state == WindowEvent.CLOSING.value:
+        if window_id == 0:
+            return newest.window_id, False
+        raise FailedPrecondition(
+            f"window {newest.window_id} is still closing; window {current} can close once "
+            f"window {newest.window_id} is CLOSED",
+            reason="WINDOW_STILL_CLOSING",
         )
     made = windows.record(current, WindowEvent.CLOSING, at_us, node_id, reason)
     return current, made
@@ -137,11 +169,11 @@ class WindowKeeper:
                 log.exception("settlement window step failed")
 
     def step(self) -> None:
-        recent = self.windows.recent(4)
+        recent = self.windows.recent(WINDOWS_WATCHED)
         closing = sorted(w.window_id for w in recent if w.state == "CLOSING")
         for window_id in closing:
             self.store.cut_window(window_id)
-        self._record_cuts()
+        self._record_cuts(closing)
         if not self.store.owns_now(COORDINATOR_SHARD):
             return
         for window_id in closing:
@@ -155,23 +187,30 @@ class WindowKeeper:
                 self._clear(w.window_id)
         self._maybe_schedule(recent)
 
-    def _record_cuts(self) -> None:
-        for shard, (window_id, entry) in self.store.latest_cuts().items():
-            key = (window_id, shard, entry.seq)
-            if key in self._recorded:
-                continue
-            cut = CutRow(window_id, shard, entry.epoch, entry.seq, entry.entry_hash)
-            self.windows.put_cut(cut, self.node_id, self.clock())
-            self._recorded.add(key)
+    def _record_cuts(self, closing: list[int]) -> None:
+        """Record every cut that the shards served here made of a window still closing."""
+        for window_id in closing:
+            for shard, entry in sorted(self.store.cuts_of(window_id).items()):
+                key = (window_id, shard, entry.seq)
+                if key in self._recorded:
+                    continue
+                cut = CutRow(window_id, shard, entry.epoch, entry.seq, entry.entry_hash)
+                self.windows.put_cut(cut, self.node_id, self.clock())
+                self._recorded.add(key)
+        self._recorded = {k for k in self._recorded if k[0] in closing}
 
     def _clear(self, window_id: int) -> None:
-        _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, self.kinds())
+        # Computed again (a crash between storing and CLEARED, a second coordinator): with
+        # the kinds of the clearing already stored, so that it stays the same bytes.
+        earlier = stored_clearing(self.windows, window_id)
+        kinds = stored_kinds(earlier) if earlier is not None else self.kinds()
+        _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, kinds)
         stored = store_clearing(self.windows, window_id, clearing, root, self.clock())
         detail = f"clearing sha256 {stored.clearing_digest.hex()}, merkle root {root.hex()}"
         if self.windows.record(window_id, WindowEvent.CLEARED, self.clock(), self.node_id, detail):
             log.info("settlement window %d cleared: %s", window_id, detail)
 
-    def _maybe_schedule(self, recent: list[Any]) -> None:
+    def _maybe_schedule(self, recent: list[WindowStatus]) -> None:
         if self.interval_s <= 0:
             return
         closing_times = [w.at(WindowEvent.CLOSING) for w in recent]
@@ -184,6 +223,7 @@ class WindowKeeper:
 
 
 __all__ = [
+    "WINDOWS_WATCHED",
     "WINDOW_POLL_S",
     "StoredClearing",
     "WindowKeeper",
@@ -191,4 +231,5 @@ __all__ = [
     "request_close",
     "store_clearing",
     "stored_clearing",
+    "stored_kinds",
 ]

@@ -14,11 +14,21 @@ cities with SIGSTOP and raced their late delivery of the write and read repair):
   sends a mutation only to replicas it sees up, so nothing is queued for them;
 * hinted handoff is off on that node (``nodetool disablehandoff``), so it keeps no hint
   for them either;
-* ``read_repair`` of ``ledger_entries`` is ``NONE`` from before the write until every
-  shard is served again, so a switch node that takes a shard over after the outage
-  (its chain read is at QUORUM) cannot copy the row into a second city. The check itself
-  then runs with the table's own setting again: it reads each city's replica at
-  LOCAL_ONE, one replica, so it repairs nothing; the test checks that afterwards.
+* ``read_repair`` of ``ledger_entries`` is ``NONE`` from before the write until the
+  true row is written back in every city, so no QUORUM read of the row (a switch node
+  taking a shard over reads its chain at QUORUM) can copy the forged row into a second
+  city meanwhile. The check reads each city's replica at LOCAL_ONE, one replica, so it
+  repairs nothing whatever the setting; the test checks that afterwards.
+
+A takeover of the forged row's shard while the row is forged would read it at QUORUM:
+if the odd city's replica answers, the forged cells (the newest) win, the chain does
+not verify and that node keeps the shard out of service for the rest of the session.
+A shard changes hands only when its owner gives it up (a commit that fails, as every
+commit does while two cities are down) or loses its lease, so the test waits, before
+stopping the two cities, until no node has committed anything for a while (nothing
+is paid meanwhile and no window is closing), and checks afterwards that the shard's
+owner and epoch did not change. Should the shard be out of service all the same, it
+is brought back after the true row is written back, by restarting its node's switch.
 
 The row is put back by writing its true value at ALL (a newer write than the forged
 one). ``nodetool repair`` would do the opposite: the forged cells are the newest, so
@@ -55,6 +65,9 @@ DOWN_SEEN_TIMEOUT_S = 60.0
 READABLE_TIMEOUT_S = 120.0
 SERVED_TIMEOUT_S = 120.0
 RESTORE_TIMEOUT_S = 60.0
+# No commit on any node for this long counts as quiet; waited for at most the timeout.
+QUIET_S = 3.0
+QUIET_TIMEOUT_S = 60.0
 
 RowKey = tuple[int, int, int, int]  # shard, epoch, block, seq: a ledger_entries row
 SELECT_ROW = (
@@ -152,6 +165,47 @@ def write_everywhere(lc: LocalCluster, values: tuple[Any, ...]) -> None:
                 time.sleep(2)
 
 
+def shard_owner(lc: LocalCluster, shard: int) -> tuple[str, int] | None:
+    """(zone, epoch) of the switch node serving ``shard``, as the nodes say."""
+    for zone, d in lc.describe_nodes().items():
+        for s in (d or {}).get("shards", []):
+            if s["shard"] == shard:
+                return zone, int(s["epoch"])
+    return None
+
+
+def commits_so_far(lc: LocalCluster) -> int | None:
+    """Group commits acknowledged on all nodes together; None if a node did not answer."""
+    nodes = lc.describe_nodes()
+    if any(d is None for d in nodes.values()):
+        return None
+    return sum(int(d["commits"]) for d in nodes.values() if d is not None)
+
+
+def wait_until_quiet(lc: LocalCluster) -> bool:
+    """Whether, within QUIET_TIMEOUT_S, no node committed anything for QUIET_S."""
+    deadline = time.monotonic() + QUIET_TIMEOUT_S
+    last = commits_so_far(lc)
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_S)
+        now = commits_so_far(lc)
+        if now is not None and now == last:
+            return True
+        last = now
+    return False
+
+
+def bring_back(lc: LocalCluster, shard: int, zone: str) -> None:
+    """If ``shard`` is out of service (a takeover read the forged row), restart the
+    switch node that holds it, once the true row is back, so that it is rebuilt."""
+    if eventually(lambda: shard in lc.served_shards(), SERVED_TIMEOUT_S):
+        return
+    print(f"shard {shard} is not served: restarting switch@{zone}")
+    lc.stop(f"switch@{zone}")
+    lc.start(f"switch@{zone}")
+    eventually(lambda: len(lc.served_shards()) == SHARD_COUNT, SERVED_TIMEOUT_S)
+
+
 @contextmanager
 def cities_stopped(lc: LocalCluster, zones: list[str], seen_by: str) -> Iterator[None]:
     """Those Cassandra nodes stopped, and seen down by ``seen_by``; started on exit."""
@@ -217,6 +271,10 @@ def test_a_row_written_to_one_city_only_is_named_by_the_cross_city_check(
 
     table_read_repair = read_repair(lc)
     forged = False
+    # Nothing may give the row's shard up while the row is forged (see the docstring).
+    quiet = wait_until_quiet(lc)
+    owner_before = shard_owner(lc, entry.shard)
+    assert owner_before is not None, f"shard {entry.shard} is not served"
     try:
         set_read_repair(lc, "NONE")
         for z in odd:
@@ -228,8 +286,13 @@ def test_a_row_written_to_one_city_only_is_named_by_the_cross_city_check(
                           (*forged_cells, *key))  # fmt: skip
         # Every city is up again; the forged row is in the odd city's replica only.
         assert held_by_city(lc, key) == diverged
-        assert eventually(lambda: len(lc.served_shards()) == SHARD_COUNT, SERVED_TIMEOUT_S)
-        set_read_repair(lc, table_read_repair)
+        served = eventually(lambda: len(lc.served_shards()) == SHARD_COUNT, SERVED_TIMEOUT_S)
+        owner_now = shard_owner(lc, entry.shard)
+        assert served and owner_now == owner_before, (
+            f"shard {entry.shard} changed hands ({owner_before} -> {owner_now}) while its row "
+            f"was forged in {ODD_CITY} (the cluster was {'' if quiet else 'not '}quiet before): "
+            "its takeover read the row at QUORUM"
+        )
         assert held_by_city(lc, key) == diverged
 
         cmp = compare_when_readable(audit, window)
@@ -250,10 +313,12 @@ def test_a_row_written_to_one_city_only_is_named_by_the_cross_city_check(
         # The check only read: the forged row is still in the odd city alone.
         assert held_by_city(lc, key) == diverged
 
-        # The true row written back in every city: they agree again.
+        # The true row written back in every city, then the table's read repair back:
+        # the cities agree again.
         write_everywhere(lc, (*true_cells, *key))
         forged = False
         assert held_by_city(lc, key) == everywhere_true
+        set_read_repair(lc, table_read_repair)
         again = compare_when_readable(audit, window)
         assert again.agree, summary(again)
         assert {c.merkle_root for c in again.cities} == {stored_root}, summary(again)
@@ -265,6 +330,7 @@ def test_a_row_written_to_one_city_only_is_named_by_the_cross_city_check(
             write_everywhere(lc, (*true_cells, *key))
         if read_repair(lc) != table_read_repair:
             set_read_repair(lc, table_read_repair)
+        bring_back(lc, entry.shard, owner_before[0])
 
     # The switch serves every shard and takes payments again.
     assert eventually(lambda: len(lc.served_shards()) == SHARD_COUNT, SERVED_TIMEOUT_S)

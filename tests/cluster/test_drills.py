@@ -24,9 +24,9 @@ DRILL_SEED = 20261111
 DRILL_DURATION_S = 50.0
 DRILL_RATE_PER_S = 12.0
 DRILL_HOLD_S = 12.0
-# Load, the city's restart, the drain and the checks: two minutes, and a margin for a
-# loaded machine before the test itself gives up.
-DRILL_BUDGET_S = 120.0
+# Load, the city's restart, the drain and the checks take about two minutes; the test
+# gives up after this long. How long a drill takes is reported, not asserted: timing
+# belongs in benchmarks, and CI machines are shared.
 TEST_TIMEOUT_S = 420
 
 
@@ -62,4 +62,3 @@ def test_a_short_kill_city_drill_loses_and_duplicates_nothing(
     logged = read_log(out / report.CLIENT_LOG)
     assert len(logged.traces) == rep["load"]["sent"]
     assert all(t.outcome != "pending" for t in logged.traces.values())
-    assert took_s <= DRILL_BUDGET_S, f"the CI drill took {took_s:.0f}s"

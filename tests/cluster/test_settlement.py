@@ -1,17 +1,21 @@
 """Settlement windows and the auditor's view, on the real cluster.
 
 * Windows are closed twice while clients in every zone keep paying: every decided
-  payment is in exactly one window (or the still-open one), each window's clearing nets
-  to zero and matches its own decisions, every payment a client saw decided is in the
-  ledger, and an exported window verifies offline; one byte changed in it does not.
+  payment is in exactly one window, each window's clearing nets to zero and matches its
+  own decisions, every payment a client was told is decided has its decision in exactly
+  one of the two windows or the still-open tail (by its shard and seq against the
+  cuts; the audit's payment history names the same window), and an exported window has
+  the stored Merkle root and verifies offline; one byte changed in it does not.
 * A city's Cassandra is down while a window fills and closes, with hinted handoff off,
-  so its replica lacks the window's rows: the cross-city check names that city and
-  rows, and after a repair the three cities agree again.
+  so its replica lacks the window's rows: once the city can be read, the cross-city
+  check names that city and rows it lacks (all of them rows of that window), and after
+  a repair the three cities agree again.
 * A stored entry changed in place is caught by the chain verification.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -22,19 +26,24 @@ import grpc
 import pytest
 
 from clearing.v1 import audit_pb2, audit_pb2_grpc, common_pb2, settlement_pb2, settlement_pb2_grpc
+from clearinghouse.audit.export import read_manifest
 from clearinghouse.audit.verify import verify_export
 from clearinghouse.domain.entries import KIND_DECISION, Decision
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.ledger_view import read_ledger, read_window
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.windows import CassandraWindows
-from clearinghouse.switch.records import payment_key
+from clearinghouse.switch.records import SHARD_COUNT, payment_key
+from clearinghouse.switch.shards import read_chain
 from tests.support import SwitchEnv, eventually, session_preferring
 
 pytestmark = pytest.mark.cluster
 
 CLEAR_TIMEOUT_S = 90.0
 COMPARE_RETRY_S = 90.0
+# Payments per window (and of the open tail) whose history is asked of the audit service.
+HISTORY_SAMPLE_PER_WINDOW = 3
+MISSING_ROW = re.compile(r"shard (\d+) seq (\d+): missing")
 FINAL = {
     common_pb2.PAYMENT_STATE_APPROVED, common_pb2.PAYMENT_STATE_DECLINED,
     common_pb2.PAYMENT_STATE_FAILED, common_pb2.PAYMENT_STATE_REVERSED,
@@ -52,6 +61,17 @@ def compare(audit: Any, window: int) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def compare_when_readable(audit: Any, window: int) -> Any:
+    """CompareCities once every city's replica can be read (a node that has just started
+    may refuse reads for a while); the last answer after COMPARE_RETRY_S."""
+    deadline = time.monotonic() + COMPARE_RETRY_S
+    while True:
+        r = compare(audit, window)
+        if all(not c.error for c in r.cities) or time.monotonic() > deadline:
+            return r
+        time.sleep(2)
 
 
 def stubs(env: SwitchEnv, zone: str) -> tuple[Any, Any]:
@@ -118,11 +138,13 @@ def test_windows_closed_under_load_lose_and_double_count_nothing(
     with session_preferring(env.lc, "beijing") as s:
         ledger, windows = CassandraLedger(s), CassandraWindows(s)
         seen: Counter[str] = Counter()
+        in_window: dict[int, set[str]] = {}
         for w in (first, second):
             data = read_window(ledger, windows, w)
             decisions = [e for es in data.entries_by_shard.values() for e in es
                          if e.kind == KIND_DECISION]  # fmt: skip
             seen.update(e.payment_key for e in decisions)
+            in_window[w] = {e.payment_key for e in decisions}
             # The stored clearing is the clearing of exactly these decisions.
             _, audit = stubs(env, "beijing-b")
             got = audit.GetWindow(audit_pb2.GetWindowRequest(window_id=w), timeout=30)
@@ -139,15 +161,51 @@ def test_windows_closed_under_load_lose_and_double_count_nothing(
             assert all(v == 0 for v in by_ccy.values()), by_ccy
             assert got.payment_count == len(decisions)
     assert max(seen.values()) == 1, "a payment counted in two windows"
-    # Every payment a client saw decided before the second close is in one of them or
-    # in the open window; none is lost.
+    # Every payment a client was told is decided has its DECISION in exactly one of the
+    # two windows or in the still-open tail, by its (shard, seq) against the cuts of the
+    # window before the first, the first and the second; none is lost.
     with session_preferring(env.lc, "shanghai") as s:
-        everything = read_ledger(CassandraLedger(s))
+        ledger, windows = CassandraLedger(s), CassandraWindows(s)
+        everything = read_ledger(ledger)
+        cuts = {w: windows.cuts(w) for w in (first - 1, first, second) if w > 0}
+        decided_at: dict[str, tuple[int, int]] = {}
+        for shard in range(SHARD_COUNT):
+            chain, _ = read_chain(ledger, shard)
+            for e in chain:
+                if e.kind == KIND_DECISION and e.payment_key in flow.told:
+                    assert e.payment_key not in decided_at, f"{e.payment_key}: two decisions"
+                    decided_at[e.payment_key] = (e.shard, e.seq)
+    for w, window_cuts in cuts.items():
+        assert sorted(window_cuts) == list(range(SHARD_COUNT)), f"window {w} lacks cuts"
+    holding: dict[str, int] = {}  # payment key -> its window (0: the open tail)
     for key, payment in flow.told.items():
         assert payment.state in FINAL
         assert key in everything.decided, f"{key} acknowledged but not in the ledger"
+        shard, seq = decided_at[key]
+        start = cuts[first - 1][shard].seq if first > 1 else 0
+        places = {
+            first: start < seq <= cuts[first][shard].seq,
+            second: cuts[first][shard].seq < seq <= cuts[second][shard].seq,
+            0: cuts[second][shard].seq < seq,
+        }
+        assert sum(places.values()) == 1, (key, shard, seq, places)
+        holding[key] = next(w for w, inside in places.items() if inside)
+        for w in (first, second):
+            assert (key in in_window[w]) == (holding[key] == w), (key, holding[key])
+    assert {first, second} <= set(holding.values()), "a window without a told payment"
+    # The audit service names the same window (a few payments of each).
+    _, audit = stubs(env, "beijing-a")
+    for w in (first, second, 0):
+        for key in sorted(k for k, h in holding.items() if h == w)[:HISTORY_SAMPLE_PER_WINDOW]:
+            inst, _, pid = key.partition("/")
+            h = audit.GetPaymentHistory(
+                audit_pb2.GetPaymentHistoryRequest(institution_id=inst, payment_id=pid),
+                timeout=60,
+            )
+            assert h.window_id == w, (key, h.window_id, w)
 
-    # The auditor exports the first window and checks it offline; a changed byte fails.
+    # The auditor exports the first window and checks it offline, against the root that
+    # another city's node stored; a changed byte fails.
     _, audit = stubs(env, "shanghai-b")
     out = tmp_path / f"window-{first}"
     for chunk in audit.ExportWindow(audit_pb2.ExportWindowRequest(window_id=first), timeout=120):
@@ -155,7 +213,12 @@ def test_windows_closed_under_load_lose_and_double_count_nothing(
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as f:
             f.write(chunk.data)
-    assert verify_export(out).ok
+    _, elsewhere = stubs(env, "shenzhen-b")
+    stored = elsewhere.GetWindow(audit_pb2.GetWindowRequest(window_id=first), timeout=30)
+    assert len(stored.merkle_root) == 32
+    assert read_manifest(out).merkle_root == stored.merkle_root
+    assert verify_export(out, expected_root=stored.merkle_root).ok
+    assert (out / "clearing.json").read_text() == stored.clearing_json
     entries = out / "entries.jsonl"
     raw = bytearray(entries.read_bytes())
     marker = b'"body_b64":"'
@@ -172,6 +235,7 @@ def test_windows_closed_under_load_lose_and_double_count_nothing(
     )
     assert verify_inclusion(proof.entry.entry_hash, proof.leaf_index, proof.tree_size,
                             list(proof.audit_path), proof.merkle_root)  # fmt: skip
+    assert proof.window_id == holding[key]
 
 
 def test_a_city_that_missed_a_window_is_named_then_converges(switch_env: SwitchEnv) -> None:
@@ -187,21 +251,33 @@ def test_a_city_that_missed_a_window_is_named_then_converges(switch_env: SwitchE
             env.submit_until_final(via[i % 4:] + via[:i % 4], env.order(payer_id="BANK_FLAKY"),
                                    budget_s=60)  # fmt: skip
         window = close_and_wait_cleared(env, "beijing-b")
+        # The window's rows, read while shenzhen is still down: a QUORUM read with it up
+        # could repair rows into its replica before they are compared.
+        with session_preferring(env.lc, "beijing") as s:
+            data = read_window(CassandraLedger(s), CassandraWindows(s), window)
+        positions = {(e.shard, e.seq) for es in data.entries_by_shard.values() for e in es}
         assert env.lc.start(f"cassandra@{lost}") == [f"cassandra@{lost}"]
         _, audit = stubs(env, "shanghai-b")
-        cmp = compare(audit, window)
+        cmp = compare_when_readable(audit, window)
         print({c.city: (c.entry_count, c.error[:80], len(c.differing_rows)) for c in cmp.cities})
         assert not cmp.agree
         shenzhen = next(c for c in cmp.cities if c.city == "shenzhen")
-        assert shenzhen.error or shenzhen.differing_rows, shenzhen
+        assert not shenzhen.error, f"shenzhen never became readable: {shenzhen.error}"
+        assert shenzhen.differing_rows, "shenzhen lacks the window's rows, but none is named"
+        for row in shenzhen.differing_rows:
+            m = MISSING_ROW.fullmatch(row)
+            assert m is not None, f"not a row shenzhen lacks: {row}"
+            assert (int(m[1]), int(m[2])) in positions, f"not a row of window {window}: {row}"
+        assert shenzhen.entry_count == len(positions) - len(shenzhen.differing_rows)
         others = [c for c in cmp.cities if c.city != "shenzhen"]
         assert all(not c.error and not c.differing_rows for c in others), others
         assert len({c.merkle_root for c in others}) == 1
+        assert {c.entry_count for c in others} == {len(positions)}
         # Repair brings shenzhen's replica back in line with the other two.
         repair = env.lc.nodetool(lost, "repair", "-full", env.lc.topo.keyspace.name,
                                  timeout_s=300)  # fmt: skip
         assert repair.returncode == 0, repair.stderr[-2000:]
-        again = compare(audit, window)
+        again = compare_when_readable(audit, window)
         assert again.agree, [(c.city, c.error, c.differing_rows[:3]) for c in again.cities]
 
     finally:

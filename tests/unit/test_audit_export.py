@@ -576,7 +576,12 @@ def test_an_insider_rewrite_is_caught_with_the_keys_participants_published(
     assert main([str(rewritten), "--keys", str(published)]) == 1
     assert "SIGNING_KEY_UNKNOWN" in capsys.readouterr().out
     args = argparse.Namespace(
-        cmd="verify", folder=rewritten, previous=None, keys=published, format="json"
+        cmd="verify",
+        folder=rewritten,
+        previous=None,
+        keys=published,
+        format="json",
+        expected_root=None,
     )
     assert audit_cli.run("audit", args, topology.load()) == 1
     assert "SIGNING_KEY_UNKNOWN" in capsys.readouterr().err
@@ -627,3 +632,22 @@ def test_an_unreadable_keys_file_is_a_problem(tmp_path: Path, exported: Path) ->
         report = verify_export(exported, keys=path)
         assert not report.ok
         assert [p.file for p in report.problems] == [f"--keys {path}"], report.problems
+
+
+def test_an_expected_root_obtained_independently(
+    exported: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = read_export(exported).manifest.merkle_root
+    assert verify_export(exported, expected_root=root).ok
+    other = hashlib.sha256(b"the root another city's node gave").digest()
+    report = verify_export(exported, expected_root=other)
+    assert [(p.file, p.message) for p in report.problems] == [
+        (MANIFEST_FILE, f"merkle_root {root.hex()} is not the expected root {other.hex()}")
+    ]
+    assert main([str(exported), "--expected-root", root.hex()]) == 0
+    assert main([str(exported), "--expected-root", other.hex().upper()]) == 1
+    assert "not the expected root" in capsys.readouterr().out
+    for bad in ("abc", "zz" * 32, root.hex()[:-2]):
+        with pytest.raises(SystemExit) as e:
+            main([str(exported), "--expected-root", bad])
+        assert e.value.code == 2

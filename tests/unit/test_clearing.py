@@ -296,53 +296,147 @@ def test_an_empty_window_clears_to_nothing() -> None:
 
 PARTIES = [("INST_ALIPAY", "BANK_ICBC"), ("INST_WECHAT", "BANK_CCB"), ("INST_ALIPAY", "BANK_CCB"),
            ("INST_WECHAT", "BANK_ICBC")]  # fmt: skip
+# How a generated payment ends in the window.
+APPROVED, DECLINED, FAILED = "APPROVED", "DECLINED", "FAILED"
+REVERSED_UNAPPROVED = "REVERSED_UNAPPROVED"  # reversed before any money moved (no postings)
+APPROVED_THEN_REVERSED = "APPROVED_THEN_REVERSED"  # two decisions in this window
+REVERSAL_OF_EARLIER = "REVERSAL_OF_EARLIER"  # approved in an earlier window, reversed now
+OUTCOMES = [APPROVED, APPROVED, APPROVED, DECLINED, FAILED, REVERSED_UNAPPROVED,
+            APPROVED_THEN_REVERSED, REVERSAL_OF_EARLIER]  # fmt: skip
 payments = st.lists(
     st.tuples(
         st.sampled_from(PARTIES),
         st.sampled_from([PaymentType.DEBIT, PaymentType.CREDIT]),
         st.integers(1, 10**13),
         st.sampled_from(["CNY", "USD", "JPY"]),
-        st.sampled_from([S.APPROVED, S.APPROVED, S.APPROVED, S.DECLINED, S.FAILED]),
+        st.sampled_from(OUTCOMES),
         st.integers(0, 7),
     ),
     max_size=40,
 )
+Generated = tuple[tuple[str, str], PaymentType, int, str, str, int]
+FIRST_DECISION = {
+    APPROVED: S.APPROVED, DECLINED: S.DECLINED, FAILED: S.FAILED,
+    REVERSED_UNAPPROVED: S.REVERSED, APPROVED_THEN_REVERSED: S.APPROVED,
+}  # fmt: skip
+
+
+def write_window(pays: list[Generated]) -> Ledger:
+    led = Ledger()
+    for n, ((inst, bank), kind, amount, ccy, outcome, shard) in enumerate(pays):
+        o = order(f"p{n}", kind, inst, bank, amount, ccy)
+        if outcome == REVERSAL_OF_EARLIER:
+            led.decide(o, shard, S.REVERSED, from_state=S.APPROVED)  # its intent: elsewhere
+            continue
+        led.pay(o, shard, FIRST_DECISION[outcome])
+        if outcome == APPROVED_THEN_REVERSED:
+            led.decide(o, shard, S.REVERSED, from_state=S.APPROVED)
+    led.cut(1)
+    return led
+
+
+class Oracle:
+    """What the window must clear to, from the generated payments alone (amounts, who
+    pays whom, how each ended), without postings or any code under test."""
+
+    def __init__(self, pays: list[Generated]) -> None:
+        self.nets: Counter[tuple[str, str]] = Counter()
+        # (payer, payee, currency) -> [approved count, approved, reversed count, reversed]
+        self.bilateral: dict[tuple[str, str, str], list[int]] = {}
+        self.states: Counter[str] = Counter()
+        for (inst, bank), kind, amount, ccy, outcome, _ in pays:
+            payer, payee = (bank, inst) if kind is PaymentType.DEBIT else (inst, bank)
+            gross = self.bilateral.setdefault((payer, payee, ccy), [0, 0, 0, 0])
+            if outcome in (APPROVED, APPROVED_THEN_REVERSED):
+                self.nets[(payer, ccy)] += amount  # the payer owes it
+                self.nets[(payee, ccy)] -= amount
+                gross[0] += 1
+                gross[1] += amount
+                self.states[APPROVED] += 1
+            if outcome in (APPROVED_THEN_REVERSED, REVERSAL_OF_EARLIER):
+                self.nets[(payer, ccy)] -= amount  # given back
+                self.nets[(payee, ccy)] += amount
+                gross[2] += 1
+                gross[3] += amount
+            if outcome in (APPROVED_THEN_REVERSED, REVERSAL_OF_EARLIER, REVERSED_UNAPPROVED):
+                self.states[S.REVERSED.value] += 1
+            if outcome in (DECLINED, FAILED):
+                self.states[outcome] += 1
+        self.bilateral = {k: v for k, v in self.bilateral.items() if any(v)}
+
+    def nonzero_nets(self) -> dict[tuple[str, str], int]:
+        return {k: v for k, v in self.nets.items() if v}
+
+    def pay_ins(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for (_, ccy), net in self.nets.items():
+            out[ccy] += max(net, 0)
+        return out
+
+
+def test_the_oracle_itself() -> None:
+    """The oracle on a window worked by hand: a reversal of an earlier approval moves
+    money back; a reversal before approval moves none."""
+    D = PaymentType.DEBIT
+    pays: list[Generated] = [
+        (("INST_ALIPAY", "BANK_ICBC"), D, 100, "CNY", APPROVED, 0),
+        (("INST_ALIPAY", "BANK_ICBC"), D, 30, "CNY", REVERSAL_OF_EARLIER, 1),
+        (("INST_ALIPAY", "BANK_ICBC"), D, 7, "CNY", APPROVED_THEN_REVERSED, 2),
+        (("INST_ALIPAY", "BANK_ICBC"), D, 5, "CNY", REVERSED_UNAPPROVED, 3),
+        (("INST_ALIPAY", "BANK_ICBC"), D, 9, "CNY", DECLINED, 3),
+    ]
+    oracle = Oracle(pays)
+    assert oracle.nonzero_nets() == {("BANK_ICBC", "CNY"): 70, ("INST_ALIPAY", "CNY"): -70}
+    assert oracle.bilateral == {("BANK_ICBC", "INST_ALIPAY", "CNY"): [2, 107, 2, 37]}
+    assert oracle.pay_ins() == Counter({"CNY": 70})
+    assert oracle.states == Counter({"APPROVED": 2, "REVERSED": 3, "DECLINED": 1})
 
 
 @given(payments, st.randoms(use_true_random=False))
 @settings(max_examples=80, deadline=None)
-def test_random_windows_balance(
-    pays: list[tuple[tuple[str, str], PaymentType, int, str, PaymentState, int]],
-    rnd: random.Random,
-) -> None:
-    led = Ledger()
-    for n, ((inst, bank), kind, amount, ccy, state, shard) in enumerate(pays):
-        led.pay(order(f"p{n}", kind, inst, bank, amount, ccy), shard, state)
-    led.cut(1)
+def test_random_windows_clear_as_the_oracle_says(pays: list[Generated], rnd: random.Random) -> None:
+    led = write_window(pays)
     c = clear_window(1, led.entries, KINDS, led.intents)
+    oracle = Oracle(pays)
 
+    # Nets: as the oracle computed them from the amounts; each is debits - credits.
+    assert {(n.participant_id, n.currency): n.net_minor for n in c.net_positions
+            if n.net_minor} == oracle.nonzero_nets()  # fmt: skip
     net_by_ccy: Counter[str] = Counter()
     for n in c.net_positions:
         assert n.net_minor == n.debit_minor - n.credit_minor
+        assert n.kind is KINDS[n.participant_id]
         net_by_ccy[n.currency] += n.net_minor
     assert all(total == 0 for total in net_by_ccy.values())
 
+    # Bilateral gross totals, approved and reversed, by (payer, payee, currency).
+    assert {(b.payer_id, b.payee_id, b.currency): [b.approved_count, b.approved_minor,
+                                                   b.reversed_count, b.reversed_minor]
+            for b in c.bilateral} == oracle.bilateral  # fmt: skip
+
+    # Instructions: each net debtor pays in its net, each net creditor is paid out its
+    # net; pay-ins are the sum of the positive nets, and equal pay-outs.
+    signed = {(i.participant_id, i.currency): i.amount_minor if i.direction == PAY_IN
+              else -i.amount_minor for i in c.instructions}  # fmt: skip
+    assert signed == oracle.nonzero_nets()
     paid_in: Counter[str] = Counter()
     paid_out: Counter[str] = Counter()
     for i in c.instructions:
         assert i.amount_minor > 0
         (paid_in if i.direction == PAY_IN else paid_out)[i.currency] += i.amount_minor
         assert (i.direction == PAY_OUT) == i.from_account.startswith("SWITCH:")
-    assert paid_in == paid_out
+    assert paid_in == paid_out == +oracle.pay_ins()
+
+    # Counts: every payment decided once, a reversal in the window twice.
+    assert c.payments_decided == len(pays)
+    assert c.decision_count == len(pays) + sum(1 for p in pays if p[4] == APPROVED_THEN_REVERSED)
+    assert Counter(dict(c.state_counts)) == oracle.states
 
     nets = {(n.participant_id, n.currency): n.net_minor for n in c.net_positions}
     for rec in c.reconciliations:
         for t in rec.totals:
             assert t.net_minor == nets.get((rec.participant_id, t.currency), 0)
         assert sum(t.payments for t in rec.totals) == len(rec.rows)
-    approved = sum(1 for p in pays if p[4] is S.APPROVED)
-    assert sum(b.approved_count for b in c.bilateral) == approved
-    assert c.payments_decided == len(pays)
 
     shuffled = list(led.entries)
     rnd.shuffle(shuffled)

@@ -139,7 +139,7 @@ class IndexedLedger(FakeLedger):
     """FakeLedger plus the payments-by-time index that CassandraLedger.list_index reads,
     run through the real list_index with a session that binds like the driver."""
 
-    _SELECT_TIME_TYPES = (None, Int32Type, LongType, None, LongType, Int32Type)
+    _SELECT_TIME_TYPES = (None, Int32Type, LongType, None, None, LongType, Int32Type)
 
     def list_index(
         self, participant_id: str, start_us: int, end_us: int, page_size: int, page_token: str
@@ -152,23 +152,23 @@ class IndexedLedger(FakeLedger):
     def execute(self, stmt: str, values: tuple[Any, ...]) -> list[Any]:
         assert stmt == "select_time"
         _bind(values, self._SELECT_TIME_TYPES)
-        participant_id, _day, after_us, after_id, end_us, limit = values
+        participant_id, _day, after_us, after_inst, after_id, end_us, limit = values
         with self._lock:
             rows = sorted(
-                (r.received_at_us, r.payment_id, r.institution_id)
+                (r.received_at_us, r.institution_id, r.payment_id)
                 for r in self.index_rows
                 if r.listed_under == participant_id
             )
         return [
-            SimpleNamespace(received_at_us=at, payment_id=pid, payment_institution=inst)
-            for at, pid, inst in rows
-            if (at, pid) > (after_us, after_id) and at < end_us
+            SimpleNamespace(received_at_us=at, institution_id=inst, payment_id=pid)
+            for at, inst, pid in rows
+            if (at, inst, pid) > (after_us, after_inst, after_id) and at < end_us
         ][:limit]
 
     def snapshot(self) -> Any:
         with self._lock:
             return (
-                {k: dict(v) for k, v in self.rows.items() if v},
+                {k: dict(v) for k, v in self.stored.items() if v},
                 list(self.index_rows),
                 {k: dict(v) for k, v in self.fences.items() if v},
                 {k: dict(v) for k, v in self._seals.items() if v},
@@ -176,7 +176,7 @@ class IndexedLedger(FakeLedger):
 
     def keys_written(self) -> Counter[str]:
         with self._lock:
-            return Counter(e.payment_key for part in self.rows.values() for e in part.values())
+            return Counter(e.payment_key for part in self.stored.values() for e in part.values())
 
 
 class CassandraLikeParticipantStore(FakeParticipantStore):

@@ -2,10 +2,13 @@
 operator's commands over ``clearing.v1.AuditService`` and ``SettlementService``.
 
 Every listing prints as a table (default), CSV (``--format csv``) or JSON
-(``--format json``). ``audit verify DIR [--keys FILE]`` needs no cluster at all: it
-checks an exported window offline (chains, Merkle root, clearing, net positions summing
-to zero, signatures: with ``--keys``, against the keys the participants published
-themselves rather than the export's).
+(``--format json``). A CSV output is always one table with one header row, so that a
+spreadsheet loads it as it is: ``audit window`` has three tables (the summary, the net
+positions, the instructions) and prints the one ``--part`` names. ``audit verify DIR``
+needs no cluster at all: it checks an exported window offline (chains, Merkle root,
+clearing, net positions summing to zero, signatures: with ``--keys``, against the keys
+the participants published themselves rather than the export's; with
+``--expected-root``, the root obtained independently).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from clearing.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
-from clearinghouse.audit.verify import verify_export
+from clearinghouse.audit.verify import add_expected_root, verify_export
 from clearinghouse.client import error_details, local_credentials
+from clearinghouse.domain.chain import entry_hash
+from clearinghouse.domain.entries import KIND_DECISION
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.security import pki
 from clearinghouse.security.ratelimit import RATE_LIMITED
+from clearinghouse.switch.records import payment_key
 from clearinghouse.topology import Topology
 
 CALL_DEADLINE_S = 120.0
@@ -45,6 +51,8 @@ RATE_LIMITED_PAUSE_MS = 500
 RATE_LIMITED_PAUSE_MAX_MS = 5_000
 T = TypeVar("T")
 FORMATS = ("table", "csv", "json")
+WINDOW_PARTS = ("summary", "net-positions", "instructions")
+EXIT_USAGE = 2
 
 
 def add_parsers(sub: Any) -> None:
@@ -60,13 +68,21 @@ def add_parsers(sub: Any) -> None:
         "window", parents=[common], help="a window's state, net positions and instructions"
     )
     w.add_argument("window_id", type=int)
+    w.add_argument(
+        "--part",
+        choices=WINDOW_PARTS,
+        help="print only this table (required with --format csv: one table per CSV)",
+    )
     p = s.add_parser("payment", parents=[common], help="a payment and its ledger entries")
     p.add_argument("institution_id")
     p.add_argument("payment_id")
     ps = s.add_parser(
-        "payments", parents=[common], help="an institution's payments by receipt time"
+        "payments",
+        parents=[common],
+        help="a participant's payments by receipt time: an institution's own, or those "
+        "routed to a bank",
     )
-    ps.add_argument("institution_id")
+    ps.add_argument("participant_id", help="an institution or a bank")
     ps.add_argument("--from", dest="start", required=True, help="ISO time, e.g. 2026-11-25T00:00")
     ps.add_argument("--to", dest="end", required=True, help="ISO time (exclusive)")
     ps.add_argument("--page-size", type=int, default=100)
@@ -103,6 +119,7 @@ def add_parsers(sub: Any) -> None:
         help="signing keys the participants published themselves (signing_keys.json's "
         "shape): signatures are checked with these, not the export's own",
     )
+    add_expected_root(v)
 
     win = sub.add_parser("window", help="close settlement windows, confirm settlements")
     ws = win.add_subparsers(dest="cmd", required=True)
@@ -117,7 +134,9 @@ def add_parsers(sub: Any) -> None:
 
 def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
     if group == "audit" and args.cmd == "verify":
-        report = verify_export(args.folder, args.previous, args.keys)
+        report = verify_export(
+            args.folder, args.previous, args.keys, expected_root=args.expected_root
+        )
         _emit([{"ok": report.ok, "problems": len(report.problems)}], args.format)
         for problem in report.problems:
             print(f"  {problem}", file=sys.stderr)
@@ -127,16 +146,22 @@ def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
     identity = pki.operator() if group == "window" else pki.auditor()
     target = f"{zone.address}:{zone.ports.switch}"
     with local_credentials().channel(target, identity, server=pki.node(zone.name)) as channel:
-        try:
-            if group == "window":
-                return _window(settlement_pb2_grpc.SettlementServiceStub(channel), args)
-            return _audit(audit_pb2_grpc.AuditServiceStub(channel), args)
-        except grpc.RpcError as e:
-            err = error_details(e)
-            code = e.code().name if isinstance(e, grpc.Call) else "?"
-            reason = f" {err.reason}: {err.message}" if err else ""
-            print(f"clearingctl: {code}{reason}", file=sys.stderr)
-            return 1
+        return call(group, args, channel)
+
+
+def call(group: str, args: argparse.Namespace, channel: Any) -> int:
+    """Run the command's RPCs over ``channel``; a failed RPC is printed (its code and
+    the switch's reason) and is exit status 1."""
+    try:
+        if group == "window":
+            return _window(settlement_pb2_grpc.SettlementServiceStub(channel), args)
+        return _audit(audit_pb2_grpc.AuditServiceStub(channel), args)
+    except grpc.RpcError as e:
+        err = error_details(e)
+        code = e.code().name if isinstance(e, grpc.Call) else "?"
+        reason = f" {err.reason}: {err.message}" if err else ""
+        print(f"clearingctl: {code}{reason}", file=sys.stderr)
+        return 1
 
 
 def _window(stub: Any, args: argparse.Namespace) -> int:
@@ -160,27 +185,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         _emit([_summary(w) for w in r.windows], fmt)
         return 0
     if cmd == "window":
-        r = stub.GetWindow(audit_pb2.GetWindowRequest(window_id=args.window_id),
-                           timeout=CALL_DEADLINE_S)  # fmt: skip
-        if fmt == "json":
-            print(json.dumps({
-                **_summary(r.summary), "merkle_root": r.merkle_root.hex(),
-                "clearing_sha256": r.clearing_digest.hex(), "entries": r.entry_count,
-                "payments": r.payment_count,
-                "clearing": json.loads(r.clearing_json) if r.clearing_json else None,
-            }, indent=2))  # fmt: skip
-            return 0
-        _emit([_summary(r.summary) | {"merkle_root": r.merkle_root.hex()[:16],
-                                       "entries": r.entry_count, "payments": r.payment_count}],
-              fmt)  # fmt: skip
-        print()
-        nets = [{"participant": n.participant_id, "currency": n.net_debit.currency,
-                 "net_debit_minor": n.net_debit.amount_minor} for n in r.net_positions]  # fmt: skip
-        _emit(nets, fmt)
-        print()
-        _emit([{"from": i.from_account, "to": i.to_account, "currency": i.amount.currency,
-                "amount_minor": i.amount.amount_minor} for i in r.instructions], fmt)  # fmt: skip
-        return 0
+        return _window_parts(stub, args)
     if cmd == "payment":
         r = stub.GetPaymentHistory(
             audit_pb2.GetPaymentHistoryRequest(institution_id=args.institution_id,
@@ -210,10 +215,12 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
                                                payment_id=args.payment_id),
             timeout=CALL_DEADLINE_S,
         )  # fmt: skip
-        ok = verify_inclusion(r.entry.entry_hash, r.leaf_index, r.tree_size,
-                              list(r.audit_path), r.merkle_root)  # fmt: skip
+        leaf = _decision_hash(r.entry, payment_key(args.institution_id, args.payment_id))
+        ok = leaf is not None and verify_inclusion(leaf, r.leaf_index, r.tree_size,
+                                                   list(r.audit_path), r.merkle_root)  # fmt: skip
         _emit([{"window": r.window_id, "leaf_index": r.leaf_index, "tree_size": r.tree_size,
-                "merkle_root": r.merkle_root.hex(), "verified_here": ok}], fmt)  # fmt: skip
+                "merkle_root": r.merkle_root.hex(), "entry_hash_matches": leaf is not None,
+                "verified_here": ok}], fmt)  # fmt: skip
         return 0 if ok else 1
     if cmd == "compare-cities":
         r = stub.CompareCities(audit_pb2.CompareCitiesRequest(window_id=args.window_id),
@@ -229,6 +236,58 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
     if cmd == "export":
         return _export(stub, args)
     return 2
+
+
+def _window_parts(stub: Any, args: argparse.Namespace) -> int:
+    fmt, part = args.format, args.part
+    if fmt == "csv" and part is None:
+        print(f"clearingctl: --format csv prints one table; choose it with --part "
+              f"({', '.join(WINDOW_PARTS)})", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    r = stub.GetWindow(audit_pb2.GetWindowRequest(window_id=args.window_id),
+                       timeout=CALL_DEADLINE_S)  # fmt: skip
+    if fmt == "json" and part is None:
+        print(json.dumps({
+            **_summary(r.summary), "merkle_root": r.merkle_root.hex(),
+            "clearing_sha256": r.clearing_digest.hex(), "entries": r.entry_count,
+            "payments": r.payment_count,
+            "clearing": json.loads(r.clearing_json) if r.clearing_json else None,
+        }, indent=2))  # fmt: skip
+        return 0
+    tables = {
+        "summary": [_summary(r.summary) | {
+            "merkle_root": r.merkle_root.hex() if fmt != "table" else r.merkle_root.hex()[:16],
+            "entries": r.entry_count, "payments": r.payment_count}],
+        "net-positions": [{"participant": n.participant_id, "currency": n.net_debit.currency,
+                           "net_debit_minor": n.net_debit.amount_minor}
+                          for n in r.net_positions],
+        "instructions": [{"from": i.from_account, "to": i.to_account,
+                          "currency": i.amount.currency, "amount_minor": i.amount.amount_minor}
+                         for i in r.instructions],
+    }  # fmt: skip
+    if part is not None:
+        _emit(tables[part], fmt)
+        return 0
+    for n, name in enumerate(WINDOW_PARTS):  # the table format: all three, one after another
+        if n:
+            print()
+        _emit(tables[name], fmt)
+    return 0
+
+
+def _decision_hash(entry: Any, key: str) -> bytes | None:
+    """The hash of ``entry`` (a returned ``LedgerEntryRef``) recomputed from its fields,
+    if it is the DECISION of payment ``key`` and its stated hash is that hash."""
+    if entry.kind != KIND_DECISION or entry.payment_key != key:
+        return None
+    try:
+        recomputed = entry_hash(
+            shard=entry.shard, epoch=entry.epoch, seq=entry.seq, kind=entry.kind,
+            payment_key=entry.payment_key, body=entry.body, prev_hash=entry.prev_hash,
+        )  # fmt: skip
+    except (AssertionError, ValueError):  # fields no entry can have (InvariantViolation)
+        return None
+    return recomputed if recomputed == entry.entry_hash else None
 
 
 def _payments(stub: Any, args: argparse.Namespace) -> int:
@@ -335,4 +394,4 @@ def _emit(rows: Sequence[dict[str, Any]], fmt: str) -> None:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
 
 
-__all__ = ["add_parsers", "run"]
+__all__ = ["add_parsers", "call", "run"]

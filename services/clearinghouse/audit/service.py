@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from clearinghouse._invariant import InvariantViolation
-from clearinghouse.audit.export import write_export
-from clearinghouse.domain import FailedPrecondition, NotFound, ParticipantKind
+from clearinghouse.audit.export import CLEARING_FILE, render_export
+from clearinghouse.domain import DataLoss, FailedPrecondition, NotFound, ParticipantKind
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
-from clearinghouse.domain.entries import KIND_DECISION
+from clearinghouse.domain.entries import KIND_DECISION, KIND_WINDOW_CUT, WindowCut
 from clearinghouse.domain.merkle import inclusion_proof, merkle_root, window_leaves
 from clearinghouse.domain.model import SigningKeyRecord
 from clearinghouse.ledger_view import WindowData, read_window
-from clearinghouse.settlement import stored_clearing
+from clearinghouse.settlement import StoredClearing, stored_clearing, stored_kinds
 from clearinghouse.storage.ledger import block_of
 from clearinghouse.storage.windows import CassandraWindows, WindowStatus
 from clearinghouse.switch.ports import LedgerStore
@@ -103,21 +101,23 @@ class AuditDomain:
 
     # -- payments -----------------------------------------------------------------------
 
-    def payment_entries(self, institution_id: str, payment_id: str) -> list[LedgerEntry]:
+    def payment_history(
+        self, institution_id: str, payment_id: str
+    ) -> tuple[list[LedgerEntry], int]:
+        """The payment's entries in its shard's (verified) chain, and the window that
+        holds its decision: 0 while that window is open, or if it is not decided."""
         key = payment_key(institution_id, payment_id)
         chain, _ = read_chain(self.ledger, shard_of(institution_id, payment_id))
         out = [e for e in chain if e.payment_key == key]
         if not out:
             raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
-        return out
+        decision = next((e for e in out if e.kind == KIND_DECISION), None)
+        return out, (window_in_chain(chain, decision) if decision is not None else 0)
 
     def window_of(self, entry: LedgerEntry) -> int:
         """The window whose cut follows ``entry`` in its shard; 0 if it is still open."""
-        for status in sorted(self.windows.recent(), key=lambda w: w.window_id):
-            cut = self.windows.cuts(status.window_id).get(entry.shard)
-            if cut is not None and cut.seq >= entry.seq:
-                return status.window_id
-        return 0
+        chain, _ = read_chain(self.ledger, entry.shard)
+        return window_in_chain(chain, entry)
 
     # -- windows ------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class AuditDomain:
             raise NotFound(f"no settlement window {window_id}")
         return status, stored_clearing(self.windows, window_id)
 
-    def _cleared(self, window_id: int) -> Any:
+    def _cleared(self, window_id: int) -> StoredClearing:
         stored = stored_clearing(self.windows, window_id)
         if stored is None:
             raise FailedPrecondition(
@@ -156,15 +156,14 @@ class AuditDomain:
         return out
 
     def inclusion(self, window_id: int, institution_id: str, payment_id: str) -> Proof:
-        decisions = [
-            e for e in self.payment_entries(institution_id, payment_id) if e.kind == KIND_DECISION
-        ]
+        entries, holding = self.payment_history(institution_id, payment_id)
+        decisions = [e for e in entries if e.kind == KIND_DECISION]
         if not decisions:
             raise FailedPrecondition(
                 f"payment {payment_id!r} is not decided yet", reason="PAYMENT_NOT_DECIDED"
             )
         decision = decisions[0]
-        window_id = window_id or self.window_of(decision)
+        window_id = window_id or holding
         if window_id == 0:
             raise FailedPrecondition(
                 f"payment {payment_id!r} is in the open window", reason="WINDOW_NOT_CLOSED"
@@ -178,6 +177,7 @@ class AuditDomain:
             raise NotFound(
                 f"payment {payment_id!r} was not decided in window {window_id}"
             ) from None
+        _same_root(window_id, merkle_root(leaves), stored)
         return Proof(window_id, decision, index, len(leaves), inclusion_proof(leaves, index),
                      stored.merkle_root)  # fmt: skip
 
@@ -246,20 +246,32 @@ class AuditDomain:
     # -- export ---------------------------------------------------------------------------
 
     def export(self, window_id: int) -> Iterator[tuple[str, bytes]]:
-        """The export files of a cleared window, as (path, chunk) pairs."""
-        self._cleared(window_id)
+        """The export files of a cleared window, as (path, chunk) pairs, in path order.
+
+        The export is the stored clearing, recomputed: from the window's entries read
+        now, with the participant kinds recorded in the stored clearing (not today's
+        registry, which may list participants registered since). Its Merkle root and
+        ``clearing.json`` must be the stored ones, byte for byte; otherwise DATA_LOSS
+        (nothing is exported: the ledger no longer gives what was cleared).
+        """
+        stored = self._cleared(window_id)
         data = read_window(self.ledger, self.windows, window_id)
-        with tempfile.TemporaryDirectory(prefix=f"window-{window_id}-") as tmp:
-            root = write_export(Path(tmp), window_id, data.entries_by_shard,
-                                data.referenced_intents, self.kinds(),
-                                signing_keys=self.signing_keys())  # fmt: skip
-            for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                rel = str(path.relative_to(root))
-                with path.open("rb") as f:
-                    chunk = f.read(EXPORT_CHUNK_BYTES)
-                    yield rel, chunk  # an empty file too: it is part of the export
-                    while chunk := f.read(EXPORT_CHUNK_BYTES):
-                        yield rel, chunk
+        _same_root(window_id, merkle_root(window_leaves(_flatten(data))), stored)
+        files = render_export(window_id, data.entries_by_shard, data.referenced_intents,
+                              stored_kinds(stored), signing_keys=self.signing_keys())  # fmt: skip
+        body = files[CLEARING_FILE].encode()
+        if hashlib.sha256(body).digest() != stored.clearing_digest:
+            raise DataLoss(
+                f"window {window_id}: the clearing recomputed from the ledger (sha256 "
+                f"{hashlib.sha256(body).hexdigest()}) is not the one stored when the window "
+                f"was cleared (sha256 {stored.clearing_digest.hex()})",
+                reason="STORED_CLEARING_MISMATCH",
+            )
+        for path in sorted(files):
+            data_bytes = files[path].encode()
+            yield path, data_bytes[:EXPORT_CHUNK_BYTES]  # an empty file too: it is exported
+            for at in range(EXPORT_CHUNK_BYTES, len(data_bytes), EXPORT_CHUNK_BYTES):
+                yield path, data_bytes[at : at + EXPORT_CHUNK_BYTES]
 
 
 def row_digest(e: LedgerEntry) -> bytes:
@@ -306,8 +318,39 @@ def compare_views(views: list[CityView]) -> CityComparison:
     return CityComparison(out, agree=agree)
 
 
+def window_in_chain(chain: Sequence[LedgerEntry], entry: LedgerEntry) -> int:
+    """The window that holds ``entry`` of a shard's chain: the first window whose cut in
+    the chain follows it (or is it); 0 if no cut follows it yet (the open window).
+
+    The chain's WINDOW_CUT entries are what ``window_cuts`` records, one per window and
+    shard, and the chain is already read (and verified) to find the payment's entries;
+    the cut rows are not needed, and no window is missed however many there are."""
+    for e in chain:
+        if e.seq >= entry.seq and e.kind == KIND_WINDOW_CUT:
+            return WindowCut.decode(e.body).window_id
+    return 0
+
+
+def _same_root(window_id: int, root: bytes, stored: StoredClearing) -> None:
+    if root != stored.merkle_root:
+        raise DataLoss(
+            f"window {window_id}: the Merkle root of its entries read now ({root.hex()}) is "
+            f"not the root stored when it was cleared ({stored.merkle_root.hex()})",
+            reason="STORED_ROOT_MISMATCH",
+        )
+
+
 def _flatten(data: WindowData) -> list[LedgerEntry]:
     return [e for shard in sorted(data.entries_by_shard) for e in data.entries_by_shard[shard]]
 
 
-__all__ = ["AuditDomain", "ChainCheck", "CityComparison", "CityView", "Proof"]
+__all__ = [
+    "AuditDomain",
+    "ChainCheck",
+    "CityComparison",
+    "CityView",
+    "Proof",
+    "compare_views",
+    "row_digest",
+    "window_in_chain",
+]

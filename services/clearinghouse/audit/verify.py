@@ -38,9 +38,13 @@ or participant concerned:
    in that window are entries of its export with the same hash. Without it, the window
    is anchored only by the manifest's ``start_prev_hash`` values.
 
+9. With ``expected_root`` (``--expected-root HEX``, a root the auditor obtained on its
+   own, e.g. ``GetWindow`` on another city's node): the manifest's Merkle root is that
+   root. With checks 2 and 3 this ties every entry of the export to it.
+
 Command line: ``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
-[--keys FILE]`` prints a summary (or the report as JSON) and exits 0 when the export
-verifies, 1 when it does not.
+[--keys FILE] [--expected-root HEX]`` prints a summary (or the report as JSON) and exits 0 when the
+export verifies, 1 when it does not.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ from clearinghouse.domain.signing import verify_order_signature
 KEYS_OPTION: Final = "--keys {}"
 # Differences listed per file before the rest are summed up in one line.
 DIFFS_PER_FILE_MAX: Final = 10
+MERKLE_ROOT_BYTES: Final = 32
 # Decoding corrupt bytes raises InvariantViolation (an AssertionError) or ValueError
 # (UnicodeDecodeError among them); the verifier reports them, it never crashes on them.
 _CORRUPT: Final = (AssertionError, ValueError)
@@ -172,6 +177,8 @@ def verify_export(
     directory: str | Path,
     previous: str | Path | None = None,
     keys: str | Path | None = None,
+    *,
+    expected_root: bytes | None = None,
 ) -> VerifyReport:
     """Verify the export in ``directory`` (see the module docstring); never raises for
     anything wrong in the files, which all become problems in the report.
@@ -183,9 +190,17 @@ def verify_export(
     ``keys``, a file of the signing keys the participants published themselves (the
     shape of ``signing_keys.json``), is what signatures are checked against instead of
     the export's own keys; a key of the export that it does not list is a problem.
+    ``expected_root``, the window's Merkle root as obtained independently of the
+    export, must be the manifest's root.
     """
     run = _Run(Path(directory))
     manifest = _read(run, MANIFEST_FILE, lambda: read_manifest(run.directory))
+    found_root = manifest.merkle_root if manifest is not None else None
+    if found_root is not None and expected_root is not None and found_root != expected_root:
+        run.add(
+            MANIFEST_FILE,
+            f"merkle_root {found_root.hex()} is not the expected root {expected_root.hex()}",
+        )
     entries = _read(run, ENTRIES_FILE, lambda: read_entries(run.directory, ENTRIES_FILE))
     intents = _read(run, INTENTS_FILE, lambda: read_entries(run.directory, INTENTS_FILE))
     clearing = _read(run, CLEARING_FILE, lambda: read_clearing(run.directory))
@@ -654,9 +669,30 @@ def _check_nets_sum_to_zero(run: _Run, clearing: WindowClearing) -> None:
             run.add(NET_POSITIONS_FILE, f"net positions in {ccy} sum to {total}, not zero")
 
 
+def merkle_root_arg(text: str) -> bytes:
+    """A Merkle root on the command line: 64 hex digits (SHA-256)."""
+    try:
+        root = bytes.fromhex(text)
+    except ValueError:
+        root = b""
+    if len(root) != MERKLE_ROOT_BYTES:
+        raise argparse.ArgumentTypeError(f"not {MERKLE_ROOT_BYTES * 2} hex digits: {text!r}")
+    return root
+
+
+def add_expected_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expected-root",
+        type=merkle_root_arg,
+        metavar="HEX",
+        help="the window's Merkle root obtained independently (e.g. GetWindow on another "
+        "city's node); the export must have it",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m clearinghouse.audit.verify <dir> [--json] [--previous <dir>]
-    [--keys FILE]``: exit status 0 if the export verifies, 1 if not (2 for bad
+    [--keys FILE] [--expected-root HEX]``: exit status 0 if the export verifies, 1 if not (2 for bad
     arguments, from argparse)."""
     parser = argparse.ArgumentParser(
         prog="python -m clearinghouse.audit.verify",
@@ -673,8 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="signing keys the participants published themselves (signing_keys.json's "
         "shape): check signatures with these, not the export's",
     )
+    add_expected_root(parser)
     args = parser.parse_args(argv)
-    report = verify_export(args.directory, args.previous, args.keys)
+    report = verify_export(
+        args.directory, args.previous, args.keys, expected_root=args.expected_root
+    )
     sys.stdout.write(report.to_json() if args.json else report.summary())
     return 0 if report.ok else 1
 

@@ -73,15 +73,16 @@ class CassandraLedger:
         self._select_seals = p(
             "SELECT epoch, prev_epoch, start_seq, start_hash FROM shard_seals WHERE shard = ?"
         )
-        # The index's partition key column is named institution_id for history; it holds
-        # any participant's id (an institution's own rows, or a bank's).
+        # The time index (migration 009): a participant's payments, its own or those
+        # routed to it as a bank, keyed on time, institution and payment id.
         self._insert_time = p(
-            "INSERT INTO payments_by_time (institution_id, day, received_at_us, payment_id, "
-            "payment_institution) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO payments_by_participant (participant_id, day, received_at_us, "
+            "institution_id, payment_id) VALUES (?, ?, ?, ?, ?)"
         )
         self._select_time = p(
-            "SELECT received_at_us, payment_id, payment_institution FROM payments_by_time "
-            "WHERE institution_id = ? AND day = ? AND (received_at_us, payment_id) > (?, ?) "
+            "SELECT received_at_us, institution_id, payment_id FROM payments_by_participant "
+            "WHERE participant_id = ? AND day = ? "
+            "AND (received_at_us, institution_id, payment_id) > (?, ?, ?) "
             "AND received_at_us < ? LIMIT ?"
         )
         for stmt in (
@@ -213,13 +214,10 @@ class CassandraLedger:
         by_partition: dict[tuple[str, int], list[IndexRow]] = defaultdict(list)
         for row in w.index_rows:
             by_partition[(row.listed_under, day_of(row.received_at_us))].append(row)
-        for (listed, day), rows in by_partition.items():
+        for rows in by_partition.values():
             batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
             for row in rows:
-                other = row.institution_id if row.institution_id != listed else None
-                batch.add(
-                    self._insert_time, (listed, day, row.received_at_us, row.payment_id, other)
-                )
+                batch.add(self._insert_time, index_values(row))
             batch.is_idempotent = True
             out.append(batch)
         return out
@@ -233,47 +231,56 @@ class CassandraLedger:
         own, or those routed to a bank) received in ``[start_us, end_us)``, oldest first,
         and the next page's token.
 
-        The token is the last (received_at_us, payment_id) returned: the next page
-        starts strictly after it, so concurrent inserts never repeat or skip a row.
+        The token is the last (received_at_us, institution_id, payment_id) returned: the
+        next page starts strictly after it, so concurrent inserts never repeat or skip a
+        row. The first page starts at ``start_us`` itself (every real row sorts after
+        ``(start_us, "", "")``).
         """
         if end_us - start_us > LIST_DAYS_MAX * DAY_US:
             raise InvalidArgument(
                 [FieldViolation("end_time", f"a listing spans at most {LIST_DAYS_MAX} days")]
             )
-        cursor = _decode_token(page_token) if page_token else (start_us - 1, "")
+        cursor = _decode_token(page_token) if page_token else (start_us, "", "")
         out: list[tuple[str, str]] = []
         day_start = (max(cursor[0], start_us) // DAY_US) * DAY_US
         while day_start < end_us and len(out) < page_size:
             limit = page_size - len(out)
-            values = (participant_id, day_of(day_start), cursor[0], cursor[1], end_us, limit)
+            values = (participant_id, day_of(day_start), *cursor, end_us, limit)
             rows = with_retries(
                 "listing payments",
                 lambda v=values: list(self.session.execute(self._select_time, v)),  # type: ignore[misc]
             )
             for r in rows:
-                out.append((r.payment_institution or participant_id, r.payment_id))
-                cursor = (r.received_at_us, r.payment_id)
+                out.append((r.institution_id, r.payment_id))
+                cursor = (r.received_at_us, r.institution_id, r.payment_id)
             if len(rows) < limit:
                 day_start += DAY_US
         more = len(out) >= page_size
         return out, (_encode_token(*cursor) if more else "")
 
 
-def _encode_token(at_us: int, payment_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{at_us}|{payment_id}".encode()).decode()
+def index_values(row: IndexRow) -> tuple[str, int, int, str, str]:
+    """The bound values of a time-index row: (participant_id, day, received_at_us,
+    institution_id, payment_id)."""
+    at = row.received_at_us
+    return (row.listed_under, day_of(at), at, row.institution_id, row.payment_id)
 
 
-def _decode_token(token: str) -> tuple[int, str]:
+def _encode_token(at_us: int, institution_id: str, payment_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{at_us}|{institution_id}|{payment_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[int, str, str]:
+    refused = InvalidArgument([FieldViolation("page_token", "not a token this switch issued")])
     try:
-        at, _, pid = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        # Ids never hold "|" (validation), so the first two separate the three parts.
+        at, inst, pid = base64.urlsafe_b64decode(token.encode()).decode().split("|", 2)
         at_us = int(at)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(
-            [FieldViolation("page_token", "not a token this switch issued")]
-        ) from e
+        raise refused from e
     if not -(2**63) <= at_us < 2**63:  # a bigint: anything else never came from here
-        raise InvalidArgument([FieldViolation("page_token", "not a token this switch issued")])
-    return at_us, pid
+        raise refused
+    return at_us, inst, pid
 
 
-__all__ = ["LEDGER_BLOCK_ENTRIES", "CassandraLedger", "block_of", "day_of"]
+__all__ = ["LEDGER_BLOCK_ENTRIES", "CassandraLedger", "block_of", "day_of", "index_values"]

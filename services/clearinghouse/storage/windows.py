@@ -17,7 +17,7 @@ from cassandra import ConsistencyLevel
 from clearinghouse.storage.retry import with_retries
 
 WINDOW_BUCKET = 0
-WINDOW_EVENTS_READ_MAX = 64
+WINDOWS_READ_DEFAULT = 64
 
 
 class WindowEvent(enum.Enum):
@@ -28,6 +28,8 @@ class WindowEvent(enum.Enum):
 
 
 WINDOW_STATES = ("OPEN", *[e.value for e in WindowEvent])
+# A window has at most one row per event (they are written IF NOT EXISTS).
+EVENT_ROWS_PER_WINDOW_MAX = len(WindowEvent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,18 +118,29 @@ class CassandraWindows:
         )
         return bool(result.was_applied)
 
-    def recent(self, limit: int = WINDOW_EVENTS_READ_MAX) -> list[WindowStatus]:
-        """The newest windows that have events, newest first."""
+    def recent(self, limit: int = WINDOWS_READ_DEFAULT) -> list[WindowStatus]:
+        """The ``limit`` newest windows that have events (fewer if there are fewer),
+        newest first, each with all of its events.
+
+        The rows come newest window first, each window's events together, at most
+        :data:`EVENT_ROWS_PER_WINDOW_MAX` of them: that many rows per window wanted hold
+        the first ``limit`` windows whole (a window after them may be cut short; it is
+        dropped).
+        """
+        if limit <= 0:
+            return []
+        rows_max = limit * EVENT_ROWS_PER_WINDOW_MAX
         rows = with_retries(
             "reading settlement windows",
-            lambda: list(self.session.execute(self._select_events, (WINDOW_BUCKET, limit))),
+            lambda: list(self.session.execute(self._select_events, (WINDOW_BUCKET, rows_max))),
         )
         by_window: dict[int, list[EventRow]] = {}
         for r in rows:
             by_window.setdefault(r.window_id, []).append(_event(r))
+        newest = sorted(by_window.items(), reverse=True)[:limit]
         return [
             WindowStatus(w, tuple(sorted(evs, key=lambda e: list(WindowEvent).index(e.event))))
-            for w, evs in sorted(by_window.items(), reverse=True)
+            for w, evs in newest
         ]
 
     def status(self, window_id: int) -> WindowStatus:
@@ -177,6 +190,8 @@ def _event(r: Any) -> EventRow:
 
 
 __all__ = [
+    "EVENT_ROWS_PER_WINDOW_MAX",
+    "WINDOWS_READ_DEFAULT",
     "WINDOW_STATES",
     "CassandraWindows",
     "CutRow",

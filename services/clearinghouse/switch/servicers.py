@@ -384,9 +384,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             (r,) = self.router.get([(request.institution_id, request.payment_id)])
             if r.HasField("error"):
                 raise RemoteError(r.error)
-            entries = self.audit.payment_entries(request.institution_id, request.payment_id)
-            decisions = [e for e in entries if e.kind == "DECISION"]
-            window = self.audit.window_of(decisions[0]) if decisions else 0
+            entries, window = self.audit.payment_history(request.institution_id, request.payment_id)
             return audit_pb2.GetPaymentHistoryResponse(
                 payment=r.payment, entries=[_entry_ref(e) for e in entries], window_id=window
             )

@@ -97,6 +97,9 @@ COMMIT_LINGER_S = 0.002
 TAKEOVER_RETRY_S = 1.0
 # A duplicate of an in-flight payment waits this long for its first attempt to decide.
 IN_FLIGHT_WAIT_S = 25.0
+# Each shard keeps the entries of its newest window cuts, so that the cuts of every
+# window still CLOSING can be recorded (one window closes at a time, so a few suffice).
+CUTS_KEPT_PER_SHARD = 16
 
 Clock = Callable[[], int]
 
@@ -149,9 +152,15 @@ class _Shard:
         self.dropped = False
         # Set when the chain read back does not verify: the shard is not served.
         self.broken = ""
-        # The newest settlement window cut in this shard's chain, and its entry.
+        # The newest settlement window cut in this shard's chain, and the entries of the
+        # newest cuts by window (at most CUTS_KEPT_PER_SHARD of them).
         self.last_cut = 0
-        self.last_cut_entry: LedgerEntry | None = None
+        self.cuts: dict[int, LedgerEntry] = {}
+
+    def add_cut(self, window_id: int, entry: LedgerEntry) -> None:
+        self.cuts[window_id] = entry
+        for old in sorted(self.cuts)[:-CUTS_KEPT_PER_SHARD]:
+            del self.cuts[old]
 
     # Exposure: the payer's amount counts from the intent on; a decision other than
     # APPROVED gives it back; an approval credits the payee.
@@ -373,7 +382,8 @@ class ShardedStore:
         elif e.kind == KIND_WINDOW_CUT:
             cut = WindowCut.decode(e.body)
             invariant(cut.window_id == st.last_cut + 1, f"shard {st.shard}: cut out of order")
-            st.last_cut, st.last_cut_entry = cut.window_id, e
+            st.last_cut = cut.window_id
+            st.add_cut(cut.window_id, e)
         else:
             invariant(False, f"shard {st.shard} seq {e.seq}: unknown entry kind {e.kind!r}")
 
@@ -595,19 +605,23 @@ class ShardedStore:
             except Unavailable:
                 continue  # the shard is given up; its next owner cuts it
             with st.lock:
-                st.last_cut_entry = entry
+                st.add_cut(window_id, entry)
             out.append(entry)
         return out
 
-    def latest_cuts(self) -> dict[int, tuple[int, LedgerEntry]]:
-        """Per shard served here: the newest window it cut and the cut's entry."""
+    def cuts_of(self, window_id: int) -> dict[int, LedgerEntry]:
+        """Per shard served here that has cut ``window_id``: the cut's entry. Any of the
+        shard's newest cuts, not only its latest: a shard may have cut several windows
+        (two windows closing one after the other, or a new owner that found cuts in the
+        chain whose rows were never recorded), and every one of them is recorded."""
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
-        out: dict[int, tuple[int, LedgerEntry]] = {}
+        out: dict[int, LedgerEntry] = {}
         for st in shards:
             with st.lock:
-                if st.last_cut_entry is not None:
-                    out[st.shard] = (st.last_cut, st.last_cut_entry)
+                entry = st.cuts.get(window_id)
+            if entry is not None:
+                out[st.shard] = entry
         return out
 
     # -- exposure ------------------------------------------------------------------------

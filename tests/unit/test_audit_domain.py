@@ -1,0 +1,252 @@
+"""The auditor's reads over the fakes: which window holds a payment, listing windows,
+inclusion proofs, exports tied to the stored clearing, and the cross-city comparison's
+choice of rows.
+
+Windows are made by the real keeper and shard store (``tests/unit/settlement_world.py``)
+and read back through :class:`~clearinghouse.audit.service.AuditDomain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from clearinghouse.audit.export import CLEARING_FILE, MANIFEST_FILE, Manifest
+from clearinghouse.audit.service import AuditDomain
+from clearinghouse.domain import DataLoss, FailedPrecondition, NotFound, ParticipantKind
+from clearinghouse.domain.clearing import WindowClearing
+from clearinghouse.domain.merkle import verify_inclusion
+from clearinghouse.settlement import PART_CLEARING, PART_MERKLE_ROOT, stored_clearing
+from clearinghouse.storage.windows import CassandraWindows
+from clearinghouse.switch.records import PaymentRecord
+from tests.fakes import FakeCqlSession, FakeLedger, fake_windows
+from tests.unit.settlement_world import INSTITUTIONS, SettlementWorld, participant
+
+pytestmark = pytest.mark.unit
+
+WINDOW_COUNT = 30
+CITIES = ("beijing", "shanghai", "shenzhen")
+
+
+def audit_of(world: SettlementWorld, city_reader: Any = None) -> AuditDomain:
+    return AuditDomain(
+        ledger=world.ledger, windows=world.windows, kinds=world.kinds, cities=CITIES,
+        city_reader=city_reader,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def many() -> Iterator[tuple[SettlementWorld, dict[int, list[PaymentRecord]]]]:
+    """30 cleared windows with two payments each, and two payments in the open one."""
+    world = SettlementWorld()
+    paid: dict[int, list[PaymentRecord]] = {}
+    for window_id in range(1, WINDOW_COUNT + 1):
+        paid[window_id] = [world.pay(100 + window_id), world.pay(200 + window_id)]
+        assert world.close_window() == window_id
+    paid[0] = [world.pay(7), world.pay(8)]
+    yield world, paid
+    world.close()
+
+
+def _pid(rec: PaymentRecord) -> tuple[str, str]:
+    return rec.order.institution_id, rec.order.payment_id
+
+
+def test_each_payment_is_in_the_window_its_cut_says_however_many_windows(
+    many: tuple[SettlementWorld, dict[int, list[PaymentRecord]]],
+) -> None:
+    world, paid = many
+    audit = audit_of(world)
+    for window_id, recs in paid.items():
+        for rec in recs:
+            decision = world.decision(rec)
+            assert audit.window_of(decision) == window_id, rec.key
+            entries, holding = audit.payment_history(*_pid(rec))
+            assert holding == window_id
+            assert [e.kind for e in entries] == ["INTENT", "DECISION"]
+    with pytest.raises(NotFound):
+        audit.payment_history(INSTITUTIONS[0], "never-paid")
+
+
+def test_windows_are_listed_by_window_not_by_event_row(
+    many: tuple[SettlementWorld, dict[int, list[PaymentRecord]]],
+) -> None:
+    world, _ = many
+    audit = audit_of(world)
+    listed = audit.list_windows(20)
+    assert [w.window_id for w in listed] == list(range(WINDOW_COUNT + 1, WINDOW_COUNT - 19, -1))
+    assert listed[0].state == "OPEN"
+    assert {w.state for w in listed[1:]} == {"CLEARED"}
+    assert all(len(w.events) == 3 for w in listed[1:])  # CLOSING, CLOSED, CLEARED, whole
+    everything = audit.list_windows(200)
+    assert [w.window_id for w in everything] == list(range(WINDOW_COUNT + 1, 0, -1))
+    assert [w.window_id for w in world.windows.recent(3)] == [30, 29, 28]
+    assert world.windows.recent(0) == []
+
+
+def test_an_inclusion_proof_finds_the_window_of_an_old_payment(
+    many: tuple[SettlementWorld, dict[int, list[PaymentRecord]]],
+) -> None:
+    world, paid = many
+    audit = audit_of(world)
+    for window_id in (1, 2, 15, WINDOW_COUNT):
+        rec = paid[window_id][1]
+        proof = audit.inclusion(0, *_pid(rec))
+        stored = stored_clearing(world.windows, window_id)
+        assert stored is not None
+        assert (proof.window_id, proof.merkle_root) == (window_id, stored.merkle_root)
+        assert proof.entry == world.decision(rec)
+        assert verify_inclusion(proof.entry.entry_hash, proof.leaf_index, proof.tree_size,
+                                proof.audit_path, proof.merkle_root)  # fmt: skip
+        assert audit.inclusion(window_id, *_pid(rec)) == proof
+    with pytest.raises(NotFound, match="not decided in window 2"):
+        audit.inclusion(2, *_pid(paid[1][0]))
+    with pytest.raises(FailedPrecondition) as open_window:
+        audit.inclusion(0, *_pid(paid[0][0]))
+    assert open_window.value.reason == "WINDOW_NOT_CLOSED"
+
+
+# -- exports ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cleared() -> Iterator[SettlementWorld]:
+    world = SettlementWorld()
+    world.pay(1_000)
+    world.pay(2_000, inst=INSTITUTIONS[1])
+    world.close_window()
+    yield world
+    world.close()
+
+
+def export_files(audit: AuditDomain, window_id: int) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for path, chunk in audit.export(window_id):
+        out[path] = out.get(path, b"") + chunk
+    return out
+
+
+def test_the_export_is_the_stored_clearing_after_a_participant_registers(
+    cleared: SettlementWorld,
+) -> None:
+    world = cleared
+    stored = stored_clearing(world.windows, 1)
+    assert stored is not None
+    world.participants["BANK_NEW"] = participant("BANK_NEW", ParticipantKind.BANK)
+    files = export_files(audit_of(world), 1)
+    assert files[CLEARING_FILE].decode() == stored.clearing_json
+    assert hashlib.sha256(files[CLEARING_FILE]).digest() == stored.clearing_digest
+    assert Manifest.from_json(files[MANIFEST_FILE].decode()).merkle_root == stored.merkle_root
+    assert "reconciliation/BANK_NEW.csv" not in files
+    # A clearing computed again by the keeper (a second coordinator) keeps its kinds too.
+    world.node_a.keeper._clear(1)
+    assert stored_clearing(world.windows, 1) == stored
+
+
+def test_an_export_that_differs_from_the_stored_clearing_is_refused(
+    cleared: SettlementWorld,
+) -> None:
+    world = cleared
+    stored = stored_clearing(world.windows, 1)
+    assert stored is not None
+    audit = audit_of(world)
+    other_root = hashlib.sha256(b"another window").digest()
+    world.windows.put_part(1, PART_MERKLE_ROOT, other_root.hex(), b"", world.clock())
+    with pytest.raises(DataLoss) as root:
+        export_files(audit, 1)
+    assert root.value.reason == "STORED_ROOT_MISMATCH"
+    assert other_root.hex() in root.value.message
+    world.windows.put_part(1, PART_MERKLE_ROOT, stored.merkle_root.hex(), b"", world.clock())
+    assert export_files(audit, 1)  # as stored again: exported
+
+    # A stored clearing that is not what the window's entries give: a net changed.
+    obj = json.loads(stored.clearing_json)
+    obj["net_positions"][0]["net_minor"] += 1
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+    assert (
+        WindowClearing.from_json(body).net_positions
+        != WindowClearing.from_json(stored.clearing_json).net_positions
+    )
+    digest = hashlib.sha256(body.encode()).digest()
+    world.windows.put_part(1, PART_CLEARING, body, digest, world.clock())
+    with pytest.raises(DataLoss) as clearing:
+        export_files(audit, 1)
+    assert clearing.value.reason == "STORED_CLEARING_MISMATCH"
+    assert digest.hex() in clearing.value.message
+
+
+def test_a_window_not_cleared_is_not_exported(cleared: SettlementWorld) -> None:
+    with pytest.raises(FailedPrecondition) as e:
+        export_files(audit_of(cleared), 2)
+    assert e.value.reason == "WINDOW_NOT_CLEARED"
+
+
+# -- the cross-city comparison ----------------------------------------------------------------
+
+
+def _windows_copy(world: SettlementWorld, *, with_cuts: bool = True) -> CassandraWindows:
+    session = FakeCqlSession()
+    for table, rows in world.session.tables.items():
+        if with_cuts or table != "window_cuts":
+            session.tables[table] = {k: dict(v) for k, v in rows.items()}
+    return fake_windows(session)
+
+
+def test_compare_cities_reads_each_city_at_the_windows_positions(
+    cleared: SettlementWorld,
+) -> None:
+    world = cleared
+    decision = world.decision(world.pay(3_000))
+    world.close_window()  # window 2: the one compared
+    beijing = world.ledger.replica()
+    shanghai = world.ledger.replica()
+    shenzhen = world.ledger.replica()
+    shenzhen.drop(decision.shard, decision.epoch, decision.seq)  # it missed one write
+    replicas: dict[str, tuple[FakeLedger, CassandraWindows]] = {
+        "beijing": (beijing, _windows_copy(world)),
+        # Shanghai missed the cut rows: it is still read at the positions the others name.
+        "shanghai": (shanghai, _windows_copy(world, with_cuts=False)),
+        "shenzhen": (shenzhen, _windows_copy(world)),
+    }
+    closed: list[str] = []
+
+    def reader(city: str) -> tuple[Any, Any, Any]:
+        ledger, windows = replicas[city]
+        return ledger, windows, lambda: closed.append(city)
+
+    audit = audit_of(world, reader)
+    cmp = audit.compare_cities(2)
+    by_city = {v.city: (v, diff) for v, diff in cmp.cities}
+    assert not cmp.agree
+    assert by_city["shenzhen"][1] == [f"shard {decision.shard} seq {decision.seq}: missing"]
+    assert by_city["beijing"][1] == by_city["shanghai"][1] == []
+    stored = stored_clearing(world.windows, 2)
+    assert stored is not None
+    assert by_city["beijing"][0].merkle_root == by_city["shanghai"][0].merkle_root
+    assert by_city["beijing"][0].merkle_root == stored.merkle_root
+    assert by_city["shenzhen"][0].entry_count == by_city["beijing"][0].entry_count - 1
+    assert sorted(closed) == sorted(CITIES)
+
+    # A city that cannot be reached is reported, and the others are still compared: two
+    # readable cities that disagree on a row are both named for it.
+    def unreachable(city: str) -> tuple[Any, Any, Any]:
+        if city == "shanghai":
+            raise ConnectionError("no route")
+        return reader(city)
+
+    cmp = audit_of(world, unreachable).compare_cities(2)
+    views = {v.city: (v, diff) for v, diff in cmp.cities}
+    assert "no route" in views["shanghai"][0].error and views["shanghai"][1] == []
+    row = f"shard {decision.shard} seq {decision.seq}"
+    assert views["shenzhen"][1] == [f"{row}: no majority (missing)"]
+    assert views["beijing"][1] == [f"{row}: no majority ({decision.entry_hash.hex()[:16]})"]
+    assert not cmp.agree
+
+    # No city holds the window's cuts: nothing to compare.
+    with pytest.raises(FailedPrecondition) as none:
+        audit_of(world, reader).compare_cities(3)
+    assert none.value.reason == "WINDOW_NOT_FOUND"
