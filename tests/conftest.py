@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from clearinghouse import topology
 from clearinghouse.localcluster import procs
@@ -23,6 +24,11 @@ from clearinghouse.security import pki
 from tests.support import SwitchEnv, start_switch_env
 
 TEST_STATE = repo_root() / ".state" / "pytest"
+
+# Property tests are not timed: the machines they run on are shared, and how fast code
+# is belongs in benchmarks, not in a test that fails when a neighbour is busy.
+settings.register_profile("clearing", deadline=None)
+settings.load_profile("clearing")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

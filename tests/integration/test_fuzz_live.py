@@ -1,9 +1,10 @@
 """A time-bounded fuzz run against a live switch node.
 
 For :data:`FUZZ_SECONDS` (``CLEARING_FUZZ_SECONDS`` to lengthen it), every method of
-the services a switch node serves gets, in turn: random raw bytes and known-bad wire
-data, truncated and bit-flipped serializations of a valid request, and messages from
-the descriptor-derived hypothesis strategies of ``tests/hostile.py`` (random, and
+the services a switch node serves gets, in turn: its valid request as it is, random
+raw bytes and known-bad wire data, truncated and bit-flipped serializations of a valid
+request, and messages from the descriptor-derived hypothesis strategies of
+``tests/hostile.py`` (random, and
 mutations of a valid request). No answer may be INTERNAL or UNKNOWN (or any code the
 error table does not give); the node must answer health checks with SERVING at the end,
 its process must still be the one that started; no refused payment may exist
@@ -63,7 +64,9 @@ ALLOWED_CODES = frozenset(STATUS_BY_ERROR.values()) | {grpc.StatusCode.OK}
 OUTCOME_UNKNOWN = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ALREADY_EXISTS}
 )
-KINDS = ("raw", "truncated", "bit-flipped", "generated")
+# The first round sends every method its valid request as it is: a control that the
+# node answers what it should (a payment is accepted), whatever the random draws do.
+KINDS = ("valid", "raw", "truncated", "bit-flipped", "generated")
 # Refusals that come before a method's own code: the request guard (undecodable bytes),
 # the authorization table and the caller's quota. An answer with any other reason, or
 # OK, means the request reached the servicer.
@@ -166,7 +169,9 @@ def test_fuzz_a_live_switch_node(switch_env: SwitchEnv) -> None:
         template = hostile.valid_request(rpc, institution=INSTITUTION, bank=BANK)
         assert template is not None, rpc.name
         template = _tame(rpc, template, known_ids)
-        if kind == "raw":
+        if kind == "valid":
+            request = msg = template
+        elif kind == "raw":
             pick = rng.randrange(4)
             if pick == 0:
                 request: Any = rng.choice(hostile.GARBAGE)
