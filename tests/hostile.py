@@ -440,6 +440,23 @@ def valid_request(rpc: Rpc, institution: str = INSTITUTION, bank: str = BANK) ->
             bank_account="6222020000000001",
             amount=common_pb2.Money(amount_minor=100, currency=CURRENCY),
         ),
+        "BankService.Transfers": lambda: bank_pb2.TransfersRequest(
+            items=[
+                bank_pb2.TransferItem(
+                    direction=direction,
+                    transfer=bank_pb2.BankTransferRequest(
+                        switch_ref=new_payment_id("ref"),
+                        institution_id=institution,
+                        bank_account="6222020000000001",
+                        amount=common_pb2.Money(amount_minor=100, currency=CURRENCY),
+                    ),
+                )
+                for direction in (
+                    bank_pb2.TRANSFER_DIRECTION_DEBIT,
+                    bank_pb2.TRANSFER_DIRECTION_CREDIT,
+                )
+            ]
+        ),
         "BankService.Inquire": lambda: bank_pb2.InquireRequest(switch_ref=new_payment_id("ref")),
         "BankService.Reverse": lambda: bank_pb2.ReverseRequest(
             switch_ref=new_payment_id("ref"), reason="hostile-input test"

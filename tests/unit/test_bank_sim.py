@@ -193,6 +193,74 @@ def test_a_repeat_gets_the_same_answer_and_is_applied_once(start_bank: StartBank
     assert bank.handle.ledger.totals()["CNY"].debits_applied == 0
 
 
+PENDING = bank_pb2.BANK_TXN_STATUS_PENDING
+DEBIT_DIR = bank_pb2.TRANSFER_DIRECTION_DEBIT
+CREDIT_DIR = bank_pb2.TRANSFER_DIRECTION_CREDIT
+
+
+def _items(*specs: tuple[int, str, int]) -> bank_pb2.TransfersRequest:
+    return bank_pb2.TransfersRequest(
+        items=[
+            bank_pb2.TransferItem(direction=d, transfer=_transfer(ref, amount))
+            for d, ref, amount in specs
+        ]
+    )
+
+
+def test_transfers_apply_each_item_as_debit_or_credit_would(start_bank: StartBank) -> None:
+    bank = start_bank(approve_ratio=1.0)
+    first = bank.credit("solo", amount=700)  # a transfer made alone before
+    request = _items(
+        (DEBIT_DIR, "b-1", 1_000),
+        (CREDIT_DIR, "b-2", 2_000),
+        (CREDIT_DIR, "solo", 700),  # a repeat: the first answer, applied once
+        (DEBIT_DIR, "solo", 700),  # the same reference for another transfer
+        (bank_pb2.TRANSFER_DIRECTION_UNSPECIFIED, "b-3", 5),
+        (DEBIT_DIR, "b-4", -1),
+    )
+    results = bank.stub.Transfers(request, timeout=CALL_TIMEOUT_S).results
+    assert [r.switch_ref for r in results] == ["b-1", "b-2", "solo", "solo", "b-3", "b-4"]
+    assert [r.status for r in results[:3]] == [APPROVED, APPROVED, APPROVED]
+    assert results[2].bank_ref == first.bank_ref
+    assert results[3].error.reason == "SWITCH_REF_REUSED"
+    assert results[3].error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert [v.field for v in results[4].error.field_violations] == ["direction"]
+    assert [v.field for v in results[5].error.field_violations] == ["amount.amount_minor"]
+    totals = bank.handle.ledger.totals()["CNY"]
+    assert (totals.debits_applied, totals.debits_applied_minor) == (1, 1_000)
+    assert (totals.credits_applied, totals.credits_applied_minor) == (2, 2_700)
+    assert bank.inquire("b-3").status == UNKNOWN_REF  # a refused item wrote nothing
+    # Each item is the same transfer as its Debit or Credit: repeats answer alike.
+    assert bank.debit("b-1", amount=1_000).bank_ref == results[0].bank_ref
+
+
+def test_transfers_refuses_an_empty_or_oversized_call_whole(start_bank: StartBank) -> None:
+    bank = start_bank()
+    with _raises(grpc.StatusCode.INVALID_ARGUMENT) as caught:
+        bank.stub.Transfers(bank_pb2.TransfersRequest(), timeout=CALL_TIMEOUT_S)
+    assert [v.field for v in _error_of(caught[0]).field_violations] == ["items"]
+    too_many = _items(*[(DEBIT_DIR, f"x-{i}", 1) for i in range(1001)])
+    with _raises(grpc.StatusCode.INVALID_ARGUMENT):
+        bank.stub.Transfers(too_many, timeout=CALL_TIMEOUT_S)
+    assert bank.handle.ledger.totals() == {}
+
+
+def test_transfers_in_an_outage_apply_nothing(start_bank: StartBank) -> None:
+    bank = start_bank(outage=True)
+    with _raises(grpc.StatusCode.UNAVAILABLE):
+        bank.stub.Transfers(_items((DEBIT_DIR, "o-1", 10)), timeout=CALL_TIMEOUT_S)
+    bank.handle.controls.toggle_outage()
+    assert bank.inquire("o-1").status == UNKNOWN_REF
+
+
+def test_a_late_item_is_applied_and_answered_pending(start_bank: StartBank) -> None:
+    bank = start_bank(approve_ratio=1.0, timeout_ratio=1.0)
+    late = _items((DEBIT_DIR, "late-1", 10))
+    (result,) = bank.stub.Transfers(late, timeout=CALL_TIMEOUT_S).results
+    assert (result.status, result.bank_ref) == (PENDING, "")
+    assert bank.inquire("late-1").status == APPROVED
+
+
 def test_declined_repeat_stays_declined(start_bank: StartBank) -> None:
     bank = start_bank(approve_ratio=0.0)
     first = bank.debit("pay-2")

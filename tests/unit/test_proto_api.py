@@ -39,6 +39,7 @@ SERVICES = {
         "Credit": ("BankTransferRequest", "BankTransferResponse"),
         "Inquire": ("InquireRequest", "InquireResponse"),
         "Reverse": ("ReverseRequest", "ReverseResponse"),
+        "Transfers": ("TransfersRequest", "TransfersResponse"),
     },
     "AdminService": {
         name: (f"{name}Request", f"{name}Response")
@@ -100,8 +101,9 @@ def test_enum_values() -> None:
         "UNSPECIFIED", "RECEIVED", "ROUTED", "APPROVED", "DECLINED", "FAILED", "REVERSED",
     ]  # fmt: skip
     assert names(bank_pb2.BankTxnStatus.DESCRIPTOR) == [
-        "UNSPECIFIED", "UNKNOWN_REF", "APPROVED", "DECLINED", "REVERSED",
+        "UNSPECIFIED", "UNKNOWN_REF", "APPROVED", "DECLINED", "REVERSED", "PENDING",
     ]  # fmt: skip
+    assert names(bank_pb2.TransferDirection.DESCRIPTOR) == ["UNSPECIFIED", "DEBIT", "CREDIT"]
 
 
 def test_money_is_integer_minor_units() -> None:

@@ -34,9 +34,16 @@ HANG_POLL_INTERVAL_S = 0.05
 MAX_REF_CHARS = 64
 MAX_ID_CHARS = 64
 MAX_BANK_ACCOUNT_CHARS = 64
+# Items of one Transfers call (bank.proto).
+TRANSFERS_ITEMS_MAX = 1000
 
 _REF_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REF_CHARS}}}")
 _CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
+
+_DIRECTIONS = {
+    bank_pb2.TRANSFER_DIRECTION_DEBIT: TransferKind.DEBIT,
+    bank_pb2.TRANSFER_DIRECTION_CREDIT: TransferKind.CREDIT,
+}
 
 _STATUS_TO_PROTO = {
     TxnStatus.APPROVED: bank_pb2.BANK_TXN_STATUS_APPROVED,
@@ -134,6 +141,75 @@ class BankServicer(bank_pb2_grpc.BankServiceServicer):
         if behaviour.hang_all:
             self._hang(context, behaviour)
         return bank_pb2.ReverseResponse(status=_STATUS_TO_PROTO[record.status])
+
+    def Transfers(
+        self, request: bank_pb2.TransfersRequest, context: grpc.ServicerContext
+    ) -> bank_pb2.TransfersResponse:
+        """Several transfers at once: one admission and one simulated latency for the
+        call, then each item as Debit or Credit would take it alone. An item drawn as a
+        late answer is applied and answered PENDING (the switch asks Inquire)."""
+        n = len(request.items)
+        size = (
+            []
+            if 0 < n <= TRANSFERS_ITEMS_MAX
+            else [_violation("items", f"must hold 1 to {TRANSFERS_ITEMS_MAX} transfers")]
+        )
+        behaviour = self._admit(context, size)
+        results = [self._one_of_many(item, behaviour) for item in request.items]
+        if behaviour.hang_all:
+            self._hang(context, behaviour)
+        return bank_pb2.TransfersResponse(results=results)
+
+    def _one_of_many(
+        self, item: bank_pb2.TransferItem, behaviour: BankBehaviour
+    ) -> bank_pb2.TransferResult:
+        request = item.transfer
+        kind = _DIRECTIONS.get(item.direction)
+        violations = _check_transfer(request)
+        if kind is None:
+            violations.append(_violation("direction", "must be DEBIT or CREDIT"))
+        if violations or kind is None:
+            fields = ", ".join(v.field for v in violations)
+            return bank_pb2.TransferResult(
+                switch_ref=request.switch_ref,
+                error=common_pb2.Error(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    reason="INVALID_ARGUMENT",
+                    message=f"invalid fields: {fields}",
+                    field_violations=violations,
+                ),
+            )
+        transfer = Transfer(
+            kind=kind,
+            institution_id=request.institution_id,
+            bank_account=request.bank_account,
+            amount_minor=request.amount.amount_minor,
+            currency=request.amount.currency,
+        )
+        try:
+            answer = self._ledger.transfer(
+                request.switch_ref, transfer, behaviour.decide(kind, request.switch_ref)
+            )
+        except SwitchRefReused as exc:
+            return bank_pb2.TransferResult(
+                switch_ref=request.switch_ref,
+                error=common_pb2.Error(
+                    code=grpc.StatusCode.ALREADY_EXISTS.value[0],
+                    reason="SWITCH_REF_REUSED",
+                    message=str(exc),
+                ),
+            )
+        if self._controls.draw_timeout(behaviour):
+            return bank_pb2.TransferResult(
+                switch_ref=request.switch_ref, status=bank_pb2.BANK_TXN_STATUS_PENDING
+            )
+        record = answer.record
+        return bank_pb2.TransferResult(
+            switch_ref=request.switch_ref,
+            status=_STATUS_TO_PROTO[record.status],
+            bank_ref=record.bank_ref,
+            decline_code=record.decline_code,
+        )
 
     # ---- steps ----------------------------------------------------------------------
 

@@ -185,7 +185,7 @@ BANK_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
     {
         **_rules(
             "clearing.v1.BankService",
-            {name: Rule(_NODE) for name in ("Debit", "Credit", "Inquire", "Reverse")},
+            {name: Rule(_NODE) for name in ("Debit", "Credit", "Inquire", "Reverse", "Transfers")},
         ),
         **_rules("grpc.health.v1.Health", {m: Rule(ANY_ROLE) for m in ("Check", "Watch", "List")}),
         **_rules(
