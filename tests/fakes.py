@@ -34,13 +34,14 @@ import enum
 import re
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
 from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
+    ClearingError,
     Participant,
     PaymentEvent,
     PaymentOrder,
@@ -51,7 +52,6 @@ from clearinghouse.domain import (
     fingerprint,
 )
 from clearinghouse.domain.chain import LedgerEntry
-from clearinghouse.storage.ledger import block_of
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import (
     BankAnswer,
@@ -235,6 +235,28 @@ class FakePaymentStore:
             raise _storage_down("decide")
         return stored
 
+    def begin_many(
+        self, records: Sequence[PaymentRecord]
+    ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
+        out: list[tuple[PaymentRecord, bool] | ClearingError] = []
+        for rec in records:
+            try:
+                out.append(self.begin(rec))
+            except ClearingError as e:
+                out.append(e)
+        return out
+
+    def decide_many(
+        self, decisions: Sequence[tuple[PaymentRecord, StepRecord, Sequence[Posting], bool]]
+    ) -> list[PaymentRecord | ClearingError]:
+        out: list[PaymentRecord | ClearingError] = []
+        for rec, step, postings, owed in decisions:
+            try:
+                out.append(self.decide(rec, step, postings, reversal_owed=owed))
+            except ClearingError as e:
+                out.append(e)
+        return out
+
     def abandon(self, record: PaymentRecord) -> None:
         self._enter("abandon")
         self.abandoned.append(record)
@@ -314,7 +336,8 @@ class FakeLedger:
     """An in-memory :class:`~clearinghouse.switch.ports.LedgerStore`, safe across threads.
 
     ``fences[shard]`` maps each fenced epoch to the node that raised it; ``stored[(shard,
-    epoch)]`` maps seq to entry; ``index_rows`` is every time-index row written;
+    epoch)]`` maps seq to entry; ``index_rows`` is every time-index row written (by
+    ``index``, which the indexer calls; ``marks`` how far it marked the index written);
     ``commits`` every shard write with whether it was acknowledged. ``entries`` reads a
     partition as Cassandra's reader does: from a seq on, as long as seqs are contiguous.
 
@@ -329,6 +352,8 @@ class FakeLedger:
         self._seals: defaultdict[int, dict[int, Seal]] = defaultdict(dict)
         self.stored: defaultdict[tuple[int, int], dict[int, LedgerEntry]] = defaultdict(dict)
         self.index_rows: list[IndexRow] = []
+        # (shard, epoch) -> the seq through which the time index is marked written
+        self.marks: dict[tuple[int, int], int] = {}
         self.commits: list[CommitRecord] = []
         self.calls: Counter[str] = Counter()
         self.between_write_and_check: Callable[[Sequence[ShardWrite]], None] | None = None
@@ -339,7 +364,10 @@ class FakeLedger:
 
     def fail_next(self, method: str, times: int = 1) -> None:
         """The next ``times`` calls of a takeover method raise ``Unavailable``."""
-        invariant(method in ("fence", "seals", "write_seal", "entries"), f"no method {method!r}")
+        invariant(
+            method in ("fence", "seals", "write_seal", "entries", "index", "mark_indexed"),
+            f"no method {method!r}",
+        )
         with self._lock:
             self._failures[method] += times
 
@@ -412,17 +440,13 @@ class FakeLedger:
             )
             self._seals[seal.shard][seal.epoch] = seal
 
-    def rows(
-        self, shard: int, epoch: int, block: int, from_seq: int, to_seq: int
-    ) -> list[LedgerEntry]:
-        """The stored rows of one block with ``from_seq <= seq <= to_seq``, holes and all
-        (as ``CassandraLedger.rows`` reads one city's replica)."""
+    def rows(self, shard: int, epoch: int, from_seq: int, to_seq: int) -> list[LedgerEntry]:
+        """The stored rows of ``(shard, epoch)`` with ``from_seq <= seq <= to_seq``,
+        holes and all (as ``CassandraLedger.rows`` reads one city's replica)."""
         with self._lock:
             self._enter("rows")
             part = self.stored.get((shard, epoch), {})
-            return [
-                part[q] for q in sorted(part) if from_seq <= q <= to_seq and block_of(q) == block
-            ]
+            return [part[q] for q in sorted(part) if from_seq <= q <= to_seq]
 
     def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
         with self._lock:
@@ -454,7 +478,6 @@ class FakeLedger:
                         f"shard {w.shard} epoch {w.epoch}: seq {e.seq} written twice",
                     )
                     part[e.seq] = e
-                self.index_rows.extend(w.index_rows)
             if failure:
                 raise _storage_down("commit")
         if self.between_write_and_check is not None:
@@ -463,6 +486,22 @@ class FakeLedger:
             acked = {w.shard: max(self.fences[w.shard], default=0) == w.epoch for w in writes}
             self.commits += [CommitRecord(w, acked[w.shard]) for w in writes]
             return acked
+
+    def index(self, rows: Sequence[IndexRow]) -> None:
+        with self._lock:
+            self._enter("index")
+            self.index_rows.extend(rows)
+
+    def mark_indexed(self, marks: Mapping[tuple[int, int], int], at_us: int) -> None:
+        with self._lock:
+            self._enter("mark_indexed")
+            for key, seq in marks.items():
+                self.marks[key] = max(seq, self.marks.get(key, 0))
+
+    def index_marks(self, shard: int) -> dict[int, int]:
+        with self._lock:
+            self._enter("index_marks")
+            return {epoch: seq for (s, epoch), seq in self.marks.items() if s == shard}
 
     # -- internals ---------------------------------------------------------------------
 
@@ -523,6 +562,7 @@ class FakeBank:
         self.calls_by_ref: Counter[tuple[str, str]] = Counter()
         self.log: list[BankCall] = []
         self.transfers: list[BankTransfer] = []
+        self.batches: list[int] = []
         self.before_call: Callable[[str, str], None] | None = None
         self._clock = clock
         self._drops: Counter[str] = Counter()
@@ -569,6 +609,14 @@ class FakeBank:
         if reply is Reply.NO_ANSWER_APPLIED:
             return self._no_answer(deadline_s)
         return self._answer(outcome)
+
+    def transfer_many(
+        self, bank: Participant, reqs: Sequence[BankTransfer], deadline_s: float
+    ) -> list[BankOutcome]:
+        """As the real gateway's batch: each transfer as ``transfer`` would answer it.
+        ``batches`` records the size of each call."""
+        self.batches.append(len(reqs))
+        return [self.transfer(bank, r, deadline_s) for r in reqs]
 
     def inquire(self, bank: Participant, switch_ref: str, deadline_s: float) -> BankOutcome:
         self._enter("inquire", bank, switch_ref, deadline_s)

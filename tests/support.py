@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from cassandra import ConsistencyLevel
@@ -22,6 +22,9 @@ from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.convert import us_to_ts
+from clearinghouse.switch.indexer import INDEX_FLUSH_S
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -74,6 +77,23 @@ def eventually(check: Callable[[], bool], timeout_s: float, every_s: float = 1.0
             return True
         time.sleep(every_s)
     return check()
+
+
+# Listings come from the time index, which each shard's owner writes about every
+# INDEX_FLUSH_S after the ledger itself (clearinghouse.switch.indexer): a test that lists
+# what it has just paid waits up to this long for it to appear.
+LISTING_LAG_S = 10 * INDEX_FLUSH_S
+
+
+def listed(listing: Callable[[], T], ready: Callable[[T], bool]) -> T:
+    """What ``listing`` returns once ``ready`` says it holds what the test paid, or after
+    :data:`LISTING_LAG_S` what it returns then (for the test's assertion to show)."""
+    deadline = time.monotonic() + LISTING_LAG_S
+    while True:
+        out = listing()
+        if ready(out) or time.monotonic() >= deadline:
+            return out
+        time.sleep(INDEX_FLUSH_S / 4)
 
 
 # -- the switch: participants, bank simulators, clients to every zone -----------------

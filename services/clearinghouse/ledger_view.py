@@ -14,7 +14,7 @@ from typing import Any
 from clearinghouse._invariant import invariant
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
-from clearinghouse.switch.ports import LedgerStore
+from clearinghouse.switch.ports import ChainReader
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.shards import read_chain
 
@@ -57,7 +57,7 @@ class WindowData:
 
 
 def read_window(
-    ledger: LedgerStore,
+    ledger: ChainReader,
     windows: Any,
     window_id: int,
     shard_count: int = SHARD_COUNT,
@@ -99,7 +99,7 @@ def read_window(
     return WindowData(window_id, by_shard, intents)
 
 
-def read_ledger(ledger: LedgerStore, shard_count: int = SHARD_COUNT) -> LedgerSummary:
+def read_ledger(ledger: ChainReader, shard_count: int = SHARD_COUNT) -> LedgerSummary:
     """Every shard's verified chain, summarised; raises InvariantViolation on a broken
     chain, a decision without an intent, or unbalanced postings."""
     out = LedgerSummary()

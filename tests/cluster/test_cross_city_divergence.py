@@ -14,7 +14,7 @@ cities with SIGSTOP and raced their late delivery of the write and read repair):
   sends a mutation only to replicas it sees up, so nothing is queued for them;
 * hinted handoff is off on that node (``nodetool disablehandoff``), so it keeps no hint
   for them either;
-* ``read_repair`` of ``ledger_entries`` is ``NONE`` from before the write until the
+* ``read_repair`` of ``ledger_stream`` is ``NONE`` from before the write until the
   true row is written back in every city, so no QUORUM read of the row (a switch node
   taking a shard over reads its chain at QUORUM) can copy the forged row into a second
   city meanwhile. The check reads each city's replica at LOCAL_ONE, one replica, so it
@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -52,7 +53,7 @@ from clearinghouse.domain.chain import LedgerEntry, entry_hash
 from clearinghouse.domain.entries import KIND_DECISION
 from clearinghouse.ledger_view import read_window
 from clearinghouse.localcluster.cluster import LocalCluster
-from clearinghouse.storage.ledger import CassandraLedger, block_of
+from clearinghouse.storage.ledger import CassandraLedger, encode_run
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.records import SHARD_COUNT, payment_key
 from tests.support import SwitchEnv, eventually, session_on_replica, session_preferring
@@ -69,14 +70,16 @@ RESTORE_TIMEOUT_S = 60.0
 QUIET_S = 3.0
 QUIET_TIMEOUT_S = 60.0
 
-RowKey = tuple[int, int, int, int]  # shard, epoch, block, seq: a ledger_entries row
+# A stored run: the row of one shard's entries of one commit (storage.ledger, streams).
+RowKey = tuple[str, int, int, int, int]  # stream, block, shard, epoch, first_seq
+TABLE = "ledger_stream"
 SELECT_ROW = (
-    "SELECT body, entry_hash FROM ledger_entries "
-    "WHERE shard = %s AND epoch = %s AND block = %s AND seq = %s"
+    f"SELECT run_bytes FROM {TABLE} "
+    "WHERE stream = %s AND block = %s AND shard = %s AND epoch = %s AND first_seq = %s"
 )
 UPDATE_ROW = (
-    "UPDATE ledger_entries SET body = %s, entry_hash = %s "
-    "WHERE shard = %s AND epoch = %s AND block = %s AND seq = %s"
+    f"UPDATE {TABLE} SET run_bytes = %s "
+    "WHERE stream = %s AND block = %s AND shard = %s AND epoch = %s AND first_seq = %s"
 )
 
 
@@ -121,14 +124,14 @@ def cassandra_zones(lc: LocalCluster, city: str) -> list[str]:
     return [n.zone.name for n in lc.cassandra_nodes() if n.zone.city == city]
 
 
-def held_by_city(lc: LocalCluster, key: RowKey) -> dict[str, tuple[bytes, bytes]]:
-    """(body, entry_hash) of the row in each city's own replica (LOCAL_ONE, one node)."""
+def held_by_city(lc: LocalCluster, key: RowKey) -> dict[str, tuple[bytes]]:
+    """The run's stored bytes in each city's own replica (LOCAL_ONE, one node)."""
     out = {}
     for city in lc.topo.city_names():
         with session_on_replica(lc, cassandra_zones(lc, city)[0]) as s:
             stmt = SimpleStatement(SELECT_ROW, consistency_level=ConsistencyLevel.LOCAL_ONE)
             row = s.execute(stmt, key).one()
-        out[city] = (bytes(row.body), bytes(row.entry_hash))
+        out[city] = (bytes(row.run_bytes),)
     return out
 
 
@@ -136,8 +139,8 @@ def read_repair(lc: LocalCluster) -> str:
     with session_preferring(lc, ODD_CITY) as s:
         row = s.execute(
             "SELECT read_repair FROM system_schema.tables "
-            "WHERE keyspace_name = %s AND table_name = 'ledger_entries'",
-            (lc.topo.keyspace.name,),
+            "WHERE keyspace_name = %s AND table_name = %s",
+            (lc.topo.keyspace.name, TABLE),
         ).one()
     return str(row.read_repair)
 
@@ -145,7 +148,7 @@ def read_repair(lc: LocalCluster) -> str:
 def set_read_repair(lc: LocalCluster, mode: str) -> None:
     assert mode in ("BLOCKING", "NONE"), mode
     with session_preferring(lc, ODD_CITY) as s:
-        done = s.execute(f"ALTER TABLE ledger_entries WITH read_repair = '{mode}'")
+        done = s.execute(f"ALTER TABLE {TABLE} WITH read_repair = '{mode}'")
         assert done.response_future.is_schema_agreed, "the nodes did not agree on the schema change"
     assert read_repair(lc) == mode
 
@@ -251,20 +254,25 @@ def test_a_row_written_to_one_city_only_is_named_by_the_cross_city_check(
     # The row: the decision of the first payment. Its forged version has another body
     # and the hash of that body, so it is a well-formed entry in itself.
     with session_preferring(lc, "beijing") as s:
-        data = read_window(CassandraLedger(s), CassandraWindows(s), window)
-    key_of = payment_key(orders[0].institution_id, orders[0].payment_id)
-    entry: LedgerEntry = next(
-        e for es in data.entries_by_shard.values() for e in es
-        if e.kind == KIND_DECISION and e.payment_key == key_of
-    )  # fmt: skip
+        reader = CassandraLedger(s)
+        data = read_window(reader, CassandraWindows(s), window)
+        key_of = payment_key(orders[0].institution_id, orders[0].payment_id)
+        entry: LedgerEntry = next(
+            e for es in data.entries_by_shard.values() for e in es
+            if e.kind == KIND_DECISION and e.payment_key == key_of
+        )  # fmt: skip
+        run = reader.locate(entry.shard, entry.epoch, entry.seq)
+        assert run is not None, f"no stored run holds shard {entry.shard} seq {entry.seq}"
     forged_body = entry.body[:-1] + bytes([entry.body[-1] ^ 0x01])
     forged_hash = entry_hash(
         shard=entry.shard, epoch=entry.epoch, seq=entry.seq, kind=entry.kind,
         payment_key=entry.payment_key, body=forged_body, prev_hash=entry.prev_hash,
     )  # fmt: skip
-    key = (entry.shard, entry.epoch, block_of(entry.seq), entry.seq)
-    true_cells = (entry.body, entry.entry_hash)
-    forged_cells = (forged_body, forged_hash)
+    # The stored run holding the entry, as it is and with the entry forged.
+    key = run.key
+    forged_entry = replace(entry, body=forged_body, entry_hash=forged_hash)
+    true_cells = (encode_run(run.entries),)
+    forged_cells = (encode_run([forged_entry if e.seq == entry.seq else e for e in run.entries]),)
     everywhere_true = {c: true_cells for c in lc.topo.city_names()}
     diverged = {**everywhere_true, ODD_CITY: forged_cells}
     assert held_by_city(lc, key) == everywhere_true

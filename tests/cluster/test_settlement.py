@@ -31,7 +31,7 @@ from clearinghouse.audit.verify import verify_export
 from clearinghouse.domain.entries import KIND_DECISION, Decision
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.ledger_view import read_ledger, read_window
-from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.ledger import CassandraLedger, encode_run
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.records import SHARD_COUNT, payment_key
 from clearinghouse.switch.shards import read_chain
@@ -294,20 +294,23 @@ def test_an_entry_changed_in_place_breaks_its_chain(switch_env: SwitchEnv) -> No
     before = audit.VerifyChains(audit_pb2.VerifyChainsRequest(shards=[shard]), timeout=60)
     assert before.reports[0].ok
     with session_preferring(env.lc, "beijing") as s:
-        row = s.execute(
-            "SELECT epoch, block, body FROM ledger_entries WHERE shard = %s AND seq = %s "
-            "ALLOW FILTERING", (shard, seq),
-        ).one()  # fmt: skip
-        changed = bytearray(row.body)
-        changed[-1] ^= 0x01
-        stmt = ("UPDATE ledger_entries SET body = %s WHERE shard = %s AND epoch = %s "
-                "AND block = %s AND seq = %s")  # fmt: skip
-        s.execute(stmt, (bytes(changed), shard, row.epoch, row.block, seq))
+        reader = CassandraLedger(s)
+        chain, _ = read_chain(reader, shard)
+        (entry,) = [e for e in chain if e.seq == seq]
+        run = reader.locate(shard, entry.epoch, seq)
+        assert run is not None, f"no stored run holds shard {shard} seq {seq}"
+        stored = encode_run(run.entries)
+        # One byte of the entry's body, inside the stored run.
+        changed = bytearray(stored)
+        changed[stored.index(entry.body) + len(entry.body) - 1] ^= 0x01
+        stmt = ("UPDATE ledger_stream SET run_bytes = %s WHERE stream = %s AND block = %s "
+                "AND shard = %s AND epoch = %s AND first_seq = %s")  # fmt: skip
+        s.execute(stmt, (bytes(changed), *run.key))
         try:
             after = audit.VerifyChains(audit_pb2.VerifyChainsRequest(shards=[shard]), timeout=60)
             assert not after.reports[0].ok
             assert str(seq) in after.reports[0].problem
         finally:
-            s.execute(stmt, (row.body, shard, row.epoch, row.block, seq))
+            s.execute(stmt, (stored, *run.key))
     restored = audit.VerifyChains(audit_pb2.VerifyChainsRequest(shards=[shard]), timeout=60)
     assert restored.reports[0].ok

@@ -9,7 +9,7 @@ import pytest
 
 from clearing.v1 import audit_pb2, audit_pb2_grpc
 from clearinghouse.switch.convert import us_to_ts
-from tests.support import SwitchEnv
+from tests.support import SwitchEnv, listed
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,9 @@ def test_payments_are_listed_under_their_institution_and_their_bank(env: SwitchE
         env.submit(["beijing-a", "shanghai-b", "shenzhen-a"][i], o)
         time.sleep(0.01)  # distinct receipt times, so the expected order is certain
     end = time.time_ns() // 1000 + 1_000_000
-    at_bank = _list(env, "BANK_FLAKY", start, end)
+    keys = {(o.institution_id, o.payment_id) for o in orders}
+    # The index follows the ledger within about a second (tests.support.LISTING_LAG_S).
+    at_bank = listed(lambda: _list(env, "BANK_FLAKY", start, end), lambda x: keys <= set(x))
     assert [(o.institution_id, o.payment_id) for o in orders] == [
         x for x in at_bank if x in {(o.institution_id, o.payment_id) for o in orders}
     ]  # paged in receipt order, each once

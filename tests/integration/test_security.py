@@ -50,7 +50,7 @@ from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.signing_keys import default_store
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
-from tests.support import SwitchEnv
+from tests.support import SwitchEnv, listed
 
 pytestmark = pytest.mark.integration
 
@@ -183,12 +183,15 @@ def test_each_identity_may_do_only_its_own_part(switch_env: SwitchEnv) -> None:
     listing = audit_pb2.ListParticipantPaymentsRequest(
         participant_id="BANK_ICBC", start_time=r.payment.received_at, page_size=10
     )
-    listed = audit_pb2_grpc.AuditServiceStub(bank_channel).ListParticipantPayments(
-        listing, timeout=10
+    found = listed(
+        lambda: audit_pb2_grpc.AuditServiceStub(bank_channel).ListParticipantPayments(
+            listing, timeout=10
+        ),
+        lambda r: mine.payment_id in {p.order.payment_id for p in r.payments},
     )
     # From the moment the payment was received on: it is there, and only the bank's.
-    assert mine.payment_id in {p.order.payment_id for p in listed.payments}, listed
-    assert all("BANK_ICBC" in (p.order.payer_id, p.order.payee_id) for p in listed.payments)
+    assert mine.payment_id in {p.order.payment_id for p in found.payments}, found
+    assert all("BANK_ICBC" in (p.order.payer_id, p.order.payee_id) for p in found.payments)
     windows = audit_pb2_grpc.AuditServiceStub(auditor_channel).ListWindows(
         audit_pb2.ListWindowsRequest(), timeout=10
     )

@@ -14,7 +14,7 @@ import pytest
 from clearing.v1 import common_pb2, payment_pb2
 from clearinghouse.client import error_details
 from clearinghouse.switch.convert import us_to_ts
-from tests.support import SwitchEnv
+from tests.support import SwitchEnv, listed
 
 pytestmark = pytest.mark.integration
 
@@ -163,24 +163,29 @@ def test_list_payments_pages_in_time_order(env: SwitchEnv) -> None:
         env.submit("beijing-a", o)
         ids.append(o.payment_id)
     end = time.time_ns() // 1000 + 1_000_000
-    seen: list[str] = []
-    token = ""
-    for _ in range(10):
-        r = env.clients["shanghai-a"].payments.ListPayments(
-            payment_pb2.ListPaymentsRequest(
-                institution_id=inst,
-                start_time=us_to_ts(start),
-                end_time=us_to_ts(end),
-                page_size=3,
-                page_token=token,
-            ),
-            timeout=10,
-        )
-        seen += [p.order.payment_id for p in r.payments]
-        token = r.next_page_token
-        if not token:
-            break
-    assert seen == ids
+
+    def pages() -> list[str]:
+        seen: list[str] = []
+        token = ""
+        for _ in range(10):
+            r = env.clients["shanghai-a"].payments.ListPayments(
+                payment_pb2.ListPaymentsRequest(
+                    institution_id=inst,
+                    start_time=us_to_ts(start),
+                    end_time=us_to_ts(end),
+                    page_size=3,
+                    page_token=token,
+                ),
+                timeout=10,
+            )
+            seen += [p.order.payment_id for p in r.payments]
+            token = r.next_page_token
+            if not token:
+                break
+        return seen
+
+    # The index follows the ledger within about a second (tests.support.LISTING_LAG_S).
+    assert listed(pages, lambda seen: len(seen) >= len(ids)) == ids
     # No end_time means "until now" (not the epoch): the same payments.
     r = env.clients["shenzhen-a"].payments.ListPayments(
         payment_pb2.ListPaymentsRequest(

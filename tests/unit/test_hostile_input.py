@@ -332,7 +332,7 @@ def switch_world() -> Iterator[SwitchWorld]:
         assert store.take(shard, EPOCH, stop)
     registry = Registry(PARTICIPANTS)
     processor = PaymentProcessor(zone=ZONE, store=store, bank=bank, registry=registry)
-    local = LocalOwner(processor, pool)
+    local = LocalOwner(processor)
     # Every shard is local: the router never opens a channel to another node.
     router = Router(
         node_id=NODE, zone=ZONE, owners=AllMine(), local=local, pool=pool,

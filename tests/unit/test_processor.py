@@ -1008,3 +1008,65 @@ def test_unreachable_bank_leaves_a_reversal_owed_until_the_bank_confirms(env: En
     assert env.bank.status(ref_of(order)) is BankAnswer.REVERSED
     assert env.store.owed_reversals(10) == []
     assert env.store.postings == []
+
+
+# -- batches (submit_many) ----------------------------------------------------------------
+
+
+def test_a_batch_calls_each_bank_once_and_answers_each_order_in_order(env: Env) -> None:
+    env.processor.submit(debit("seen"))  # an earlier payment, replayed below
+    env.bank.batches.clear()
+    reused = dataclasses.replace(debit("seen"), amount=Money(1, "CNY"))
+    unknown_bank = dataclasses.replace(debit("nobank"), payer_id="bank-z")
+    declined = debit("d-2")
+    env.bank.script(ref_of(declined), Reply.DECLINE)
+    orders = [debit("d-1"), credit("c-1"), declined, debit("seen"), reused, unknown_bank,
+              credit("c-2")]  # fmt: skip
+
+    out = env.processor.submit_many(orders, OTHER_ZONE)
+
+    assert [type(o).__name__ for o in out] == [
+        "Result", "Result", "Result", "Result", "AlreadyExists", "NotFound", "Result",
+    ]  # fmt: skip
+    results = [o for o in out if isinstance(o, Result)]
+    assert [r.record.order.payment_id for r in results] == ["d-1", "c-1", "d-2", "seen", "c-2"]
+    assert [(r.record.state, r.replayed) for r in results] == [
+        (S.APPROVED, False), (S.APPROVED, False), (S.DECLINED, False), (S.APPROVED, True),
+        (S.APPROVED, False),
+    ]  # fmt: skip
+    assert all(r.record.received_zone == OTHER_ZONE for r in results if not r.replayed)
+    # One call per bank for the four new payments: bank-a two, bank-b two.
+    assert sorted(env.bank.batches) == [2, 2]
+    # Begun: all but the order naming an unknown bank; decided: the four new ones.
+    assert (env.store.calls["begin"], env.store.calls["decide"]) == (1 + 6, 1 + 4)
+    # What was refused wrote nothing.
+    assert env.store.records.get((INST_A, "nobank")) is None
+    assert env.stored(debit("seen")).order.amount == debit("seen").amount
+
+
+def test_in_a_batch_an_unanswered_transfer_is_resolved_and_the_others_decided(
+    env: Env,
+) -> None:
+    lost, fine = debit("lost"), debit("fine")
+    env.bank.script(ref_of(lost), Reply.NO_ANSWER_APPLIED)
+
+    out = env.processor.submit_many([lost, fine])
+
+    assert [o.record.state for o in out if isinstance(o, Result)] == [S.APPROVED, S.APPROVED]
+    assert env.bank.count("inquire", ref_of(lost)) == 1
+    assert env.bank.count("inquire", ref_of(fine)) == 0
+    assert env.bank.count("transfer", ref_of(lost)) == 1  # asked about, never sent again
+    assert env.store.undecided() == []
+
+
+def test_a_batch_that_cannot_decide_in_time_hands_its_payments_to_the_resolver(
+    env: Env,
+) -> None:
+    orders = [debit("slow-1"), debit("slow-2")]
+    env.bank.latency_s = DECISION_BOUND_S + 1  # the bank answers, but too late
+
+    out = env.processor.submit_many(orders)
+
+    assert [getattr(o, "reason", None) for o in out] == ["PAYMENT_IN_PROGRESS"] * 2
+    assert all(isinstance(o, Unavailable) for o in out)
+    assert {r.order.payment_id for r in env.store.abandoned} == {"slow-1", "slow-2"}

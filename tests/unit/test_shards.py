@@ -52,6 +52,7 @@ from clearinghouse.domain.entries import (
     cap_key,
 )
 from clearinghouse.switch import shards
+from clearinghouse.switch.indexer import INDEX_FULL_WAIT_S, Indexer, index_rows_of
 from clearinghouse.switch.ports import BankAnswer, IndexRow, OwedReversal, Seal
 from clearinghouse.switch.processor import PaymentProcessor, Registry
 from clearinghouse.switch.records import (
@@ -289,7 +290,11 @@ def test_a_new_shard_serves_and_chains_its_entries(world: World) -> None:
         S.APPROVED, START_US + 1_000_000, ZONE, "APPROVED", "BANKREF1", False, postings
     )
     assert read_chain(world.ledger, SHARD) == (entries, 10)
-    # Listed under the institution and under its bank, once, with the intent.
+    # Listed under the institution and under its bank, once, with the intent: by the
+    # indexer, after the commit, and marked indexed through the decision.
+    assert world.ledger.index_rows == []
+    a.store.indexer.flush()
+    assert world.ledger.marks == {(SHARD, 10): entries[-1].seq}
     assert world.ledger.index_rows == [
         IndexRow(INST, pid, START_US),
         IndexRow(INST, pid, START_US, BANK),
@@ -1034,3 +1039,68 @@ def test_an_attempt_from_before_a_retake_never_races_the_resolver(world: World) 
     final = a.load(pid)
     assert final is not None and final.is_final
     assert (final.state is S.APPROVED) == (bank.status(ref) is BankAnswer.APPROVED)
+
+
+# -- the time index ---------------------------------------------------------------------------
+
+
+def test_what_an_owner_did_not_index_before_it_died_its_successor_indexes(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    first, second, third = ids_in(SHARD, 3)
+    r, _ = a.begin(debit(first, 100))
+    a.decide(r, S.APPROVED)
+    a.store.indexer.flush()  # indexed and marked through the first payment's decision
+    assert world.ledger.marks == {(SHARD, 10): world.ledger.partition(SHARD, 10)[-1].seq}
+    for pid in (second, third):
+        r, _ = a.begin(debit(pid, 100))
+        a.decide(r, S.APPROVED)
+    indexed = {row.payment_id for row in world.ledger.index_rows}
+    assert indexed == {first}
+    a.store.lose(SHARD)  # node-a dies before its indexer writes the other two
+
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is True
+    b.store.indexer.flush()
+
+    # Each of the two, under its institution and its bank; the first not again.
+    rows = [(row.payment_id, row.listed_under) for row in world.ledger.index_rows]
+    assert sorted(rows) == sorted(
+        [(first, INST), (first, BANK)] + [(p, who) for p in (second, third) for who in (INST, BANK)]
+    )
+    # Node-a's epoch is now marked through the last intent node-b indexed for it.
+    last_intent = [e for e in world.ledger.partition(SHARD, 10) if e.kind == KIND_INTENT][-1]
+    assert world.ledger.marks[(SHARD, 10)] == last_intent.seq
+
+
+def test_an_index_write_that_fails_is_kept_for_the_next_flush(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid, 100))
+    a.decide(r, S.APPROVED)
+    world.ledger.fail_next("index")
+    with pytest.raises(Unavailable):
+        a.store.indexer.flush()
+    assert world.ledger.index_rows == [] and world.ledger.marks == {}
+    a.store.indexer.flush()
+    assert {row.payment_id for row in world.ledger.index_rows} == {pid}
+    assert (SHARD, 10) in world.ledger.marks
+
+
+def test_a_full_index_queue_drops_rows_and_never_marks_past_them(world: World) -> None:
+    ledger = FakeLedger()
+    indexer = Indexer(ledger, world.clock, queue_rows_max=2)
+    rows = index_rows_of("inst-a", "p-1", BANK, world.clock())
+    indexer.add(SHARD, 10, 5, rows)
+    started = time.monotonic()
+    indexer.add(SHARD, 10, 6, index_rows_of("inst-a", "p-2", BANK, world.clock()))
+    assert time.monotonic() - started >= INDEX_FULL_WAIT_S * 0.9  # it waited for room
+    assert indexer.rows_dropped == 2
+    indexer.add(SHARD, 10, 9, [])  # later entries of the shard, without index rows
+    indexer.flush()
+    assert ledger.index_rows == list(rows)
+    # Marked through seq 5 only: the shard's next owner re-indexes from seq 6 on.
+    assert ledger.marks == {(SHARD, 10): 5}

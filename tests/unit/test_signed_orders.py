@@ -109,7 +109,7 @@ def node() -> tuple[PaymentServicer, FakePaymentStore, FakeBank, DirectRouter]:
         zone="shanghai-a", store=store, bank=bank, registry=registry, clock=clock,
         sleep=clock.sleep,
     )  # fmt: skip
-    router = DirectRouter(LocalOwner(processor, pool=None))  # type: ignore[arg-type]
+    router = DirectRouter(LocalOwner(processor))  # type: ignore[arg-type]
     servicer = PaymentServicer(router, ledger=None, registry=registry, clock=clock)  # type: ignore[arg-type]
     return servicer, store, bank, router
 

@@ -26,7 +26,6 @@ from clearinghouse.domain.merkle import inclusion_proof, merkle_root, window_lea
 from clearinghouse.domain.model import SigningKeyRecord
 from clearinghouse.ledger_view import WindowData, read_window
 from clearinghouse.settlement import StoredClearing, stored_clearing, stored_kinds
-from clearinghouse.storage.ledger import block_of
 from clearinghouse.storage.windows import CassandraWindows, WindowStatus
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT, payment_key, shard_of
@@ -231,12 +230,12 @@ class AuditDomain:
         self, city: str, ledger: Any, positions: Mapping[tuple[int, int], int]
     ) -> CityView:
         try:
-            ranges: dict[tuple[int, int, int], list[int]] = {}
+            ranges: dict[tuple[int, int], list[int]] = {}
             for (shard, seq), epoch in positions.items():
-                ranges.setdefault((shard, epoch, block_of(seq)), []).append(seq)
+                ranges.setdefault((shard, epoch), []).append(seq)
             held: list[LedgerEntry] = []
-            for (shard, epoch, block), seqs in sorted(ranges.items()):
-                held += ledger.rows(shard, epoch, block, min(seqs), max(seqs))
+            for (shard, epoch), seqs in sorted(ranges.items()):
+                held += ledger.rows(shard, epoch, min(seqs), max(seqs))
             held = [h for h in held if (h.shard, h.seq) in positions]
             rows = frozenset((h.shard, h.seq, row_digest(h), h.entry_hash) for h in held)
             return CityView(city, merkle_root(window_leaves(held)), len(held), rows)

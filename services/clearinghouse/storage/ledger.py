@@ -1,37 +1,66 @@
-"""The shard ledger on Cassandra: entries, fences, seals, and the time index.
+"""The shard ledger on Cassandra: streams of entries, fences, seals, and the time index.
 
 All statements are prepared once and run at the topology's consistency (QUORUM: two
-cities). :meth:`CassandraLedger.commit` is the group commit's storage half: it writes
-every shard's entries (one single-partition batch per shard and block) and the time
-index rows concurrently, waits for all of them, and only then reads the fences, so a
-shard's commit is reported acknowledged only if its writes completed *before* a fence
-read that still found the writer's epoch on top (see docs/ARCHITECTURE.md, "Fencing").
+cities).
+
+**Streams.** Each switch process writes what it commits into its own *stream*
+(``ledger_stream``, migration 010): every entry of every shard it owns, in partitions
+``(stream, block)``, one row per shard and commit holding the shard's new entries as
+one run (:func:`encode_run`), clustered by ``(shard, epoch, first_seq)``. A group
+commit is therefore one single-partition batch, one mutation for Cassandra, however
+many shards it touches, and a row per shard rather than per entry (the driver binds,
+and Cassandra stores, a few cells instead of ten per entry); a new block starts at a
+commit boundary once the current one holds :data:`STREAM_BLOCK_ENTRIES_MAX` entries.
+An owner's seal names its stream and the block it started in, so a shard's part of the
+chain written at one epoch is read back as slices of that stream's blocks. Seals
+written before streams existed have none; their entries are read from
+``ledger_entries`` (migration 004) as before.
+
+:meth:`CassandraLedger.commit` is the group commit's storage half: it writes the round,
+waits for it, and only then reads the fences, so a shard's commit is reported
+acknowledged only if its write completed *before* a fence read that still found the
+writer's epoch on top (see docs/ARCHITECTURE.md, "Fencing"). The time index is written
+apart from the commit (:meth:`CassandraLedger.index`, from the node's indexer).
 """
 
 from __future__ import annotations
 
 import base64
+import secrets
+import struct
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.query import BatchStatement, BatchType
 
+from clearinghouse._invariant import invariant
 from clearinghouse.domain import FieldViolation, InvalidArgument
 from clearinghouse.domain import Unavailable as DomainUnavailable
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.storage.retry import TRANSIENT, with_retries
 from clearinghouse.switch.ports import IndexRow, Seal, ShardWrite
 
-LEDGER_BLOCK_ENTRIES = 4096
+# Entries per block of a stream (a block is one Cassandra partition): a few MiB.
+STREAM_BLOCK_ENTRIES_MAX = 8192
+# Entries per partition of the legacy ledger_entries table (migration 004).
+LEGACY_BLOCK_ENTRIES = 4096
 FENCE_BUCKET = 0
 DAY_US = 86_400 * 1_000_000
 LIST_DAYS_MAX = 31
-# Rows fetched per page when a new owner reads a block back.
+# Rows fetched per page when a chain is read back: entries of a legacy chain, runs
+# (up to a commit's entries each) of a stream.
 READ_PAGE_ROWS = 1000
+READ_PAGE_RUNS = 50
 COMMIT_WRITE_TIMEOUT_S = 5.0
+# Time-index rows per batch (one partition each): bounded, whatever the indexer holds.
+INDEX_BATCH_ROWS_MAX = 500
+
+_ENTRY_COLUMNS = "seq, kind, payment_key, body, prev_hash, entry_hash"
 
 
 def day_of(at_us: int) -> int:
@@ -39,25 +68,115 @@ def day_of(at_us: int) -> int:
     return t.tm_year * 10000 + t.tm_mon * 100 + t.tm_mday
 
 
-def block_of(seq: int) -> int:
-    return seq // LEDGER_BLOCK_ENTRIES
+def legacy_block_of(seq: int) -> int:
+    return seq // LEGACY_BLOCK_ENTRIES
+
+
+# A run of entries in one stream row, version 1: a version byte, then per entry
+# u16 len(kind) u16 len(payment_key) u32 len(body), kind, payment_key, body, prev_hash
+# (32 bytes), entry_hash (32 bytes); seqs follow from the row's first_seq.
+RUN_FORMAT_V1 = 1
+_RUN_HEADER = struct.Struct(">HHI")
+_HASH_BYTES = 32
+
+
+def encode_run(entries: Sequence[LedgerEntry]) -> bytes:
+    """The stored form of consecutive entries of one shard and epoch."""
+    parts: list[bytes] = [bytes((RUN_FORMAT_V1,))]
+    for e in entries:
+        kind, key = e.kind.encode(), e.payment_key.encode()
+        invariant(
+            len(e.prev_hash) == len(e.entry_hash) == _HASH_BYTES,
+            f"seq {e.seq}: hashes are {_HASH_BYTES} bytes",
+        )
+        parts += (_RUN_HEADER.pack(len(kind), len(key), len(e.body)), kind, key, e.body,
+                  e.prev_hash, e.entry_hash)  # fmt: skip
+    return b"".join(parts)
+
+
+def decode_run(shard: int, epoch: int, first_seq: int, data: bytes) -> list[LedgerEntry]:
+    """The entries of a stored run; InvariantViolation if the bytes are not one (a
+    damaged row is reported as such, never half read)."""
+    invariant(data[:1] == bytes((RUN_FORMAT_V1,)), f"shard {shard}: unknown run format")
+    out: list[LedgerEntry] = []
+    pos, size, seq = 1, len(data), first_seq
+    while pos < size:
+        invariant(pos + _RUN_HEADER.size <= size, f"shard {shard} seq {seq}: run truncated")
+        kind_len, key_len, body_len = _RUN_HEADER.unpack_from(data, pos)
+        pos += _RUN_HEADER.size
+        end = pos + kind_len + key_len + body_len + 2 * _HASH_BYTES
+        invariant(end <= size, f"shard {shard} seq {seq}: run truncated")
+        kind = data[pos : pos + kind_len].decode()
+        pos += kind_len
+        key = data[pos : pos + key_len].decode()
+        pos += key_len
+        body = data[pos : pos + body_len]
+        pos += body_len
+        prev_hash, entry_hash = data[pos : pos + _HASH_BYTES], data[pos + _HASH_BYTES : end]
+        out.append(LedgerEntry(shard, epoch, seq, kind, key, body, prev_hash, entry_hash))
+        pos, seq = end, seq + 1
+    return out
+
+
+def new_stream_id(prefix: str = "") -> str:
+    """A stream name no other process has used: the prefix (the node) and 64 random bits."""
+    return f"{prefix}-{secrets.token_hex(8)}" if prefix else secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    """One stored row of a stream: a shard's entries of one commit."""
+
+    stream: str
+    block: int
+    shard: int
+    epoch: int
+    first_seq: int
+    entries: tuple[LedgerEntry, ...]
+
+    @property
+    def key(self) -> tuple[str, int, int, int, int]:
+        """The row's primary key: (stream, block, shard, epoch, first_seq)."""
+        return self.stream, self.block, self.shard, self.epoch, self.first_seq
 
 
 class CassandraLedger:
-    def __init__(self, session: Any, consistency: int = ConsistencyLevel.QUORUM) -> None:
+    """The :class:`~clearinghouse.switch.ports.LedgerStore` of a switch node (and the
+    readers': audit, drills, tests). ``stream`` is where this object's commits go; a
+    reader never writes one."""
+
+    def __init__(
+        self,
+        session: Any,
+        consistency: int = ConsistencyLevel.QUORUM,
+        *,
+        stream: str | None = None,
+        block_entries_max: int = STREAM_BLOCK_ENTRIES_MAX,
+    ) -> None:
         self.session = session
         self.cl = consistency
+        self.stream = stream or new_stream_id()
+        self.block_entries_max = block_entries_max
+        self._block = 0
+        self._block_entries = 0
+        self._block_lock = threading.Lock()
+        # (shard, epoch) -> (stream, first block), or None for a chain part in the legacy
+        # table. Seals are written once, so what was read stays true.
+        self._locations: dict[tuple[int, int], tuple[str, int] | None] = {}
         p = session.prepare
-        self._insert_entry = p(
-            "INSERT INTO ledger_entries (shard, epoch, block, seq, kind, payment_key, body, "
-            "prev_hash, entry_hash, at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        self._insert_stream = p(
+            "INSERT INTO ledger_stream (stream, block, shard, epoch, first_seq, last_seq, "
+            "run_bytes, at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        self._select_entries = p(
-            "SELECT seq, kind, payment_key, body, prev_hash, entry_hash FROM ledger_entries "
-            "WHERE shard = ? AND epoch = ? AND block = ? AND seq >= ?"
+        self._select_stream = p(
+            "SELECT first_seq, last_seq, run_bytes FROM ledger_stream "
+            "WHERE stream = ? AND block = ? AND shard = ? AND epoch = ? AND first_seq <= ?"
         )
-        self._select_range = p(
-            "SELECT seq, kind, payment_key, body, prev_hash, entry_hash FROM ledger_entries "
+        self._select_block_exists = p(
+            "SELECT shard FROM ledger_stream WHERE stream = ? AND block = ? LIMIT 1"
+        )
+        self._select_legacy = p(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries "  # noqa: S608 (constant columns)
             "WHERE shard = ? AND epoch = ? AND block = ? AND seq >= ? AND seq <= ?"
         )
         self._insert_fence = p(
@@ -68,10 +187,14 @@ class CassandraLedger:
         )
         self._insert_seal = p(
             "INSERT INTO shard_seals (shard, epoch, prev_epoch, start_seq, start_hash, node_id, "
-            "at_us) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "at_us, stream, start_block) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         self._select_seals = p(
-            "SELECT epoch, prev_epoch, start_seq, start_hash FROM shard_seals WHERE shard = ?"
+            "SELECT epoch, prev_epoch, start_seq, start_hash, stream, start_block "
+            "FROM shard_seals WHERE shard = ?"
+        )
+        self._select_seal = p(
+            "SELECT stream, start_block FROM shard_seals WHERE shard = ? AND epoch = ?"
         )
         # The time index (migration 009): a participant's payments, its own or those
         # routed to it as a bank, keyed on time, institution and payment id.
@@ -85,14 +208,24 @@ class CassandraLedger:
             "AND (received_at_us, institution_id, payment_id) > (?, ?, ?) "
             "AND received_at_us < ? LIMIT ?"
         )
+        self._insert_mark = p(
+            "INSERT INTO index_marks (bucket, shard, epoch, indexed_through_seq, at_us) "
+            "VALUES (?, ?, ?, ?, ?)"
+        )
+        self._select_marks = p(
+            "SELECT epoch, indexed_through_seq FROM index_marks WHERE bucket = ? AND shard = ?"
+        )
         for stmt in (
-            self._insert_entry, self._select_entries, self._insert_fence,
-            self._select_some_fences, self._select_range,
-            self._insert_seal, self._select_seals, self._insert_time, self._select_time,
+            self._insert_mark, self._select_marks,
+            self._insert_stream, self._select_stream, self._select_block_exists,
+            self._select_legacy, self._insert_fence, self._select_some_fences,
+            self._insert_seal, self._select_seals, self._select_seal, self._insert_time,
+            self._select_time,
         ):  # fmt: skip
             stmt.consistency_level = self.cl
             stmt.is_idempotent = True
-        self._select_entries.fetch_size = READ_PAGE_ROWS
+        self._select_stream.fetch_size = READ_PAGE_RUNS
+        self._select_legacy.fetch_size = READ_PAGE_ROWS
 
     # -- takeover -----------------------------------------------------------------------
 
@@ -107,83 +240,185 @@ class CassandraLedger:
             "reading a shard's seals",
             lambda: list(self.session.execute(self._select_seals, (shard,))),
         )
+        for r in rows:
+            self._remember(shard, r.epoch, r.stream, r.start_block)
         return [Seal(shard, r.epoch, r.prev_epoch, r.start_seq, r.start_hash) for r in rows]
 
     def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None:
+        """Seal ``seal.epoch``'s part of the chain as this object's: its entries will be
+        in this stream, from the current block on (blocks only ever grow)."""
+        with self._block_lock:
+            block = self._block
         values = (
             seal.shard, seal.epoch, seal.prev_epoch, seal.start_seq, seal.start_hash,
-            node_id, at_us,
+            node_id, at_us, self.stream, block,
         )  # fmt: skip
         with_retries("sealing a shard", lambda: self.session.execute(self._insert_seal, values))
+        self._remember(seal.shard, seal.epoch, self.stream, block)
 
-    def rows(
-        self, shard: int, epoch: int, block: int, from_seq: int, to_seq: int
-    ) -> list[LedgerEntry]:
-        """The rows of one partition with ``from_seq <= seq <= to_seq``, as stored (no
-        chain check): what this session's replicas hold, for comparing replicas."""
-        rows = with_retries(
-            "reading ledger rows",
-            lambda: list(
-                self.session.execute(self._select_range, (shard, epoch, block, from_seq, to_seq))
-            ),
-        )
-        return [
-            LedgerEntry(
-                shard, epoch, r.seq, r.kind, r.payment_key, r.body, r.prev_hash, r.entry_hash
+    def _remember(self, shard: int, epoch: int, stream: str | None, block: int | None) -> None:
+        self._locations[(shard, epoch)] = (stream, block or 0) if stream else None
+
+    def _location(self, shard: int, epoch: int) -> tuple[str, int] | None:
+        key = (shard, epoch)
+        if key not in self._locations:
+            row = with_retries(
+                "reading a shard's seal",
+                lambda: self.session.execute(self._select_seal, key).one(),
             )
-            for r in rows
-        ]
+            if row is None:
+                # No seal (yet): nothing of this epoch can be read as part of a chain.
+                return None
+            self._remember(shard, epoch, row.stream, row.start_block)
+        return self._locations[key]
+
+    def rows(self, shard: int, epoch: int, from_seq: int, to_seq: int) -> list[LedgerEntry]:
+        """The rows of ``(shard, epoch)`` with ``from_seq <= seq <= to_seq``, as stored,
+        holes and all (no chain check): what this session's replicas hold, for comparing
+        replicas."""
+        return self._read(shard, epoch, from_seq, to_seq, contiguous=False)
 
     def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
         """Entries of ``epoch`` from ``from_seq`` on, as long as they are contiguous."""
+        return self._read(shard, epoch, from_seq, 2**63 - 1, contiguous=True)
+
+    def _read(
+        self, shard: int, epoch: int, from_seq: int, to_seq: int, *, contiguous: bool
+    ) -> list[LedgerEntry]:
+        where = self._location(shard, epoch)
+        if where is None:
+            return self._read_legacy(shard, epoch, from_seq, to_seq, contiguous=contiguous)
+        stream, block = where
         out: list[LedgerEntry] = []
         expected = from_seq
-        block = block_of(from_seq)
         while True:
-            values = (shard, epoch, block, expected)
+            for _, run in self._runs(stream, block, shard, epoch, to_seq):
+                for e in run:
+                    if e.seq < expected or e.seq > to_seq:
+                        continue
+                    if contiguous and e.seq != expected:
+                        return out  # a hole: what follows is not part of the chain
+                    out.append(e)
+                    expected = e.seq + 1
+            if expected > to_seq or not self._block_exists(stream, block + 1):
+                return out  # the stream ends here
+            block += 1
+
+    def _runs(
+        self, stream: str, block: int, shard: int, epoch: int, to_seq: int
+    ) -> list[tuple[int, list[LedgerEntry]]]:
+        """The runs of ``(shard, epoch)`` in one block that start at or before ``to_seq``,
+        decoded, by first seq: (first_seq, entries)."""
+        values = (stream, block, shard, epoch, to_seq)
+        rows = with_retries(
+            "reading a shard's entries",
+            lambda: list(self.session.execute(self._select_stream, values)),
+        )
+        runs = []
+        for r in rows:
+            run = decode_run(shard, epoch, r.first_seq, bytes(r.run_bytes))
+            invariant(
+                bool(run) and run[-1].seq == r.last_seq,
+                f"shard {shard} epoch {epoch}: the run from seq {r.first_seq} holds "
+                f"{len(run)} entries, not up to seq {r.last_seq}",
+            )
+            runs.append((r.first_seq, run))
+        return runs
+
+    def _read_legacy(
+        self, shard: int, epoch: int, from_seq: int, to_seq: int, *, contiguous: bool
+    ) -> list[LedgerEntry]:
+        """A chain part written before streams: a row per entry in ledger_entries."""
+        out: list[LedgerEntry] = []
+        expected = from_seq
+        block, last_block = legacy_block_of(from_seq), legacy_block_of(to_seq)
+        while True:
+            values = (shard, epoch, block, expected, to_seq)
             rows = with_retries(
                 "reading a shard's entries",
-                lambda v=values: list(self.session.execute(self._select_entries, v)),  # type: ignore[misc]
+                lambda v=values: list(self.session.execute(self._select_legacy, v)),  # type: ignore[misc]
             )
             for r in rows:
-                if r.seq != expected:
+                if contiguous and r.seq != expected:
                     return out  # a hole: what follows is not part of the chain
                 out.append(LedgerEntry(
                     shard, epoch, r.seq, r.kind, r.payment_key, r.body, r.prev_hash,
                     r.entry_hash,
                 ))  # fmt: skip
-                expected += 1
-            if expected != (block + 1) * LEDGER_BLOCK_ENTRIES:
+                expected = r.seq + 1
+            full = expected == (block + 1) * LEGACY_BLOCK_ENTRIES
+            if block >= last_block or (contiguous and not full):
                 return out
             block += 1
+
+    def locate(self, shard: int, epoch: int, seq: int) -> StoredRun | None:
+        """The stored run that holds ``(shard, epoch, seq)``, or None if there is none
+        (for operators and tests that must name a row in CQL; chains written before
+        streams: None)."""
+        where = self._location(shard, epoch)
+        if where is None:
+            return None
+        stream, block = where
+        while True:
+            for first, run in self._runs(stream, block, shard, epoch, seq):
+                if run[0].seq <= seq <= run[-1].seq:
+                    return StoredRun(stream, block, shard, epoch, first, tuple(run))
+            if not self._block_exists(stream, block + 1):
+                return None
+            block += 1
+
+    def _block_exists(self, stream: str, block: int) -> bool:
+        return bool(
+            with_retries(
+                "reading a stream",
+                lambda: list(self.session.execute(self._select_block_exists, (stream, block))),
+            )
+        )
 
     # -- the group commit ---------------------------------------------------------------
 
     def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
-        """Write every shard's entries and index rows, then check the fences.
+        """Write every shard's entries (one single-partition batch), then check the
+        fences.
 
-        Returns, per shard, whether the commit may be acknowledged: every write of the
-        shard completed, and afterwards the highest fence of the shard was its epoch.
+        Returns, per shard, whether the commit may be acknowledged: the write completed,
+        and afterwards the highest fence of the shard was its epoch.
         """
-        futures: list[tuple[int, Any, Any]] = []
+        count = sum(len(w.entries) for w in writes)
+        with self._block_lock:
+            if self._block_entries and self._block_entries + count > self.block_entries_max:
+                self._block += 1
+                self._block_entries = 0
+            block = self._block
+            self._block_entries += count
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
         for w in writes:
-            for stmt in self._statements(w):
-                futures.append((w.shard, stmt, self.session.execute_async(stmt)))
-        failed: set[int] = set()
-        for shard, stmt, fut in futures:
+            if not w.entries:
+                continue
+            first, last = w.entries[0].seq, w.entries[-1].seq
+            invariant(
+                last - first + 1 == len(w.entries)
+                and all((e.shard, e.epoch) == (w.shard, w.epoch) for e in w.entries),
+                f"shard {w.shard} epoch {w.epoch}: a commit's entries are one contiguous run",
+            )
+            batch.add(self._insert_stream, (
+                self.stream, block, w.shard, w.epoch, first, last, encode_run(w.entries),
+                w.at_us,
+            ))  # fmt: skip
+        batch.is_idempotent = True
+        try:
+            self.session.execute(batch, timeout=COMMIT_WRITE_TIMEOUT_S)
+        except TRANSIENT:
+            # One retry in the same commit; the batch is idempotent (same rows).
             try:
-                fut.result()
+                self.session.execute(batch, timeout=COMMIT_WRITE_TIMEOUT_S)
             except TRANSIENT:
-                # One retry in the same commit; the statement is idempotent (same rows).
-                try:
-                    self.session.execute(stmt, timeout=COMMIT_WRITE_TIMEOUT_S)
-                except TRANSIENT:
-                    failed.add(shard)
+                return {w.shard: False for w in writes}
         try:
             fences = self.max_fences(sorted({w.shard for w in writes}))
         except DomainUnavailable:
             return {w.shard: False for w in writes}
-        return {w.shard: w.shard not in failed and fences.get(w.shard) == w.epoch for w in writes}
+        return {w.shard: fences.get(w.shard) == w.epoch for w in writes}
 
     def max_fences(self, shards: Sequence[int]) -> dict[int, int]:
         """The highest fence of each of ``shards``."""
@@ -197,30 +432,51 @@ class CassandraLedger:
                 out[r.shard] = r.epoch
         return out
 
-    def _statements(self, w: ShardWrite) -> list[Any]:
-        out: list[Any] = []
-        by_block: dict[int, list[LedgerEntry]] = defaultdict(list)
-        for e in w.entries:
-            by_block[block_of(e.seq)].append(e)
-        for block, entries in by_block.items():
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
-            for e in entries:
-                batch.add(self._insert_entry, (
-                    e.shard, e.epoch, block, e.seq, e.kind, e.payment_key, e.body,
-                    e.prev_hash, e.entry_hash, w.at_us,
-                ))  # fmt: skip
-            batch.is_idempotent = True
-            out.append(batch)
+    # -- the time index -----------------------------------------------------------------
+
+    def index(self, rows: Sequence[IndexRow]) -> None:
+        """Write time-index rows (idempotent: the same row lands on the same key), one
+        single-partition batch per participant and day, concurrently; raises the
+        domain's Unavailable if some could not be written after the bounded retries."""
         by_partition: dict[tuple[str, int], list[IndexRow]] = defaultdict(list)
-        for row in w.index_rows:
+        for row in rows:
             by_partition[(row.listed_under, day_of(row.received_at_us))].append(row)
-        for rows in by_partition.values():
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
-            for row in rows:
-                batch.add(self._insert_time, index_values(row))
-            batch.is_idempotent = True
-            out.append(batch)
-        return out
+        batches = []
+        for part in by_partition.values():
+            for i in range(0, len(part), INDEX_BATCH_ROWS_MAX):
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
+                for row in part[i : i + INDEX_BATCH_ROWS_MAX]:
+                    batch.add(self._insert_time, index_values(row))
+                batch.is_idempotent = True
+                batches.append(batch)
+        futures = [self.session.execute_async(b) for b in batches]
+        failed = []
+        for b, fut in zip(batches, futures, strict=True):
+            try:
+                fut.result()
+            except TRANSIENT:
+                failed.append(b)
+        for b in failed:
+            with_retries("writing the time index", lambda b=b: self.session.execute(b))  # type: ignore[misc]
+
+    def mark_indexed(self, marks: Mapping[tuple[int, int], int], at_us: int) -> None:
+        """Record, per (shard, epoch), the seq up to which the time index is written:
+        one single-partition batch for all of them."""
+        if not marks:
+            return
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
+        for (shard, epoch), seq in sorted(marks.items()):
+            batch.add(self._insert_mark, (FENCE_BUCKET, shard, epoch, seq, at_us))
+        batch.is_idempotent = True
+        with_retries("marking the time index", lambda: self.session.execute(batch))
+
+    def index_marks(self, shard: int) -> dict[int, int]:
+        """Per epoch of ``shard``: the seq up to which its owner wrote the time index."""
+        rows = with_retries(
+            "reading the time index's marks",
+            lambda: list(self.session.execute(self._select_marks, (FENCE_BUCKET, shard))),
+        )
+        return {r.epoch: r.indexed_through_seq for r in rows}
 
     # -- listing ------------------------------------------------------------------------
 
@@ -283,4 +539,14 @@ def _decode_token(token: str) -> tuple[int, str, str]:
     return at_us, inst, pid
 
 
-__all__ = ["LEDGER_BLOCK_ENTRIES", "CassandraLedger", "block_of", "day_of", "index_values"]
+__all__ = [
+    "STREAM_BLOCK_ENTRIES_MAX",
+    "CassandraLedger",
+    "StoredRun",
+    "day_of",
+    "decode_run",
+    "encode_run",
+    "index_values",
+    "legacy_block_of",
+    "new_stream_id",
+]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from clearinghouse.domain import Money, Participant, PaymentType, Posting
+from clearinghouse.domain import ClearingError, Money, Participant, PaymentType, Posting
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.switch.records import PaymentRecord, StepRecord
 
@@ -44,6 +44,12 @@ class BankTransfer:
 
 class BankGateway(Protocol):
     def transfer(self, bank: Participant, req: BankTransfer, deadline_s: float) -> BankOutcome: ...
+
+    def transfer_many(
+        self, bank: Participant, reqs: Sequence[BankTransfer], deadline_s: float
+    ) -> list[BankOutcome]:
+        """Several transfers to one bank; one outcome each, in order."""
+        ...
 
     def inquire(self, bank: Participant, switch_ref: str, deadline_s: float) -> BankOutcome: ...
 
@@ -102,6 +108,20 @@ class PaymentStore(Protocol):
         """
         ...
 
+    def begin_many(
+        self, records: Sequence[PaymentRecord]
+    ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
+        """``begin`` for each record (in the same writes where it can); an error in its
+        place for a record that could not begin."""
+        ...
+
+    def decide_many(
+        self, decisions: Sequence[tuple[PaymentRecord, StepRecord, Sequence[Posting], bool]]
+    ) -> list[PaymentRecord | ClearingError]:
+        """``decide`` for each (record, step, postings, reversal_owed); an error in its
+        place for a decision that could not be written."""
+        ...
+
     def abandon(self, record: PaymentRecord) -> None:
         """The attempt that began ``record`` ends without deciding it: someone must."""
         ...
@@ -150,21 +170,38 @@ class Seal:
     start_hash: bytes
 
 
-class LedgerStore(Protocol):
-    """The shard ledger as owners use it (Cassandra in production, a fake in tests)."""
-
-    def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None: ...
+class ChainReader(Protocol):
+    """What reading a shard's chain takes (owners at takeover, auditors, drills)."""
 
     def seals(self, shard: int) -> list[Seal]: ...
-
-    def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None: ...
 
     def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
         """The contiguous entries of ``epoch`` from ``from_seq`` on."""
         ...
 
+
+class LedgerStore(ChainReader, Protocol):
+    """The shard ledger as owners use it (Cassandra in production, a fake in tests)."""
+
+    def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None: ...
+
+    def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None: ...
+
     def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
-        """Write, then check fences; per shard, whether the commit may be acknowledged."""
+        """Write, then check fences; per shard, whether the commit may be acknowledged.
+        (The writes' index rows are not written here: see :meth:`index`.)"""
+        ...
+
+    def index(self, rows: Sequence[IndexRow]) -> None:
+        """Write time-index rows (idempotent); raise the domain's Unavailable on failure."""
+        ...
+
+    def mark_indexed(self, marks: Mapping[tuple[int, int], int], at_us: int) -> None:
+        """Record per (shard, epoch) the seq up to which every intent is indexed."""
+        ...
+
+    def index_marks(self, shard: int) -> dict[int, int]:
+        """Per epoch of ``shard``: the seq up to which its intents are indexed."""
         ...
 
 

@@ -27,8 +27,11 @@ registry: a payment already accepted completes even if its bank was suspended si
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from clearinghouse import telemetry
 from clearinghouse._invariant import invariant
@@ -43,6 +46,7 @@ from clearinghouse.domain import (
     PaymentOrder,
     PaymentState,
     PaymentType,
+    Posting,
     Unavailable,
     check_balanced,
     fingerprint,
@@ -82,6 +86,7 @@ OWED_REVERSALS_PER_RUN_MAX = 100
 IN_PROGRESS_RETRY_AFTER_MS = 1000
 
 Clock = Callable[[], int]
+T = TypeVar("T")
 
 
 def wall_clock_us() -> int:
@@ -136,6 +141,7 @@ class PaymentProcessor:
         clock: Clock = wall_clock_us,
         sleep: Callable[[float], None] = time.sleep,
         max_amount_minor: int = MAX_AMOUNT_MINOR,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.zone = zone
         self.store = store
@@ -144,6 +150,9 @@ class PaymentProcessor:
         self.clock = clock
         self.sleep = sleep
         self.max_amount_minor = max_amount_minor
+        # Calls banks of one batch concurrently, and asks about each unanswered transfer
+        # concurrently; without it (tests), one after the other.
+        self.pool = pool
 
     # -- queries -----------------------------------------------------------------------
 
@@ -170,14 +179,64 @@ class PaymentProcessor:
         ``received_zone`` is the zone whose node the participant called (this node's own
         zone when empty); the decision records this node's zone.
         """
+        (out,) = self.submit_many([order], received_zone)
+        if isinstance(out, ClearingError):
+            raise out
+        return out
+
+    def submit_many(
+        self,
+        orders: Sequence[PaymentOrder],
+        received_zone: str = "",
+        paths: Sequence[str] | None = None,
+    ) -> list[Result | ClearingError]:
+        """``submit`` for each order, together: their intents share group commits, their
+        transfers leave as one call per bank, their decisions share group commits. Each
+        order gets its own result or error, in order; none waits for another's retries
+        beyond the batch (a bank that does not answer is asked about each payment
+        concurrently, see ``pool``)."""
+        zone = received_zone or self.zone
+        out: list[Result | ClearingError | None] = [None] * len(orders)
+        fresh: list[tuple[int, bytes, Participant, PaymentRecord]] = []
+        for i, order in enumerate(orders):
+            try:
+                prepared = self._prepare(order, zone, paths[i] if paths else "order")
+            except ClearingError as e:
+                out[i] = e
+                continue
+            if isinstance(prepared, Result):
+                out[i] = prepared
+            else:
+                fresh.append((i, *prepared))
+        won: list[tuple[int, PaymentRecord, Participant]] = []
+        begun = self.store.begin_many([rec for *_, rec in fresh])
+        for (i, fp, bank, _), b in zip(fresh, begun, strict=True):
+            if isinstance(b, ClearingError):
+                out[i] = b
+                continue
+            stored, first = b
+            if first:
+                won.append((i, stored, bank))
+            else:
+                out[i] = self._replayed(stored, fp)
+        if won:
+            self._route_and_decide(won, out)
+        invariant(all(r is not None for r in out), "every order of a batch gets an answer")
+        return [r for r in out if r is not None]
+
+    def _prepare(
+        self, order: PaymentOrder, zone: str, path: str
+    ) -> Result | tuple[bytes, Participant, PaymentRecord]:
+        """The order checked against the registry and made a record to begin; or, for an
+        order the registry refuses now but that was accepted before, its stored result."""
         if not (
             is_valid_id(order.institution_id, PARTICIPANT_ID_LEN_MAX)
             and is_valid_id(order.payment_id, PAYMENT_ID_LEN_MAX)
         ):
-            self.validate(order)  # raises, naming every bad field
+            self.validate(order, path)  # raises, naming every bad field
         fp = fingerprint(order)
         try:
-            self.validate(order)
+            self.validate(order, path)
         except ClearingError:
             # A replay is answered from the stored payment, whatever the registry says
             # now; only an order that was never accepted gets the validation error.
@@ -188,10 +247,9 @@ class PaymentProcessor:
         # A valid order goes straight to begin, which reports an existing payment itself.
         now = self.clock()
         bank = self._bank_of(order)
-        zone = received_zone or self.zone
         received = PaymentEvent(PaymentState.RECEIVED, now, zone, "")
         routed = PaymentEvent(PaymentState.ROUTED, now, zone, f"to {bank.participant_id}")
-        fresh = PaymentRecord(
+        record = PaymentRecord(
             order=order,
             fingerprint=fp,
             shard=shard_of(order.institution_id, order.payment_id),
@@ -200,42 +258,102 @@ class PaymentProcessor:
             received_zone=zone,
             steps=(StepRecord(STEP_RECEIVED, received), StepRecord(STEP_ROUTED, routed)),
         )
-        stored, won = self.store.begin(fresh)
-        if not won:
-            return Result(self._replay(stored, fp), replayed=True)
-        decided = False
-        try:
-            record = self._process(stored, bank)
-            decided = True
-            return Result(record, replayed=False)
-        finally:
-            if not decided:
-                self.store.abandon(stored)
+        return fp, bank, record
 
-    def _process(self, stored: PaymentRecord, bank: Participant) -> PaymentRecord:
-        order = stored.order
-        budget = _Budget(self.clock, stored.received_at_us + int(BANK_CALLS_BOUND_S * 1e6))
-        req = BankTransfer(
-            order.type, stored.switch_ref, order.institution_id, order.bank_account, order.amount
-        )
-        deadline = budget.cut(BANK_TRANSFER_DEADLINE_S)
-        if deadline is None:
-            # Storage used the whole bound before the bank was called: nothing moved.
-            outcome = BankOutcome(
-                BankAnswer.UNKNOWN_REF, "", "decision bound reached before routing"
-            )
-        else:
-            outcome = self.bank.transfer(bank, req, deadline)
-            if outcome.answer is BankAnswer.NO_ANSWER:
-                outcome = self._resolve_unknown(stored, bank, budget)
-        if self.clock() > stored.received_at_us + int(DECISION_BOUND_S * 1e6):
-            # Too late to decide here: the store has it resolved (inquiry, reversal).
-            raise Unavailable(
-                f"payment {order.payment_id!r} took too long to decide; retry to learn its outcome",
-                retry_after_ms=IN_PROGRESS_RETRY_AFTER_MS,
-                reason="PAYMENT_IN_PROGRESS",
-            )
-        return self._decide(stored, outcome)
+    def _replayed(self, stored: PaymentRecord, fp: bytes) -> Result | ClearingError:
+        try:
+            return Result(self._replay(stored, fp), replayed=True)
+        except ClearingError as e:
+            return e
+
+    def _route_and_decide(
+        self,
+        won: list[tuple[int, PaymentRecord, Participant]],
+        out: list[Result | ClearingError | None],
+    ) -> None:
+        """Call the banks for the payments this attempt began, and decide them. Whatever
+        is not decided here is handed back to the store (``abandon``) to be resolved."""
+        decided: set[int] = set()
+        try:
+            outcomes = self._call_banks([(rec, bank) for _, rec, bank in won])
+            pending: list[tuple[int, PaymentRecord]] = []
+            decisions = []
+            for (i, rec, _), outcome in zip(won, outcomes, strict=True):
+                if self.clock() > rec.received_at_us + int(DECISION_BOUND_S * 1e6):
+                    # Too late to decide here: the store has it resolved (inquiry, reversal).
+                    out[i] = Unavailable(
+                        f"payment {rec.order.payment_id!r} took too long to decide; retry "
+                        "to learn its outcome",
+                        retry_after_ms=IN_PROGRESS_RETRY_AFTER_MS,
+                        reason="PAYMENT_IN_PROGRESS",
+                    )
+                    continue
+                pending.append((i, rec))
+                decisions.append(self._decision_of(rec, outcome))
+            for (i, rec), d in zip(pending, self.store.decide_many(decisions), strict=True):
+                if isinstance(d, ClearingError):
+                    out[i] = d
+                    continue
+                decided.add(i)
+                telemetry.metrics.payment_decided(d.state.value, rec.order.type.value, self.zone)
+                out[i] = Result(d, replayed=False)
+        finally:
+            for i, rec, _ in won:
+                if i not in decided:
+                    self.store.abandon(rec)
+
+    def _call_banks(self, items: list[tuple[PaymentRecord, Participant]]) -> list[BankOutcome]:
+        """Each payment's transfer, one call per bank (banks called concurrently when a
+        pool is given); a transfer without an answer is resolved by inquiry, reversal."""
+        by_bank: dict[str, list[int]] = defaultdict(list)
+        for n, (_, bank) in enumerate(items):
+            by_bank[bank.participant_id].append(n)
+        outcomes: list[BankOutcome | None] = [None] * len(items)
+
+        def one_bank(idx: list[int]) -> None:
+            bank = items[idx[0]][1]
+            budgets = {n: self._budget(items[n][0]) for n in idx}
+            cuts = {n: budgets[n].cut(BANK_TRANSFER_DEADLINE_S) for n in idx}
+            send = [n for n in idx if cuts[n] is not None]
+            for n in idx:
+                if cuts[n] is None:
+                    # Storage used the whole bound before the bank was called: nothing moved.
+                    outcomes[n] = BankOutcome(
+                        BankAnswer.UNKNOWN_REF, "", "decision bound reached before routing"
+                    )
+            if send:
+                deadline = min(c for n in send if (c := cuts[n]) is not None)
+                reqs = [self._transfer_of(items[n][0]) for n in send]
+                for n, o in zip(send, self.bank.transfer_many(bank, reqs, deadline), strict=True):
+                    outcomes[n] = o
+            unknown = [n for n in send if outcomes[n].answer is BankAnswer.NO_ANSWER]  # type: ignore[union-attr]
+
+            def settle(n: int) -> None:
+                outcomes[n] = self._resolve_unknown(items[n][0], bank, budgets[n])
+
+            self._each(settle, unknown)
+
+        self._each(one_bank, list(by_bank.values()))
+        invariant(all(o is not None for o in outcomes), "every transfer has an outcome")
+        return [o for o in outcomes if o is not None]
+
+    def _each(self, fn: Callable[[T], None], args: Sequence[T]) -> None:
+        """``fn`` for each of ``args``: concurrently in the pool when there is one and
+        more than one, else in turn."""
+        if self.pool is None or len(args) < 2:
+            for a in args:
+                fn(a)
+            return
+        for f in [self.pool.submit(telemetry.bind_context(fn), a) for a in args]:
+            f.result()
+
+    def _budget(self, stored: PaymentRecord) -> _Budget:
+        return _Budget(self.clock, stored.received_at_us + int(BANK_CALLS_BOUND_S * 1e6))
+
+    @staticmethod
+    def _transfer_of(stored: PaymentRecord) -> BankTransfer:
+        o = stored.order
+        return BankTransfer(o.type, stored.switch_ref, o.institution_id, o.bank_account, o.amount)
 
     def resolve(self, rec: PaymentRecord) -> PaymentRecord:
         """Decide a payment whose attempt ended without deciding: ask the bank, reverse.
@@ -307,7 +425,11 @@ class PaymentProcessor:
                 return BankOutcome(BankAnswer.REVERSED, rev.bank_ref, "reversed after no answer")
         return BankOutcome(BankAnswer.NO_ANSWER, "", "bank unreachable; reversal not confirmed")
 
-    def _decide(self, rec: PaymentRecord, outcome: BankOutcome) -> PaymentRecord:
+    def _decision_of(
+        self, rec: PaymentRecord, outcome: BankOutcome
+    ) -> tuple[PaymentRecord, StepRecord, list[Posting], bool]:
+        """What to write for ``rec`` given the bank's ``outcome``: (record, step,
+        balanced postings, whether a reversal is owed)."""
         state = {
             BankAnswer.APPROVED: PaymentState.APPROVED,
             BankAnswer.DECLINED: PaymentState.DECLINED,
@@ -328,6 +450,10 @@ class PaymentProcessor:
         # No answer at all: the switch decides FAILED and owes the bank a reversal, so
         # that a transfer the bank applied unseen is undone and the two agree again.
         owed = outcome.answer is BankAnswer.NO_ANSWER
+        return rec, step, list(postings), owed
+
+    def _decide(self, rec: PaymentRecord, outcome: BankOutcome) -> PaymentRecord:
+        rec, step, postings, owed = self._decision_of(rec, outcome)
         decided = self.store.decide(rec, step, postings, reversal_owed=owed)
         telemetry.metrics.payment_decided(decided.state.value, rec.order.type.value, self.zone)
         return decided

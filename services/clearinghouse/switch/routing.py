@@ -27,7 +27,13 @@ from clearing.v1 import payment_pb2, shard_pb2, shard_pb2_grpc
 from clearinghouse import telemetry
 from clearinghouse._invariant import invariant
 from clearinghouse.client import error_details
-from clearinghouse.domain import ClearingError, InsufficientLiquidity, NotFound, Unavailable
+from clearinghouse.domain import (
+    ClearingError,
+    InsufficientLiquidity,
+    NotFound,
+    PaymentOrder,
+    Unavailable,
+)
 from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.security import pki
 from clearinghouse.switch import convert
@@ -71,31 +77,33 @@ class OwnerMap(Protocol):
 class LocalOwner:
     """The owner's side: processes orders and reads payments of shards owned here."""
 
-    def __init__(self, processor: PaymentProcessor, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, processor: PaymentProcessor) -> None:
         self.processor = processor
-        self.pool = pool
 
     def submit(self, orders: Sequence[Any], paths: Sequence[str], received_zone: str) -> list[Any]:
-        if len(orders) == 1:
-            return [self._one(orders[0], paths[0], received_zone)]
-        futures = [
-            self.pool.submit(telemetry.bind_context(self._one), o, p, received_zone)
-            for o, p in zip(orders, paths, strict=True)
-        ]
-        return [f.result() for f in futures]
-
-    def _one(self, order_pb: Any, path: str, received_zone: str) -> Any:
-        try:
-            result = self.processor.submit(convert.order_from_pb(order_pb, path), received_zone)
-        except ClearingError as e:
-            return payment_pb2.PaymentResult(
-                payment_id=order_pb.payment_id, error=convert.error_to_pb(e)
-            )
-        return payment_pb2.PaymentResult(
-            payment_id=order_pb.payment_id,
-            payment=convert.payment_to_pb(result.record),
-            replayed=result.replayed,
-        )
+        """One PaymentResult per order: the orders are processed together (their intents
+        and decisions share group commits, their transfers one call per bank)."""
+        results: list[Any] = [None] * len(orders)
+        todo: list[int] = []
+        domain: list[PaymentOrder] = []
+        for i, (order_pb, path) in enumerate(zip(orders, paths, strict=True)):
+            try:
+                domain.append(convert.order_from_pb(order_pb, path))
+                todo.append(i)
+            except ClearingError as e:
+                results[i] = _error_result(order_pb.payment_id, e)
+        done = self.processor.submit_many(domain, received_zone, [paths[i] for i in todo])
+        for i, out in zip(todo, done, strict=True):
+            pid = orders[i].payment_id
+            if isinstance(out, ClearingError):
+                results[i] = _error_result(pid, out)
+            else:
+                results[i] = payment_pb2.PaymentResult(
+                    payment_id=pid,
+                    payment=convert.payment_to_pb(out.record),
+                    replayed=out.replayed,
+                )
+        return results
 
     def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
         store = self.processor.store

@@ -42,7 +42,7 @@ from clearinghouse.security.authz import SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import Identity
 from clearinghouse.security.ratelimit import RateLimiter
 from clearinghouse.settlement import WindowKeeper
-from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.ledger import CassandraLedger, new_stream_id
 from clearinghouse.storage.participants import CassandraParticipantStore
 from clearinghouse.storage.session import connect, connect_to_node, consistency_level
 from clearinghouse.storage.windows import CassandraWindows
@@ -153,6 +153,7 @@ class Node:
         self.refresh_registry()
         self.store.on_unresolved = self._schedule_resolution
         self.store.committer.start()
+        self.store.indexer.start()
         telemetry.metrics.shards_owned_from(lambda: len(self.store.owned()))
         self.server.start()
         cfg = self.cfg
@@ -171,6 +172,7 @@ class Node:
         self.agent.close(revoke=True)
         self.server.stop(self.cfg.shutdown_grace_s).wait(self.cfg.shutdown_grace_s + 1)
         self.store.committer.stop()
+        self.store.indexer.stop()
         for close in reversed(self.closers):
             close()
 
@@ -178,7 +180,8 @@ class Node:
 def build(cfg: NodeConfig) -> Node:
     cluster, session = connect(cfg.cassandra)
     cl = consistency_level(cfg.cassandra.consistency)
-    ledger = CassandraLedger(session, cl)
+    # This process's commits go to a stream of its own (storage.ledger, "Streams").
+    ledger = CassandraLedger(session, cl, stream=new_stream_id(cfg.node_id))
     participants = CassandraParticipantStore(session, cl)
     registry = Registry()
     keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
@@ -219,11 +222,15 @@ def build(cfg: NodeConfig) -> Node:
         on_gained=take_over,
         on_lost=store.lose,
     )
-    processor = PaymentProcessor(zone=cfg.zone, store=store, bank=bank, registry=registry)
-    admin = AdminDomain(participants, wall_clock_us)
+    # The processor's pool calls the banks of a batch concurrently and asks about each
+    # unanswered transfer concurrently; nothing in it waits for the pool itself.
     batch_pool = ThreadPoolExecutor(cfg.batch_workers, thread_name_prefix="batch")
+    processor = PaymentProcessor(
+        zone=cfg.zone, store=store, bank=bank, registry=registry, pool=batch_pool
+    )
+    admin = AdminDomain(participants, wall_clock_us)
     router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
-    local = LocalOwner(processor, batch_pool)
+    local = LocalOwner(processor)
     router = Router(
         node_id=cfg.node_id,
         zone=cfg.zone,

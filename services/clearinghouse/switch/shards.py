@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from clearinghouse import telemetry
 from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import (
+    ClearingError,
     InsufficientLiquidity,
     Participant,
     PaymentEvent,
@@ -72,7 +73,15 @@ from clearinghouse.domain.entries import (
     cap_key,
     window_key,
 )
-from clearinghouse.switch.ports import IndexRow, LedgerStore, OwedReversal, Seal, ShardWrite
+from clearinghouse.switch.indexer import Indexer, index_rows_of, rows_of_intent, unindexed
+from clearinghouse.switch.ports import (
+    ChainReader,
+    IndexRow,
+    LedgerStore,
+    OwedReversal,
+    Seal,
+    ShardWrite,
+)
 from clearinghouse.switch.records import (
     SHARD_COUNT,
     STEP_DECIDED,
@@ -177,6 +186,26 @@ class _Shard:
             self.exposure[(o.payer_id, ccy)] -= amount
 
 
+@dataclass(frozen=True, slots=True)
+class _Begun:
+    """A begin under way: the payment found (``pending`` None) or its intent queued."""
+
+    shard: _Shard
+    payment: _Payment
+    pending: _Pending | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Deciding:
+    """A decision queued for the group commit."""
+
+    shard: _Shard
+    payment: _Payment
+    pending: _Pending
+    step: StepRecord
+    reversal_owed: bool
+
+
 @dataclass
 class _Pending:
     shard: int
@@ -216,6 +245,7 @@ class ShardedStore:
         self.borrow: Borrow = borrow or self.lend
         self._shards: dict[int, _Shard] = {}
         self._lock = threading.Lock()
+        self.indexer = Indexer(ledger, clock)
         self.committer = Committer(ledger, self)
         # Set by the node: called with a payment that needs resolving (no live attempt).
         self.on_unresolved: Callable[[PaymentRecord], None] = lambda rec: None
@@ -347,9 +377,22 @@ class ShardedStore:
         head_hash = entries[-1].entry_hash if entries else GENESIS_HASH
         for e in entries:
             self._replay_entry(st, e)
+        self._reindex(st.shard, entries)
         seal = Seal(st.shard, st.epoch, prev_epoch, head_seq + 1, head_hash)
         self.ledger.write_seal(seal, self.node_id, self.clock())
         st.chain = ChainBuilder(st.shard, st.epoch, head_seq + 1, head_hash)
+
+    def _reindex(self, shard: int, entries: Sequence[LedgerEntry]) -> None:
+        """Index what earlier owners acknowledged but had not indexed (idempotent)."""
+        todo = unindexed(entries, self.ledger.index_marks(shard))
+        by_epoch: defaultdict[int, list[LedgerEntry]] = defaultdict(list)
+        for e in todo:
+            by_epoch[e.epoch].append(e)
+        for epoch, part in sorted(by_epoch.items()):
+            rows = [row for e in part for row in rows_of_intent(e)]
+            self.indexer.add(shard, epoch, part[-1].seq, rows)
+        if todo:
+            log.info("shard %d: %d payments to index again after takeover", shard, len(todo))
 
     def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
         if e.kind == KIND_INTENT:
@@ -419,6 +462,39 @@ class ShardedStore:
             return p.record if p else None
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
+        h = self._begin_start(record)
+        # The payment's own trace shows its ledger write: the wait for its group commit.
+        with telemetry.span("ledger.append", shard=record.shard, kind=KIND_INTENT):
+            return self._begin_finish(h)
+
+    def begin_many(
+        self, records: Sequence[PaymentRecord]
+    ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
+        """``begin`` for each record, their intents in the same group commits: every
+        intent is queued first, then each is awaited."""
+        started: list[_Begun | ClearingError] = []
+        for rec in records:
+            try:
+                started.append(self._begin_start(rec))
+            except ClearingError as e:
+                started.append(e)
+        out: list[tuple[PaymentRecord, bool] | ClearingError] = []
+        # One span for the batch's wait (a span per payment would cost more than the
+        # payment's own work).
+        with telemetry.span("ledger.append", kind=KIND_INTENT, payments=len(records)):
+            for h in started:
+                if isinstance(h, ClearingError):
+                    out.append(h)
+                    continue
+                try:
+                    out.append(self._begin_finish(h))
+                except ClearingError as e:
+                    out.append(e)
+        return out
+
+    def _begin_start(self, record: PaymentRecord) -> _Begun:
+        """Queue the payment's intent (borrowing cap headroom first if it must), or find
+        the payment already there; :meth:`_begin_finish` waits for either."""
         st = self._serving(record.shard)
         o = record.order
         payer = (o.payer_id, o.amount.currency)
@@ -427,25 +503,20 @@ class ShardedStore:
                 if st.dropped:
                     raise _not_owner(st.shard)
                 existing = st.payments.get(record.key)
+                if existing is not None:
+                    return _Begun(st, existing, None)
                 shortfall = st.exposure[payer] + o.amount.amount_minor - st.allowance[payer]
-                if existing is None and shortfall <= 0:
+                if shortfall <= 0:
                     record = replace(record, owner_epoch=st.epoch)
-                    at = record.received_at_us
-                    rows = (
-                        IndexRow(o.institution_id, o.payment_id, at),
-                        IndexRow(o.institution_id, o.payment_id, at, record.bank_id),
+                    rows = index_rows_of(
+                        o.institution_id, o.payment_id, record.bank_id, record.received_at_us
                     )
                     body = _intent_of(record).encode()
                     pending = self._enqueue(st, KIND_INTENT, record.key, body, rows)
                     p = _Payment(record, busy=True)
                     st.payments[record.key] = p
                     st.apply_intent(record)
-                    break
-            if existing is not None:
-                if existing.busy:  # an attempt or the resolver is on it: wait for it
-                    existing.done.wait(IN_FLIGHT_WAIT_S)
-                with st.lock:
-                    return existing.record, False
+                    return _Begun(st, p, pending)
             # Short of headroom: borrow from the payer's home shard, outside the lock.
             granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall)
             receipt = CapTransfer(
@@ -457,9 +528,16 @@ class ShardedStore:
                 # Recorded before any intent that relies on it (the queue keeps order).
                 self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode())
                 st.allowance[payer] += granted
-        else:
-            raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
-        entry = self._await(pending)
+        raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
+
+    def _begin_finish(self, h: _Begun) -> tuple[PaymentRecord, bool]:
+        st, p = h.shard, h.payment
+        if h.pending is None:  # found: wait for the attempt in flight, if any
+            if p.busy:
+                p.done.wait(IN_FLIGHT_WAIT_S)
+            with st.lock:
+                return p.record, False
+        entry = self._await(h.pending)
         with st.lock:
             p.record = replace(p.record, ledger_seq=entry.seq)
             return p.record, True
@@ -489,6 +567,43 @@ class ShardedStore:
         *,
         reversal_owed: bool = False,
     ) -> PaymentRecord:
+        h = self._decide_start(record, step, postings, reversal_owed)
+        if isinstance(h, PaymentRecord):
+            return h
+        with telemetry.span("ledger.append", shard=record.shard, kind=KIND_DECISION):
+            return self._decide_finish(h)
+
+    def decide_many(
+        self, decisions: Sequence[tuple[PaymentRecord, StepRecord, Sequence[Posting], bool]]
+    ) -> list[PaymentRecord | ClearingError]:
+        """``decide`` for each (record, step, postings, reversal_owed), their decisions
+        in the same group commits."""
+        started: list[_Deciding | PaymentRecord | ClearingError] = []
+        for record, step, postings, owed in decisions:
+            try:
+                started.append(self._decide_start(record, step, postings, owed))
+            except ClearingError as e:
+                started.append(e)
+        out: list[PaymentRecord | ClearingError] = []
+        with telemetry.span("ledger.append", kind=KIND_DECISION, payments=len(decisions)):
+            for h in started:
+                if not isinstance(h, _Deciding):
+                    out.append(h)
+                    continue
+                try:
+                    out.append(self._decide_finish(h))
+                except ClearingError as e:
+                    out.append(e)
+        return out
+
+    def _decide_start(
+        self,
+        record: PaymentRecord,
+        step: StepRecord,
+        postings: Sequence[Posting],
+        reversal_owed: bool,
+    ) -> _Deciding | PaymentRecord:
+        """Queue the decision; a payment decided already returns its record."""
         st = self._serving(record.shard)
         with st.lock:
             p = st.payments.get(record.key)
@@ -505,33 +620,35 @@ class ShardedStore:
                     retry_after_ms=1000,
                     reason="PAYMENT_IN_PROGRESS",
                 )
-            racing = p.deciding
-            p.deciding = True
-        if racing:
-            # Another attempt is writing its decision: the first one stands.
-            p.done.wait(COMMIT_WAIT_S)
-            with st.lock:
-                if p.record.is_final:
-                    return p.record
-            raise Unavailable(
-                f"{record.key}: another decision is being written", retry_after_ms=500,
-                reason="PAYMENT_IN_PROGRESS",
-            )  # fmt: skip
+            if not p.deciding:
+                p.deciding = True
+                ev = step.event
+                d = Decision(ev.state, ev.at_us, ev.zone, ev.detail, step.bank_ref,
+                             reversal_owed, tuple(postings))  # fmt: skip
+                pending = self._enqueue(st, KIND_DECISION, record.key, d.encode())
+                return _Deciding(st, p, pending, step, reversal_owed)
+        # Another attempt is writing its decision: the first one stands.
+        p.done.wait(COMMIT_WAIT_S)
         with st.lock:
-            ev, owed = step.event, reversal_owed
-            legs = tuple(postings)
-            d = Decision(ev.state, ev.at_us, ev.zone, ev.detail, step.bank_ref, owed, legs)
-            pending = self._enqueue(st, KIND_DECISION, record.key, d.encode())
+            if p.record.is_final:
+                return p.record
+        raise Unavailable(
+            f"{record.key}: another decision is being written", retry_after_ms=500,
+            reason="PAYMENT_IN_PROGRESS",
+        )  # fmt: skip
+
+    def _decide_finish(self, h: _Deciding) -> PaymentRecord:
+        st, p = h.shard, h.payment
         try:
-            entry = self._await(pending)
+            entry = self._await(h.pending)
         finally:
             with st.lock:
                 p.deciding = False
         with st.lock:
-            p.record = replace(p.record.with_step(step), ledger_seq=entry.seq)
-            p.reversal_owed = reversal_owed
+            p.record = replace(p.record.with_step(h.step), ledger_seq=entry.seq)
+            p.reversal_owed = h.reversal_owed
             p.busy = False
-            st.apply_decision(p.record, step.event.state)
+            st.apply_decision(p.record, h.step.event.state)
             p.done.set()
             return p.record
 
@@ -647,9 +764,7 @@ class ShardedStore:
         return pending
 
     def _await(self, pending: _Pending) -> LedgerEntry:
-        # The payment's own trace shows its ledger write: the wait for its group commit.
-        with telemetry.span("ledger.append", shard=pending.shard, kind=pending.kind):
-            done = pending.done.wait(COMMIT_WAIT_S)
+        done = pending.done.wait(COMMIT_WAIT_S)
         if not done or not pending.ok or pending.entry is None:
             # Whether the entry landed is unknown: the shard's state in memory can no
             # longer be trusted. Give it up; it comes back rebuilt from the ledger.
@@ -757,6 +872,10 @@ class Committer:
         telemetry.metrics.commit(sum(len(w.entries) for w in writes), time.monotonic() - started)
         for w in writes:
             ok = acked.get(w.shard, False)
+            if ok:
+                # Acknowledged: its index rows may be written (a listing never names a
+                # payment the ledger does not hold).
+                self.store.indexer.add(w.shard, w.epoch, w.entries[-1].seq, w.index_rows)
             for p in by_shard[(w.shard, w.epoch)]:
                 p.ok = ok
                 p.done.set()
@@ -786,7 +905,7 @@ def _cap_exceeded(participant_id: str, currency: str, detail: str) -> Insufficie
 
 
 def read_chain(
-    ledger: LedgerStore, shard: int, below_epoch: int | None = None, *, verify: bool = True
+    ledger: ChainReader, shard: int, below_epoch: int | None = None, *, verify: bool = True
 ) -> tuple[list[LedgerEntry], int]:
     """The shard's chain as its seals define it, verified; and the newest sealed epoch.
 
