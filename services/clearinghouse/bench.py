@@ -26,6 +26,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -49,13 +50,19 @@ from clearinghouse.domain.signing import (
 )
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.order_signing import sign_unsigned
 from clearinghouse.ownership.view import KEY_PREFIX, shard_key
+from clearinghouse.signing_keys import default_store
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.records import shard_of
 
 SINGLE_CLIENTS = 48
 BATCH_CLIENTS = 6
 BATCH_SIZE = 100
+HALF_RATE_CLIENTS = 16
+# Orders made and signed before each phase (OrderPool): more than a phase sends here.
+SINGLE_POOL_ORDERS = 30_000
+BATCH_POOL_ORDERS = 120_000
 PHASE_S = 20.0
 SIGNING_SAMPLE_ORDERS = 2000
 SIGNING_ROUNDS = 7
@@ -142,6 +149,135 @@ def signing_cost(
     }
 
 
+STORAGE_KEYSPACE = "clearing_bench"
+STORAGE_IDLE_S = 5.0
+STORAGE_CONCURRENCY = 6  # as many as the switch nodes' committers
+# (name, operations, runs per write, entries per run); a None shape is a fence read.
+STORAGE_SHAPES: tuple[tuple[str, int, int | None, int], ...] = (
+    ("commit: 1 run of 1 entry", 600, 1, 1),
+    ("commit: 20 runs of 10 entries", 150, 20, 10),
+    ("commit: 40 runs of 50 entries", 40, 40, 50),
+    ("fence read: 1 shard", 600, None, 1),
+    ("fence read: 20 shards", 300, None, 20),
+)
+STORAGE_BODY_BYTES = 300
+
+
+def storage_cost(lc: LocalCluster, progress: Progress = print) -> dict[str, Any]:
+    """What Cassandra itself costs here, per operation the group commit makes: a
+    commit's write (one single-partition batch of runs, at the topology's consistency)
+    and its fence read. Written to a keyspace of its own (dropped after), replicated as
+    the ledger is; CPU is every Cassandra process's, less what they burn idle."""
+    from cassandra.concurrent import execute_concurrent_with_args  # noqa: PLC0415
+    from cassandra.query import BatchStatement, BatchType  # noqa: PLC0415
+
+    from clearinghouse.domain.chain import ChainBuilder  # noqa: PLC0415
+    from clearinghouse.storage import schema  # noqa: PLC0415
+    from clearinghouse.storage.ledger import encode_run  # noqa: PLC0415
+    from clearinghouse.storage.session import (  # noqa: PLC0415
+        CassandraConfig,
+        connect,
+        consistency_level,
+    )
+
+    lc.up()
+    nodes = lc.cassandra_nodes()
+    city = nodes[0].zone.city
+    cfg = CassandraConfig.from_topology(lc.topo, city, [n.zone.address for n in nodes], None)
+    cluster, session = connect(cfg)
+    ks = STORAGE_KEYSPACE
+    cl = consistency_level(lc.topo.keyspace.write_consistency)
+    try:
+        spec = lc.spec()
+        repl = schema.keyspace_cql(ks, cassandra_replication(lc, spec))
+        session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {repl}")
+        session.execute(
+            f"CREATE TABLE IF NOT EXISTS {ks}.runs (stream text, block bigint, shard int, "
+            "epoch bigint, first_seq bigint, last_seq bigint, run_bytes blob, at_us bigint, "
+            "PRIMARY KEY ((stream, block), shard, epoch, first_seq))"
+        )
+        session.execute(
+            f"CREATE TABLE IF NOT EXISTS {ks}.fences (bucket int, shard int, epoch bigint, "
+            "PRIMARY KEY ((bucket), shard, epoch))"
+        )
+        insert = session.prepare(
+            f"INSERT INTO {ks}.runs (stream, block, shard, epoch, first_seq, last_seq, "  # noqa: S608
+            "run_bytes, at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        fence = session.prepare(
+            f"SELECT shard, epoch FROM {ks}.fences WHERE bucket = 0 AND shard IN ?"  # noqa: S608
+        )
+        insert.consistency_level = fence.consistency_level = cl
+        for shard in range(128):
+            session.execute(f"INSERT INTO {ks}.fences (bucket, shard, epoch) VALUES (0, %s, 1)",  # noqa: S608
+                            (shard,))  # fmt: skip
+        cpu0, _ = _cpu_and_rss(lc)
+        time.sleep(STORAGE_IDLE_S)
+        cpu1, _ = _cpu_and_rss(lc)
+        idle_cores = (cpu1.get("cassandra", 0.0) - cpu0.get("cassandra", 0.0)) / STORAGE_IDLE_S
+        stream = f"bench-{uuid.uuid4().hex[:8]}"
+        body = b"b" * STORAGE_BODY_BYTES
+        results = []
+        for name, ops, runs, entries in STORAGE_SHAPES:
+            if runs is None:
+                args: list[Any] = [(list(range(entries)),) for _ in range(ops)]
+                stmt: Any = fence
+            else:
+                batches = []
+                for n in range(ops):
+                    batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=cl)
+                    for shard in range(runs):
+                        chain = ChainBuilder(shard, 1, 1 + n * entries, bytes(32))
+                        run = [chain.append("INTENT", f"INST/p-{n}-{i}", body)
+                               for i in range(entries)]  # fmt: skip
+                        batch.add(insert, (stream, n // 50, shard, 1, run[0].seq, run[-1].seq,
+                                           encode_run(run), 0))  # fmt: skip
+                    batches.append(batch)
+                args = [()] * ops
+            c0, _ = _cpu_and_rss(lc)
+            t0 = time.monotonic()
+            if runs is None:
+                execute_concurrent_with_args(session, stmt, args, concurrency=STORAGE_CONCURRENCY)
+            else:
+                _execute_all(session, batches)
+            took = time.monotonic() - t0
+            c1, _ = _cpu_and_rss(lc)
+            used = c1.get("cassandra", 0.0) - c0.get("cassandra", 0.0) - idle_cores * took
+            results.append({
+                "operation": name, "operations": ops, "seconds": round(took, 2),
+                "operations_per_s": round(ops / took, 1),
+                "cassandra_cpu_ms_per_operation": round(used * 1000 / ops, 3),
+                "entries_per_operation": (runs or 0) * entries,
+            })  # fmt: skip
+            progress(f"  storage: {results[-1]}")
+        return {
+            "consistency": lc.topo.keyspace.write_consistency,
+            "cassandra_idle_cores": round(idle_cores, 3),
+            "concurrency": STORAGE_CONCURRENCY,
+            "operations": results,
+        }
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=60)
+        cluster.shutdown()
+
+
+def _execute_all(session: Any, batches: list[Any]) -> None:
+    """Every batch, at most STORAGE_CONCURRENCY in flight, each waited for."""
+    pending: deque[Any] = deque()
+    for b in batches:
+        pending.append(session.execute_async(b))
+        if len(pending) >= STORAGE_CONCURRENCY:
+            pending.popleft().result()
+    while pending:
+        pending.popleft().result()
+
+
+def cassandra_replication(lc: LocalCluster, spec: Any) -> dict[str, int]:
+    from clearinghouse.localcluster import cassandra  # noqa: PLC0415
+
+    return cassandra.replication(lc.topo, spec.cassandra_nodes if spec else 3)
+
+
 def _signature_share(phases: list[dict[str, Any]], verify_us: float) -> dict[str, float | None]:
     """Per phase: verify time / switch CPU per payment (CPU-s per 1000 = CPU-ms each)."""
     out: dict[str, float | None] = {}
@@ -186,6 +322,53 @@ def _orders(parts: dict[str, Any], n: int) -> list[payment_pb2.PaymentOrder]:
     return demo.make_orders(parts, n, f"b{uuid.uuid4().hex[:10]}")
 
 
+class OrderPool:
+    """Orders made and signed before a phase starts, per institution.
+
+    Institutions sign their orders on their own machines; here the load generator shares
+    the switch's two cores, so it signs what a phase will send before the phase's clock
+    starts (the signing cost itself is measured apart, :func:`signing_cost`). A phase
+    that outruns its pool makes the rest as it goes (signed by the clients' interceptor).
+    """
+
+    def __init__(self, parts: dict[str, Any], count: int, progress: Progress) -> None:
+        self.parts = parts
+        started = time.monotonic()
+        orders = _orders(parts, count)
+        sign_unsigned(orders, default_store().existing)
+        self._by_inst: dict[str, deque[payment_pb2.PaymentOrder]] = defaultdict(deque)
+        for o in orders:
+            self._by_inst[o.institution_id].append(o)
+        self._any: deque[payment_pb2.PaymentOrder] = deque(orders)
+        self._taken: set[int] = set()
+        self._lock = threading.Lock()
+        progress(f"  {count} orders made and signed in {time.monotonic() - started:.1f}s")
+
+    def one(self) -> payment_pb2.PaymentOrder:
+        with self._lock:
+            while self._any:
+                o = self._any.popleft()
+                if id(o) not in self._taken:
+                    self._taken.add(id(o))
+                    return o
+        (o,) = _orders(self.parts, 1)
+        return o
+
+    def batch(self, institution_id: str, n: int) -> list[payment_pb2.PaymentOrder]:
+        out: list[payment_pb2.PaymentOrder] = []
+        with self._lock:
+            pool = self._by_inst[institution_id]
+            while pool and len(out) < n:
+                o = pool.popleft()
+                if id(o) not in self._taken:
+                    self._taken.add(id(o))
+                    out.append(o)
+        if len(out) < n:
+            more = [o for o in _orders(self.parts, n * 4) if o.institution_id == institution_id]
+            out += more[: n - len(out)]
+        return out
+
+
 def _run_phase(
     lc: LocalCluster, name: str, work: Callable[[Phase, threading.Event], None], seconds: float
 ) -> Phase:
@@ -207,6 +390,8 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     signing = signing_cost()
     progress(f"signed orders, in-process: {signing}")
     lc.up()
+    progress("what Cassandra costs per commit write and fence read (also warms it up)")
+    storage = storage_cost(lc, progress)
     parts = demo.load_participants()
     demo.start_banks(lc, parts, progress)
     clients = [SwitchClient.connect(lc.topo, z.name) for z in lc.topo.zones]
@@ -217,12 +402,14 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     by_zone = {c.zone: c for c in clients}
     owners: dict[int, str] = {}
 
+    pool: OrderPool | None = None
+
     def single_worker(
         ph: Phase, stop: threading.Event, i: int, pace_s: float, to_owner: bool = False
     ) -> None:
         c = clients[i % len(clients)]
         while not stop.is_set():
-            (o,) = _orders(parts, 1)
+            o = pool.one() if pool is not None else _orders(parts, 1)[0]
             if to_owner:
                 # As a client that knows the ownership map: straight to the shard's owner.
                 c = by_zone.get(owners.get(shard_of(o.institution_id, o.payment_id), ""), c)
@@ -241,11 +428,14 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
             if pace_s:
                 time.sleep(max(0.0, pace_s - lat / 1000))
 
-    def batch_worker(ph: Phase, stop: threading.Event, i: int) -> None:
+    def batch_worker(ph: Phase, stop: threading.Event, i: int, pace_s: float = 0.0) -> None:
         c = clients[i % len(clients)]
+        inst = parts["institutions"][i % len(parts["institutions"])]["participant_id"]
         while not stop.is_set():
-            inst = parts["institutions"][i % len(parts["institutions"])]["participant_id"]
-            batch = [o for o in _orders(parts, BATCH_SIZE * 3) if o.institution_id == inst]
+            if pool is not None:
+                batch = pool.batch(inst, BATCH_SIZE)
+            else:
+                batch = [o for o in _orders(parts, BATCH_SIZE * 3) if o.institution_id == inst]
             t = time.monotonic()
             try:
                 r = c.payments.SubmitPayments(
@@ -260,6 +450,8 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
                 ph.payments += ok
                 ph.errors += BATCH_SIZE - ok
                 ph.latencies_ms.append(lat)
+            if pace_s:
+                time.sleep(max(0.0, pace_s - lat / 1000))
 
     def pool_run(
         n: int, fn: Callable[..., None], *args: Any
@@ -272,31 +464,36 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
         return work
 
     results = []
+
+    def phase(name: str, work: Callable[[Phase, threading.Event], None], orders: int) -> None:
+        nonlocal pool
+        pool = OrderPool(parts, orders, progress)
+        results.append(_run_phase(lc, name, work, seconds).summary())
+        pool = None
+        progress(f"  {results[-1]}")
+
     # JVMs that just started compile their hot paths for the first seconds under load;
     # that cost is not what a running cluster pays, so it is not measured.
     progress(f"warm-up (not measured): {WARMUP_S:.0f}s")
-    _run_phase(lc, "warmup", pool_run(SINGLE_CLIENTS, single_worker, 0.0), WARMUP_S)
+    _run_phase(lc, "warmup", pool_run(BATCH_CLIENTS, batch_worker), WARMUP_S / 2)
+    _run_phase(lc, "warmup", pool_run(SINGLE_CLIENTS, single_worker, 0.0), WARMUP_S / 2)
     progress(f"phase single: {SINGLE_CLIENTS} clients, {seconds:.0f}s")
-    single = _run_phase(lc, "single", pool_run(SINGLE_CLIENTS, single_worker, 0.0), seconds)
-    results.append(single.summary())
-    progress(f"  {results[-1]}")
+    phase("single", pool_run(SINGLE_CLIENTS, single_worker, 0.0), SINGLE_POOL_ORDERS)
     owners.update(_shard_owners(lc))
     progress(f"phase single, each payment sent to its shard's owner: {seconds:.0f}s")
     direct = pool_run(SINGLE_CLIENTS, single_worker, 0.0, True)
-    results.append(_run_phase(lc, "single_to_owner", direct, seconds).summary())
-    progress(f"  {results[-1]}")
+    phase("single_to_owner", direct, SINGLE_POOL_ORDERS)
     progress(f"phase batched: {BATCH_CLIENTS} clients x batches of {BATCH_SIZE}, {seconds:.0f}s")
-    results.append(
-        _run_phase(lc, "batched", pool_run(BATCH_CLIENTS, batch_worker), seconds).summary()
-    )
-    progress(f"  {results[-1]}")
+    phase("batched", pool_run(BATCH_CLIENTS, batch_worker), BATCH_POOL_ORDERS)
     half_rate = max(1.0, results[0]["payments_per_s"] / 2)
-    clients_half = 16
-    pace = clients_half / half_rate
-    progress(f"phase single at half rate: {half_rate:.0f}/s paced over {clients_half} clients")
-    results.append(_run_phase(lc, "single_half_rate", pool_run(clients_half, single_worker, pace),
-                              seconds).summary())  # fmt: skip
-    progress(f"  {results[-1]}")
+    pace = HALF_RATE_CLIENTS / half_rate
+    progress(f"phase single at half rate: {half_rate:.0f}/s paced over {HALF_RATE_CLIENTS} clients")
+    phase("single_half_rate", pool_run(HALF_RATE_CLIENTS, single_worker, pace), SINGLE_POOL_ORDERS)
+    batch_half = max(1.0, results[2]["payments_per_s"] / 2)
+    batch_pace = BATCH_CLIENTS * BATCH_SIZE / batch_half
+    progress(f"phase batched at half rate: {batch_half:.0f}/s in batches of {BATCH_SIZE}")
+    phase("batched_half_rate", pool_run(BATCH_CLIENTS, batch_worker, batch_pace),
+          BATCH_POOL_ORDERS // 2)  # fmt: skip
     _, rss = _cpu_and_rss(lc)
     spec = lc.spec()
     for c in clients:
@@ -318,6 +515,7 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
                 results, signing["verify_us_per_order_median"]
             ),
         },
+        "storage": storage,
         "resident_memory_all_processes_mib": round(rss / 2**20),
     }  # fmt: skip
     if out is not None:

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only measure signing and verifying orders in-process (no cluster)",
     )
+    b.add_argument(
+        "--storage-only",
+        action="store_true",
+        help="only measure what Cassandra costs per commit write and fence read",
+    )
     con = sub.add_parser(
         "console", help="serve the operator console (zones, shard ownership, payments/s)"
     )
@@ -148,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.signing_only:
                 _say(json.dumps(bench.signing_cost(), indent=2))
+                return 0
+            if args.storage_only:
+                _say(json.dumps(bench.storage_cost(lc, progress=_say), indent=2))
                 return 0
             bench.run(lc, seconds=args.seconds, progress=_say, out=args.out)
             return 0

@@ -40,6 +40,9 @@ PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
 DESCRIBE_TIMEOUT_S = 2.0
+# Share of the traces a local switch node starts that it records (CLEARING_TRACE_SAMPLE_RATIO
+# overrides it); a trace follows its first node's decision across the hops.
+LOCAL_TRACE_SAMPLE_RATIO = "0.1"
 
 Progress = Callable[[str], None]
 
@@ -437,10 +440,13 @@ class LocalCluster:
         hosts = ",".join(n.zone.address for n in self.cassandra_nodes())
         for z in down:
             m = self.switch_managed(z)
-            # Telemetry by default: traces to a file beside the node's log, Prometheus
-            # metrics on the zone's admin port; the caller's environment may override.
+            # Telemetry by default: traces to a file beside the node's log (one trace in
+            # LOCAL_TRACE_SAMPLE_RATIO: recording and writing every span cost the switch
+            # more CPU than a batched payment's own work), Prometheus metrics on the
+            # zone's admin port; the caller's environment may override each.
             env = {
                 "CLEARING_TRACE_FILE": str(m.directory / "traces.jsonl"),
+                "CLEARING_TRACE_SAMPLE_RATIO": LOCAL_TRACE_SAMPLE_RATIO,
                 "CLEARING_PROMETHEUS_HOST": z.address,
                 "CLEARING_PROMETHEUS_PORT": str(z.ports.admin_http),
                 **procs.python_env(self.paths.root),
