@@ -236,7 +236,7 @@ class FakePaymentStore:
         return stored
 
     def begin_many(
-        self, records: Sequence[PaymentRecord]
+        self, records: Sequence[PaymentRecord], *, wait_in_flight: bool = False
     ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
         out: list[tuple[PaymentRecord, bool] | ClearingError] = []
         for rec in records:
@@ -448,13 +448,15 @@ class FakeLedger:
             part = self.stored.get((shard, epoch), {})
             return [part[q] for q in sorted(part) if from_seq <= q <= to_seq]
 
-    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
+    def entries(
+        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+    ) -> list[LedgerEntry]:
         with self._lock:
             self._enter("entries")
             part = self.stored[(shard, epoch)]
             out: list[LedgerEntry] = []
             seq = from_seq
-            while seq in part:
+            while seq in part and (until_seq is None or seq <= until_seq):
                 out.append(part[seq])
                 seq += 1
             return out

@@ -58,7 +58,7 @@ def test_commits_span_blocks_and_chains_read_back_whole(healthy_cluster: LocalCl
             assert writer.commit(writes) == {a: True, b: True}
             for w in writes:
                 written[w.shard] += w.entries
-        assert writer._block == 3  # rounds never share a block past the limit
+        assert writer.blocks.current() == 3  # rounds never share a block past the limit
 
         reader = CassandraLedger(s)  # a new owner or an auditor: another object
         for shard in (a, b):

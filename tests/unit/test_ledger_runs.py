@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, ChainBuilder, LedgerEntry
-from clearinghouse.storage.ledger import RUN_FORMAT_V1, decode_run, encode_run
+from clearinghouse.storage.ledger import RUN_FORMAT_V1, StreamBlocks, decode_run, encode_run
 
 pytestmark = pytest.mark.unit
 
@@ -54,3 +54,28 @@ def test_a_changed_body_byte_still_decodes_and_fails_its_hash() -> None:
     data[data.index(b"order bytes")] ^= 0x01
     (entry,) = decode_run(SHARD, EPOCH, FIRST_SEQ, bytes(data))
     assert entry.body != run[0].body and entry.entry_hash == run[0].entry_hash
+
+
+def test_invalid_text_in_a_run_is_a_damaged_run() -> None:
+    run = _run([("INTENT", "inst/p-1", b"order")])
+    data = bytearray(encode_run(run))
+    data[data.index(b"INTENT")] = 0xFF  # not UTF-8
+    with pytest.raises(InvariantViolation):
+        decode_run(SHARD, EPOCH, FIRST_SEQ, bytes(data))
+
+
+def test_a_stream_moves_to_its_next_block_only_after_a_write_there_succeeded() -> None:
+    blocks = StreamBlocks(entries_max=10)
+    block, held = blocks.next_for(6)
+    assert (block, held) == (0, 0)
+    blocks.written(block, held, 6)
+    assert blocks.next_for(5) == (1, 0)  # would pass the limit: the next block
+    # That write failed (nothing recorded): a commit that fits still goes to block 0,
+    # so block 1 is never left empty behind a block 2.
+    assert blocks.next_for(4) == (0, 6)
+    blocks.written(0, 6, 4)
+    assert blocks.next_for(1) == (1, 0)
+    blocks.written(1, 0, 1)
+    assert (blocks.current(), blocks.next_for(3)) == (1, (1, 1))
+    with pytest.raises(InvariantViolation):
+        blocks.written(3, 0, 1)  # a block is never skipped

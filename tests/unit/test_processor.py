@@ -8,7 +8,9 @@ the time bounds are checked exactly and the file runs in well under a second per
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -1070,3 +1072,27 @@ def test_a_batch_that_cannot_decide_in_time_hands_its_payments_to_the_resolver(
     assert [getattr(o, "reason", None) for o in out] == ["PAYMENT_IN_PROGRESS"] * 2
     assert all(isinstance(o, Unavailable) for o in out)
     assert {r.order.payment_id for r in env.store.abandoned} == {"slow-1", "slow-2"}
+
+
+def test_a_batch_with_unanswered_transfers_at_two_banks_never_waits_on_its_own_pool() -> None:
+    """Each bank's group runs in one pool and asks about its unanswered transfers in
+    another: with both pools as small as can be, every order still gets its answer."""
+    env = make_env()
+    lost = [debit("a-1"), debit("a-2"), credit("b-1"), credit("b-2")]
+    for o in lost:
+        env.bank.script(ref_of(o), Reply.NO_ANSWER_APPLIED)
+    banks, unknowns = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
+    env.processor.pool, env.processor.resolve_pool = banks, unknowns
+    out: list[object] = []
+    runner = threading.Thread(
+        target=lambda: out.extend(env.processor.submit_many(lost)), daemon=True
+    )
+    try:
+        runner.start()
+        runner.join(timeout=30)
+        assert not runner.is_alive(), "the batch waits on its own pool"
+    finally:
+        banks.shutdown(wait=False, cancel_futures=True)
+        unknowns.shutdown(wait=False, cancel_futures=True)
+    assert len(out) == len(lost)
+    assert all(isinstance(o, Result) and o.record.is_final for o in out), out

@@ -1094,13 +1094,52 @@ def test_a_full_index_queue_drops_rows_and_never_marks_past_them(world: World) -
     ledger = FakeLedger()
     indexer = Indexer(ledger, world.clock, queue_rows_max=2)
     rows = index_rows_of("inst-a", "p-1", BANK, world.clock())
-    indexer.add(SHARD, 10, 5, rows)
+    indexer.add(SHARD, 10, 5, 5, rows)
     started = time.monotonic()
-    indexer.add(SHARD, 10, 6, index_rows_of("inst-a", "p-2", BANK, world.clock()))
+    # A commit of seqs 6..10 whose rows do not fit: dropped after the wait.
+    indexer.add(SHARD, 10, 6, 10, index_rows_of("inst-a", "p-2", BANK, world.clock()))
     assert time.monotonic() - started >= INDEX_FULL_WAIT_S * 0.9  # it waited for room
     assert indexer.rows_dropped == 2
-    indexer.add(SHARD, 10, 9, [])  # later entries of the shard, without index rows
+    indexer.add(SHARD, 10, 15, 15, [], wait_s=0.0)  # later entries, without index rows
     indexer.flush()
     assert ledger.index_rows == list(rows)
     # Marked through seq 5 only: the shard's next owner re-indexes from seq 6 on.
     assert ledger.marks == {(SHARD, 10): 5}
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def test_a_payment_in_flight_does_not_hold_back_the_rest_of_a_batch(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    busy_id, fresh_id = ids_in(SHARD, 2)
+    busy, _ = a.begin(debit(busy_id, 100))  # begun, its bank call still out
+    batch = [
+        begun_record(debit(busy_id, 100), at_us=world.clock(), zone=ZONE),
+        begun_record(debit(fresh_id, 100), at_us=world.clock(), zone=ZONE),
+    ]
+    out: list[object] = []
+    runner = threading.Thread(target=lambda: out.extend(a.store.begin_many(batch)), daemon=True)
+    runner.start()
+    runner.join(timeout=5)  # far less than IN_FLIGHT_WAIT_S (25 s)
+    assert not runner.is_alive(), "the batch waited for the payment in flight"
+    (found, won_found), (fresh, won_fresh) = out  # type: ignore[misc]
+    assert (found.state, won_found) == (S.ROUTED, False)  # as it stands: not final
+    assert won_fresh and fresh.ledger_seq > busy.ledger_seq
+
+
+def test_a_batch_waits_for_a_shard_being_taken_over_once_not_per_order(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "TAKEOVER_WAIT_S", 1.0)
+    a = world.node("node-a")
+    a.epochs[SHARD] = 10
+    a.store.gain(SHARD, 10)  # claimed, not yet rebuilt: requests wait for it
+    batch = [begun_record(debit(pid, 100), at_us=world.clock(), zone=ZONE)
+             for pid in ids_in(SHARD, 4)]  # fmt: skip
+    started = time.monotonic()
+    out = a.store.begin_many(batch)
+    took = time.monotonic() - started
+    assert [getattr(e, "reason", None) for e in out] == ["SHARD_RECOVERING"] * 4
+    assert took < 2 * shards.TAKEOVER_WAIT_S, took  # per order it would be 4 x 1 s

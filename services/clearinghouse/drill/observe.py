@@ -157,17 +157,19 @@ class _ReadOnce:
     def __init__(self, inner: LedgerStore) -> None:
         self.inner = inner
         self._seals: dict[int, list[Seal]] = {}
-        self._entries: dict[tuple[int, int, int], list[LedgerEntry]] = {}
+        self._entries: dict[tuple[int, int, int, int | None], list[LedgerEntry]] = {}
 
     def seals(self, shard: int) -> list[Seal]:
         if shard not in self._seals:
             self._seals[shard] = self.inner.seals(shard)
         return self._seals[shard]
 
-    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
-        key = (shard, epoch, from_seq)
+    def entries(
+        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+    ) -> list[LedgerEntry]:
+        key = (shard, epoch, from_seq, until_seq)
         if key not in self._entries:
-            self._entries[key] = self.inner.entries(shard, epoch, from_seq)
+            self._entries[key] = self.inner.entries(shard, epoch, from_seq, until_seq)
         return self._entries[key]
 
     def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None:

@@ -38,15 +38,17 @@ from typing import Any
 from cassandra import ConsistencyLevel
 from cassandra.query import BatchStatement, BatchType
 
-from clearinghouse._invariant import invariant
+from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import FieldViolation, InvalidArgument
 from clearinghouse.domain import Unavailable as DomainUnavailable
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.storage.retry import TRANSIENT, with_retries
 from clearinghouse.switch.ports import IndexRow, Seal, ShardWrite
 
-# Entries per block of a stream (a block is one Cassandra partition): a few MiB.
-STREAM_BLOCK_ENTRIES_MAX = 8192
+# Entries per block of a stream (a block is one Cassandra partition): about 10-15 MiB.
+# Reading a shard's part of the chain costs a query per block of its owner's stream.
+STREAM_BLOCK_ENTRIES_MAX = 32_768
+SEQ_MAX = 2**63 - 1
 # Entries per partition of the legacy ledger_entries table (migration 004).
 LEGACY_BLOCK_ENTRIES = 4096
 FENCE_BUCKET = 0
@@ -57,6 +59,8 @@ LIST_DAYS_MAX = 31
 READ_PAGE_ROWS = 1000
 READ_PAGE_RUNS = 50
 COMMIT_WRITE_TIMEOUT_S = 5.0
+# The mark of a chain part whose index rows were written in its commits (before streams).
+INDEXED_IN_COMMIT = 2**63 - 1
 # Time-index rows per batch (one partition each): bounded, whatever the indexer holds.
 INDEX_BATCH_ROWS_MAX = 500
 
@@ -97,6 +101,13 @@ def encode_run(entries: Sequence[LedgerEntry]) -> bytes:
 def decode_run(shard: int, epoch: int, first_seq: int, data: bytes) -> list[LedgerEntry]:
     """The entries of a stored run; InvariantViolation if the bytes are not one (a
     damaged row is reported as such, never half read)."""
+    try:
+        return _decode_run(shard, epoch, first_seq, data)
+    except UnicodeDecodeError as e:
+        raise InvariantViolation(f"shard {shard} from seq {first_seq}: a run's text: {e}") from e
+
+
+def _decode_run(shard: int, epoch: int, first_seq: int, data: bytes) -> list[LedgerEntry]:
     invariant(data[:1] == bytes((RUN_FORMAT_V1,)), f"shard {shard}: unknown run format")
     out: list[LedgerEntry] = []
     pos, size, seq = 1, len(data), first_seq
@@ -121,6 +132,40 @@ def decode_run(shard: int, epoch: int, first_seq: int, data: bytes) -> list[Ledg
 def new_stream_id(prefix: str = "") -> str:
     """A stream name no other process has used: the prefix (the node) and 64 random bits."""
     return f"{prefix}-{secrets.token_hex(8)}" if prefix else secrets.token_hex(8)
+
+
+class StreamBlocks:
+    """Which block of a stream the next commit goes to.
+
+    A commit goes to the current block, or to the next one once the current holds
+    ``entries_max`` entries. Only a write that succeeded moves the stream on
+    (:meth:`written`): a block is used only after the one before it holds rows, so a
+    reader that finds a block with no row has found the stream's end. (The group commit
+    writes one round at a time; a failed round leaves the stream where it was.)
+    """
+
+    def __init__(self, entries_max: int) -> None:
+        invariant(entries_max > 0, "a block holds at least one entry")
+        self.entries_max = entries_max
+        self._block = 0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> int:
+        with self._lock:
+            return self._block
+
+    def next_for(self, count: int) -> tuple[int, int]:
+        """(block, entries it holds before) for a commit of ``count`` entries."""
+        with self._lock:
+            if self._held and self._held + count > self.entries_max:
+                return self._block + 1, 0
+            return self._block, self._held
+
+    def written(self, block: int, held: int, count: int) -> None:
+        with self._lock:
+            invariant(block in (self._block, self._block + 1), "blocks are used in turn")
+            self._block, self._held = block, held + count
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +201,7 @@ class CassandraLedger:
         self.session = session
         self.cl = consistency
         self.stream = stream or new_stream_id()
-        self.block_entries_max = block_entries_max
-        self._block = 0
-        self._block_entries = 0
-        self._block_lock = threading.Lock()
+        self.blocks = StreamBlocks(block_entries_max)
         # (shard, epoch) -> (stream, first block), or None for a chain part in the legacy
         # table. Seals are written once, so what was read stays true.
         self._locations: dict[tuple[int, int], tuple[str, int] | None] = {}
@@ -247,8 +289,7 @@ class CassandraLedger:
     def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None:
         """Seal ``seal.epoch``'s part of the chain as this object's: its entries will be
         in this stream, from the current block on (blocks only ever grow)."""
-        with self._block_lock:
-            block = self._block
+        block = self.blocks.current()
         values = (
             seal.shard, seal.epoch, seal.prev_epoch, seal.start_seq, seal.start_hash,
             node_id, at_us, self.stream, block,
@@ -278,9 +319,14 @@ class CassandraLedger:
         replicas."""
         return self._read(shard, epoch, from_seq, to_seq, contiguous=False)
 
-    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
-        """Entries of ``epoch`` from ``from_seq`` on, as long as they are contiguous."""
-        return self._read(shard, epoch, from_seq, 2**63 - 1, contiguous=True)
+    def entries(
+        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+    ) -> list[LedgerEntry]:
+        """Entries of ``epoch`` from ``from_seq`` on (up to ``until_seq``, if given: a
+        part of the chain whose end the next seal tells), as long as they are
+        contiguous."""
+        last = SEQ_MAX if until_seq is None else until_seq
+        return self._read(shard, epoch, from_seq, last, contiguous=True)
 
     def _read(
         self, shard: int, epoch: int, from_seq: int, to_seq: int, *, contiguous: bool
@@ -292,7 +338,8 @@ class CassandraLedger:
         out: list[LedgerEntry] = []
         expected = from_seq
         while True:
-            for _, run in self._runs(stream, block, shard, epoch, to_seq):
+            runs = self._runs(stream, block, shard, epoch, to_seq)
+            for _, run in runs:
                 for e in run:
                     if e.seq < expected or e.seq > to_seq:
                         continue
@@ -300,7 +347,11 @@ class CassandraLedger:
                         return out  # a hole: what follows is not part of the chain
                     out.append(e)
                     expected = e.seq + 1
-            if expected > to_seq or not self._block_exists(stream, block + 1):
+            if expected > to_seq:
+                return out
+            # A block with rows of this shard is followed by the next one to read; an
+            # empty one may be another shard's stretch of the stream, or its end.
+            if not runs and not self._block_exists(stream, block + 1):
                 return out  # the stream ends here
             block += 1
 
@@ -316,6 +367,7 @@ class CassandraLedger:
         )
         runs = []
         for r in rows:
+            invariant(r.run_bytes is not None, f"shard {shard} epoch {epoch}: an empty stored run")
             run = decode_run(shard, epoch, r.first_seq, bytes(r.run_bytes))
             invariant(
                 bool(run) and run[-1].seq == r.last_seq,
@@ -385,12 +437,7 @@ class CassandraLedger:
         and afterwards the highest fence of the shard was its epoch.
         """
         count = sum(len(w.entries) for w in writes)
-        with self._block_lock:
-            if self._block_entries and self._block_entries + count > self.block_entries_max:
-                self._block += 1
-                self._block_entries = 0
-            block = self._block
-            self._block_entries += count
+        block, held = self.blocks.next_for(count)
         batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
         for w in writes:
             if not w.entries:
@@ -414,6 +461,7 @@ class CassandraLedger:
                 self.session.execute(batch, timeout=COMMIT_WRITE_TIMEOUT_S)
             except TRANSIENT:
                 return {w.shard: False for w in writes}
+        self.blocks.written(block, held, count)
         try:
             fences = self.max_fences(sorted({w.shard for w in writes}))
         except DomainUnavailable:
@@ -471,12 +519,18 @@ class CassandraLedger:
         with_retries("marking the time index", lambda: self.session.execute(batch))
 
     def index_marks(self, shard: int) -> dict[int, int]:
-        """Per epoch of ``shard``: the seq up to which its owner wrote the time index."""
+        """Per epoch of ``shard``: the seq up to which its owner wrote the time index.
+        A part of the chain written before streams (its seal names none, as read by
+        :meth:`seals`) was indexed in its commits: it counts as indexed throughout."""
         rows = with_retries(
             "reading the time index's marks",
             lambda: list(self.session.execute(self._select_marks, (FENCE_BUCKET, shard))),
         )
-        return {r.epoch: r.indexed_through_seq for r in rows}
+        marks = {r.epoch: r.indexed_through_seq for r in rows}
+        for (s, epoch), where in list(self._locations.items()):
+            if s == shard and where is None:
+                marks[epoch] = INDEXED_IN_COMMIT
+        return marks
 
     # -- listing ------------------------------------------------------------------------
 
@@ -543,6 +597,7 @@ __all__ = [
     "STREAM_BLOCK_ENTRIES_MAX",
     "CassandraLedger",
     "StoredRun",
+    "StreamBlocks",
     "day_of",
     "decode_run",
     "encode_run",

@@ -21,11 +21,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from clearing.v1 import bank_pb2, bank_pb2_grpc, common_pb2
 from clearinghouse import telemetry
+from clearinghouse._invariant import invariant
 from clearinghouse.domain import Participant, PaymentType
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
@@ -98,8 +100,9 @@ class BankQueue:
             if self._idle:
                 self._cond.notify()
             elif self._senders < BANK_SENDERS_MAX:
+                sender = threading.Thread(target=self._sender, name="bank-sender", daemon=True)
+                sender.start()  # counted only once it runs: a failed start leaks nothing
                 self._senders += 1
-                threading.Thread(target=self._sender, name="bank-sender", daemon=True).start()
         for it in items:
             it.done.wait(max(0.0, it.deadline - time.monotonic()) + BANK_ANSWER_GRACE_S)
         return [
@@ -139,11 +142,11 @@ class BankQueue:
             timeout = min(it.deadline for it in live) - now
             try:
                 outcomes = self._send([it.req for it in live], timeout)
+                invariant(len(outcomes) == len(live), "one outcome per transfer sent")
             except Exception:  # a bug: the items get no answer, the sender lives on
                 log.exception("sending transfers failed")
-                outcomes = [BankOutcome(BankAnswer.NO_ANSWER, "", "transfer: send failed")] * len(
-                    live
-                )
+                failed = BankOutcome(BankAnswer.NO_ANSWER, "", "transfer: send failed")
+                outcomes = [failed] * len(live)
             for it, out in zip(live, outcomes, strict=True):
                 it.outcome = out
                 it.done.set()
@@ -157,6 +160,9 @@ class GrpcBankGateway:
         self._stubs: dict[tuple[str, str], bank_pb2_grpc.BankServiceStub] = {}
         self._channels: list[grpc.Channel] = []
         self._queues: dict[tuple[str, str], BankQueue] = {}
+        # Banks that answered Transfers UNIMPLEMENTED: sent one Debit or Credit each.
+        self._one_by_one: set[str] = set()
+        self._closed = False
 
     def _stub(self, bank: Participant) -> bank_pb2_grpc.BankServiceStub:
         """The bank's stub; ValueError if its id cannot name a certificate."""
@@ -186,6 +192,7 @@ class GrpcBankGateway:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for q in self._queues.values():
                 q.close()
             self._queues.clear()
@@ -211,6 +218,10 @@ class GrpcBankGateway:
         with self._lock:
             q = self._queues.get(key)
             if q is None:
+                if self._closed:
+                    q = BankQueue(lambda items, timeout: [])
+                    q.close()  # every transfer is NO_ANSWER: the node is stopping
+                    return q
                 q = BankQueue(lambda items, timeout: self._send(bank, items, timeout))
                 self._queues[key] = q
             return q
@@ -226,23 +237,20 @@ class GrpcBankGateway:
             return [BankOutcome(BankAnswer.NO_ANSWER, "", f"transfer: {e}")] * len(reqs)
         request = bank_pb2.TransfersRequest(
             items=[
-                bank_pb2.TransferItem(
-                    direction=_DIRECTIONS[r.kind],
-                    transfer=bank_pb2.BankTransferRequest(
-                        switch_ref=r.switch_ref,
-                        institution_id=r.institution_id,
-                        bank_account=r.account,
-                        amount=common_pb2.Money(
-                            amount_minor=r.amount.amount_minor, currency=r.amount.currency
-                        ),
-                    ),
-                )
+                bank_pb2.TransferItem(direction=_DIRECTIONS[r.kind], transfer=_transfer_pb(r))
                 for r in reqs
             ]
         )
+        if bank.participant_id in self._one_by_one:
+            return self._send_one_by_one(stub, bank, reqs, timeout_s)
         try:
             resp = stub.Transfers(request, timeout=timeout_s)
         except grpc.RpcError as e:
+            if isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                # A bank without the batch call: nothing was applied; one call each.
+                log.warning("bank %s has no Transfers: one call per transfer", bank.participant_id)
+                self._one_by_one.add(bank.participant_id)
+                return self._send_one_by_one(stub, bank, reqs, timeout_s)
             return [_no_answer(bank, "transfer", e)] * len(reqs)
         by_ref = {r.switch_ref: r for r in resp.results}
         out = []
@@ -254,6 +262,27 @@ class GrpcBankGateway:
             else:
                 answer = _ANSWERS.get(got.status, BankAnswer.NO_ANSWER)
                 out.append(BankOutcome(answer, got.bank_ref, got.decline_code))
+        return out
+
+    def _send_one_by_one(
+        self, stub: Any, bank: Participant, reqs: Sequence[BankTransfer], timeout_s: float
+    ) -> list[BankOutcome]:
+        """Each transfer as its own Debit or Credit, all within ``timeout_s``."""
+        until = time.monotonic() + timeout_s
+        out = []
+        for r in reqs:
+            left = until - time.monotonic()
+            if left < BANK_CALL_MIN_S:
+                out.append(BankOutcome(BankAnswer.NO_ANSWER, "", "transfer: not sent in time"))
+                continue
+            call = stub.Debit if r.kind is PaymentType.DEBIT else stub.Credit
+            try:
+                resp = call(_transfer_pb(r), timeout=left)
+            except grpc.RpcError as e:
+                out.append(_no_answer(bank, "transfer", e))
+                continue
+            answer = _ANSWERS.get(resp.status, BankAnswer.NO_ANSWER)
+            out.append(BankOutcome(answer, resp.bank_ref, resp.decline_code))
         return out
 
     def inquire(self, bank: Participant, switch_ref: str, deadline_s: float) -> BankOutcome:
@@ -277,6 +306,15 @@ class GrpcBankGateway:
         except (grpc.RpcError, ValueError) as e:
             return _no_answer(bank, "reversal", e)
         return BankOutcome(_ANSWERS.get(resp.status, BankAnswer.NO_ANSWER), "", "")
+
+
+def _transfer_pb(r: BankTransfer) -> bank_pb2.BankTransferRequest:
+    return bank_pb2.BankTransferRequest(
+        switch_ref=r.switch_ref,
+        institution_id=r.institution_id,
+        bank_account=r.account,
+        amount=common_pb2.Money(amount_minor=r.amount.amount_minor, currency=r.amount.currency),
+    )
 
 
 def _no_answer(bank: Participant, what: str, e: Exception) -> BankOutcome:

@@ -55,6 +55,10 @@ def index_rows_of(
     )
 
 
+# A new owner hands what it re-indexes to the indexer in parts of this many rows.
+REINDEX_CHUNK_ROWS = 10_000
+
+
 def unindexed(entries: Sequence[LedgerEntry], marks: dict[int, int]) -> list[LedgerEntry]:
     """The INTENT entries of a chain that lie past their epoch's index mark."""
     return [e for e in entries if e.kind == KIND_INTENT and e.seq > marks.get(e.epoch, 0)]
@@ -105,16 +109,27 @@ class Indexer:
             self._thread.join(self.flush_s + 10.0)
         self._flush_quietly()
 
-    def add(self, shard: int, epoch: int, through_seq: int, rows: Sequence[IndexRow]) -> None:
-        """Rows of ``(shard, epoch)`` up to ``through_seq``, all acknowledged in the ledger."""
+    def add(
+        self,
+        shard: int,
+        epoch: int,
+        first_seq: int,
+        through_seq: int,
+        rows: Sequence[IndexRow],
+        *,
+        wait_s: float = INDEX_FULL_WAIT_S,
+    ) -> None:
+        """Rows of the entries ``first_seq``..``through_seq`` of ``(shard, epoch)``, all
+        acknowledged in the ledger. Waits up to ``wait_s`` for room; then drops them, and
+        the shard's mark never passes ``first_seq`` again (its next owner re-indexes)."""
         key = (shard, epoch)
         with self._cond:
-            deadline = time.monotonic() + INDEX_FULL_WAIT_S
+            deadline = time.monotonic() + wait_s
             while len(self._held.rows) + len(rows) > self.queue_rows_max:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     first = self._dropped_from.get(key)
-                    self._dropped_from[key] = min(first or through_seq, through_seq)
+                    self._dropped_from[key] = first_seq if first is None else min(first, first_seq)
                     self.rows_dropped += len(rows)
                     log.error(
                         "time index queue full: %d rows of shard %d dropped (its next owner "
@@ -140,7 +155,7 @@ class Indexer:
                     for key, seq in held.through.items()
                 }
                 self.ledger.mark_indexed(marks, self.clock())
-            except ClearingError:
+            except Exception:  # storage down, or a driver error we did not expect
                 with self._cond:  # put them back in front, for the next flush
                     self._held.rows[:0] = held.rows
                     for key, seq in held.through.items():
@@ -158,6 +173,9 @@ class Indexer:
         except ClearingError as e:
             log.warning("writing the time index failed (kept for the next flush): %s", e)
             return False
+        except Exception:  # a bug or an unexpected driver error: the thread lives on
+            log.exception("writing the time index failed (kept for the next flush)")
+            return False
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
@@ -167,6 +185,7 @@ class Indexer:
 
 __all__ = [
     "INDEX_FLUSH_S",
+    "REINDEX_CHUNK_ROWS",
     "Indexer",
     "index_rows_of",
     "rows_of_intent",

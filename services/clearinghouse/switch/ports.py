@@ -109,10 +109,12 @@ class PaymentStore(Protocol):
         ...
 
     def begin_many(
-        self, records: Sequence[PaymentRecord]
+        self, records: Sequence[PaymentRecord], *, wait_in_flight: bool = False
     ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
         """``begin`` for each record (in the same writes where it can); an error in its
-        place for a record that could not begin."""
+        place for a record that could not begin. A payment found with an attempt still
+        in flight is waited for only if ``wait_in_flight``; otherwise it is returned as
+        it stands (not final: the caller answers PAYMENT_IN_PROGRESS)."""
         ...
 
     def decide_many(
@@ -175,8 +177,11 @@ class ChainReader(Protocol):
 
     def seals(self, shard: int) -> list[Seal]: ...
 
-    def entries(self, shard: int, epoch: int, from_seq: int) -> list[LedgerEntry]:
-        """The contiguous entries of ``epoch`` from ``from_seq`` on."""
+    def entries(
+        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+    ) -> list[LedgerEntry]:
+        """The contiguous entries of ``epoch`` from ``from_seq`` on (to ``until_seq``
+        at most, when given: the reader knows where the part ends)."""
         ...
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -130,6 +130,20 @@ class _Budget:
         return min(deadline_s, left_s) if left_s >= BANK_CALL_MIN_S else None
 
 
+def _each(pool: ThreadPoolExecutor | None, fn: Callable[[T], None], args: Sequence[T]) -> None:
+    """``fn`` for each of ``args``: concurrently in ``pool`` when there is one and more
+    than one, else in turn. Every call has ended when this returns (the first error is
+    raised then), so nothing runs on behind the caller's back."""
+    if pool is None or len(args) < 2:
+        for a in args:
+            fn(a)
+        return
+    futures = [pool.submit(telemetry.bind_context(fn), a) for a in args]
+    wait(futures)
+    for f in futures:
+        f.result()
+
+
 class PaymentProcessor:
     def __init__(
         self,
@@ -142,6 +156,7 @@ class PaymentProcessor:
         sleep: Callable[[float], None] = time.sleep,
         max_amount_minor: int = MAX_AMOUNT_MINOR,
         pool: ThreadPoolExecutor | None = None,
+        resolve_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.zone = zone
         self.store = store
@@ -150,9 +165,11 @@ class PaymentProcessor:
         self.clock = clock
         self.sleep = sleep
         self.max_amount_minor = max_amount_minor
-        # Calls banks of one batch concurrently, and asks about each unanswered transfer
-        # concurrently; without it (tests), one after the other.
+        # ``pool`` calls the banks of one batch concurrently, ``resolve_pool`` asks about
+        # its unanswered transfers concurrently (two pools: a task of one may wait for
+        # the other's, never for its own); without them (tests), one after the other.
         self.pool = pool
+        self.resolve_pool = resolve_pool
 
     # -- queries -----------------------------------------------------------------------
 
@@ -209,7 +226,10 @@ class PaymentProcessor:
             else:
                 fresh.append((i, *prepared))
         won: list[tuple[int, PaymentRecord, Participant]] = []
-        begun = self.store.begin_many([rec for *_, rec in fresh])
+        # A single order waits for an attempt of the same payment still in flight (to
+        # answer with its outcome); in a batch that attempt would hold every other order
+        # back, so a batch answers such an order PAYMENT_IN_PROGRESS (retry) at once.
+        begun = self.store.begin_many([rec for *_, rec in fresh], wait_in_flight=len(orders) == 1)
         for (i, fp, bank, _), b in zip(fresh, begun, strict=True):
             if isinstance(b, ClearingError):
                 out[i] = b
@@ -331,21 +351,13 @@ class PaymentProcessor:
             def settle(n: int) -> None:
                 outcomes[n] = self._resolve_unknown(items[n][0], bank, budgets[n])
 
-            self._each(settle, unknown)
+            # Another pool than the banks': a task never waits for its own pool, so the
+            # pools cannot fill up with tasks waiting for each other.
+            _each(self.resolve_pool, settle, unknown)
 
-        self._each(one_bank, list(by_bank.values()))
+        _each(self.pool, one_bank, list(by_bank.values()))
         invariant(all(o is not None for o in outcomes), "every transfer has an outcome")
         return [o for o in outcomes if o is not None]
-
-    def _each(self, fn: Callable[[T], None], args: Sequence[T]) -> None:
-        """``fn`` for each of ``args``: concurrently in the pool when there is one and
-        more than one, else in turn."""
-        if self.pool is None or len(args) < 2:
-            for a in args:
-                fn(a)
-            return
-        for f in [self.pool.submit(telemetry.bind_context(fn), a) for a in args]:
-            f.result()
 
     def _budget(self, stored: PaymentRecord) -> _Budget:
         return _Budget(self.clock, stored.received_at_us + int(BANK_CALLS_BOUND_S * 1e6))

@@ -222,12 +222,14 @@ def build(cfg: NodeConfig) -> Node:
         on_gained=take_over,
         on_lost=store.lose,
     )
-    # The processor's pool calls the banks of a batch concurrently and asks about each
-    # unanswered transfer concurrently; nothing in it waits for the pool itself.
+    # The processor calls the banks of a batch concurrently (batch_pool) and asks about
+    # each unanswered transfer concurrently (resolver_pool, whose other tasks resolve
+    # payments one at a time): no task waits for a task of its own pool.
     batch_pool = ThreadPoolExecutor(cfg.batch_workers, thread_name_prefix="batch")
     processor = PaymentProcessor(
-        zone=cfg.zone, store=store, bank=bank, registry=registry, pool=batch_pool
-    )
+        zone=cfg.zone, store=store, bank=bank, registry=registry, pool=batch_pool,
+        resolve_pool=resolver_pool,
+    )  # fmt: skip
     admin = AdminDomain(participants, wall_clock_us)
     router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
     local = LocalOwner(processor)

@@ -73,7 +73,13 @@ from clearinghouse.domain.entries import (
     cap_key,
     window_key,
 )
-from clearinghouse.switch.indexer import Indexer, index_rows_of, rows_of_intent, unindexed
+from clearinghouse.switch.indexer import (
+    REINDEX_CHUNK_ROWS,
+    Indexer,
+    index_rows_of,
+    rows_of_intent,
+    unindexed,
+)
 from clearinghouse.switch.ports import (
     ChainReader,
     IndexRow,
@@ -389,8 +395,11 @@ class ShardedStore:
         for e in todo:
             by_epoch[e.epoch].append(e)
         for epoch, part in sorted(by_epoch.items()):
-            rows = [row for e in part for row in rows_of_intent(e)]
-            self.indexer.add(shard, epoch, part[-1].seq, rows)
+            step = REINDEX_CHUNK_ROWS // 2  # two rows an intent
+            for i in range(0, len(part), step):
+                chunk = part[i : i + step]
+                rows = [row for e in chunk for row in rows_of_intent(e)]
+                self.indexer.add(shard, epoch, chunk[0].seq, chunk[-1].seq, rows)
         if todo:
             log.info("shard %d: %d payments to index again after takeover", shard, len(todo))
 
@@ -432,7 +441,7 @@ class ShardedStore:
 
     # -- PaymentStore -------------------------------------------------------------------
 
-    def _serving(self, shard: int) -> _Shard:
+    def _serving(self, shard: int, wait_s: float = TAKEOVER_WAIT_S) -> _Shard:
         with self._lock:
             st = self._shards.get(shard)
         if st is None:
@@ -441,7 +450,7 @@ class ShardedStore:
                 retry_after_ms=200,
                 reason=Unavailable.NOT_SHARD_OWNER,
             )
-        if not st.serving.wait(TAKEOVER_WAIT_S):
+        if not st.serving.wait(wait_s):
             raise Unavailable(
                 f"shard {shard} is being taken over", retry_after_ms=1000, reason="SHARD_RECOVERING"
             )
@@ -468,14 +477,28 @@ class ShardedStore:
             return self._begin_finish(h)
 
     def begin_many(
-        self, records: Sequence[PaymentRecord]
+        self, records: Sequence[PaymentRecord], *, wait_in_flight: bool = False
     ) -> list[tuple[PaymentRecord, bool] | ClearingError]:
         """``begin`` for each record, their intents in the same group commits: every
-        intent is queued first, then each is awaited."""
+        intent is queued first, then each is awaited. The whole batch waits at most
+        :data:`TAKEOVER_WAIT_S` for shards being taken over (not that long per order),
+        and a payment found in flight is returned as it is unless ``wait_in_flight``
+        (one slow payment must not hold the others of a batch back)."""
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        shards: dict[int, _Shard | ClearingError] = {}
         started: list[_Begun | ClearingError] = []
         for rec in records:
             try:
-                started.append(self._begin_start(rec))
+                if rec.shard not in shards:
+                    try:
+                        left = max(0.0, deadline - time.monotonic())
+                        shards[rec.shard] = self._serving(rec.shard, left)
+                    except ClearingError as e:
+                        shards[rec.shard] = e
+                st = shards[rec.shard]
+                if isinstance(st, ClearingError):
+                    raise st
+                started.append(self._begin_start(rec, st))
             except ClearingError as e:
                 started.append(e)
         out: list[tuple[PaymentRecord, bool] | ClearingError] = []
@@ -487,15 +510,15 @@ class ShardedStore:
                     out.append(h)
                     continue
                 try:
-                    out.append(self._begin_finish(h))
+                    out.append(self._begin_finish(h, wait_in_flight=wait_in_flight))
                 except ClearingError as e:
                     out.append(e)
         return out
 
-    def _begin_start(self, record: PaymentRecord) -> _Begun:
+    def _begin_start(self, record: PaymentRecord, st: _Shard | None = None) -> _Begun:
         """Queue the payment's intent (borrowing cap headroom first if it must), or find
         the payment already there; :meth:`_begin_finish` waits for either."""
-        st = self._serving(record.shard)
+        st = st if st is not None else self._serving(record.shard)
         o = record.order
         payer = (o.payer_id, o.amount.currency)
         for _ in range(BORROW_ROUNDS_MAX + 1):
@@ -530,10 +553,12 @@ class ShardedStore:
                 st.allowance[payer] += granted
         raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
 
-    def _begin_finish(self, h: _Begun) -> tuple[PaymentRecord, bool]:
+    def _begin_finish(
+        self, h: _Begun, *, wait_in_flight: bool = True
+    ) -> tuple[PaymentRecord, bool]:
         st, p = h.shard, h.payment
         if h.pending is None:  # found: wait for the attempt in flight, if any
-            if p.busy:
+            if p.busy and wait_in_flight:
                 p.done.wait(IN_FLIGHT_WAIT_S)
             with st.lock:
                 return p.record, False
@@ -621,11 +646,11 @@ class ShardedStore:
                     reason="PAYMENT_IN_PROGRESS",
                 )
             if not p.deciding:
-                p.deciding = True
                 ev = step.event
                 d = Decision(ev.state, ev.at_us, ev.zone, ev.detail, step.bank_ref,
                              reversal_owed, tuple(postings))  # fmt: skip
                 pending = self._enqueue(st, KIND_DECISION, record.key, d.encode())
+                p.deciding = True  # only once it is queued: a full queue leaves it unset
                 return _Deciding(st, p, pending, step, reversal_owed)
         # Another attempt is writing its decision: the first one stands.
         p.done.wait(COMMIT_WAIT_S)
@@ -872,10 +897,6 @@ class Committer:
         telemetry.metrics.commit(sum(len(w.entries) for w in writes), time.monotonic() - started)
         for w in writes:
             ok = acked.get(w.shard, False)
-            if ok:
-                # Acknowledged: its index rows may be written (a listing never names a
-                # payment the ledger does not hold).
-                self.store.indexer.add(w.shard, w.epoch, w.entries[-1].seq, w.index_rows)
             for p in by_shard[(w.shard, w.epoch)]:
                 p.ok = ok
                 p.done.set()
@@ -883,6 +904,13 @@ class Committer:
                 self.entries += len(w.entries)
             else:
                 self.store.fail(w.shard, w.epoch)
+        for w in writes:
+            if acked.get(w.shard, False):
+                # Acknowledged: its index rows may be written (a listing never names a
+                # payment the ledger does not hold). Never waits: the ledger must not
+                # stall for its index (a full queue drops, the next owner re-indexes).
+                first, last = w.entries[0].seq, w.entries[-1].seq
+                self.store.indexer.add(w.shard, w.epoch, first, last, w.index_rows, wait_s=0.0)
 
 
 def _live(st: _Shard) -> bool:
@@ -928,14 +956,16 @@ def read_chain(
         cur = prev
     entries: list[LedgerEntry] = []
     for i, seg in enumerate(segments):
-        part = ledger.entries(shard, seg.epoch, seg.start_seq)
         if i + 1 < len(segments):
             end = segments[i + 1].start_seq  # the next owner's seal ends this part
+            part = ledger.entries(shard, seg.epoch, seg.start_seq, end - 1)
             part = [e for e in part if e.seq < end]
             invariant(
                 (part[-1].seq if part else seg.start_seq - 1) == end - 1,
                 f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
             )
+        else:
+            part = ledger.entries(shard, seg.epoch, seg.start_seq)
         entries += part
     if verify:  # only comparisons of replicas read rows without trusting them
         report = verify_chain(entries, FIRST_SEQ, GENESIS_HASH, shard=shard)
