@@ -146,7 +146,12 @@ class Node:
     """One switch node's store, with its ownership in the test's hands."""
 
     def __init__(
-        self, node_id: str, ledger: FakeLedger, clock: FakeClock, borrow: shards.Borrow | None
+        self,
+        node_id: str,
+        ledger: FakeLedger,
+        clock: FakeClock,
+        borrow: shards.Borrow | None,
+        full_reader: FakeLedger | None = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
@@ -163,6 +168,7 @@ class Node:
             relinquish=self._relinquish,
             clock=clock,
             borrow=borrow,
+            full_reader=full_reader,
         )
         self.store.on_unresolved = self.unresolved.append
         self.store.committer.start()
@@ -654,7 +660,10 @@ def test_take_gives_up_a_shard_it_no_longer_owns(world: World) -> None:
     assert err.value.reason == Unavailable.NOT_SHARD_OWNER
 
 
-def test_takeover_refuses_to_build_on_a_broken_chain(world: World) -> None:
+def test_takeover_refuses_to_build_on_a_broken_chain(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "BROKEN_RETRY_WINDOW_S", 0.0)  # no second read
     a = world.node("node-a")
     a.take(SHARD, 10)
     (pid,) = ids_in(SHARD, 1)
@@ -674,6 +683,92 @@ def test_takeover_refuses_to_build_on_a_broken_chain(world: World) -> None:
     assert err.value.reason == "SHARD_CHAIN_BROKEN"
     with pytest.raises(InvariantViolation, match="chain broken at 3"):
         read_chain(world.ledger, SHARD)
+
+
+def _lagging_replica(world: World) -> tuple[list[str], int, FakeLedger]:
+    """Two owners in turn (epochs 10 and 20), then a copy of the ledger that lacks the
+    last entry of epoch 10 though epoch 20's seal starts after it: a replica behind
+    the one the second owner read. (ids, that entry's seq, the copy)"""
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    ids = ids_in(SHARD, 2)
+    r, _ = a.begin(debit(ids[0]))
+    a.decide(r, S.APPROVED)
+    a.store.lose(SHARD)
+    last = world.ledger.partition(SHARD, 10)[-1].seq
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is True
+    b.store.lose(SHARD)
+    behind = world.ledger.replica()
+    behind.drop(SHARD, 10, last)
+    with pytest.raises(InvariantViolation, match="ends before its successor's seal"):
+        read_chain(behind, SHARD)
+    return ids, last, behind
+
+
+def test_a_chain_short_at_quorum_is_read_from_every_replica_and_served(world: World) -> None:
+    ids, last, behind = _lagging_replica(world)
+    c = Node("node-c", behind, world.clock, world.borrow, full_reader=world.ledger)
+    world.nodes.append(c)
+
+    assert c.take(SHARD, 30) is True
+
+    assert c.store.owned() == {SHARD: 30}
+    got = c.load(ids[0])
+    assert got is not None and got.state is S.APPROVED  # the decision the copy lacks
+    (seal,) = [s for s in behind.seals(SHARD) if s.epoch == 30]
+    assert (seal.prev_epoch, seal.start_seq) == (20, last + 1)
+
+
+def test_a_broken_shard_is_read_again_and_served_once_its_replicas_agree(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "BROKEN_RETRY_S", 0.01)
+    ids, last, behind = _lagging_replica(world)
+    c = Node("node-c", behind, world.clock, world.borrow)  # no full read: only retries
+    world.nodes.append(c)
+    c.epochs[SHARD] = 30
+    with ThreadPoolExecutor(1) as pool:
+        took = pool.submit(c.store.take, SHARD, 30, threading.Event())
+        deadline = time.monotonic() + WAIT_S
+        refused = ""
+        while not refused and time.monotonic() < deadline:
+            try:
+                c.begin(debit(ids[1]))
+            except Unavailable as e:
+                refused = e.reason if e.reason == "SHARD_CHAIN_BROKEN" else ""
+        assert refused == "SHARD_CHAIN_BROKEN"
+        assert not took.done()  # still reading it again
+        behind.stored[(SHARD, 10)][last] = world.ledger.partition(SHARD, 10)[-1]  # caught up
+
+        assert took.result(WAIT_S) is True
+
+    assert c.store.owned() == {SHARD: 30}
+    got = c.load(ids[0])
+    assert got is not None and got.state is S.APPROVED
+    assert c.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+    r, won = c.begin(debit(ids[1]))
+    assert won and r.ledger_seq > last
+
+
+def test_a_takeover_tried_again_after_its_replay_counts_each_payment_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "TAKEOVER_RETRY_S", 0.001)
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid))
+    a.decide(r, S.APPROVED)
+    a.store.lose(SHARD)
+    world.ledger.fail_next("write_seal")  # after the chain was replayed
+    b = world.node("node-b")
+
+    assert b.take(SHARD, 20) is True
+
+    assert b.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+    got = b.load(pid)
+    assert got is not None and got.state is S.APPROVED
 
 
 # -- net debit caps --------------------------------------------------------------------------

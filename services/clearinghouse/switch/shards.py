@@ -110,6 +110,11 @@ COMMIT_QUEUE_ENTRIES_MAX = 20_000
 # After the first entry arrives, the committer waits this long for more to join it.
 COMMIT_LINGER_S = 0.002
 TAKEOVER_RETRY_S = 1.0
+# A shard whose chain does not verify is read again this often, for this long, before
+# it is left broken for an operator: replicas that lag (a write that reached one city
+# before its writer died, hints not yet replayed) catch up, and the full read repairs.
+BROKEN_RETRY_S = 5.0
+BROKEN_RETRY_WINDOW_S = 300.0
 # A duplicate of an in-flight payment waits this long for its first attempt to decide.
 IN_FLIGHT_WAIT_S = 25.0
 # Each shard keeps the entries of its newest window cuts, so that the cuts of every
@@ -171,6 +176,16 @@ class _Shard:
         # newest cuts by window (at most CUTS_KEPT_PER_SHARD of them).
         self.last_cut = 0
         self.cuts: dict[int, LedgerEntry] = {}
+
+    def reset(self) -> None:
+        """Forget what a takeover rebuilt: it is rebuilt from the ledger again."""
+        self.payments.clear()
+        self.exposure.clear()
+        self.allowance.clear()
+        self.lent.clear()
+        self.chain = None
+        self.last_cut = 0
+        self.cuts.clear()
 
     def add_cut(self, window_id: int, entry: LedgerEntry) -> None:
         self.cuts[window_id] = entry
@@ -239,10 +254,14 @@ class ShardedStore:
         relinquish: Callable[[int], None],
         clock: Clock,
         borrow: Borrow | None = None,
+        full_reader: ChainReader | None = None,
     ) -> None:
         self.node_id = node_id
         self.zone = zone
         self.ledger = ledger
+        # Reads every city's replica (consistency ALL): the second read of a chain that
+        # does not verify at the ledger's own consistency.
+        self.full_reader = full_reader
         self._participants = participants
         self._still_owner = still_owner
         self._relinquish = relinquish
@@ -284,6 +303,7 @@ class ShardedStore:
         st = self._register(shard, epoch)
         if st is None:
             return False
+        broken_since: float | None = None
         while not stop.is_set() and not st.dropped:
             if not self._still_owner(shard, epoch):
                 self._forget(st)
@@ -296,19 +316,34 @@ class ShardedStore:
                 continue
             except InvariantViolation as e:
                 # Never build on a chain that does not verify: keep the shard claimed (so
-                # no other node builds on it either), refuse its requests, alert.
-                log.error("shard %d epoch %d NOT SERVED: its chain does not verify: %s",
-                          shard, epoch, e)  # fmt: skip
+                # no other node builds on it either), refuse its requests, alert; read it
+                # again for a while, since replicas that lag catch up.
+                now = time.monotonic()
+                broken_since = now if broken_since is None else broken_since
+                gave_up = now - broken_since >= BROKEN_RETRY_WINDOW_S
+                then = (
+                    " (left broken: an operator must repair it)"
+                    if gave_up
+                    else f"; reading it again in {BROKEN_RETRY_S:.0f} s"
+                )
+                log.error("shard %d epoch %d NOT SERVED: its chain does not verify: %s%s",
+                          shard, epoch, e, then)  # fmt: skip
                 with st.lock:
                     st.broken = str(e)
                     st.serving.set()
-                return False
+                if gave_up:
+                    return False
+                stop.wait(BROKEN_RETRY_S)
+                continue
             break
         if st.dropped or stop.is_set():
             self._forget(st)
             return False
         unresolved = []
         with st.lock:
+            if st.broken:
+                log.warning("shard %d epoch %d: its chain verifies now", shard, epoch)
+                st.broken = ""
             for p in st.payments.values():
                 if not p.record.is_final:
                     p.busy = True
@@ -377,8 +412,9 @@ class ShardedStore:
     # -- takeover -----------------------------------------------------------------------
 
     def _rebuild(self, st: _Shard) -> None:
+        st.reset()  # an earlier attempt may have replayed part of the chain
         self.ledger.fence(st.shard, st.epoch, self.node_id, self.clock())
-        entries, prev_epoch = read_chain(self.ledger, st.shard, below_epoch=st.epoch)
+        entries, prev_epoch = self._read_chain(st.shard, st.epoch)
         head_seq = entries[-1].seq if entries else FIRST_SEQ - 1
         head_hash = entries[-1].entry_hash if entries else GENESIS_HASH
         for e in entries:
@@ -387,6 +423,22 @@ class ShardedStore:
         seal = Seal(st.shard, st.epoch, prev_epoch, head_seq + 1, head_hash)
         self.ledger.write_seal(seal, self.node_id, self.clock())
         st.chain = ChainBuilder(st.shard, st.epoch, head_seq + 1, head_hash)
+
+    def _read_chain(self, shard: int, epoch: int) -> tuple[list[LedgerEntry], int]:
+        """The chain below ``epoch``, at the ledger's consistency; if it does not
+        verify there, as every city's replicas hold it together (the read repairs the
+        replicas that lag). A full read that cannot be had leaves the first answer."""
+        try:
+            return read_chain(self.ledger, shard, below_epoch=epoch)
+        except InvariantViolation as e:
+            if self.full_reader is None:
+                raise
+            log.warning("shard %d epoch %d: chain does not verify (%s); reading every "
+                        "city's replica", shard, epoch, e)  # fmt: skip
+            try:
+                return read_chain(self.full_reader, shard, below_epoch=epoch)
+            except Unavailable:
+                raise e from None
 
     def _reindex(self, shard: int, entries: Sequence[LedgerEntry]) -> None:
         """Index what earlier owners acknowledged but had not indexed (idempotent)."""
