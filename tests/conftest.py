@@ -21,6 +21,7 @@ from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import Paths, repo_root
 from clearinghouse.security import pki
+from clearinghouse.switch.records import SHARD_COUNT
 from tests.support import SwitchEnv, start_switch_env
 
 TEST_STATE = repo_root() / ".state" / "pytest"
@@ -121,8 +122,11 @@ def switch_env(_switch_env: SwitchEnv, healthy_cluster: LocalCluster) -> SwitchE
 
 @pytest.fixture()
 def healthy_cluster(local_cluster: LocalCluster) -> LocalCluster:
-    """The cluster with every process running (a previous fault test may have left one down)."""
+    """The cluster with every process running and every ledger shard served (a previous
+    fault test may have left a process down, or a shard being taken over)."""
     down = [c.label for c in local_cluster.components() if not procs.state(c.managed).alive]
     if down:
         local_cluster.start("all")
+    elif len(local_cluster.served_shards()) < SHARD_COUNT:
+        local_cluster.wait_for_shard_owners()
     return local_cluster

@@ -466,9 +466,9 @@ class LocalCluster:
             progress=self.progress,
         )
         self.progress(f"switch nodes serving ({waited:.1f}s)")
-        self._wait_for_shard_owners()
+        self.wait_for_shard_owners()
 
-    def _wait_for_shard_owners(self) -> None:
+    def wait_for_shard_owners(self) -> None:
         """Every ledger shard served (taken over and rebuilt) by a live switch node."""
 
         def served() -> bool:
