@@ -664,12 +664,7 @@ def test_takeover_refuses_to_build_on_a_broken_chain(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shards, "BROKEN_RETRY_WINDOW_S", 0.0)  # no second read
-    a = world.node("node-a")
-    a.take(SHARD, 10)
-    (pid,) = ids_in(SHARD, 1)
-    r, _ = a.begin(debit(pid))
-    a.decide(r, S.APPROVED)
-    a.store.lose(SHARD)
+    pid = _one_approved_then_lost(world)
     world.ledger.tamper(SHARD, 10, 3, Decision(S.DECLINED, 1, ZONE, "", "", False, ()).encode())
     b = world.node("node-b")
 
@@ -685,16 +680,23 @@ def test_takeover_refuses_to_build_on_a_broken_chain(
         read_chain(world.ledger, SHARD)
 
 
+def _one_approved_then_lost(world: World) -> str:
+    """node-a owns SHARD at epoch 10, approves one payment (seqs 1-3), loses the
+    shard; the payment's id."""
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid))
+    a.decide(r, S.APPROVED)
+    a.store.lose(SHARD)
+    return pid
+
+
 def _lagging_replica(world: World) -> tuple[list[str], int, FakeLedger]:
     """Two owners in turn (epochs 10 and 20), then a copy of the ledger that lacks the
     last entry of epoch 10 though epoch 20's seal starts after it: a replica behind
     the one the second owner read. (ids, that entry's seq, the copy)"""
-    a = world.node("node-a")
-    a.take(SHARD, 10)
-    ids = ids_in(SHARD, 2)
-    r, _ = a.begin(debit(ids[0]))
-    a.decide(r, S.APPROVED)
-    a.store.lose(SHARD)
+    ids = [_one_approved_then_lost(world), ids_in(SHARD, 2)[1]]
     last = world.ledger.partition(SHARD, 10)[-1].seq
     b = world.node("node-b")
     assert b.take(SHARD, 20) is True
@@ -755,12 +757,7 @@ def test_a_takeover_tried_again_after_its_replay_counts_each_payment_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shards, "TAKEOVER_RETRY_S", 0.001)
-    a = world.node("node-a")
-    a.take(SHARD, 10)
-    (pid,) = ids_in(SHARD, 1)
-    r, _ = a.begin(debit(pid))
-    a.decide(r, S.APPROVED)
-    a.store.lose(SHARD)
+    pid = _one_approved_then_lost(world)
     world.ledger.fail_next("write_seal")  # after the chain was replayed
     b = world.node("node-b")
 

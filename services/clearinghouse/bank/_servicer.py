@@ -20,6 +20,7 @@ from clearinghouse.bank._ledger import (
     BankLedger,
     SwitchRefReused,
     Transfer,
+    TransferAnswer,
     TxnRecord,
     TxnStatus,
 )
@@ -179,17 +180,8 @@ class BankServicer(bank_pb2_grpc.BankServiceServicer):
                     field_violations=violations,
                 ),
             )
-        transfer = Transfer(
-            kind=kind,
-            institution_id=request.institution_id,
-            bank_account=request.bank_account,
-            amount_minor=request.amount.amount_minor,
-            currency=request.amount.currency,
-        )
         try:
-            answer = self._ledger.transfer(
-                request.switch_ref, transfer, behaviour.decide(kind, request.switch_ref)
-            )
+            answer = self._apply(kind, request, behaviour)
         except SwitchRefReused as exc:
             return bank_pb2.TransferResult(
                 switch_ref=request.switch_ref,
@@ -220,17 +212,8 @@ class BankServicer(bank_pb2_grpc.BankServiceServicer):
         context: grpc.ServicerContext,
     ) -> bank_pb2.BankTransferResponse:
         behaviour = self._admit(context, _check_transfer(request))
-        transfer = Transfer(
-            kind=kind,
-            institution_id=request.institution_id,
-            bank_account=request.bank_account,
-            amount_minor=request.amount.amount_minor,
-            currency=request.amount.currency,
-        )
         try:
-            answer = self._ledger.transfer(
-                request.switch_ref, transfer, behaviour.decide(kind, request.switch_ref)
-            )
+            answer = self._apply(kind, request, behaviour)
         except SwitchRefReused as exc:
             _abort(context, grpc.StatusCode.ALREADY_EXISTS, "SWITCH_REF_REUSED", str(exc))
         record = answer.record
@@ -243,6 +226,22 @@ class BankServicer(bank_pb2_grpc.BankServiceServicer):
         if behaviour.hang_all or self._controls.draw_timeout(behaviour):
             self._hang(context, behaviour)
         return _transfer_response(record)
+
+    def _apply(
+        self, kind: TransferKind, request: bank_pb2.BankTransferRequest, behaviour: BankBehaviour
+    ) -> TransferAnswer:
+        """Apply the transfer to the bank's book (idempotent on ``switch_ref``);
+        SwitchRefReused if the ref names another transfer."""
+        transfer = Transfer(
+            kind=kind,
+            institution_id=request.institution_id,
+            bank_account=request.bank_account,
+            amount_minor=request.amount.amount_minor,
+            currency=request.amount.currency,
+        )
+        return self._ledger.transfer(
+            request.switch_ref, transfer, behaviour.decide(kind, request.switch_ref)
+        )
 
     def _admit(
         self, context: grpc.ServicerContext, violations: list[common_pb2.FieldViolation]

@@ -60,11 +60,11 @@ READ_PAGE_ROWS = 1000
 READ_PAGE_RUNS = 50
 COMMIT_WRITE_TIMEOUT_S = 5.0
 # The mark of a chain part whose index rows were written in its commits (before streams).
-INDEXED_IN_COMMIT = 2**63 - 1
+INDEXED_IN_COMMIT = SEQ_MAX
+# The one partition of index_marks (migration 010).
+MARKS_BUCKET = 0
 # Time-index rows per batch (one partition each): bounded, whatever the indexer holds.
 INDEX_BATCH_ROWS_MAX = 500
-
-_ENTRY_COLUMNS = "seq, kind, payment_key, body, prev_hash, entry_hash"
 
 
 def day_of(at_us: int) -> int:
@@ -89,10 +89,8 @@ def encode_run(entries: Sequence[LedgerEntry]) -> bytes:
     parts: list[bytes] = [bytes((RUN_FORMAT_V1,))]
     for e in entries:
         kind, key = e.kind.encode(), e.payment_key.encode()
-        invariant(
-            len(e.prev_hash) == len(e.entry_hash) == _HASH_BYTES,
-            f"seq {e.seq}: hashes are {_HASH_BYTES} bytes",
-        )
+        if not len(e.prev_hash) == len(e.entry_hash) == _HASH_BYTES:  # per entry: no f-string
+            raise InvariantViolation(f"seq {e.seq}: hashes are {_HASH_BYTES} bytes")
         parts += (_RUN_HEADER.pack(len(kind), len(key), len(e.body)), kind, key, e.body,
                   e.prev_hash, e.entry_hash)  # fmt: skip
     return b"".join(parts)
@@ -112,11 +110,12 @@ def _decode_run(shard: int, epoch: int, first_seq: int, data: bytes) -> list[Led
     out: list[LedgerEntry] = []
     pos, size, seq = 1, len(data), first_seq
     while pos < size:
-        invariant(pos + _RUN_HEADER.size <= size, f"shard {shard} seq {seq}: run truncated")
-        kind_len, key_len, body_len = _RUN_HEADER.unpack_from(data, pos)
-        pos += _RUN_HEADER.size
-        end = pos + kind_len + key_len + body_len + 2 * _HASH_BYTES
-        invariant(end <= size, f"shard {shard} seq {seq}: run truncated")
+        end = pos + _RUN_HEADER.size
+        if end <= size:
+            kind_len, key_len, body_len = _RUN_HEADER.unpack_from(data, pos)
+            pos, end = end, end + kind_len + key_len + body_len + 2 * _HASH_BYTES
+        if end > size:  # checked per entry: the message is built only when it fails
+            raise InvariantViolation(f"shard {shard} seq {seq}: run truncated")
         kind = data[pos : pos + kind_len].decode()
         pos += kind_len
         key = data[pos : pos + key_len].decode()
@@ -218,7 +217,7 @@ class CassandraLedger:
             "SELECT shard FROM ledger_stream WHERE stream = ? AND block = ? LIMIT 1"
         )
         self._select_legacy = p(
-            f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries "  # noqa: S608 (constant columns)
+            "SELECT seq, kind, payment_key, body, prev_hash, entry_hash FROM ledger_entries "
             "WHERE shard = ? AND epoch = ? AND block = ? AND seq >= ? AND seq <= ?"
         )
         self._insert_fence = p(
@@ -308,7 +307,9 @@ class CassandraLedger:
                 lambda: self.session.execute(self._select_seal, key).one(),
             )
             if row is None:
-                # No seal (yet): nothing of this epoch can be read as part of a chain.
+                # No seal here (yet, or not in this replica): read as a part written
+                # before streams, which holds nothing for an epoch written since. Not
+                # remembered: the seal may arrive.
                 return None
             self._remember(shard, epoch, row.stream, row.start_block)
         return self._locations[key]
@@ -514,22 +515,22 @@ class CassandraLedger:
             return
         batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self.cl)
         for (shard, epoch), seq in sorted(marks.items()):
-            batch.add(self._insert_mark, (FENCE_BUCKET, shard, epoch, seq, at_us))
+            batch.add(self._insert_mark, (MARKS_BUCKET, shard, epoch, seq, at_us))
         batch.is_idempotent = True
         with_retries("marking the time index", lambda: self.session.execute(batch))
 
     def index_marks(self, shard: int) -> dict[int, int]:
         """Per epoch of ``shard``: the seq up to which its owner wrote the time index.
-        A part of the chain written before streams (its seal names none, as read by
-        :meth:`seals`) was indexed in its commits: it counts as indexed throughout."""
+        A part of the chain written before streams (its seal names no stream) was
+        indexed in its commits: it counts as indexed throughout."""
         rows = with_retries(
             "reading the time index's marks",
-            lambda: list(self.session.execute(self._select_marks, (FENCE_BUCKET, shard))),
+            lambda: list(self.session.execute(self._select_marks, (MARKS_BUCKET, shard))),
         )
         marks = {r.epoch: r.indexed_through_seq for r in rows}
-        for (s, epoch), where in list(self._locations.items()):
-            if s == shard and where is None:
-                marks[epoch] = INDEXED_IN_COMMIT
+        for seal in self.seals(shard):  # also learns where each part is
+            if self._locations[(shard, seal.epoch)] is None:
+                marks[seal.epoch] = INDEXED_IN_COMMIT
         return marks
 
     # -- listing ------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class BankQueue:
                 self._cond.notify()
             elif self._senders < BANK_SENDERS_MAX:
                 sender = threading.Thread(target=self._sender, name="bank-sender", daemon=True)
-                sender.start()  # counted only once it runs: a failed start leaks nothing
+                sender.start()  # counted once started: a failed start leaks nothing
                 self._senders += 1
         for it in items:
             it.done.wait(max(0.0, it.deadline - time.monotonic()) + BANK_ANSWER_GRACE_S)
@@ -132,9 +132,11 @@ class BankQueue:
     def _sender(self) -> None:
         while batch := self._take():
             now = time.monotonic()
-            live = [it for it in batch if it.deadline - now >= BANK_CALL_MIN_S]
+            live = []
             for it in batch:
-                if it.deadline - now < BANK_CALL_MIN_S:
+                if it.deadline - now >= BANK_CALL_MIN_S:
+                    live.append(it)
+                else:
                     it.outcome = BankOutcome(BankAnswer.NO_ANSWER, "", "deadline passed in queue")
                     it.done.set()
             if not live:
@@ -206,22 +208,24 @@ class GrpcBankGateway:
     ) -> list[BankOutcome]:
         """Several transfers to one bank, through its queue: they leave in as few
         Transfers calls as the queue makes of them with what other threads sent."""
-        return self._queue(bank).transfer_many(reqs, deadline_s)
+        q = self._queue(bank)
+        if q is None:  # the node is stopping
+            return [BankOutcome(BankAnswer.NO_ANSWER, "", "switch node stopping")] * len(reqs)
+        return q.transfer_many(reqs, deadline_s)
 
     def transfer(self, bank: Participant, req: BankTransfer, deadline_s: float) -> BankOutcome:
         """One transfer, through the bank's queue (see :class:`BankQueue`)."""
-        (out,) = self._queue(bank).transfer_many([req], deadline_s)
+        (out,) = self.transfer_many(bank, [req], deadline_s)
         return out
 
-    def _queue(self, bank: Participant) -> BankQueue:
+    def _queue(self, bank: Participant) -> BankQueue | None:
+        """The bank's queue; None once the gateway is closed."""
         key = (bank.participant_id, bank.endpoint or "")
         with self._lock:
+            if self._closed:
+                return None
             q = self._queues.get(key)
             if q is None:
-                if self._closed:
-                    q = BankQueue(lambda items, timeout: [])
-                    q.close()  # every transfer is NO_ANSWER: the node is stopping
-                    return q
                 q = BankQueue(lambda items, timeout: self._send(bank, items, timeout))
                 self._queues[key] = q
             return q
@@ -235,14 +239,14 @@ class GrpcBankGateway:
             stub = self._stub(bank)
         except ValueError as e:
             return [BankOutcome(BankAnswer.NO_ANSWER, "", f"transfer: {e}")] * len(reqs)
+        if bank.participant_id in self._one_by_one:
+            return self._send_one_by_one(stub, bank, reqs, timeout_s)
         request = bank_pb2.TransfersRequest(
             items=[
                 bank_pb2.TransferItem(direction=_DIRECTIONS[r.kind], transfer=_transfer_pb(r))
                 for r in reqs
             ]
         )
-        if bank.participant_id in self._one_by_one:
-            return self._send_one_by_one(stub, bank, reqs, timeout_s)
         try:
             resp = stub.Transfers(request, timeout=timeout_s)
         except grpc.RpcError as e:
@@ -260,8 +264,7 @@ class GrpcBankGateway:
                 why = got.error.reason if got is not None else "missing from the answer"
                 out.append(BankOutcome(BankAnswer.NO_ANSWER, "", f"transfer: {why}"))
             else:
-                answer = _ANSWERS.get(got.status, BankAnswer.NO_ANSWER)
-                out.append(BankOutcome(answer, got.bank_ref, got.decline_code))
+                out.append(_answered(got.status, got.bank_ref, got.decline_code))
         return out
 
     def _send_one_by_one(
@@ -281,8 +284,7 @@ class GrpcBankGateway:
             except grpc.RpcError as e:
                 out.append(_no_answer(bank, "transfer", e))
                 continue
-            answer = _ANSWERS.get(resp.status, BankAnswer.NO_ANSWER)
-            out.append(BankOutcome(answer, resp.bank_ref, resp.decline_code))
+            out.append(_answered(resp.status, resp.bank_ref, resp.decline_code))
         return out
 
     def inquire(self, bank: Participant, switch_ref: str, deadline_s: float) -> BankOutcome:
@@ -292,9 +294,7 @@ class GrpcBankGateway:
             )
         except (grpc.RpcError, ValueError) as e:
             return _no_answer(bank, "inquiry", e)
-        return BankOutcome(
-            _ANSWERS.get(resp.status, BankAnswer.NO_ANSWER), resp.bank_ref, resp.decline_code
-        )
+        return _answered(resp.status, resp.bank_ref, resp.decline_code)
 
     def reverse(
         self, bank: Participant, switch_ref: str, reason: str, deadline_s: float
@@ -305,7 +305,14 @@ class GrpcBankGateway:
             )
         except (grpc.RpcError, ValueError) as e:
             return _no_answer(bank, "reversal", e)
-        return BankOutcome(_ANSWERS.get(resp.status, BankAnswer.NO_ANSWER), "", "")
+        return _answered(resp.status)
+
+
+def _answered(
+    status: bank_pb2.BankTxnStatus.ValueType, bank_ref: str = "", decline_code: str = ""
+) -> BankOutcome:
+    """A bank's answer; a status the switch does not know counts as no answer."""
+    return BankOutcome(_ANSWERS.get(status, BankAnswer.NO_ANSWER), bank_ref, decline_code)
 
 
 def _transfer_pb(r: BankTransfer) -> bank_pb2.BankTransferRequest:

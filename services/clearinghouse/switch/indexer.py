@@ -14,10 +14,11 @@ is indexed by the shard's next owner: at takeover it re-indexes every intent of 
 chain past its epoch's mark (:func:`unindexed`). Index rows are idempotent (the same
 row lands on the same key), so indexing twice is harmless.
 
-Bounded: at most :data:`INDEX_QUEUE_ROWS_MAX` rows wait. When the queue is full (the
-index's writes keep failing) the committer waits up to :data:`INDEX_FULL_WAIT_S`; after
-that the rows are dropped, the shard's mark stops before them, and the shard's next
-owner re-indexes them.
+Bounded: about :data:`INDEX_QUEUE_ROWS_MAX` rows wait (a flush that failed puts its
+rows back beside those queued meanwhile). When the queue is full (the index's writes
+keep failing) the committer's rows are dropped at once (re-indexing at takeover waits
+up to :data:`INDEX_FULL_WAIT_S` first): the shard's mark stops before them, and the
+shard's next owner re-indexes them.
 """
 
 from __future__ import annotations

@@ -304,12 +304,13 @@ class ShardedStore:
         if st is None:
             return False
         broken_since: float | None = None
+        chain: list[LedgerEntry] = []
         while not stop.is_set() and not st.dropped:
             if not self._still_owner(shard, epoch):
                 self._forget(st)
                 return False
             try:
-                self._rebuild(st)
+                chain = self._rebuild(st)
             except Unavailable as e:
                 log.warning("shard %d epoch %d: takeover waits for storage: %s", shard, epoch, e)
                 stop.wait(TAKEOVER_RETRY_S)
@@ -357,6 +358,11 @@ class ShardedStore:
         )  # fmt: skip
         for rec in unresolved:
             self.on_unresolved(rec)
+        # Behind serving: the index may lag, the shard need not wait for it.
+        try:
+            self._reindex(shard, chain)
+        except Exception:  # the next owner re-indexes what is still unmarked
+            log.warning("shard %d epoch %d: re-indexing failed", shard, epoch, exc_info=True)
         return True
 
     def _forget(self, st: _Shard) -> None:
@@ -411,7 +417,8 @@ class ShardedStore:
 
     # -- takeover -----------------------------------------------------------------------
 
-    def _rebuild(self, st: _Shard) -> None:
+    def _rebuild(self, st: _Shard) -> list[LedgerEntry]:
+        """Fence, read and replay the chain, seal; the chain read."""
         st.reset()  # an earlier attempt may have replayed part of the chain
         self.ledger.fence(st.shard, st.epoch, self.node_id, self.clock())
         entries, prev_epoch = self._read_chain(st.shard, st.epoch)
@@ -419,10 +426,10 @@ class ShardedStore:
         head_hash = entries[-1].entry_hash if entries else GENESIS_HASH
         for e in entries:
             self._replay_entry(st, e)
-        self._reindex(st.shard, entries)
         seal = Seal(st.shard, st.epoch, prev_epoch, head_seq + 1, head_hash)
         self.ledger.write_seal(seal, self.node_id, self.clock())
         st.chain = ChainBuilder(st.shard, st.epoch, head_seq + 1, head_hash)
+        return entries
 
     def _read_chain(self, shard: int, epoch: int) -> tuple[list[LedgerEntry], int]:
         """The chain below ``epoch``, at the ledger's consistency; if it does not
@@ -540,16 +547,17 @@ class ShardedStore:
         shards: dict[int, _Shard | ClearingError] = {}
         started: list[_Begun | ClearingError] = []
         for rec in records:
+            st = shards.get(rec.shard)
+            if st is None:
+                try:
+                    st = self._serving(rec.shard, max(0.0, deadline - time.monotonic()))
+                except ClearingError as e:
+                    st = e
+                shards[rec.shard] = st
+            if isinstance(st, ClearingError):
+                started.append(st)
+                continue
             try:
-                if rec.shard not in shards:
-                    try:
-                        left = max(0.0, deadline - time.monotonic())
-                        shards[rec.shard] = self._serving(rec.shard, left)
-                    except ClearingError as e:
-                        shards[rec.shard] = e
-                st = shards[rec.shard]
-                if isinstance(st, ClearingError):
-                    raise st
                 started.append(self._begin_start(rec, st))
             except ClearingError as e:
                 started.append(e)
@@ -1008,16 +1016,13 @@ def read_chain(
         cur = prev
     entries: list[LedgerEntry] = []
     for i, seg in enumerate(segments):
-        if i + 1 < len(segments):
-            end = segments[i + 1].start_seq  # the next owner's seal ends this part
-            part = ledger.entries(shard, seg.epoch, seg.start_seq, end - 1)
-            part = [e for e in part if e.seq < end]
-            invariant(
-                (part[-1].seq if part else seg.start_seq - 1) == end - 1,
-                f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
-            )
-        else:
-            part = ledger.entries(shard, seg.epoch, seg.start_seq)
+        # The next owner's seal ends this part; the last part runs as far as it goes.
+        until = segments[i + 1].start_seq - 1 if i + 1 < len(segments) else None
+        part = ledger.entries(shard, seg.epoch, seg.start_seq, until)
+        invariant(
+            until is None or (part[-1].seq if part else seg.start_seq - 1) == until,
+            f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
+        )
         entries += part
     if verify:  # only comparisons of replicas read rows without trusting them
         report = verify_chain(entries, FIRST_SEQ, GENESIS_HASH, shard=shard)
