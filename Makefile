@@ -36,7 +36,7 @@ status: setup
 # demo cluster must not hold those ports: stop it first (its data is kept).
 test: setup
 	@$(CTL) cluster down >/dev/null
-	@$(PYTEST) -m "unit or integration or cluster"
+	@$(PYTEST) -m "unit or integration or cluster" --durations=30
 
 test-unit: setup
 	@$(PYTEST) -m unit
