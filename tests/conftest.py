@@ -40,6 +40,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the session cluster to run one of their own go last, so nothing
+    after them waits for the session cluster to start again (see ``later_needs_cluster``)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)
+
+
+def later_needs_cluster(request: pytest.FixtureRequest) -> bool:
+    """Whether a test after this one uses the session cluster."""
+    items = request.session.items
+    later = items[items.index(request.node) + 1 :] if request.node in items else items
+    return any("local_cluster" in item.fixturenames for item in later)
+
+
 def _ports_in_use(topo: topology.Topology) -> list[str]:
     busy = []
     for z in topo.zones:

@@ -2,7 +2,8 @@
 whole city (two Cassandra nodes, its etcd member, two switch nodes) can be lost.
 
 The topology's zone addresses are the session cluster's, so its processes are stopped
-for the duration (its data is kept) and started again afterwards.
+for the duration (its data is kept) and started again afterwards if a later test needs
+them; the test is marked ``own_cluster`` and so runs last (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from cassandra import ConsistencyLevel
 
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.paths import Paths
-from tests.conftest import TEST_STATE
+from tests.conftest import TEST_STATE, later_needs_cluster
 from tests.support import (
     eventually,
     read_probe,
@@ -23,7 +24,7 @@ from tests.support import (
     write_probe,
 )
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.own_cluster]
 
 ROWS_WHILE_DOWN = 20
 CONVICTION_TIMEOUT_S = 60.0
@@ -41,7 +42,8 @@ def six(local_cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator
         yield lc
     finally:
         lc.down(wipe=request.session.testsfailed == failed)
-        local_cluster.start("all")
+        if later_needs_cluster(request):
+            local_cluster.start("all")
 
 
 def test_six_nodes_hold_two_replicas_per_city_and_survive_a_city(six: LocalCluster) -> None:
