@@ -33,7 +33,14 @@ pytestmark = pytest.mark.unit
 A = NodeInfo("beijing-a", "beijing-a", "beijing")
 B = NodeInfo("shanghai-a", "shanghai-a", "shanghai")
 C = NodeInfo("shenzhen-a", "shenzhen-a", "shenzhen")
-CFG = ProtocolConfig(shard_count=16, release_grace_s=5.0, claim_batch_max=4, release_batch_max=2)
+CFG = ProtocolConfig(
+    shard_count=16,
+    release_grace_s=5.0,
+    claim_batch_max=4,
+    release_batch_max=2,
+    join_settle_s=2.0,
+    join_settle_max_s=6.0,
+)
 
 
 def members(*infos: NodeInfo, since: float = 0.0) -> list[Member]:
@@ -61,6 +68,36 @@ def test_releases_only_once_the_newest_member_has_been_seen_for_the_grace() -> N
     assert decide(A.node_id, joined, all_mine, now=104.9, config=CFG) == []
     later = decide(A.node_id, joined, all_mine, now=105.0, config=CFG)
     assert later == [Release(s) for s in not_mine[:2]]
+
+
+def test_a_new_node_claims_once_the_membership_has_stayed_unchanged_for_the_settling() -> None:
+    mine = [s for s, owner in assign(16, [A, B]).items() if owner == A.node_id]
+    # A joined at 100, B at 102: A waits for the membership to stay as it is.
+    joined = [Member(A, 100.0), Member(B, 102.0)]
+    settle = CFG.join_settle_s
+    assert decide(A.node_id, joined, {}, now=102.0 + settle - 0.1, config=CFG) == []
+    assert decide(A.node_id, joined, {}, now=102.0 + settle, config=CFG) == [
+        Claim(s) for s in mine[:4]
+    ]
+
+
+def test_a_new_node_in_a_stream_of_joins_claims_after_the_longest_settling() -> None:
+    # A member joins every few seconds, so the membership never stays unchanged for the
+    # settling; A claims anyway once it has been a member for the longest settling.
+    joined = [Member(A, 100.0), Member(B, 100.0 + CFG.join_settle_max_s - 1.0)]
+    start = 100.0 + CFG.join_settle_max_s
+    assert decide(A.node_id, joined, {}, now=start - 0.1, config=CFG) == []
+    assert decide(A.node_id, joined, {}, now=start, config=CFG) != []
+
+
+def test_an_older_member_claims_a_departed_members_shards_at_once_despite_a_join() -> None:
+    # C has just joined; A, a member for long, takes the shards nobody holds at once
+    # (they are a departed member's: holding them back would keep them unserved).
+    live = [Member(A, 0.0), Member(B, 0.0), Member(C, 100.0)]
+    mine = [s for s, owner in assign(16, [A, B, C]).items() if owner == A.node_id]
+    assert decide(A.node_id, live, {}, now=100.1, config=CFG) == [Claim(s) for s in mine[:4]]
+    # C itself waits.
+    assert decide(C.node_id, live, {}, now=100.1, config=CFG) == []
 
 
 def test_never_claims_a_shard_whose_key_exists_even_from_a_dead_owner() -> None:
@@ -209,9 +246,10 @@ def started_core(now: float = 0.0) -> NodeCore:
 
 def test_a_lone_node_claims_in_batches_and_reports_what_it_won() -> None:
     core = started_core()
-    step = core.step(0.1)
+    assert core.step(0.1).requests == []  # it has only just joined: it lets others join
+    step = core.step(CFG.join_settle_s)
     assert step.requests == [ClaimShards(0xA, (0, 1, 2, 3))]
-    assert core.on_claimed(0xA, [(0, 3), (1, 3), (2, 3)], now=0.2) == [
+    assert core.on_claimed(0xA, [(0, 3), (1, 3), (2, 3)], now=CFG.join_settle_s) == [
         Gained(0, 3),
         Gained(1, 3),
         Gained(2, 3),

@@ -39,6 +39,12 @@ NODETOOL_TIMEOUT_S = 30.0
 PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
+# Serving a shard means reading and replaying its whole chain, so a long ledger takes a
+# while: the wait goes on while shards keep coming into service, and gives up when none
+# has for SHARDS_STALL_S, or after SHARDS_SERVED_TIMEOUT_S in all.
+SHARDS_STALL_S = 90.0
+SHARDS_SERVED_TIMEOUT_S = 900.0
+SHARDS_NOTE_EVERY_S = 5.0
 DESCRIBE_TIMEOUT_S = 2.0
 # Share of the traces a local switch node starts that it records (CLEARING_TRACE_SAMPLE_RATIO
 # overrides it); a trace follows its first node's decision across the hops.
@@ -470,16 +476,33 @@ class LocalCluster:
 
     def wait_for_shard_owners(self) -> None:
         """Every ledger shard served (taken over and rebuilt) by a live switch node."""
+        switches = [self.switch_managed(z) for z in self.topo.zones]
+        best, grew_at, noted_at = -1, time.monotonic(), time.monotonic()
 
         def served() -> bool:
-            return len(self.served_shards()) >= SHARD_COUNT
+            nonlocal best, grew_at, noted_at
+            n, now = len(self.served_shards()), time.monotonic()
+            if n > best:
+                best, grew_at = n, now
+                if n < SHARD_COUNT and now - noted_at >= SHARDS_NOTE_EVERY_S:
+                    self.progress(f"  ... {n} of {SHARD_COUNT} ledger shards served")
+                    noted_at = now
+            elif time.monotonic() - grew_at > SHARDS_STALL_S:
+                raise procs.ProcessError(
+                    f"no ledger shard came into service for {SHARDS_STALL_S:.0f}s "
+                    f"({n} of {SHARD_COUNT} served); read the switch nodes' logs: "
+                    + ", ".join(str(m.log) for m in switches)
+                )
+            return n >= SHARD_COUNT
 
         waited = procs.wait_until(
-            f"all {SHARD_COUNT} ledger shards to be served by a switch node",
+            f"all {SHARD_COUNT} ledger shards to be served by a switch node (each reads "
+            "its shard's chain back first)",
             served,
-            timeout_s=SWITCH_READY_TIMEOUT_S,
-            procs=[self.switch_managed(z) for z in self.topo.zones],
+            timeout_s=SHARDS_SERVED_TIMEOUT_S,
+            procs=switches,
             progress=self.progress,
+            every_s=30.0,
         )
         self.progress(f"every ledger shard is served ({waited:.1f}s)")
 

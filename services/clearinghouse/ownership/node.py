@@ -93,6 +93,10 @@ KEEPALIVE_INFLIGHT_MAX = 4
 SAFETY_MARGIN_FRACTION = 0.2
 # Release grace, in lease TTLs: protocol.RELEASE_GRACE_S is this for the default TTL.
 RELEASE_GRACE_TTLS = 2
+# Join settling, in lease TTLs: protocol.JOIN_SETTLE_S and JOIN_SETTLE_MAX_S for the
+# default TTL.
+JOIN_SETTLE_TTLS = 1
+JOIN_SETTLE_MAX_TTLS = 3
 LOOP_INTERVAL_S = 0.1
 RPC_TIMEOUT_S = 1.0
 WATCH_RETRY_S = 0.5
@@ -116,8 +120,13 @@ class Timing:
 
 
 def protocol_for_ttl(lease_ttl_s: int) -> ProtocolConfig:
-    """The default protocol settings for a lease TTL (the release grace scales with it)."""
-    return ProtocolConfig(release_grace_s=float(RELEASE_GRACE_TTLS * lease_ttl_s))
+    """The default protocol settings for a lease TTL (the grace and the join settling
+    scale with it)."""
+    return ProtocolConfig(
+        release_grace_s=float(RELEASE_GRACE_TTLS * lease_ttl_s),
+        join_settle_s=float(JOIN_SETTLE_TTLS * lease_ttl_s),
+        join_settle_max_s=float(JOIN_SETTLE_MAX_TTLS * lease_ttl_s),
+    )
 
 
 class NodeCore:

@@ -14,6 +14,15 @@ moves happen until it stays. It still claims shards nobody holds, which costs no
 anything, and a departure frees the leaver's shards at once (their keys are gone).
 Releases and claims are capped per step so a membership change moves shards in waves,
 never all at once.
+
+Join settling: claiming a shard nobody holds is not free when the ledger is long (the
+claimant reads and replays the shard's whole chain before it serves), so a node that
+has just joined claims nothing until the membership has stayed unchanged for
+``join_settle_s``, or it has been a member for ``join_settle_max_s``. On a cold start
+the nodes come up seconds apart; without this the first one claims every shard, starts
+128 takeovers, and hands most of them over moments later (each then read twice). A node
+that has been a member for longer claims at once: a departure's shards are never held
+back by it.
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ RELEASE_BATCH_MAX = 8
 # one TTL, so a member that comes up and dies at once never looks settled.
 # (``node.protocol_for_ttl`` scales it for other TTLs.)
 RELEASE_GRACE_S = 10.0
+# How long the membership must stay unchanged before a newly joined node claims shards
+# nobody holds, and how long at most a new node waits for that (one and three TTLs).
+JOIN_SETTLE_S = 5.0
+JOIN_SETTLE_MAX_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +95,8 @@ class ProtocolConfig:
     release_grace_s: float = RELEASE_GRACE_S
     claim_batch_max: int = CLAIM_BATCH_MAX
     release_batch_max: int = RELEASE_BATCH_MAX
+    join_settle_s: float = JOIN_SETTLE_S
+    join_settle_max_s: float = JOIN_SETTLE_MAX_S
 
 
 DEFAULT_CONFIG = ProtocolConfig()
@@ -104,14 +119,17 @@ def decide(
     if me not in by_id:
         return []
     target = placement.assign(config.shard_count, [m.info for m in live])
-    settled = now - max(m.since for m in live) >= config.release_grace_s
+    newest_s = now - max(m.since for m in live)
+    settled = newest_s >= config.release_grace_s
+    joining = now - by_id[me].since < config.join_settle_max_s
+    may_claim = not joining or newest_s >= config.join_settle_s
     releases: list[Action] = []
     claims_out: list[Action] = []
     for shard in range(config.shard_count):
         want = target[shard]
         held = claims.get(shard)
         if held is None:
-            if want == me and len(claims_out) < config.claim_batch_max:
+            if want == me and may_claim and len(claims_out) < config.claim_batch_max:
                 claims_out.append(Claim(shard))
         elif (
             settled and held.owner == me and want != me and len(releases) < config.release_batch_max
