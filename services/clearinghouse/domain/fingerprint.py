@@ -59,8 +59,11 @@ def canonical_bytes(order: PaymentOrder) -> bytes:
     )
 
 
-def order_from_canonical_bytes(data: bytes) -> PaymentOrder:
-    """The inverse of :func:`canonical_bytes`: stores keep the order as its canonical bytes."""
+def order_from_canonical_bytes(
+    data: bytes, *, signature: bytes = b"", signing_key_id: str = ""
+) -> PaymentOrder:
+    """The inverse of :func:`canonical_bytes`: stores keep the order as its canonical bytes
+    (and its signature apart: it is not part of them)."""
     r = _codec.Reader(data)
     tag = r.blob()
     invariant(tag == FINGERPRINT_TAG, f"not a version-1 payment order encoding: {tag[:32]!r}")
@@ -79,6 +82,8 @@ def order_from_canonical_bytes(data: bytes) -> PaymentOrder:
         amount=Money(amount, currency),
         memo=memo,
         requested_at_us=requested_at_us,
+        signature=signature,
+        signing_key_id=signing_key_id,
     )
 
 

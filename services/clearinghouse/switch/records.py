@@ -79,6 +79,11 @@ class PaymentRecord:
                 return s
         return None
 
-    def with_step(self, step: StepRecord) -> PaymentRecord:
+    def with_step(self, step: StepRecord, ledger_seq: int | None = None) -> PaymentRecord:
+        """This record with ``step`` in place of one of its kind (and, if given, the seq of
+        the entry that wrote it)."""
         kept = tuple(s for s in self.steps if s.step != step.step)
-        return replace(self, steps=tuple(sorted((*kept, step), key=lambda s: s.step)))
+        steps = tuple(sorted((*kept, step), key=lambda s: s.step))
+        if ledger_seq is None:
+            return replace(self, steps=steps)
+        return replace(self, steps=steps, ledger_seq=ledger_seq)

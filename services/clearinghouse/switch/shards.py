@@ -465,12 +465,12 @@ class ShardedStore:
     def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
         if e.kind == KIND_INTENT:
             intent = Intent.decode(e.body)
-            order = replace(
-                order_from_canonical_bytes(intent.order_bytes),
+            order = order_from_canonical_bytes(
+                intent.order_bytes,
                 signature=intent.signature,
                 signing_key_id=intent.signing_key_id,
             )
-            rec = replace(_intent_record(order, intent, st.shard, e.seq), owner_epoch=st.epoch)
+            rec = _intent_record(order, intent, st.shard, e.seq, owner_epoch=st.epoch)
             st.payments[e.payment_key] = _Payment(rec)
             st.apply_intent(rec)
         elif e.kind == KIND_DECISION:
@@ -478,7 +478,7 @@ class ShardedStore:
             d = Decision.decode(e.body, e.payment_key)
             event = PaymentEvent(d.state, d.at_us, d.zone, d.detail)
             step = StepRecord(STEP_DECIDED, event, d.bank_ref)
-            p.record = replace(p.record.with_step(step), ledger_seq=e.seq)
+            p.record = p.record.with_step(step, ledger_seq=e.seq)
             p.reversal_owed = d.reversal_owed
             st.apply_decision(p.record, d.state)
             p.done.set()
@@ -730,7 +730,7 @@ class ShardedStore:
             with st.lock:
                 p.deciding = False
         with st.lock:
-            p.record = replace(p.record.with_step(h.step), ledger_seq=entry.seq)
+            p.record = p.record.with_step(h.step, ledger_seq=entry.seq)
             p.reversal_owed = h.reversal_owed
             p.busy = False
             st.apply_decision(p.record, h.step.event.state)
@@ -1038,7 +1038,9 @@ def _intent_of(rec: PaymentRecord) -> Intent:
     )  # fmt: skip
 
 
-def _intent_record(order: PaymentOrder, intent: Intent, shard: int, seq: int) -> PaymentRecord:
+def _intent_record(
+    order: PaymentOrder, intent: Intent, shard: int, seq: int, owner_epoch: int = 0
+) -> PaymentRecord:
     at, zone = intent.received_at_us, intent.zone
     received = PaymentEvent(PaymentState.RECEIVED, at, zone, "")
     routed = PaymentEvent(PaymentState.ROUTED, at, zone, f"to {intent.bank_id}")
@@ -1051,6 +1053,7 @@ def _intent_record(order: PaymentOrder, intent: Intent, shard: int, seq: int) ->
         received_zone=zone,
         steps=(StepRecord(STEP_RECEIVED, received), StepRecord(STEP_ROUTED, routed)),
         ledger_seq=seq,
+        owner_epoch=owner_epoch,
     )
 
 
