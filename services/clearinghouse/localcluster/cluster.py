@@ -487,7 +487,7 @@ class LocalCluster:
                 if n < SHARD_COUNT and now - noted_at >= SHARDS_NOTE_EVERY_S:
                     self.progress(f"  ... {n} of {SHARD_COUNT} ledger shards served")
                     noted_at = now
-            elif time.monotonic() - grew_at > SHARDS_STALL_S:
+            elif now - grew_at > SHARDS_STALL_S:
                 raise procs.ProcessError(
                     f"no ledger shard came into service for {SHARDS_STALL_S:.0f}s "
                     f"({n} of {SHARD_COUNT} served); read the switch nodes' logs: "

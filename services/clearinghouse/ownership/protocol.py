@@ -10,8 +10,9 @@ Hysteresis: a node releases shards only once the newest member has been seen
 continuously for ``release_grace_s``. A join moves shards to the joiner and, because
 loads are bounded, a few between the others too; a member that flaps (restarts, or lets
 its lease lapse and takes a new one) gets a new ``since`` each time, so none of those
-moves happen until it stays. It still claims shards nobody holds, which costs no one
-anything, and a departure frees the leaver's shards at once (their keys are gone).
+moves happen until it stays. It still claims shards nobody holds (once it has settled,
+below), which takes nothing from anyone, and a departure frees the leaver's shards at
+once (their keys are gone).
 Releases and claims are capped per step so a membership change moves shards in waves,
 never all at once.
 
