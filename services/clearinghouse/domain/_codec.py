@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from clearinghouse._invariant import invariant
+from clearinghouse._invariant import InvariantViolation, invariant
 
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
@@ -19,6 +19,7 @@ I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
 _U32: Final = struct.Struct(">I")
 _I64: Final = struct.Struct(">q")
+_ENDS_EARLY: Final = "encoded value ends early"
 
 
 def u64(value: int) -> bytes:
@@ -58,7 +59,7 @@ class Reader:
     def i64(self) -> int:
         pos = self.pos
         if pos + 8 > self.end:
-            invariant(False, "encoded value ends early")
+            raise InvariantViolation(_ENDS_EARLY)
         self.pos = pos + 8
         value: int = _I64.unpack_from(self.data, pos)[0]
         return value
@@ -66,11 +67,11 @@ class Reader:
     def blob(self) -> bytes:
         pos = self.pos
         if pos + 4 > self.end:
-            invariant(False, "encoded value ends early")
+            raise InvariantViolation(_ENDS_EARLY)
         start = pos + 4
         stop = start + _U32.unpack_from(self.data, pos)[0]
         if stop > self.end:
-            invariant(False, "encoded value ends early")
+            raise InvariantViolation(_ENDS_EARLY)
         self.pos = stop
         return self.data[start:stop]
 

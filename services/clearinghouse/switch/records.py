@@ -84,6 +84,5 @@ class PaymentRecord:
         the entry that wrote it)."""
         kept = tuple(s for s in self.steps if s.step != step.step)
         steps = tuple(sorted((*kept, step), key=lambda s: s.step))
-        if ledger_seq is None:
-            return replace(self, steps=steps)
-        return replace(self, steps=steps, ledger_seq=ledger_seq)
+        seq = self.ledger_seq if ledger_seq is None else ledger_seq
+        return replace(self, steps=steps, ledger_seq=seq)
