@@ -94,6 +94,27 @@ def test_a_commit_is_refused_for_a_shard_whose_fence_moved(
         assert [(e.seq, e.epoch) for e in chain] == [(1, 1), (2, 1), (3, 2)]
 
 
+def test_a_lower_fence_arriving_late_does_not_lower_the_shards_top(
+    healthy_cluster: LocalCluster,
+) -> None:
+    """Fences race: a slow takeover's write may land after a newer one's. The top row is
+    written at the epoch's own timestamp, so the highest epoch stays on top."""
+    shard = _shard()
+    with session_preferring(healthy_cluster, "shenzhen") as s:
+        ledger = CassandraLedger(s)
+        assert ledger.max_fences([shard]) == {}
+        ledger.fence(shard, 7, "node-7", AT_US)
+        ledger.fence(shard, 5, "node-5", AT_US + 1)
+        assert ledger.max_fences([shard]) == {shard: 7}
+        assert CassandraLedger(s).max_fences([shard, shard + 1]) == {shard: 7}
+        ledger.fence(shard, 9, "node-9", AT_US + 2)
+        assert ledger.max_fences([shard]) == {shard: 9}
+        # The history keeps every epoch.
+        history = s.execute("SELECT epoch FROM shard_fences WHERE bucket = 0 AND shard = %s",
+                            (shard,))  # fmt: skip
+        assert sorted(r.epoch for r in history) == [5, 7, 9]
+
+
 def test_a_chain_written_before_streams_is_still_read(healthy_cluster: LocalCluster) -> None:
     """Seals without a stream name partitions of ledger_entries (migration 004)."""
     shard = _shard()

@@ -223,8 +223,14 @@ class CassandraLedger:
         self._insert_fence = p(
             "INSERT INTO shard_fences (bucket, shard, epoch, node_id, at_us) VALUES (?, ?, ?, ?, ?)"
         )
+        # The highest fence, one row per shard (migration 011): the epoch is the write
+        # timestamp, so Cassandra's last-write-wins keeps the highest.
+        self._insert_fence_top = p(
+            "INSERT INTO shard_fence_tops (bucket, shard, epoch, node_id, at_us) "
+            "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
         self._select_some_fences = p(
-            "SELECT shard, epoch FROM shard_fences WHERE bucket = ? AND shard IN ?"
+            "SELECT shard, epoch FROM shard_fence_tops WHERE bucket = ? AND shard IN ?"
         )
         self._insert_seal = p(
             "INSERT INTO shard_seals (shard, epoch, prev_epoch, start_seq, start_hash, node_id, "
@@ -259,7 +265,8 @@ class CassandraLedger:
         for stmt in (
             self._insert_mark, self._select_marks,
             self._insert_stream, self._select_stream, self._select_block_exists,
-            self._select_legacy, self._insert_fence, self._select_some_fences,
+            self._select_legacy, self._insert_fence, self._insert_fence_top,
+            self._select_some_fences,
             self._insert_seal, self._select_seals, self._select_seal, self._insert_time,
             self._select_time,
         ):  # fmt: skip
@@ -271,9 +278,16 @@ class CassandraLedger:
     # -- takeover -----------------------------------------------------------------------
 
     def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None:
+        """Raise ``shard``'s fence to ``epoch``: its history row, then its top (the row
+        commits read), both at the ledger's consistency before the takeover reads."""
+        invariant(epoch > 0, f"shard {shard}: a fence's epoch is positive, not {epoch}")
         values = (FENCE_BUCKET, shard, epoch, node_id, at_us)
         with_retries(
             "raising a shard's fence", lambda: self.session.execute(self._insert_fence, values)
+        )
+        with_retries(
+            "raising a shard's fence",
+            lambda: self.session.execute(self._insert_fence_top, (*values, epoch)),
         )
 
     def seals(self, shard: int) -> list[Seal]:
@@ -475,11 +489,7 @@ class CassandraLedger:
         rows = with_retries(
             "reading the shard fences", lambda: list(self.session.execute(stmt, values))
         )
-        out: dict[int, int] = {}
-        for r in rows:
-            if r.epoch > out.get(r.shard, -1):
-                out[r.shard] = r.epoch
-        return out
+        return {r.shard: r.epoch for r in rows}
 
     # -- the time index -----------------------------------------------------------------
 
