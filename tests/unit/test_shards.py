@@ -10,6 +10,7 @@ Waits are on events and futures, never on fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -678,6 +679,74 @@ def test_takeover_refuses_to_build_on_a_broken_chain(
     assert err.value.reason == "SHARD_CHAIN_BROKEN"
     with pytest.raises(InvariantViolation, match="chain broken at 3"):
         read_chain(world.ledger, SHARD)
+
+
+def test_a_takeover_that_fails_unexpectedly_gives_the_shard_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither storage nor a broken chain (a bug, the interpreter): kept claimed, the
+    shard would stay unserved until the node's lease ends; given back, it is claimed
+    again under a new epoch and rebuilt from the ledger."""
+    pid = _one_approved_then_lost(world)
+    b = world.node("node-b")
+    replay = b.store._replay_entry
+
+    def faulty(st: shards._Shard, e: LedgerEntry) -> None:
+        if e.seq == 2:
+            raise SystemError("bad argument to internal function")
+        replay(st, e)
+
+    monkeypatch.setattr(b.store, "_replay_entry", faulty)
+
+    assert b.take(SHARD, 20) is False
+
+    assert b.relinquished == [SHARD]
+    assert b.store.owned() == {}
+    with pytest.raises(Unavailable) as err:
+        b.begin(debit(pid))
+    assert err.value.reason == Unavailable.NOT_SHARD_OWNER
+    monkeypatch.setattr(b.store, "_replay_entry", replay)
+    assert b.take(SHARD, 21) is True
+    again = b.load(pid)
+    assert again is not None and again.state is S.APPROVED
+
+
+def test_a_shard_lost_while_its_takeover_replays_is_dropped(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's Lost can come while another thread still replays the chain, which
+    adds payments without the shard's lock: dropping the shard must not trip over it."""
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    ids = ids_in(SHARD, 1500)
+    begun = a.store.begin_many([begun_record(debit(pid), at_us=START_US, zone=ZONE) for pid in ids])
+    assert all(isinstance(r, tuple) for r in begun)
+    a.store.lose(SHARD)
+
+    b = world.node("node-b")
+    halfway = threading.Event()
+    replay = b.store._replay_entry
+
+    def signalling(st: shards._Shard, e: LedgerEntry) -> None:
+        replay(st, e)
+        if e.seq == len(ids) // 2:
+            halfway.set()
+
+    monkeypatch.setattr(b.store, "_replay_entry", signalling)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the two threads interleave as often as they can
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            for epoch in (20, 30, 40):  # the race is lost now and then: three chances
+                halfway.clear()
+                taking = pool.submit(b.take, SHARD, epoch)
+                assert halfway.wait(WAIT_S)
+                b.store.lose(SHARD)  # raised "dictionary changed size during iteration"
+                assert taking.result(timeout=WAIT_S) is False
+    finally:
+        sys.setswitchinterval(interval)
+    assert b.store.owned() == {}
+    assert b.relinquished == []  # lost, not given up
 
 
 def _one_approved_then_lost(world: World) -> str:

@@ -151,7 +151,6 @@ class _Payment:
     done: threading.Event = field(default_factory=threading.Event)
     busy: bool = False  # an attempt (first or resolver) is working on it
     deciding: bool = False  # a decision entry is being committed
-    reversal_owed: bool = False
 
 
 class _Shard:
@@ -176,6 +175,9 @@ class _Shard:
         # newest cuts by window (at most CUTS_KEPT_PER_SHARD of them).
         self.last_cut = 0
         self.cuts: dict[int, LedgerEntry] = {}
+        # Keys of the payments whose reversal the bank has not confirmed yet: the owed
+        # reversals loop reads these, not every payment of the shard.
+        self.owed: set[str] = set()
 
     def reset(self) -> None:
         """Forget what a takeover rebuilt: it is rebuilt from the ledger again."""
@@ -186,6 +188,13 @@ class _Shard:
         self.chain = None
         self.last_cut = 0
         self.cuts.clear()
+        self.owed.clear()
+
+    def set_owed(self, key: str, owed: bool) -> None:
+        if owed:
+            self.owed.add(key)
+        else:
+            self.owed.discard(key)
 
     def add_cut(self, window_id: int, entry: LedgerEntry) -> None:
         self.cuts[window_id] = entry
@@ -336,6 +345,15 @@ class ShardedStore:
                     return False
                 stop.wait(BROKEN_RETRY_S)
                 continue
+            except Exception:
+                # Neither storage nor the chain: a fault of this process. Kept claimed,
+                # the shard would stay unserved until this node's lease ends; given back,
+                # it is claimed again under a new epoch and rebuilt from the ledger.
+                log.exception(
+                    "shard %d epoch %d: takeover failed; giving the shard up", shard, epoch
+                )
+                self._give_up(shard, epoch)
+                return False
             break
         if st.dropped or stop.is_set():
             self._forget(st)
@@ -345,7 +363,7 @@ class ShardedStore:
             if st.broken:
                 log.warning("shard %d epoch %d: its chain verifies now", shard, epoch)
                 st.broken = ""
-            for p in st.payments.values():
+            for p in list(st.payments.values()):
                 if not p.record.is_final:
                     p.busy = True
                     unresolved.append(p.record)
@@ -381,20 +399,29 @@ class ShardedStore:
     def fail(self, shard: int, epoch: int) -> None:
         """A commit of the shard was not acknowledged: stop serving it and give it back,
         so that it is claimed again under a new epoch and rebuilt from the ledger."""
+        if self._give_up(shard, epoch):
+            log.warning(
+                "shard %d epoch %d: commit not acknowledged; giving the shard up", shard, epoch
+            )
+
+    def _give_up(self, shard: int, epoch: int) -> bool:
+        """Stop serving ``shard`` at ``epoch`` and give it back; whether it was ours."""
         with self._lock:
             st = self._shards.get(shard)
             if st is None or st.epoch != epoch:
-                return
+                return False
             del self._shards[shard]
         self._drop(st)
-        log.warning("shard %d epoch %d: commit not acknowledged; giving the shard up", shard, epoch)
         self._relinquish(shard)
+        return True
 
     def _drop(self, st: _Shard) -> None:
         with st.lock:
             st.dropped = True
             st.serving.set()  # waiters wake up and see it dropped
-            for p in st.payments.values():
+            # A snapshot: a takeover still replaying the chain adds payments without
+            # the lock (the state is its own until the shard serves).
+            for p in list(st.payments.values()):
                 p.done.set()
 
     def owns(self, shard: int, epoch: int) -> bool:
@@ -474,16 +501,22 @@ class ShardedStore:
             st.payments[e.payment_key] = _Payment(rec)
             st.apply_intent(rec)
         elif e.kind == KIND_DECISION:
-            p = st.payments[e.payment_key]
+            p = st.payments.get(e.payment_key)
+            if p is None:
+                raise InvariantViolation(f"{e.payment_key}: a decision before its intent")
             d = Decision.decode(e.body, e.payment_key)
             event = PaymentEvent(d.state, d.at_us, d.zone, d.detail)
             step = StepRecord(STEP_DECIDED, event, d.bank_ref)
             p.record = p.record.with_step(step, ledger_seq=e.seq)
-            p.reversal_owed = d.reversal_owed
+            st.set_owed(e.payment_key, d.reversal_owed)
             st.apply_decision(p.record, d.state)
             p.done.set()
         elif e.kind == KIND_REVERSAL_CONFIRMED:
-            st.payments[e.payment_key].reversal_owed = False
+            if e.payment_key not in st.payments:
+                raise InvariantViolation(
+                    f"{e.payment_key}: a reversal confirmed before its payment"
+                )
+            st.owed.discard(e.payment_key)
         elif e.kind == KIND_CAP_GRANT:
             t = CapTransfer.decode(e.body)
             st.lent[(t.participant_id, t.currency)] += t.amount_minor
@@ -731,7 +764,7 @@ class ShardedStore:
                 p.deciding = False
         with st.lock:
             p.record = p.record.with_step(h.step, ledger_seq=entry.seq)
-            p.reversal_owed = h.reversal_owed
+            st.set_owed(p.record.key, h.reversal_owed)
             p.busy = False
             st.apply_decision(p.record, h.step.event.state)
             p.done.set()
@@ -756,11 +789,9 @@ class ShardedStore:
             shards = [st for st in self._shards.values() if _live(st)]
         for st in shards:
             with st.lock:
-                out += [
-                    OwedReversal(k, p.record.bank_id, p.record.switch_ref, 0)
-                    for k, p in st.payments.items()
-                    if p.reversal_owed
-                ]
+                for k in st.owed:
+                    rec = st.payments[k].record
+                    out.append(OwedReversal(k, rec.bank_id, rec.switch_ref, 0))
             if len(out) >= limit:
                 break
         return out[:limit]
@@ -770,13 +801,12 @@ class ShardedStore:
         st = self._serving(shard_of(institution_id, payment_id))
         body = ReversalConfirmed(at_us, self.zone).encode()
         with st.lock:
-            p = st.payments.get(owed.payment_key)
-            if p is None or not p.reversal_owed:
+            if owed.payment_key not in st.owed:
                 return
             pending = self._enqueue(st, KIND_REVERSAL_CONFIRMED, owed.payment_key, body)
         self._await(pending)
         with st.lock:
-            p.reversal_owed = False
+            st.owed.discard(owed.payment_key)
 
     # -- settlement windows -----------------------------------------------------------
 
