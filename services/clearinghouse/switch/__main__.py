@@ -13,6 +13,7 @@ from pathlib import Path
 
 from clearinghouse import telemetry, topology
 from clearinghouse.security import pki
+from clearinghouse.switch import heap
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.switch.server import Node, build
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         help="close the settlement window this often (0: only on demand)",
     )
     args = p.parse_args(argv)
+    heap.configure_collector()
     telemetry.configure_logging(logging.INFO, zone=args.zone, stream=sys.stderr)
     topo = topology.load(args.topology)
     cfg = NodeConfig.for_zone(

@@ -49,6 +49,7 @@ from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.admin import AdminDomain
 from clearinghouse.switch.bank_gateway import GrpcBankGateway
 from clearinghouse.switch.config import NodeConfig, node_channel_options, server_options
+from clearinghouse.switch.heap import TakeoverHeap
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
 from clearinghouse.switch.records import PaymentRecord
 from clearinghouse.switch.routing import LocalOwner, Router
@@ -205,14 +206,19 @@ def build(cfg: NodeConfig) -> Node:
         full_reader=CassandraLedger(session, consistency_level("ALL")),
     )
 
+    heap = TakeoverHeap()
+
     def take(shard: int, epoch: int) -> None:
         try:
             store.take(shard, epoch, stopping)
         except Exception:
             log.exception("taking over shard %d at epoch %d failed", shard, epoch)
+        finally:
+            heap.ended()
 
     def take_over(shard: int, epoch: int) -> None:
         store.gain(shard, epoch)  # at once: requests for it wait rather than bounce
+        heap.started()
         takeover_pool.submit(take, shard, epoch)
 
     agent = OwnershipAgent(
