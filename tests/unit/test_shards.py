@@ -10,7 +10,6 @@ Waits are on events and futures, never on fixed sleeps.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -687,6 +686,7 @@ def test_a_takeover_that_fails_unexpectedly_gives_the_shard_back(
     """Neither storage nor a broken chain (a bug, the interpreter): kept claimed, the
     shard would stay unserved until the node's lease ends; given back, it is claimed
     again under a new epoch and rebuilt from the ledger."""
+    monkeypatch.setattr(shards, "TAKEOVER_FAULT_PAUSE_S", 0.0)
     pid = _one_approved_then_lost(world)
     b = world.node("node-b")
     replay = b.store._replay_entry
@@ -715,36 +715,50 @@ def test_a_shard_lost_while_its_takeover_replays_is_dropped(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The agent's Lost can come while another thread still replays the chain, which
-    adds payments without the shard's lock: dropping the shard must not trip over it."""
+    adds payments without the shard's lock: dropping the shard must not trip over it.
+    The replay is held halfway and one payment, when woken by the drop, adds another
+    the way the replay would meanwhile: deterministic, not a race to win."""
     a = world.node("node-a")
     a.take(SHARD, 10)
-    ids = ids_in(SHARD, 1500)
+    ids = ids_in(SHARD, 20)
     begun = a.store.begin_many([begun_record(debit(pid), at_us=START_US, zone=ZONE) for pid in ids])
     assert all(isinstance(r, tuple) for r in begun)
     a.store.lose(SHARD)
 
     b = world.node("node-b")
-    halfway = threading.Event()
+    halfway, resume = threading.Event(), threading.Event()
     replay = b.store._replay_entry
 
-    def signalling(st: shards._Shard, e: LedgerEntry) -> None:
+    def held_halfway(st: shards._Shard, e: LedgerEntry) -> None:
         replay(st, e)
         if e.seq == len(ids) // 2:
             halfway.set()
+            resume.wait(WAIT_S)
 
-    monkeypatch.setattr(b.store, "_replay_entry", signalling)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # the two threads interleave as often as they can
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            for epoch in (20, 30, 40):  # the race is lost now and then: three chances
-                halfway.clear()
-                taking = pool.submit(b.take, SHARD, epoch)
-                assert halfway.wait(WAIT_S)
-                b.store.lose(SHARD)  # raised "dictionary changed size during iteration"
-                assert taking.result(timeout=WAIT_S) is False
-    finally:
-        sys.setswitchinterval(interval)
+    class ReplayMeanwhile(threading.Event):
+        """A payment's ``done``: when the drop wakes it, the replay adds a payment."""
+
+        def __init__(self, st: shards._Shard, late: shards._Payment) -> None:
+            super().__init__()
+            self.st, self.late = st, late
+
+        def set(self) -> None:
+            self.st.payments[self.late.record.key + "-late"] = self.late
+            super().set()
+
+    monkeypatch.setattr(b.store, "_replay_entry", held_halfway)
+    with ThreadPoolExecutor(1) as pool:
+        taking = pool.submit(b.take, SHARD, 20)
+        assert halfway.wait(WAIT_S)
+        st = b.store._shards[SHARD]
+        first, second = list(st.payments.values())[:2]
+        first.done = ReplayMeanwhile(st, second)
+
+        b.store.lose(SHARD)  # raised "dictionary changed size during iteration"
+
+        resume.set()
+        assert taking.result(timeout=WAIT_S) is False
+    assert first.done.is_set() and second.done.is_set()
     assert b.store.owned() == {}
     assert b.relinquished == []  # lost, not given up
 

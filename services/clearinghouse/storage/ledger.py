@@ -224,7 +224,10 @@ class CassandraLedger:
             "INSERT INTO shard_fences (bucket, shard, epoch, node_id, at_us) VALUES (?, ?, ?, ?, ?)"
         )
         # The highest fence, one row per shard (migration 011): the epoch is the write
-        # timestamp, so Cassandra's last-write-wins keeps the highest.
+        # timestamp, so Cassandra's last-write-wins keeps the highest. Nothing else may
+        # write that table: a DELETE, or a write without USING TIMESTAMP (a clock
+        # timestamp, far above any epoch), would pin the shard's top and refuse every
+        # later owner's commits.
         self._insert_fence_top = p(
             "INSERT INTO shard_fence_tops (bucket, shard, epoch, node_id, at_us) "
             "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"

@@ -12,8 +12,9 @@ first 60 CPU seconds, 10 of them in 21 full collections.
 So, as servers with a large long-lived heap do: when a wave of takeovers is over, collect
 once and move what survived into the permanent generation (``gc.freeze``); later
 collections skip it. What reference counting frees (the payments of a shard given up) is
-freed as before; only cyclic garbage among the frozen objects would stay, and the
-collection just before the freeze removes what there is of it then. The young generation
+freed as before. Cyclic garbage among frozen objects (a request's exception and its
+frames, frozen in flight) would stay until the next wave: that one first unfreezes
+everything, so its one full collection frees it. The young generation
 is collected every 50,000 allocations instead of 700, so the objects of a request mostly
 die before the collector ever walks them.
 """
@@ -55,9 +56,10 @@ class TakeoverHeap:
             self._in_flight -= 1
             if self._in_flight > 0:
                 return False
-            started = time.monotonic()
-            collected = gc.collect()
-            gc.freeze()
+        started = time.monotonic()
+        gc.unfreeze()  # what an earlier wave froze and has since become garbage goes too
+        collected = gc.collect()
+        gc.freeze()
         log.info(
             "takeovers done: %d objects frozen after a collection (%d freed) in %.2f s",
             gc.get_freeze_count(), collected, time.monotonic() - started,

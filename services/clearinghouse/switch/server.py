@@ -219,7 +219,11 @@ def build(cfg: NodeConfig) -> Node:
     def take_over(shard: int, epoch: int) -> None:
         store.gain(shard, epoch)  # at once: requests for it wait rather than bounce
         heap.started()
-        takeover_pool.submit(take, shard, epoch)
+        try:
+            takeover_pool.submit(take, shard, epoch)
+        except BaseException:  # the pool is shut down: the node is stopping
+            heap.ended()
+            raise
 
     agent = OwnershipAgent(
         etcd,

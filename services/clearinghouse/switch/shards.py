@@ -115,6 +115,8 @@ TAKEOVER_RETRY_S = 1.0
 # before its writer died, hints not yet replayed) catch up, and the full read repairs.
 BROKEN_RETRY_S = 5.0
 BROKEN_RETRY_WINDOW_S = 300.0
+# A takeover that failed for any other reason gives its shard back after this pause.
+TAKEOVER_FAULT_PAUSE_S = 5.0
 # A duplicate of an in-flight payment waits this long for its first attempt to decide.
 IN_FLIGHT_WAIT_S = 25.0
 # Each shard keeps the entries of its newest window cuts, so that the cuts of every
@@ -348,10 +350,13 @@ class ShardedStore:
             except Exception:
                 # Neither storage nor the chain: a fault of this process. Kept claimed,
                 # the shard would stay unserved until this node's lease ends; given back,
-                # it is claimed again under a new epoch and rebuilt from the ledger.
+                # it is claimed again under a new epoch and rebuilt from the ledger. The
+                # pause first bounds how often a fault that repeats can cycle the shard.
                 log.exception(
-                    "shard %d epoch %d: takeover failed; giving the shard up", shard, epoch
-                )
+                    "shard %d epoch %d: takeover failed; giving the shard up in %.0f s",
+                    shard, epoch, TAKEOVER_FAULT_PAUSE_S,
+                )  # fmt: skip
+                stop.wait(TAKEOVER_FAULT_PAUSE_S)
                 self._give_up(shard, epoch)
                 return False
             break
