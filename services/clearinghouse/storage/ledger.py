@@ -285,13 +285,12 @@ class CassandraLedger:
         commits read), both at the ledger's consistency before the takeover reads."""
         invariant(epoch > 0, f"shard {shard}: a fence's epoch is positive, not {epoch}")
         values = (FENCE_BUCKET, shard, epoch, node_id, at_us)
-        with_retries(
-            "raising a shard's fence", lambda: self.session.execute(self._insert_fence, values)
-        )
-        with_retries(
-            "raising a shard's fence",
-            lambda: self.session.execute(self._insert_fence_top, (*values, epoch)),
-        )
+
+        def raise_both() -> None:  # idempotent: a retry writes the same rows again
+            self.session.execute(self._insert_fence, values)
+            self.session.execute(self._insert_fence_top, (*values, epoch))
+
+        with_retries("raising a shard's fence", raise_both)
 
     def seals(self, shard: int) -> list[Seal]:
         rows = with_retries(

@@ -769,7 +769,7 @@ class ShardedStore:
                 p.deciding = False
         with st.lock:
             p.record = p.record.with_step(h.step, ledger_seq=entry.seq)
-            st.set_owed(p.record.key, h.reversal_owed)
+            st.set_owed(h.pending.key, h.reversal_owed)
             p.busy = False
             st.apply_decision(p.record, h.step.event.state)
             p.done.set()
