@@ -5,6 +5,15 @@ replicas per city as that city runs Cassandra nodes. Tables come from the number
 ``cql/NNN_*.cql`` files beside this module, applied in order; each applied file is
 recorded with its checksum in ``schema_migrations`` so a changed file is refused rather
 than silently half-applied. Statements are ``IF NOT EXISTS``: re-running is harmless.
+
+Every schema change of a run goes to one coordinator, one after another, and the
+cluster is waited on to agree once per migration (before the migration is recorded and
+before anything reads or writes a table it created). A single coordinator applying
+changes in order cannot conflict with itself; changes made concurrently through
+different coordinators are what Cassandra 5.0 cannot reconcile safely. Any session
+works; one from ``connect_to_node(..., for_schema_changes=True)`` also skips the
+driver's own wait for agreement after each statement, which is most of the time a
+migration takes on a small machine.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from clearinghouse._invariant import invariant
 
 CQL_DIR = Path(__file__).parent / "cql"
 DDL_TIMEOUT_S = 60.0
+SCHEMA_AGREEMENT_TIMEOUT_S = 120.0
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
 
@@ -71,6 +81,7 @@ def apply(
 ) -> list[str]:
     """Create or align the keyspace, then apply pending migrations. Returns what changed."""
     changed: list[str] = []
+    host = _coordinator(session)
     # The keyspace name is checked against _NAME in keyspace_cql before any CQL uses it.
     repl = keyspace_cql(keyspace, replication)
     row = session.execute(
@@ -78,18 +89,20 @@ def apply(
     ).one()
     wanted = {dc: str(n) for dc, n in replication.items()}
     if row is None:
-        _ddl(session, f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}")
+        _ddl(session, host, f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}")
         changed.append(f"created keyspace {keyspace} {dict(replication)}")
     else:
         current = {k: v for k, v in row.replication.items() if k != "class"}
         if current != wanted:
-            _ddl(session, f"ALTER KEYSPACE {keyspace} WITH replication = {repl}")
+            _ddl(session, host, f"ALTER KEYSPACE {keyspace} WITH replication = {repl}")
             changed.append(f"altered keyspace {keyspace} replication {current} -> {wanted}")
     _ddl(
         session,
+        host,
         f"CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations ("
         "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
     )
+    _agree(session, "the schema_migrations table")
     applied = {
         r.version: r.checksum
         for r in session.execute(
@@ -110,7 +123,8 @@ def apply(
         progress(f"  applying schema migration {m.version:03d}_{m.name}")
         session.set_keyspace(keyspace)
         for stmt in m.statements:
-            _ddl(session, stmt)
+            _ddl(session, host, stmt)
+        _agree(session, f"migration {m.version:03d}_{m.name}")
         session.execute(
             SimpleStatement(
                 f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
@@ -123,9 +137,28 @@ def apply(
     return changed
 
 
-def _ddl(session: Any, stmt: str) -> None:
+def _coordinator(session: Any) -> Any:
+    """The one node this run's schema changes go through: the first live node (by
+    address) the session holds connections to."""
+    hosts = sorted((h for h in session.get_pool_state() if h.is_up), key=str)
+    if not hosts:
+        raise SchemaError("no live Cassandra node to send schema changes to")
+    return hosts[0]
+
+
+def _ddl(session: Any, host: Any, stmt: str) -> None:
     session.execute(
-        SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM), timeout=DDL_TIMEOUT_S
+        SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
+        timeout=DDL_TIMEOUT_S,
+        host=host,
     )
-    if not session.cluster.control_connection.wait_for_schema_agreement(wait_time=DDL_TIMEOUT_S):
-        raise SchemaError(f"no schema agreement within {DDL_TIMEOUT_S:.0f}s after: {stmt[:80]}")
+
+
+def _agree(session: Any, what: str) -> None:
+    """Wait until every live node reports the same schema version."""
+    control = session.cluster.control_connection
+    if not control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S):
+        raise SchemaError(
+            f"Cassandra nodes did not agree on the schema within "
+            f"{SCHEMA_AGREEMENT_TIMEOUT_S:.0f}s after {what}; read each node's system.log"
+        )

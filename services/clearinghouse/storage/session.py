@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
@@ -95,16 +96,26 @@ def connect_to_node(
     consistency: str = "LOCAL_ONE",
     keyspace: str | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
+    for_schema_changes: bool = False,
 ) -> tuple[Cluster, Session]:
     """A session that talks to one node only: what that node itself knows or stores.
 
     For operators and tests (is this city's replica caught up? does this node know every
     other?), never for the payment path, which must fall back to other cities.
+
+    ``for_schema_changes``: the session sends schema changes to this one coordinator and
+    does not wait for agreement after each (nor refresh the driver's schema metadata);
+    the caller waits for agreement itself where it needs it (``storage.schema``).
     """
     profile = ExecutionProfile(
         load_balancing_policy=WhiteListRoundRobinPolicy([address]),
         consistency_level=consistency_level(consistency),
         request_timeout=timeout_s,
+    )
+    schema_options: dict[str, Any] = (
+        {"max_schema_agreement_wait": 0, "schema_metadata_enabled": False}
+        if for_schema_changes
+        else {}
     )
     cluster = Cluster(
         [address],
@@ -113,6 +124,7 @@ def connect_to_node(
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=timeout_s,
         control_connection_timeout=timeout_s,
+        **schema_options,
     )
     try:
         return cluster, cluster.connect(keyspace)

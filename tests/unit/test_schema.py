@@ -1,0 +1,127 @@
+"""Applying the schema: every change through one coordinator, agreement before a record.
+
+A fake session stands in for the driver's; it logs each statement with the node it was
+sent to, and each wait for agreement, in one sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from clearinghouse.storage import schema
+
+pytestmark = pytest.mark.unit
+
+KEYSPACE = "clearing"
+REPLICATION = {"beijing": 1, "shanghai": 1, "shenzhen": 1}
+AGREE = "<agreement>"
+SCHEMA_CHANGES = ("CREATE", "ALTER", "DROP")
+
+
+@dataclass(frozen=True)
+class FakeHost:
+    address: str
+    is_up: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.address}:9042"
+
+
+class Rows(list[Any]):
+    def one(self) -> Any:
+        return self[0] if self else None
+
+
+@dataclass
+class FakeSession:
+    hosts: list[FakeHost]
+    agrees: bool = True
+    applied: list[tuple[int, str]] = field(default_factory=list)
+    log: list[tuple[str, FakeHost | None]] = field(default_factory=list)
+
+    @property
+    def cluster(self) -> Any:
+        session = self
+
+        class Control:
+            def wait_for_schema_agreement(self, wait_time: float) -> bool:
+                session.log.append((AGREE, None))
+                return session.agrees
+
+        class Cluster:
+            control_connection = Control()
+
+        return Cluster()
+
+    def get_pool_state(self) -> dict[FakeHost, object]:
+        return {h: {} for h in self.hosts}
+
+    def set_keyspace(self, keyspace: str) -> None:
+        assert keyspace == KEYSPACE
+
+    def execute(self, query: Any, params: Any = None, **kw: Any) -> Rows:
+        text = getattr(query, "query_string", query)
+        self.log.append((text, kw.get("host")))
+        if text.startswith("SELECT version"):
+            return Rows(type("R", (), {"version": v, "checksum": c})() for v, c in self.applied)
+        return Rows()
+
+    def ddl(self) -> list[tuple[str, FakeHost | None]]:
+        return [(t, h) for t, h in self.log if t.startswith(SCHEMA_CHANGES)]
+
+
+def test_every_change_goes_to_the_first_live_node() -> None:
+    hosts = [FakeHost("127.0.3.1"), FakeHost("127.0.1.1", is_up=False), FakeHost("127.0.2.1")]
+    s = FakeSession(hosts)
+    changed = schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+
+    ddl = s.ddl()
+    assert len(ddl) == 2 + sum(len(m.statements) for m in schema.migrations())
+    assert {h for _, h in ddl} == {FakeHost("127.0.2.1")}
+    assert changed[0].startswith("created keyspace")
+    assert len(changed) == 1 + len(schema.migrations())
+
+
+def test_the_cluster_agrees_before_a_migration_is_recorded_or_its_tables_used() -> None:
+    s = FakeSession([FakeHost("127.0.1.1")])
+    schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+
+    texts = [t for t, _ in s.log]
+    for i, t in enumerate(texts):
+        if t.startswith(("INSERT INTO", "SELECT version")):
+            last_ddl = max(j for j in range(i) if texts[j].startswith(SCHEMA_CHANGES))
+            assert AGREE in texts[last_ddl + 1 : i], t
+    # One wait per migration and one for the migrations table: not one per statement.
+    assert texts.count(AGREE) == 1 + len(schema.migrations())
+
+
+def test_without_agreement_nothing_is_recorded() -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], agrees=False)
+    with pytest.raises(schema.SchemaError, match="did not agree"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert not [t for t, _ in s.log if t.startswith("INSERT INTO")]
+
+
+def test_applied_migrations_are_skipped_and_a_changed_one_is_refused() -> None:
+    done = schema.migrations()
+    s = FakeSession([FakeHost("127.0.1.1")], applied=[(m.version, m.checksum) for m in done])
+    assert schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None) == [
+        f"created keyspace {KEYSPACE} {REPLICATION}"
+    ]
+    assert [t for t, _ in s.ddl() if not t.startswith("CREATE KEYSPACE")] == [
+        t for t, _ in s.ddl() if "schema_migrations" in t
+    ]
+
+    s = FakeSession([FakeHost("127.0.1.1")], applied=[(done[0].version, "edited")])
+    with pytest.raises(schema.SchemaError, match="changed after it was applied"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+
+
+def test_no_live_node_is_refused_before_anything_is_sent() -> None:
+    s = FakeSession([FakeHost("127.0.1.1", is_up=False)])
+    with pytest.raises(schema.SchemaError, match="no live Cassandra node"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert s.log == []
