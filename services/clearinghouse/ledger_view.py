@@ -16,7 +16,7 @@ from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
 from clearinghouse.switch.ports import ChainReader
 from clearinghouse.switch.records import SHARD_COUNT
-from clearinghouse.switch.shards import read_chain
+from clearinghouse.switch.shards import map_shards, read_chain
 
 
 @dataclass
@@ -83,8 +83,9 @@ def read_window(
         )
     by_shard: dict[int, list[LedgerEntry]] = {}
     intents: list[LedgerEntry] = []
-    for shard in range(shard_count):
-        chain, _ = read_chain(ledger, shard, verify=verify)
+    chains = map_shards(lambda shard: read_chain(ledger, shard, verify=verify)[0],
+                        range(shard_count))  # fmt: skip
+    for shard, chain in enumerate(chains):
         lo = prev[shard].seq if window_id > 1 else 0
         cut = cuts[shard]
         part = [e for e in chain if lo < e.seq <= cut.seq]
@@ -103,8 +104,7 @@ def read_ledger(ledger: ChainReader, shard_count: int = SHARD_COUNT) -> LedgerSu
     """Every shard's verified chain, summarised; raises InvariantViolation on a broken
     chain, a decision without an intent, or unbalanced postings."""
     out = LedgerSummary()
-    for shard in range(shard_count):
-        entries, _ = read_chain(ledger, shard)
+    for entries in map_shards(lambda shard: read_chain(ledger, shard)[0], range(shard_count)):
         if entries:
             out.shards_with_entries += 1
         out.entries += len(entries)

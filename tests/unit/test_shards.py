@@ -1318,3 +1318,37 @@ def test_a_batch_waits_for_a_shard_being_taken_over_once_not_per_order(
     took = time.monotonic() - started
     assert [getattr(e, "reason", None) for e in out] == ["SHARD_RECOVERING"] * 4
     assert took < 2 * shards.TAKEOVER_WAIT_S, took  # per order it would be 4 x 1 s
+
+
+def test_map_shards_reads_several_shards_at_once_and_keeps_their_order() -> None:
+    width = shards.SHARD_READS_IN_FLIGHT
+    # Each read waits until `width` reads are in flight together: read one at a time,
+    # the barrier times out and the test fails.
+    together = threading.Barrier(width, timeout=10)
+    lock = threading.Lock()
+    in_flight = peak = 0
+
+    def read(shard: int) -> int:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        together.wait()
+        with lock:
+            in_flight -= 1
+        return shard * 10
+
+    todo = list(reversed(range(2 * width)))
+    assert shards.map_shards(read, todo) == [s * 10 for s in todo]
+    assert peak == width
+
+
+def test_map_shards_raises_what_a_read_raised() -> None:
+    def read(shard: int) -> int:
+        if shard == 3:
+            raise InvariantViolation("shard 3: chain broken")
+        return shard
+
+    with pytest.raises(InvariantViolation, match="shard 3"):
+        shards.map_shards(read, range(20))
+    assert shards.map_shards(read, [5]) == [5]

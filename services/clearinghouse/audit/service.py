@@ -29,7 +29,7 @@ from clearinghouse.settlement import StoredClearing, stored_clearing, stored_kin
 from clearinghouse.storage.windows import CassandraWindows, WindowStatus
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT, payment_key, shard_of
-from clearinghouse.switch.shards import read_chain
+from clearinghouse.switch.shards import map_shards, read_chain
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,16 @@ class AuditDomain:
     # -- chains and proofs ----------------------------------------------------------------
 
     def verify_chains(self, shards: Sequence[int]) -> list[ChainCheck]:
-        out = []
-        for shard in shards or range(SHARD_COUNT):
+        def check(shard: int) -> ChainCheck:
             try:
                 chain, _ = read_chain(self.ledger, shard)
             except InvariantViolation as e:
-                out.append(ChainCheck(shard, False, 0, 0, b"", str(e)))
-                continue
+                return ChainCheck(shard, False, 0, 0, b"", str(e))
             report = verify_chain(chain, FIRST_SEQ, GENESIS_HASH, shard=shard)
-            out.append(ChainCheck(shard, report.ok, report.verified, report.head_seq,
-                                  report.head_hash, report.detail))  # fmt: skip
-        return out
+            return ChainCheck(shard, report.ok, report.verified, report.head_seq,
+                              report.head_hash, report.detail)  # fmt: skip
+
+        return map_shards(check, shards or range(SHARD_COUNT))
 
     def inclusion(self, window_id: int, institution_id: str, payment_id: str) -> Proof:
         entries, holding = self.payment_history(institution_id, payment_id)

@@ -44,7 +44,7 @@ from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import connect_to_node
 from clearinghouse.switch.ports import LedgerStore, Seal, ShardWrite
 from clearinghouse.switch.records import SHARD_COUNT
-from clearinghouse.switch.shards import read_chain
+from clearinghouse.switch.shards import map_shards, read_chain
 from clearinghouse.topology import Topology
 
 MONITOR_INTERVAL_S = 1.0
@@ -189,8 +189,7 @@ def ledger_facts(ledger: LedgerStore) -> tuple[LedgerSummary | None, Counter[str
     chain does not verify (on a replica still catching up, that is what it looks like)."""
     once = _ReadOnce(ledger)
     decisions: Counter[str] = Counter()
-    for shard in range(SHARD_COUNT):
-        entries, _ = read_chain(once, shard)
+    for entries in map_shards(lambda shard: read_chain(once, shard)[0], range(SHARD_COUNT)):
         decisions.update(e.payment_key for e in entries if e.kind == KIND_DECISION)
     try:
         return read_ledger(once), decisions
