@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cassandra import OperationTimedOut
 
 from clearinghouse.storage import schema
 
@@ -41,14 +42,18 @@ class FakeSession:
     agrees: bool = True
     applied: list[tuple[int, str]] = field(default_factory=list)
     log: list[tuple[str, FakeHost | None]] = field(default_factory=list)
+    waits: list[float | None] = field(default_factory=list)
+    # How many statements starting so time out before one is answered.
+    timeouts: dict[str, int] = field(default_factory=dict)
 
     @property
     def cluster(self) -> Any:
         session = self
 
         class Control:
-            def wait_for_schema_agreement(self, wait_time: float) -> bool:
+            def wait_for_schema_agreement(self, wait_time: float | None = None) -> bool:
                 session.log.append((AGREE, None))
+                session.waits.append(wait_time)
                 return session.agrees
 
         class Cluster:
@@ -65,6 +70,10 @@ class FakeSession:
     def execute(self, query: Any, params: Any = None, **kw: Any) -> Rows:
         text = getattr(query, "query_string", query)
         self.log.append((text, kw.get("host")))
+        for prefix, left in self.timeouts.items():
+            if left and text.startswith(prefix):
+                self.timeouts[prefix] = left - 1
+                raise OperationTimedOut("a replica that died is not yet known dead")
         if text.startswith("SELECT version"):
             return Rows(type("R", (), {"version": v, "checksum": c})() for v, c in self.applied)
         return Rows()
@@ -96,6 +105,9 @@ def test_the_cluster_agrees_before_a_migration_is_recorded_or_its_tables_used() 
             assert AGREE in texts[last_ddl + 1 : i], t
     # One wait per migration and one for the migrations table: not one per statement.
     assert texts.count(AGREE) == 1 + len(schema.migrations())
+    # Each with its own bound: a session made for schema changes has the driver's set
+    # to 0, and without one the driver would not wait at all.
+    assert set(s.waits) == {schema.SCHEMA_AGREEMENT_TIMEOUT_S}
 
 
 def test_without_agreement_nothing_is_recorded() -> None:
@@ -125,3 +137,27 @@ def test_no_live_node_is_refused_before_anything_is_sent() -> None:
     with pytest.raises(schema.SchemaError, match="no live Cassandra node"):
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert s.log == []
+
+
+@pytest.fixture()
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schema, "RECORD_PAUSE_MIN_S", 0.0)
+    monkeypatch.setattr(schema, "RECORD_PAUSE_MAX_S", 0.0)
+
+
+def test_a_timed_out_migrations_read_or_record_is_tried_again(no_pause: None) -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], timeouts={"SELECT version": 2, "INSERT INTO": 1})
+    changed = schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert len(changed) == 1 + len(schema.migrations())
+    assert len([t for t, _ in s.log if t.startswith("SELECT version")]) == 3
+    records = [t for t, _ in s.log if t.startswith("INSERT INTO")]
+    assert len(records) == len(schema.migrations()) + 1  # the first one timed out once
+
+
+def test_retries_are_bounded_and_name_what_failed(no_pause: None) -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], timeouts={"SELECT version": 10**6})
+    with pytest.raises(schema.SchemaError, match="reading schema_migrations at QUORUM"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    reads = [t for t, _ in s.log if t.startswith("SELECT version")]
+    assert len(reads) == schema.RECORD_ATTEMPTS_MAX
+    assert not [t for t, _ in s.log if t.startswith("INSERT INTO")]

@@ -1339,16 +1339,37 @@ def test_map_shards_reads_several_shards_at_once_and_keeps_their_order() -> None
         return shard * 10
 
     todo = list(reversed(range(2 * width)))
-    assert shards.map_shards(read, todo) == [s * 10 for s in todo]
+    assert list(shards.map_shards(read, todo)) == [s * 10 for s in todo]
     assert peak == width
 
 
-def test_map_shards_raises_what_a_read_raised() -> None:
+def test_map_shards_holds_few_results_that_were_not_consumed() -> None:
+    width = shards.SHARD_READS_IN_FLIGHT
+    started: list[int] = []
+
     def read(shard: int) -> int:
-        if shard == 3:
-            raise InvariantViolation("shard 3: chain broken")
+        started.append(shard)
         return shard
 
+    results = shards.map_shards(read, range(128))
+    assert next(results) == 0
+    time.sleep(0.2)  # what the pool would start meanwhile, were it not bounded
+    assert len(started) <= width + 1
+    assert list(results) == list(range(1, 128))
+    assert sorted(started) == list(range(128))
+
+
+def test_map_shards_raises_the_first_failure_in_shard_order() -> None:
+    def read(shard: int) -> int:
+        if shard in (3, 6):
+            raise InvariantViolation(f"shard {shard}: chain broken")
+        if shard == 0:
+            time.sleep(0.2)  # the failures come in before the first result
+        return shard
+
+    got: list[int] = []
     with pytest.raises(InvariantViolation, match="shard 3"):
-        shards.map_shards(read, range(20))
-    assert shards.map_shards(read, [5]) == [5]
+        for r in shards.map_shards(read, range(20)):
+            got.append(r)
+    assert got == [0, 1, 2]
+    assert list(shards.map_shards(read, [5])) == [5]

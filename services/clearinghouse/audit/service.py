@@ -151,7 +151,7 @@ class AuditDomain:
             return ChainCheck(shard, report.ok, report.verified, report.head_seq,
                               report.head_hash, report.detail)  # fmt: skip
 
-        return map_shards(check, shards or range(SHARD_COUNT))
+        return list(map_shards(check, shards or range(SHARD_COUNT)))
 
     def inclusion(self, window_id: int, institution_id: str, payment_id: str) -> Proof:
         entries, holding = self.payment_history(institution_id, payment_id)

@@ -28,7 +28,7 @@ from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.security import pki
 from clearinghouse.storage import schema
-from clearinghouse.storage.session import REQUEST_TIMEOUT_S, connect_to_node
+from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.topology import Topology, Zone
 from clearinghouse.topology import default_path as default_topology_path
@@ -361,15 +361,10 @@ class LocalCluster:
         nodes = [n for n in self.cassandra_nodes(s) if procs.state(n.managed).alive]
         if not nodes:
             raise ClusterError("no Cassandra node is running")
-        # One coordinator, and no wait for agreement after each statement (storage.schema).
-        coordinator = nodes[0].zone
-        cl, session = connect_to_node(
-            coordinator.address,
-            coordinator.ports.cql,
-            consistency="QUORUM",
-            timeout_s=REQUEST_TIMEOUT_S,  # each schema change has its own, longer
-            for_schema_changes=True,
+        cfg = CassandraConfig.from_topology(
+            self.topo, nodes[0].dc, [n.zone.address for n in nodes], keyspace=None
         )
+        cl, session = connect(cfg, for_schema_changes=True)
         try:
             changed = schema.apply(
                 session,

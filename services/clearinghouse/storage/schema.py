@@ -11,9 +11,10 @@ cluster is waited on to agree once per migration (before the migration is record
 before anything reads or writes a table it created). A single coordinator applying
 changes in order cannot conflict with itself; changes made concurrently through
 different coordinators are what Cassandra 5.0 cannot reconcile safely. Any session
-works; one from ``connect_to_node(..., for_schema_changes=True)`` also skips the
-driver's own wait for agreement after each statement, which is most of the time a
-migration takes on a small machine.
+works; one from ``connect(cfg, for_schema_changes=True)`` also skips the driver's own
+wait for agreement after each statement, which was most of the time a migration took
+on a small machine. The wait covers the nodes the driver has not seen down: a session
+that connected only to some nodes would wait on the others' old versions until it timed out.
 """
 
 from __future__ import annotations
@@ -22,17 +23,33 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cassandra import ConsistencyLevel
 from cassandra.query import SimpleStatement
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from clearinghouse._invariant import invariant
+from clearinghouse.storage.retry import TRANSIENT
 
 CQL_DIR = Path(__file__).parent / "cql"
 DDL_TIMEOUT_S = 60.0
 SCHEMA_AGREEMENT_TIMEOUT_S = 120.0
+# The QUORUM read and write of schema_migrations, retried while a node that has just
+# died is not yet known dead (its replica is still asked, and does not answer).
+RECORD_ATTEMPTS_MAX = 6
+RECORD_RETRY_BUDGET_S = 90.0
+RECORD_PAUSE_MIN_S = 1.0
+RECORD_PAUSE_MAX_S = 15.0
+T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
 
@@ -103,15 +120,12 @@ def apply(
         "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
     )
     _agree(session, "the schema_migrations table")
-    applied = {
-        r.version: r.checksum
-        for r in session.execute(
-            SimpleStatement(
-                f"SELECT version, checksum FROM {keyspace}.schema_migrations",  # noqa: S608
-                consistency_level=ConsistencyLevel.QUORUM,
-            )
-        )
-    }
+    select = SimpleStatement(
+        f"SELECT version, checksum FROM {keyspace}.schema_migrations",  # noqa: S608
+        consistency_level=ConsistencyLevel.QUORUM,
+    )
+    rows = _retrying("reading schema_migrations", lambda: list(session.execute(select)))
+    applied = {r.version: r.checksum for r in rows}
     for m in migrations():
         if m.version in applied:
             if applied[m.version] != m.checksum:
@@ -125,16 +139,35 @@ def apply(
         for stmt in m.statements:
             _ddl(session, host, stmt)
         _agree(session, f"migration {m.version:03d}_{m.name}")
-        session.execute(
-            SimpleStatement(
-                f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
-                "VALUES (%s, %s, %s, toTimestamp(now()))",
-                consistency_level=ConsistencyLevel.QUORUM,
-            ),
-            (m.version, m.name, m.checksum),
+        insert = SimpleStatement(
+            f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
+            "VALUES (%s, %s, %s, toTimestamp(now()))",
+            consistency_level=ConsistencyLevel.QUORUM,
         )
+        values = (m.version, m.name, m.checksum)
+        _retrying(f"recording migration {m.version:03d}", partial(session.execute, insert, values))
         changed.append(f"applied migration {m.version:03d}_{m.name}")
     return changed
+
+
+def _retrying(what: str, fn: Callable[[], T]) -> T:
+    """``fn`` retried on the driver's transient errors, bounded in attempts and time."""
+    try:
+        for attempt in Retrying(
+            stop=stop_after_attempt(RECORD_ATTEMPTS_MAX) | stop_after_delay(RECORD_RETRY_BUDGET_S),
+            wait=wait_exponential(min=RECORD_PAUSE_MIN_S, max=RECORD_PAUSE_MAX_S),
+            retry=retry_if_exception_type(TRANSIENT),
+            reraise=True,
+        ):
+            with attempt:
+                return fn()
+    except TRANSIENT as e:
+        raise SchemaError(
+            f"Cassandra did not answer {what} at QUORUM after {RECORD_ATTEMPTS_MAX} attempts "
+            f"or {RECORD_RETRY_BUDGET_S:.0f}s ({type(e).__name__}); is a majority of the "
+            "nodes up? read each node's system.log"
+        ) from e
+    raise AssertionError("unreachable: Retrying either returns or raises")
 
 
 def _coordinator(session: Any) -> Any:

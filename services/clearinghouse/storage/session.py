@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
@@ -64,8 +63,14 @@ def consistency_level(name: str) -> int:
     return int(level)
 
 
-def connect(cfg: CassandraConfig) -> tuple[Cluster, Session]:
-    """Connect and return ``(cluster, session)``; the caller shuts the cluster down."""
+def connect(cfg: CassandraConfig, *, for_schema_changes: bool = False) -> tuple[Cluster, Session]:
+    """Connect and return ``(cluster, session)``; the caller shuts the cluster down.
+
+    ``for_schema_changes``: the driver neither waits for the cluster to agree after each
+    schema change nor refreshes its schema metadata; ``storage.schema`` waits itself,
+    once per migration. The session still connects to every node it can, so a node that
+    is down is known to be down and left out of that wait.
+    """
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(
             DCAwareRoundRobinPolicy(
@@ -83,7 +88,8 @@ def connect(cfg: CassandraConfig) -> tuple[Cluster, Session]:
         connect_timeout=cfg.connect_timeout_s,
         control_connection_timeout=cfg.connect_timeout_s,
         reconnection_policy=ConstantReconnectionPolicy(RECONNECT_DELAY_S, max_attempts=None),
-        max_schema_agreement_wait=SCHEMA_AGREEMENT_WAIT_S,
+        max_schema_agreement_wait=0 if for_schema_changes else SCHEMA_AGREEMENT_WAIT_S,
+        schema_metadata_enabled=not for_schema_changes,
     )
     session = cluster.connect(cfg.keyspace)
     return cluster, session
@@ -96,26 +102,16 @@ def connect_to_node(
     consistency: str = "LOCAL_ONE",
     keyspace: str | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
-    for_schema_changes: bool = False,
 ) -> tuple[Cluster, Session]:
     """A session that talks to one node only: what that node itself knows or stores.
 
     For operators and tests (is this city's replica caught up? does this node know every
     other?), never for the payment path, which must fall back to other cities.
-
-    ``for_schema_changes``: the session sends schema changes to this one coordinator and
-    does not wait for agreement after each (nor refresh the driver's schema metadata);
-    the caller waits for agreement itself where it needs it (``storage.schema``).
     """
     profile = ExecutionProfile(
         load_balancing_policy=WhiteListRoundRobinPolicy([address]),
         consistency_level=consistency_level(consistency),
         request_timeout=timeout_s,
-    )
-    schema_options: dict[str, Any] = (
-        {"max_schema_agreement_wait": 0, "schema_metadata_enabled": False}
-        if for_schema_changes
-        else {}
     )
     cluster = Cluster(
         [address],
@@ -124,7 +120,6 @@ def connect_to_node(
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=timeout_s,
         control_connection_timeout=timeout_s,
-        **schema_options,
     )
     try:
         return cluster, cluster.connect(keyspace)

@@ -33,9 +33,10 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import TypeVar
 
 from clearinghouse import telemetry
@@ -1034,19 +1035,29 @@ def _cap_exceeded(participant_id: str, currency: str, detail: str) -> Insufficie
 _T = TypeVar("_T")
 
 
-def map_shards(read: Callable[[int], _T], shards: Iterable[int]) -> list[_T]:
-    """``read(shard)`` for each shard, :data:`SHARD_READS_IN_FLIGHT` at a time; results in
-    the order given. The first read that raised raises here, once the reads already
-    started have ended.
+def map_shards(read: Callable[[int], _T], shards: Iterable[int]) -> Iterator[_T]:
+    """``read(shard)`` for each shard, in the order given, with at most
+    :data:`SHARD_READS_IN_FLIGHT` reads started and not yet consumed: a reader of the
+    whole ledger holds a few chains at a time, not all of them, and sees the shards'
+    results (and failures) in order. A read that raised raises here when its turn comes;
+    the reads started after it are cancelled or waited for.
 
     Reading the whole ledger is one chain per shard, each a few sequential queries: one
     after another, a clearing under load spent most of its time waiting on them."""
-    todo = list(shards)
-    if len(todo) <= 1:
-        return [read(s) for s in todo]
-    workers = min(SHARD_READS_IN_FLIGHT, len(todo))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-read") as pool:
-        return list(pool.map(read, todo))
+    todo = iter(shards)
+    with ThreadPoolExecutor(
+        max_workers=SHARD_READS_IN_FLIGHT, thread_name_prefix="shard-read"
+    ) as pool:
+        started = deque(pool.submit(read, s) for s in islice(todo, SHARD_READS_IN_FLIGHT))
+        try:
+            while started:
+                result = started.popleft().result()
+                for s in islice(todo, 1):
+                    started.append(pool.submit(read, s))
+                yield result
+        finally:
+            for f in started:
+                f.cancel()
 
 
 def read_chain(
