@@ -8,6 +8,7 @@ the decisions per participant and currency.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,20 +84,24 @@ def read_window(
         )
     by_shard: dict[int, list[LedgerEntry]] = {}
     intents: list[LedgerEntry] = []
-    chains = map_shards(lambda shard: read_chain(ledger, shard, verify=verify)[0],
-                        range(shard_count))  # fmt: skip
-    for shard, chain in enumerate(chains):
-        lo = prev[shard].seq if window_id > 1 else 0
-        cut = cuts[shard]
-        part = [e for e in chain if lo < e.seq <= cut.seq]
-        invariant(
-            bool(part) and (part[-1].entry_hash == cut.entry_hash or not verify),
-            f"shard {shard}: the chain does not hold window {window_id}'s recorded cut",
-        )
-        by_shard[shard] = part
-        inside = {e.payment_key for e in part if e.kind == KIND_INTENT}
-        wanted = {e.payment_key for e in part if e.kind == KIND_DECISION} - inside
-        intents += [e for e in chain if e.kind == KIND_INTENT and e.payment_key in wanted]
+
+    def read(shard: int) -> list[LedgerEntry]:
+        return read_chain(ledger, shard, verify=verify)[0]
+
+    # Closed on the way out: a window that does not verify stops the reads there.
+    with closing(map_shards(read, range(shard_count))) as chains:
+        for shard, chain in enumerate(chains):
+            lo = prev[shard].seq if window_id > 1 else 0
+            cut = cuts[shard]
+            part = [e for e in chain if lo < e.seq <= cut.seq]
+            invariant(
+                bool(part) and (part[-1].entry_hash == cut.entry_hash or not verify),
+                f"shard {shard}: the chain does not hold window {window_id}'s recorded cut",
+            )
+            by_shard[shard] = part
+            inside = {e.payment_key for e in part if e.kind == KIND_INTENT}
+            wanted = {e.payment_key for e in part if e.kind == KIND_DECISION} - inside
+            intents += [e for e in chain if e.kind == KIND_INTENT and e.payment_key in wanted]
     return WindowData(window_id, by_shard, intents)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from cassandra import OperationTimedOut
+from cassandra import InvalidRequest, OperationTimedOut
 
 from clearinghouse.storage import schema
 
@@ -45,6 +45,7 @@ class FakeSession:
     waits: list[float | None] = field(default_factory=list)
     # How many statements starting so time out before one is answered.
     timeouts: dict[str, int] = field(default_factory=dict)
+    refuse: str | None = None  # statements starting so fail for good
 
     @property
     def cluster(self) -> Any:
@@ -70,6 +71,8 @@ class FakeSession:
     def execute(self, query: Any, params: Any = None, **kw: Any) -> Rows:
         text = getattr(query, "query_string", query)
         self.log.append((text, kw.get("host")))
+        if self.refuse and text.startswith(self.refuse):
+            raise InvalidRequest("not a transient error")
         for prefix, left in self.timeouts.items():
             if left and text.startswith(prefix):
                 self.timeouts[prefix] = left - 1
@@ -94,17 +97,16 @@ def test_every_change_goes_to_the_first_live_node() -> None:
     assert len(changed) == 1 + len(schema.migrations())
 
 
-def test_the_cluster_agrees_before_a_migration_is_recorded_or_its_tables_used() -> None:
+def test_the_cluster_agrees_after_every_change_before_anything_else_is_sent() -> None:
     s = FakeSession([FakeHost("127.0.1.1")])
     schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
 
     texts = [t for t, _ in s.log]
-    for i, t in enumerate(texts):
-        if t.startswith(("INSERT INTO", "SELECT version")):
-            last_ddl = max(j for j in range(i) if texts[j].startswith(SCHEMA_CHANGES))
-            assert AGREE in texts[last_ddl + 1 : i], t
-    # One wait per migration and one for the migrations table: not one per statement.
-    assert texts.count(AGREE) == 1 + len(schema.migrations())
+    changes = [i for i, t in enumerate(texts) if t.startswith(SCHEMA_CHANGES)]
+    assert changes
+    for i in changes:
+        assert texts[i + 1] == AGREE, texts[i]
+    assert texts.count(AGREE) == len(changes)
     # Each with its own bound: a session made for schema changes has the driver's set
     # to 0, and without one the driver would not wait at all.
     assert set(s.waits) == {schema.SCHEMA_AGREEMENT_TIMEOUT_S}
@@ -161,3 +163,10 @@ def test_retries_are_bounded_and_name_what_failed(no_pause: None) -> None:
     reads = [t for t, _ in s.log if t.startswith("SELECT version")]
     assert len(reads) == schema.RECORD_ATTEMPTS_MAX
     assert not [t for t, _ in s.log if t.startswith("INSERT INTO")]
+
+
+def test_an_error_that_is_not_transient_is_not_tried_again(no_pause: None) -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], refuse="SELECT version")
+    with pytest.raises(InvalidRequest):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert len([t for t, _ in s.log if t.startswith("SELECT version")]) == 1

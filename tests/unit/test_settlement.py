@@ -219,6 +219,18 @@ def test_a_window_whose_start_is_not_recorded_is_not_read_from_the_chains_start(
         read_window(world.ledger, world.windows, 2)
 
 
+def test_a_window_that_does_not_verify_stops_its_reads_at_once(world: SettlementWorld) -> None:
+    world.pay(100)
+    world.close_window()
+    world.session.tables["window_cuts"][(1, 3)]["entry_hash"] = bytes(32)  # a forged cut
+    with pytest.raises(InvariantViolation, match="shard 3: the chain does not hold") as raised:
+        read_window(world.ledger, world.windows, 1)
+    # The error is still held (by `raised`, as a handler up the stack would hold it), and
+    # yet the reads of the shards after shard 3 are over, their threads gone.
+    assert raised.value is not None
+    assert not [t for t in threading.enumerate() if t.name.startswith("shard-read")]
+
+
 # -- the schedule -------------------------------------------------------------------------
 
 

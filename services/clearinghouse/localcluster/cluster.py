@@ -13,14 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cassandra import DriverException
-from cassandra.cluster import NoHostAvailable
+from cassandra.cluster import Cluster, NoHostAvailable, Session
 
 from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse.localcluster import cassandra, etcd, procs
@@ -358,7 +359,23 @@ class LocalCluster:
         s = spec or self.spec()
         if s is None:
             raise ClusterError("no cluster has been started here: run `clearingctl cluster up`")
-        nodes = [n for n in self.cassandra_nodes(s) if procs.state(n.managed).alive]
+        with self.schema_session(s) as (_, session):
+            changed = schema.apply(
+                session,
+                self.topo.keyspace.name,
+                cassandra.replication(self.topo, s.cassandra_nodes),
+                self.progress,
+            )
+        for line in changed:
+            self.progress(f"  schema: {line}")
+        return changed
+
+    @contextmanager
+    def schema_session(self, spec: Spec) -> Iterator[tuple[Cluster, Session]]:
+        """The session schema changes go through: to every running node (so that one that
+        is down is known down and left out of the wait for agreement), the driver's own
+        wait after each statement off (``storage.schema`` waits itself)."""
+        nodes = [n for n in self.cassandra_nodes(spec) if procs.state(n.managed).alive]
         if not nodes:
             raise ClusterError("no Cassandra node is running")
         cfg = CassandraConfig.from_topology(
@@ -366,17 +383,9 @@ class LocalCluster:
         )
         cl, session = connect(cfg, for_schema_changes=True)
         try:
-            changed = schema.apply(
-                session,
-                self.topo.keyspace.name,
-                cassandra.replication(self.topo, s.cassandra_nodes),
-                self.progress,
-            )
+            yield cl, session
         finally:
             cl.shutdown()
-        for line in changed:
-            self.progress(f"  schema: {line}")
-        return changed
 
     # -- kill / stop / start -----------------------------------------------------------
 

@@ -7,14 +7,14 @@ recorded with its checksum in ``schema_migrations`` so a changed file is refused
 than silently half-applied. Statements are ``IF NOT EXISTS``: re-running is harmless.
 
 Every schema change of a run goes to one coordinator, one after another, and the
-cluster is waited on to agree once per migration (before the migration is recorded and
-before anything reads or writes a table it created). A single coordinator applying
-changes in order cannot conflict with itself; changes made concurrently through
-different coordinators are what Cassandra 5.0 cannot reconcile safely. Any session
-works; one from ``connect(cfg, for_schema_changes=True)`` also skips the driver's own
-wait for agreement after each statement, which was most of the time a migration took
-on a small machine. The wait covers the nodes the driver has not seen down: a session
-that connected only to some nodes would wait on the others' old versions until it timed out.
+cluster is waited on to agree after each, before the next statement: changes made
+concurrently through different coordinators are what Cassandra 5.0 cannot reconcile
+safely. (Waiting once per migration instead was tried: a QUORUM read right after a
+migration then failed once with INCOMPATIBLE_SCHEMA although the driver had seen every
+node on the same schema version; see docs/PERFORMANCE.md.) The wait covers the nodes
+the driver has not seen down, so the session (``connect(cfg, for_schema_changes=True)``)
+connects to every running node: one that connected to a single node would wait on the
+others' old versions until it timed out.
 """
 
 from __future__ import annotations
@@ -119,7 +119,6 @@ def apply(
         f"CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations ("
         "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
     )
-    _agree(session, "the schema_migrations table")
     select = SimpleStatement(
         f"SELECT version, checksum FROM {keyspace}.schema_migrations",  # noqa: S608
         consistency_level=ConsistencyLevel.QUORUM,
@@ -138,7 +137,6 @@ def apply(
         session.set_keyspace(keyspace)
         for stmt in m.statements:
             _ddl(session, host, stmt)
-        _agree(session, f"migration {m.version:03d}_{m.name}")
         insert = SimpleStatement(
             f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
             "VALUES (%s, %s, %s, toTimestamp(now()))",
@@ -171,8 +169,8 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
 
 
 def _coordinator(session: Any) -> Any:
-    """The one node this run's schema changes go through: the first live node (by
-    address) the session holds connections to."""
+    """The one node this run's schema changes go through: of the live nodes the session
+    has a connection pool to, the one with the lowest address."""
     hosts = sorted((h for h in session.get_pool_state() if h.is_up), key=str)
     if not hosts:
         raise SchemaError("no live Cassandra node to send schema changes to")
@@ -180,11 +178,13 @@ def _coordinator(session: Any) -> Any:
 
 
 def _ddl(session: Any, host: Any, stmt: str) -> None:
+    """One schema change through ``host``; returns once every live node has it."""
     session.execute(
         SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
         timeout=DDL_TIMEOUT_S,
         host=host,
     )
+    _agree(session, stmt[:80])
 
 
 def _agree(session: Any, what: str) -> None:
@@ -193,5 +193,5 @@ def _agree(session: Any, what: str) -> None:
     if not control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S):
         raise SchemaError(
             f"Cassandra nodes did not agree on the schema within "
-            f"{SCHEMA_AGREEMENT_TIMEOUT_S:.0f}s after {what}; read each node's system.log"
+            f"{SCHEMA_AGREEMENT_TIMEOUT_S:.0f}s after: {what}; read each node's system.log"
         )

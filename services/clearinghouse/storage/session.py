@@ -68,7 +68,7 @@ def connect(cfg: CassandraConfig, *, for_schema_changes: bool = False) -> tuple[
 
     ``for_schema_changes``: the driver neither waits for the cluster to agree after each
     schema change nor refreshes its schema metadata; ``storage.schema`` waits itself,
-    once per migration. The session still connects to every node it can, so a node that
+    with its own bound. The session still connects to every node it can, so a node that
     is down is known to be down and left out of that wait.
     """
     profile = ExecutionProfile(

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -1035,12 +1035,13 @@ def _cap_exceeded(participant_id: str, currency: str, detail: str) -> Insufficie
 _T = TypeVar("_T")
 
 
-def map_shards(read: Callable[[int], _T], shards: Iterable[int]) -> Iterator[_T]:
+def map_shards(read: Callable[[int], _T], shards: Iterable[int]) -> Generator[_T, None, None]:
     """``read(shard)`` for each shard, in the order given, with at most
     :data:`SHARD_READS_IN_FLIGHT` reads started and not yet consumed: a reader of the
     whole ledger holds a few chains at a time, not all of them, and sees the shards'
-    results (and failures) in order. A read that raised raises here when its turn comes;
-    the reads started after it are cancelled or waited for.
+    results (and failures) in order. A read that raised raises here when its turn comes,
+    once the few reads started after it have ended. A caller that may stop before the
+    end closes the generator (``contextlib.closing``), so that its reads end there too.
 
     Reading the whole ledger is one chain per shard, each a few sequential queries: one
     after another, a clearing under load spent most of its time waiting on them."""
@@ -1049,15 +1050,11 @@ def map_shards(read: Callable[[int], _T], shards: Iterable[int]) -> Iterator[_T]
         max_workers=SHARD_READS_IN_FLIGHT, thread_name_prefix="shard-read"
     ) as pool:
         started = deque(pool.submit(read, s) for s in islice(todo, SHARD_READS_IN_FLIGHT))
-        try:
-            while started:
-                result = started.popleft().result()
-                for s in islice(todo, 1):
-                    started.append(pool.submit(read, s))
-                yield result
-        finally:
-            for f in started:
-                f.cancel()
+        while started:
+            result = started.popleft().result()
+            for s in islice(todo, 1):
+                started.append(pool.submit(read, s))
+            yield result
 
 
 def read_chain(
