@@ -46,6 +46,7 @@ class FakeSession:
     # How many statements starting so time out before one is answered.
     timeouts: dict[str, int] = field(default_factory=dict)
     refuse: str | None = None  # statements starting so fail for good
+    moves_after: int | None = None  # the control connection moves after this many changes
 
     @property
     def cluster(self) -> Any:
@@ -60,7 +61,17 @@ class FakeSession:
         class Cluster:
             control_connection = Control()
 
+            def get_control_connection_host(self) -> FakeHost | None:
+                return session.control_host()
+
         return Cluster()
+
+    def control_host(self) -> FakeHost | None:
+        """The control connection's node: the first host, or the next one after
+        ``moves_after`` schema changes were sent."""
+        sent = len(self.ddl())
+        index = 1 if self.moves_after is not None and sent > self.moves_after else 0
+        return self.hosts[index] if len(self.hosts) > index else None
 
     def get_pool_state(self) -> dict[FakeHost, object]:
         return {h: {} for h in self.hosts}
@@ -85,16 +96,25 @@ class FakeSession:
         return [(t, h) for t, h in self.log if t.startswith(SCHEMA_CHANGES)]
 
 
-def test_every_change_goes_to_the_first_live_node() -> None:
-    hosts = [FakeHost("127.0.3.1"), FakeHost("127.0.1.1", is_up=False), FakeHost("127.0.2.1")]
+def test_every_change_goes_to_the_node_the_driver_asks_about_agreement() -> None:
+    hosts = [FakeHost("127.0.3.1"), FakeHost("127.0.1.1"), FakeHost("127.0.2.1")]
     s = FakeSession(hosts)
     changed = schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
 
     ddl = s.ddl()
     assert len(ddl) == 2 + sum(len(m.statements) for m in schema.migrations())
-    assert {h for _, h in ddl} == {FakeHost("127.0.2.1")}
+    # The control connection's node (the first here), not the lowest address.
+    assert {h for _, h in ddl} == {FakeHost("127.0.3.1")}
     assert changed[0].startswith("created keyspace")
     assert len(changed) == 1 + len(schema.migrations())
+
+
+def test_a_control_connection_that_moves_stops_the_run() -> None:
+    s = FakeSession([FakeHost("127.0.1.1"), FakeHost("127.0.2.1")], moves_after=3)
+    with pytest.raises(schema.SchemaError, match="control connection moved off"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert len(s.ddl()) == 4  # the fourth change was not waited on as if agreed
+    assert not [t for t, _ in s.log if t.startswith("INSERT INTO")][3:]
 
 
 def test_the_cluster_agrees_after_every_change_before_anything_else_is_sent() -> None:
@@ -135,7 +155,7 @@ def test_applied_migrations_are_skipped_and_a_changed_one_is_refused() -> None:
 
 
 def test_no_live_node_is_refused_before_anything_is_sent() -> None:
-    s = FakeSession([FakeHost("127.0.1.1", is_up=False)])
+    s = FakeSession([FakeHost("127.0.1.1", is_up=False), FakeHost("127.0.2.1")])
     with pytest.raises(schema.SchemaError, match="no live Cassandra node"):
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert s.log == []

@@ -6,15 +6,14 @@ replicas per city as that city runs Cassandra nodes. Tables come from the number
 recorded with its checksum in ``schema_migrations`` so a changed file is refused rather
 than silently half-applied. Statements are ``IF NOT EXISTS``: re-running is harmless.
 
-Every schema change of a run goes to one coordinator, one after another, and the
-cluster is waited on to agree after each, before the next statement: changes made
-concurrently through different coordinators are what Cassandra 5.0 cannot reconcile
-safely. (Waiting once per migration instead was tried: a QUORUM read right after a
-migration then failed once with INCOMPATIBLE_SCHEMA although the driver had seen every
-node on the same schema version; see docs/PERFORMANCE.md.) The wait covers the nodes
-the driver has not seen down, so the session (``connect(cfg, for_schema_changes=True)``)
-connects to every running node: one that connected to a single node would wait on the
-others' old versions until it timed out.
+Every schema change of a run goes to one coordinator, the node of the driver's control
+connection, one after another, and the cluster is waited on to agree after each, before
+the next statement: changes made concurrently through different coordinators are what
+Cassandra 5.0 cannot reconcile safely, and the driver judges agreement from the control
+connection's node, so that node must be the one that has the change first. The wait
+covers the nodes the driver has not seen down, so the session
+(``connect(cfg, for_schema_changes=True)``) connects to every running node: one that
+connected to a single node would wait on the others' old versions until it timed out.
 """
 
 from __future__ import annotations
@@ -169,12 +168,15 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
 
 
 def _coordinator(session: Any) -> Any:
-    """The one node this run's schema changes go through: of the live nodes the session
-    has a connection pool to, the one with the lowest address."""
-    hosts = sorted((h for h in session.get_pool_state() if h.is_up), key=str)
-    if not hosts:
+    """The one node this run's schema changes go through: the node of the driver's
+    control connection, because that is where the driver asks whether the cluster agrees.
+    Asked on another node, which may not have the change yet, "every node has the same
+    version" can be true of the version before it (a QUORUM read then failed with
+    INCOMPATIBLE_SCHEMA, the table being on some nodes only)."""
+    host = session.cluster.get_control_connection_host()
+    if host is None or not host.is_up:
         raise SchemaError("no live Cassandra node to send schema changes to")
-    return hosts[0]
+    return host
 
 
 def _ddl(session: Any, host: Any, stmt: str) -> None:
@@ -184,11 +186,17 @@ def _ddl(session: Any, host: Any, stmt: str) -> None:
         timeout=DDL_TIMEOUT_S,
         host=host,
     )
-    _agree(session, stmt[:80])
+    _agree(session, host, stmt[:80])
 
 
-def _agree(session: Any, what: str) -> None:
-    """Wait until every live node reports the same schema version."""
+def _agree(session: Any, host: Any, what: str) -> None:
+    """Wait until every live node reports the schema version ``host`` (the coordinator
+    of the changes, where the driver asks) has."""
+    if session.cluster.get_control_connection_host() != host:
+        raise SchemaError(
+            f"the driver's control connection moved off {host} (the node the schema changes "
+            f"go through) after: {what}; apply the schema again"
+        )
     control = session.cluster.control_connection
     if not control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S):
         raise SchemaError(
