@@ -9,6 +9,7 @@ retried too, because its outcome is read back and compared (see ``payments.begin
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
@@ -36,18 +37,31 @@ TRANSIENT = (OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable, NoHostAv
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class RetryBounds:
+    attempts_max: int
+    budget_s: float
+    backoff_min_s: float
+    backoff_max_s: float
+
+
+# The payment path's: a client waits on it.
+STORAGE_RETRIES = RetryBounds(
+    STORAGE_ATTEMPTS_MAX, STORAGE_RETRY_BUDGET_S, STORAGE_BACKOFF_MIN_S, STORAGE_BACKOFF_MAX_S
+)
+
+
 def _count_retry(state: RetryCallState) -> None:
     err = state.outcome.exception() if state.outcome is not None else None
     telemetry.metrics.retry(f"cassandra.{type(err).__name__}")
 
 
-def with_retries(what: str, fn: Callable[[], T]) -> T:
+def with_retries(what: str, fn: Callable[[], T], bounds: RetryBounds = STORAGE_RETRIES) -> T:
     """Run ``fn`` with bounded retries; exhausted transient errors become Unavailable."""
     try:
         for attempt in Retrying(
-            stop=stop_after_attempt(STORAGE_ATTEMPTS_MAX)
-            | stop_after_delay(STORAGE_RETRY_BUDGET_S),
-            wait=wait_exponential(min=STORAGE_BACKOFF_MIN_S, max=STORAGE_BACKOFF_MAX_S),
+            stop=stop_after_attempt(bounds.attempts_max) | stop_after_delay(bounds.budget_s),
+            wait=wait_exponential(min=bounds.backoff_min_s, max=bounds.backoff_max_s),
             retry=retry_if_exception_type(TRANSIENT),
             before_sleep=_count_retry,
             reraise=True,

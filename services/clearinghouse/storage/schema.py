@@ -28,26 +28,17 @@ from typing import Any, TypeVar
 
 from cassandra import ConsistencyLevel
 from cassandra.query import SimpleStatement
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from clearinghouse._invariant import invariant
-from clearinghouse.storage.retry import TRANSIENT
+from clearinghouse.domain import Unavailable as DomainUnavailable
+from clearinghouse.storage.retry import RetryBounds, with_retries
 
 CQL_DIR = Path(__file__).parent / "cql"
 DDL_TIMEOUT_S = 60.0
 SCHEMA_AGREEMENT_TIMEOUT_S = 120.0
 # The QUORUM read and write of schema_migrations, retried while a node that has just
 # died is not yet known dead (its replica is still asked, and does not answer).
-RECORD_ATTEMPTS_MAX = 6
-RECORD_RETRY_BUDGET_S = 90.0
-RECORD_PAUSE_MIN_S = 1.0
-RECORD_PAUSE_MAX_S = 15.0
+RECORD_RETRIES = RetryBounds(attempts_max=6, budget_s=90.0, backoff_min_s=1.0, backoff_max_s=15.0)
 T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
@@ -148,23 +139,15 @@ def apply(
 
 
 def _retrying(what: str, fn: Callable[[], T]) -> T:
-    """``fn`` retried on the driver's transient errors, bounded in attempts and time."""
+    """``fn`` with the schema's retry bounds; exhausted, a SchemaError naming ``what``."""
     try:
-        for attempt in Retrying(
-            stop=stop_after_attempt(RECORD_ATTEMPTS_MAX) | stop_after_delay(RECORD_RETRY_BUDGET_S),
-            wait=wait_exponential(min=RECORD_PAUSE_MIN_S, max=RECORD_PAUSE_MAX_S),
-            retry=retry_if_exception_type(TRANSIENT),
-            reraise=True,
-        ):
-            with attempt:
-                return fn()
-    except TRANSIENT as e:
+        return with_retries(what, fn, RECORD_RETRIES)
+    except DomainUnavailable as e:
         raise SchemaError(
-            f"Cassandra did not answer {what} at QUORUM after {RECORD_ATTEMPTS_MAX} attempts "
-            f"or {RECORD_RETRY_BUDGET_S:.0f}s ({type(e).__name__}); is a majority of the "
-            "nodes up? read each node's system.log"
+            f"Cassandra did not answer {what} at QUORUM within {RECORD_RETRIES.attempts_max} "
+            f"attempts or {RECORD_RETRIES.budget_s:.0f}s ({e}); is a majority of the nodes "
+            "up? read each node's system.log"
         ) from e
-    raise AssertionError("unreachable: Retrying either returns or raises")
 
 
 def _coordinator(session: Any) -> Any:
