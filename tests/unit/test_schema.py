@@ -6,11 +6,14 @@ sent to, and each wait for agreement, in one sequence.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 from cassandra import InvalidRequest, OperationTimedOut
+from cassandra.cluster import NoHostAvailable
 
 from clearinghouse.storage import schema
 
@@ -47,6 +50,9 @@ class FakeSession:
     timeouts: dict[str, int] = field(default_factory=dict)
     refuse: str | None = None  # statements starting so fail for good
     moves_after: int | None = None  # the control connection moves after this many changes
+    pool_after_polls: int = 0  # pools asked about before the first one is open
+    unreachable_after: int | None = None  # changes taken before the coordinator goes dark
+    polls: int = 0
 
     @property
     def cluster(self) -> Any:
@@ -74,13 +80,20 @@ class FakeSession:
         return self.hosts[index] if len(self.hosts) > index else None
 
     def get_pool_state(self) -> dict[FakeHost, object]:
-        return {h: {} for h in self.hosts}
+        self.polls += 1
+        return {h: {} for h in self.hosts} if self.polls > self.pool_after_polls else {}
 
     def set_keyspace(self, keyspace: str) -> None:
         assert keyspace == KEYSPACE
 
     def execute(self, query: Any, params: Any = None, **kw: Any) -> Rows:
         text = getattr(query, "query_string", query)
+        if (
+            self.unreachable_after is not None
+            and text.startswith(SCHEMA_CHANGES)
+            and len(self.ddl()) >= self.unreachable_after
+        ):
+            raise NoHostAvailable("Unable to complete the operation", {kw.get("host"): "down"})
         self.log.append((text, kw.get("host")))
         if self.refuse and text.startswith(self.refuse):
             raise InvalidRequest("not a transient error")
@@ -90,6 +103,9 @@ class FakeSession:
                 raise OperationTimedOut("a replica that died is not yet known dead")
         if text.startswith("SELECT version"):
             return Rows(type("R", (), {"version": v, "checksum": c})() for v, c in self.applied)
+        if text.startswith("INSERT INTO"):
+            version, _name, checksum = params
+            self.applied.append((version, checksum))
         return Rows()
 
     def ddl(self) -> list[tuple[str, FakeHost | None]]:
@@ -127,7 +143,9 @@ def test_the_cluster_agrees_after_every_change_before_anything_else_is_sent() ->
     assert changes
     for i in changes:
         assert texts[i + 1] == AGREE, texts[i]
-    assert texts.count(AGREE) == len(changes)
+    # And once before the first: a previous run's last change may still be spreading.
+    assert texts.index(AGREE) < changes[0]
+    assert texts.count(AGREE) == len(changes) + 1
     # Each with its own bound: a session made for schema changes has the driver's set
     # to 0, and without one the driver would not wait at all.
     assert set(s.waits) == {schema.SCHEMA_AGREEMENT_TIMEOUT_S}
@@ -155,11 +173,112 @@ def test_applied_migrations_are_skipped_and_a_changed_one_is_refused() -> None:
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
 
 
-def test_no_live_node_is_refused_before_anything_is_sent() -> None:
+@pytest.fixture()
+def short_coordinator_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schema, "COORDINATOR_WAIT_S", 0.2)
+    monkeypatch.setattr(schema, "COORDINATOR_POLL_S", 0.01)
+
+
+def test_no_live_node_is_refused_before_anything_is_sent(short_coordinator_wait: None) -> None:
     s = FakeSession([FakeHost("127.0.1.1", is_up=False), FakeHost("127.0.2.1")])
-    with pytest.raises(schema.SchemaError, match="no live Cassandra node"):
+    with pytest.raises(
+        schema.CoordinatorLost, match=r"no live Cassandra node.*127\.0\.1\.1:9042 \(down"
+    ):
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert s.log == []
+
+
+def test_a_pool_still_opening_is_waited_for_before_the_first_change(
+    short_coordinator_wait: None,
+) -> None:
+    # CI once sent the first change while only another node's pool was open: the driver
+    # answered NoHostAvailable ("Host has been marked down or removed") at once.
+    s = FakeSession([FakeHost("127.0.3.1"), FakeHost("127.0.1.1")], pool_after_polls=3)
+    changed = schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert s.polls == 4
+    assert len(changed) == 1 + len(schema.migrations())
+    assert {h for _, h in s.ddl()} == {FakeHost("127.0.3.1")}
+
+
+def test_a_pool_that_never_opens_is_given_up_within_the_bound(
+    short_coordinator_wait: None,
+) -> None:
+    s = FakeSession([FakeHost("127.0.3.1")], pool_after_polls=10**6)
+    with pytest.raises(schema.CoordinatorLost, match=r"127.0.3.1:9042 \(up, no pool\)"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert s.log == []
+    # Polled for the bound, not once and not forever.
+    assert 5 <= s.polls <= 1 + schema.COORDINATOR_WAIT_S / schema.COORDINATOR_POLL_S
+
+
+def test_a_coordinator_that_stops_answering_loses_the_run() -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], unreachable_after=3)
+    with pytest.raises(schema.CoordinatorLost, match="did not take: CREATE"):
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert len(s.ddl()) == 3
+    assert len(s.applied) == 1  # migration 001 only, recorded before the fourth change
+
+
+class Sessions:
+    """Fresh fake sessions over one shared store of recorded migrations."""
+
+    def __init__(self, *sessions: FakeSession) -> None:
+        self.queue = list(sessions)
+        self.opened: list[FakeSession] = []
+        self.closed = 0
+
+    @contextmanager
+    def __call__(self) -> Iterator[FakeSession]:
+        s = self.queue.pop(0)
+        self.opened.append(s)
+        try:
+            yield s
+        finally:
+            self.closed += 1
+
+
+def test_a_run_that_loses_its_coordinator_is_finished_on_a_new_session() -> None:
+    applied: list[tuple[int, str]] = []
+    hosts = [FakeHost("127.0.1.1"), FakeHost("127.0.2.1")]
+    sessions = Sessions(
+        FakeSession(hosts, applied=applied, moves_after=3),
+        FakeSession(list(reversed(hosts)), applied=applied),
+    )
+    lines: list[str] = []
+    changed = schema.apply_with_fresh_sessions(sessions, KEYSPACE, REPLICATION, lines.append)
+
+    assert sessions.closed == 2
+    first, second = sessions.opened
+    assert [v for v, _ in applied] == [m.version for m in schema.migrations()]
+    # Each migration applied and reported once: the second run skipped what the first
+    # had recorded, and waited for agreement before its first change.
+    assert [c for c in changed if c.startswith("applied")] == [
+        f"applied migration {m.version:03d}_{m.name}" for m in schema.migrations()
+    ]
+    assert len(first.ddl()) == 4  # the run lost after its fourth change
+    assert [t for t, _ in second.log].index(AGREE) < [t for t, _ in second.log].index(
+        second.ddl()[0][0]
+    )
+    assert {h for _, h in second.ddl()} == {FakeHost("127.0.2.1")}
+    assert any("again on a new session (run 2/3)" in line for line in lines)
+
+
+def test_runs_on_new_sessions_are_bounded() -> None:
+    sessions = Sessions(
+        *(FakeSession([FakeHost("127.0.1.1")], unreachable_after=0) for _ in range(5))
+    )
+    with pytest.raises(schema.SchemaError, match=r"\(3 runs, each on a new session\)"):
+        schema.apply_with_fresh_sessions(sessions, KEYSPACE, REPLICATION, lambda _: None)
+    assert len(sessions.opened) == schema.SCHEMA_RUNS_MAX == 3
+    assert sessions.closed == 3
+
+
+def test_a_cluster_that_does_not_agree_is_not_run_again() -> None:
+    sessions = Sessions(FakeSession([FakeHost("127.0.1.1")], agrees=False))
+    with pytest.raises(schema.SchemaError, match="did not agree") as raised:
+        schema.apply_with_fresh_sessions(sessions, KEYSPACE, REPLICATION, lambda _: None)
+    assert not isinstance(raised.value, schema.CoordinatorLost)
+    assert len(sessions.opened) == 1
 
 
 @pytest.fixture()

@@ -359,13 +359,18 @@ class LocalCluster:
         s = spec or self.spec()
         if s is None:
             raise ClusterError("no cluster has been started here: run `clearingctl cluster up`")
-        with self.schema_session(s) as (_, session):
-            changed = schema.apply(
-                session,
-                self.topo.keyspace.name,
-                cassandra.replication(self.topo, s.cassandra_nodes),
-                self.progress,
-            )
+
+        @contextmanager
+        def sessions() -> Iterator[Session]:
+            with self.schema_session(s) as (_, session):
+                yield session
+
+        changed = schema.apply_with_fresh_sessions(
+            sessions,
+            self.topo.keyspace.name,
+            cassandra.replication(self.topo, s.cassandra_nodes),
+            self.progress,
+        )
         for line in changed:
             self.progress(f"  schema: {line}")
         return changed

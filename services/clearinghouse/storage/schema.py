@@ -14,19 +14,27 @@ connection's node, so that node must be the one that has the change first. The w
 covers the nodes the driver has not seen down, so the session
 (``connect(cfg, for_schema_changes=True)``) connects to every running node: one that
 connected to a single node would wait on the others' old versions until it timed out.
+
+A run that loses its coordinator (the control connection moves, or the node stops
+answering) stops with ``CoordinatorLost``; ``apply_with_fresh_sessions`` starts it again on
+a new session, a bounded number of times. Every run first waits for the cluster to agree,
+so a change the lost coordinator had made is everywhere before anything is sent again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cassandra import ConsistencyLevel
+from cassandra.cluster import NoHostAvailable
 from cassandra.query import SimpleStatement
 
 from clearinghouse._invariant import invariant
@@ -36,6 +44,13 @@ from clearinghouse.storage.retry import RetryBounds, with_retries
 CQL_DIR = Path(__file__).parent / "cql"
 DDL_TIMEOUT_S = 60.0
 SCHEMA_AGREEMENT_TIMEOUT_S = 120.0
+# How long a run waits for its coordinator: the driver's control-connection node, up and
+# with a connection pool in the session (pools other than the first are still being
+# opened when ``Cluster.connect`` returns, unless it was told to wait for all of them).
+COORDINATOR_WAIT_S = 30.0
+COORDINATOR_POLL_S = 0.25
+# Runs of ``apply`` on fresh sessions when one loses its coordinator.
+SCHEMA_RUNS_MAX = 3
 # The QUORUM read and write of schema_migrations, retried while a node that has just
 # died is not yet known dead (its replica is still asked, and does not answer).
 RECORD_RETRIES = RetryBounds(attempts_max=6, budget_s=90.0, backoff_min_s=1.0, backoff_max_s=15.0)
@@ -45,6 +60,11 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
 class SchemaError(RuntimeError):
     pass
+
+
+class CoordinatorLost(SchemaError):
+    """The node this run's changes go through moved or stopped answering: nothing is
+    wrong with the schema, and a run on a new session may finish it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +105,15 @@ def apply(
     keyspace: str,
     replication: Mapping[str, int],
     progress: Callable[[str], None] = print,
+    changed: list[str] | None = None,
 ) -> list[str]:
-    """Create or align the keyspace, then apply pending migrations. Returns what changed."""
-    changed: list[str] = []
+    """Create or align the keyspace, then apply pending migrations. Returns what changed,
+    appended to ``changed`` if given (as it happens: a run that raises has its changes
+    there)."""
+    changed = [] if changed is None else changed
     host = _coordinator(session)
+    # A previous run's last change may still be on its way from another coordinator.
+    _agree(session, host, "before the first change of this run")
     # The keyspace name is checked against _NAME in keyspace_cql before any CQL uses it.
     repl = keyspace_cql(keyspace, replication)
     row = session.execute(
@@ -150,25 +175,63 @@ def _retrying(what: str, fn: Callable[[], T]) -> T:
         ) from e
 
 
+def apply_with_fresh_sessions(
+    sessions: Callable[[], AbstractContextManager[Any]],
+    keyspace: str,
+    replication: Mapping[str, int],
+    progress: Callable[[str], None] = print,
+) -> list[str]:
+    """``apply`` on a session from ``sessions()``, on a new one if a run loses its
+    coordinator, at most ``SCHEMA_RUNS_MAX`` runs. Returns what every run changed."""
+    changed: list[str] = []
+    for run in range(1, SCHEMA_RUNS_MAX + 1):
+        try:
+            with sessions() as session:
+                return apply(session, keyspace, replication, progress, changed)
+        except CoordinatorLost as e:
+            if run == SCHEMA_RUNS_MAX:
+                raise SchemaError(f"{e} ({SCHEMA_RUNS_MAX} runs, each on a new session)") from e
+            progress(f"  schema: {e}; again on a new session (run {run + 1}/{SCHEMA_RUNS_MAX})")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _coordinator(session: Any) -> Any:
     """The one node this run's schema changes go through: the node of the driver's
     control connection, because that is where the driver asks whether the cluster agrees.
     Asked on another node, which may not have the change yet, "every node has the same
     version" can be true of the version before it (a QUORUM read then failed with
-    INCOMPATIBLE_SCHEMA, the table being on some nodes only)."""
-    host = session.cluster.get_control_connection_host()
-    if host is None or not host.is_up:
-        raise SchemaError("no live Cassandra node to send schema changes to")
-    return host
+    INCOMPATIBLE_SCHEMA, the table being on some nodes only).
+
+    Waited for, at most ``COORDINATOR_WAIT_S``, until it is up and the session has a
+    connection pool to it: a statement sent to a node without one fails at once
+    ("Host has been marked down or removed")."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while True:
+        host = session.cluster.get_control_connection_host()
+        if host is not None and host.is_up and host in session.get_pool_state():
+            return host
+        if time.monotonic() >= deadline:
+            seen = "none" if host is None else f"{host} ({'up' if host.is_up else 'down'}, no pool)"
+            raise CoordinatorLost(
+                f"no live Cassandra node to send schema changes to within "
+                f"{COORDINATOR_WAIT_S:.0f}s (control connection: {seen}); read each node's "
+                "system.log"
+            )
+        time.sleep(COORDINATOR_POLL_S)
 
 
 def _ddl(session: Any, host: Any, stmt: str) -> None:
     """One schema change through ``host``; returns once every live node has it."""
-    session.execute(
-        SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
-        timeout=DDL_TIMEOUT_S,
-        host=host,
-    )
+    try:
+        session.execute(
+            SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
+            timeout=DDL_TIMEOUT_S,
+            host=host,
+        )
+    except NoHostAvailable as e:
+        raise CoordinatorLost(
+            f"{host}, the node the schema changes go through, did not take: {stmt[:80]} ({e})"
+        ) from e
     _agree(session, host, stmt[:80])
 
 
@@ -176,9 +239,9 @@ def _agree(session: Any, host: Any, what: str) -> None:
     """Wait until every live node reports the schema version ``host`` (the coordinator
     of the changes, where the driver asks) has."""
     if session.cluster.get_control_connection_host() != host:
-        raise SchemaError(
+        raise CoordinatorLost(
             f"the driver's control connection moved off {host} (the node the schema changes "
-            f"go through) after: {what}; apply the schema again"
+            f"go through) after: {what}"
         )
     control = session.cluster.control_connection
     if not control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S):

@@ -69,7 +69,8 @@ def connect(cfg: CassandraConfig, *, for_schema_changes: bool = False) -> tuple[
     ``for_schema_changes``: the driver neither waits for the cluster to agree after each
     schema change nor refreshes its schema metadata; ``storage.schema`` waits itself,
     with its own bound. The session still connects to every node it can, so a node that
-    is down is known to be down and left out of that wait.
+    is down is known to be down and left out of that wait, and returns once every pool
+    has been opened or has failed.
     """
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(
@@ -91,7 +92,9 @@ def connect(cfg: CassandraConfig, *, for_schema_changes: bool = False) -> tuple[
         max_schema_agreement_wait=0 if for_schema_changes else SCHEMA_AGREEMENT_WAIT_S,
         schema_metadata_enabled=not for_schema_changes,
     )
-    session = cluster.connect(cfg.keyspace)
+    # Schema changes are sent to one chosen node, which needs a pool of its own: by
+    # default connect returns once the first pool is open, the others still opening.
+    session = cluster.connect(cfg.keyspace, wait_for_all_pools=for_schema_changes)
     return cluster, session
 
 
