@@ -30,8 +30,24 @@ class FakeHost:
     address: str
     is_up: bool = True
 
-    def __str__(self) -> str:
+    @property
+    def endpoint(self) -> str:
         return f"{self.address}:9042"
+
+    def __str__(self) -> str:
+        return self.endpoint
+
+
+class FakeFuture:
+    def __init__(self, run: Any, sent: bool) -> None:
+        self.run = run
+        self.attempted_hosts: list[Any] = []
+        self.sent = sent
+
+    def result(self) -> Any:
+        if self.sent:
+            self.attempted_hosts.append("the coordinator")
+        return self.run()
 
 
 class Rows(list[Any]):
@@ -52,6 +68,11 @@ class FakeSession:
     moves_after: int | None = None  # the control connection moves after this many changes
     pool_after_polls: int = 0  # pools asked about before the first one is open
     unreachable_after: int | None = None  # changes taken before the coordinator goes dark
+    # Changes taken before one is taken and not answered in time, or (``lost_after_sent``)
+    # taken and then the connection fails (NoHostAvailable after the driver tried it).
+    silent_after: int | None = None
+    lost_after_sent: bool = False
+    down: frozenset[str] = frozenset()  # endpoints the session's metadata has down
     polls: int = 0
 
     @property
@@ -64,8 +85,16 @@ class FakeSession:
                 session.waits.append(wait_time)
                 return session.agrees
 
+        class Metadata:
+            def get_host(self, endpoint: str) -> FakeHost | None:
+                known = {h.endpoint: h for h in session.hosts}
+                if endpoint not in known:
+                    return None
+                return replace(known[endpoint], is_up=endpoint not in session.down)
+
         class Cluster:
             control_connection = Control()
+            metadata = Metadata()
 
             def get_control_connection_host(self) -> FakeHost | None:
                 return session.control_host()
@@ -79,22 +108,52 @@ class FakeSession:
         index = 1 if self.moves_after is not None and sent > self.moves_after else 0
         return self.hosts[index] if len(self.hosts) > index else None
 
-    def get_pool_state(self) -> dict[FakeHost, object]:
+    def get_pool_state(self) -> dict[FakeHost, dict[str, Any]]:
         self.polls += 1
-        return {h: {} for h in self.hosts} if self.polls > self.pool_after_polls else {}
+        return self.pools()
+
+    def pools(self) -> dict[FakeHost, dict[str, Any]]:
+        if self.polls <= self.pool_after_polls:
+            return {}
+        return {h: {"shutdown": False, "open_count": 1} for h in self.hosts}
+
+    def execute_async(self, query: Any, params: Any = None, **kw: Any) -> FakeFuture:
+        text = getattr(query, "query_string", query)
+        sent_before = len(self.ddl())
+        if self.silent_after is not None and sent_before >= self.silent_after:
+            self.log.append((text, kw.get("host")))
+            if self.lost_after_sent:
+                error: Exception = NoHostAvailable("Unable to complete", {kw.get("host"): "gone"})
+            else:
+                error = OperationTimedOut("no answer")
+
+            def fail() -> Any:
+                raise error
+
+            return FakeFuture(fail, sent=True)
+        host = kw.get("host")
+        reachable = host in self.pools() and (
+            self.unreachable_after is None or sent_before < self.unreachable_after
+        )
+        # The driver sends nothing to a node it has no connection to.
+        return FakeFuture(lambda: self.execute(query, params, **kw), sent=reachable)
 
     def set_keyspace(self, keyspace: str) -> None:
         assert keyspace == KEYSPACE
 
     def execute(self, query: Any, params: Any = None, **kw: Any) -> Rows:
         text = getattr(query, "query_string", query)
-        if (
-            self.unreachable_after is not None
-            and text.startswith(SCHEMA_CHANGES)
-            and len(self.ddl()) >= self.unreachable_after
-        ):
-            raise NoHostAvailable("Unable to complete the operation", {kw.get("host"): "down"})
-        self.log.append((text, kw.get("host")))
+        host = kw.get("host")
+        unreachable = self.unreachable_after is not None and (
+            len(self.ddl()) >= self.unreachable_after
+        )
+        if host is not None and (unreachable or host not in self.pools()):
+            # What the driver answers for a node the session has no connection to.
+            raise NoHostAvailable(
+                "Unable to complete the operation against any hosts",
+                {host: "Host has been marked down or removed"},
+            )
+        self.log.append((text, host))
         if self.refuse and text.startswith(self.refuse):
             raise InvalidRequest("not a transient error")
         for prefix, left in self.timeouts.items():
@@ -182,7 +241,7 @@ def short_coordinator_wait(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_no_live_node_is_refused_before_anything_is_sent(short_coordinator_wait: None) -> None:
     s = FakeSession([FakeHost("127.0.1.1", is_up=False), FakeHost("127.0.2.1")])
     with pytest.raises(
-        schema.CoordinatorLost, match=r"no live Cassandra node.*127\.0\.1\.1:9042 \(down"
+        schema.CoordinatorLost, match=r"no live Cassandra node.*127\.0\.1\.1:9042, down"
     ):
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert s.log == []
@@ -192,10 +251,10 @@ def test_a_pool_still_opening_is_waited_for_before_the_first_change(
     short_coordinator_wait: None,
 ) -> None:
     # CI once sent the first change while only another node's pool was open: the driver
-    # answered NoHostAvailable ("Host has been marked down or removed") at once.
+    # answered NoHostAvailable ("Host has been marked down or removed") at once. The
+    # fake answers so too, for a node without a pool.
     s = FakeSession([FakeHost("127.0.3.1"), FakeHost("127.0.1.1")], pool_after_polls=3)
     changed = schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
-    assert s.polls == 4
     assert len(changed) == 1 + len(schema.migrations())
     assert {h for _, h in s.ddl()} == {FakeHost("127.0.3.1")}
 
@@ -204,19 +263,39 @@ def test_a_pool_that_never_opens_is_given_up_within_the_bound(
     short_coordinator_wait: None,
 ) -> None:
     s = FakeSession([FakeHost("127.0.3.1")], pool_after_polls=10**6)
-    with pytest.raises(schema.CoordinatorLost, match=r"127.0.3.1:9042 \(up, no pool\)"):
+    with pytest.raises(schema.CoordinatorLost, match=r"127\.0\.3\.1:9042, up, no pool\)"):
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert s.log == []
-    # Polled for the bound, not once and not forever.
-    assert 5 <= s.polls <= 1 + schema.COORDINATOR_WAIT_S / schema.COORDINATOR_POLL_S
+    # Polled until the bound, not once and not forever.
+    assert 2 <= s.polls <= 1 + schema.COORDINATOR_WAIT_S / schema.COORDINATOR_POLL_S
 
 
-def test_a_coordinator_that_stops_answering_loses_the_run() -> None:
+def test_a_coordinator_without_a_connection_loses_the_run_holding_nothing() -> None:
     s = FakeSession([FakeHost("127.0.1.1")], unreachable_after=3)
-    with pytest.raises(schema.CoordinatorLost, match="did not take: CREATE"):
+    with pytest.raises(schema.CoordinatorLost, match="did not take: CREATE") as raised:
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
     assert len(s.ddl()) == 3
     assert len(s.applied) == 1  # migration 001 only, recorded before the fourth change
+    assert raised.value.holder is None  # the fourth was never sent
+
+
+@pytest.mark.parametrize("lost_after_sent", [False, True], ids=["timed-out", "connection-lost"])
+def test_a_change_sent_and_not_answered_is_held_by_its_coordinator(
+    lost_after_sent: bool,
+) -> None:
+    s = FakeSession([FakeHost("127.0.1.1")], silent_after=3, lost_after_sent=lost_after_sent)
+    with pytest.raises(schema.CoordinatorLost) as raised:
+        schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
+    assert raised.value.holder == "127.0.1.1:9042"
+    assert len(s.ddl()) == 4
+
+
+def test_a_keyspace_created_before_the_run_was_lost_is_reported() -> None:
+    s = FakeSession([FakeHost("127.0.1.1"), FakeHost("127.0.2.1")], moves_after=0)
+    changed: list[str] = []
+    with pytest.raises(schema.CoordinatorLost, match="moved off"):
+        schema.apply(s, KEYSPACE, REPLICATION, lambda _: None, changed)
+    assert changed == [f"created keyspace {KEYSPACE} {REPLICATION}"]
 
 
 class Sessions:
@@ -261,6 +340,33 @@ def test_a_run_that_loses_its_coordinator_is_finished_on_a_new_session() -> None
     )
     assert {h for _, h in second.ddl()} == {FakeHost("127.0.2.1")}
     assert any("again on a new session (run 2/3)" in line for line in lines)
+
+
+def test_the_next_run_waits_for_the_node_that_may_hold_a_change(
+    short_coordinator_wait: None,
+) -> None:
+    applied: list[tuple[int, str]] = []
+    hosts = [FakeHost("127.0.1.1"), FakeHost("127.0.2.1")]
+    # The first run's fourth change is sent to 127.0.1.1 and not answered.
+    first = FakeSession(hosts, applied=applied, silent_after=3)
+    # In the second session that node is down: nothing may be sent through the other.
+    second = FakeSession(list(reversed(hosts)), applied=applied, down=frozenset({"127.0.1.1:9042"}))
+    sessions = Sessions(first, second)
+    with pytest.raises(schema.SchemaError, match=r"127\.0\.1\.1:9042 took a schema change") as e:
+        schema.apply_with_fresh_sessions(sessions, KEYSPACE, REPLICATION, lambda _: None)
+    assert not isinstance(e.value, schema.CoordinatorLost)  # not run a third time
+    assert len(sessions.opened) == 2
+    assert second.ddl() == []
+
+    # Up in the next session: the run waits for agreement, then goes on.
+    applied.clear()
+    first = FakeSession(hosts, applied=applied, silent_after=3)
+    second = FakeSession(list(reversed(hosts)), applied=applied)
+    changed = schema.apply_with_fresh_sessions(
+        Sessions(first, second), KEYSPACE, REPLICATION, lambda _: None
+    )
+    assert [v for v, _ in applied] == [m.version for m in schema.migrations()]
+    assert len([c for c in changed if c.startswith("applied")]) == len(schema.migrations())
 
 
 def test_runs_on_new_sessions_are_bounded() -> None:

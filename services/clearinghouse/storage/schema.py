@@ -15,10 +15,15 @@ covers the nodes the driver has not seen down, so the session
 (``connect(cfg, for_schema_changes=True)``) connects to every running node: one that
 connected to a single node would wait on the others' old versions until it timed out.
 
-A run that loses its coordinator (the control connection moves, or the node stops
-answering) stops with ``CoordinatorLost``; ``apply_with_fresh_sessions`` starts it again on
-a new session, a bounded number of times. Every run first waits for the cluster to agree,
-so a change the lost coordinator had made is everywhere before anything is sent again.
+A run that loses its coordinator stops with ``CoordinatorLost``: the session had no
+connection to it, the control connection moved off it, or it did not answer a change in
+time. ``apply_with_fresh_sessions`` starts the run again on a new session, at most
+``SCHEMA_RUNS_MAX`` runs. The wait for agreement counts only nodes that are up, so when
+the lost coordinator may hold a change no other node has yet (the change was sent), the
+next run first waits for that node to be up and then for the cluster to agree: sending
+the change again through another node before it has spread could create the same table
+twice, with two ids, which Cassandra 5.0 does not reconcile. Still down after
+``COORDINATOR_WAIT_S``, the run stops and says which node to start.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cassandra import ConsistencyLevel
+from cassandra import ConsistencyLevel, OperationTimedOut
 from cassandra.cluster import NoHostAvailable
+from cassandra.connection import ConnectionShutdown
 from cassandra.query import SimpleStatement
 
 from clearinghouse._invariant import invariant
@@ -63,8 +69,14 @@ class SchemaError(RuntimeError):
 
 
 class CoordinatorLost(SchemaError):
-    """The node this run's changes go through moved or stopped answering: nothing is
-    wrong with the schema, and a run on a new session may finish it."""
+    """The node this run's changes go through was lost to it: nothing is wrong with the
+    schema, and a run on a new session may finish it. ``holder``: that node's endpoint if
+    a change was sent to it and not seen everywhere (it may be the only node with it),
+    else None."""
+
+    def __init__(self, message: str, holder: Any | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +118,18 @@ def apply(
     replication: Mapping[str, int],
     progress: Callable[[str], None] = print,
     changed: list[str] | None = None,
+    *,
+    holder: Any | None = None,
 ) -> list[str]:
     """Create or align the keyspace, then apply pending migrations. Returns what changed,
     appended to ``changed`` if given (as it happens: a run that raises has its changes
-    there)."""
+    there). ``holder``: the endpoint of a node that may hold a change no other node has
+    (``CoordinatorLost.holder`` of the run before); waited for to be up first."""
     changed = [] if changed is None else changed
     host = _coordinator(session)
-    # A previous run's last change may still be on its way from another coordinator.
+    if holder is not None:
+        _wait_for_holder(session, holder)
+    # A previous run's last change may still be on its way from its coordinator.
     _agree(session, host, "before the first change of this run")
     # The keyspace name is checked against _NAME in keyspace_cql before any CQL uses it.
     repl = keyspace_cql(keyspace, replication)
@@ -121,13 +138,24 @@ def apply(
     ).one()
     wanted = {dc: str(n) for dc, n in replication.items()}
     if row is None:
-        _ddl(session, host, f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}")
-        changed.append(f"created keyspace {keyspace} {dict(replication)}")
+        _ddl(
+            session,
+            host,
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}",
+            applied=partial(changed.append, f"created keyspace {keyspace} {dict(replication)}"),
+        )
     else:
         current = {k: v for k, v in row.replication.items() if k != "class"}
         if current != wanted:
-            _ddl(session, host, f"ALTER KEYSPACE {keyspace} WITH replication = {repl}")
-            changed.append(f"altered keyspace {keyspace} replication {current} -> {wanted}")
+            _ddl(
+                session,
+                host,
+                f"ALTER KEYSPACE {keyspace} WITH replication = {repl}",
+                applied=partial(
+                    changed.append,
+                    f"altered keyspace {keyspace} replication {current} -> {wanted}",
+                ),
+            )
     _ddl(
         session,
         host,
@@ -184,13 +212,15 @@ def apply_with_fresh_sessions(
     """``apply`` on a session from ``sessions()``, on a new one if a run loses its
     coordinator, at most ``SCHEMA_RUNS_MAX`` runs. Returns what every run changed."""
     changed: list[str] = []
+    holder: Any | None = None
     for run in range(1, SCHEMA_RUNS_MAX + 1):
         try:
             with sessions() as session:
-                return apply(session, keyspace, replication, progress, changed)
+                return apply(session, keyspace, replication, progress, changed, holder=holder)
         except CoordinatorLost as e:
             if run == SCHEMA_RUNS_MAX:
                 raise SchemaError(f"{e} ({SCHEMA_RUNS_MAX} runs, each on a new session)") from e
+            holder = e.holder or holder
             progress(f"  schema: {e}; again on a new session (run {run + 1}/{SCHEMA_RUNS_MAX})")
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -202,16 +232,24 @@ def _coordinator(session: Any) -> Any:
     version" can be true of the version before it (a QUORUM read then failed with
     INCOMPATIBLE_SCHEMA, the table being on some nodes only).
 
-    Waited for, at most ``COORDINATOR_WAIT_S``, until it is up and the session has a
-    connection pool to it: a statement sent to a node without one fails at once
-    ("Host has been marked down or removed")."""
+    Waited for, at most ``COORDINATOR_WAIT_S``, until it is up and the session has an
+    open connection to it: a statement sent to a node without a pool fails at once
+    ("Host has been marked down or removed"), to one whose pool has shut ("Pool is
+    shutdown")."""
     deadline = time.monotonic() + COORDINATOR_WAIT_S
     while True:
         host = session.cluster.get_control_connection_host()
-        if host is not None and host.is_up and host in session.get_pool_state():
+        pool: dict[str, Any] = session.get_pool_state().get(host) or {} if host else {}
+        open_pool = bool(pool) and not pool["shutdown"] and pool["open_count"] > 0
+        if host is not None and host.is_up and open_pool:
             return host
         if time.monotonic() >= deadline:
-            seen = "none" if host is None else f"{host} ({'up' if host.is_up else 'down'}, no pool)"
+            if host is None:
+                seen = "none"
+            else:
+                state = {True: "up", False: "down", None: "not yet known up"}[host.is_up]
+                conn = "an open pool" if open_pool else ("a shut pool" if pool else "no pool")
+                seen = f"{host}, {state}, {conn}"
             raise CoordinatorLost(
                 f"no live Cassandra node to send schema changes to within "
                 f"{COORDINATOR_WAIT_S:.0f}s (control connection: {seen}); read each node's "
@@ -220,31 +258,74 @@ def _coordinator(session: Any) -> Any:
         time.sleep(COORDINATOR_POLL_S)
 
 
-def _ddl(session: Any, host: Any, stmt: str) -> None:
-    """One schema change through ``host``; returns once every live node has it."""
+def _wait_for_holder(session: Any, endpoint: Any) -> None:
+    """Wait, at most ``COORDINATOR_WAIT_S``, for the node at ``endpoint`` to be up."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while True:
+        node = session.cluster.metadata.get_host(endpoint)
+        if node is not None and node.is_up:
+            return
+        if time.monotonic() >= deadline:
+            raise SchemaError(
+                f"Cassandra node {endpoint} took a schema change and was lost before the "
+                f"other nodes were seen to have it, and it is not up after "
+                f"{COORDINATOR_WAIT_S:.0f}s: start it (its system.log says why it stopped), "
+                "then apply the schema again; sending the change through another node "
+                "first could create the same table twice"
+            )
+        time.sleep(COORDINATOR_POLL_S)
+
+
+def _ddl(session: Any, host: Any, stmt: str, applied: Callable[[], None] | None = None) -> None:
+    """One schema change through ``host``; returns once every live node has it.
+    ``applied`` is called as soon as ``host`` has taken the change."""
+    future = session.execute_async(
+        SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
+        timeout=DDL_TIMEOUT_S,
+        host=host,
+    )
     try:
-        session.execute(
-            SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
-            timeout=DDL_TIMEOUT_S,
-            host=host,
-        )
+        future.result()
     except NoHostAvailable as e:
+        # Not sent at all (no connection to the node): nothing can be on it alone. Sent,
+        # then failed (the driver retries on the same node): it may have the change.
+        sent = bool(future.attempted_hosts)
         raise CoordinatorLost(
-            f"{host}, the node the schema changes go through, did not take: {stmt[:80]} ({e})"
+            f"{host}, the node the schema changes go through, did not take: {stmt[:80]} ({e})",
+            holder=host.endpoint if sent else None,
         ) from e
-    _agree(session, host, stmt[:80])
+    except OperationTimedOut as e:
+        raise CoordinatorLost(
+            f"{host}, the node the schema changes go through, did not answer within "
+            f"{DDL_TIMEOUT_S:.0f}s: {stmt[:80]}",
+            holder=host.endpoint,
+        ) from e
+    if applied is not None:
+        applied()
+    _agree(session, host, stmt[:80], sent=True)
 
 
-def _agree(session: Any, host: Any, what: str) -> None:
+def _agree(session: Any, host: Any, what: str, sent: bool = False) -> None:
     """Wait until every live node reports the schema version ``host`` (the coordinator
-    of the changes, where the driver asks) has."""
+    of the changes, where the driver asks) has. ``sent``: ``host`` has just taken a
+    change."""
+    holder = host.endpoint if sent else None
     if session.cluster.get_control_connection_host() != host:
         raise CoordinatorLost(
             f"the driver's control connection moved off {host} (the node the schema changes "
-            f"go through) after: {what}"
+            f"go through) after: {what}",
+            holder=holder,
         )
     control = session.cluster.control_connection
-    if not control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S):
+    try:
+        agreed = control.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_TIMEOUT_S)
+    except ConnectionShutdown as e:
+        raise CoordinatorLost(
+            f"the driver's control connection to {host} closed while waiting for agreement "
+            f"after: {what}",
+            holder=holder,
+        ) from e
+    if not agreed:
         raise SchemaError(
             f"Cassandra nodes did not agree on the schema within "
             f"{SCHEMA_AGREEMENT_TIMEOUT_S:.0f}s after: {what}; read each node's system.log"

@@ -70,13 +70,13 @@ def connect(cfg: CassandraConfig, *, for_schema_changes: bool = False) -> tuple[
     schema change nor refreshes its schema metadata; ``storage.schema`` waits itself,
     with its own bound. The session still connects to every node it can, so a node that
     is down is known to be down and left out of that wait, and returns once every pool
-    has been opened or has failed.
+    has been opened or has failed. No node is left without a pool (the changes go to
+    whichever node holds the control connection, in any city).
     """
+    remote_hosts = len(cfg.contact_points) if for_schema_changes else REMOTE_HOSTS_PER_DC
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(
-            DCAwareRoundRobinPolicy(
-                local_dc=cfg.local_dc, used_hosts_per_remote_dc=REMOTE_HOSTS_PER_DC
-            )
+            DCAwareRoundRobinPolicy(local_dc=cfg.local_dc, used_hosts_per_remote_dc=remote_hosts)
         ),
         consistency_level=consistency_level(cfg.consistency),
         request_timeout=cfg.request_timeout_s,
