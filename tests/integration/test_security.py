@@ -7,6 +7,9 @@ at 10x its quota, the other participants on that node lose no payment to the flo
 ``ISOLATION_P99_FACTOR`` x their p99 while the same participant sends at exactly its
 quota (floored at ``ISOLATION_P99_FLOOR_MS``: a p99 of 200 samples on a shared 2-core
 machine moves by hundreds of milliseconds from run to run) + ``ISOLATION_P99_SLACK_MS``.
+That p99 at quota is measured twice, before and after the flood, and the higher one
+taken: in CI one 12 s run's p99 at quota came out at 379 ms, where five others gave
+997-2,026 ms, and a bound made from it alone failed on noise.
 The payments within its quota are real load the flooder is entitled to; what the bound
 is about is the excess. The test also checks that the flood was one: it offered at least
 ``FLOOD_OFFERED_MIN_FACTOR`` x its quota over its run, and at least
@@ -318,23 +321,28 @@ def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
     at_quota, baseline = phase(1, "base")
     time.sleep(2.0)  # the flooder's bucket refills
     flood_run, during = phase(FLOOD_FACTOR, "flood")
+    time.sleep(2.0)
+    at_quota_after, baseline_after = phase(1, "after")
 
     flood_states = Counter(s for s, _ in flood_run.results)
     accepted = sum(n for s, n in flood_states.items() if not s.startswith("RESOURCE_EXHAUSTED"))
     limited = flood_states.get("RESOURCE_EXHAUSTED:RATE_LIMITED", 0)
-    base_p99, flood_p99 = _p99_ms(baseline), _p99_ms(during)
+    before_p99, after_p99 = _p99_ms(baseline), _p99_ms(baseline_after)
+    base_p99, flood_p99 = max(before_p99, after_p99), _p99_ms(during)
     print(
         f"\nflooder at its quota: {Counter(s for s, _ in at_quota.results).most_common()}\n"
         f"flooder at {FLOOD_FACTOR}x: {flood_states.most_common()}\n"
-        f"victims beside it at quota: {Counter(s for s, _ in baseline)} p99 {base_p99:.0f} ms; "
+        f"victims beside it at quota: {Counter(s for s, _ in baseline)} p99 "
+        f"{before_p99:.0f} ms before the flood, {after_p99:.0f} ms after; "
         f"with flood: {Counter(s for s, _ in during)} p99 {flood_p99:.0f} ms"
     )
     # At its quota the participant's payments are real ones, (almost) never refused.
     decided = {"PAYMENT_STATE_APPROVED", "PAYMENT_STATE_DECLINED"}
-    at_quota_decided = sum(1 for st, _ in at_quota.results if st in decided)
-    assert at_quota_decided >= len(at_quota.results) * 0.9, at_quota.results[:5]
-    at_quota_limited = sum(1 for st, _ in at_quota.results if st.startswith("RESOURCE_EXH"))
-    assert at_quota_limited <= len(at_quota.results) * 0.1, at_quota_limited
+    for quota_run in (at_quota, at_quota_after):
+        quota_decided = sum(1 for st, _ in quota_run.results if st in decided)
+        assert quota_decided >= len(quota_run.results) * 0.9, quota_run.results[:5]
+        quota_limited = sum(1 for st, _ in quota_run.results if st.startswith("RESOURCE_EXH"))
+        assert quota_limited <= len(quota_run.results) * 0.1, quota_limited
     # The flood was one: it offered at least FLOOD_OFFERED_MIN_FACTOR x its quota over
     # the whole run (not a burst that the pacing then throttled).
     offered = flood_run.offered_per_s()
@@ -347,11 +355,8 @@ def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
     assert limited >= FLOOD_EXCESS_REFUSED_MIN * excess, (limited, excess)
     assert limited >= len(flood_run.results) * 0.8
     # The others: every payment decided, none refused, latency within the stated bound.
-    assert all(s in decided for s, _ in baseline), Counter(s for s, _ in baseline)
-    assert all(s in decided for s, _ in during), Counter(s for s, _ in during)
-    assert len(during) == len(baseline) == int(VICTIM_RATE_PER_S * len(VICTIMS) * PHASE_S)
+    for victims in (baseline, during, baseline_after):
+        assert all(s in decided for s, _ in victims), Counter(s for s, _ in victims)
+        assert len(victims) == int(VICTIM_RATE_PER_S * len(VICTIMS) * PHASE_S)
     bound_ms = ISOLATION_P99_FACTOR * max(base_p99, ISOLATION_P99_FLOOR_MS) + ISOLATION_P99_SLACK_MS
-    assert flood_p99 <= bound_ms, (
-        base_p99,
-        flood_p99,
-    )
+    assert flood_p99 <= bound_ms, (before_p99, after_p99, flood_p99, bound_ms)
