@@ -186,25 +186,34 @@ def test_every_change_goes_to_the_node_the_driver_asks_about_agreement() -> None
 
 def test_a_control_connection_that_moves_stops_the_run() -> None:
     s = FakeSession([FakeHost("127.0.1.1"), FakeHost("127.0.2.1")], moves_after=3)
-    with pytest.raises(schema.SchemaError, match="control connection moved off"):
+    with pytest.raises(schema.CoordinatorLost, match="control connection moved off") as e:
         schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
-    assert len(s.ddl()) == 4  # the fourth change was not waited on as if agreed
-    # Changes 1-3: the keyspace, schema_migrations, migration 001 (then recorded).
+    # Changes 1-3: the keyspace, schema_migrations, migration 001 (then recorded); the
+    # move came with migration 002, which was not waited on as if agreed, nor recorded.
+    assert len(s.ddl()) == 3 + len(schema.migrations()[1].statements)
     assert len([t for t, _ in s.log if t.startswith("INSERT INTO")]) == 1
+    assert e.value.holder == "127.0.1.1:9042"  # it took 002's changes
 
 
-def test_the_cluster_agrees_after_every_change_before_anything_else_is_sent() -> None:
+def test_the_cluster_agrees_after_each_migration_before_it_is_recorded_or_used() -> None:
     s = FakeSession([FakeHost("127.0.1.1")])
     schema.apply(s, KEYSPACE, REPLICATION, progress=lambda _: None)
 
-    texts = [t for t, _ in s.log]
-    changes = [i for i, t in enumerate(texts) if t.startswith(SCHEMA_CHANGES)]
-    assert changes
-    for i in changes:
-        assert texts[i + 1] == AGREE, texts[i]
-    # And once before the first: a previous run's last change may still be spreading.
-    assert texts.index(AGREE) < changes[0]
-    assert texts.count(AGREE) == len(changes) + 1
+    def token(text: str) -> str:
+        if text == AGREE:
+            return "A"
+        if text.startswith(SCHEMA_CHANGES):
+            return "D"
+        return (
+            "R" if text.startswith("SELECT version") else "I" if text.startswith("INSERT") else ""
+        )
+
+    seen = "".join(token(t) for t, _ in s.log)
+    # Agreement before the first change (a previous run's last one may still be
+    # spreading), after the keyspace and schema_migrations (before they are read), and
+    # after each migration's changes (before it is recorded, and before the next one).
+    expected = "ADDAR" + "".join("D" * len(m.statements) + "AI" for m in schema.migrations())
+    assert seen == expected
     # Each with its own bound: a session made for schema changes has the driver's set
     # to 0, and without one the driver would not wait at all.
     assert set(s.waits) == {schema.SCHEMA_AGREEMENT_TIMEOUT_S}
@@ -334,7 +343,8 @@ def test_a_run_that_loses_its_coordinator_is_finished_on_a_new_session() -> None
     assert [c for c in changed if c.startswith("applied")] == [
         f"applied migration {m.version:03d}_{m.name}" for m in schema.migrations()
     ]
-    assert len(first.ddl()) == 4  # the run lost after its fourth change
+    # The run was lost with migration 002 sent and not agreed (its fourth change on).
+    assert len(first.ddl()) == 3 + len(schema.migrations()[1].statements)
     assert [t for t, _ in second.log].index(AGREE) < [t for t, _ in second.log].index(
         second.ddl()[0][0]
     )

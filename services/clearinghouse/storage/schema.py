@@ -7,10 +7,13 @@ recorded with its checksum in ``schema_migrations`` so a changed file is refused
 than silently half-applied. Statements are ``IF NOT EXISTS``: re-running is harmless.
 
 Every schema change of a run goes to one coordinator, the node of the driver's control
-connection, one after another, and the cluster is waited on to agree after each, before
-the next statement: changes made concurrently through different coordinators are what
-Cassandra 5.0 cannot reconcile safely, and the driver judges agreement from the control
-connection's node, so that node must be the one that has the change first. The wait
+connection, one after another, and the cluster is waited on to agree once per migration
+(and once after the keyspace and ``schema_migrations``), before the migration is
+recorded and before anything reads or writes what it created: changes made concurrently
+through different coordinators are what Cassandra 5.0 cannot reconcile safely, one node
+applying its own changes in order cannot conflict with itself, and the driver judges
+agreement from the control connection's node, so that node must be the one that has the
+changes first. The wait
 covers the nodes the driver has not seen down, so the session
 (``connect(cfg, for_schema_changes=True)``) connects to every running node: one that
 connected to a single node would wait on the others' old versions until it timed out.
@@ -138,30 +141,20 @@ def apply(
     ).one()
     wanted = {dc: str(n) for dc, n in replication.items()}
     if row is None:
-        _ddl(
-            session,
-            host,
-            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}",
-            applied=partial(changed.append, f"created keyspace {keyspace} {dict(replication)}"),
-        )
+        _send(session, host, f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {repl}")
+        changed.append(f"created keyspace {keyspace} {dict(replication)}")
     else:
         current = {k: v for k, v in row.replication.items() if k != "class"}
         if current != wanted:
-            _ddl(
-                session,
-                host,
-                f"ALTER KEYSPACE {keyspace} WITH replication = {repl}",
-                applied=partial(
-                    changed.append,
-                    f"altered keyspace {keyspace} replication {current} -> {wanted}",
-                ),
-            )
-    _ddl(
+            _send(session, host, f"ALTER KEYSPACE {keyspace} WITH replication = {repl}")
+            changed.append(f"altered keyspace {keyspace} replication {current} -> {wanted}")
+    _send(
         session,
         host,
         f"CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations ("
         "version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
     )
+    _agree(session, host, f"the keyspace {keyspace} and its schema_migrations", sent=True)
     select = SimpleStatement(
         f"SELECT version, checksum FROM {keyspace}.schema_migrations",  # noqa: S608
         consistency_level=ConsistencyLevel.QUORUM,
@@ -179,7 +172,8 @@ def apply(
         progress(f"  applying schema migration {m.version:03d}_{m.name}")
         session.set_keyspace(keyspace)
         for stmt in m.statements:
-            _ddl(session, host, stmt)
+            _send(session, host, stmt)
+        _agree(session, host, f"migration {m.version:03d}_{m.name}", sent=True)
         insert = SimpleStatement(
             f"INSERT INTO {keyspace}.schema_migrations (version, name, checksum, applied_at) "  # noqa: S608
             "VALUES (%s, %s, %s, toTimestamp(now()))",
@@ -276,9 +270,9 @@ def _wait_for_holder(session: Any, endpoint: Any) -> None:
         time.sleep(COORDINATOR_POLL_S)
 
 
-def _ddl(session: Any, host: Any, stmt: str, applied: Callable[[], None] | None = None) -> None:
-    """One schema change through ``host``; returns once every live node has it.
-    ``applied`` is called as soon as ``host`` has taken the change."""
+def _send(session: Any, host: Any, stmt: str) -> None:
+    """One schema change through ``host``; returns once ``host`` has it (the caller
+    waits for the cluster to agree, with ``_agree``, before anything uses it)."""
     future = session.execute_async(
         SimpleStatement(stmt, consistency_level=ConsistencyLevel.QUORUM),
         timeout=DDL_TIMEOUT_S,
@@ -300,9 +294,6 @@ def _ddl(session: Any, host: Any, stmt: str, applied: Callable[[], None] | None 
             f"{DDL_TIMEOUT_S:.0f}s: {stmt[:80]}",
             holder=host.endpoint,
         ) from e
-    if applied is not None:
-        applied()
-    _agree(session, host, stmt[:80], sent=True)
 
 
 def _agree(session: Any, host: Any, what: str, sent: bool = False) -> None:
