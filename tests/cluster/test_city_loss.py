@@ -67,11 +67,11 @@ def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
     # QUORUM read of the applied migrations is retried until gossip convicts it).
     spec = lc.spec()
     assert spec is not None
-    with lc.schema_session(spec) as (cluster, _):
+    with lc.schema_session(spec) as session:
         lost_address = lc.topo.zone(zone).address
 
         def lost_is_down() -> bool:
-            hosts = cluster.metadata.all_hosts()
+            hosts = session.cluster.metadata.all_hosts()
             return [h.is_up for h in hosts if h.address == lost_address] == [False]
 
         # The session's pool to the lost node fails as it connects (refused at once).

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cassandra import DriverException
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra.cluster import NoHostAvailable, Session
 
 from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse.localcluster import cassandra, etcd, procs
@@ -360,13 +361,8 @@ class LocalCluster:
         if s is None:
             raise ClusterError("no cluster has been started here: run `clearingctl cluster up`")
 
-        @contextmanager
-        def sessions() -> Iterator[Session]:
-            with self.schema_session(s) as (_, session):
-                yield session
-
         changed = schema.apply_with_fresh_sessions(
-            sessions,
+            partial(self.schema_session, s),
             self.topo.keyspace.name,
             cassandra.replication(self.topo, s.cassandra_nodes),
             self.progress,
@@ -376,7 +372,7 @@ class LocalCluster:
         return changed
 
     @contextmanager
-    def schema_session(self, spec: Spec) -> Iterator[tuple[Cluster, Session]]:
+    def schema_session(self, spec: Spec) -> Iterator[Session]:
         """The session schema changes go through: to every running node (so that one that
         is down is known down and left out of the wait for agreement), the driver's own
         wait after each statement off (``storage.schema`` waits itself)."""
@@ -388,7 +384,7 @@ class LocalCluster:
         )
         cl, session = connect(cfg, for_schema_changes=True)
         try:
-            yield cl, session
+            yield session
         finally:
             cl.shutdown()
 

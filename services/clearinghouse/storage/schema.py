@@ -13,8 +13,7 @@ recorded and before anything reads or writes what it created: changes made concu
 through different coordinators are what Cassandra 5.0 cannot reconcile safely, one node
 applying its own changes in order cannot conflict with itself, and the driver judges
 agreement from the control connection's node, so that node must be the one that has the
-changes first. The wait
-covers the nodes the driver has not seen down, so the session
+changes first. The wait covers the nodes the driver has not seen down, so the session
 (``connect(cfg, for_schema_changes=True)``) connects to every running node: one that
 connected to a single node would wait on the others' old versions until it timed out.
 
@@ -230,44 +229,55 @@ def _coordinator(session: Any) -> Any:
     open connection to it: a statement sent to a node without a pool fails at once
     ("Host has been marked down or removed"), to one whose pool has shut ("Pool is
     shutdown")."""
-    deadline = time.monotonic() + COORDINATOR_WAIT_S
-    while True:
+
+    def usable() -> Any | None:
         host = session.cluster.get_control_connection_host()
-        pool: dict[str, Any] = session.get_pool_state().get(host) or {} if host else {}
-        open_pool = bool(pool) and not pool["shutdown"] and pool["open_count"] > 0
-        if host is not None and host.is_up and open_pool:
-            return host
-        if time.monotonic() >= deadline:
-            if host is None:
-                seen = "none"
-            else:
-                state = {True: "up", False: "down", None: "not yet known up"}[host.is_up]
-                conn = "an open pool" if open_pool else ("a shut pool" if pool else "no pool")
-                seen = f"{host}, {state}, {conn}"
-            raise CoordinatorLost(
-                f"no live Cassandra node to send schema changes to within "
-                f"{COORDINATOR_WAIT_S:.0f}s (control connection: {seen}); read each node's "
-                "system.log"
-            )
-        time.sleep(COORDINATOR_POLL_S)
+        return host if host is not None and host.is_up and _open_pool(session, host) else None
+
+    host = _poll(usable)
+    if host is None:
+        last = session.cluster.get_control_connection_host()
+        seen = "none" if last is None else (
+            f"{last}, {'up' if last.is_up else 'not up'}, "
+            f"{'an open pool' if _open_pool(session, last) else 'no open pool'}"
+        )  # fmt: skip
+        raise CoordinatorLost(
+            f"no live Cassandra node to send schema changes to within "
+            f"{COORDINATOR_WAIT_S:.0f}s (control connection: {seen}); read each node's "
+            "system.log"
+        )
+    return host
 
 
 def _wait_for_holder(session: Any, endpoint: Any) -> None:
     """Wait, at most ``COORDINATOR_WAIT_S``, for the node at ``endpoint`` to be up."""
-    deadline = time.monotonic() + COORDINATOR_WAIT_S
-    while True:
+
+    def up() -> Any | None:
         node = session.cluster.metadata.get_host(endpoint)
-        if node is not None and node.is_up:
-            return
-        if time.monotonic() >= deadline:
-            raise SchemaError(
-                f"Cassandra node {endpoint} took a schema change and was lost before the "
-                f"other nodes were seen to have it, and it is not up after "
-                f"{COORDINATOR_WAIT_S:.0f}s: start it (its system.log says why it stopped), "
-                "then apply the schema again; sending the change through another node "
-                "first could create the same table twice"
-            )
+        return node if node is not None and node.is_up else None
+
+    if _poll(up) is None:
+        raise SchemaError(
+            f"Cassandra node {endpoint} took a schema change and was lost before the "
+            f"other nodes were seen to have it, and it is not up after "
+            f"{COORDINATOR_WAIT_S:.0f}s: start it (its system.log says why it stopped), "
+            "then apply the schema again; sending the change through another node "
+            "first could create the same table twice"
+        )
+
+
+def _open_pool(session: Any, host: Any) -> bool:
+    pool = session.get_pool_state().get(host)
+    return bool(pool) and not pool["shutdown"] and pool["open_count"] > 0
+
+
+def _poll(probe: Callable[[], T | None]) -> T | None:
+    """What ``probe()`` returns once it is not None, asked every ``COORDINATOR_POLL_S``
+    for at most ``COORDINATOR_WAIT_S``; None if it never was."""
+    deadline = time.monotonic() + COORDINATOR_WAIT_S
+    while (found := probe()) is None and time.monotonic() < deadline:
         time.sleep(COORDINATOR_POLL_S)
+    return found
 
 
 def _send(session: Any, host: Any, stmt: str) -> None:
