@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         a.add_argument("target")
     cs.add_parser("schema", help="apply the keyspace and tables (idempotent)")
+    rp = cs.add_parser(
+        "repair",
+        help="full repair of the keyspace (nodetool repair --full) from a city's Cassandra "
+        "nodes, or from every city's in turn: after a city was down and its hints are done",
+    )
+    rp.add_argument("city", nargs="?", default="all", help="a city, or all (default)")
     d = sub.add_parser(
         "demo", help="cluster up, banks, participants, a burst of payments, a summary"
     )
@@ -198,6 +204,17 @@ def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
     if cmd == "schema":
         lc.apply_schema()
         return 0
+    if cmd == "repair":
+        cities = lc.topo.city_names() if args.city == "all" else [args.city]
+        if args.city != "all" and args.city not in lc.topo.city_names():
+            print(f"clearingctl: unknown city {args.city!r}; cities are "
+                  f"{', '.join(lc.topo.city_names())}", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        failed = [r for city in cities for r in lc.repair(city) if not r.ok]
+        for r in failed:
+            print(f"clearingctl: repair from cassandra@{r.zone} failed: {r.detail}; read "
+                  f"{r.log}", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED if failed else 0
     action = getattr(lc, cmd)
     hit = action(args.target)
     verb = {

@@ -273,10 +273,10 @@ def test_a_city_that_missed_a_window_is_named_then_converges(switch_env: SwitchE
         assert all(not c.error and not c.differing_rows for c in others), others
         assert len({c.merkle_root for c in others}) == 1
         assert {c.entry_count for c in others} == {len(positions)}
-        # Repair brings shenzhen's replica back in line with the other two.
-        repair = env.lc.nodetool(lost, "repair", "-full", env.lc.topo.keyspace.name,
-                                 timeout_s=300)  # fmt: skip
-        assert repair.returncode == 0, repair.stderr[-2000:]
+        # Repair (what `clearingctl cluster repair shenzhen` runs) brings shenzhen's
+        # replica back in line with the other two.
+        repairs = env.lc.repair(env.lc.topo.zone(lost).city)
+        assert lost in [r.zone for r in repairs] and all(r.ok for r in repairs), repairs
         again = compare_when_readable(audit, window)
         assert again.agree, [(c.city, c.error, c.differing_rows[:3]) for c in again.cities]
 

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -38,11 +39,15 @@ from clearinghouse.drill.clientlog import (
 )
 from clearinghouse.drill.load import LoadConfig, LoadGenerator, OrderStream
 from clearinghouse.drill.observe import (
+    LEDGER_READ_RETRY_S,
     hints_replayed,
     hints_succeeded,
     journal_effects,
     ledger_facts,
+    wait_for_city,
 )
+from clearinghouse.localcluster.cluster import LocalCluster, Repair, nodetool_gist
+from clearinghouse.localcluster.paths import Paths
 from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.switch.ports import Seal, ShardWrite
 from clearinghouse.switch.records import switch_ref_for
@@ -612,6 +617,124 @@ def test_ledger_facts_count_decisions_beside_the_verified_summary() -> None:
         ledger_facts(broken)
 
 
+class CityReplica:
+    """A city's replica seen through ``wait_for_city``: its chain does not verify (a
+    segment short of its successor's seal) until ``heal_after_reads`` reads, or until
+    it is repaired; time moves only when the reader sleeps or the repair runs."""
+
+    def __init__(self, heal_after_reads: int | None, repair_s: float = 20.0) -> None:
+        self.heal_after_reads = heal_after_reads
+        self.repair_s = repair_s
+        self.now = 0.0
+        self.reads = 0
+        self.repairs = 0
+        self.said: list[str] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+    def read(self) -> tuple[Any, Any]:
+        self.reads += 1
+        healed = self.repairs or (
+            self.heal_after_reads is not None and self.reads > self.heal_after_reads
+        )
+        if not healed:
+            raise InvariantViolation("shard 2: epoch 224 ends before its successor's seal")
+        return ledger_facts(chain_ledger({"I/a": 1}))
+
+    def repair(self) -> tuple[Repair, ...]:
+        self.repairs += 1
+        self.now += self.repair_s
+        return (Repair("shenzhen-a", True, self.repair_s, "Repair completed successfully",
+                       "system.log"),)  # fmt: skip
+
+    def wait(self, repair_after_s: float | None, wait_s: float = 120.0) -> CityLedger:
+        return wait_for_city(
+            "shenzhen", "survivor", {"I/a": "APPROVED"}, read=self.read, repair=self.repair,
+            wait_s=wait_s, repair_after_s=repair_after_s, progress=self.said.append,
+            clock=self.clock, sleep=self.sleep,
+        )  # fmt: skip
+
+
+def test_a_replica_that_hints_bring_level_is_read_without_a_repair() -> None:
+    city = CityReplica(heal_after_reads=3)
+    led = city.wait(repair_after_s=60.0)
+    assert led.read and led.decided == {"I/a": "APPROVED"} and led.repairs == ()
+    assert city.repairs == 0 and city.reads == 4
+
+
+def test_a_replica_still_short_after_hints_is_repaired_once_and_read_again() -> None:
+    city = CityReplica(heal_after_reads=None)
+    led = city.wait(repair_after_s=60.0)
+    assert city.repairs == 1
+    assert led.read and led.decided == {"I/a": "APPROVED"}
+    assert [(r.zone, r.ok) for r in led.repairs] == [("shenzhen-a", True)]
+    assert 60.0 <= led.waited_s <= 60.0 + LEDGER_READ_RETRY_S + city.repair_s
+    assert any("still short after" in line and "successor's seal" in line for line in city.said)
+
+
+def test_a_repair_past_the_deadline_is_still_read_and_never_runs_twice() -> None:
+    # The deadline comes before the repair is due: a replica is not given up on without
+    # its repair, and is read once more after it.
+    city = CityReplica(heal_after_reads=None)
+    led = city.wait(repair_after_s=30.0, wait_s=10.0)
+    assert city.repairs == 1 and led.read and len(led.repairs) == 1
+
+    class NeverHeals(CityReplica):
+        def read(self) -> tuple[Any, Any]:
+            self.reads += 1
+            raise InvariantViolation("shard 2: epoch 224 ends before its successor's seal")
+
+    stuck = NeverHeals(heal_after_reads=None)
+    led = stuck.wait(repair_after_s=30.0, wait_s=120.0)
+    assert stuck.repairs == 1 and not led.read
+    assert "successor's seal" in led.error and len(led.repairs) == 1
+
+
+def test_without_repair_a_replica_short_at_the_deadline_is_unread() -> None:
+    city = CityReplica(heal_after_reads=None)
+    led = city.wait(repair_after_s=None, wait_s=30.0)
+    assert city.repairs == 0 and not led.read and led.repairs == ()
+    assert "successor's seal" in led.error and led.waited_s >= 30.0
+
+
+def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
+    topo: topology.Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lc = LocalCluster(topo, Paths.default(tmp_path), progress=lambda _: None)
+    lc.spec = lambda: SimpleNamespace(cassandra_nodes=6)  # type: ignore[method-assign]
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    def nodetool(zone: str, *args: str, timeout_s: float) -> Any:
+        asked.append((zone, args))
+        if zone == "shenzhen-b":
+            return subprocess.CompletedProcess([], 2, "", "error: Repair job has failed\n")
+        return subprocess.CompletedProcess([], 0, "[x] Repair completed successfully\n", "")
+
+    monkeypatch.setattr(lc, "nodetool", nodetool)
+    reps = lc.repair("shenzhen")
+    assert asked == [(z, ("repair", "--full", "--force", topo.keyspace.name))
+                     for z in ("shenzhen-a", "shenzhen-b")]  # fmt: skip
+    assert [(r.zone, r.ok) for r in reps] == [("shenzhen-a", True), ("shenzhen-b", False)]
+    assert reps[0].detail.endswith("completed successfully") and "failed" in reps[1].detail
+    assert reps[1].log.endswith("system.log")
+
+
+def test_nodetool_gist_names_the_error_not_a_stack_frame() -> None:
+    failed = ("[t] Starting repair command #2\nerror: Repair job has failed with the error "
+              "message: Endpoint not alive: /127.0.3.1:17000\n-- StackTrace --\n"
+              "java.lang.RuntimeException: Repair job has failed\n\tat org.apache.x(y.java:1)"
+              "\n\tat java.base/java.lang.Thread.run(Thread.java:840)\n")  # fmt: skip
+    assert nodetool_gist(failed, 2).endswith("Endpoint not alive: /127.0.3.1:17000")
+    trace_only = failed.replace("error: ", "")
+    assert nodetool_gist(trace_only, 2) == "java.lang.RuntimeException: Repair job has failed"
+    assert nodetool_gist("[t] a\n[t] Repair completed successfully\n", 0).endswith("fully")
+    assert nodetool_gist("", 1) == "nodetool exited 1"
+
+
 def test_bank_journals_reduce_to_effects_per_reference() -> None:
     lines = [
         '{"op":"open","bank_id":"B","v":1}',
@@ -693,6 +816,20 @@ def test_the_summary_says_lost_duplicated_and_the_result() -> None:
     assert "hints replayed unavailable" in good
     bad = "\n".join(report.summary_lines(fake_report(secs, ok=False)))
     assert "FAIL bank_agrees" in bad and bad.endswith("RESULT: FAIL")
+
+
+def test_the_summary_names_a_city_that_took_a_repair() -> None:
+    secs = timeline.per_second(synthetic(10.0, 14.0), 40.0)
+    rep = fake_report(secs, ok=True)
+    rep["ledgers"] = [
+        {"city": "beijing", "role": "survivor", "read": True, "waited_s": 0.4, "repairs": []},
+        {"city": "shenzhen", "role": "survivor", "read": True, "waited_s": 88.0,
+         "repairs": [Repair("shenzhen-a", True, 21.4, "Repair completed successfully",
+                            "system.log").to_json()]},
+    ]  # fmt: skip
+    lines = [line for line in report.summary_lines(rep) if "repair" in line]
+    assert len(lines) == 1 and lines[0].startswith("  shenzhen (survivor) was still short")
+    assert "on shenzhen-a done in 21s" in lines[0] and "chains verified after 88s" in lines[0]
 
 
 def test_the_timeline_page_is_self_contained_and_marks_the_fault(tmp_path: Path) -> None:

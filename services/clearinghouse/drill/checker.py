@@ -39,6 +39,7 @@ from clearinghouse.drill.clientlog import (
     UNKNOWN,
     PaymentTrace,
 )
+from clearinghouse.localcluster.cluster import Repair
 from clearinghouse.switch.records import SHARD_COUNT
 
 EXAMPLES_MAX = 5
@@ -63,6 +64,8 @@ class CityLedger:
     # Why the last read failed (the chain did not verify yet, the node did not answer).
     error: str = ""
     read: bool = True
+    # The repairs it took when hints were not enough (one per Cassandra node of the city).
+    repairs: tuple[Repair, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,18 @@ def add_parser(sub: Any) -> None:
         default=runner.LEDGER_WAIT_S,
         help="how long a city's replica may take to hold every acknowledged payment",
     )
+    d.add_argument(
+        "--repair-after-s",
+        type=float,
+        default=runner.REPAIR_AFTER_S,
+        help="a city's replica still short after this long is repaired (nodetool repair "
+        "--full) and read again; the report says so",
+    )
+    d.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="never repair: see what hint replay alone brings",
+    )
 
 
 def run(lc: LocalCluster, args: argparse.Namespace, progress: Any) -> int:
@@ -68,6 +80,7 @@ def run(lc: LocalCluster, args: argparse.Namespace, progress: Any) -> int:
         scenario=args.scenario, seed=args.seed, duration_s=args.duration_s,
         rate_per_s=args.rate, out=args.out, hold_s=args.hold_s,
         ledger_wait_s=args.ledger_wait_s,
+        repair_after_s=None if args.no_repair else args.repair_after_s,
     )  # fmt: skip
     if opts.rate_per_s < 0 or opts.duration_s <= 0:
         print("clearingctl: --rate must be >= 0 and --duration-s > 0", file=sys.stderr)

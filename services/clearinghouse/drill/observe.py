@@ -36,7 +36,7 @@ from clearinghouse.drill.clientlog import FINAL_STATES, NOT_FOUND, UNRESOLVED
 from clearinghouse.drill.load import error_of, state_name
 from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
-from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.localcluster.cluster import LocalCluster, Repair
 from clearinghouse.ownership import placement
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
@@ -215,54 +215,95 @@ def read_city(
     expected: Mapping[str, str],
     wait_s: float,
     progress: Progress,
+    repair_after_s: float | None = None,
 ) -> CityLedger:
-    """``city``'s own replica, read again (bounded by ``wait_s``) until it holds every
-    payment of ``expected`` (key -> state) decided with that state: hints may still be
-    on their way to a city that was down."""
+    """``city``'s own replica, read (LOCAL_ONE, a session on that node alone) until it
+    holds every payment of ``expected``; see ``wait_for_city``."""
     address, port = cassandra_zone_of(lc, city)
-    start = time.monotonic()
+
+    def read() -> tuple[LedgerSummary | None, Counter[str]]:
+        cluster, session = connect_to_node(
+            address, port, consistency="LOCAL_ONE", keyspace=lc.topo.keyspace.name,
+            timeout_s=LEDGER_SESSION_TIMEOUT_S,
+        )  # fmt: skip
+        try:
+            return ledger_facts(CassandraLedger(session, ConsistencyLevel.LOCAL_ONE))
+        finally:
+            cluster.shutdown()
+
+    return wait_for_city(
+        city, role, expected, read=read, repair=lambda: tuple(lc.repair(city, progress)),
+        wait_s=wait_s, repair_after_s=repair_after_s, progress=progress,
+    )  # fmt: skip
+
+
+def wait_for_city(
+    city: str,
+    role: str,
+    expected: Mapping[str, str],
+    *,
+    read: Callable[[], tuple[LedgerSummary | None, Counter[str]]],
+    repair: Callable[[], tuple[Repair, ...]],
+    wait_s: float,
+    repair_after_s: float | None,
+    progress: Progress,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CityLedger:
+    """Read a city's replica again (bounded by ``wait_s``) until it holds every payment
+    of ``expected`` (key -> state) decided with that state: hints may still be on their
+    way to a city that was down.
+
+    Hints do not carry everything: a write whose coordinator died with it, or whose
+    hint was still in memory when a node was killed, reaches a replica only by repair.
+    So a replica still short after ``repair_after_s`` (or at ``wait_s``, if that comes
+    first) is repaired once (what an SRE does once hints are done,
+    docs/operating/drills.md) and read again, at least once even past ``wait_s``; the
+    result names the repair. ``None`` never repairs."""
+    start = clock()
     deadline = start + wait_s
     last: CityLedger | None = None
     error = ""
+    repaired: tuple[Repair, ...] | None = None
     while True:
         try:
-            cluster, session = connect_to_node(
-                address, port, consistency="LOCAL_ONE", keyspace=lc.topo.keyspace.name,
-                timeout_s=LEDGER_SESSION_TIMEOUT_S,
-            )  # fmt: skip
-            try:
-                summary, decisions = ledger_facts(
-                    CassandraLedger(session, ConsistencyLevel.LOCAL_ONE)
-                )
-            finally:
-                cluster.shutdown()
+            summary, decisions = read()
             if summary is None:
                 twice = sorted(k for k, n in decisions.items() if n > 1)
                 return CityLedger(city, role, decisions={k: decisions[k] for k in twice},
-                                  waited_s=time.monotonic() - start, read=False,
+                                  waited_s=clock() - start, read=False,
                                   error=f"{len(twice)} payments decided twice, e.g. "
-                                  f"{', '.join(twice[:3])}")  # fmt: skip
+                                  f"{', '.join(twice[:3])}", repairs=repaired or ())  # fmt: skip
             short = sum(1 for k, s in expected.items() if summary.decided.get(k) != s)
             last = CityLedger(
                 city=city, role=role, decided=dict(summary.decided),
                 undecided=frozenset(summary.undecided),
                 decisions={k: n for k, n in decisions.items() if n},
                 totals={k: (v[0], v[1]) for k, v in summary.totals.items()},
-                entries=summary.entries, waited_s=time.monotonic() - start,
+                entries=summary.entries, waited_s=clock() - start, repairs=repaired or (),
             )  # fmt: skip
             if not short:
                 return last
             error = f"{short} confirmed payments not yet decided there"
         except READ_ERRORS as e:
             error = f"{type(e).__name__}: {e}"
-        if time.monotonic() > deadline:
+            if repaired is not None:
+                last = None  # what was read before the repair is not the answer
+        now = clock()
+        due = repair_after_s is not None and (now - start >= repair_after_s or now > deadline)
+        if repaired is None and due:
+            progress(f"  {city}'s replica ({role}) still short after {now - start:.0f}s of "
+                     f"hints: {error}")  # fmt: skip
+            repaired = repair()
+            continue  # read again now, whatever the time
+        if now > deadline:
             if last is not None:
                 return last  # the checker says what is missing
-            return CityLedger(city, role, waited_s=time.monotonic() - start,
-                              error=error, read=False)  # fmt: skip
+            return CityLedger(city, role, waited_s=now - start, error=error, read=False,
+                              repairs=repaired or ())  # fmt: skip
         progress(f"  {city}'s replica ({role}): {error}; reading again in "
                  f"{LEDGER_READ_RETRY_S:.0f}s (up to {wait_s:.0f}s)")  # fmt: skip
-        time.sleep(LEDGER_READ_RETRY_S)
+        sleep(LEDGER_READ_RETRY_S)
 
 
 # -- banks, caps, resolution ------------------------------------------------------------------
@@ -431,4 +472,5 @@ __all__ = [
     "registered_caps",
     "resolve",
     "wait_converged",
+    "wait_for_city",
 ]

@@ -74,6 +74,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"unserved at once); hints replayed "
         f"{hints['count'] if hints['count'] is not None else 'unavailable'} ({hints['source']})",
     ]
+    for led in report.get("ledgers", []):
+        for r in led.get("repairs", []):
+            lines.append(
+                f"  {led['city']} ({led['role']}) was still short after hints: nodetool repair "
+                f"on {r['zone']} {'done' if r['ok'] else 'FAILED'} in {r['seconds']:.0f}s "
+                f"({r['detail']}); chains {'verified' if led['read'] else 'not verified'} "
+                f"after {led['waited_s']:.0f}s"
+            )
     failed = [c for c in v["checks"] if not c["ok"]]
     lines.append(f"  checks: {len(v['checks']) - len(failed)} passed, {len(failed)} failed")
     for c in v["checks"]:

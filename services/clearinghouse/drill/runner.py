@@ -54,6 +54,9 @@ AFTER_MIN_S = 10.0
 # Payments still retrying when the load stops get this long; then they end unknown.
 DRAIN_TIMEOUT_S = 45.0
 LEDGER_WAIT_S = 120.0
+# A city's replica still short this long after the load stopped is repaired
+# (`nodetool repair --full`), then read again: hints alone do not carry every write.
+REPAIR_AFTER_S = 60.0
 BANK_AGREEMENT_WAIT_S = 60.0
 HINTS_BASELINE_WAIT_S = 60.0
 STEP_EVENT_SPLIT_S = 1.0
@@ -72,6 +75,8 @@ class DrillOptions:
     # Start what is not running, the banks, and register the participants first.
     prepare: bool = True
     ledger_wait_s: float = LEDGER_WAIT_S
+    # None: never repair, to see what hints alone bring.
+    repair_after_s: float | None = REPAIR_AFTER_S
 
 
 def prepare(lc: LocalCluster, progress: Progress) -> None:
@@ -272,7 +277,8 @@ class Drill:
         cities = [c for c in lc.topo.city_names() if c not in restored] + sorted(restored)
         ledgers = [
             observe.read_city(lc, city, role="restored" if city in restored else "survivor",
-                              expected=expected, wait_s=o.ledger_wait_s, progress=say)
+                              expected=expected, wait_s=o.ledger_wait_s, progress=say,
+                              repair_after_s=o.repair_after_s)
             for city in cities
         ]  # fmt: skip
         bank = self._bank_effects(traces, expected)
@@ -328,7 +334,9 @@ class Drill:
                                "(HintsService.HintsSucceeded)", "note": hints_note,
                                "before": self.hints_before, "after": hints_after},
             "ledgers": [{"city": c.city, "role": c.role, "read": c.read, "entries": c.entries,
-                         "waited_s": round(c.waited_s, 1), "error": c.error} for c in ledgers],
+                         "waited_s": round(c.waited_s, 1), "error": c.error,
+                         "repairs": [r.to_json() for r in c.repairs]}
+                        for c in ledgers],
             "files": files,
             "timeline": [s.to_json() for s in secs],
         }  # fmt: skip

@@ -38,6 +38,9 @@ from clearinghouse.topology import default_path as default_topology_path
 ETCD_READY_TIMEOUT_S = 60.0
 CASSANDRA_JOIN_TIMEOUT_S = 120.0
 NODETOOL_TIMEOUT_S = 30.0
+# A full repair of the keyspace from one node (validation of every range it holds,
+# streaming what differs); bounded so that a stuck repair cannot hang its caller.
+NODETOOL_REPAIR_TIMEOUT_S = 600.0
 PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
@@ -78,6 +81,21 @@ class Component:
     @property
     def label(self) -> str:
         return f"{self.kind}@{self.zone.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One ``nodetool repair --full`` of the keyspace from one Cassandra node."""
+
+    zone: str
+    ok: bool
+    seconds: float
+    detail: str  # the last line nodetool printed, or why it did not end
+    log: str  # the node's system.log, where Cassandra says what the repair did
+
+    def to_json(self) -> dict[str, Any]:
+        return {"zone": self.zone, "ok": self.ok, "seconds": round(self.seconds, 1),
+                "detail": self.detail, "log": self.log}  # fmt: skip
 
 
 class LocalCluster:
@@ -591,6 +609,35 @@ class LocalCluster:
             capture_output=True, text=True, timeout=timeout_s, check=False,
         )  # fmt: skip
 
+    def repair(self, city: str, progress: Callable[[str], None] | None = None) -> list[Repair]:
+        """Full repair of the keyspace from every Cassandra node of ``city``, one after
+        another: each range such a node holds is compared with the other cities'
+        replicas and what differs is streamed both ways. Nodes that are down are left
+        out (``--force``). What an SRE runs once hints are done with a city that was
+        down, and what a city that missed writes needs when hints could not carry them
+        (their coordinator died, or they were still in memory when a node was killed)."""
+        say = progress or self.progress
+        nodes = [n for n in self.cassandra_nodes() if n.zone.city == city]
+        if not nodes:
+            raise ClusterError(f"no Cassandra node in city {city!r}")
+        out = []
+        for node in nodes:
+            zone, ks = node.zone.name, self.topo.keyspace.name
+            say(f"repair: nodetool repair --full {ks} on {zone} (up to "
+                f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})")  # fmt: skip
+            start = time.monotonic()
+            try:
+                r = self.nodetool(zone, "repair", "--full", "--force", ks,
+                                  timeout_s=NODETOOL_REPAIR_TIMEOUT_S)  # fmt: skip
+                ok = r.returncode == 0
+                detail = nodetool_gist(r.stdout + r.stderr, r.returncode)
+            except subprocess.TimeoutExpired:
+                ok, detail = False, f"did not end within {NODETOOL_REPAIR_TIMEOUT_S:.0f}s"
+            rep = Repair(zone, ok, time.monotonic() - start, detail, str(node.system_log))
+            say(f"repair: {zone} {'done' if ok else 'FAILED'} in {rep.seconds:.1f}s: {detail}")
+            out.append(rep)
+        return out
+
     def ring(self, via: cassandra.CassandraNode) -> list[dict[str, str]] | None:
         """Cassandra's own view of the ring (``nodetool status``) from node ``via``."""
         try:
@@ -688,6 +735,20 @@ def _knows_all(node: cassandra.CassandraNode, nodes: Sequence[cassandra.Cassandr
         cluster.shutdown()
     want = {(n.zone.address, n.dc) for n in nodes if n is not node}
     return want <= seen
+
+
+def nodetool_gist(output: str, returncode: int) -> str:
+    """The line of nodetool's output that says how it ended: the last one, or when it
+    failed, the last line naming an error (not a stack frame)."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    if returncode != 0:
+        said = [ln for ln in lines if ln.startswith("error:")] or [
+            ln for ln in lines if not ln.startswith(("at ", "..."))
+            and any(w in ln.lower() for w in ("error", "exception", "fail"))
+        ]  # fmt: skip
+        if said:
+            return said[-1][:500]
+    return lines[-1][:500] if lines else f"nodetool exited {returncode}"
 
 
 def parse_nodetool_status(text: str) -> list[dict[str, str]]:
