@@ -21,6 +21,7 @@ from typing import Any
 from clearinghouse import topology
 from clearinghouse.console import observe
 from clearinghouse.console import server as console_server
+from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import ProcessError
@@ -88,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="full repair of the keyspace (nodetool repair --full) from a city's Cassandra "
         "nodes, or from every city's in turn: after a city was down and its hints are done",
     )
-    rp.add_argument("city", nargs="?", default="all", help="a city, or all (default)")
+    rp.add_argument(
+        "city",
+        nargs="?",
+        default="all",
+        help="the city whose nodes repair (each city holds the whole ring, so any one city "
+        "repairs every city); all (default): the first city whose nodes all run",
+    )
     d = sub.add_parser(
         "demo", help="cluster up, banks, participants, a burst of payments, a summary"
     )
@@ -181,6 +188,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def _repair(lc: LocalCluster, city: str) -> int:
+    if city == "all":
+        # Every city holds the whole ring, so one city's nodes repair every range in
+        # every city: the first city whose Cassandra nodes all run.
+        def running(c: str) -> bool:
+            nodes = [n for n in lc.cassandra_nodes() if n.zone.city == c]
+            return all(procs.state(n.managed).alive for n in nodes)
+
+        city = next((c for c in lc.topo.city_names() if running(c)), lc.topo.city_names()[0])
+    reps = lc.repair(city)
+    for r in reps:
+        if not r.ok:
+            why = f"failed: {r.detail}; read {r.log}"
+        elif r.left_out:
+            why = f"left out {', '.join(r.left_out)} (down): not repaired; run again once up"
+        else:
+            continue
+        print(f"clearingctl: repair from cassandra@{r.zone} {why}", file=sys.stderr)
+    return 0 if all(r.ok and not r.left_out for r in reps) else EXIT_FAILED
+
+
 def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
     cmd = args.cmd
     if cmd == "up":
@@ -205,16 +233,7 @@ def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
         lc.apply_schema()
         return 0
     if cmd == "repair":
-        cities = lc.topo.city_names() if args.city == "all" else [args.city]
-        if args.city != "all" and args.city not in lc.topo.city_names():
-            print(f"clearingctl: unknown city {args.city!r}; cities are "
-                  f"{', '.join(lc.topo.city_names())}", file=sys.stderr)  # fmt: skip
-            return EXIT_USAGE
-        failed = [r for city in cities for r in lc.repair(city) if not r.ok]
-        for r in failed:
-            print(f"clearingctl: repair from cassandra@{r.zone} failed: {r.detail}; read "
-                  f"{r.log}", file=sys.stderr)  # fmt: skip
-        return EXIT_FAILED if failed else 0
+        return _repair(lc, args.city)
     action = getattr(lc, cmd)
     hit = action(args.target)
     verb = {

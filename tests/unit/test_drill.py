@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from clearing.v1 import common_pb2, payment_pb2
-from clearinghouse import demo, topology
+from clearinghouse import cli, demo, topology
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import PaymentState, Posting
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, ChainBuilder
@@ -46,8 +46,10 @@ from clearinghouse.drill.observe import (
     ledger_facts,
     wait_for_city,
 )
-from clearinghouse.localcluster.cluster import LocalCluster, Repair, nodetool_gist
+from clearinghouse.localcluster import cluster as cluster_mod
+from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
+from clearinghouse.localcluster.repair import Repair, nodetool_gist
 from clearinghouse.ownership.node import LEASE_TTL_S
 from clearinghouse.switch.ports import Seal, ShardWrite
 from clearinghouse.switch.records import switch_ref_for
@@ -617,16 +619,30 @@ def test_ledger_facts_count_decisions_beside_the_verified_summary() -> None:
         ledger_facts(broken)
 
 
-class CityReplica:
-    """A city's replica seen through ``wait_for_city``: its chain does not verify (a
-    segment short of its successor's seal) until ``heal_after_reads`` reads, or until
-    it is repaired; time moves only when the reader sleeps or the repair runs."""
+GAP = InvariantViolation("shard 2: epoch 224 ends before its successor's seal")
 
-    def __init__(self, heal_after_reads: int | None, repair_s: float = 20.0) -> None:
-        self.heal_after_reads = heal_after_reads
+
+class CityReplica:
+    """A city's replica seen through ``wait_for_city``. ``answers`` are what its reads
+    give before a repair, in turn (the last one repeats): an exception, or the
+    decisions of the chain read (a payment key -> how many DECISION entries), which
+    verifies. ``healed`` is what reads give after it. Time moves only when the reader
+    sleeps or the repair runs."""
+
+    def __init__(
+        self,
+        answers: list[Any],
+        healed: list[Any] | None = None,
+        expected: dict[str, str] | None = None,
+        repair_s: float = 20.0,
+    ) -> None:
+        self.answers = answers
+        self.healed = healed if healed is not None else [{"I/a": 1}]
+        self.expected = expected if expected is not None else {"I/a": "APPROVED"}
         self.repair_s = repair_s
         self.now = 0.0
         self.reads = 0
+        self.reads_after = 0
         self.repairs = 0
         self.said: list[str] = []
 
@@ -637,13 +653,15 @@ class CityReplica:
         self.now += s
 
     def read(self) -> tuple[Any, Any]:
-        self.reads += 1
-        healed = self.repairs or (
-            self.heal_after_reads is not None and self.reads > self.heal_after_reads
-        )
-        if not healed:
-            raise InvariantViolation("shard 2: epoch 224 ends before its successor's seal")
-        return ledger_facts(chain_ledger({"I/a": 1}))
+        if self.repairs:
+            answer = self.healed[min(self.reads_after, len(self.healed) - 1)]
+            self.reads_after += 1
+        else:
+            answer = self.answers[min(self.reads, len(self.answers) - 1)]
+            self.reads += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return ledger_facts(chain_ledger(answer))
 
     def repair(self) -> tuple[Repair, ...]:
         self.repairs += 1
@@ -653,74 +671,147 @@ class CityReplica:
 
     def wait(self, repair_after_s: float | None, wait_s: float = 120.0) -> CityLedger:
         return wait_for_city(
-            "shenzhen", "survivor", {"I/a": "APPROVED"}, read=self.read, repair=self.repair,
+            "shenzhen", "survivor", self.expected, read=self.read, repair=self.repair,
             wait_s=wait_s, repair_after_s=repair_after_s, progress=self.said.append,
             clock=self.clock, sleep=self.sleep,
         )  # fmt: skip
 
 
 def test_a_replica_that_hints_bring_level_is_read_without_a_repair() -> None:
-    city = CityReplica(heal_after_reads=3)
+    city = CityReplica([GAP, GAP, GAP, {"I/a": 1}])
     led = city.wait(repair_after_s=60.0)
     assert led.read and led.decided == {"I/a": "APPROVED"} and led.repairs == ()
-    assert city.repairs == 0 and city.reads == 4
+    assert city.repairs == 0 and city.reads == 4 and led.short_before_repair == ""
 
 
-def test_a_replica_still_short_after_hints_is_repaired_once_and_read_again() -> None:
-    city = CityReplica(heal_after_reads=None)
+def test_a_replica_still_missing_rows_after_hints_is_repaired_once_and_read_again() -> None:
+    city = CityReplica([GAP])
     led = city.wait(repair_after_s=60.0)
     assert city.repairs == 1
     assert led.read and led.decided == {"I/a": "APPROVED"}
     assert [(r.zone, r.ok) for r in led.repairs] == [("shenzhen-a", True)]
+    assert "successor's seal" in led.short_before_repair
     assert 60.0 <= led.waited_s <= 60.0 + LEDGER_READ_RETRY_S + city.repair_s
-    assert any("still short after" in line and "successor's seal" in line for line in city.said)
+    assert any("still lacks rows" in line and "successor's seal" in line for line in city.said)
 
 
-def test_a_repair_past_the_deadline_is_still_read_and_never_runs_twice() -> None:
+def test_a_verified_replica_that_lacks_a_payment_is_repaired() -> None:
+    # The chain verifies but stops before I/b's rows: missing, not different.
+    city = CityReplica([{"I/a": 1}], healed=[{"I/a": 1, "I/b": 1}],
+                       expected={"I/a": "APPROVED", "I/b": "APPROVED"})  # fmt: skip
+    led = city.wait(repair_after_s=60.0)
+    assert city.repairs == 1 and led.read and "I/b" in led.decided
+    assert "1 confirmed payments not yet decided there, e.g. I/b" in led.short_before_repair
+
+
+def test_a_replica_that_differs_is_never_repaired() -> None:
+    # Decided with another state than the client was told: what the drill exists to
+    # catch; a repair would spread the newest version of the row.
+    other = CityReplica([{"I/a": 1}], expected={"I/a": "DECLINED"})
+    led = other.wait(repair_after_s=10.0, wait_s=30.0)
+    assert other.repairs == 0 and led.read and led.decided["I/a"] == "APPROVED"
+    forged = CityReplica([InvariantViolation("shard 0: chain broken at 3: hash mismatch")])
+    led = forged.wait(repair_after_s=10.0, wait_s=30.0)
+    assert forged.repairs == 0 and not led.read and "chain broken" in led.error
+
+
+def test_the_deadline_repairs_first_then_reads_until_the_replica_answers() -> None:
     # The deadline comes before the repair is due: a replica is not given up on without
-    # its repair, and is read once more after it.
-    city = CityReplica(heal_after_reads=None)
+    # its repair, and a read error right after it (a node busy merging) is read again.
+    city = CityReplica([GAP], healed=[TimeoutError("busy"), {"I/a": 1}])
     led = city.wait(repair_after_s=30.0, wait_s=10.0)
-    assert city.repairs == 1 and led.read and len(led.repairs) == 1
+    assert city.repairs == 1 and city.reads_after == 2 and led.read and len(led.repairs) == 1
 
-    class NeverHeals(CityReplica):
-        def read(self) -> tuple[Any, Any]:
-            self.reads += 1
-            raise InvariantViolation("shard 2: epoch 224 ends before its successor's seal")
 
-    stuck = NeverHeals(heal_after_reads=None)
-    led = stuck.wait(repair_after_s=30.0, wait_s=120.0)
-    assert stuck.repairs == 1 and not led.read
-    assert "successor's seal" in led.error and len(led.repairs) == 1
+def test_after_a_repair_only_what_is_read_afterwards_is_the_answer() -> None:
+    # Short before the repair (verified, I/b missing), unreadable after it: the answer
+    # is the error, not the ledger read before the repair.
+    city = CityReplica([{"I/a": 1}], healed=[GAP],
+                       expected={"I/a": "APPROVED", "I/b": "APPROVED"})  # fmt: skip
+    led = city.wait(repair_after_s=30.0, wait_s=60.0)
+    assert city.repairs == 1 and not led.read and "successor's seal" in led.error
+    assert led.decided == {} and "I/b" in led.short_before_repair
+    never = CityReplica([GAP], healed=[GAP])
+    led = never.wait(repair_after_s=30.0)
+    assert never.repairs == 1 and not led.read and len(led.repairs) == 1
 
 
 def test_without_repair_a_replica_short_at_the_deadline_is_unread() -> None:
-    city = CityReplica(heal_after_reads=None)
+    city = CityReplica([GAP])
     led = city.wait(repair_after_s=None, wait_s=30.0)
     assert city.repairs == 0 and not led.read and led.repairs == ()
     assert "successor's seal" in led.error and led.waited_s >= 30.0
 
 
-def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
+@pytest.fixture()
+def six_node_cluster(
     topo: topology.Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[LocalCluster, list[tuple[str, tuple[str, ...]]], set[str]]:
+    """A LocalCluster of six Cassandra nodes whose nodetool is faked: each call is
+    recorded; ``down`` names nodes whose process is not running."""
     lc = LocalCluster(topo, Paths.default(tmp_path), progress=lambda _: None)
-    lc.spec = lambda: SimpleNamespace(cassandra_nodes=6)  # type: ignore[method-assign]
+    monkeypatch.setattr(lc, "spec", lambda: SimpleNamespace(cassandra_nodes=6))
     asked: list[tuple[str, tuple[str, ...]]] = []
+    down: set[str] = set()
 
     def nodetool(zone: str, *args: str, timeout_s: float) -> Any:
         asked.append((zone, args))
         if zone == "shenzhen-b":
             return subprocess.CompletedProcess([], 2, "", "error: Repair job has failed\n")
+        if zone == "beijing-b":
+            raise subprocess.TimeoutExpired("nodetool", timeout_s)
+        if zone == "shanghai-b":
+            raise FileNotFoundError("java")
         return subprocess.CompletedProcess([], 0, "[x] Repair completed successfully\n", "")
 
+    def state(m: Any) -> Any:
+        return SimpleNamespace(alive=m.name not in down)
+
     monkeypatch.setattr(lc, "nodetool", nodetool)
+    monkeypatch.setattr(cluster_mod.procs, "state", state)
+    return lc, asked, down
+
+
+def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
+    six_node_cluster: Any, topo: topology.Topology
+) -> None:
+    lc, asked, down = six_node_cluster
+    down.add("beijing-a")
     reps = lc.repair("shenzhen")
     assert asked == [(z, ("repair", "--full", "--force", topo.keyspace.name))
                      for z in ("shenzhen-a", "shenzhen-b")]  # fmt: skip
     assert [(r.zone, r.ok) for r in reps] == [("shenzhen-a", True), ("shenzhen-b", False)]
     assert reps[0].detail.endswith("completed successfully") and "failed" in reps[1].detail
     assert reps[1].log.endswith("system.log")
+    assert reps[0].left_out == ("cassandra@beijing-a",)
+    timed_out, unrunnable = lc.repair("beijing")[1], lc.repair("shanghai")[1]
+    assert not timed_out.ok and "may still run on the node" in timed_out.detail
+    assert not unrunnable.ok and "could not run" in unrunnable.detail
+    with pytest.raises(ClusterError, match="cities are beijing, shanghai, shenzhen"):
+        lc.repair("mars")
+
+
+def test_cluster_repair_exits_non_zero_unless_every_node_was_repaired(
+    six_node_cluster: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lc, asked, down = six_node_cluster
+    monkeypatch.setattr(cli, "LocalCluster", lambda *a, **k: lc)
+    assert cli.main(["cluster", "repair", "shenzhen"]) == cli.EXIT_FAILED
+    assert "repair from cassandra@shenzhen-b failed: error: Repair job" in capsys.readouterr().err
+    # all: one city's nodes repair every city; the first city whose nodes all run.
+    asked.clear()
+    lc.nodetool = lambda zone, *a, timeout_s: (  # type: ignore[method-assign]
+        asked.append((zone, a)) or subprocess.CompletedProcess([], 0, "ok\n", "")
+    )
+    assert cli.main(["cluster", "repair"]) == 0
+    assert [z for z, _ in asked] == ["beijing-a", "beijing-b"]
+    asked.clear()
+    down.add("beijing-b")
+    assert cli.main(["cluster", "repair", "all"]) == cli.EXIT_FAILED  # beijing-b left out
+    assert [z for z, _ in asked] == ["shanghai-a", "shanghai-b"]
+    assert "left out cassandra@beijing-b (down): not repaired" in capsys.readouterr().err
+    assert cli.main(["cluster", "repair", "mars"]) == cli.EXIT_FAILED
+    assert "no Cassandra node in city 'mars'" in capsys.readouterr().err
 
 
 def test_nodetool_gist_names_the_error_not_a_stack_frame() -> None:
@@ -821,15 +912,21 @@ def test_the_summary_says_lost_duplicated_and_the_result() -> None:
 def test_the_summary_names_a_city_that_took_a_repair() -> None:
     secs = timeline.per_second(synthetic(10.0, 14.0), 40.0)
     rep = fake_report(secs, ok=True)
+    repair = Repair("shenzhen-a", True, 21.4, "Repair completed successfully", "system.log",
+                    left_out=("cassandra@beijing-b",))  # fmt: skip
     rep["ledgers"] = [
         {"city": "beijing", "role": "survivor", "read": True, "waited_s": 0.4, "repairs": []},
         {"city": "shenzhen", "role": "survivor", "read": True, "waited_s": 88.0,
-         "repairs": [Repair("shenzhen-a", True, 21.4, "Repair completed successfully",
-                            "system.log").to_json()]},
+         "repairs": [repair.to_json()], "short_before_repair": "shard 2: epoch 224 ends"},
+        {"city": "shanghai", "role": "restored", "read": True, "waited_s": 0.5,
+         "repairs": [], "after_repair_of": "shenzhen"},
     ]  # fmt: skip
     lines = [line for line in report.summary_lines(rep) if "repair" in line]
-    assert len(lines) == 1 and lines[0].startswith("  shenzhen (survivor) was still short")
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("  shenzhen (survivor) still lacked rows after hints (shard 2")
     assert "on shenzhen-a done in 21s" in lines[0] and "chains verified after 88s" in lines[0]
+    assert lines[1] == "    left out (down), not repaired: cassandra@beijing-b"
+    assert lines[2].startswith("  shanghai (restored) was read after the repair from shenzhen")
 
 
 def test_the_timeline_page_is_self_contained_and_marks_the_fault(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from clearinghouse.drill.clientlog import (
     UNKNOWN,
     PaymentTrace,
 )
-from clearinghouse.localcluster.cluster import Repair
+from clearinghouse.localcluster.repair import Repair
 from clearinghouse.switch.records import SHARD_COUNT
 
 EXAMPLES_MAX = 5
@@ -64,8 +64,12 @@ class CityLedger:
     # Why the last read failed (the chain did not verify yet, the node did not answer).
     error: str = ""
     read: bool = True
-    # The repairs it took when hints were not enough (one per Cassandra node of the city).
+    # The repairs it took when hints were not enough (one per Cassandra node of the city),
+    # and what the replica lacked before them.
     repairs: tuple[Repair, ...] = ()
+    short_before_repair: str = ""
+    # Read after another city's repair, which brought every city's replicas level.
+    after_repair_of: str = ""
 
 
 @dataclass(frozen=True, slots=True)

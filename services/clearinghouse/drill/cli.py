@@ -85,6 +85,9 @@ def run(lc: LocalCluster, args: argparse.Namespace, progress: Any) -> int:
     if opts.rate_per_s < 0 or opts.duration_s <= 0:
         print("clearingctl: --rate must be >= 0 and --duration-s > 0", file=sys.stderr)
         return EXIT_USAGE
+    if args.repair_after_s < 0 or opts.ledger_wait_s < 0:
+        print("clearingctl: --repair-after-s and --ledger-wait-s must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
     try:
         rep = runner.run(lc, opts, progress)
     except PlanError as e:

@@ -36,7 +36,8 @@ from clearinghouse.drill.clientlog import FINAL_STATES, NOT_FOUND, UNRESOLVED
 from clearinghouse.drill.load import error_of, state_name
 from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
-from clearinghouse.localcluster.cluster import LocalCluster, Repair
+from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.localcluster.repair import Repair
 from clearinghouse.ownership import placement
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
@@ -52,6 +53,9 @@ DESCRIBE_TIMEOUT_S = 1.5
 OWNERSHIP_CONVERGE_TIMEOUT_S = 90.0
 OWNERSHIP_POLL_S = 0.5
 LEDGER_READ_RETRY_S = 3.0
+# After a repair, a replica gets this long to read whole (a node busy merging what it
+# streamed can time a read out).
+POST_REPAIR_READ_S = 15.0
 LEDGER_SESSION_TIMEOUT_S = 10.0
 BANK_AGREEMENT_POLL_S = 2.0
 RESOLVE_BUDGET_S = 60.0
@@ -237,6 +241,14 @@ def read_city(
     )  # fmt: skip
 
 
+# What a replica that only *lacks* rows looks like when its chains are read (the rows a
+# successor's seal covers, or a seal's predecessor, not there yet). Anything else (a
+# hash that does not verify, a payment decided with another state) is not a replica
+# behind: it is what the drill exists to catch, and a repair would copy the newest
+# version of a differing row everywhere (README, "compare-cities").
+MISSING_ROWS = ("ends before its successor's seal", "names a missing epoch")
+
+
 def wait_for_city(
     city: str,
     role: str,
@@ -254,17 +266,22 @@ def wait_for_city(
     of ``expected`` (key -> state) decided with that state: hints may still be on their
     way to a city that was down.
 
-    Hints do not carry everything: a write whose coordinator died with it, or whose
-    hint was still in memory when a node was killed, reaches a replica only by repair.
-    So a replica still short after ``repair_after_s`` (or at ``wait_s``, if that comes
-    first) is repaired once (what an SRE does once hints are done,
-    docs/operating/drills.md) and read again, at least once even past ``wait_s``; the
-    result names the repair. ``None`` never repairs."""
+    Hints do not carry every write: a replica that is up but slow gets a hint only when
+    the write times out at its coordinator (``write_request_timeout``), and hints sit in
+    memory until flushed (every 10 s); a coordinator killed before either loses them.
+    Such a write reaches the replica only by repair. So a replica that still only
+    *lacks* rows after ``repair_after_s`` (or at ``wait_s``, if that comes first) is
+    repaired once (``clearingctl cluster repair``: what an SRE does once hints are done)
+    and read again for up to ``POST_REPAIR_READ_S``; the result names the repair and
+    what the replica lacked before it. A replica that differs (another state, a chain
+    whose hashes do not verify) is never repaired. ``None`` never repairs."""
     start = clock()
     deadline = start + wait_s
     last: CityLedger | None = None
     error = ""
+    repairable = False
     repaired: tuple[Repair, ...] | None = None
+    before = ""
     while True:
         try:
             summary, decisions = read()
@@ -273,36 +290,45 @@ def wait_for_city(
                 return CityLedger(city, role, decisions={k: decisions[k] for k in twice},
                                   waited_s=clock() - start, read=False,
                                   error=f"{len(twice)} payments decided twice, e.g. "
-                                  f"{', '.join(twice[:3])}", repairs=repaired or ())  # fmt: skip
-            short = sum(1 for k, s in expected.items() if summary.decided.get(k) != s)
+                                  f"{', '.join(twice[:3])}", repairs=repaired or (),
+                                  short_before_repair=before)  # fmt: skip
+            short = sorted(k for k, s in expected.items() if summary.decided.get(k) != s)
             last = CityLedger(
                 city=city, role=role, decided=dict(summary.decided),
                 undecided=frozenset(summary.undecided),
                 decisions={k: n for k, n in decisions.items() if n},
                 totals={k: (v[0], v[1]) for k, v in summary.totals.items()},
                 entries=summary.entries, waited_s=clock() - start, repairs=repaired or (),
+                short_before_repair=before,
             )  # fmt: skip
             if not short:
                 return last
-            error = f"{short} confirmed payments not yet decided there"
+            error = (f"{len(short)} confirmed payments not yet decided there, e.g. "
+                     f"{', '.join(short[:3])}")  # fmt: skip
+            repairable = all(k not in summary.decided for k in short)
         except READ_ERRORS as e:
             error = f"{type(e).__name__}: {e}"
+            repairable = isinstance(e, InvariantViolation) and any(
+                m in str(e) for m in MISSING_ROWS
+            )
             if repaired is not None:
                 last = None  # what was read before the repair is not the answer
         now = clock()
         due = repair_after_s is not None and (now - start >= repair_after_s or now > deadline)
-        if repaired is None and due:
-            progress(f"  {city}'s replica ({role}) still short after {now - start:.0f}s of "
-                     f"hints: {error}")  # fmt: skip
+        if repaired is None and due and repairable:
+            progress(f"  {city}'s replica ({role}) still lacks rows after {now - start:.0f}s "
+                     f"of hints: {error}")  # fmt: skip
+            before = error
             repaired = repair()
-            continue  # read again now, whatever the time
+            deadline = max(deadline, clock() + POST_REPAIR_READ_S)
+            continue  # read again now
         if now > deadline:
             if last is not None:
                 return last  # the checker says what is missing
             return CityLedger(city, role, waited_s=now - start, error=error, read=False,
-                              repairs=repaired or ())  # fmt: skip
+                              repairs=repaired or (), short_before_repair=before)  # fmt: skip
         progress(f"  {city}'s replica ({role}): {error}; reading again in "
-                 f"{LEDGER_READ_RETRY_S:.0f}s (up to {wait_s:.0f}s)")  # fmt: skip
+                 f"{LEDGER_READ_RETRY_S:.0f}s (up to {deadline - start:.0f}s)")  # fmt: skip
         sleep(LEDGER_READ_RETRY_S)
 
 

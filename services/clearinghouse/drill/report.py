@@ -77,10 +77,18 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for led in report.get("ledgers", []):
         for r in led.get("repairs", []):
             lines.append(
-                f"  {led['city']} ({led['role']}) was still short after hints: nodetool repair "
-                f"on {r['zone']} {'done' if r['ok'] else 'FAILED'} in {r['seconds']:.0f}s "
+                f"  {led['city']} ({led['role']}) still lacked rows after hints "
+                f"({led.get('short_before_repair') or 'see report.json'}): nodetool repair on "
+                f"{r['zone']} {'done' if r['ok'] else 'FAILED'} in {r['seconds']:.0f}s "
                 f"({r['detail']}); chains {'verified' if led['read'] else 'not verified'} "
                 f"after {led['waited_s']:.0f}s"
+            )
+            if r.get("left_out"):
+                lines.append(f"    left out (down), not repaired: {', '.join(r['left_out'])}")
+        if led.get("after_repair_of"):
+            lines.append(
+                f"  {led['city']} ({led['role']}) was read after the repair from "
+                f"{led['after_repair_of']}, which levels every city's replicas"
             )
     failed = [c for c in v["checks"] if not c["ok"]]
     lines.append(f"  checks: {len(v['checks']) - len(failed)} passed, {len(failed)} failed")

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from clearinghouse.drill import observe, report, scenarios, timeline
 from clearinghouse.drill.checker import (
     BankEffect,
     Check,
+    CityLedger,
     Evidence,
     expected_state,
     judge,
@@ -54,7 +55,7 @@ AFTER_MIN_S = 10.0
 # Payments still retrying when the load stops get this long; then they end unknown.
 DRAIN_TIMEOUT_S = 45.0
 LEDGER_WAIT_S = 120.0
-# A city's replica still short this long after the load stopped is repaired
+# A city's replica that still lacks rows this long after its reading began is repaired
 # (`nodetool repair --full`), then read again: hints alone do not carry every write.
 REPAIR_AFTER_S = 60.0
 BANK_AGREEMENT_WAIT_S = 60.0
@@ -275,12 +276,17 @@ class Drill:
         expected = {t.key: s for t in traces if (s := expected_state(t)) is not None}
         restored = {lc.topo.zone(z).city for z in restarted}
         cities = [c for c in lc.topo.city_names() if c not in restored] + sorted(restored)
-        ledgers = [
-            observe.read_city(lc, city, role="restored" if city in restored else "survivor",
-                              expected=expected, wait_s=o.ledger_wait_s, progress=say,
-                              repair_after_s=o.repair_after_s)
-            for city in cities
-        ]  # fmt: skip
+        ledgers: list[CityLedger] = []
+        repaired_by = ""  # a repair from one city's nodes levels every city's replicas
+        for city in cities:
+            led = observe.read_city(lc, city, role="restored" if city in restored else "survivor",
+                                    expected=expected, wait_s=o.ledger_wait_s, progress=say,
+                                    repair_after_s=o.repair_after_s)  # fmt: skip
+            if repaired_by:
+                led = replace(led, after_repair_of=repaired_by)
+            elif led.repairs:
+                repaired_by = city
+            ledgers.append(led)
         bank = self._bank_effects(traces, expected)
         caps = observe.registered_caps(observe.admin_stubs(lc.topo, {
             z: c.channel for z, (c, _) in channels.items()}))  # fmt: skip
@@ -335,7 +341,9 @@ class Drill:
                                "before": self.hints_before, "after": hints_after},
             "ledgers": [{"city": c.city, "role": c.role, "read": c.read, "entries": c.entries,
                          "waited_s": round(c.waited_s, 1), "error": c.error,
-                         "repairs": [r.to_json() for r in c.repairs]}
+                         "repairs": [r.to_json() for r in c.repairs],
+                         "short_before_repair": c.short_before_repair,
+                         "after_repair_of": c.after_repair_of}
                         for c in ledgers],
             "files": files,
             "timeline": [s.to_json() for s in secs],

@@ -28,6 +28,7 @@ from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
+from clearinghouse.localcluster.repair import Repair, nodetool_gist
 from clearinghouse.security import pki
 from clearinghouse.storage import schema
 from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
@@ -81,21 +82,6 @@ class Component:
     @property
     def label(self) -> str:
         return f"{self.kind}@{self.zone.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Repair:
-    """One ``nodetool repair --full`` of the keyspace from one Cassandra node."""
-
-    zone: str
-    ok: bool
-    seconds: float
-    detail: str  # the last line nodetool printed, or why it did not end
-    log: str  # the node's system.log, where Cassandra says what the repair did
-
-    def to_json(self) -> dict[str, Any]:
-        return {"zone": self.zone, "ok": self.ok, "seconds": round(self.seconds, 1),
-                "detail": self.detail, "log": self.log}  # fmt: skip
 
 
 class LocalCluster:
@@ -611,20 +597,26 @@ class LocalCluster:
 
     def repair(self, city: str, progress: Callable[[str], None] | None = None) -> list[Repair]:
         """Full repair of the keyspace from every Cassandra node of ``city``, one after
-        another: each range such a node holds is compared with the other cities'
-        replicas and what differs is streamed both ways. Nodes that are down are left
-        out (``--force``). What an SRE runs once hints are done with a city that was
-        down, and what a city that missed writes needs when hints could not carry them
-        (their coordinator died, or they were still in memory when a node was killed)."""
+        another. Without ``-pr`` a node repairs every range it holds with every replica
+        of it, in every city; each city holds the whole ring, so one city's nodes bring
+        every city level. Nodes that are down are left out (``--force``) and named in the
+        result: they are not repaired. What an SRE runs once hints are done with a city
+        that was down, and what a replica needs when hints could not carry a write (a
+        coordinator killed before it wrote or flushed the hint)."""
         say = progress or self.progress
         nodes = [n for n in self.cassandra_nodes() if n.zone.city == city]
         if not nodes:
-            raise ClusterError(f"no Cassandra node in city {city!r}")
+            cities = ", ".join(self.topo.city_names())
+            raise ClusterError(f"no Cassandra node in city {city!r}; cities are {cities}")
+        ks = self.topo.keyspace.name
         out = []
         for node in nodes:
-            zone, ks = node.zone.name, self.topo.keyspace.name
+            zone = node.zone.name
+            down = tuple(f"cassandra@{n.zone.name}" for n in self.cassandra_nodes()
+                         if not procs.state(n.managed).alive)  # fmt: skip
             say(f"repair: nodetool repair --full {ks} on {zone} (up to "
-                f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})")  # fmt: skip
+                f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})"
+                + (f"; left out, down: {', '.join(down)}" if down else ""))  # fmt: skip
             start = time.monotonic()
             try:
                 r = self.nodetool(zone, "repair", "--full", "--force", ks,
@@ -632,8 +624,16 @@ class LocalCluster:
                 ok = r.returncode == 0
                 detail = nodetool_gist(r.stdout + r.stderr, r.returncode)
             except subprocess.TimeoutExpired:
-                ok, detail = False, f"did not end within {NODETOOL_REPAIR_TIMEOUT_S:.0f}s"
-            rep = Repair(zone, ok, time.monotonic() - start, detail, str(node.system_log))
+                ok, detail = (
+                    False,
+                    (
+                        f"nodetool did not end within {NODETOOL_REPAIR_TIMEOUT_S:.0f}s; the repair "
+                        f"may still run on the node (nodetool repair_admin list)"
+                    ),
+                )
+            except OSError as e:
+                ok, detail = False, f"nodetool could not run: {e}"
+            rep = Repair(zone, ok, time.monotonic() - start, detail, str(node.system_log), down)
             say(f"repair: {zone} {'done' if ok else 'FAILED'} in {rep.seconds:.1f}s: {detail}")
             out.append(rep)
         return out
@@ -735,20 +735,6 @@ def _knows_all(node: cassandra.CassandraNode, nodes: Sequence[cassandra.Cassandr
         cluster.shutdown()
     want = {(n.zone.address, n.dc) for n in nodes if n is not node}
     return want <= seen
-
-
-def nodetool_gist(output: str, returncode: int) -> str:
-    """The line of nodetool's output that says how it ended: the last one, or when it
-    failed, the last line naming an error (not a stack frame)."""
-    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
-    if returncode != 0:
-        said = [ln for ln in lines if ln.startswith("error:")] or [
-            ln for ln in lines if not ln.startswith(("at ", "..."))
-            and any(w in ln.lower() for w in ("error", "exception", "fail"))
-        ]  # fmt: skip
-        if said:
-            return said[-1][:500]
-    return lines[-1][:500] if lines else f"nodetool exited {returncode}"
 
 
 def parse_nodetool_status(text: str) -> list[dict[str, str]]:
