@@ -21,7 +21,6 @@ from typing import Any
 from clearinghouse import topology
 from clearinghouse.console import observe
 from clearinghouse.console import server as console_server
-from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import ProcessError
@@ -86,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_parser("schema", help="apply the keyspace and tables (idempotent)")
     rp = cs.add_parser(
         "repair",
-        help="full repair of the keyspace (nodetool repair --full) from a city's Cassandra "
-        "nodes, or from every city's in turn: after a city was down and its hints are done",
+        help="full repair of the keyspace (nodetool repair --full) from one city's Cassandra "
+        "nodes, which levels every city: after a city was down and its hints are done",
     )
     rp.add_argument(
         "city",
@@ -189,15 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _repair(lc: LocalCluster, city: str) -> int:
-    if city == "all":
-        # Every city holds the whole ring, so one city's nodes repair every range in
-        # every city: the first city whose Cassandra nodes all run.
-        def running(c: str) -> bool:
-            nodes = [n for n in lc.cassandra_nodes() if n.zone.city == c]
-            return all(procs.state(n.managed).alive for n in nodes)
-
-        city = next((c for c in lc.topo.city_names() if running(c)), lc.topo.city_names()[0])
-    reps = lc.repair(city)
+    reps = lc.repair(None if city == "all" else city)
     for r in reps:
         if not r.ok:
             why = f"failed: {r.detail}; read {r.log}"

@@ -65,8 +65,8 @@ def add_parser(sub: Any) -> None:
         "--repair-after-s",
         type=float,
         default=runner.REPAIR_AFTER_S,
-        help="a city's replica still short after this long is repaired (nodetool repair "
-        "--full) and read again; the report says so",
+        help="a city's replica that still lacks rows after this long is repaired (nodetool "
+        "repair --full) and read again; the report says so",
     )
     d.add_argument(
         "--no-repair",

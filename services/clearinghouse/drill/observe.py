@@ -280,7 +280,8 @@ def wait_for_city(
     last: CityLedger | None = None
     error = ""
     repairable = False
-    repaired: tuple[Repair, ...] | None = None
+    repairs: tuple[Repair, ...] = ()
+    repaired = False
     before = ""
     while True:
         try:
@@ -290,7 +291,7 @@ def wait_for_city(
                 return CityLedger(city, role, decisions={k: decisions[k] for k in twice},
                                   waited_s=clock() - start, read=False,
                                   error=f"{len(twice)} payments decided twice, e.g. "
-                                  f"{', '.join(twice[:3])}", repairs=repaired or (),
+                                  f"{', '.join(twice[:3])}", repairs=repairs,
                                   short_before_repair=before)  # fmt: skip
             short = sorted(k for k, s in expected.items() if summary.decided.get(k) != s)
             last = CityLedger(
@@ -298,7 +299,7 @@ def wait_for_city(
                 undecided=frozenset(summary.undecided),
                 decisions={k: n for k, n in decisions.items() if n},
                 totals={k: (v[0], v[1]) for k, v in summary.totals.items()},
-                entries=summary.entries, waited_s=clock() - start, repairs=repaired or (),
+                entries=summary.entries, waited_s=clock() - start, repairs=repairs,
                 short_before_repair=before,
             )  # fmt: skip
             if not short:
@@ -311,22 +312,22 @@ def wait_for_city(
             repairable = isinstance(e, InvariantViolation) and any(
                 m in str(e) for m in MISSING_ROWS
             )
-            if repaired is not None:
+            if repaired:
                 last = None  # what was read before the repair is not the answer
         now = clock()
         due = repair_after_s is not None and (now - start >= repair_after_s or now > deadline)
-        if repaired is None and due and repairable:
+        if not repaired and due and repairable:
             progress(f"  {city}'s replica ({role}) still lacks rows after {now - start:.0f}s "
                      f"of hints: {error}")  # fmt: skip
-            before = error
-            repaired = repair()
+            before, repaired = error, True
+            repairs = repair()
             deadline = max(deadline, clock() + POST_REPAIR_READ_S)
             continue  # read again now
         if now > deadline:
             if last is not None:
                 return last  # the checker says what is missing
             return CityLedger(city, role, waited_s=now - start, error=error, read=False,
-                              repairs=repaired or (), short_before_repair=before)  # fmt: skip
+                              repairs=repairs, short_before_repair=before)  # fmt: skip
         progress(f"  {city}'s replica ({role}): {error}; reading again in "
                  f"{LEDGER_READ_RETRY_S:.0f}s (up to {deadline - start:.0f}s)")  # fmt: skip
         sleep(LEDGER_READ_RETRY_S)

@@ -595,16 +595,25 @@ class LocalCluster:
             capture_output=True, text=True, timeout=timeout_s, check=False,
         )  # fmt: skip
 
-    def repair(self, city: str, progress: Callable[[str], None] | None = None) -> list[Repair]:
-        """Full repair of the keyspace from every Cassandra node of ``city``, one after
-        another. Without ``-pr`` a node repairs every range it holds with every replica
-        of it, in every city; each city holds the whole ring, so one city's nodes bring
-        every city level. Nodes that are down are left out (``--force``) and named in the
-        result: they are not repaired. What an SRE runs once hints are done with a city
-        that was down, and what a replica needs when hints could not carry a write (a
-        coordinator killed before it wrote or flushed the hint)."""
+    def repair(
+        self, city: str | None = None, progress: Callable[[str], None] | None = None
+    ) -> list[Repair]:
+        """Full repair of the keyspace from every Cassandra node of ``city`` (None: the
+        first city whose nodes all run), one after another. Without ``-pr`` a node
+        repairs every range it holds with every replica of it, in every city; each city
+        holds the whole ring, so one city's nodes bring every city level. Nodes that are
+        down are left out (``--force``) and named in the result: they are not repaired.
+        What an SRE runs once hints are done with a city that was down, and what a
+        replica needs when hints could not carry a write (a coordinator killed before it
+        wrote or flushed the hint)."""
         say = progress or self.progress
-        nodes = [n for n in self.cassandra_nodes() if n.zone.city == city]
+        every = self.cassandra_nodes()
+        if city is None:
+            up = {n.zone.city for n in every} - {
+                n.zone.city for n in every if not procs.state(n.managed).alive
+            }
+            city = next((c for c in self.topo.city_names() if c in up), every[0].zone.city)
+        nodes = [n for n in every if n.zone.city == city]
         if not nodes:
             cities = ", ".join(self.topo.city_names())
             raise ClusterError(f"no Cassandra node in city {city!r}; cities are {cities}")
@@ -612,7 +621,7 @@ class LocalCluster:
         out = []
         for node in nodes:
             zone = node.zone.name
-            down = tuple(f"cassandra@{n.zone.name}" for n in self.cassandra_nodes()
+            down = tuple(f"cassandra@{n.zone.name}" for n in every
                          if not procs.state(n.managed).alive)  # fmt: skip
             say(f"repair: nodetool repair --full {ks} on {zone} (up to "
                 f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})"
@@ -624,12 +633,10 @@ class LocalCluster:
                 ok = r.returncode == 0
                 detail = nodetool_gist(r.stdout + r.stderr, r.returncode)
             except subprocess.TimeoutExpired:
-                ok, detail = (
-                    False,
-                    (
-                        f"nodetool did not end within {NODETOOL_REPAIR_TIMEOUT_S:.0f}s; the repair "
-                        f"may still run on the node (nodetool repair_admin list)"
-                    ),
+                ok = False
+                detail = (
+                    f"nodetool did not end within {NODETOOL_REPAIR_TIMEOUT_S:.0f}s; the repair "
+                    "may still run on the node (nodetool repair_admin list)"
                 )
             except OSError as e:
                 ok, detail = False, f"nodetool could not run: {e}"
