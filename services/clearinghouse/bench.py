@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pyetcd
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clearing.v1 import payment_pb2
@@ -307,8 +306,7 @@ def _cpu_and_rss(lc: LocalCluster) -> tuple[dict[str, float], int]:
 
 def _shard_owners(lc: LocalCluster) -> dict[int, str]:
     """Shard -> owning zone, read once from etcd (ownership is stable during a bench)."""
-    z = lc.topo.etcd_zones()[0]
-    client = pyetcd.client(host=z.address, port=z.ports.etcd_client, timeout=5)
+    client = lc.etcd_client()
     try:
         return {
             int(meta.key.decode().rsplit("/", 1)[1]): value.decode()

@@ -79,14 +79,15 @@ def test_city_loss_and_rejoin(healthy_cluster: LocalCluster, city: str) -> None:
     assert lc.apply_schema() == []
 
     survivors = [m for m in lc.etcd_members() if m.zone.city != city]
-    assert all(etcd_mod.healthy(m) for m in survivors)
-    leaders = {etcd_mod.status(m)["leader_id"] for m in survivors}  # type: ignore[index]
+    operator = lc.etcd_files()
+    assert all(etcd_mod.healthy(m, operator) for m in survivors)
+    leaders = {etcd_mod.status(m, operator)["leader_id"] for m in survivors}  # type: ignore[index]
     assert len(leaders) == 1 and "" not in leaders
 
     started = lc.start(city)
     assert sorted(started) == sorted([f"etcd@{zone}", f"cassandra@{zone}", *switches])
     lost = etcd_mod.members(lc.topo, lc.paths)
-    assert eventually(lambda: all(etcd_mod.healthy(m) for m in lost), 30)
+    assert eventually(lambda: all(etcd_mod.healthy(m, operator) for m in lost), 30)
 
     # The rejoined city's own replica catches up on what it missed (hint replay).
     def replica_has_all() -> bool:

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import pyetcd
 import pytest
 
 from clearing.v1 import common_pb2, payment_pb2
@@ -60,8 +59,7 @@ CAP_USED_FRACTION_MIN = 0.85
 
 
 def shard_owners(env: SwitchEnv) -> dict[int, str]:
-    z = env.lc.topo.etcd_zones()[1]
-    client = pyetcd.client(host=z.address, port=z.ports.etcd_client, timeout=5)
+    client = env.lc.etcd_client(env.lc.topo.etcd_zones()[1])
     try:
         return {
             int(meta.key.decode().rsplit("/", 1)[1]): value.decode()

@@ -6,10 +6,17 @@ import json
 import subprocess
 import sys
 
+import pyetcd
+import pyetcd.exceptions
 import pytest
 from cassandra import ConsistencyLevel
 
+from clearinghouse.localcluster import etcd as etcd_mod
 from clearinghouse.localcluster.cluster import LocalCluster
+from clearinghouse.ownership import etcd_backend
+from clearinghouse.ownership.view import KEY_PREFIX, shard_key
+from clearinghouse.security import pki
+from clearinghouse.switch.records import SHARD_COUNT
 from tests.support import read_probe, session_on_replica, session_preferring, write_probe
 
 pytestmark = pytest.mark.integration
@@ -85,3 +92,34 @@ def test_status_json_from_the_command_line(healthy_cluster: LocalCluster) -> Non
     up = {(r["kind"], r["zone"]) for r in st["processes"] if r["state"] == "up"}
     assert {z for k, z in up if k == "cassandra"} == {"beijing-a", "shanghai-a", "shenzhen-a"}
     assert {z for k, z in up if k == "switch"} == set(healthy_cluster.topo.zone_names())
+
+
+def test_etcd_answers_only_certificates_of_the_cluster_ca(healthy_cluster: LocalCluster) -> None:
+    """etcd decides who writes each ledger shard: only the cluster's own CA opens it.
+    The switch's CA (participants, and an operator of the same name) and plaintext do not."""
+    lc = healthy_cluster
+    member = lc.etcd_members()[0]
+    z = member.zone
+
+    client = lc.etcd_client(z)
+    try:
+        owners = list(client.get_prefix(shard_key(KEY_PREFIX, 0)[:-1]))
+    finally:
+        client.close()
+    assert len(owners) == SHARD_COUNT
+    assert etcd_mod.healthy(member, lc.etcd_files())
+
+    # The same operator name, certified by the switch's CA instead, from a client that
+    # trusts etcd's certificate: etcd refuses it in the handshake.
+    switch_operator = pki.LocalCA(lc.pki_dir).files(pki.operator())
+    foreign = pki.PemFiles(lc.etcd_files().ca, switch_operator.cert, switch_operator.key)
+    assert not etcd_mod.healthy(member, foreign)
+    for refused in (
+        etcd_backend.connect(z.address, z.ports.etcd_client, foreign, timeout_s=3),
+        pyetcd.client(host=z.address, port=z.ports.etcd_client, timeout=3),  # plaintext
+    ):
+        try:
+            with pytest.raises(pyetcd.exceptions.Etcd3Exception):
+                refused.get(shard_key(KEY_PREFIX, 0))
+        finally:
+            refused.close()

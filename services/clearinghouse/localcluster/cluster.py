@@ -29,7 +29,10 @@ from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.localcluster.repair import Repair, nodetool_gist
+from clearinghouse.ownership import etcd_backend
+from clearinghouse.ownership.etcd_backend import EtcdClient
 from clearinghouse.security import pki
+from clearinghouse.security.identity import Identity
 from clearinghouse.storage import schema
 from clearinghouse.storage.session import CassandraConfig, connect, connect_to_node
 from clearinghouse.switch.records import SHARD_COUNT
@@ -37,6 +40,11 @@ from clearinghouse.topology import Topology, Zone
 from clearinghouse.topology import default_path as default_topology_path
 
 ETCD_READY_TIMEOUT_S = 60.0
+# Each unary call of an operator's etcd client (bench, tests, drills).
+ETCD_CLIENT_TIMEOUT_S = 5.0
+# The cluster's own certificate authority, under the state folder: etcd trusts it alone
+# (see localcluster.etcd). A wipe removes it with etcd's data; `up` makes a new one.
+ETCD_PKI_FOLDER = "etcd-pki"
 CASSANDRA_JOIN_TIMEOUT_S = 120.0
 NODETOOL_TIMEOUT_S = 30.0
 # A full repair of the keyspace from one node (validation of every range it holds,
@@ -208,6 +216,37 @@ class LocalCluster:
             self.progress(f"issued certificates: {', '.join(map(str, issued))}")
         return renewed
 
+    @property
+    def etcd_pki_dir(self) -> Path:
+        return self.paths.state / ETCD_PKI_FOLDER
+
+    def ensure_etcd_pki(self) -> bool:
+        """The cluster's CA for etcd and its certificates: each member (a server for its
+        address, and a client of its peers), each zone's switch node and the operator.
+        Returns whether the CA was created now."""
+        ca = pki.LocalCA(self.etcd_pki_dir)
+        created = ca.init()
+        if created:
+            self.progress(f"created the cluster's certificate authority for etcd in {ca.directory}")
+        for m in self.etcd_members():
+            ca.ensure(etcd.member_identity(m.zone.name), ips=[m.zone.address], dns=pki.LOOPBACK_DNS)
+        for z in self.topo.zones:
+            ca.ensure(pki.node(z.name))
+        ca.ensure(pki.operator())
+        return created
+
+    def etcd_files(self, identity: Identity | None = None) -> pki.PemFiles:
+        """``identity``'s (the operator's by default) PEM files for etcd."""
+        return pki.LocalCA(self.etcd_pki_dir).files(identity or pki.operator())
+
+    def etcd_client(self, zone: Zone | None = None) -> EtcdClient:
+        """A pyetcd client of ``zone``'s member (the first city's by default) as the
+        operator, over TLS; close it after use."""
+        z = zone or self.topo.etcd_zones()[0]
+        return etcd_backend.connect(
+            z.address, z.ports.etcd_client, self.etcd_files(), ETCD_CLIENT_TIMEOUT_S
+        )
+
     def operator_channel(self, z: Zone) -> grpc.Channel:
         keys = pki.LocalCA(self.pki_dir).load(pki.operator())
         return pki.secure_channel(f"{z.address}:{z.ports.switch}", keys, server=pki.node(z.name))
@@ -271,18 +310,30 @@ class LocalCluster:
 
     def _start_etcd(self, members: Sequence[etcd.EtcdMember]) -> None:
         all_members = self.etcd_members()
+        had_data = [m for m in all_members if (m.managed.directory / "data").exists()]
+        if had_data and not pki.LocalCA(self.etcd_pki_dir).exists():
+            # Members keep their peers' URLs in their data: members written before TLS
+            # would keep dialling plain http:// and never form a cluster again.
+            raise ClusterError(
+                f"etcd's data in {had_data[0].managed.directory} predates TLS for etcd "
+                "(no certificate authority for it was here): start over with "
+                "`clearingctl cluster down --wipe`"
+            )
+        self.ensure_etcd_pki()
+        operator = self.etcd_files()
         started = []
         for m in members:
             if procs.state(m.managed).alive:
                 continue
-            procs.spawn(m.managed, etcd.argv(m, all_members, self.topo.name))
+            own = self.etcd_files(etcd.member_identity(m.zone.name))
+            procs.spawn(m.managed, etcd.argv(m, all_members, self.topo.name, own))
             started.append(m)
         if started:
             self.progress(f"starting etcd: {', '.join(m.zone.name for m in started)}")
         live = [m for m in all_members if procs.state(m.managed).alive]
         waited = procs.wait_until(
             "etcd to elect a leader",
-            lambda: any(etcd.healthy(m) for m in live),
+            lambda: any(etcd.healthy(m, operator) for m in live),
             timeout_s=ETCD_READY_TIMEOUT_S,
             procs=[m.managed for m in started],
             progress=self.progress,
@@ -290,7 +341,7 @@ class LocalCluster:
         for m in started:
             procs.wait_until(
                 f"etcd {m.zone.name} to answer",
-                lambda m=m: etcd.healthy(m),  # type: ignore[misc]
+                lambda m=m: etcd.healthy(m, operator),  # type: ignore[misc]
                 timeout_s=ETCD_READY_TIMEOUT_S,
                 procs=[m.managed],
                 progress=self.progress,
@@ -474,7 +525,8 @@ class LocalCluster:
             procs.spawn(m, [
                 sys.executable, "-m", "clearinghouse.switch", "--zone", z.name,
                 "--cassandra", hosts, "--topology", str(self.topo_path),
-                "--pki-dir", str(self.pki_dir), "--state-marker", m.marker,
+                "--pki-dir", str(self.pki_dir), "--etcd-pki-dir", str(self.etcd_pki_dir),
+                "--state-marker", m.marker,
             ], env=env)  # fmt: skip
         names = ", ".join(z.name for z in down)
         self.progress(f"starting switch nodes: {names}")
@@ -665,17 +717,26 @@ class LocalCluster:
         spec = self.spec()
         order = {z.name: i for i, z in enumerate(self.topo.zones)}
         comps = sorted(self.components(spec), key=lambda c: (order[c.zone.name], c.kind != "etcd"))
-        etcd_views = {
-            m.zone.name: etcd.status(m)
-            for m in self.etcd_members()
-            if procs.state(m.managed).state == "up"
-        }
+        up = [m for m in self.etcd_members() if procs.state(m.managed).state == "up"]
+        try:
+            operator = self.etcd_files() if up else None
+        except (OSError, pki.PkiError):  # members from before TLS for etcd: no views
+            operator = None
+        etcd_views = {m.zone.name: etcd.status(m, operator) for m in up if operator is not None}
         leader_name = None
         term = 0
         for view in etcd_views.values():
             if view and view["leader_id"] and view["raft_term"] >= term:
                 term = view["raft_term"]
                 leader_name = view["members"].get(view["leader_id"])
+
+        def listening(c: Component, port: int) -> bool:
+            # An etcd member answered over TLS above; a bare TCP probe of it would be
+            # logged by etcd as a rejected connection on every status.
+            if c.kind == "etcd":
+                return etcd_views.get(c.zone.name) is not None
+            return procs.port_open(c.zone.address, port)
+
         rows = []
         for c in comps:
             st = procs.state(c.managed)
@@ -693,9 +754,7 @@ class LocalCluster:
                     "pid": st.pid if st.alive else None,
                     "address": c.zone.address,
                     "port": port,
-                    "listening": procs.port_open(c.zone.address, port)
-                    if st.state == "up"
-                    else False,
+                    "listening": listening(c, port) if st.state == "up" else False,
                     "etcd_leader": c.kind == "etcd" and c.zone.name == leader_name,
                     "log": str(c.managed.log),
                 }

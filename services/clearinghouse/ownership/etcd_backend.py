@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import pyetcd
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
@@ -71,6 +72,7 @@ from clearinghouse.ownership.view import (
     node_key,
     shard_key,
 )
+from clearinghouse.security.pki import PemFiles
 
 # etcd refuses (raises) TTLs below about 1.5 election timeouts; 2 s is its default floor.
 LEASE_TTL_MIN_S = 2
@@ -87,6 +89,20 @@ CLOSE_TIMEOUT_S = 5.0
 EtcdClient = Any
 
 _log = logging.getLogger(__name__)
+
+
+def connect(host: str, port: int, tls: PemFiles, timeout_s: float) -> EtcdClient:
+    """A client of the etcd member at ``host:port`` over TLS, presenting ``tls``'s
+    certificate (members require one of the cluster's CA) and trusting only that CA;
+    ``timeout_s`` bounds every unary call. There is no plaintext variant."""
+    return pyetcd.client(
+        host=host,
+        port=port,
+        ca_cert=str(tls.ca),
+        cert_key=str(tls.key),
+        cert_cert=str(tls.cert),
+        timeout=timeout_s,
+    )
 
 
 @dataclass(frozen=True, slots=True)

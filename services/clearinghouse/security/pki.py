@@ -50,6 +50,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import ssl
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,23 @@ class KeyPair:
     cert_pem: bytes
     key_pem: bytes
     ca_pem: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PemFiles:
+    """Where one identity's PEM files are, for clients that read them themselves (the
+    etcd client takes paths, ``urllib`` an ``ssl`` context)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that presents this certificate and trusts only the CA; the
+        server's certificate must name the address dialled (hostname checking on)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
 
 
 # -- identity names ------------------------------------------------------------------------
@@ -489,6 +507,12 @@ class LocalCA:
             (d / "key.pem").read_bytes(),
             self.ca_cert_path.read_bytes(),
         )
+
+    def files(self, identity: Identity) -> PemFiles:
+        """``identity``'s PEM files by path, after :meth:`load`'s checks."""
+        self.load(identity)
+        d = self.folder(identity)
+        return PemFiles(self.ca_cert_path, d / "cert.pem", d / "key.pem")
 
     def identities(self) -> list[tuple[Identity, dt.datetime]]:
         """Every identity issued here, with its certificate's expiry."""

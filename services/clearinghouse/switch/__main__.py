@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the local CA's folder (default: CLEARING_PKI_DIR or .state/pki)",
     )
+    p.add_argument(
+        "--etcd-pki-dir",
+        type=Path,
+        default=os.environ.get("CLEARING_ETCD_PKI_DIR"),
+        help="the cluster CA's folder, whose certificates etcd requires: this node's for "
+        "etcd (node-<zone>/) and the CA's (default: CLEARING_ETCD_PKI_DIR)",
+    )
     p.add_argument("--state-marker", default="", help="ignored; identifies the process")
     p.add_argument(
         "--window-interval-s",
@@ -72,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         help="close the settlement window this often (0: only on demand)",
     )
     args = p.parse_args(argv)
+    if args.etcd_pki_dir is None:
+        p.error("--etcd-pki-dir (or CLEARING_ETCD_PKI_DIR) is required: etcd speaks TLS only")
     heap.configure_collector()
     telemetry.configure_logging(logging.INFO, zone=args.zone, stream=sys.stderr)
     topo = topology.load(args.topology)
     cfg = NodeConfig.for_zone(
         topo, args.zone, args.cassandra.split(","), args.port,
         window_interval_s=args.window_interval_s, pki_dir=args.pki_dir or pki.default_directory(),
+        etcd_pki_dir=Path(args.etcd_pki_dir),
     )  # fmt: skip
     # Traces, metrics (Prometheus on the zone's admin port) and OTLP as the environment
     # says (CLEARING_TRACE_FILE, CLEARING_PROMETHEUS_PORT, CLEARING_OTLP_ENDPOINT, ...).

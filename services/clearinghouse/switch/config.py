@@ -56,6 +56,9 @@ class NodeConfig:
     etcd_port: int
     # The local CA's folder: the node's certificate (node-<zone>/) and the CA's.
     pki_dir: Path
+    # The cluster's own CA, which etcd trusts alone: the node's client certificate for
+    # etcd (node-<zone>/) and that CA's.
+    etcd_pki_dir: Path
     lease_ttl_s: int = LEASE_TTL_S
     # Cassandra addresses per city, for reading one city's own replica (audits).
     cassandra_by_city: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -84,6 +87,7 @@ class NodeConfig:
         port: int | None = None,
         *,
         pki_dir: Path,
+        etcd_pki_dir: Path,
         lease_ttl_s: int = LEASE_TTL_S,
         window_interval_s: float = 0.0,
     ) -> NodeConfig:
@@ -104,6 +108,7 @@ class NodeConfig:
             etcd_host=etcd.address,
             etcd_port=etcd.ports.etcd_client,
             pki_dir=pki_dir,
+            etcd_pki_dir=etcd_pki_dir,
             lease_ttl_s=lease_ttl_s,
             cassandra_by_city=tuple(
                 (c, tuple(h for h in cassandra_hosts if topo_city_of(topo, h) == c))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import pyetcd
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,6 +33,7 @@ from clearing.v1 import (
 )
 from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
+from clearinghouse.ownership import etcd_backend
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.request_guard import RequestGuardInterceptor
@@ -188,7 +188,12 @@ def build(cfg: NodeConfig) -> Node:
     keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
     client_credentials = pki.channel_credentials(keys)
     bank = GrpcBankGateway(client_credentials)
-    etcd = pyetcd.client(host=cfg.etcd_host, port=cfg.etcd_port, timeout=ETCD_CALL_TIMEOUT_S)
+    etcd = etcd_backend.connect(
+        cfg.etcd_host,
+        cfg.etcd_port,
+        pki.LocalCA(cfg.etcd_pki_dir).files(pki.node(cfg.zone)),
+        ETCD_CALL_TIMEOUT_S,
+    )
     stopping = threading.Event()
     takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
     resolver_pool = ThreadPoolExecutor(cfg.resolver_workers, thread_name_prefix="resolve")
