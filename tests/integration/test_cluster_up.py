@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pyetcd
 import pyetcd.exceptions
 import pytest
 from cassandra import ConsistencyLevel
+from pyetcd import etcdrpc
 
 from clearinghouse.localcluster import etcd as etcd_mod
 from clearinghouse.localcluster.cluster import LocalCluster
@@ -123,3 +125,27 @@ def test_etcd_answers_only_certificates_of_the_cluster_ca(healthy_cluster: Local
                 refused.get(shard_key(KEY_PREFIX, 0))
         finally:
             refused.close()
+
+
+def test_a_node_s_etcd_channel_moves_past_a_member_that_does_not_answer(
+    healthy_cluster: LocalCluster,
+) -> None:
+    """The agent's one channel over every member: the first is down (nothing listens
+    there), the call is answered by the next, checked by the members' shared name."""
+    lc = healthy_cluster
+    live = lc.etcd_members()[1].zone
+    dead = (lc.etcd_members()[0].zone.address, _free_port())
+    files = lc.etcd_files(pki.node(lc.topo.zones[0].name))
+    members = etcd_backend.connect_members([dead, (live.address, live.ports.etcd_client)], files)
+    try:
+        kv = etcdrpc.KVStub(members.channel)
+        resp = kv.Range(etcdrpc.RangeRequest(key=shard_key(KEY_PREFIX, 0).encode()), timeout=10)
+        assert resp.count == 1
+    finally:
+        members.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

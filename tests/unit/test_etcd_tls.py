@@ -11,7 +11,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from clearinghouse.localcluster import etcd, procs
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
+from clearinghouse.ownership.etcd_backend import MEMBER_SERVER_NAME
 from clearinghouse.security import pki
+from clearinghouse.switch.config import NodeConfig
 from clearinghouse.topology import Topology
 
 pytestmark = pytest.mark.unit
@@ -69,6 +71,8 @@ def test_the_cluster_ca_is_its_own_and_certifies_members_nodes_and_the_operator(
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert m.zone.address in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+        # One channel over every member checks each by this shared name.
+        assert MEMBER_SERVER_NAME in sans.get_values_for_type(x509.DNSName)
         usage = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         # A member serves clients and peers, and calls its peers.
         assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usage
@@ -91,3 +95,13 @@ def test_etcd_data_from_before_tls_is_named_not_started(
     assert not any(procs.state(m.managed).alive for m in lc.etcd_members())
     with pytest.raises(ClusterError, match="predates TLS for etcd"):
         lc._start_etcd(lc.etcd_members())
+
+
+def test_a_node_knows_every_member_its_own_city_s_first(topo: Topology, tmp_path: Path) -> None:
+    for zone in topo.zones:
+        cfg = NodeConfig.for_zone(
+            topo, zone.name, ["127.0.1.1"], pki_dir=tmp_path, etcd_pki_dir=tmp_path
+        )
+        members = {(z.address, z.ports.etcd_client): z.city for z in topo.etcd_zones()}
+        assert set(cfg.etcd_endpoints) == set(members)
+        assert members[cfg.etcd_endpoints[0]] == zone.city

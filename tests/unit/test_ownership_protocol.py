@@ -257,12 +257,57 @@ def test_a_lone_node_claims_in_batches_and_reports_what_it_won() -> None:
     assert core.owned(0.2) == {0: 3, 1: 3, 2: 3}
 
 
-def test_past_the_local_deadline_everything_is_lost_and_the_lease_revoked() -> None:
+def test_past_the_local_deadline_nothing_is_owned_and_after_the_suspension_all_is_lost() -> None:
     core = started_core()
     core.step(0.1)
     core.on_claimed(0xA, [(0, 3)], now=0.2)
     assert core.epoch_if_owner(0, 3.99) == 3
     assert core.epoch_if_owner(0, 4.0) is None  # sent at 0 + TTL 5 - margin 1
+    # Suspended: owns nothing, reports nothing, asks nothing, keeps its lease.
+    for now in (4.0, 6.0, 8.99):
+        step = core.step(now)
+        assert (step.events, step.requests, core.owned(now)) == ([], [], {})
+        assert core.suspended(now) and core.lease == 0xA
+    step = core.step(9.0)  # the deadline + suspend_s (5 s): no answer came
+    assert step.events == [Lost(0)]
+    assert step.requests == [RevokeLease(0xA), GrantLease(5)]
+    assert not core.suspended(9.0)
+
+
+def test_a_live_keepalive_answer_ends_a_suspension_with_the_same_shards_and_epochs() -> None:
+    # etcd elected a new leader, which extended every lease: the lease never expired,
+    # so nobody else can hold its keys and the node owns what it owned, no takeover.
+    core = started_core()
+    core.step(0.1)
+    core.on_claimed(0xA, [(0, 3), (1, 4)], now=0.2)
+    assert core.step(6.0).events == [] and core.owned(6.0) == {}
+    assert core.on_keepalive(0xA, sent_at=6.5, ttl_s=5) == []
+    assert core.owned(6.6) == {0: 3, 1: 4}
+    assert not core.suspended(6.6)
+    assert core.step(6.6).events == []
+    # A live answer to a keepalive sent long before does not end it: its deadline is past.
+    assert core.step(11.0).events == []
+    assert core.on_keepalive(0xA, sent_at=5.0, ttl_s=5) == []
+    assert core.owned(11.0) == {}
+
+
+def test_a_zero_ttl_answer_during_a_suspension_loses_everything_at_once() -> None:
+    core = started_core()
+    core.step(0.1)
+    core.on_claimed(0xA, [(0, 3)], now=0.2)
+    assert core.step(5.0).events == []
+    assert core.on_keepalive(0xA, sent_at=5.0, ttl_s=0) == [Lost(0)]
+    assert core.lease == 0 and core.step(5.1).requests == [GrantLease(5)]
+
+
+def test_without_a_suspension_the_deadline_loses_everything_at_once() -> None:
+    core = NodeCore(A, View(), Timing(5, 1.0, 1.0, suspend_s=0.0), CFG)
+    core.step(0.0)
+    core.on_granted(0xA, 5.0, sent_at=0.0)
+    core.step(0.0)
+    core.on_registered(0xA, revision=2)
+    core.view.load(2, [member_rec(A, 0xA)], now=0.0)
+    core.on_claimed(0xA, [(0, 3)], now=0.2)
     step = core.step(4.0)
     assert step.events == [Lost(0)]
     assert step.requests == [RevokeLease(0xA), GrantLease(5)]

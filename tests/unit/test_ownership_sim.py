@@ -114,6 +114,45 @@ def test_a_partitioned_owner_loses_its_shards_and_gets_a_share_back_after_healin
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_etcd_leader_election_moves_no_shard(seed: int) -> None:
+    # 4.5 s without a leader: past every node's local deadline (at most 4 s after its
+    # last answered keepalive), within the suspension that follows it. Measured on the
+    # local cluster before suspensions: SIGKILL of the etcd leader moved all 128 shards.
+    sim = started(seed)
+    sim.run_for(15.0)
+    before = sim.believers()
+    assert len(before) == sim.config.protocol.shard_count
+    marks = len(sim.trace)
+    sim.elect(4.5)
+    sim.run_for(2.5)
+    assert sim.believers() == {}  # every node is past its deadline: nobody owns anything
+    assert all(n.core.suspended(sim.now) for n in sim.nodes.values())
+    sim.run_for(4.0)
+    assert sim.believers() == before  # same owners, same epochs: no takeover at all
+    changes = [e for e in sim.trace[marks:] if e.kind in ("lost", "gained", "lease")]
+    assert changes == []
+    sim.run_for(sim.config.calm_window_s)
+    sim.check_converged()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_an_election_longer_than_the_suspension_loses_every_lease_then_recovers(seed: int) -> None:
+    sim = started(seed)
+    sim.run_for(15.0)
+    before = sim.believers()
+    ttl = sim.config.lease_ttl_s
+    sim.elect(ttl + sim.config.suspend_s + 1.0)  # past deadline + suspension for everyone
+    sim.run_for(ttl + sim.config.suspend_s + 1.0)
+    assert sim.believers() == {}
+    assert not any(n.core.suspended(sim.now) for n in sim.nodes.values())  # all dropped
+    run_until_all_owned(sim, limit_s=sim.config.calm_window_s)
+    after = sim.believers()
+    assert all(after[s][1] > e for s, (_, e) in before.items())  # every shard re-claimed
+    sim.run_for(sim.config.calm_window_s)
+    sim.check_converged()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_an_owner_with_slow_answers_then_cut_off_never_outlives_its_lease(seed: int) -> None:
     # Late keepalive answers, then silence: the owner must stop believing before etcd
     # expires its lease, whatever arrived late (test_ownership_keepalive pins how the
@@ -217,6 +256,10 @@ class OwnershipMachine(RuleBasedStateMachine):
     @rule(node=st.sampled_from(NODE_IDS), loss=st.floats(0.05, 0.9), duration_s=st.floats(0.1, 15))
     def lossy(self, node: str, loss: float, duration_s: float) -> None:
         self.sim.lossy(node, loss, duration_s)
+
+    @rule(duration_s=st.floats(0.1, 15.0))
+    def election(self, duration_s: float) -> None:
+        self.sim.elect(duration_s)
 
     @rule(duration_s=st.floats(0.01, 12.0))
     def wait(self, duration_s: float) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import count
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -156,6 +157,8 @@ class Node:
         self.node_id = node_id
         self.clock = clock
         self.epochs: dict[int, int] = {}  # what the node believes it owns
+        # Held but unconfirmed (a suspended lease): not owned, not lost either.
+        self.suspended: dict[int, int] = {}
         self.relinquished: list[int] = []
         self.gave_up = threading.Event()
         self.unresolved: list[PaymentRecord] = []
@@ -169,6 +172,7 @@ class Node:
             clock=clock,
             borrow=borrow,
             full_reader=full_reader,
+            unconfirmed=lambda shard, epoch: self.suspended.get(shard) == epoch,
         )
         self.store.on_unresolved = self.unresolved.append
         self.store.committer.start()
@@ -645,6 +649,86 @@ def test_take_retries_storage_errors_while_it_owns_the_shard(
         calls[1] + 3,
     )
     assert a.store.owned() == {SHARD: 10}
+
+
+def test_a_suspended_lease_refuses_its_shards_then_serves_them_again_without_a_takeover(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    assert a.take(SHARD, 10) is True
+    first, second = ids_in(SHARD, 2)
+    a.decide(a.begin(debit(first))[0], S.APPROVED)
+    fences = world.ledger.calls["fence"]
+
+    a.suspended[SHARD] = a.epochs.pop(SHARD)  # past the lease's deadline, unconfirmed
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(second))
+    assert err.value.reason == Unavailable.OWNERSHIP_UNCONFIRMED
+    assert err.value.retry_after_ms > 0
+    with pytest.raises(Unavailable):
+        a.load(first)  # not even read: another node may own it by now
+
+    a.epochs[SHARD] = a.suspended.pop(SHARD)  # etcd answered: the lease never expired
+    assert a.load(first).state == S.APPROVED  # type: ignore[union-attr]
+    rec, new = a.begin(debit(second))
+    assert new and a.decide(rec, S.APPROVED).state == S.APPROVED
+    assert world.ledger.calls["fence"] == fences  # no takeover: the same epoch serves
+    assert a.relinquished == []
+
+
+def test_entries_queued_before_a_suspension_are_written_once_it_is_confirmed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = world.node("node-a")
+    assert a.take(SHARD, 10) is True
+    first, second = ids_in(SHARD, 2)
+    gate, inside = threading.Event(), threading.Event()
+    commit = world.ledger.commit
+
+    def held_commit(writes: Any) -> Any:
+        inside.set()
+        gate.wait(5.0)
+        return commit(writes)
+
+    monkeypatch.setattr(world.ledger, "commit", held_commit)
+    results: dict[str, Any] = {}
+
+    def begin(pid: str) -> None:
+        try:
+            results[pid] = a.begin(debit(pid))
+        except Exception as e:
+            results[pid] = e
+
+    t1 = threading.Thread(target=begin, args=(first,))
+    t1.start()
+    assert inside.wait(5.0)  # the first commit is at the ledger
+    t2 = threading.Thread(target=begin, args=(second,))
+    t2.start()
+    time.sleep(0.2)  # the second intent is queued behind it
+    a.suspended[SHARD] = a.epochs.pop(SHARD)  # the lease passes its deadline
+    gate.set()
+    time.sleep(0.3)  # the committer holds the second batch while unconfirmed
+    assert t2.is_alive()
+    a.epochs[SHARD] = a.suspended.pop(SHARD)  # confirmed
+    t1.join(5.0)
+    t2.join(5.0)
+    assert not isinstance(results[second], Exception), results[second]
+    assert results[second][1] is True  # written, not failed
+    assert a.relinquished == []
+
+
+def test_a_takeover_waits_while_its_lease_is_unconfirmed(world: World) -> None:
+    a = world.node("node-a")
+    a.suspended[SHARD] = 10
+    stop = threading.Event()
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(a.store.take(SHARD, 10, stop)))
+    t.start()
+    t.join(3 * shards.UNCONFIRMED_POLL_S)
+    assert t.is_alive() and SHARD not in world.ledger.fences  # waiting, not fencing
+    a.epochs[SHARD] = a.suspended.pop(SHARD)  # confirmed
+    t.join(5.0)
+    assert result == [True] and world.ledger.fences[SHARD] == {10: "node-a"}
 
 
 def test_take_gives_up_a_shard_it_no_longer_owns(world: World) -> None:

@@ -190,6 +190,9 @@ class Unavailable(ClearingError):
     STORAGE_QUORUM_LOST: ClassVar[str] = "STORAGE_QUORUM_LOST"
     BANK_UNAVAILABLE: ClassVar[str] = "BANK_UNAVAILABLE"
     NOT_SHARD_OWNER: ClassVar[str] = "NOT_SHARD_OWNER"
+    # The owner's lease is past its local deadline, not yet confirmed or lost (etcd may
+    # be electing a leader): ask the same owner again shortly.
+    OWNERSHIP_UNCONFIRMED: ClassVar[str] = "SHARD_OWNERSHIP_UNCONFIRMED"
 
     def __init__(self, message: str, *, retry_after_ms: int = 0, reason: str | None = None) -> None:
         super().__init__(message, reason=reason)

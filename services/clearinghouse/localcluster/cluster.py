@@ -229,7 +229,11 @@ class LocalCluster:
         if created:
             self.progress(f"created the cluster's certificate authority for etcd in {ca.directory}")
         for m in self.etcd_members():
-            ca.ensure(etcd.member_identity(m.zone.name), ips=[m.zone.address], dns=pki.LOOPBACK_DNS)
+            ca.ensure(
+                etcd.member_identity(m.zone.name),
+                ips=[m.zone.address],
+                dns=[*pki.LOOPBACK_DNS, etcd_backend.MEMBER_SERVER_NAME],
+            )
         for z in self.topo.zones:
             ca.ensure(pki.node(z.name))
         ca.ensure(pki.operator())

@@ -22,9 +22,11 @@ One lock guards the core and the view. Callbacks run outside it, one at a time a
 the order the events happened, from whichever thread produced them: keep them short.
 
 :meth:`OwnershipAgent.epoch_if_owner` is exact at the moment it is called (it reads the
-clock, CLOCK_BOOTTIME on Linux, against the lease's local deadline). The ``on_lost`` callback for a
-lapsed lease comes within :data:`LOOP_INTERVAL_S` + :data:`STEP_BUDGET_S` of the
-deadline.
+clock, CLOCK_BOOTTIME on Linux, against the lease's local deadline): past the deadline
+it answers None at once. The shards stay held, suspended, for ``Timing.suspend_s`` (see
+:mod:`.node`): a keepalive answered meanwhile gives them back at the same epochs, with no
+``on_lost``; otherwise ``on_lost`` comes within :data:`LOOP_INTERVAL_S` +
+:data:`STEP_BUDGET_S` of the suspension's end.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +91,45 @@ CLOSE_TIMEOUT_S = 5.0
 EtcdClient = Any
 
 _log = logging.getLogger(__name__)
+
+
+# Every member's certificate names this too (LocalCluster.ensure_etcd_pki; a deployment's
+# members need it as well): one channel over several members checks them all by it.
+MEMBER_SERVER_NAME = "members.etcd.clearing-switch.invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChannel:
+    """One gRPC channel over every etcd member, for the agent: it uses the first member
+    that answers (its own city's, listed first) and moves on to the next when that one
+    fails, so a member's crash is a reconnect, not a lost lease. Has what the agent
+    takes from a pyetcd client (``channel``, ``call_credentials``, ``metadata``)."""
+
+    channel: grpc.Channel
+    endpoints: tuple[tuple[str, int], ...]
+    call_credentials: None = None
+    metadata: None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect_members(endpoints: Sequence[tuple[str, int]], tls: PemFiles) -> MemberChannel:
+    """A TLS channel over the members at ``endpoints`` (in order of preference),
+    presenting ``tls``'s certificate; each member's must name :data:`MEMBER_SERVER_NAME`."""
+    invariant(bool(endpoints), "no etcd member to connect to")
+    target = "ipv4:" + ",".join(f"{host}:{port}" for host, port in endpoints)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+    options = [
+        ("grpc.ssl_target_name_override", MEMBER_SERVER_NAME),
+        # In the order given, the next only when the current one fails (no spreading).
+        ("grpc.lb_policy_name", "pick_first"),
+    ]
+    return MemberChannel(grpc.secure_channel(target, creds, options=options), tuple(endpoints))
 
 
 def connect(host: str, port: int, tls: PemFiles, timeout_s: float) -> EtcdClient:
@@ -156,6 +197,8 @@ class OwnershipAgent:
         self._watch_call: Any = None
         self._watch_heard_at = _clock()
         self._threads: list[threading.Thread] = []
+        # (lease, since) while the lease is suspended (node.py), for the log and metrics.
+        self._suspension: tuple[int, float] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -208,6 +251,13 @@ class OwnershipAgent:
         with self._lock:
             return self._core.owned(_clock())
 
+    def unconfirmed(self, shard: int, epoch: int) -> bool:
+        """Held at ``epoch`` under a suspended lease: owned again at that epoch if etcd
+        answers a keepalive in time, else lost (``on_lost`` follows)."""
+        with self._lock:
+            now = _clock()
+            return self._core.suspended(now) and self._core.holdings.epoch(shard) == epoch
+
     def owner_of(self, shard: int) -> Owner | None:
         """Who owns ``shard``: exact for this node, a routing hint for the others."""
         with self._lock:
@@ -257,6 +307,7 @@ class OwnershipAgent:
         with self._lock:
             step = self._core.step(_clock())
             self._outbox.extend(step.events)
+            self._note_suspension()
         # Lost shards are reported before any delete of their keys is sent.
         self._dispatch()
         budget_end = _clock() + STEP_BUDGET_S
@@ -373,7 +424,48 @@ class OwnershipAgent:
         telemetry.metrics.lease_event("renewed" if ttl_s > 0 else "expired")
         with self._lock:
             self._outbox.extend(self._core.on_keepalive(lease, sent_at, float(ttl_s)))
+            self._note_suspension()
         self._dispatch()
+
+    def _note_suspension(self) -> None:
+        """Log and count a suspension's start and end (called with the lock held)."""
+        now = _clock()
+        core = self._core
+        if core.suspended(now):
+            if self._suspension is None:
+                self._suspension = (core.lease, now)
+                telemetry.metrics.lease_event("suspended")
+                _log.warning(
+                    "%s: lease %x not renewed by its local deadline: its %d shards are held "
+                    "but not served for up to %.0f s, until etcd answers a keepalive (a "
+                    "leader election extends every lease)",
+                    self.node.node_id,
+                    core.lease,
+                    len(core.holdings.held()),
+                    self._timing.suspend_s,
+                )
+            return
+        if self._suspension is None:
+            return
+        lease, since = self._suspension
+        self._suspension = None
+        if core.lease == lease:
+            telemetry.metrics.lease_event("confirmed")
+            _log.warning(
+                "%s: lease %x confirmed after %.1f s suspended: its %d shards serve again, "
+                "no takeover",
+                self.node.node_id,
+                lease,
+                now - since,
+                len(core.holdings.held()),
+            )
+        else:
+            _log.warning(
+                "%s: lease %x lost after %.1f s suspended: its shards are given up",
+                self.node.node_id,
+                lease,
+                now - since,
+            )
 
     # -- watch ------------------------------------------------------------------------
 

@@ -5,12 +5,25 @@
 (:mod:`.simulator`) delivers them through a fake network to a fake etcd. Both run this
 same code, so the simulation tests what production runs.
 
-A step (:meth:`NodeCore.step`) does, in order: drop everything if the lease's local
-deadline passed; get a lease and register under it; align the holdings with the view;
-then act on :func:`~.protocol.decide` (release by giving up locally first, claim in one
-batch) and delete zombie keys. Events (:class:`Gained`, :class:`Lost`) are returned for
-the caller to report *before* it sends the requests, so a shard is never reported held
-after its key was deleted.
+A step (:meth:`NodeCore.step`) does, in order: once the lease's local deadline has
+passed, own nothing and wait (suspended, below), then drop everything; get a lease and
+register under it; align the holdings with the view; then act on
+:func:`~.protocol.decide` (release by giving up locally first, claim in one batch) and
+delete zombie keys. Events (:class:`Gained`, :class:`Lost`) are returned for the caller
+to report *before* it sends the requests, so a shard is never reported held after its
+key was deleted.
+
+**Suspended, not lost.** A lease whose keepalives go unanswered past its local deadline
+may still be alive in etcd: while etcd elects a new leader (2-4 s with a 2 s election
+timeout) no keepalive is answered, and the new leader extends every lease. So for
+:attr:`Timing.suspend_s` after the deadline the node keeps its lease and its holdings
+but owns nothing (:meth:`NodeCore.owned` is empty: no write is fenced in), and its
+keepalives go on. A keepalive answered with a live TTL proves the lease never expired
+(etcd never brings an expired lease back), so no other node can have claimed its keys:
+the node owns the same shards at the same epochs again, with no takeover. An answer that
+the lease is gone, or no answer by the end of the suspension, drops everything as
+before. Suspension never delays another node: the shards of a lease that did expire are
+free in etcd whatever this node believes.
 """
 
 from __future__ import annotations
@@ -85,6 +98,10 @@ class Step:
 LEASE_TTL_S = 5
 # Keepalives per TTL: one or two may be lost before the local deadline is in danger.
 KEEPALIVES_PER_TTL = 3
+# How long past its local deadline a lease is held suspended (owning nothing) waiting
+# for a keepalive answer, in TTLs: an etcd leader election must fit in the slack before
+# the deadline (TTL - margin - keepalive interval, 2.3 s at the default TTL) plus this.
+SUSPEND_TTLS = 1
 KEEPALIVE_INTERVAL_S = LEASE_TTL_S / KEEPALIVES_PER_TTL
 # Unanswered keepalives on one stream before it stops sending (the stream is stuck).
 KEEPALIVE_INFLIGHT_MAX = 4
@@ -109,10 +126,16 @@ class Timing:
     lease_ttl_s: int
     safety_margin_s: float
     rpc_timeout_s: float = RPC_TIMEOUT_S
+    # Past the local deadline, how long the lease is held suspended (0: dropped at once).
+    suspend_s: float = float(SUSPEND_TTLS * LEASE_TTL_S)
 
     @classmethod
     def for_ttl(cls, lease_ttl_s: int) -> Timing:
-        return cls(lease_ttl_s, lease_ttl_s * SAFETY_MARGIN_FRACTION)
+        return cls(
+            lease_ttl_s,
+            lease_ttl_s * SAFETY_MARGIN_FRACTION,
+            suspend_s=float(SUSPEND_TTLS * lease_ttl_s),
+        )
 
     @property
     def keepalive_interval_s(self) -> float:
@@ -165,6 +188,10 @@ class NodeCore:
     def valid(self, now: float) -> bool:
         return self.holdings.lease != 0 and self.clock.valid(now)
 
+    def suspended(self, now: float) -> bool:
+        """Past the lease's local deadline, still waiting to hear whether it lives."""
+        return self.holdings.lease != 0 and not self.clock.valid(now)
+
     def owned(self, now: float) -> dict[int, int]:
         """Shards held at ``now`` with their epochs; nothing once the deadline passed."""
         return self.holdings.held() if self.valid(now) else {}
@@ -177,7 +204,12 @@ class NodeCore:
     def step(self, now: float) -> Step:
         out = Step()
         self._expire_pending(now)
-        if self.holdings.lease != 0 and not self.clock.valid(now):
+        if self.suspended(now):
+            if now < self.clock.deadline + self.timing.suspend_s:
+                # Own nothing, keep everything: a keepalive answer decides (see above).
+                out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
+                self._to_revoke.clear()
+                return out
             self._to_revoke.append(self.holdings.lease)
             out.events.extend(self._lose_lease())
         out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
@@ -249,6 +281,7 @@ class NodeCore:
             return []
         if ttl_s <= 0:
             return self._lose_lease()
+        # Also ends a suspension if the new deadline is ahead: the lease never expired.
         self.clock.on_ack(sent_at, ttl_s)
         return []
 

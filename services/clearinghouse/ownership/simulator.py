@@ -11,6 +11,10 @@ Every node runs the production :class:`~.node.NodeCore` against:
 * processes that can be killed (a crash: the lease expires on its own), restarted, or
   paused like SIGSTOP: a paused node handles nothing; on resume it first handles what
   arrived meanwhile with its clock still frozen at the pause, then reads the clock again.
+* etcd losing its leader (:meth:`Simulation.elect`): until a new one is elected nothing
+  that needs the leader is answered (requests, keepalives, listings are lost) and no
+  lease expires; the new leader extends every lease by a TTL from its election, as
+  etcd's lessor does when it is promoted.
 
 After every event that changes anything, the simulation checks its properties and
 raises :class:`~clearinghouse.InvariantViolation` with the seed and the time:
@@ -90,6 +94,7 @@ class SimConfig:
     keepalive_interval_s: float = KEEPALIVE_INTERVAL_S
     loop_interval_s: float = LOOP_INTERVAL_S
     rpc_timeout_s: float = _PRODUCTION.rpc_timeout_s
+    suspend_s: float = _PRODUCTION.suspend_s
     watch_retry_s: float = WATCH_RETRY_S
     # etcd's lessor looks for expired leases every 500 ms.
     lessor_tick_s: float = 0.5
@@ -152,6 +157,12 @@ class FakeEtcd:
     def expire(self, now: float) -> None:
         for lease in [lid for lid, held in self.leases.items() if held.expiry <= now]:
             self.revoke(lease)
+
+    def promote(self, now: float) -> None:
+        """A new leader: every lease lives at least a TTL from now (etcd's lessor
+        ``Promote``; it adds the election timeout too, which only helps)."""
+        for held in self.leases.values():
+            held.expiry = max(held.expiry, now + held.ttl_s)
 
     def put(self, key: str, value: bytes, lease: int) -> int | None:
         """The revision of the put, ``None`` if the lease does not exist."""
@@ -221,7 +232,7 @@ class SimNode:
 
     def _fresh_process(self) -> None:
         cfg = self.sim.config
-        timing = Timing(cfg.lease_ttl_s, cfg.safety_margin_s, cfg.rpc_timeout_s)
+        timing = Timing(cfg.lease_ttl_s, cfg.safety_margin_s, cfg.rpc_timeout_s, cfg.suspend_s)
         self.view = View(KEY_PREFIX)
         self.core = NodeCore(self.info, self.view, timing, cfg.protocol)
         self.stream = 0
@@ -374,6 +385,8 @@ class Simulation:
         self.now = 0.0
         self.trace: list[TraceEntry] = []
         self.last_fault_at = 0.0
+        # etcd has no leader until then (see elect).
+        self.leaderless_until = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self._events = 0
@@ -460,6 +473,19 @@ class Simulation:
         f = self.nodes[node_id].faults
         f.lossy_until, f.loss = max(f.lossy_until, self.now + duration_s), loss
 
+    def elect(self, duration_s: float) -> None:
+        """etcd's leader dies: a new one is elected ``duration_s`` later."""
+        self._fault("etcd", "leader lost", duration_s)
+        self.leaderless_until = max(self.leaderless_until, self.now + duration_s)
+
+        def elected() -> None:
+            if self.now >= self.leaderless_until:
+                self.record("etcd", "leader elected")
+                self.etcd.promote(self.now)
+                self.touch()
+
+        self.schedule(duration_s, elected)
+
     def _fault(self, node_id: str, kind: str, duration_s: float = 0.0) -> None:
         self.record(node_id, kind, f"{duration_s:.3f}" if duration_s else "")
         self.last_fault_at = max(self.last_fault_at, self.now + duration_s)
@@ -496,7 +522,8 @@ class Simulation:
         incarnation = node.incarnation
 
         def arrive() -> None:
-            if lost or self.now < node.faults.partitioned_until:
+            leaderless = direction == "up" and self.now < self.leaderless_until
+            if lost or leaderless or self.now < node.faults.partitioned_until:
                 if on_loss is not None:
                     # The node learns of the loss in order with what it receives, even
                     # if it is paused: never before an earlier message.
@@ -623,7 +650,8 @@ class Simulation:
 
     def _lessor_tick(self) -> None:
         self.schedule(self.config.lessor_tick_s, self._lessor_tick)
-        self.etcd.expire(self.now)
+        if self.now >= self.leaderless_until:  # only a leader expires leases
+            self.etcd.expire(self.now)
 
     # -- properties -----------------------------------------------------------------
 
@@ -699,7 +727,7 @@ def random_faults(sim: Simulation, duration_s: float, faults_per_minute: float =
         ids = sorted(sim.nodes)
         node_id = rng.choice(ids)
         node = sim.nodes[node_id]
-        kind = rng.choice(("kill", "start", "pause", "partition", "slow", "lossy"))
+        kind = rng.choice(("kill", "start", "pause", "partition", "slow", "lossy", "election"))
         if kind == "kill" and node.up and sum(n.up for n in sim.nodes.values()) > 1:
             sim.kill(node_id)
         elif kind == "start" and not node.up:
@@ -712,3 +740,5 @@ def random_faults(sim: Simulation, duration_s: float, faults_per_minute: float =
             sim.slow(node_id, rng.uniform(0.05, 2.0), rng.uniform(0.5, 3 * ttl))
         elif kind == "lossy":
             sim.lossy(node_id, rng.uniform(0.05, 0.5), rng.uniform(0.5, 3 * ttl))
+        elif kind == "election":
+            sim.elect(rng.uniform(0.5, 3 * ttl))

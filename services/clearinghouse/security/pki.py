@@ -451,12 +451,18 @@ class LocalCA:
         self, identity: Identity, *, ips: Sequence[str] = (), dns: Sequence[str] = ()
     ) -> Path:
         """Issue ``identity`` unless it already has a current certificate (its identity
-        DNS name, and every one of ``ips``); re-issues one from before identity names."""
+        DNS name, and every one of ``ips`` and ``dns``); re-issues one from before
+        identity names."""
         with self._locked():
             if self.has(identity):
                 self._check_folder(identity)
                 cert = self._cert(identity)
-                if identity_dns_name(identity) in _dns_names(cert) and set(ips) <= set(_ips(cert)):
+                names = _dns_names(cert)
+                if (
+                    identity_dns_name(identity) in names
+                    and set(dns) <= set(names)
+                    and set(ips) <= set(_ips(cert))
+                ):
                     return self.folder(identity)
             return self._issue(identity, list(ips), list(dns), LEAF_VALIDITY_DAYS)
 

@@ -52,8 +52,9 @@ class NodeConfig:
     # This node's identity for shard ownership, and where other nodes forward to it.
     node_id: str
     advertise_address: str
-    etcd_host: str
-    etcd_port: int
+    # Every etcd member (host, client port), the node's own city's first: the agent
+    # moves to the next when one fails.
+    etcd_endpoints: tuple[tuple[str, int], ...]
     # The local CA's folder: the node's certificate (node-<zone>/) and the CA's.
     pki_dir: Path
     # The cluster's own CA, which etcd trusts alone: the node's client certificate for
@@ -92,8 +93,8 @@ class NodeConfig:
         window_interval_s: float = 0.0,
     ) -> NodeConfig:
         zone = topo.zone(zone_name)
-        # The etcd member of the node's own city.
-        etcd = next(z for z in topo.etcd_zones() if z.city == zone.city)
+        # The etcd members, the node's own city's first.
+        etcd = sorted(topo.etcd_zones(), key=lambda z: z.city != zone.city)
         listen_port = zone.ports.switch if port is None else port
         # The node's own city first, so the driver's contact point list starts local.
         hosts = sorted(cassandra_hosts, key=lambda h: topo_city_of(topo, h) != zone.city)
@@ -105,8 +106,7 @@ class NodeConfig:
             cassandra=CassandraConfig.from_topology(topo, zone.city, hosts, topo.keyspace.name),
             node_id=zone.name,
             advertise_address=f"{zone.address}:{listen_port}",
-            etcd_host=etcd.address,
-            etcd_port=etcd.ports.etcd_client,
+            etcd_endpoints=tuple((z.address, z.ports.etcd_client) for z in etcd),
             pki_dir=pki_dir,
             etcd_pki_dir=etcd_pki_dir,
             lease_ttl_s=lease_ttl_s,

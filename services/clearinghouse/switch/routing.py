@@ -251,7 +251,11 @@ class Router:
                 idx = groups[owner]
                 for i, r in zip(idx, fut.result(), strict=True):
                     reason = r.error.reason if r.HasField("error") else ""
-                    if reason in (Unavailable.NOT_SHARD_OWNER, OWNER_UNREACHABLE):
+                    if reason in (
+                        Unavailable.NOT_SHARD_OWNER,
+                        Unavailable.OWNERSHIP_UNCONFIRMED,
+                        OWNER_UNREACHABLE,
+                    ):
                         telemetry.metrics.retry(f"route.{reason}")
                         todo.append(i)
                         avoid[i] = (owner, reason == OWNER_UNREACHABLE)
@@ -338,7 +342,7 @@ class Router:
                         reason=reason or InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED,
                     ) from e
                 if code is grpc.StatusCode.UNAVAILABLE and (
-                    reason in ("", Unavailable.NOT_SHARD_OWNER)
+                    reason in ("", Unavailable.NOT_SHARD_OWNER, Unavailable.OWNERSHIP_UNCONFIRMED)
                 ):
                     avoid = (owner, reason == "")  # dead owner or stale map: ask the next
                     continue

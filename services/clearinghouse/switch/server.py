@@ -71,7 +71,6 @@ SERVICE_NAMES = (
     settlement_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
-ETCD_CALL_TIMEOUT_S = 5
 RESOLVE_RETRY_S = 5.0
 
 
@@ -188,11 +187,8 @@ def build(cfg: NodeConfig) -> Node:
     keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
     client_credentials = pki.channel_credentials(keys)
     bank = GrpcBankGateway(client_credentials)
-    etcd = etcd_backend.connect(
-        cfg.etcd_host,
-        cfg.etcd_port,
-        pki.LocalCA(cfg.etcd_pki_dir).files(pki.node(cfg.zone)),
-        ETCD_CALL_TIMEOUT_S,
+    etcd = etcd_backend.connect_members(
+        cfg.etcd_endpoints, pki.LocalCA(cfg.etcd_pki_dir).files(pki.node(cfg.zone))
     )
     stopping = threading.Event()
     takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
@@ -205,6 +201,7 @@ def build(cfg: NodeConfig) -> Node:
         ledger=ledger,
         participants=registry.snapshot,
         still_owner=lambda shard, epoch: agent.epoch_if_owner(shard) == epoch,
+        unconfirmed=lambda shard, epoch: agent.unconfirmed(shard, epoch),  # noqa: PLW0108
         relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)
         clock=wall_clock_us,
         borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (router is bound later)

@@ -113,6 +113,13 @@ COMMIT_QUEUE_ENTRIES_MAX = 20_000
 # After the first entry arrives, the committer waits this long for more to join it.
 COMMIT_LINGER_S = 0.002
 TAKEOVER_RETRY_S = 1.0
+# A takeover whose lease is suspended looks again this often.
+UNCONFIRMED_POLL_S = 0.2
+# A group commit holding entries of a shard whose lease is suspended waits this long at
+# most for it to be confirmed or lost (the suspension ends by itself within a TTL; the
+# callers wait COMMIT_WAIT_S), instead of failing entries that were never written.
+UNCONFIRMED_COMMIT_WAIT_S = 8.0
+UNCONFIRMED_COMMIT_POLL_S = 0.05
 # A shard whose chain does not verify is read again this often, for this long, before
 # it is left broken for an operator: replicas that lag (a write that reached one city
 # before its writer died, hints not yet replayed) catch up, and the full read repairs.
@@ -271,6 +278,7 @@ class ShardedStore:
         clock: Clock,
         borrow: Borrow | None = None,
         full_reader: ChainReader | None = None,
+        unconfirmed: Callable[[int, int], bool] = lambda shard, epoch: False,
     ) -> None:
         self.node_id = node_id
         self.zone = zone
@@ -280,6 +288,9 @@ class ShardedStore:
         self.full_reader = full_reader
         self._participants = participants
         self._still_owner = still_owner
+        # Held at that epoch but not owned now: the lease is suspended (ownership.node),
+        # owned again at the same epoch if etcd confirms it, else lost (on_lost follows).
+        self._unconfirmed = unconfirmed
         self._relinquish = relinquish
         self.clock = clock
         # Through the router in a node; to this very store when none is given (tests).
@@ -323,6 +334,9 @@ class ShardedStore:
         chain: list[LedgerEntry] = []
         while not stop.is_set() and not st.dropped:
             if not self._still_owner(shard, epoch):
+                if self._unconfirmed(shard, epoch):
+                    stop.wait(UNCONFIRMED_POLL_S)  # ends owned again, or dropped by lose()
+                    continue
                 self._forget(st)
                 return False
             try:
@@ -398,6 +412,10 @@ class ShardedStore:
             if self._shards.get(st.shard) is st:
                 del self._shards[st.shard]
         self._drop(st)
+
+    def unconfirmed(self, shard: int, epoch: int) -> bool:
+        """Held at ``epoch`` under a lease past its deadline: owned again soon, or lost."""
+        return self._unconfirmed(shard, epoch)
 
     def lose(self, shard: int) -> None:
         """Ownership ended (lease lost or shard moved): forget the shard at once."""
@@ -557,6 +575,14 @@ class ShardedStore:
                 f"shard {shard} is being taken over", retry_after_ms=1000, reason="SHARD_RECOVERING"
             )
         if st.dropped:
+            raise _not_owner(shard)
+        if not self._still_owner(shard, st.epoch):
+            if self._unconfirmed(shard, st.epoch):
+                raise Unavailable(
+                    f"this node's ownership of shard {shard} awaits etcd's confirmation",
+                    retry_after_ms=1000,
+                    reason=Unavailable.OWNERSHIP_UNCONFIRMED,
+                )
             raise _not_owner(shard)
         if st.broken:
             raise Unavailable(
@@ -972,6 +998,7 @@ class Committer:
         by_shard: dict[tuple[int, int], list[_Pending]] = defaultdict(list)
         for p in batch:
             by_shard[(p.shard, p.epoch)].append(p)
+        self._wait_while_unconfirmed(list(by_shard))
         writes: list[ShardWrite] = []
         now = self.store.clock()
         for (shard, epoch), items in by_shard.items():
@@ -1011,6 +1038,18 @@ class Committer:
                 # stall for its index (a full queue drops, the next owner re-indexes).
                 first, last = w.entries[0].seq, w.entries[-1].seq
                 self.store.indexer.add(w.shard, w.epoch, first, last, w.index_rows, wait_s=0.0)
+
+    def _wait_while_unconfirmed(self, shards: list[tuple[int, int]]) -> None:
+        """Hold the batch while the node's lease is suspended (one lease: every shard of
+        the node waits alike), so that entries not yet written are written once it is
+        confirmed instead of failing their shards, which would then move."""
+        deadline = time.monotonic() + UNCONFIRMED_COMMIT_WAIT_S
+        while (
+            any(self.store.unconfirmed(s, e) for s, e in shards)
+            and time.monotonic() < deadline
+            and not self._stop.is_set()
+        ):
+            self._stop.wait(UNCONFIRMED_COMMIT_POLL_S)
 
 
 def _live(st: _Shard) -> bool:
