@@ -85,6 +85,8 @@ def test_etcd_data_from_before_tls_is_named_not_started(
 ) -> None:
     monkeypatch.setenv("CLEARING_PKI_DIR", str(tmp_path / "state" / "pki"))
     lc = LocalCluster(topo, Paths.default(tmp_path / "state"), progress=lambda _: None)
+    spawned: list[object] = []
+    monkeypatch.setattr(procs, "spawn", lambda *a, **kw: spawned.append(a))
     member = lc.etcd_members()[0]
     (member.managed.directory / "data").mkdir(parents=True)
     with pytest.raises(ClusterError, match="predates TLS for etcd") as err:
@@ -92,9 +94,10 @@ def test_etcd_data_from_before_tls_is_named_not_started(
     assert "cluster down --wipe" in str(err.value)
     # Refused before anything was made or started, so it is refused again next time.
     assert not pki.LocalCA(lc.etcd_pki_dir).exists()
-    assert not any(procs.state(m.managed).alive for m in lc.etcd_members())
+    assert spawned == []
     with pytest.raises(ClusterError, match="predates TLS for etcd"):
         lc._start_etcd(lc.etcd_members())
+    assert spawned == []
 
 
 def test_a_node_knows_every_member_its_own_city_s_first(topo: Topology, tmp_path: Path) -> None:

@@ -291,6 +291,27 @@ def test_a_live_keepalive_answer_ends_a_suspension_with_the_same_shards_and_epoc
     assert core.owned(11.0) == {}
 
 
+def test_late_live_answers_do_not_prolong_a_suspension() -> None:
+    # Every answer comes 4.5 s after its keepalive (beyond TTL - margin): each moves the
+    # deadline, none past the clock. The suspension still ends when it was first due,
+    # and the lease is revoked, so its shards can move.
+    core = started_core()
+    core.step(0.1)
+    core.on_claimed(0xA, [(0, 3)], now=0.2)
+    assert core.step(4.0).events == []  # suspended until 4 + 5 = 9
+    now = 4.0
+    while now < 8.9:
+        now += 1.67
+        core.on_keepalive(0xA, sent_at=now - 4.5, ttl_s=5)
+        assert core.owned(now) == {}
+        if now < 9.0:
+            assert core.step(now).events == [] and core.suspended(now)
+    assert not core.suspended(9.0)
+    step = core.step(9.0)
+    assert step.events == [Lost(0)]
+    assert RevokeLease(0xA) in step.requests
+
+
 def test_a_zero_ttl_answer_during_a_suspension_loses_everything_at_once() -> None:
     core = started_core()
     core.step(0.1)

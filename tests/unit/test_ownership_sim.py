@@ -124,7 +124,7 @@ def test_an_etcd_leader_election_moves_no_shard(seed: int) -> None:
     assert len(before) == sim.config.protocol.shard_count
     marks = len(sim.trace)
     sim.elect(4.5)
-    sim.run_for(2.5)
+    sim.run_for(4.4)
     assert sim.believers() == {}  # every node is past its deadline: nobody owns anything
     assert all(n.core.suspended(sim.now) for n in sim.nodes.values())
     sim.run_for(4.0)

@@ -176,6 +176,9 @@ class NodeCore:
         self._registration_revision: int | None = None
         # Leases this node will not use (lost, or granted twice): revoked at the next step.
         self._to_revoke: list[int] = []
+        # When the current suspension ends, fixed by the first step past the deadline:
+        # late answers that move the deadline but not past the clock do not prolong it.
+        self._suspension_ends: float | None = None
 
     @property
     def me(self) -> str:
@@ -190,7 +193,14 @@ class NodeCore:
 
     def suspended(self, now: float) -> bool:
         """Past the lease's local deadline, still waiting to hear whether it lives."""
-        return self.holdings.lease != 0 and not self.clock.valid(now)
+        return (
+            self.holdings.lease != 0 and not self.clock.valid(now) and now < self._suspension_end()
+        )
+
+    def _suspension_end(self) -> float:
+        if self._suspension_ends is not None:
+            return self._suspension_ends
+        return self.clock.deadline + self.timing.suspend_s
 
     def owned(self, now: float) -> dict[int, int]:
         """Shards held at ``now`` with their epochs; nothing once the deadline passed."""
@@ -204,14 +214,18 @@ class NodeCore:
     def step(self, now: float) -> Step:
         out = Step()
         self._expire_pending(now)
-        if self.suspended(now):
-            if now < self.clock.deadline + self.timing.suspend_s:
+        if self.holdings.lease != 0 and not self.clock.valid(now):
+            if self._suspension_ends is None:
+                self._suspension_ends = self.clock.deadline + self.timing.suspend_s
+            if now < self._suspension_ends:
                 # Own nothing, keep everything: a keepalive answer decides (see above).
                 out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
                 self._to_revoke.clear()
                 return out
             self._to_revoke.append(self.holdings.lease)
             out.events.extend(self._lose_lease())
+        elif self.holdings.lease != 0:
+            self._suspension_ends = None  # confirmed: a later suspension starts afresh
         out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
         self._to_revoke.clear()
         if self.holdings.lease == 0:
@@ -310,6 +324,7 @@ class NodeCore:
     def _lose_lease(self) -> list[Event]:
         lost = self.holdings.lose_all()
         self.clock.expire()
+        self._suspension_ends = None
         self.registered = False
         self._registration_revision = None
         self._pending = {k: t for k, t in self._pending.items() if k == "grant"}

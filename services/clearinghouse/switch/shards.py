@@ -76,6 +76,7 @@ from clearinghouse.domain.entries import (
     cap_key,
     window_key,
 )
+from clearinghouse.ownership.node import LEASE_TTL_S, RPC_TIMEOUT_S, Timing
 from clearinghouse.switch.indexer import (
     REINDEX_CHUNK_ROWS,
     Indexer,
@@ -116,10 +117,14 @@ TAKEOVER_RETRY_S = 1.0
 # A takeover whose lease is suspended looks again this often.
 UNCONFIRMED_POLL_S = 0.2
 # A group commit holding entries of a shard whose lease is suspended waits this long at
-# most for it to be confirmed or lost (the suspension ends by itself within a TTL; the
-# callers wait COMMIT_WAIT_S), instead of failing entries that were never written.
-UNCONFIRMED_COMMIT_WAIT_S = 8.0
+# most for it to be confirmed or lost, instead of failing entries never written: the
+# whole suspension, plus the ownership loop's step and its requests' budget.
+UNCONFIRMED_COMMIT_WAIT_S = Timing.for_ttl(LEASE_TTL_S).suspend_s + 1.0 + 2 * RPC_TIMEOUT_S
 UNCONFIRMED_COMMIT_POLL_S = 0.05
+invariant(
+    UNCONFIRMED_COMMIT_WAIT_S < COMMIT_WAIT_S,
+    "a writer must outwait a group commit held for a suspended lease",
+)
 # A shard whose chain does not verify is read again this often, for this long, before
 # it is left broken for an operator: replicas that lag (a write that reached one city
 # before its writer died, hints not yet replayed) catch up, and the full read repairs.

@@ -1,0 +1,72 @@
+"""The router asks an owner again when it answered that its ownership awaits etcd."""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from clearing.v1 import payment_pb2
+from clearinghouse.domain import Unavailable
+from clearinghouse.switch import convert
+from clearinghouse.switch.routing import OwnerRef, Router
+
+pytestmark = pytest.mark.unit
+
+HERE = OwnerRef("beijing-a", "127.0.1.1:15051", "beijing-a")
+
+
+class OwnerHere:
+    def owner_of(self, shard: int) -> OwnerRef:
+        return HERE
+
+
+class SuspendedThenConfirmed:
+    """The local owner: its lease is suspended for the first ``refusals`` rounds."""
+
+    def __init__(self, refusals: int, reason: str) -> None:
+        self.refusals = refusals
+        self.reason = reason
+        self.calls = 0
+
+    def submit(self, orders: Any, paths: Any, zone: str) -> list[Any]:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            err = Unavailable("awaits etcd", retry_after_ms=1000, reason=self.reason)
+            return [
+                payment_pb2.PaymentResult(payment_id=o.payment_id, error=convert.error_to_pb(err))
+                for o in orders
+            ]
+        return [payment_pb2.PaymentResult(payment_id=o.payment_id) for o in orders]
+
+
+def _submit(local: SuspendedThenConfirmed) -> Any:
+    pool = futures.ThreadPoolExecutor(2)
+    router = Router(
+        node_id=HERE.node_id, zone=HERE.zone, owners=OwnerHere(),  # type: ignore[arg-type]
+        local=local,  # type: ignore[arg-type]
+        pool=pool, credentials=grpc.local_channel_credentials(),
+    )  # fmt: skip
+    try:
+        order = payment_pb2.PaymentOrder(institution_id="INST_ALIPAY", payment_id="p-1")
+        (result,) = router.submit([order], ["/clearing.v1.PaymentService/SubmitPayment"], 10.0)
+        return result
+    finally:
+        router.close()
+        pool.shutdown()
+
+
+def test_an_unconfirmed_owner_is_asked_again_until_it_answers() -> None:
+    local = SuspendedThenConfirmed(2, Unavailable.OWNERSHIP_UNCONFIRMED)
+    result = _submit(local)
+    assert not result.HasField("error"), result
+    assert local.calls == 3
+
+
+def test_other_unavailable_answers_are_the_answer() -> None:
+    local = SuspendedThenConfirmed(1, "STORAGE_QUORUM_LOST")
+    result = _submit(local)
+    assert result.error.reason == "STORAGE_QUORUM_LOST"
+    assert local.calls == 1
