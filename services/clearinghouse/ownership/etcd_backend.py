@@ -74,7 +74,7 @@ from clearinghouse.ownership.view import (
     node_key,
     shard_key,
 )
-from clearinghouse.security.pki import PemFiles
+from clearinghouse.security.pki import KeyPair, PemFiles, channel_credentials
 
 # etcd refuses (raises) TTLs below about 1.5 election timeouts; 2 s is its default floor.
 LEASE_TTL_MIN_S = 2
@@ -106,7 +106,6 @@ class MemberChannel:
     takes from a pyetcd client (``channel``, ``call_credentials``, ``metadata``)."""
 
     channel: grpc.Channel
-    endpoints: tuple[tuple[str, int], ...]
     call_credentials: None = None
     metadata: None = None
 
@@ -114,22 +113,17 @@ class MemberChannel:
         self.channel.close()
 
 
-def connect_members(endpoints: Sequence[tuple[str, int]], tls: PemFiles) -> MemberChannel:
-    """A TLS channel over the members at ``endpoints`` (in order of preference),
-    presenting ``tls``'s certificate; each member's must name :data:`MEMBER_SERVER_NAME`."""
+def connect_members(endpoints: Sequence[tuple[str, int]], keys: KeyPair) -> MemberChannel:
+    """A TLS channel over the members at ``endpoints`` (in order of preference), as
+    ``keys``'s identity; each member's certificate must name :data:`MEMBER_SERVER_NAME`."""
     invariant(bool(endpoints), "no etcd member to connect to")
     target = "ipv4:" + ",".join(f"{host}:{port}" for host, port in endpoints)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=tls.ca.read_bytes(),
-        private_key=tls.key.read_bytes(),
-        certificate_chain=tls.cert.read_bytes(),
-    )
     options = [
         ("grpc.ssl_target_name_override", MEMBER_SERVER_NAME),
         # In the order given, the next only when the current one fails (no spreading).
         ("grpc.lb_policy_name", "pick_first"),
     ]
-    return MemberChannel(grpc.secure_channel(target, creds, options=options), tuple(endpoints))
+    return MemberChannel(grpc.secure_channel(target, channel_credentials(keys), options=options))
 
 
 def connect(host: str, port: int, tls: PemFiles, timeout_s: float) -> EtcdClient:

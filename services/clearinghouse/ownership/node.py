@@ -214,20 +214,17 @@ class NodeCore:
     def step(self, now: float) -> Step:
         out = Step()
         self._expire_pending(now)
-        if self.holdings.lease != 0 and not self.clock.valid(now):
-            if self._suspension_ends is None:
-                self._suspension_ends = self.clock.deadline + self.timing.suspend_s
-            if now < self._suspension_ends:
-                # Own nothing, keep everything: a keepalive answer decides (see above).
-                out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
-                self._to_revoke.clear()
-                return out
-            self._to_revoke.append(self.holdings.lease)
-            out.events.extend(self._lose_lease())
-        elif self.holdings.lease != 0:
+        if self.holdings.lease != 0 and self.clock.valid(now):
             self._suspension_ends = None  # confirmed: a later suspension starts afresh
+        elif self.holdings.lease != 0:
+            self._suspension_ends = self._suspension_end()  # fixed from now on
+            if not self.suspended(now):
+                self._to_revoke.append(self.holdings.lease)
+                out.events.extend(self._lose_lease())
         out.requests.extend(RevokeLease(lease) for lease in self._to_revoke)
         self._to_revoke.clear()
+        if self.suspended(now):
+            return out  # own nothing, keep everything: a keepalive answer decides (above)
         if self.holdings.lease == 0:
             if self._start("grant", now):
                 out.requests.append(GrantLease(self.timing.lease_ttl_s))

@@ -188,7 +188,7 @@ def build(cfg: NodeConfig) -> Node:
     client_credentials = pki.channel_credentials(keys)
     bank = GrpcBankGateway(client_credentials)
     etcd = etcd_backend.connect_members(
-        cfg.etcd_endpoints, pki.LocalCA(cfg.etcd_pki_dir).files(pki.node(cfg.zone))
+        cfg.etcd_endpoints, pki.LocalCA(cfg.etcd_pki_dir).load(pki.node(cfg.zone))
     )
     stopping = threading.Event()
     takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
