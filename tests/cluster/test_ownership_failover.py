@@ -9,6 +9,10 @@
   slow bank, others take its shards over, and it is resumed with SIGCONT: nothing it
   wrote late is acknowledged, every shard's chain verifies with no gap or duplicate, and
   every payment any client saw acknowledged is in the ledger with that state.
+* A city's etcd member is frozen with SIGSTOP (its connections stay open, so nothing
+  fails: the channel has to notice the silence) for longer than a lease TTL plus its
+  suspension: the city's nodes renew through another member, no shard moves, and a
+  payment of one of their shards sent to the city's node is answered meanwhile.
 * Clients in every zone drive one institution past its net debit cap at once, after one
   payment of half the cap (far more than a shard's even share): the cap is never
   exceeded, the accepted total gets close to it, refusals are FAILED_PRECONDITION
@@ -33,7 +37,7 @@ from clearinghouse import demo
 from clearinghouse.client import error_details
 from clearinghouse.ledger_view import read_ledger
 from clearinghouse.ownership import placement
-from clearinghouse.ownership.node import LEASE_TTL_S
+from clearinghouse.ownership.node import LEASE_TTL_S, SUSPEND_TTLS
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
@@ -186,6 +190,45 @@ def test_a_frozen_owner_gets_nothing_acknowledged_after_its_shards_moved(
     # The resumed node dropped what it held and serves again as a member.
     wait_all_owned(env, set(zones))
     assert env.submit(victim, env.order()).payment.state in FINAL
+
+
+def shard_claims(env: SwitchEnv) -> dict[int, tuple[str, int]]:
+    """Shard -> (owner, the claim's create revision): a shard that moved, or was given up
+    and claimed again even by the same node, has a new revision."""
+    client = env.lc.etcd_client(env.lc.topo.etcd_zones()[1])
+    try:
+        return {
+            int(meta.key.decode().rsplit("/", 1)[1]): (value.decode(), meta.create_revision)
+            for value, meta in client.get_prefix("/clearing/shards/")
+        }
+    finally:
+        client.close()
+
+
+def test_a_frozen_etcd_member_moves_no_shard(switch_env: SwitchEnv) -> None:
+    env = switch_env
+    zones = [z.name for z in env.lc.topo.zones]
+    member = env.lc.topo.etcd_zones()[0]
+    city_node = next(z.name for z in env.lc.topo.zones if z.city == member.city)
+    wait_all_owned(env, set(zones))
+    before = shard_claims(env)
+    assert len(before) == 128
+    shard = min(s for s, (owner, _) in before.items() if owner == city_node)
+    target = f"etcd@{member.name}"
+    assert env.lc.pause(target) == [target]
+    try:
+        # Past the lease's TTL and its suspension: a node still on the frozen member would
+        # have lost its lease by now (etcd's leader renews nothing the member does not
+        # forward), and its shards would have been claimed again.
+        time.sleep(LEASE_TTL_S * (1 + SUSPEND_TTLS))
+        r = env.submit(city_node, order_for_shard(env, shard))
+        assert r.payment.state in FINAL
+        time.sleep(2.0)
+    finally:
+        assert env.lc.resume(target) == [target]
+    after = shard_claims(env)
+    moved = sorted(s for s in before if after.get(s) != before[s])
+    assert moved == [], f"shards claimed again while {target} was frozen: {moved}"
 
 
 def test_net_debit_cap_holds_under_concurrency_from_every_zone(switch_env: SwitchEnv) -> None:

@@ -361,6 +361,9 @@ def test_plans_pick_their_victims_from_the_seed(topo: topology.Topology) -> None
     assert sorted(roll.victims) == sorted(f"switch@{z}" for z in topo.zone_names())
     assert [s.action for s in roll.inject[:3]] == ["stop", "start", "converge"]
     assert scenarios.plan("pause-node", 1, topo).hold_s > LEASE_TTL_S
+    pc = scenarios.plan("pause-city", 3, topo)
+    assert pc.victims[0] in topo.city_names() and pc.hold_s > LEASE_TTL_S
+    assert [s.action for s in pc.inject + pc.recover] == ["pause", "resume", "converge"]
 
 
 def test_plans_refuse_what_cannot_be_run(topo: topology.Topology) -> None:
@@ -368,8 +371,9 @@ def test_plans_refuse_what_cannot_be_run(topo: topology.Topology) -> None:
         scenarios.plan("kill-moon", 1, topo)
     with pytest.raises(scenarios.PlanError, match="no leader"):
         scenarios.plan("kill-etcd-leader", 1, topo, etcd_leader=None)
-    with pytest.raises(scenarios.PlanError, match="lease TTL"):
-        scenarios.plan("pause-node", 1, topo, hold_s=LEASE_TTL_S)
+    for name in ("pause-node", "pause-city"):
+        with pytest.raises(scenarios.PlanError, match="lease TTL"):
+            scenarios.plan(name, 1, topo, hold_s=LEASE_TTL_S)
 
 
 # -- the load generator against fake stubs --------------------------------------------------

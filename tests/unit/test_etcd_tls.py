@@ -11,7 +11,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from clearinghouse.localcluster import etcd, procs
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
-from clearinghouse.ownership.etcd_backend import MEMBER_SERVER_NAME
+from clearinghouse.ownership.etcd_backend import MEMBER_SERVER_NAME, MemberChannel
+from clearinghouse.ownership.node import LEASE_TTL_S, Timing
 from clearinghouse.security import pki
 from clearinghouse.switch.config import NodeConfig
 from clearinghouse.topology import Topology
@@ -108,3 +109,32 @@ def test_a_node_knows_every_member_its_own_city_s_first(topo: Topology, tmp_path
         members = {(z.address, z.ports.etcd_client): z.city for z in topo.etcd_zones()}
         assert set(cfg.etcd_endpoints) == set(members)
         assert members[cfg.etcd_endpoints[0]] == zone.city
+
+
+def test_the_member_channel_moves_to_the_next_member_and_round_again(
+    test_ca: pki.LocalCA,
+) -> None:
+    """A frozen member fails nothing, so the agent rotates: each rotation prefers the next
+    member, in the node's order, and wraps around."""
+    test_ca.ensure(pki.node("beijing-a"), ips=["127.0.1.1"])
+    endpoints = [("127.0.1.1", 12379), ("127.0.2.1", 12379), ("127.0.3.1", 12379)]
+    members = MemberChannel(endpoints, test_ca.load(pki.node("beijing-a")))
+    try:
+        seen = [members.preferred]
+        first = members.channel
+        for _ in range(3):
+            members.rotate()
+            seen.append(members.preferred)
+        assert seen == [*endpoints, endpoints[0]]
+        assert members.channel is not first
+    finally:
+        members.close()
+
+
+def test_the_agent_leaves_a_silent_member_before_etcd_could_expire_its_lease() -> None:
+    """etcd's leader expires a lease one TTL after the last renewal it got; the oldest
+    unanswered keepalive went out at most one interval after the last answered one."""
+    for ttl_s in (2, LEASE_TTL_S, 10):
+        t = Timing.for_ttl(ttl_s)
+        moved_by_s = t.keepalive_interval_s + t.member_silent_s
+        assert t.member_silent_s > 0 and moved_by_s + t.keepalive_interval_s <= ttl_s, ttl_s

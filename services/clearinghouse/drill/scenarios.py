@@ -10,6 +10,9 @@ from the first inject step to the end of the last recover step.
   etcd member and Cassandra node as well as a switch node), then start it again.
 * ``kill-city`` - SIGKILL every process of one city: both switch nodes, its Cassandra
   node(s) and its etcd member; then start the city again (it catches up by hints).
+* ``pause-city`` - SIGSTOP every process of one city together (both switch nodes, its
+  Cassandra node(s), its etcd member), connections left open as a frozen data centre
+  leaves them; then SIGCONT them together.
 * ``pause-node`` - SIGSTOP one switch node for longer than its lease TTL, so that its
   shards move while it is frozen, then SIGCONT it.
 * ``kill-etcd-leader`` - SIGKILL the etcd member that leads (from ``cluster status``),
@@ -29,11 +32,20 @@ from clearinghouse.topology import Topology
 
 KILL_ZONE = "kill-zone"
 KILL_CITY = "kill-city"
+PAUSE_CITY = "pause-city"
 PAUSE_NODE = "pause-node"
 KILL_ETCD_LEADER = "kill-etcd-leader"
 RESTART_CITY = "restart-city"
 ROLLING_RESTART = "rolling-restart"
-SCENARIOS = (KILL_ZONE, KILL_CITY, PAUSE_NODE, KILL_ETCD_LEADER, RESTART_CITY, ROLLING_RESTART)
+SCENARIOS = (
+    KILL_ZONE,
+    KILL_CITY,
+    PAUSE_CITY,
+    PAUSE_NODE,
+    KILL_ETCD_LEADER,
+    RESTART_CITY,
+    ROLLING_RESTART,
+)
 
 # How long a fault is held before recovery starts, by default. A pause must outlast the
 # lease so the node's shards move; kills are held long enough for shards to move and for
@@ -42,6 +54,7 @@ PAUSE_PAST_TTL_S = 3.0
 DEFAULT_HOLD_S = {
     KILL_ZONE: 15.0,
     KILL_CITY: 15.0,
+    PAUSE_CITY: 15.0,
     PAUSE_NODE: LEASE_TTL_S + PAUSE_PAST_TTL_S,
     KILL_ETCD_LEADER: 10.0,
     RESTART_CITY: 0.0,
@@ -90,9 +103,9 @@ def plan(
     hold = DEFAULT_HOLD_S[scenario] if hold_s is None else hold_s
     if hold < 0:
         raise PlanError(f"--hold-s must not be negative, not {hold}")
-    if scenario == PAUSE_NODE and hold <= LEASE_TTL_S:
+    if scenario in (PAUSE_NODE, PAUSE_CITY) and hold <= LEASE_TTL_S:
         raise PlanError(
-            f"pause-node must hold the node past its lease TTL ({LEASE_TTL_S}s): "
+            f"{scenario} must hold its victims past the lease TTL ({LEASE_TTL_S}s): "
             f"--hold-s {hold} is too short"
         )
     rng = random.Random(f"drill-victims:{scenario}:{seed}")
@@ -111,6 +124,12 @@ def plan(
     if scenario == KILL_CITY:
         city = rng.choice(cities)
         return simple("kill", "start", city, f"SIGKILL every process of city {city}")
+    if scenario == PAUSE_CITY:
+        city = rng.choice(cities)
+        return simple(
+            "pause", "resume", city, f"SIGSTOP every process of city {city} for {hold:.0f}s, "
+            "then SIGCONT"
+        )  # fmt: skip
     if scenario == PAUSE_NODE:
         target = f"switch@{rng.choice(zones)}"
         return simple("pause", "resume", target, f"SIGSTOP {target} for {hold:.0f}s, then SIGCONT")

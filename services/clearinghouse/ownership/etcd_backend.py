@@ -98,32 +98,63 @@ _log = logging.getLogger(__name__)
 MEMBER_SERVER_NAME = "members.etcd.clearing-switch.invalid"
 
 
-@dataclass(frozen=True, slots=True)
 class MemberChannel:
     """One gRPC channel over every etcd member, for the agent: it uses the first member
     that answers (its own city's, listed first) and moves on to the next when that one
     fails, so a member's crash is a reconnect, not a lost lease. Has what the agent
-    takes from a pyetcd client (``channel``, ``call_credentials``, ``metadata``)."""
+    takes from a pyetcd client (``channel``, ``call_credentials``, ``metadata``).
 
-    channel: grpc.Channel
+    A member frozen with its connections open (SIGSTOP, a hung host) fails nothing:
+    ``pick_first`` stays on it. The agent then calls :meth:`rotate`, which opens a new
+    channel that lists the members from the next one on."""
+
     call_credentials: None = None
     metadata: None = None
 
+    def __init__(self, endpoints: Sequence[tuple[str, int]], keys: KeyPair) -> None:
+        invariant(bool(endpoints), "no etcd member to connect to")
+        self._endpoints = tuple(endpoints)
+        self._credentials = channel_credentials(keys)
+        self._first = 0
+        # The channel before the last rotation: closed at the next one (or at close), so
+        # that a call another thread has just started on it fails as a call, not as a
+        # closed channel.
+        self._retired: grpc.Channel | None = None
+        self.channel = self._open()
+
+    @property
+    def preferred(self) -> tuple[str, int]:
+        """The member the current channel tries first."""
+        return self._endpoints[self._first]
+
+    def rotate(self) -> grpc.Channel:
+        """A new channel that tries the next member first; the current one is retired."""
+        self._first = (self._first + 1) % len(self._endpoints)
+        if self._retired is not None:
+            self._retired.close()
+        self._retired, self.channel = self.channel, self._open()
+        return self.channel
+
     def close(self) -> None:
+        if self._retired is not None:
+            self._retired.close()
         self.channel.close()
+
+    def _open(self) -> grpc.Channel:
+        order = self._endpoints[self._first :] + self._endpoints[: self._first]
+        target = "ipv4:" + ",".join(f"{host}:{port}" for host, port in order)
+        options = [
+            ("grpc.ssl_target_name_override", MEMBER_SERVER_NAME),
+            # In the order given, the next only when the current one fails (no spreading).
+            ("grpc.lb_policy_name", "pick_first"),
+        ]
+        return grpc.secure_channel(target, self._credentials, options=options)
 
 
 def connect_members(endpoints: Sequence[tuple[str, int]], keys: KeyPair) -> MemberChannel:
     """A TLS channel over the members at ``endpoints`` (in order of preference), as
     ``keys``'s identity; each member's certificate must name :data:`MEMBER_SERVER_NAME`."""
-    invariant(bool(endpoints), "no etcd member to connect to")
-    target = "ipv4:" + ",".join(f"{host}:{port}" for host, port in endpoints)
-    options = [
-        ("grpc.ssl_target_name_override", MEMBER_SERVER_NAME),
-        # In the order given, the next only when the current one fails (no spreading).
-        ("grpc.lb_policy_name", "pick_first"),
-    ]
-    return MemberChannel(grpc.secure_channel(target, channel_credentials(keys), options=options))
+    return MemberChannel(endpoints, keys)
 
 
 def connect(host: str, port: int, tls: PemFiles, timeout_s: float) -> EtcdClient:
@@ -168,15 +199,16 @@ class OwnershipAgent:
         self.node = node
         self.address = address
         self.prefix = prefix
-        self._channel = client.channel
         # Credentials and metadata carry etcd auth when the client was built with it.
         self._call_kw: dict[str, Any] = {
             "credentials": client.call_credentials,
             "metadata": client.metadata,
         }
-        self._kv = etcdrpc.KVStub(self._channel)
-        self._leases = etcdrpc.LeaseStub(self._channel)
-        self._watch_stub = etcdrpc.WatchStub(self._channel)
+        # Over every member, the agent leaves one that stops answering (a pyetcd client
+        # has one member: nothing to move to).
+        self._members = client if isinstance(client, MemberChannel) else None
+        self._bind(client.channel)
+        self._left_member_at = float("-inf")
         self._on_gained = on_gained
         self._on_lost = on_lost
         self._timing = Timing.for_ttl(lease_ttl_s)
@@ -288,6 +320,7 @@ class OwnershipAgent:
         while not self._stop.is_set():
             try:
                 self._step_once()
+                self._leave_silent_member()
                 self._ensure_keepalive()
                 self._cancel_stalled_watch()
             except Exception:  # noqa: BLE001 (logged; see below)
@@ -392,6 +425,45 @@ class OwnershipAgent:
         except grpc.RpcError as e:
             # Best effort: a lease that cannot be revoked expires on its own.
             _log.info("%s: revoke of %x failed: %s", self.node.node_id, lease, _describe(e))
+
+    # -- the member ----------------------------------------------------------------------
+
+    def _bind(self, channel: grpc.Channel) -> None:
+        self._kv = etcdrpc.KVStub(channel)
+        self._leases = etcdrpc.LeaseStub(channel)
+        self._watch_stub = etcdrpc.WatchStub(channel)
+
+    def _leave_silent_member(self) -> None:
+        """Move to the next member when the current one has left a keepalive unanswered
+        for :attr:`Timing.member_silent_s` (it is frozen with its connections open, or
+        has lost its cluster): the lease, still held in etcd, is renewed through another
+        member before its suspension ends. At most once per that time, so a leader
+        election (no member answers) moves the channel once, not around the ring."""
+        ka, members, now = self._keepalive, self._members, _clock()
+        silent_s = self._timing.member_silent_s
+        if (
+            members is None
+            or ka is None
+            or ka.unanswered_for(now) < silent_s
+            or now - self._left_member_at < silent_s
+        ):
+            return
+        self._left_member_at = now
+        was = members.preferred
+        self._bind(members.rotate())
+        telemetry.metrics.lease_event("member_left")
+        _log.warning(
+            "%s: etcd member %s:%d left keepalive %x unanswered for %.1f s: moving to "
+            "%s:%d first",
+            self.node.node_id, *was, ka.lease, ka.unanswered_for(now), *members.preferred,
+        )  # fmt: skip
+        # Both streams start again on the new channel: the keepalive at once (below, in
+        # the same loop step), the watch after it re-lists.
+        ka.close()
+        self._keepalive = None
+        watch = self._watch_call
+        if watch is not None:
+            watch.cancel()
 
     # -- keepalive --------------------------------------------------------------------
 
@@ -585,6 +657,11 @@ class _KeepAliveStream:
         self._call = stub.LeaseKeepAlive(self._requests(), **call_kw)
         self._thread = threading.Thread(target=self._read, name=name, daemon=True)
         self._thread.start()
+
+    def unanswered_for(self, now: float) -> float:
+        """How long the oldest keepalive sent and not answered has waited (0: none)."""
+        with self._sent_lock:
+            return now - self._sent[0] if self._sent else 0.0
 
     def broken_for(self, seconds: float) -> bool:
         at = self._broken_at

@@ -103,6 +103,9 @@ KEEPALIVES_PER_TTL = 3
 # the deadline (TTL - margin - keepalive interval, 2.3 s at the default TTL) plus this.
 SUSPEND_TTLS = 1
 KEEPALIVE_INTERVAL_S = LEASE_TTL_S / KEEPALIVES_PER_TTL
+# Keepalive intervals one may wait unanswered before the agent tries the next etcd member
+# (Timing.member_silent_s): a leader election may make it move once, harmlessly.
+KEEPALIVES_SILENT_MEMBER = 1
 # Unanswered keepalives on one stream before it stops sending (the stream is stuck).
 KEEPALIVE_INFLIGHT_MAX = 4
 # The local deadline ends this fraction of the TTL before etcd's earliest expiry: room
@@ -140,6 +143,17 @@ class Timing:
     @property
     def keepalive_interval_s(self) -> float:
         return self.lease_ttl_s / KEEPALIVES_PER_TTL
+
+    @property
+    def member_silent_s(self) -> float:
+        """How long a keepalive may wait for its answer before the agent moves to the
+        next etcd member. A frozen member forwards nothing to the leader, so etcd lets
+        the lease expire one TTL after the last renewal that reached it: the move must
+        leave time to renew through another member. The oldest unanswered keepalive was
+        sent at most one interval after the last answered one, so the move comes at most
+        ``KEEPALIVES_SILENT_MEMBER + 1`` intervals after it (3.3 s of the default 5 s
+        TTL), leaving an interval for the new member to answer."""
+        return KEEPALIVES_SILENT_MEMBER * self.keepalive_interval_s
 
 
 def protocol_for_ttl(lease_ttl_s: int) -> ProtocolConfig:
