@@ -208,7 +208,6 @@ class OwnershipAgent:
         # has one member: nothing to move to).
         self._members = client if isinstance(client, MemberChannel) else None
         self._bind(client.channel)
-        self._left_member_at = float("-inf")
         self._on_gained = on_gained
         self._on_lost = on_lost
         self._timing = Timing.for_ttl(lease_ttl_s)
@@ -319,6 +318,9 @@ class OwnershipAgent:
     def _loop_forever(self) -> None:
         while not self._stop.is_set():
             try:
+                # Before the step's requests (sent to the member the channel is on)
+                # and after them (one may have waited out its timeout on a frozen one).
+                self._leave_silent_member()
                 self._step_once()
                 self._leave_silent_member()
                 self._ensure_keepalive()
@@ -436,19 +438,14 @@ class OwnershipAgent:
     def _leave_silent_member(self) -> None:
         """Move to the next member when the current one has left a keepalive unanswered
         for :attr:`Timing.member_silent_s` (it is frozen with its connections open, or
-        has lost its cluster): the lease, still held in etcd, is renewed through another
-        member before its suspension ends. At most once per that time, so a leader
-        election (no member answers) moves the channel once, not around the ring."""
+        has lost its cluster), so that the lease is renewed through another member
+        before etcd's leader, which hears nothing from this node, lets it expire. The
+        keepalive stream starts again on the new channel, so a member moved to that is
+        silent too (frozen as well, or all are: a leader election) is left a second
+        later in turn. The node stays on the member it moved to."""
         ka, members, now = self._keepalive, self._members, _clock()
-        silent_s = self._timing.member_silent_s
-        if (
-            members is None
-            or ka is None
-            or ka.unanswered_for(now) < silent_s
-            or now - self._left_member_at < silent_s
-        ):
+        if members is None or ka is None or ka.unanswered_for(now) < self._timing.member_silent_s:
             return
-        self._left_member_at = now
         was = members.preferred
         self._bind(members.rotate())
         telemetry.metrics.lease_event("member_left")
@@ -561,14 +558,17 @@ class OwnershipAgent:
             self._view.load(revision, [_record(kv) for kv in listing.kvs], _clock())
         create = etcdrpc.WatchCreateRequest(key=start, range_end=end, start_revision=revision + 1)
         done = threading.Event()
-        call = self._watch_stub.Watch(
+        stub = self._watch_stub
+        call = stub.Watch(
             _watch_requests(etcdrpc.WatchRequest(create_request=create), done), **self._call_kw
         )
         self._watch_heard_at = _clock()
         self._watch_call = call
         try:
-            if self._stop.is_set():
-                return  # close() ran before this call existed, so it could not cancel it
+            if self._stop.is_set() or stub is not self._watch_stub:
+                # close() ran, or the agent moved to another member, before this call
+                # existed, so neither could cancel it: watch again from a new listing.
+                return
             for resp in call:
                 self._watch_heard_at = _clock()
                 if resp.canceled or resp.compact_revision:

@@ -103,9 +103,12 @@ KEEPALIVES_PER_TTL = 3
 # the deadline (TTL - margin - keepalive interval, 2.3 s at the default TTL) plus this.
 SUSPEND_TTLS = 1
 KEEPALIVE_INTERVAL_S = LEASE_TTL_S / KEEPALIVES_PER_TTL
-# Keepalive intervals one may wait unanswered before the agent tries the next etcd member
-# (Timing.member_silent_s): a leader election may make it move once, harmlessly.
-KEEPALIVES_SILENT_MEMBER = 1
+# How long a keepalive may wait for its answer before the agent tries the next etcd
+# member (Timing.member_silent_s; at most one keepalive interval). etcd answers in
+# milliseconds. A leader election leaves every member silent for 2-4 s and makes a node
+# move once or twice meanwhile, which costs a connection and a re-listing each: no move
+# is held back, since the member moved to may be the frozen one.
+MEMBER_ANSWER_WAIT_S = 1.0
 # Unanswered keepalives on one stream before it stops sending (the stream is stuck).
 KEEPALIVE_INFLIGHT_MAX = 4
 # The local deadline ends this fraction of the TTL before etcd's earliest expiry: room
@@ -150,10 +153,19 @@ class Timing:
         next etcd member. A frozen member forwards nothing to the leader, so etcd lets
         the lease expire one TTL after the last renewal that reached it: the move must
         leave time to renew through another member. The oldest unanswered keepalive was
-        sent at most one interval after the last answered one, so the move comes at most
-        ``KEEPALIVES_SILENT_MEMBER + 1`` intervals after it (3.3 s of the default 5 s
-        TTL), leaving an interval for the new member to answer."""
-        return KEEPALIVES_SILENT_MEMBER * self.keepalive_interval_s
+        sent at most one interval after the last answered one, and the agent's loop may
+        be inside one etcd request (``rpc_timeout_s``) when the wait runs out, so the
+        move comes at most an interval + this + ``rpc_timeout_s`` + a loop step after
+        the last renewal (3.8 s of the default 5 s TTL; :meth:`member_moved_by_s`)."""
+        return min(MEMBER_ANSWER_WAIT_S, self.keepalive_interval_s)
+
+    @property
+    def member_moved_by_s(self) -> float:
+        """The latest a node leaves a silent member, after its last renewal."""
+        return (
+            self.keepalive_interval_s + self.member_silent_s + self.rpc_timeout_s
+            + LOOP_INTERVAL_S
+        )  # fmt: skip
 
 
 def protocol_for_ttl(lease_ttl_s: int) -> ProtocolConfig:
