@@ -12,7 +12,8 @@
 * An etcd member, the leader or a follower, is frozen with SIGSTOP (its connections
   stay open, so nothing fails: the agents have to notice the silence) for longer than a
   lease TTL plus its suspension: the nodes on it renew through another member, no shard
-  is claimed again, and a payment of a shard of its city's node is answered meanwhile.
+  is claimed again, and a payment of a shard of its city's node is answered meanwhile;
+  once it answers again, every node that moved is back on its own city's member.
 * Clients in every zone drive one institution past its net debit cap at once, after one
   payment of half the cap (far more than a shard's even share): the cap is never
   exceeded, the accepted total gets close to it, refusals are FAILED_PRECONDITION
@@ -22,11 +23,13 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,6 +40,7 @@ from clearinghouse import demo
 from clearinghouse.client import error_details
 from clearinghouse.ledger_view import read_ledger
 from clearinghouse.ownership import placement
+from clearinghouse.ownership.etcd_backend import HOME_PROBE_INTERVAL_S
 from clearinghouse.ownership.node import LEASE_TTL_S, SUSPEND_TTLS
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.storage.ledger import CassandraLedger
@@ -205,6 +209,32 @@ def shard_claims(env: SwitchEnv) -> dict[int, tuple[str, int]]:
         client.close()
 
 
+def switch_log(env: SwitchEnv, zone: str) -> Path:
+    return env.lc.switch_managed(env.lc.topo.zone(zone)).log
+
+
+def home_of(env: SwitchEnv, zone: str) -> str:
+    """host:port of the etcd member of ``zone``'s city."""
+    city = env.lc.topo.zone(zone).city
+    m = next(m for m in env.lc.topo.etcd_zones() if m.city == city)
+    return f"{m.address}:{m.ports.etcd_client}"
+
+
+def member_of(env: SwitchEnv, zone: str, logs_from: dict[str, int]) -> str | None:
+    """The etcd member ``zone``'s node last moved to since ``logs_from`` (None: it did
+    not move), from its log."""
+    with switch_log(env, zone).open("rb") as f:
+        f.seek(logs_from[zone])
+        text = f.read().decode(errors="replace")
+    last = None
+    for line in text.splitlines():
+        if (moved := re.search(r"moving to (\S+) first", line)) is not None:
+            last = moved.group(1)
+        elif (back := re.search(r"back on its own city's etcd member (\S+)\"", line)) is not None:
+            last = back.group(1)
+    return last
+
+
 @pytest.mark.parametrize("role", ["leader", "follower"])
 def test_a_frozen_etcd_member_moves_no_shard(switch_env: SwitchEnv, role: str) -> None:
     """The leader frozen: an election among the others, and every node moves past the
@@ -222,6 +252,7 @@ def test_a_frozen_etcd_member_moves_no_shard(switch_env: SwitchEnv, role: str) -
     assert len(before) == 128
     shard = min(s for s, (owner, _) in before.items() if owner == city_node)
     target = f"etcd@{member.name}"
+    logs_from = {z: switch_log(env, z).stat().st_size for z in zones}
     assert env.lc.pause(target) == [target]
     try:
         # Past the lease's TTL and its suspension: a node still on the frozen member would
@@ -236,6 +267,13 @@ def test_a_frozen_etcd_member_moves_no_shard(switch_env: SwitchEnv, role: str) -
     after = shard_claims(env)
     moved = sorted(s for s in before if after.get(s) != before[s])
     assert moved == [], f"shards claimed again while {target} was frozen: {moved}"
+    # Every node that moved is back on its own city's member once that one answers.
+    assert any(member_of(env, z, logs_from) is not None for z in zones), "no node moved"
+    assert eventually(
+        lambda: all(member_of(env, z, logs_from) in (None, home_of(env, z)) for z in zones),
+        timeout_s=HOME_PROBE_INTERVAL_S * 2 + 5,
+        every_s=1.0,
+    ), {z: member_of(env, z, logs_from) for z in zones}
 
 
 def test_net_debit_cap_holds_under_concurrency_from_every_zone(switch_env: SwitchEnv) -> None:

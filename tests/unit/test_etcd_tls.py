@@ -11,7 +11,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from clearinghouse.localcluster import etcd, procs
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
-from clearinghouse.ownership.etcd_backend import MEMBER_SERVER_NAME, MemberChannel
+from clearinghouse.ownership.etcd_backend import (
+    HOME_PROBE_TIMEOUT_S,
+    MEMBER_SERVER_NAME,
+    MemberChannel,
+)
 from clearinghouse.ownership.node import LEASE_TTL_S, Timing
 from clearinghouse.security import pki
 from clearinghouse.switch.config import NodeConfig
@@ -131,6 +135,10 @@ def test_the_member_channel_moves_to_the_next_member_and_round_again(
             seen.append(members.preferred)
         assert seen == [*endpoints, endpoints[0]]
         assert members.channel is not first
+        members.rotate()
+        assert not members.at_home
+        members.go_home()
+        assert members.at_home and members.preferred == endpoints[0]
     finally:
         members.close()
 
@@ -144,3 +152,6 @@ def test_the_agent_leaves_a_silent_member_before_etcd_could_expire_its_lease() -
         t = Timing.for_ttl(ttl_s)
         assert 0 < t.member_silent_s <= t.keepalive_interval_s
         assert t.member_moved_by_s + RENEW_THROUGH_ANOTHER_MEMBER_S <= ttl_s, ttl_s
+        # The probe of the home member is one of the loop's waits, no longer than the
+        # request the bound counts.
+        assert t.rpc_timeout_s >= HOME_PROBE_TIMEOUT_S

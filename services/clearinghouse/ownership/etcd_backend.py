@@ -86,6 +86,11 @@ KEEPALIVE_RETRY_S = 0.25
 WATCH_PROGRESS_S = 1.0
 WATCH_STALL_S = 3.0
 CLOSE_TIMEOUT_S = 5.0
+# Away from its own city's etcd member (it left it when it froze), a node asks it this
+# often whether it answers again, and waits this long for the answer (no longer than
+# a request of the loop: the loop's bound on leaving a silent member counts one).
+HOME_PROBE_INTERVAL_S = 10.0
+HOME_PROBE_TIMEOUT_S = 0.5
 
 # Type of pyetcd's client (``pyetcd.Etcd3Client``), which ships without type hints.
 EtcdClient = Any
@@ -127,9 +132,34 @@ class MemberChannel:
         """The member the current channel tries first."""
         return self._endpoints[self._first]
 
+    @property
+    def at_home(self) -> bool:
+        """Whether the current channel tries the node's own city's member first."""
+        return self._first == 0
+
     def rotate(self) -> grpc.Channel:
         """A new channel that tries the next member first; the current one is retired."""
-        self._first = (self._first + 1) % len(self._endpoints)
+        return self._reopen((self._first + 1) % len(self._endpoints))
+
+    def go_home(self) -> grpc.Channel:
+        """A new channel in the original order, the node's own city's member first."""
+        return self._reopen(0)
+
+    def home_answers(self, timeout_s: float) -> bool:
+        """Whether the node's own city's member answers a status request within
+        ``timeout_s`` and knows a leader (on a channel of its own, closed after)."""
+        host, port = self._endpoints[0]
+        probe = self._open([(host, port)])
+        try:
+            status = etcdrpc.MaintenanceStub(probe).Status(etcdrpc.StatusRequest(), timeout_s)
+            return bool(status.leader)
+        except grpc.RpcError:
+            return False
+        finally:
+            probe.close()
+
+    def _reopen(self, first: int) -> grpc.Channel:
+        self._first = first
         if self._retired is not None:
             self._retired.close()
         self._retired, self.channel = self.channel, self._open()
@@ -140,8 +170,9 @@ class MemberChannel:
             self._retired.close()
         self.channel.close()
 
-    def _open(self) -> grpc.Channel:
-        order = self._endpoints[self._first :] + self._endpoints[: self._first]
+    def _open(self, order: Sequence[tuple[str, int]] | None = None) -> grpc.Channel:
+        if order is None:
+            order = self._endpoints[self._first :] + self._endpoints[: self._first]
         target = "ipv4:" + ",".join(f"{host}:{port}" for host, port in order)
         options = [
             ("grpc.ssl_target_name_override", MEMBER_SERVER_NAME),
@@ -208,6 +239,7 @@ class OwnershipAgent:
         # has one member: nothing to move to).
         self._members = client if isinstance(client, MemberChannel) else None
         self._bind(client.channel)
+        self._home_probed_at = float("-inf")
         self._on_gained = on_gained
         self._on_lost = on_lost
         self._timing = Timing.for_ttl(lease_ttl_s)
@@ -325,6 +357,7 @@ class OwnershipAgent:
                 self._leave_silent_member()
                 self._ensure_keepalive()
                 self._cancel_stalled_watch()
+                self._go_home_when_it_answers()
             except Exception:  # noqa: BLE001 (logged; see below)
                 # The loop is what keeps this node's ownership honest: it must not die of
                 # a bug in one step. The next step starts from the core's state again.
@@ -447,17 +480,40 @@ class OwnershipAgent:
         if members is None or ka is None or ka.unanswered_for(now) < self._timing.member_silent_s:
             return
         was = members.preferred
-        self._bind(members.rotate())
+        self._switch_channel(members.rotate())
+        self._home_probed_at = now
         telemetry.metrics.lease_event("member_left")
         _log.warning(
             "%s: etcd member %s:%d left keepalive %x unanswered for %.1f s: moving to "
             "%s:%d first",
             self.node.node_id, *was, ka.lease, ka.unanswered_for(now), *members.preferred,
         )  # fmt: skip
-        # Both streams start again on the new channel: the keepalive at once (below, in
-        # the same loop step), the watch after it re-lists.
-        ka.close()
-        self._keepalive = None
+
+    def _go_home_when_it_answers(self) -> None:
+        """Away from its own city's member, every :data:`HOME_PROBE_INTERVAL_S` the node
+        asks that member for its status on a channel of its own; once it answers and
+        knows a leader, the node's channel goes back to the original order (a member
+        still frozen answers nothing, and the node stays where it is)."""
+        members, now = self._members, _clock()
+        if members is None or members.at_home or now - self._home_probed_at < HOME_PROBE_INTERVAL_S:
+            return
+        self._home_probed_at = now
+        if not members.home_answers(HOME_PROBE_TIMEOUT_S):
+            return
+        self._switch_channel(members.go_home())
+        telemetry.metrics.lease_event("member_home")
+        _log.warning(
+            "%s: back on its own city's etcd member %s:%d", self.node.node_id, *members.preferred
+        )
+
+    def _switch_channel(self, channel: grpc.Channel) -> None:
+        """Use ``channel`` from now on: both streams start again on it, the keepalive at
+        once (in the same loop step), the watch after it re-lists."""
+        self._bind(channel)
+        ka = self._keepalive
+        if ka is not None:
+            ka.close()
+            self._keepalive = None
         watch = self._watch_call
         if watch is not None:
             watch.cancel()
