@@ -136,7 +136,7 @@ def test_a_node_s_etcd_channel_moves_past_a_member_that_does_not_answer(
     live = lc.etcd_members()[1].zone
     dead = (lc.etcd_members()[0].zone.address, _free_port())
     keys = pki.LocalCA(lc.etcd_pki_dir).load(pki.node(lc.topo.zones[0].name))
-    members = etcd_backend.connect_members([dead, (live.address, live.ports.etcd_client)], keys)
+    members = etcd_backend.MemberChannel([dead, (live.address, live.ports.etcd_client)], keys)
     try:
         kv = etcdrpc.KVStub(members.channel)
         resp = kv.Range(etcdrpc.RangeRequest(key=shard_key(KEY_PREFIX, 0).encode()), timeout=10)

@@ -117,6 +117,8 @@ class MemberChannel:
     metadata: None = None
 
     def __init__(self, endpoints: Sequence[tuple[str, int]], keys: KeyPair) -> None:
+        """Over the members at ``endpoints`` (in order of preference), as ``keys``'s
+        identity; each member's certificate must name :data:`MEMBER_SERVER_NAME`."""
         invariant(bool(endpoints), "no etcd member to connect to")
         self._endpoints = tuple(endpoints)
         self._credentials = channel_credentials(keys)
@@ -148,8 +150,7 @@ class MemberChannel:
     def home_answers(self, timeout_s: float) -> bool:
         """Whether the node's own city's member answers a status request within
         ``timeout_s`` and knows a leader (on a channel of its own, closed after)."""
-        host, port = self._endpoints[0]
-        probe = self._open([(host, port)])
+        probe = self._open(self._endpoints[:1])
         try:
             status = etcdrpc.MaintenanceStub(probe).Status(etcdrpc.StatusRequest(), timeout_s)
             return bool(status.leader)
@@ -180,12 +181,6 @@ class MemberChannel:
             ("grpc.lb_policy_name", "pick_first"),
         ]
         return grpc.secure_channel(target, self._credentials, options=options)
-
-
-def connect_members(endpoints: Sequence[tuple[str, int]], keys: KeyPair) -> MemberChannel:
-    """A TLS channel over the members at ``endpoints`` (in order of preference), as
-    ``keys``'s identity; each member's certificate must name :data:`MEMBER_SERVER_NAME`."""
-    return MemberChannel(endpoints, keys)
 
 
 def connect(host: str, port: int, tls: PemFiles, timeout_s: float) -> EtcdClient:
@@ -475,9 +470,14 @@ class OwnershipAgent:
         before etcd's leader, which hears nothing from this node, lets it expire. The
         keepalive stream starts again on the new channel, so a member moved to that is
         silent too (frozen as well, or all are: a leader election) is left a second
-        later in turn. The node stays on the member it moved to."""
-        ka, members, now = self._keepalive, self._members, _clock()
-        if members is None or ka is None or ka.unanswered_for(now) < self._timing.member_silent_s:
+        later in turn (and the node goes back to its own city's member once that one
+        answers again: :meth:`_go_home_when_it_answers`)."""
+        ka, members = self._keepalive, self._members
+        if members is None or ka is None:
+            return
+        now = _clock()
+        silent_s = ka.unanswered_for(now)
+        if silent_s < self._timing.member_silent_s:
             return
         was = members.preferred
         self._switch_channel(members.rotate())
@@ -486,7 +486,7 @@ class OwnershipAgent:
         _log.warning(
             "%s: etcd member %s:%d left keepalive %x unanswered for %.1f s: moving to "
             "%s:%d first",
-            self.node.node_id, *was, ka.lease, ka.unanswered_for(now), *members.preferred,
+            self.node.node_id, *was, ka.lease, silent_s, *members.preferred,
         )  # fmt: skip
 
     def _go_home_when_it_answers(self) -> None:

@@ -187,7 +187,7 @@ def build(cfg: NodeConfig) -> Node:
     keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
     client_credentials = pki.channel_credentials(keys)
     bank = GrpcBankGateway(client_credentials)
-    etcd = etcd_backend.connect_members(
+    etcd = etcd_backend.MemberChannel(
         cfg.etcd_endpoints, pki.LocalCA(cfg.etcd_pki_dir).load(pki.node(cfg.zone))
     )
     stopping = threading.Event()
