@@ -517,6 +517,97 @@ def test_takeover_rebuilds_the_shard_and_continues_its_chain(world: World) -> No
     assert err.value.reason == Unavailable.NOT_SHARD_OWNER
 
 
+def _kept(node: Node, shard: int = SHARD) -> tuple[set[str], set[str]]:
+    """The payment ids the shard keeps in flight (objects) and settled (bytes)."""
+    st = node.store._shards[shard]
+    with st.lock:
+        assert all(type(form) is bytes for form in st.settled.values())
+        assert not set(st.payments) & set(st.settled)
+        return (
+            {k.partition("/")[2] for k in st.payments},
+            {k.partition("/")[2] for k in st.settled},
+        )
+
+
+def test_decided_payments_are_kept_settled_and_read_back_as_they_were(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    approved, declined, in_flight, owed, confirmed = ids_in(SHARD, 5)
+    r, _ = a.begin(debit(approved, 100))
+    a.decide(r, S.APPROVED, bank_ref="B-1")
+    r, _ = a.begin(debit(declined, 200))
+    a.decide(r, S.DECLINED)
+    a.begin(debit(in_flight, 300))
+    r, _ = a.begin(debit(owed, 400))
+    a.decide(r, S.FAILED, owed=True)
+    r, _ = a.begin(debit(confirmed, 50))
+    a.decide(r, S.FAILED, owed=True)
+    assert _kept(a) == ({in_flight, owed, confirmed}, {approved, declined})
+    a.store.confirm_reversal(OwedReversal(r.key, BANK, r.switch_ref, 0), world.clock())
+    # Nothing is left to do for a payment decided with no reversal owed (any more).
+    assert _kept(a) == ({in_flight, owed}, {approved, declined, confirmed})
+    ids = [approved, declined, in_flight, owed, confirmed]
+    before = {pid: a.load(pid) for pid in ids}
+    assert all(rec is not None and rec.ledger_seq > 0 for rec in before.values())
+    a.store.lose(SHARD)
+
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is True
+    # A takeover keeps the same payments settled, and reads them back the same.
+    assert _kept(b) == ({in_flight, owed}, {approved, declined, confirmed})
+    assert {pid: b.load(pid) for pid in ids} == {
+        pid: replace(r, owner_epoch=20) for pid, r in before.items()
+    }
+    owed_rec = before[owed]
+    assert owed_rec is not None
+    assert b.store.owed_reversals(10) == [OwedReversal(owed_rec.key, BANK, owed_rec.switch_ref, 0)]
+
+
+def test_a_retry_of_a_settled_payment_returns_it_and_writes_nothing(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    first, _ = a.begin(debit(pid, 100))
+    decided = a.decide(first, S.APPROVED, bank_ref="B-1")
+    assert _kept(a) == (set(), {pid})
+    written = len(world.chain())
+
+    again, won = a.begin(debit(pid, 100))
+    assert (again, won) == (decided, False)
+    resent = begun_record(debit(pid, 100), at_us=world.clock(), zone=ZONE)
+    assert a.store.begin_many([resent]) == [(decided, False)]
+    # A second decision (a late attempt) gets the first one back.
+    assert a.decide(first, S.DECLINED) == decided
+    assert len(world.chain()) == written
+    assert _kept(a) == (set(), {pid})
+
+
+def test_a_reversal_confirmed_twice_is_replayed_over_a_settled_payment(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two confirmations of one reversal can both be written (each checks, then waits for
+    its commit); the second one finds the payment settled by the first."""
+    monkeypatch.setattr(shards, "BROKEN_RETRY_WINDOW_S", 0.0)  # a refusal fails at once
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid, 100))
+    a.decide(r, S.FAILED, owed=True)
+    a.store.confirm_reversal(OwedReversal(r.key, BANK, r.switch_ref, 0), world.clock())
+    st = a.store._shards[SHARD]
+    body = ReversalConfirmed(world.clock(), ZONE).encode()
+    with st.lock:
+        pending = a.store._enqueue(st, KIND_REVERSAL_CONFIRMED, r.key, body)
+    a.store._await(pending)
+    assert [e.kind for e in world.chain()][-2:] == [KIND_REVERSAL_CONFIRMED] * 2
+    a.store.lose(SHARD)
+
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is True
+    assert _kept(b) == (set(), {pid})
+    assert b.store.owed_reversals(10) == []
+
+
 def test_a_fenced_owner_is_not_acknowledged_and_its_late_entry_is_cut_off(
     world: World,
 ) -> None:

@@ -1,8 +1,10 @@
 """The shards this node owns: their state in memory, their chains, their group commit.
 
 :class:`ShardedStore` is the :class:`~.ports.PaymentStore` of a shard owner. For each
-shard it owns it keeps, in memory, every payment of the shard (the idempotency index),
-the participants' exposure within the shard (for their net debit caps), the payments
+shard it owns it keeps, in memory, every payment of the shard (the idempotency index:
+payments in flight or owing a reversal as objects, decided ones in their settled form, the
+bytes of their two entries, read back into a record when asked for), the participants'
+exposure within the shard (for their net debit caps), the payments
 that still owe a bank a reversal, and the head of the shard's hash chain. It is the only
 writer of its shards: every change is a ledger entry appended to the shard's chain and
 acknowledged by :class:`Committer` only after Cassandra holds it in two cities and the
@@ -30,6 +32,7 @@ settlement, never headroom gained.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import defaultdict, deque
@@ -170,6 +173,32 @@ class _Payment:
     done: threading.Event = field(default_factory=threading.Event)
     busy: bool = False  # an attempt (first or resolver) is working on it
     deciding: bool = False  # a decision entry is being committed
+    # The bodies of its INTENT and DECISION entries once written: its settled form.
+    intent_body: bytes = b""
+    decision_body: bytes = b""
+
+
+# A settled payment's form in memory: the decision's seq and the intent body's length,
+# then the two bodies as the chain holds them.
+_SETTLED_HEAD = struct.Struct("<QI")
+
+
+def _settled_form(p: _Payment) -> bytes:
+    invariant(
+        p.record.is_final and bool(p.intent_body) and bool(p.decision_body),
+        f"{p.record.key}: only a decided payment with both entries written is settled",
+    )
+    head = _SETTLED_HEAD.pack(p.record.ledger_seq, len(p.intent_body))
+    return b"".join((head, p.intent_body, p.decision_body))
+
+
+def _record_of_settled(shard: int, epoch: int, key: str, form: bytes) -> PaymentRecord:
+    """The record a settled form was made of, as a takeover would rebuild it."""
+    decided_seq, intent_len = _SETTLED_HEAD.unpack_from(form)
+    start = _SETTLED_HEAD.size
+    rec = _record_of_intent(form[start : start + intent_len], shard, 0, epoch)
+    decision = Decision.decode(form[start + intent_len :], key)
+    return rec.with_step(_decided_step(decision), ledger_seq=decided_seq)
 
 
 class _Shard:
@@ -180,7 +209,12 @@ class _Shard:
         self.shard = shard
         self.epoch = epoch
         self.lock = threading.Lock()
+        # Payments in flight, and decided ones that still owe a bank a reversal.
         self.payments: dict[str, _Payment] = {}
+        # Payments decided with nothing owed, each as one bytes object (its settled form:
+        # the bodies of its two entries) instead of some forty objects; read back into a
+        # record when asked for (:meth:`record_of`). About a fifth of the memory.
+        self.settled: dict[str, bytes] = {}
         self.exposure: defaultdict[tuple[str, str], int] = defaultdict(int)
         # Cap headroom this shard may use, and (in a home shard) what it has lent out.
         self.allowance: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -201,6 +235,7 @@ class _Shard:
     def reset(self) -> None:
         """Forget what a takeover rebuilt: it is rebuilt from the ledger again."""
         self.payments.clear()
+        self.settled.clear()
         self.exposure.clear()
         self.allowance.clear()
         self.lent.clear()
@@ -208,6 +243,27 @@ class _Shard:
         self.last_cut = 0
         self.cuts.clear()
         self.owed.clear()
+
+    def record_of(self, key: str) -> PaymentRecord | None:
+        """The payment's record, in flight or settled (caller holds ``lock``)."""
+        p = self.payments.get(key)
+        if p is not None:
+            return p.record
+        form = self.settled.get(key)
+        return None if form is None else _record_of_settled(self.shard, self.epoch, key, form)
+
+    def settle(self, key: str) -> None:
+        """Keep the payment in its settled form if nothing is left to do for it: decided,
+        no attempt at work on it, no reversal owed (caller holds ``lock``)."""
+        p = self.payments.get(key)
+        if p is None or not p.record.is_final or p.busy or p.deciding or key in self.owed:
+            return
+        self.settled[key] = _settled_form(p)
+        del self.payments[key]
+
+    @property
+    def payment_count(self) -> int:
+        return len(self.payments) + len(self.settled)
 
     def set_owed(self, key: str, owed: bool) -> None:
         if owed:
@@ -401,7 +457,7 @@ class ShardedStore:
         self.takeover_durations_s.append(took)
         log.info(
             "shard %d epoch %d serving after %.2f s: %d payments, %d to resolve",
-            shard, epoch, took, len(st.payments), len(unresolved),
+            shard, epoch, took, st.payment_count, len(unresolved),
         )  # fmt: skip
         for rec in unresolved:
             self.on_unresolved(rec)
@@ -524,32 +580,29 @@ class ShardedStore:
 
     def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
         if e.kind == KIND_INTENT:
-            intent = Intent.decode(e.body)
-            order = order_from_canonical_bytes(
-                intent.order_bytes,
-                signature=intent.signature,
-                signing_key_id=intent.signing_key_id,
-            )
-            rec = _intent_record(order, intent, st.shard, e.seq, owner_epoch=st.epoch)
-            st.payments[e.payment_key] = _Payment(rec)
+            rec = _record_of_intent(e.body, st.shard, e.seq, st.epoch)
+            st.payments[e.payment_key] = _Payment(rec, intent_body=e.body)
             st.apply_intent(rec)
         elif e.kind == KIND_DECISION:
             p = st.payments.get(e.payment_key)
             if p is None:
-                raise InvariantViolation(f"{e.payment_key}: a decision before its intent")
+                raise InvariantViolation(
+                    f"{e.payment_key}: a decision before its intent, or a second decision"
+                )
             d = Decision.decode(e.body, e.payment_key)
-            event = PaymentEvent(d.state, d.at_us, d.zone, d.detail)
-            step = StepRecord(STEP_DECIDED, event, d.bank_ref)
-            p.record = p.record.with_step(step, ledger_seq=e.seq)
+            p.record = p.record.with_step(_decided_step(d), ledger_seq=e.seq)
+            p.decision_body = e.body
             st.set_owed(e.payment_key, d.reversal_owed)
             st.apply_decision(p.record, d.state)
             p.done.set()
+            st.settle(e.payment_key)
         elif e.kind == KIND_REVERSAL_CONFIRMED:
-            if e.payment_key not in st.payments:
+            if e.payment_key not in st.payments and e.payment_key not in st.settled:
                 raise InvariantViolation(
                     f"{e.payment_key}: a reversal confirmed before its payment"
                 )
             st.owed.discard(e.payment_key)
+            st.settle(e.payment_key)
         elif e.kind == KIND_CAP_GRANT:
             t = CapTransfer.decode(e.body)
             st.lent[(t.participant_id, t.currency)] += t.amount_minor
@@ -600,8 +653,7 @@ class ShardedStore:
     def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None:
         st = self._serving(shard_of(institution_id, payment_id))
         with st.lock:
-            p = st.payments.get(payment_key(institution_id, payment_id))
-            return p.record if p else None
+            return st.record_of(payment_key(institution_id, payment_id))
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
         h = self._begin_start(record)
@@ -662,6 +714,10 @@ class ShardedStore:
                 existing = st.payments.get(record.key)
                 if existing is not None:
                     return _Begun(st, existing, None)
+                settled = st.settled.get(record.key)
+                if settled is not None:
+                    rec = _record_of_settled(st.shard, st.epoch, record.key, settled)
+                    return _Begun(st, _Payment(rec), None)
                 shortfall = st.exposure[payer] + o.amount.amount_minor - st.allowance[payer]
                 if shortfall <= 0:
                     record = replace(record, owner_epoch=st.epoch)
@@ -670,7 +726,7 @@ class ShardedStore:
                     )
                     body = _intent_of(record).encode()
                     pending = self._enqueue(st, KIND_INTENT, record.key, body, rows)
-                    p = _Payment(record, busy=True)
+                    p = _Payment(record, busy=True, intent_body=body)
                     st.payments[record.key] = p
                     st.apply_intent(record)
                     return _Begun(st, p, pending)
@@ -766,8 +822,11 @@ class ShardedStore:
         st = self._serving(record.shard)
         with st.lock:
             p = st.payments.get(record.key)
-            invariant(p is not None, f"{record.key}: decided before it began")
-            assert p is not None
+            if p is None:
+                settled = st.record_of(record.key)
+                invariant(settled is not None, f"{record.key}: decided before it began")
+                assert settled is not None
+                return settled  # decided already: the first decision stands
             if p.record.is_final:
                 return p.record  # decided already: the first decision stands
             if record.owner_epoch != st.epoch:
@@ -805,10 +864,12 @@ class ShardedStore:
                 p.deciding = False
         with st.lock:
             p.record = p.record.with_step(h.step, ledger_seq=entry.seq)
+            p.decision_body = h.pending.body
             st.set_owed(h.pending.key, h.reversal_owed)
             p.busy = False
             st.apply_decision(p.record, h.step.event.state)
             p.done.set()
+            st.settle(h.pending.key)
             return p.record
 
     def abandon(self, record: PaymentRecord) -> None:
@@ -848,6 +909,7 @@ class ShardedStore:
         self._await(pending)
         with st.lock:
             st.owed.discard(owed.payment_key)
+            st.settle(owed.payment_key)
 
     # -- settlement windows -----------------------------------------------------------
 
@@ -1145,6 +1207,19 @@ def _intent_of(rec: PaymentRecord) -> Intent:
         canonical_bytes(rec.order), rec.fingerprint, rec.bank_id, rec.received_zone,
         rec.received_at_us, rec.switch_ref, rec.order.signing_key_id, rec.order.signature,
     )  # fmt: skip
+
+
+def _record_of_intent(body: bytes, shard: int, seq: int, owner_epoch: int) -> PaymentRecord:
+    """A payment's record as its INTENT entry's ``body`` left it."""
+    intent = Intent.decode(body)
+    order = order_from_canonical_bytes(
+        intent.order_bytes, signature=intent.signature, signing_key_id=intent.signing_key_id
+    )
+    return _intent_record(order, intent, shard, seq, owner_epoch=owner_epoch)
+
+
+def _decided_step(d: Decision) -> StepRecord:
+    return StepRecord(STEP_DECIDED, PaymentEvent(d.state, d.at_us, d.zone, d.detail), d.bank_ref)
 
 
 def _intent_record(
