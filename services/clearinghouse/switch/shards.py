@@ -652,8 +652,14 @@ class ShardedStore:
 
     def load(self, institution_id: str, payment_id: str) -> PaymentRecord | None:
         st = self._serving(shard_of(institution_id, payment_id))
+        key = payment_key(institution_id, payment_id)
         with st.lock:
-            return st.record_of(payment_key(institution_id, payment_id))
+            p = st.payments.get(key)
+            if p is not None:
+                return p.record
+            form = st.settled.get(key)
+        # Decoded outside the lock: a settled form never changes.
+        return None if form is None else _record_of_settled(st.shard, st.epoch, key, form)
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
         h = self._begin_start(record)
@@ -716,8 +722,7 @@ class ShardedStore:
                     return _Begun(st, existing, None)
                 settled = st.settled.get(record.key)
                 if settled is not None:
-                    rec = _record_of_settled(st.shard, st.epoch, record.key, settled)
-                    return _Begun(st, _Payment(rec), None)
+                    break  # decided already: read back below, outside the lock
                 shortfall = st.exposure[payer] + o.amount.amount_minor - st.allowance[payer]
                 if shortfall <= 0:
                     record = replace(record, owner_epoch=st.epoch)
@@ -741,7 +746,11 @@ class ShardedStore:
                 # Recorded before any intent that relies on it (the queue keeps order).
                 self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode())
                 st.allowance[payer] += granted
-        raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
+        else:
+            raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
+        assert settled is not None
+        rec = _record_of_settled(st.shard, st.epoch, record.key, settled)
+        return _Begun(st, _Payment(rec), None)
 
     def _begin_finish(
         self, h: _Begun, *, wait_in_flight: bool = True
