@@ -15,6 +15,7 @@ from clearinghouse.ownership.etcd_backend import (
     HOME_PROBE_TIMEOUT_S,
     MEMBER_SERVER_NAME,
     MemberChannel,
+    away_from_home,
 )
 from clearinghouse.ownership.node import LEASE_TTL_S, Timing
 from clearinghouse.security import pki
@@ -141,6 +142,20 @@ def test_the_member_channel_moves_to_the_next_member_and_round_again(
         assert members.at_home and members.preferred == endpoints[0]
     finally:
         members.close()
+
+
+def test_a_node_is_away_when_another_member_answers_its_keepalives() -> None:
+    """A channel listing the own member first is not enough: pick_first passes over a
+    member it could not reach when it connected and stays on the next one. The member
+    id in the keepalives' answers says where the node is."""
+    home, other = 0x5903B854F85A614C, 0x9394AABACC3E8244
+    assert away_from_home(at_home=False, answered_by=home, home_id=home)
+    assert away_from_home(at_home=True, answered_by=other, home_id=home)
+    # Home's id not known yet: ask it (the answer tells whether the node is there).
+    assert away_from_home(at_home=True, answered_by=other, home_id=0)
+    assert not away_from_home(at_home=True, answered_by=home, home_id=home)
+    # No answer yet on a channel that prefers home: nothing to tell, no probe.
+    assert not away_from_home(at_home=True, answered_by=0, home_id=home)
 
 
 def test_the_agent_leaves_a_silent_member_before_etcd_could_expire_its_lease() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pyetcd import etcdrpc
 
 from clearinghouse.ownership import etcd_backend
 from clearinghouse.ownership.node import KEEPALIVE_INFLIGHT_MAX
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.unit
 
 INTERVAL_S = 0.02
 ANSWER_DELAY_S = 0.15
+MEMBER_ID = 0x9394AABACC3E8244
 
 
 @dataclass
@@ -52,7 +54,10 @@ class FakeCall:
                 request = self.answers.get(timeout=0.01)
             except queue.Empty:
                 continue
-            yield type("Answer", (), {"TTL": 5, "ID": request.ID})()
+            # As etcd answers: the header names the member that answered.
+            yield etcdrpc.LeaseKeepAliveResponse(
+                header=etcdrpc.ResponseHeader(member_id=MEMBER_ID), ID=request.ID, TTL=5
+            )
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -93,11 +98,14 @@ def test_one_stream_carries_every_keepalive_and_answers_count_from_the_send() ->
     stub = FakeLeaseStub(delay_s=ANSWER_DELAY_S)
     answers: list[tuple[float, float]] = []
     stream = open_stream(stub, answers)
+    assert stream.answered_by == 0  # no answer yet: no member known
     try:
         wait_until(lambda: len(answers) >= 10)
     finally:
         stream.close()
     assert len(stub.calls) == 1
+    # The member the stream goes through, from the answers' header.
+    assert stream.answered_by == MEMBER_ID
     # Each answer is matched with its own request's send time, a full delay earlier.
     assert all(answered - sent >= ANSWER_DELAY_S * 0.9 for sent, answered in answers)
     sends = [sent for sent, _ in answers]

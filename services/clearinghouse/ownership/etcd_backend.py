@@ -127,6 +127,8 @@ class MemberChannel:
         # that a call another thread has just started on it fails as a call, not as a
         # closed channel.
         self._retired: grpc.Channel | None = None
+        # The own city's member's id, once a probe has learnt it (0: not yet).
+        self.home_id = 0
         self.channel = self._open()
 
     @property
@@ -147,17 +149,19 @@ class MemberChannel:
         """A new channel in the original order, the node's own city's member first."""
         return self._reopen(0)
 
-    def home_answers(self, timeout_s: float) -> bool:
-        """Whether the node's own city's member answers a status request within
-        ``timeout_s`` and knows a leader (on a channel of its own, closed after)."""
+    def home_member(self, timeout_s: float) -> int:
+        """The member id of the node's own city's member if it answers a status request
+        within ``timeout_s`` and knows a leader, else 0 (on a channel of its own, closed
+        after). The id is kept in :attr:`home_id`."""
         probe = self._open(self._endpoints[:1])
         try:
             status = etcdrpc.MaintenanceStub(probe).Status(etcdrpc.StatusRequest(), timeout_s)
-            return bool(status.leader)
         except grpc.RpcError:
-            return False
+            return 0
         finally:
             probe.close()
+        self.home_id = int(status.header.member_id)
+        return self.home_id if status.leader else 0
 
     def _reopen(self, first: int) -> grpc.Channel:
         self._first = first
@@ -493,18 +497,29 @@ class OwnershipAgent:
         """Away from its own city's member, every :data:`HOME_PROBE_INTERVAL_S` the node
         asks that member for its status on a channel of its own; once it answers and
         knows a leader, the node's channel goes back to the original order (a member
-        still frozen answers nothing, and the node stays where it is)."""
-        members, now = self._members, _clock()
-        if members is None or members.at_home or now - self._home_probed_at < HOME_PROBE_INTERVAL_S:
+        still frozen answers nothing, and the node stays where it is).
+
+        Away also means a channel that lists the own member first but answers through
+        another: ``pick_first`` passes over a member it cannot reach when the channel
+        connects (one frozen then, for instance) and stays on the next for good. The
+        member answering the keepalives (their header's member id) tells."""
+        members, ka, now = self._members, self._keepalive, _clock()
+        if members is None or now - self._home_probed_at < HOME_PROBE_INTERVAL_S:
+            return
+        answered_by = ka.answered_by if ka is not None else 0
+        if not away_from_home(members.at_home, answered_by, members.home_id):
             return
         self._home_probed_at = now
-        if not members.home_answers(HOME_PROBE_TIMEOUT_S):
-            return
+        home = members.home_member(HOME_PROBE_TIMEOUT_S)
+        if not home or not away_from_home(members.at_home, answered_by, home):
+            return  # home is silent, or the probe only learnt that the node is there
         self._switch_channel(members.go_home())
         telemetry.metrics.lease_event("member_home")
         _log.warning(
-            "%s: back on its own city's etcd member %s:%d", self.node.node_id, *members.preferred
-        )
+            "%s: back on its own city's etcd member %s:%d (member %x; keepalives were "
+            "answered by member %x)",
+            self.node.node_id, *members.preferred, home, answered_by,
+        )  # fmt: skip
 
     def _switch_channel(self, channel: grpc.Channel) -> None:
         """Use ``channel`` from now on: both streams start again on it, the keepalive at
@@ -685,6 +700,15 @@ class _EtcdRefused(Exception):
     """etcd answered, but not with what was asked (an error field, a cancelled watch)."""
 
 
+def away_from_home(at_home: bool, answered_by: int, home_id: int) -> bool:
+    """Whether a node may be away from its own city's etcd member: its channel prefers
+    another one, or its keepalives are answered by a member (``answered_by``, 0 before
+    the first answer) that is not its own (``home_id``, 0 while not known: asked then)."""
+    if not at_home:
+        return True
+    return answered_by not in (0, home_id)
+
+
 class _KeepAliveStream:
     """One long-lived LeaseKeepAlive stream for one lease.
 
@@ -710,6 +734,8 @@ class _KeepAliveStream:
         self._sent_lock = threading.Lock()
         self._stop = threading.Event()
         self._broken_at: float | None = None
+        # The member id in the newest answer's header: the member the stream goes through.
+        self.answered_by = 0
         self._call = stub.LeaseKeepAlive(self._requests(), **call_kw)
         self._thread = threading.Thread(target=self._read, name=name, daemon=True)
         self._thread.start()
@@ -745,6 +771,7 @@ class _KeepAliveStream:
             for resp in self._call:
                 with self._sent_lock:
                     sent_at = self._sent.popleft() if self._sent else None
+                self.answered_by = int(resp.header.member_id)
                 if sent_at is not None:
                     self._on_answer(self.lease, sent_at, int(resp.TTL))
         except grpc.RpcError as e:
