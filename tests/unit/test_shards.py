@@ -608,6 +608,32 @@ def test_a_reversal_confirmed_twice_is_replayed_over_a_settled_payment(
     assert b.store.owed_reversals(10) == []
 
 
+@pytest.mark.parametrize("owed", [False, True])
+def test_a_chain_that_decides_a_payment_twice_is_not_served(
+    world: World, monkeypatch: pytest.MonkeyPatch, owed: bool
+) -> None:
+    """Money would move twice: a new owner refuses the chain, whether the first decision
+    left the payment settled or owing a reversal."""
+    monkeypatch.setattr(shards, "BROKEN_RETRY_WINDOW_S", 0.0)  # no second read
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    r, _ = a.begin(debit(pid, 100))
+    a.decide(r, S.FAILED if owed else S.APPROVED, owed=owed)
+    st = a.store._shards[SHARD]
+    again = Decision(S.APPROVED, world.clock(), ZONE, "again", "", False, ()).encode()
+    with st.lock:  # as a second attempt that slipped past the checks would write it
+        pending = a.store._enqueue(st, KIND_DECISION, r.key, again)
+    a.store._await(pending)
+    a.store.lose(SHARD)
+
+    b = world.node("node-b")
+    assert b.take(SHARD, 20) is False
+    with pytest.raises(Unavailable) as err:
+        b.load(pid)
+    assert err.value.reason == "SHARD_CHAIN_BROKEN"
+
+
 def test_a_fenced_owner_is_not_acknowledged_and_its_late_entry_is_cut_off(
     world: World,
 ) -> None:

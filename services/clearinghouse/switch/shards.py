@@ -585,7 +585,7 @@ class ShardedStore:
             st.apply_intent(rec)
         elif e.kind == KIND_DECISION:
             p = st.payments.get(e.payment_key)
-            if p is None:
+            if p is None or p.record.is_final:
                 raise InvariantViolation(
                     f"{e.payment_key}: a decision before its intent, or a second decision"
                 )
@@ -868,10 +868,15 @@ class ShardedStore:
         st, p = h.shard, h.payment
         try:
             entry = self._await(h.pending)
-        finally:
+        except BaseException:
             with st.lock:
                 p.deciding = False
+            raise
+        # Final in the same lock section that ends ``deciding``: an attempt that looks
+        # in between would find it neither deciding nor decided and write a second
+        # decision.
         with st.lock:
+            p.deciding = False
             p.record = p.record.with_step(h.step, ledger_seq=entry.seq)
             p.decision_body = h.pending.body
             st.set_owed(h.pending.key, h.reversal_owed)
