@@ -86,9 +86,10 @@ KEEPALIVE_RETRY_S = 0.25
 WATCH_PROGRESS_S = 1.0
 WATCH_STALL_S = 3.0
 CLOSE_TIMEOUT_S = 5.0
-# Away from its own city's etcd member (it left it when it froze), a node asks it this
-# often whether it answers again, and waits this long for the answer (no longer than
-# a request of the loop: the loop's bound on leaving a silent member counts one).
+# Away from its own city's etcd member (it left it when it froze, or its channel passed
+# over it while it was unreachable), a node asks it this often whether it answers again,
+# and waits this long for the answer (no longer than a request of the loop: the loop's
+# bound on leaving a silent member counts one).
 HOME_PROBE_INTERVAL_S = 10.0
 HOME_PROBE_TIMEOUT_S = 0.5
 

@@ -213,7 +213,7 @@ class _Shard:
         self.payments: dict[str, _Payment] = {}
         # Payments decided with nothing owed, each as one bytes object (its settled form:
         # the bodies of its two entries) instead of some forty objects; read back into a
-        # record when asked for (:meth:`record_of`). About a fifth of the memory.
+        # record when asked for (:meth:`read`). About a fifth of the memory.
         self.settled: dict[str, bytes] = {}
         self.exposure: defaultdict[tuple[str, str], int] = defaultdict(int)
         # Cap headroom this shard may use, and (in a home shard) what it has lent out.
@@ -244,13 +244,18 @@ class _Shard:
         self.cuts.clear()
         self.owed.clear()
 
-    def record_of(self, key: str) -> PaymentRecord | None:
-        """The payment's record, in flight or settled (caller holds ``lock``)."""
+    def find(self, key: str) -> PaymentRecord | bytes | None:
+        """The payment's record if it is in flight or owes a reversal, its settled form
+        if decided, else None (caller holds ``lock``; :meth:`read` after releasing it)."""
         p = self.payments.get(key)
-        if p is not None:
-            return p.record
-        form = self.settled.get(key)
-        return None if form is None else _record_of_settled(self.shard, self.epoch, key, form)
+        return p.record if p is not None else self.settled.get(key)
+
+    def read(self, key: str, found: PaymentRecord | bytes | None) -> PaymentRecord | None:
+        """What :meth:`find` found, as a record: a settled form is decoded (no lock
+        needed: it never changes)."""
+        if isinstance(found, bytes):
+            return _record_of_settled(self.shard, self.epoch, key, found)
+        return found
 
     def settle(self, key: str) -> None:
         """Keep the payment in its settled form if nothing is left to do for it: decided,
@@ -654,12 +659,8 @@ class ShardedStore:
         st = self._serving(shard_of(institution_id, payment_id))
         key = payment_key(institution_id, payment_id)
         with st.lock:
-            p = st.payments.get(key)
-            if p is not None:
-                return p.record
-            form = st.settled.get(key)
-        # Decoded outside the lock: a settled form never changes.
-        return None if form is None else _record_of_settled(st.shard, st.epoch, key, form)
+            found = st.find(key)
+        return st.read(key, found)
 
     def begin(self, record: PaymentRecord) -> tuple[PaymentRecord, bool]:
         h = self._begin_start(record)
@@ -832,7 +833,7 @@ class ShardedStore:
         with st.lock:
             p = st.payments.get(record.key)
             if p is None:
-                settled = st.record_of(record.key)
+                settled = st.read(record.key, st.find(record.key))
                 invariant(settled is not None, f"{record.key}: decided before it began")
                 assert settled is not None
                 return settled  # decided already: the first decision stands
