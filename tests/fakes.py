@@ -22,7 +22,8 @@
   CassandraWindows`, the time index of :class:`~clearinghouse.storage.ledger.
   CassandraLedger`): the real classes run unchanged, ``LIMIT``, clustering order and
   ``IF NOT EXISTS`` included, so a query that reads the wrong rows fails here too.
-  :func:`fake_windows` is ``CassandraWindows`` over one.
+  :func:`fake_windows` is ``CassandraWindows`` over one; ``CassandraRevocations`` runs
+  over one too.
 
 The fakes check their callers' obvious mistakes with ``invariant`` and count every call,
 so tests can assert on exactly what the code under test did.
@@ -703,6 +704,7 @@ FAKE_CQL_TABLES: dict[str, TableSpec] = {
         ("participant_id", "day"),
         (("received_at_us", False), ("institution_id", False), ("payment_id", False)),
     ),
+    "revoked_certificates": TableSpec(("bucket",), (("serial", False),)),
     # No longer written (009 replaced it); here so that code still using it runs.
     "payments_by_time": TableSpec(
         ("institution_id", "day"), (("received_at_us", False), ("payment_id", False))
@@ -731,6 +733,9 @@ class FakeResult(list[Any]):
     """Rows, and ``was_applied`` for a conditional insert."""
 
     was_applied: bool = True
+
+    def one(self) -> Any:
+        return self[0] if self else None
 
 
 def _names(text: str) -> list[str]:

@@ -398,6 +398,12 @@ def valid_request(rpc: Rpc, institution: str = INSTITUTION, bank: str = BANK) ->
         "AdminService.SetNetDebitCap": lambda: admin_pb2.SetNetDebitCapRequest(
             participant_id=fresh, cap=common_pb2.Money(amount_minor=10, currency=CURRENCY)
         ),
+        # A serial no certificate has (the CA's are 159 random bits): revoking it on a
+        # shared cluster refuses no caller.
+        "AdminService.RevokeCertificate": lambda: admin_pb2.RevokeCertificateRequest(
+            serial=uuid.uuid4().hex, identity=f"institution:{fresh}", reason="hostile-input test"
+        ),
+        "AdminService.ListRevokedCertificates": admin_pb2.ListRevokedCertificatesRequest,
         "AuditService.GetPaymentHistory": lambda: audit_pb2.GetPaymentHistoryRequest(**ref),
         "AuditService.ListParticipantPayments": lambda: audit_pb2.ListParticipantPaymentsRequest(
             participant_id=institution, start_time=day_ago, end_time=_now_ts(), page_size=10

@@ -1,10 +1,11 @@
 """``clearingctl``: the operator's command line.
 
-``clearingctl cluster up|down|status|kill|stop|start|pause|resume|schema|check`` runs
+``clearingctl cluster up|down|status|kill|stop|start|pause|resume|schema|repair`` runs
 the local three-city cluster; ``demo`` and ``bench`` drive it; ``audit ...`` reads and
 verifies the ledger (``audit verify DIR`` offline); ``window close|settle`` runs
 settlement windows; ``console`` serves the operator's web page; ``drill SCENARIO`` runs a
-failover drill under load and reports it. Exit codes: 0 success,
+failover drill under load and reports it; ``pki ...`` issues, lists and revokes
+certificates. Exit codes: 0 success,
 1 the operation failed (the message names the component and its log), 2 bad usage.
 """
 
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.group == "pki":
             from clearinghouse.security import cli as pki_cli  # noqa: PLC0415
 
-            return pki_cli.run(args)
+            return pki_cli.run(args, topo)
     except (ClusterError, ProcessError, FileNotFoundError, KeyError, PkiError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clearing.v1 import (
@@ -360,3 +361,84 @@ def test_a_participant_flooding_at_ten_times_its_quota_does_not_hurt_the_others(
         assert len(victims) == int(VICTIM_RATE_PER_S * len(VICTIMS) * PHASE_S)
     bound_ms = ISOLATION_P99_FACTOR * max(base_p99, ISOLATION_P99_FLOOR_MS) + ISOLATION_P99_SLACK_MS
     assert flood_p99 <= bound_ms, (before_p99, after_p99, flood_p99, bound_ms)
+
+
+# How long a revocation may take to reach the nodes that did not take it: their next
+# registry refresh, plus a call's time on a busy machine.
+REVOCATION_SPREAD_BOUND_S = REGISTRY_REFRESH_S + 8.0
+
+
+def _list_windows(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
+    stub = audit_pb2_grpc.AuditServiceStub(channel)
+    try:
+        stub.ListWindows(audit_pb2.ListWindowsRequest(page_size=1), timeout=10)
+    except grpc.RpcError as e:
+        err = error_details(e)
+        return e.code(), err.reason if err is not None else ""  # type: ignore[attr-defined]
+    return grpc.StatusCode.OK, ""
+
+
+def test_a_revoked_certificate_is_refused_by_every_node(
+    switch_env: SwitchEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An auditor's certificate, revoked through one node with ``clearingctl pki revoke``:
+    that node refuses it at once (connection already open), every other node within
+    its next registry refresh; the revocation is kept, listed, idempotent; the other
+    certificates still get in, and no operator revokes the certificate it calls with."""
+    from clearinghouse import cli  # noqa: PLC0415
+
+    env = switch_env
+    creds = local_credentials()
+    who = Identity(Role.AUDITOR, f"revoked-{uuid.uuid4().hex[:8]}")
+    creds.ca.issue(who)
+    zones = [z.name for z in env.lc.topo.zones]
+    channels = {
+        z: creds.channel(_target(env, z), who, server=pki.node(z)) for z in zones
+    }  # fmt: skip
+    for z, ch in channels.items():
+        assert _list_windows(ch) == (grpc.StatusCode.OK, ""), z
+
+    reason = "test: key on a lost laptop"
+    argv = ["pki", "revoke", "auditor", who.name, "--reason", reason, "--zone", ZONE]
+    assert cli.main(argv) == 0
+    revoked_at = time.monotonic()
+    out = capsys.readouterr().out
+    assert f"revoked {who.common_name}'s certificate" in out, out
+    assert _list_windows(channels[ZONE]) == (grpc.StatusCode.UNAUTHENTICATED, "CERTIFICATE_REVOKED")
+    spread = {}
+    for z, ch in channels.items():
+        while _list_windows(ch)[0] is grpc.StatusCode.OK:
+            assert time.monotonic() - revoked_at < REVOCATION_SPREAD_BOUND_S, f"{z} still admits"
+            time.sleep(0.2)
+        spread[z] = time.monotonic() - revoked_at
+        assert _list_windows(ch) == (grpc.StatusCode.UNAUTHENTICATED, "CERTIFICATE_REVOKED"), z
+    print(f"revocation refused by every node after (s): {spread}")
+
+    # Kept, listed (to auditors too), and the same again is the first revocation.
+    admin = admin_pb2_grpc.AdminServiceStub(_channel_as(env, pki.operator()))
+    listed_now = admin_pb2_grpc.AdminServiceStub(_channel_as(env, pki.auditor()))
+    mine = [r for r in listed_now.ListRevokedCertificates(
+        admin_pb2.ListRevokedCertificatesRequest(), timeout=10).revoked
+        if r.identity == who.common_name]  # fmt: skip
+    assert len(mine) == 1 and mine[0].reason == reason and mine[0].revoked_by == "operator:operator"
+    again = admin.RevokeCertificate(
+        admin_pb2.RevokeCertificateRequest(serial=mine[0].serial, identity=who.common_name,
+                                           reason=reason), timeout=10,
+    ).revoked  # fmt: skip
+    assert again == mine[0]
+    code, err = _refused(lambda: admin.RevokeCertificate(
+        admin_pb2.RevokeCertificateRequest(serial=mine[0].serial, identity=who.common_name,
+                                           reason="another reason"), timeout=10))  # fmt: skip
+    assert code is grpc.StatusCode.ALREADY_EXISTS, code
+
+    # Every other certificate still gets in; an operator cannot lock itself out.
+    assert _list_windows(_channel_as(env, pki.auditor())) == (grpc.StatusCode.OK, "")
+    own = (
+        f"{x509.load_pem_x509_certificate(creds.ca.load(pki.operator()).cert_pem).serial_number:x}"
+    )
+    code, err = _refused(lambda: admin.RevokeCertificate(
+        admin_pb2.RevokeCertificateRequest(serial=own, identity="operator:operator",
+                                           reason="test"), timeout=10))  # fmt: skip
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and err.reason == "REVOKES_CALLER"
+    for ch in channels.values():
+        ch.close()

@@ -12,6 +12,7 @@ from clearinghouse.domain import errors
 from clearinghouse.domain.errors import (
     STATUS_BY_ERROR,
     AlreadyExists,
+    CertificateRevoked,
     ClearingError,
     DataLoss,
     DeadlineExceeded,
@@ -43,6 +44,7 @@ EXPECTED_CODES: dict[type[ClearingError], grpc.StatusCode] = {
     OrderNotFresh: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    CertificateRevoked: grpc.StatusCode.UNAUTHENTICATED,
     SignatureRefused: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -114,6 +116,7 @@ def test_subclass_defined_elsewhere_inherits_its_parents_code() -> None:
         (AlreadyExists, "PAYMENT_ID_REUSED"),
         (SignatureRefused, "SIGNATURE_INVALID"),
         (OrderNotFresh, "ORDER_EXPIRED"),
+        (CertificateRevoked, "CERTIFICATE_REVOKED"),
         (InvalidArgument, "INVALID_ARGUMENT"),
         (Unavailable, "UNAVAILABLE"),
     ],

@@ -67,7 +67,9 @@ from clearinghouse.order_signing import signing_channel
 from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
+from clearinghouse.security.revocation import RevocationList, Revocations
 from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.revocations import CassandraRevocations
 from clearinghouse.storage.windows import EventRow, WindowEvent, WindowStatus
 from clearinghouse.switch.admin import AdminDomain
 from clearinghouse.switch.config import (
@@ -88,7 +90,7 @@ from clearinghouse.switch.servicers import (
 )
 from clearinghouse.switch.shards import ShardedStore
 from tests import hostile
-from tests.fakes import FakeBank, FakeLedger
+from tests.fakes import FakeBank, FakeCqlSession, FakeLedger
 from tests.unit.test_admin import FakeParticipantStore
 
 pytestmark = pytest.mark.unit
@@ -298,6 +300,7 @@ class SwitchWorld:
     bank: FakeBank
     store: ShardedStore
     channel: grpc.Channel
+    revocations: FakeCqlSession
     codes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def snapshot(self) -> Any:
@@ -306,6 +309,7 @@ class SwitchWorld:
             self.windows.snapshot(),
             self.participants.snapshot(),
             dict(self.bank.ledger),
+            copy.deepcopy(self.revocations.tables),
         )
 
 
@@ -356,8 +360,11 @@ def switch_world() -> Iterator[SwitchWorld]:
         PaymentServicer(router, ledger, registry),
         server,  # type: ignore[arg-type]
     )
+    revocation_session = FakeCqlSession()
+    revocations = Revocations(CassandraRevocations(revocation_session), RevocationList(),
+                              wall_clock_us)  # fmt: skip
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(AdminDomain(participants, wall_clock_us), on_change=lambda: None), server
+        AdminServicer(AdminDomain(participants, wall_clock_us), lambda: None, revocations), server
     )
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
         AuditServicer(audit, router, ledger),
@@ -375,7 +382,7 @@ def switch_world() -> Iterator[SwitchWorld]:
         ),
         lambda pid: SIGNING_KEY if pid == hostile.INSTITUTION else None,
     )
-    world = SwitchWorld(ledger, windows, participants, bank, store, channel)
+    world = SwitchWorld(ledger, windows, participants, bank, store, channel, revocation_session)
     yield world
     print("\nstatus codes by method:", dict(sorted(world.codes.items())))
     channel.close()

@@ -51,6 +51,8 @@ SERVICES = {
             "GetParticipant",
             "ListParticipants",
             "SetNetDebitCap",
+            "RevokeCertificate",
+            "ListRevokedCertificates",
         )
     },
 }

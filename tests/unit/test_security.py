@@ -49,6 +49,7 @@ from clearinghouse.security import pki
 from clearinghouse.security.authz import BANK_POLICY, SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import NAME_PATTERN, Identity, Role
 from clearinghouse.security.ratelimit import RateLimiter
+from clearinghouse.security.revocation import RevocationList
 from clearinghouse.signing_keys import SigningKeyStore
 from clearinghouse.switch.convert import order_from_pb
 
@@ -378,7 +379,9 @@ class Recorder:
 
 
 class Server:
-    def __init__(self, ca: pki.LocalCA, quota_per_s: int = 0) -> None:
+    def __init__(
+        self, ca: pki.LocalCA, quota_per_s: int = 0, revoked: RevocationList | None = None
+    ) -> None:
         ca.ensure(pki.node("beijing-a"), ips=["127.0.0.1"])
         self.payments = RecordingPayments()
         self.admin = RecordingAdmin()
@@ -389,7 +392,7 @@ class Server:
         limiter = RateLimiter(lambda _key: quota_per_s)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
-            interceptors=[SecurityInterceptor(SWITCH_POLICY, limiter)],
+            interceptors=[SecurityInterceptor(SWITCH_POLICY, limiter, revoked=revoked)],
         )
         payment_pb2_grpc.add_PaymentServiceServicer_to_server(self.payments, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, self.server)

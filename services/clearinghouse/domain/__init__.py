@@ -18,6 +18,7 @@ from clearinghouse.domain.chain import (
 from clearinghouse.domain.errors import (
     STATUS_BY_ERROR,
     AlreadyExists,
+    CertificateRevoked,
     ClearingError,
     DataLoss,
     DeadlineExceeded,
@@ -87,6 +88,7 @@ __all__ = [
     "PAYMENT_ID_LEN_MAX",
     "STATUS_BY_ERROR",
     "AlreadyExists",
+    "CertificateRevoked",
     "ChainBuilder",
     "ChainProblem",
     "ChainReport",

@@ -14,6 +14,7 @@ people. The hierarchy::
     │   ├── ParticipantSuspended       FAILED_PRECONDITION
     │   └── OrderNotFresh              FAILED_PRECONDITION  ORDER_EXPIRED | ORDER_FROM_FUTURE
     ├── Unauthenticated                UNAUTHENTICATED      no certificate the CA issued
+    │   └── CertificateRevoked         UNAUTHENTICATED      CERTIFICATE_REVOKED
     ├── PermissionDenied               PERMISSION_DENIED
     │   └── SignatureRefused           PERMISSION_DENIED    SIGNATURE_MISSING |
     │                                                       SIGNATURE_INVALID |
@@ -137,6 +138,12 @@ class Unauthenticated(ClearingError):
     default_reason = "NOT_AUTHENTICATED"
 
 
+class CertificateRevoked(Unauthenticated):
+    """The caller's certificate is one an operator revoked (AdminService.RevokeCertificate)."""
+
+    default_reason = "CERTIFICATE_REVOKED"
+
+
 class SignatureRefused(PermissionDenied):
     """A payment order's signature is missing, made by an unknown key, or does not verify.
 
@@ -249,6 +256,7 @@ STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingP
         OrderNotFresh: grpc.StatusCode.FAILED_PRECONDITION,
         PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+        CertificateRevoked: grpc.StatusCode.UNAUTHENTICATED,
         SignatureRefused: grpc.StatusCode.PERMISSION_DENIED,
         ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Unavailable: grpc.StatusCode.UNAVAILABLE,

@@ -290,7 +290,8 @@ class LocalCluster:
             self.progress("nothing was running")
         if wipe and self.paths.state.exists():
             # The certificate authority survives a wipe: certificates handed to
-            # participants stay valid (`clearingctl pki init --force` starts over).
+            # participants stay valid (deleting the CA folder, `.state/pki` or
+            # $CLEARING_PKI_DIR, starts over).
             for child in self.paths.state.iterdir():
                 if child.resolve() == self.pki_dir.resolve():
                     continue

@@ -7,9 +7,11 @@ request against the caller ("an institution submits and reads only its own payme
 
 Refusals are PERMISSION_DENIED (reason NOT_AUTHORIZED), or UNAUTHENTICATED when the
 connection carries no usable certificate (the TLS layer already refuses connections
-without one; this is the second lock). Calls beyond a participant's quota are
-RESOURCE_EXHAUSTED with retry advice (:mod:`clearinghouse.security.ratelimit`). In every
-case the servicer never runs, so nothing is written.
+without one; this is the second lock) or one an operator revoked (reason
+CERTIFICATE_REVOKED, :mod:`clearinghouse.security.revocation`). Calls beyond a
+participant's quota are RESOURCE_EXHAUSTED with retry advice
+(:mod:`clearinghouse.security.ratelimit`). In every case the servicer never runs, so
+nothing is written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from clearinghouse import telemetry
 from clearinghouse._interceptor import Handler, WrappingServerInterceptor
 from clearinghouse.domain.errors import (
     ERROR_METADATA_KEY,
+    CertificateRevoked,
     ClearingError,
     PermissionDenied,
     Unauthenticated,
@@ -35,6 +38,7 @@ from clearinghouse.domain.errors import (
 from clearinghouse.domain.validation import list_page_rows
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.security.ratelimit import RateLimiter
+from clearinghouse.security.revocation import RevocationList, serial_hex
 from clearinghouse.switch.convert import error_to_pb
 
 log = logging.getLogger(__name__)
@@ -133,8 +137,10 @@ SWITCH_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
                     "GetParticipant",
                     "ListParticipants",
                     "SetNetDebitCap",
+                    "RevokeCertificate",
                 )
-            },
+            }
+            | {"ListRevokedCertificates": Rule(STAFF)},
         ),
         **_rules(
             "clearing.v1.SettlementService",
@@ -204,7 +210,8 @@ def _abort(context: grpc.ServicerContext, err: ClearingError) -> None:
 
 
 class SecurityInterceptor(WrappingServerInterceptor):
-    """Identity from the client certificate, then the policy, then the caller's quota."""
+    """Identity from the client certificate, whether it is revoked, then the policy, then
+    the caller's quota."""
 
     def __init__(
         self,
@@ -212,10 +219,12 @@ class SecurityInterceptor(WrappingServerInterceptor):
         limiter: RateLimiter | None = None,
         *,
         unlimited_roles: Iterable[Role] = (Role.NODE,),
+        revoked: RevocationList | None = None,
     ) -> None:
         self.policy = policy
         self.limiter = limiter
         self.unlimited = frozenset(unlimited_roles)
+        self.revoked = revoked
         super().__init__()
 
     # -- the decision ------------------------------------------------------------------
@@ -225,6 +234,13 @@ class SecurityInterceptor(WrappingServerInterceptor):
         caller = Identity.of_caller(context)
         if caller is None:
             raise Unauthenticated("the call carries no client certificate the switch issued")
+        serial = self.revoked.refuses(context) if self.revoked is not None else None
+        if serial is not None:
+            raise CertificateRevoked(
+                f"the certificate of {caller} (serial {serial_hex(serial)}) was revoked"
+                if serial > 0
+                else f"the certificate of {caller} cannot be checked against revocations"
+            )
         rule = self.policy.get(method)
         if rule is None or caller.role not in rule.roles:
             raise PermissionDenied(f"{caller} may not call {method}", reason=NOT_AUTHORIZED)

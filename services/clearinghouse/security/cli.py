@@ -6,6 +6,10 @@ institution's own order-signing key.
     clearingctl pki issue bank BANK_X --ip 10.0.0.7 --dns bank-x.example
     clearingctl pki issue auditor kpmg --out ~/handover/kpmg
     clearingctl pki list
+    clearingctl pki revoke institution INST_NEW --reason "laptop stolen"
+    clearingctl pki revoke --cert handed-over/cert.pem --reason "key leaked"
+    clearingctl pki revoke --serial 7a3f... --identity operator:alice --reason "left"
+    clearingctl pki revoked
     clearingctl pki signing-key new --out ~/keys/inst_new-signing.pem
     clearingctl pki signing-key public --key ~/keys/inst_new-signing.pem
     clearingctl pki sign-order --key ~/keys/inst_new-signing.pem '{"payment_id": ...}'
@@ -15,6 +19,11 @@ CA folder, and with ``--out`` also copies them and ``ca.pem`` there, to hand ove
 private key (``issue --out``, ``signing-key new --out``) is never written inside a git
 work tree unless git ignores that path (``git check-ignore``), so it cannot be committed
 by accident.
+
+``revoke`` asks a switch node (``AdminService.RevokeCertificate``, as the operator) to
+refuse a certificate from now on: the one in the CA folder for ``ROLE NAME``, a
+certificate file, or a serial. The holder needs a new certificate (``issue`` again);
+``revoked`` lists every revocation.
 
 ``signing-key new`` makes an Ed25519 key pair for an institution on its own machine: the
 private key stays in the file it names, and the public half is printed in the form
@@ -27,6 +36,7 @@ uses the key the demo keeps for the institution in the CA folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +44,8 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
+import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -41,12 +53,16 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_pem_private_key,
 )
+from cryptography.x509.oid import NameOID
 
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
+from clearinghouse.security.revocation import serial_hex
+from clearinghouse.topology import Topology
 
 GIT_TIMEOUT_S: Final = 10.0
 KEY_FILE_MODE: Final = 0o600
+REVOCATION_CALL_S: Final = 30.0
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +81,22 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="also copy the PEM files here (outside any git work tree, or git-ignored)",
     )
-    ps.add_parser("list", help="every identity issued, with its expiry")
+    ps.add_parser("list", help="every identity issued, with its expiry and serial")
+    rv = ps.add_parser(
+        "revoke",
+        help="refuse a certificate from now on, on every switch node (ROLE NAME: the one "
+        "in the CA folder; or --cert FILE; or --serial HEX --identity ROLE:NAME)",
+    )
+    rv.add_argument("role", nargs="?", choices=[r.value for r in Role])
+    rv.add_argument("name", nargs="?")
+    rv.add_argument("--cert", type=Path, default=None, help="a certificate file (PEM)")
+    rv.add_argument("--serial", default=None, help="the certificate's serial, in hex")
+    rv.add_argument("--identity", default=None, help="with --serial: whose, as ROLE:NAME")
+    rv.add_argument("--reason", required=True, help="why, kept with the revocation")
+    rv.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    rl = ps.add_parser("revoked", help="every revoked certificate, as the switch keeps them")
+    rl.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    rl.add_argument("--format", choices=("table", "json"), default="table")
     sk = ps.add_parser("signing-key", help="an institution's own order-signing key (Ed25519)")
     sks = sk.add_subparsers(dest="signing_cmd", required=True)
     new = sks.add_parser(
@@ -88,8 +119,12 @@ def add_parser(sub: Any) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, topo: Topology | None = None) -> int:
     try:
+        if args.cmd in ("revoke", "revoked"):
+            if topo is None:
+                raise ValueError(f"pki {args.cmd} needs the cluster's topology")
+            return _revocation(args, topo)
         return _run(args)
     except (pki.PkiError, ValueError, OSError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
@@ -121,8 +156,94 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "sign-order":
         return _sign_order(args.order_json, ca.directory, args.key)
     for ident, expires in ca.identities():
-        print(f"{ident.common_name:<40} expires {expires:%Y-%m-%d}")
+        serial = serial_hex(_certificate(ca.folder(ident) / "cert.pem").serial_number)
+        print(f"{ident.common_name:<40} expires {expires:%Y-%m-%d}  serial {serial}")
     return 0
+
+
+# -- revocation ------------------------------------------------------------------------------
+
+
+def _certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.expanduser().read_bytes())
+
+
+def revocation_target(args: argparse.Namespace, ca: pki.LocalCA) -> tuple[str, str]:
+    """(serial in hex, identity) that ``pki revoke`` names, from exactly one of ROLE
+    NAME, ``--cert`` or ``--serial`` with ``--identity``; ValueError otherwise."""
+    given = [args.role is not None, args.cert is not None, args.serial is not None]
+    if sum(given) != 1 or (args.role is not None) != (args.name is not None):
+        raise ValueError("name the certificate one way: ROLE NAME, --cert FILE or --serial HEX")
+    if args.serial is not None:
+        if not args.identity:
+            raise ValueError("--serial needs --identity ROLE:NAME (whose certificate it is)")
+        return args.serial, args.identity
+    if args.identity:
+        raise ValueError("--identity goes with --serial only")
+    path = (
+        args.cert
+        if args.cert is not None
+        else ca.folder(Identity(Role(args.role), args.name)) / "cert.pem"
+    )
+    if not path.exists():
+        raise ValueError(f"no certificate at {path}")
+    cert = _certificate(path)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    identity = str(names[0].value) if names else ""
+    return serial_hex(cert.serial_number), identity
+
+
+def _revocation(args: argparse.Namespace, topo: Topology) -> int:
+    from clearing.v1 import admin_pb2, admin_pb2_grpc  # noqa: PLC0415 (only these need gRPC)
+    from clearinghouse.client import error_details, local_credentials  # noqa: PLC0415
+
+    ca = pki.LocalCA(args.dir or pki.default_directory())
+    request = None
+    if args.cmd == "revoke":
+        serial, identity = revocation_target(args, ca)
+        request = admin_pb2.RevokeCertificateRequest(serial=serial, identity=identity,
+                                                     reason=args.reason)  # fmt: skip
+    zone = topo.zone(args.zone or topo.zones[0].name)
+    target = f"{zone.address}:{zone.ports.switch}"
+    creds = local_credentials()
+    with creds.channel(target, pki.operator(), server=pki.node(zone.name)) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            if request is None:
+                listed = stub.ListRevokedCertificates(
+                    admin_pb2.ListRevokedCertificatesRequest(), timeout=REVOCATION_CALL_S
+                ).revoked
+                _print_revoked(list(listed), args.format)
+                return 0
+            r = stub.RevokeCertificate(request, timeout=REVOCATION_CALL_S).revoked
+        except grpc.RpcError as e:
+            err = error_details(e)
+            code = e.code().name if isinstance(e, grpc.Call) else "?"
+            print(f"clearingctl: {code} {err.reason + ': ' + err.message if err else ''}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    print(f"revoked {r.identity}'s certificate, serial {r.serial}: refused by every switch "
+          f"node from now on (by {r.revoked_by}, {r.revoked_at.ToJsonString()})")  # fmt: skip
+    if args.role is not None:
+        print(f"issue a new one with: clearingctl pki issue {args.role} {args.name}")
+    return 0
+
+
+def _print_revoked(revoked: list[Any], fmt: str) -> None:
+    rows = [
+        {"serial": r.serial, "identity": r.identity, "revoked_at": r.revoked_at.ToJsonString(),
+         "revoked_by": r.revoked_by, "reason": r.reason}
+        for r in revoked
+    ]  # fmt: skip
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("(none)")
+        return
+    for row in rows:
+        print(f"{row['serial']:<42} {row['identity']:<40} {row['revoked_at']}  "
+              f"{row['revoked_by']}: {row['reason']}")  # fmt: skip
 
 
 # -- keys outside work trees ---------------------------------------------------------------

@@ -32,6 +32,7 @@ from clearinghouse.domain.errors import (
     clipped,
 )
 from clearinghouse.domain.model import SigningKey
+from clearinghouse.security.revocation import RevokedCertificate
 from clearinghouse.switch.records import PaymentRecord
 
 _TYPE_TO_DOMAIN = {
@@ -187,6 +188,13 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
 
 # Domain field names that differ from the proto's, for field paths in errors.
 _PROTO_FIELD_NAMES = {"requested_at_us": "requested_at"}
+
+
+def revoked_to_pb(r: RevokedCertificate) -> admin_pb2.RevokedCertificate:
+    return admin_pb2.RevokedCertificate(
+        serial=r.serial_hex, identity=r.identity, reason=r.reason,
+        revoked_at=us_to_ts(r.revoked_at_us), revoked_by=r.revoked_by,
+    )  # fmt: skip
 
 
 def _proto_path(path: str) -> str:

@@ -1,6 +1,7 @@
 """One switch node: storage, shard ownership, the owner's write path, gRPC.
 
-Start-up order: connect to Cassandra and load the registry; start the group commit;
+Start-up order: connect to Cassandra and load the registry and the revoked certificates;
+start the group commit;
 start serving gRPC (health NOT_SERVING); join shard ownership in etcd (each gained shard
 is taken over in the background: fence, rebuild, seal); health SERVING. A request for a
 shard that is still being taken over waits for it, within a bound. On SIGTERM: health
@@ -41,9 +42,11 @@ from clearinghouse.security import pki
 from clearinghouse.security.authz import SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import Identity
 from clearinghouse.security.ratelimit import RateLimiter
+from clearinghouse.security.revocation import RevocationList, Revocations
 from clearinghouse.settlement import WindowKeeper
 from clearinghouse.storage.ledger import CassandraLedger, new_stream_id
 from clearinghouse.storage.participants import CassandraParticipantStore
+from clearinghouse.storage.revocations import CassandraRevocations
 from clearinghouse.storage.session import connect, connect_to_node, consistency_level
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.admin import AdminDomain
@@ -90,9 +93,14 @@ class Node:
     window_keeper: WindowKeeper
     closers: list[Any] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    revocations: Revocations | None = None
 
     def refresh_registry(self) -> None:
+        """The participants and the revoked certificates, read again (each node, every
+        ``registry_refresh_s``; and before it serves)."""
         self.registry.replace(self.participants.all())
+        if self.revocations is not None:
+            self.revocations.revoked.replace(self.revocations.list())
 
     def _refresh_loop(self) -> None:
         while not self.stopping.wait(self.cfg.registry_refresh_s):
@@ -149,7 +157,8 @@ class Node:
             self.health.set(name, status)
 
     def start(self) -> None:
-        # The registry first: a node whose port is open can already route payments.
+        # The registry first: a node whose port is open can already route payments, and
+        # must already refuse revoked certificates.
         self.refresh_registry()
         self.store.on_unresolved = self._schedule_resolution
         self.store.committer.start()
@@ -244,6 +253,8 @@ def build(cfg: NodeConfig) -> Node:
         resolve_pool=resolver_pool,
     )  # fmt: skip
     admin = AdminDomain(participants, wall_clock_us)
+    revoked = RevocationList()
+    revocations = Revocations(CassandraRevocations(session, cl), revoked, wall_clock_us)
     router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
     local = LocalOwner(processor)
     router = Router(
@@ -266,7 +277,7 @@ def build(cfg: NodeConfig) -> Node:
             return p.payments_per_s_quota
         return cfg.participant_quota_per_s
 
-    security = SecurityInterceptor(SWITCH_POLICY, RateLimiter(quota_per_s))
+    security = SecurityInterceptor(SWITCH_POLICY, RateLimiter(quota_per_s), revoked=revoked)
     server = grpc.server(
         ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
@@ -310,7 +321,7 @@ def build(cfg: NodeConfig) -> Node:
     )  # fmt: skip
     node = Node(
         cfg, server, 0, health_servicer, registry, participants, processor, store, router,
-        agent, resolver_pool, keeper, stopping=stopping,
+        agent, resolver_pool, keeper, stopping=stopping, revocations=revocations,
     )  # fmt: skip
     settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
         SettlementServicer(windows, cfg.node_id, wall_clock_us), server
@@ -321,7 +332,7 @@ def build(cfg: NodeConfig) -> Node:
     )
     shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(admin, on_change=node.refresh_registry), server
+        AdminServicer(admin, on_change=node.refresh_registry, revocations=revocations), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

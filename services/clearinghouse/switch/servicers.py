@@ -52,6 +52,8 @@ from clearinghouse.domain.validation import (
     list_page_rows,
     timestamp_violations,
 )
+from clearinghouse.security.identity import Identity
+from clearinghouse.security.revocation import Revocations, caller_serial
 from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch import convert
@@ -248,9 +250,10 @@ def _check_batch(orders: list[Any]) -> None:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Operators' RPCs over :class:`clearinghouse.switch.admin.AdminDomain`."""
 
-    def __init__(self, admin: Any, on_change: Any) -> None:
+    def __init__(self, admin: Any, on_change: Any, revocations: Revocations) -> None:
         self.admin = admin
         self.on_change = on_change
+        self.revocations = revocations
 
     def _changed(self, p: Any) -> Any:
         self.on_change()
@@ -295,6 +298,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             ps = self.admin.list(kind)
             return admin_pb2.ListParticipantsResponse(
                 participants=[convert.participant_to_pb(p) for p in ps]
+            )
+
+    def RevokeCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            r = self.revocations.revoke(
+                request.serial, request.identity, request.reason,
+                by=Identity.of_caller(context), by_serial=caller_serial(context),
+            )  # fmt: skip
+            return admin_pb2.RevokeCertificateResponse(revoked=convert.revoked_to_pb(r))
+
+    def ListRevokedCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            return admin_pb2.ListRevokedCertificatesResponse(
+                revoked=[convert.revoked_to_pb(r) for r in self.revocations.list()]
             )
 
 
