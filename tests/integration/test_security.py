@@ -23,6 +23,7 @@ through; the counts above are what pins the rate limiter down.
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -418,8 +419,12 @@ def test_a_revoked_certificate_is_refused_by_every_node(
     admin = admin_pb2_grpc.AdminServiceStub(_channel_as(env, pki.operator()))
     listed_now = admin_pb2_grpc.AdminServiceStub(_channel_as(env, pki.auditor()))
     mine = [r for r in listed_now.ListRevokedCertificates(
-        admin_pb2.ListRevokedCertificatesRequest(), timeout=10).revoked
+        admin_pb2.ListRevokedCertificatesRequest(page_size=1000), timeout=10).revoked
         if r.identity == who.common_name]  # fmt: skip
+    capsys.readouterr()  # what the test printed so far
+    assert cli.main(["pki", "revoked", "--format", "json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["identity"] == who.common_name]
+    assert [(r["serial"], r["reason"]) for r in rows] == [(mine[0].serial, reason)]
     assert len(mine) == 1 and mine[0].reason == reason and mine[0].revoked_by == "operator:operator"
     again = admin.RevokeCertificate(
         admin_pb2.RevokeCertificateRequest(serial=mine[0].serial, identity=who.common_name,

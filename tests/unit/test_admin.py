@@ -523,6 +523,43 @@ def test_list_returns_newest_versions_by_id_and_filters_by_kind(admin: AdminDoma
 
 def test_list_of_an_empty_registry(admin: AdminDomain) -> None:
     assert admin.list() == ()
+    assert admin.page(None, 0, "") == ((), "")
+
+
+def test_pages_cover_every_participant_once_in_id_order(admin: AdminDomain) -> None:
+    ids = [f"INST_{c}" for c in "ECADB"] + ["BANK_A"]
+    for pid in ids:
+        if pid.startswith("BANK"):
+            admin.register(bank(participant_id=pid))
+        else:
+            admin.register(institution(participant_id=pid))
+    seen, token, pages = [], "", 0
+    while True:
+        page, token = admin.page(ParticipantKind.INSTITUTION, 2, token)
+        pages += 1
+        assert len(page) <= 2
+        seen += [p.participant_id for p in page]
+        if not token:
+            break
+        assert token == page[-1].participant_id
+    assert seen == sorted(i for i in ids if i.startswith("INST"))
+    assert pages == 3
+    assert [p.participant_id for p in admin.page(None, 0, "")[0]] == sorted(ids)  # default size
+    assert admin.page(None, 6, "")[1] == ""  # exactly one full page: no next
+    assert admin.page(None, 0, "INST_E") == ((), "")
+
+
+@pytest.mark.parametrize(
+    ("size", "token", "fields"),
+    [(-1, "", {"page_size"}), (1001, "", {"page_size"}), (10, "no spaces", {"page_token"}),
+     (-5, "x" * 200, {"page_size", "page_token"})],
+)  # fmt: skip
+def test_a_bad_page_request_is_invalid_argument(
+    admin: AdminDomain, size: int, token: str, fields: set[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        admin.page(None, size, token)
+    assert {v.field for v in e.value.violations} == fields
 
 
 # ---- every history is contiguous --------------------------------------------------------

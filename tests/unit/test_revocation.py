@@ -48,7 +48,17 @@ def test_serials_parse_as_openssl_and_browsers_print_them() -> None:
     assert parse_serial("f" * 40) == 2**160 - 1  # 20 octets: the most RFC 5280 allows
     for bad in ("", "0", "00", "0x", "f" * 41, "7g", "-1", "1 2", ":"):
         assert parse_serial(bad) is None, bad
-    assert serial_hex(0x00_7A3F) == "7a3f"
+    # One key however it was written: what is stored and what a call is checked against.
+    assert {serial_hex(parse_serial(t) or 0) for t in ("00:7A:3F", "7a3f", "0x007A3F")} == {"7a3f"}
+
+
+def test_a_refresh_never_admits_again_what_this_node_just_revoked() -> None:
+    revoked = RevocationList()
+    before = [RevokedCertificate(1, "institution:INST_X", "lost", 1, "operator:operator")]
+    revoked.merge(before)
+    revoked.add(2)  # taken here, after a refresh read the table
+    revoked.merge(before)  # that refresh lands
+    assert len(revoked) == 2
 
 
 # -- the operator's request and what is stored --------------------------------------------
@@ -82,7 +92,7 @@ def test_a_revocation_is_stored_once_and_a_retry_returns_it(world: World) -> Non
     world.clock.sleep(5.0)
     assert world.revoke("7a3f") == first  # the same request again: the first revocation
     assert world.revoke("0x7A3F") == first
-    assert world.revocations.list() == [first]
+    assert world.revocations.all() == [first]
     assert len(world.stored()) == 1
     assert len(world.revoked) == 1
 
@@ -96,7 +106,7 @@ def test_the_same_serial_for_another_identity_or_reason_is_already_exists(world:
         assert e.value.reason == "CERTIFICATE_ALREADY_REVOKED"
         assert "INST_X" in str(e.value)
     assert world.stored() == before
-    assert world.revocations.list() == [first]
+    assert world.revocations.all() == [first]
 
 
 def test_revocations_are_listed_oldest_first(world: World) -> None:
@@ -104,7 +114,40 @@ def test_revocations_are_listed_oldest_first(world: World) -> None:
     for serial in ("ff", "01", "a0"):
         made.append(world.revoke(serial))
         world.clock.sleep(1.0)
-    assert world.revocations.list() == made
+    assert world.revocations.all() == made
+
+
+def test_pages_list_every_revocation_once_oldest_first(world: World) -> None:
+    made = []
+    for i, serial in enumerate(("ff", "01", "a0", "0b", "c3")):
+        made.append(world.revoke(serial))
+        if i != 2:  # two revocations in the same microsecond: ordered by serial
+            world.clock.sleep(1.0)
+    made.sort(key=lambda r: (r.revoked_at_us, r.serial))
+    seen, token, pages = [], "", 0
+    while True:
+        page, token = world.revocations.page(2, token)
+        pages += 1
+        seen += page
+        if not token:
+            break
+    assert (seen, pages) == (made, 3)
+    assert world.revocations.page(0, "") == (made, "")  # the default page holds them all
+    assert world.revocations.page(5, "")[1] == ""
+
+
+@pytest.mark.parametrize(
+    ("size", "token", "fields"),
+    [(-1, "", {"page_size"}), (1001, "", {"page_size"}), (0, "7a3f", {"page_token"}),
+     (0, "x.7a3f", {"page_token"}), (0, "1." + "f" * 70, {"page_token"}),
+     (-1, "1.", {"page_size", "page_token"})],
+)  # fmt: skip
+def test_a_bad_page_request_is_invalid_argument(
+    world: World, size: int, token: str, fields: set[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        world.revocations.page(size, token)
+    assert {v.field for v in e.value.violations} == fields
 
 
 @pytest.mark.parametrize(
@@ -207,7 +250,7 @@ def test_a_revoked_certificate_is_refused_on_a_connection_already_open(
     channel = server.channel(ca, ALIPAY)
     assert _get(channel) is grpc.StatusCode.OK
     reached = len(server.payments.calls)
-    revoked.replace([_revocation(_serial_of(ca, ALIPAY), ALIPAY)])
+    revoked.merge([_revocation(_serial_of(ca, ALIPAY), ALIPAY)])
     assert _get(channel) is grpc.StatusCode.UNAUTHENTICATED
     assert len(server.payments.calls) == reached  # the servicer never ran
     # A new connection with the same certificate too.
@@ -220,7 +263,7 @@ def test_other_certificates_and_a_reissued_one_still_get_in(
     server: Server, ca: pki.LocalCA, revoked: RevocationList
 ) -> None:
     old = _serial_of(ca, ALIPAY)
-    revoked.replace([_revocation(old, ALIPAY)])
+    revoked.merge([_revocation(old, ALIPAY)])
     assert _get(server.channel(ca, ALIPAY)) is grpc.StatusCode.UNAUTHENTICATED
     # Another identity's certificate: not revoked (it is refused by the policy only if
     # it may not call; a bank may not read an institution's payment).

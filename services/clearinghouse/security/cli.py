@@ -63,6 +63,7 @@ from clearinghouse.topology import Topology
 GIT_TIMEOUT_S: Final = 10.0
 KEY_FILE_MODE: Final = 0o600
 REVOCATION_CALL_S: Final = 30.0
+REVOKED_PAGE_SIZE: Final = 1000
 
 
 def add_parser(sub: Any) -> None:
@@ -85,7 +86,8 @@ def add_parser(sub: Any) -> None:
     rv = ps.add_parser(
         "revoke",
         help="refuse a certificate from now on, on every switch node (ROLE NAME: the one "
-        "in the CA folder; or --cert FILE; or --serial HEX --identity ROLE:NAME)",
+        "in the CA folder now, so revoke before issuing the holder a new one; or --cert "
+        "FILE; or --serial HEX --identity ROLE:NAME)",
     )
     rv.add_argument("role", nargs="?", choices=[r.value for r in Role])
     rv.add_argument("name", nargs="?")
@@ -210,10 +212,20 @@ def _revocation(args: argparse.Namespace, topo: Topology) -> int:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             if request is None:
-                listed = stub.ListRevokedCertificates(
-                    admin_pb2.ListRevokedCertificatesRequest(), timeout=REVOCATION_CALL_S
-                ).revoked
-                _print_revoked(list(listed), args.format)
+                listed: list[Any] = []
+                token = ""
+                while True:
+                    page = stub.ListRevokedCertificates(
+                        admin_pb2.ListRevokedCertificatesRequest(
+                            page_size=REVOKED_PAGE_SIZE, page_token=token
+                        ),
+                        timeout=REVOCATION_CALL_S,
+                    )
+                    listed += page.revoked
+                    token = page.next_page_token
+                    if not token:
+                        break
+                _print_revoked(listed, args.format)
                 return 0
             r = stub.RevokeCertificate(request, timeout=REVOCATION_CALL_S).revoked
         except grpc.RpcError as e:
@@ -222,8 +234,9 @@ def _revocation(args: argparse.Namespace, topo: Topology) -> int:
             print(f"clearingctl: {code} {err.reason + ': ' + err.message if err else ''}",
                   file=sys.stderr)  # fmt: skip
             return 1
-    print(f"revoked {r.identity}'s certificate, serial {r.serial}: refused by every switch "
-          f"node from now on (by {r.revoked_by}, {r.revoked_at.ToJsonString()})")  # fmt: skip
+    print(f"revoked {r.identity}'s certificate, serial {r.serial} (by {r.revoked_by}, "
+          f"{r.revoked_at.ToJsonString()}): refused by switch node {zone.name} now, by the "
+          f"others at their next registry refresh (every 2 s)")  # fmt: skip
     if args.role is not None:
         print(f"issue a new one with: clearingctl pki issue {args.role} {args.name}")
     return 0

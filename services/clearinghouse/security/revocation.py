@@ -5,10 +5,13 @@ CA draws 159 random bits for each, so serials do not repeat). Revocations are wr
 to Cassandra in every city (``revoked_certificates``, first write wins, never deleted)
 through ``AdminService.RevokeCertificate``; every node reads the whole list when it
 starts, before it serves, and again with the participant registry (every
-``registry_refresh_s``), so a revoked certificate is refused by every node within that
-bound and at once by the node that took the revocation. The check is made on every call,
-not at the TLS handshake: a connection opened before the revocation is refused from its
-next call on.
+``registry_refresh_s``, 2 s, each read bounded by the storage retries), so a revoked
+certificate is refused at once by the node that took the revocation and by every other
+within its next refresh, as long as it can read Cassandra at QUORUM (a node that cannot
+logs an error at every failed refresh; it cannot commit payments either). The check is
+made when a call starts, not at the TLS handshake: a connection opened before the
+revocation is refused from its next call on; a stream already running (an export) runs
+to its end.
 
 While the list is empty no certificate is parsed: the check costs a length test. Once it
 is not, the caller's certificate (``x509_pem_cert`` of the call's auth context) is
@@ -47,6 +50,10 @@ PARSED_CERTIFICATES_MAX: Final = 4096
 REVOCATION_REASON_CHARS_MAX: Final = 500
 IDENTITY_CHARS_MAX: Final = 100
 REVOKES_CALLER: Final = "REVOKES_CALLER"
+# ListRevokedCertificates: revocations per page when the request names none, and at most.
+REVOCATIONS_PAGE_DEFAULT: Final = 100
+REVOCATIONS_PAGE_MAX: Final = 1000
+PAGE_TOKEN_CHARS_MAX: Final = 64
 _HEX: Final = re.compile(r"^[0-9a-fA-F]+$")
 
 
@@ -105,16 +112,19 @@ class RevokedCertificate:
 
 
 class RevocationList:
-    """The serials every call is checked against; replaced whole on each refresh."""
+    """The serials every call is checked against; only ever grows."""
 
     def __init__(self, revoked: Iterable[RevokedCertificate] = ()) -> None:
         self._lock = threading.Lock()
         self._serials: frozenset[int] = frozenset(r.serial for r in revoked)
 
-    def replace(self, revoked: Iterable[RevokedCertificate]) -> None:
+    def merge(self, revoked: Iterable[RevokedCertificate]) -> None:
+        """Add what a refresh read. Revocations are never undone, so nothing is dropped:
+        a refresh that read the table just before this node stored a revocation (and
+        :meth:`add` ed it) must not admit that certificate again."""
         serials = frozenset(r.serial for r in revoked)
         with self._lock:
-            self._serials = serials
+            self._serials = self._serials | serials
 
     def add(self, serial: int) -> None:
         """One more, at once (the node that took the revocation, before its refresh)."""
@@ -136,6 +146,22 @@ class RevocationList:
         return serial if serial in serials else None
 
 
+def _position(r: RevokedCertificate) -> tuple[int, int]:
+    return (r.revoked_at_us, r.serial)
+
+
+def _token_of(r: RevokedCertificate) -> str:
+    return f"{r.revoked_at_us}.{serial_hex(r.serial)}"
+
+
+def _position_of_token(token: str) -> tuple[int, int] | None:
+    at, dot, serial_text = token.partition(".")
+    serial = parse_serial(serial_text) if dot and len(token) <= PAGE_TOKEN_CHARS_MAX else None
+    if serial is None or not at.isdigit():
+        return None
+    return (int(at), serial)
+
+
 class RevocationStore(Protocol):
     def all(self) -> list[RevokedCertificate]: ...
 
@@ -153,8 +179,26 @@ class Revocations:
         self.revoked = revoked
         self.clock = clock
 
-    def list(self) -> list[RevokedCertificate]:
+    def all(self) -> list[RevokedCertificate]:
         return self.store.all()
+
+    def page(self, page_size: int, page_token: str) -> tuple[list[RevokedCertificate], str]:
+        """At most ``page_size`` revocations (0: the default) after ``page_token`` (the
+        position of the last one of the page before), oldest first; and the next token
+        (empty on the last page)."""
+        after = _position_of_token(page_token)
+        violations = []
+        if not 0 <= page_size <= REVOCATIONS_PAGE_MAX:
+            rule = f"must be 0..{REVOCATIONS_PAGE_MAX} (0: {REVOCATIONS_PAGE_DEFAULT})"
+            violations.append(FieldViolation("page_size", rule))
+        if page_token and after is None:
+            violations.append(FieldViolation("page_token", "is not a token this API gave"))
+        if violations:
+            raise InvalidArgument(violations)
+        size = page_size or REVOCATIONS_PAGE_DEFAULT
+        rest = [r for r in self.all() if after is None or _position(r) > after]
+        chosen = rest[:size]
+        return chosen, (_token_of(chosen[-1]) if len(rest) > size else "")
 
     def revoke(
         self,
@@ -204,6 +248,8 @@ class Revocations:
 __all__ = [
     "IDENTITY_CHARS_MAX",
     "PARSED_CERTIFICATES_MAX",
+    "REVOCATIONS_PAGE_DEFAULT",
+    "REVOCATIONS_PAGE_MAX",
     "REVOCATION_REASON_CHARS_MAX",
     "REVOKES_CALLER",
     "SERIAL_HEX_DIGITS_MAX",

@@ -46,6 +46,9 @@ PARTICIPANT_EXISTS: Final = "PARTICIPANT_EXISTS"
 FIRST_VERSION: Final = 1
 PAYMENTS_PER_S_QUOTA_MAX: Final = 1_000_000
 
+# ListParticipants: participants per page when the request names none, and at most.
+PARTICIPANTS_PAGE_DEFAULT: Final = 100
+PARTICIPANTS_PAGE_MAX: Final = 1000
 NAME_CHARS_MAX: Final = 100
 # An operator's reason is kept in every version it caused; bound what one may cost.
 STATUS_REASON_CHARS_MAX: Final = 500
@@ -98,6 +101,25 @@ class AdminDomain:
         everyone = self._store.all().values()
         chosen = [p for p in everyone if kind is None or p.kind is kind]
         return tuple(sorted(chosen, key=lambda p: p.participant_id))
+
+    def page(
+        self, kind: ParticipantKind | None, page_size: int, page_token: str
+    ) -> tuple[Sequence[Participant], str]:
+        """One page of :meth:`list`: at most ``page_size`` participants (0: the default)
+        after ``page_token`` (the last id of the page before; empty: the first page), and
+        the token of the next page (empty on the last)."""
+        violations = []
+        if not 0 <= page_size <= PARTICIPANTS_PAGE_MAX:
+            rule = f"must be 0..{PARTICIPANTS_PAGE_MAX} (0: {PARTICIPANTS_PAGE_DEFAULT})"
+            violations.append(FieldViolation("page_size", rule))
+        if page_token:
+            violations += _id_violations(page_token, "page_token")
+        if violations:
+            raise InvalidArgument(violations)
+        size = page_size or PARTICIPANTS_PAGE_DEFAULT
+        rest = [p for p in self.list(kind) if p.participant_id > page_token]
+        chosen = tuple(rest[:size])
+        return chosen, (chosen[-1].participant_id if len(rest) > size else "")
 
     # -- changes -----------------------------------------------------------------------
 

@@ -240,16 +240,11 @@ class Router:
                     results[i] = _error_result(o.payment_id, _no_owner(shard))
                 else:
                     groups[owner].append(i)
-            futures: dict[OwnerRef, Future[list[Any]]] = {
-                owner: self.pool.submit(
-                    telemetry.bind_context(self._send), owner, orders, paths, idx, until
-                )
-                for owner, idx in groups.items()
-            }
+            answers = self._send_all(groups, orders, paths, until)
             todo = []
-            for owner, fut in futures.items():
+            for owner, answer in answers.items():
                 idx = groups[owner]
-                for i, r in zip(idx, fut.result(), strict=True):
+                for i, r in zip(idx, answer, strict=True):
                     reason = r.error.reason if r.HasField("error") else ""
                     if reason in (
                         Unavailable.NOT_SHARD_OWNER,
@@ -263,6 +258,26 @@ class Router:
             if todo:
                 time.sleep(OWNER_POLL_S)
         return results
+
+    def _send_all(
+        self,
+        groups: dict[OwnerRef, list[int]],
+        orders: Sequence[Any],
+        paths: Sequence[str],
+        until: float,
+    ) -> dict[OwnerRef, list[Any]]:
+        """Each owner's results: one owner (a single payment, a batch of one shard's
+        owner) on this thread, several concurrently in the pool."""
+        if len(groups) == 1:
+            ((owner, idx),) = groups.items()
+            return {owner: self._send(owner, orders, paths, idx, until)}
+        futures: dict[OwnerRef, Future[list[Any]]] = {
+            owner: self.pool.submit(
+                telemetry.bind_context(self._send), owner, orders, paths, idx, until
+            )
+            for owner, idx in groups.items()
+        }
+        return {owner: fut.result() for owner, fut in futures.items()}
 
     def _send(
         self,

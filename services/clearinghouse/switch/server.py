@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,18 +97,47 @@ class Node:
     revocations: Revocations | None = None
 
     def refresh_registry(self) -> None:
-        """The participants and the revoked certificates, read again (each node, every
-        ``registry_refresh_s``; and before it serves)."""
+        """The participants and the revoked certificates, read again (before the node
+        serves: a failure stops the start)."""
+        self.refresh_participants()
+        self.refresh_revocations()
+
+    def refresh_participants(self) -> None:
         self.registry.replace(self.participants.all())
+
+    def refresh_revocations(self) -> None:
         if self.revocations is not None:
-            self.revocations.revoked.replace(self.revocations.list())
+            self.revocations.revoked.merge(self.revocations.all())
+
+    def after_admin_change(self) -> None:
+        """The registry at once after an operator's change on this node; the change is
+        stored already, so a failed read only waits for the next refresh."""
+        try:
+            self.refresh_participants()
+        except Exception:
+            log.warning("participant registry refresh after a change failed", exc_info=True)
 
     def _refresh_loop(self) -> None:
+        # Each read on its own: a failure of one keeps its last good snapshot and does
+        # not hold the other back. A node that cannot read them cannot commit either
+        # (the same QUORUM); it says so at ERROR while revocations go stale.
+        stale_since: float | None = None
         while not self.stopping.wait(self.cfg.registry_refresh_s):
             try:
-                self.refresh_registry()
-            except Exception:  # a refresh failure keeps the last good snapshot
+                self.refresh_participants()
+            except Exception:
                 log.warning("participant registry refresh failed", exc_info=True)
+            try:
+                self.refresh_revocations()
+                stale_since = None
+            except Exception:
+                stale_since = stale_since or time.monotonic()
+                log.error(
+                    "revoked certificates not refreshed for %.0f s: a revocation taken on "
+                    "another node is not refused here until they are",
+                    time.monotonic() - stale_since + self.cfg.registry_refresh_s,
+                    exc_info=True,
+                )
 
     def _reversal_loop(self) -> None:
         while not self.stopping.wait(self.cfg.owed_reversal_retry_s):
@@ -332,7 +362,7 @@ def build(cfg: NodeConfig) -> Node:
     )
     shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(admin, on_change=node.refresh_registry, revocations=revocations), server
+        AdminServicer(admin, on_change=node.after_admin_change, revocations=revocations), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -295,9 +295,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def ListParticipants(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
             kind = {1: ParticipantKind.INSTITUTION, 2: ParticipantKind.BANK}.get(request.kind)
-            ps = self.admin.list(kind)
+            ps, token = self.admin.page(kind, request.page_size, request.page_token)
             return admin_pb2.ListParticipantsResponse(
-                participants=[convert.participant_to_pb(p) for p in ps]
+                participants=[convert.participant_to_pb(p) for p in ps], next_page_token=token
             )
 
     def RevokeCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -310,8 +310,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def ListRevokedCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
+            page, token = self.revocations.page(request.page_size, request.page_token)
             return admin_pb2.ListRevokedCertificatesResponse(
-                revoked=[convert.revoked_to_pb(r) for r in self.revocations.list()]
+                revoked=[convert.revoked_to_pb(r) for r in page], next_page_token=token
             )
 
 
