@@ -71,6 +71,14 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> pki.LocalCA:
     return ca
 
 
+@pytest.fixture
+def ca(tmp_path: Path) -> pki.LocalCA:
+    """A certificate authority for one test, which it may issue and re-issue from."""
+    ca = pki.LocalCA(tmp_path / "pki")
+    ca.init()
+    return ca
+
+
 @pytest.fixture(scope="session")
 def topo() -> topology.Topology:
     return topology.load()

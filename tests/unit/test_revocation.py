@@ -202,13 +202,6 @@ def test_a_revocation_reads_back_as_the_api_shows_it(world: World) -> None:
 
 
 @pytest.fixture
-def ca(tmp_path: Any) -> pki.LocalCA:
-    ca = pki.LocalCA(tmp_path / "pki")
-    ca.init()
-    return ca
-
-
-@pytest.fixture
 def revoked() -> RevocationList:
     return RevocationList()
 

@@ -409,13 +409,6 @@ class Server:
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> pki.LocalCA:
-    ca = pki.LocalCA(tmp_path / "pki")
-    ca.init()
-    return ca
-
-
-@pytest.fixture
 def server(ca: pki.LocalCA) -> Iterator[Server]:
     s = Server(ca)
     yield s
