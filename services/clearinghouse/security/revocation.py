@@ -137,7 +137,7 @@ class RevocationList:
     def refuses(self, context: grpc.ServicerContext) -> int | None:
         """The serial to refuse the call for (revoked; -1: unreadable while the list is
         not empty), or None to let it through."""
-        serials = self._serials  # one read: a concurrent replace is seen whole or not at all
+        serials = self._serials  # one read: a concurrent merge is seen whole or not at all
         if not serials:
             return None
         serial = caller_serial(context)
