@@ -134,6 +134,9 @@ class RevocationList:
     def __len__(self) -> int:
         return len(self._serials)
 
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
     def refuses(self, context: grpc.ServicerContext) -> int | None:
         """The serial to refuse the call for (revoked; -1: unreadable while the list is
         not empty), or None to let it through."""

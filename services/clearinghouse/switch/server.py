@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +55,7 @@ from clearinghouse.switch.config import NodeConfig, node_channel_options, server
 from clearinghouse.switch.heap import TakeoverHeap
 from clearinghouse.switch.processor import PaymentProcessor, Registry, wall_clock_us
 from clearinghouse.switch.records import PaymentRecord
+from clearinghouse.switch.refresh import RegistryRefresh
 from clearinghouse.switch.routing import LocalOwner, Router
 from clearinghouse.switch.servicers import (
     AdminServicer,
@@ -118,26 +118,11 @@ class Node:
             log.warning("participant registry refresh after a change failed", exc_info=True)
 
     def _refresh_loop(self) -> None:
-        # Each read on its own: a failure of one keeps its last good snapshot and does
-        # not hold the other back. A node that cannot read them cannot commit either
-        # (the same QUORUM); it says so at ERROR while revocations go stale.
-        stale_since: float | None = None
+        refresh = RegistryRefresh(
+            self.refresh_participants, self.refresh_revocations, self.cfg.registry_refresh_s
+        )
         while not self.stopping.wait(self.cfg.registry_refresh_s):
-            try:
-                self.refresh_participants()
-            except Exception:
-                log.warning("participant registry refresh failed", exc_info=True)
-            try:
-                self.refresh_revocations()
-                stale_since = None
-            except Exception:
-                stale_since = stale_since or time.monotonic()
-                log.error(
-                    "revoked certificates not refreshed for %.0f s: a revocation taken on "
-                    "another node is not refused here until they are",
-                    time.monotonic() - stale_since + self.cfg.registry_refresh_s,
-                    exc_info=True,
-                )
+            refresh.round()
 
     def _reversal_loop(self) -> None:
         while not self.stopping.wait(self.cfg.owed_reversal_retry_s):
