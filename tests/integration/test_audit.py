@@ -89,3 +89,8 @@ def test_an_unknown_payment_is_not_found_and_a_bad_window_is_refused(env: Switch
     with pytest.raises(grpc.RpcError) as e:
         audit.GetWindow(audit_pb2.GetWindowRequest(window_id=0), timeout=30)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # A chain is read whole per shard named: each at most once, each a real shard.
+    for shards in ([3, 3], [128], [-1]):
+        with pytest.raises(grpc.RpcError) as e:
+            audit.VerifyChains(audit_pb2.VerifyChainsRequest(shards=shards), timeout=30)
+        assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT, shards

@@ -113,19 +113,19 @@ def test_same_id_with_a_different_payload_is_already_exists(env: SwitchEnv) -> N
         ({"bank_account": ""}, "INVALID_ARGUMENT", "order.bank_account"),
         ({"type": common_pb2.PAYMENT_TYPE_UNSPECIFIED}, "INVALID_ARGUMENT", "order.type"),
         ({"requested_at": us_to_ts(0)}, "INVALID_ARGUMENT", "order.requested_at"),
-        ({"payer_id": "BANK_NOPE"}, None, None),
+        ({"payer_id": "BANK_NOPE"}, "FAILED_PRECONDITION", None),
     ],
 )
 def test_bad_orders_get_a_precise_status_and_write_nothing(
-    env: SwitchEnv, change: dict[str, Any], code: str | None, field: str | None
+    env: SwitchEnv, change: dict[str, Any], code: str, field: str | None
 ) -> None:
     o = env.order(**change)
     got_code, err = _code_and_error(lambda: env.submit("shanghai-b", o))
-    if code is not None:
-        assert got_code.name == code
+    assert got_code.name == code
+    if field is not None:
         assert err is not None and field in {v.field for v in err.field_violations}, err
-    else:
-        assert got_code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+    else:  # an unknown participant (payment.proto: FAILED_PRECONDITION)
+        assert err is not None and err.reason == "PARTICIPANT_NOT_FOUND", err
     if o.payment_id and len(o.payment_id) <= 64 and " " not in o.payment_id:
         miss, _ = _code_and_error(lambda: env.get("beijing-a", o))
         assert miss is grpc.StatusCode.NOT_FOUND

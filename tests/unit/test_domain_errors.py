@@ -28,6 +28,7 @@ from clearinghouse.domain.errors import (
     SignatureRefused,
     Unauthenticated,
     Unavailable,
+    UnknownParticipant,
     status_for,
 )
 
@@ -41,6 +42,7 @@ EXPECTED_CODES: dict[type[ClearingError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
     ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownParticipant: grpc.StatusCode.FAILED_PRECONDITION,
     OrderNotFresh: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,9 +15,10 @@ from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ParticipantSuspended,
     PermissionDenied,
+    UnknownParticipant,
+    status_for,
 )
 from clearinghouse.domain.model import (
     Participant,
@@ -249,13 +251,15 @@ def test_field_errors_are_reported_before_participant_lookups() -> None:
         ({"payer_id": "ghost-bank"}, "order.payer_id"),
     ],
 )
-def test_unknown_participant_is_not_found(changes: dict[str, Any], detail: str) -> None:
-    with pytest.raises(NotFound, match=re.escape(detail)):
+def test_unknown_participant_is_a_failed_precondition(changes: dict[str, Any], detail: str) -> None:
+    with pytest.raises(UnknownParticipant, match=re.escape(detail)) as err:
         _validate(_order(**changes))
+    assert err.value.reason == "PARTICIPANT_NOT_FOUND"
+    assert status_for(err.value) is grpc.StatusCode.FAILED_PRECONDITION  # payment.proto
 
 
-def test_credit_to_unknown_bank_is_not_found() -> None:
-    with pytest.raises(NotFound, match=r"order\.payee_id"):
+def test_credit_to_unknown_bank_is_a_failed_precondition() -> None:
+    with pytest.raises(UnknownParticipant, match=r"order\.payee_id"):
         _validate(_order(PaymentType.CREDIT, payee_id="ghost-bank"))
 
 

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 from clearing.v1 import (
     admin_pb2_grpc,
+    audit_pb2,
     audit_pb2_grpc,
     common_pb2,
     payment_pb2,
@@ -734,6 +735,34 @@ def test_listing_times_outside_the_timestamp_range_are_invalid_argument(
     assert out.code is grpc.StatusCode.INVALID_ARGUMENT, out
     assert out.error is not None
     assert {v.field for v in out.error.field_violations} <= {"start_time", "end_time"}
+
+
+@pytest.mark.parametrize("nanos", [-1, -999_999_999, 1_000_000_000, 2_000_000_000])
+def test_an_order_time_with_nanos_outside_a_timestamp_is_invalid_argument(
+    switch_world: SwitchWorld, nanos: int
+) -> None:
+    # It was normalised (2e9 nanos: two seconds later), not stored as it was sent.
+    before = switch_world.snapshot()
+    rpc = _rpc("PaymentService.SubmitPayment")
+    request = hostile.valid_request(rpc)
+    request.order.requested_at.nanos = nanos  # type: ignore[attr-defined]
+    out = send(switch_world.channel, rpc, request)
+    assert out.code is grpc.StatusCode.INVALID_ARGUMENT, out
+    assert out.error is not None
+    assert [v.field for v in out.error.field_violations] == ["order.requested_at"]
+    assert switch_world.snapshot() == before
+
+
+@pytest.mark.parametrize("shards", [[3, 3], [0, 1, 0], [SHARD_COUNT], [-1]])
+def test_verify_chains_names_each_real_shard_at_most_once(
+    switch_world: SwitchWorld, shards: list[int]
+) -> None:
+    # Each shard named is a whole chain read; 300,000 names were 300,000 reads.
+    rpc = _rpc("AuditService.VerifyChains")
+    out = send(switch_world.channel, rpc, audit_pb2.VerifyChainsRequest(shards=shards))
+    assert out.code is grpc.StatusCode.INVALID_ARGUMENT, out
+    assert out.error is not None
+    assert [v.field for v in out.error.field_violations] == ["shards"]
 
 
 @pytest.mark.parametrize("at", ["-99999999999999999999999", "99999999999999999999999", "9" * 5000])

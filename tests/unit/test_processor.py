@@ -34,6 +34,7 @@ from clearinghouse.domain import (
     PaymentType,
     Posting,
     Unavailable,
+    UnknownParticipant,
     check_balanced,
     fingerprint,
     postings_for,
@@ -356,7 +357,11 @@ def assert_nothing_written(env: Env) -> None:
 @pytest.mark.parametrize(
     ("order", "error", "reason"),
     [
-        (dataclasses.replace(debit(), payer_id="bank-zz"), NotFound, "NOT_FOUND"),
+        (
+            dataclasses.replace(debit(), payer_id="bank-zz"),
+            UnknownParticipant,
+            "PARTICIPANT_NOT_FOUND",
+        ),
         (debit(amount=0), InvalidArgument, "INVALID_ARGUMENT"),
         (debit(amount=10**9 + 1), InvalidArgument, "INVALID_ARGUMENT"),
         (debit(currency="XXX"), InvalidArgument, "INVALID_ARGUMENT"),
@@ -1028,7 +1033,7 @@ def test_a_batch_calls_each_bank_once_and_answers_each_order_in_order(env: Env) 
     out = env.processor.submit_many(orders, OTHER_ZONE)
 
     assert [type(o).__name__ for o in out] == [
-        "Result", "Result", "Result", "Result", "AlreadyExists", "NotFound", "Result",
+        "Result", "Result", "Result", "Result", "AlreadyExists", "UnknownParticipant", "Result",
     ]  # fmt: skip
     results = [o for o in out if isinstance(o, Result)]
     assert [r.record.order.payment_id for r in results] == ["d-1", "c-1", "d-2", "seen", "c-2"]

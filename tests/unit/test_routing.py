@@ -1,4 +1,5 @@
-"""The router asks an owner again when it answered that its ownership awaits etcd."""
+"""The router asks an owner again when it answered that its ownership awaits etcd, and
+answers every order even when the call has no time left."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class SuspendedThenConfirmed:
         return [payment_pb2.PaymentResult(payment_id=o.payment_id) for o in orders]
 
 
-def _submit(local: SuspendedThenConfirmed) -> Any:
+def _submit(local: SuspendedThenConfirmed, deadline_s: float = 10.0) -> Any:
     pool = futures.ThreadPoolExecutor(2)
     router = Router(
         node_id=HERE.node_id, zone=HERE.zone, owners=OwnerHere(),  # type: ignore[arg-type]
@@ -51,7 +52,9 @@ def _submit(local: SuspendedThenConfirmed) -> Any:
     )  # fmt: skip
     try:
         order = payment_pb2.PaymentOrder(institution_id="INST_ALIPAY", payment_id="p-1")
-        (result,) = router.submit([order], ["/clearing.v1.PaymentService/SubmitPayment"], 10.0)
+        (result,) = router.submit(
+            [order], ["/clearing.v1.PaymentService/SubmitPayment"], deadline_s
+        )
         return result
     finally:
         router.close()
@@ -70,3 +73,15 @@ def test_other_unavailable_answers_are_the_answer() -> None:
     result = _submit(local)
     assert result.error.reason == "STORAGE_QUORUM_LOST"
     assert local.calls == 1
+
+
+@pytest.mark.parametrize("deadline_s", [0.0, -1.0])
+def test_an_order_with_no_time_left_is_answered_not_dropped(deadline_s: float) -> None:
+    # It came back as None: SubmitPayment then failed outside its error handling
+    # (UNKNOWN), SubmitPayments with INTERNAL.
+    local = SuspendedThenConfirmed(0, "")
+    result = _submit(local, deadline_s)
+    assert result is not None and result.payment_id == "p-1"
+    assert result.error.reason == "DEADLINE_EXCEEDED"
+    assert "nothing was recorded" in result.error.message
+    assert local.calls == 0

@@ -32,6 +32,7 @@ from clearinghouse.domain.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    UnknownParticipant,
     status_for,
 )
 from clearinghouse.domain.fingerprint import (
@@ -117,6 +118,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "UnknownParticipant",
     "canonical_bytes",
     "check_balanced",
     "check_replay",

@@ -12,6 +12,7 @@ people. The hierarchy::
     ├── FailedPrecondition             FAILED_PRECONDITION
     │   ├── InsufficientLiquidity      FAILED_PRECONDITION
     │   ├── ParticipantSuspended       FAILED_PRECONDITION
+    │   ├── UnknownParticipant         FAILED_PRECONDITION  PARTICIPANT_NOT_FOUND
     │   └── OrderNotFresh              FAILED_PRECONDITION  ORDER_EXPIRED | ORDER_FROM_FUTURE
     ├── Unauthenticated                UNAUTHENTICATED      no certificate the CA issued
     │   └── CertificateRevoked         UNAUTHENTICATED      CERTIFICATE_REVOKED
@@ -124,6 +125,14 @@ class ParticipantSuspended(FailedPrecondition):
     """An operator suspended a participant that the request names."""
 
     default_reason = "PARTICIPANT_SUSPENDED"
+
+
+class UnknownParticipant(FailedPrecondition):
+    """An order names a participant the registry does not hold (payment.proto: an
+    unknown or suspended participant is FAILED_PRECONDITION; registering it, not
+    resending the order as it is, is what helps)."""
+
+    default_reason = "PARTICIPANT_NOT_FOUND"
 
 
 class PermissionDenied(ClearingError):
@@ -253,6 +262,7 @@ STATUS_BY_ERROR: Final[Mapping[type[ClearingError], grpc.StatusCode]] = MappingP
         FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
         InsufficientLiquidity: grpc.StatusCode.FAILED_PRECONDITION,
         ParticipantSuspended: grpc.StatusCode.FAILED_PRECONDITION,
+        UnknownParticipant: grpc.StatusCode.FAILED_PRECONDITION,
         OrderNotFresh: grpc.StatusCode.FAILED_PRECONDITION,
         PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

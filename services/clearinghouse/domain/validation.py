@@ -4,9 +4,11 @@ Checks run in two phases. The first looks only at the order and reports every ba
 field at once in one :class:`InvalidArgument`, so that a client fixes its request in
 one round trip. The second, which runs only when the first passed, looks the
 participants up and raises the first problem it finds, in this order: unknown
-participant (NotFound), a non-institution submitting (PermissionDenied), a counterparty
-that is not a bank (InvalidArgument), a suspended participant (ParticipantSuspended),
-an unsupported currency (FailedPrecondition, reason CURRENCY_NOT_SUPPORTED).
+participant (UnknownParticipant, reason PARTICIPANT_NOT_FOUND), a non-institution
+submitting (PermissionDenied), a counterparty that is not a bank (InvalidArgument), a
+suspended participant (ParticipantSuspended), an unsupported currency
+(FailedPrecondition, reason CURRENCY_NOT_SUPPORTED). An unknown or suspended
+participant and an unsupported currency are FAILED_PRECONDITION (payment.proto).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from clearinghouse.domain.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     ParticipantSuspended,
     PermissionDenied,
+    UnknownParticipant,
 )
 from clearinghouse.domain.model import (
     Participant,
@@ -242,7 +244,7 @@ def _lookup(
 ) -> Participant:
     participant = participants.get(participant_id)
     if participant is None:
-        raise NotFound(f"{field}: participant {participant_id!r} does not exist")
+        raise UnknownParticipant(f"{field}: participant {participant_id!r} does not exist")
     invariant(
         participant.participant_id == participant_id,
         f"registry key {participant_id!r} holds participant {participant.participant_id!r}",

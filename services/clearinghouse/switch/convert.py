@@ -32,6 +32,7 @@ from clearinghouse.domain.errors import (
     clipped,
 )
 from clearinghouse.domain.model import SigningKey
+from clearinghouse.domain.validation import timestamp_violations
 from clearinghouse.security.revocation import RevokedCertificate
 from clearinghouse.switch.records import PaymentRecord
 
@@ -73,8 +74,16 @@ def us_to_ts(at_us: int) -> Timestamp:
 
 def order_from_pb(o: payment_pb2.PaymentOrder, path: str = "order") -> PaymentOrder:
     kind = _TYPE_TO_DOMAIN.get(o.type)
-    if kind is None:
-        raise InvalidArgument([FieldViolation(f"{path}.type", "must be DEBIT or CREDIT")])
+    # What cannot become a domain order at all; the order's other fields are checked
+    # together by validation.check_order_shape. A Timestamp out of protobuf's range
+    # (nanos outside 0..999,999,999 too) would otherwise be normalised, not stored as sent.
+    violations = timestamp_violations(
+        o.requested_at.seconds, o.requested_at.nanos, f"{path}.requested_at"
+    )
+    if kind is None or violations:
+        if kind is None:
+            violations.insert(0, FieldViolation(f"{path}.type", "must be DEBIT or CREDIT"))
+        raise InvalidArgument(violations)
     return PaymentOrder(
         payment_id=o.payment_id,
         institution_id=o.institution_id,

@@ -29,6 +29,7 @@ from clearinghouse._invariant import invariant
 from clearinghouse.client import error_details
 from clearinghouse.domain import (
     ClearingError,
+    DeadlineExceeded,
     InsufficientLiquidity,
     NotFound,
     PaymentOrder,
@@ -139,6 +140,13 @@ def _no_owner(shard: int) -> Unavailable:
         f"shard {shard} has no owner yet (failover in progress); retry with the same id",
         retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
         reason="NO_SHARD_OWNER",
+    )
+
+
+def _not_sent() -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "the call's deadline passed before the order was routed; nothing was recorded for "
+        "it: retry with the same id and a longer deadline"
     )
 
 
@@ -257,6 +265,9 @@ class Router:
                     results[i] = r
             if todo:
                 time.sleep(OWNER_POLL_S)
+        for i, r in enumerate(results):
+            if r is None:  # the call's time ran out before this order was ever sent
+                results[i] = _error_result(orders[i].payment_id, _not_sent())
         return results
 
     def _send_all(

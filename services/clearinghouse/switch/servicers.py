@@ -37,9 +37,9 @@ from clearinghouse.domain import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     ParticipantKind,
     Unavailable,
+    UnknownParticipant,
     validate_batch_size,
 )
 from clearinghouse.domain.clearing import WindowClearing
@@ -131,7 +131,7 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         check_order_shape(order, now_us=now_us, path=path)
         institution = self.registry.snapshot().get(order.institution_id)
         if institution is None:
-            raise NotFound(
+            raise UnknownParticipant(
                 f"{path}.institution_id: participant {order.institution_id!r} does not exist"
             )
         verify_signed_order(order, institution.signing_key_map())
@@ -456,6 +456,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             shards = list(request.shards)
             if any(not 0 <= s < SHARD_COUNT for s in shards):
                 raise InvalidArgument([FieldViolation("shards", f"each in 0..{SHARD_COUNT - 1}")])
+            if len(set(shards)) != len(shards):  # each names a whole chain to read
+                raise InvalidArgument([FieldViolation("shards", "each shard at most once")])
             return audit_pb2.VerifyChainsResponse(reports=[
                 audit_pb2.ChainReport(shard=c.shard, ok=c.ok, entries=c.entries,
                                       head_seq=c.head_seq, head_hash=c.head_hash,
