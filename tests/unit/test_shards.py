@@ -1132,6 +1132,86 @@ def test_a_shard_short_of_headroom_needs_its_lender(world: World) -> None:
     assert world.chain() == []
 
 
+def _slow_lender_for(world: World, slow: str, asked: list[str]) -> shards.Borrow:
+    """The router's borrow, except that ``slow``'s lender never answers: each loan for
+    it waits out the router's Lend deadline (5 s) and fails."""
+
+    def borrow(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+        asked.append(participant_id)
+        if participant_id == slow:
+            world.clock.advance(5.0)
+            raise Unavailable("lender did not answer", retry_after_ms=1000,
+                              reason="CAP_LENDER_UNAVAILABLE")  # fmt: skip
+        return world.borrow(participant_id, currency, for_shard, need)
+
+    return borrow
+
+
+def test_a_batch_asks_a_lender_that_did_not_answer_only_once(world: World) -> None:
+    # One healthy order, then four whose payer's lender never answers. Each of those
+    # waited 5 s for its loan: the healthy payment's 17 s to a decision were gone before
+    # its bank was called, and it was decided FAILED without any bank call.
+    asked: list[str] = []
+    a = Node("node-a", world.ledger, world.clock, _slow_lender_for(world, SMALL, asked))
+    world.nodes.append(a)
+    assert a.take(SHARD, 10)
+    bank = FakeBank(world.clock)
+    processor = PaymentProcessor(
+        zone=ZONE, store=a.store, bank=bank, registry=Registry(PARTICIPANTS),
+        clock=world.clock, sleep=world.clock.sleep, max_amount_minor=10**9,
+    )  # fmt: skip
+    ids = ids_in(SHARD, 5)
+    orders = [debit(ids[0], 100, payer=BANK)] + [debit(i, 100, payer=SMALL) for i in ids[1:]]
+    started_us = world.clock()
+
+    out = processor.submit_many(orders)
+
+    assert asked == [BANK, SMALL]  # the slow lender once, not once per order
+    first = out[0]
+    assert not isinstance(first, Exception), first
+    assert first.record.state is S.APPROVED
+    assert bank.calls["transfer"] == 1
+    for refused in out[1:]:
+        assert isinstance(refused, Unavailable), refused
+        assert refused.reason == "CAP_LENDER_UNAVAILABLE" and refused.retry_after_ms > 0
+    assert world.clock() - started_us < 6_000_000
+    assert [a.load(i) for i in ids[1:]] == [None] * 4  # nothing written for them
+
+
+def test_a_batch_stops_borrowing_when_its_time_for_loans_is_spent(world: World) -> None:
+    # A lender that answers, but slowly: past the batch's time for loans, an order that
+    # would have to borrow is refused at once instead of waiting for another loan.
+    a = world.node("node-a")
+    assert a.take(SHARD, 10)
+    assert a.take(OTHER_SHARD, 10)
+
+    def slow_borrow(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+        world.clock.advance(shards.BATCH_BORROW_S * 0.75)
+        return world.borrow(participant_id, currency, for_shard, need)
+
+    a.store.borrow = slow_borrow
+    first, second, third = (
+        ids_in(SHARD, 1)[0],
+        ids_in(OTHER_SHARD, 1)[0],
+        ids_in(SPARE_SHARDS[0], 1)[0],
+    )
+    a.take(SPARE_SHARDS[0], 10)
+    records = [
+        begun_record(debit(pid, 100), at_us=world.clock(), zone=ZONE)
+        for pid in (first, second, third)
+    ]
+
+    out = a.store.begin_many(records)
+
+    assert [type(o).__name__ for o in out] == ["tuple", "tuple", "Unavailable"]
+    assert isinstance(out[2], Unavailable) and out[2].reason == "CAP_LENDER_UNAVAILABLE"
+    assert "retry with the same id" in str(out[2])
+    assert a.load(third) is None
+    assert [t.other_shard for t in world.transfers(home_shard(BANK, CNY), KIND_CAP_GRANT)] == [
+        SHARD, OTHER_SHARD,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("release", [S.DECLINED, S.FAILED, S.REVERSED])
 def test_a_decision_other_than_approved_gives_the_reservation_back(
     world: World, release: PaymentState

@@ -260,12 +260,15 @@ def build(cfg: NodeConfig) -> Node:
         on_lost=store.lose,
     )
     # The processor calls the banks of a batch concurrently (batch_pool) and asks about
-    # each unanswered transfer concurrently (resolver_pool, whose other tasks resolve
-    # payments one at a time): no task waits for a task of its own pool.
+    # each unanswered transfer of a call being answered concurrently (inquiry_pool): no
+    # task waits for a task of its own pool. Not resolver_pool: a takeover queues every
+    # undecided payment it found there, each up to a bank's whole inquiry and reversal
+    # bound, and a live call's inquiries must not wait behind that backlog.
     batch_pool = ThreadPoolExecutor(cfg.batch_workers, thread_name_prefix="batch")
+    inquiry_pool = ThreadPoolExecutor(cfg.resolver_workers, thread_name_prefix="inquire")
     processor = PaymentProcessor(
         zone=cfg.zone, store=store, bank=bank, registry=registry, pool=batch_pool,
-        resolve_pool=resolver_pool,
+        resolve_pool=inquiry_pool,
     )  # fmt: skip
     admin = AdminDomain(participants, wall_clock_us)
     revoked = RevocationList()
@@ -368,5 +371,6 @@ def build(cfg: NodeConfig) -> Node:
         lambda: router_pool.shutdown(wait=False),
         lambda: takeover_pool.shutdown(wait=False),
         lambda: resolver_pool.shutdown(wait=False),
+        lambda: inquiry_pool.shutdown(wait=False),
     ]
     return node

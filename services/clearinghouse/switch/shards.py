@@ -146,6 +146,37 @@ SHARD_READS_IN_FLIGHT = 8
 Clock = Callable[[], int]
 
 
+# A batch's begins borrow cap headroom for this long at most. The orders of a batch are
+# begun one after another and its bank calls start only when all are, while each
+# payment's time to a decision runs from its receipt: a lender that does not answer
+# (a loan waits up to the router's 5 s Lend deadline) must not use up the time of the
+# orders already begun. Past it, an order that would have to borrow is refused with
+# UNAVAILABLE (nothing written; retry with the same id).
+BATCH_BORROW_S = 4.0
+BATCH_BORROW_RETRY_AFTER_MS = 1_000
+
+
+@dataclass
+class _BatchBorrows:
+    """What one batch's begins learned about borrowing: a payer whose lender did not
+    answer is not asked again within the batch, and borrowing stops at ``until_us``."""
+
+    until_us: int
+    failed: dict[tuple[str, str], Unavailable] = field(default_factory=dict)
+
+    def check(self, payer: tuple[str, str], now_us: int) -> None:
+        known = self.failed.get(payer)
+        if known is not None:
+            raise Unavailable(str(known), retry_after_ms=known.retry_after_ms, reason=known.reason)
+        if now_us >= self.until_us:
+            raise Unavailable(
+                f"{payer[0]}: this batch's {BATCH_BORROW_S:.0f} s for borrowing cap headroom "
+                "in " + payer[1] + " is spent; nothing was recorded: retry with the same id",
+                retry_after_ms=BATCH_BORROW_RETRY_AFTER_MS,
+                reason="CAP_LENDER_UNAVAILABLE",
+            )
+
+
 # While plenty of the cap is left, a loan adds this fraction of what remains after it, so
 # a busy shard borrows once for many payments; as the cap runs out, loans shrink to need.
 LEND_SPARE_DIVISOR = 8 * SHARD_COUNT
@@ -677,6 +708,7 @@ class ShardedStore:
         and a payment found in flight is returned as it is unless ``wait_in_flight``
         (one slow payment must not hold the others of a batch back)."""
         deadline = time.monotonic() + TAKEOVER_WAIT_S
+        borrows = _BatchBorrows(self.clock() + int(BATCH_BORROW_S * 1_000_000))
         shards: dict[int, _Shard | ClearingError] = {}
         started: list[_Begun | ClearingError] = []
         for rec in records:
@@ -691,7 +723,7 @@ class ShardedStore:
                 started.append(st)
                 continue
             try:
-                started.append(self._begin_start(rec, st))
+                started.append(self._begin_start(rec, st, borrows))
             except ClearingError as e:
                 started.append(e)
         out: list[tuple[PaymentRecord, bool] | ClearingError] = []
@@ -708,9 +740,15 @@ class ShardedStore:
                     out.append(e)
         return out
 
-    def _begin_start(self, record: PaymentRecord, st: _Shard | None = None) -> _Begun:
+    def _begin_start(
+        self,
+        record: PaymentRecord,
+        st: _Shard | None = None,
+        borrows: _BatchBorrows | None = None,
+    ) -> _Begun:
         """Queue the payment's intent (borrowing cap headroom first if it must), or find
-        the payment already there; :meth:`_begin_finish` waits for either."""
+        the payment already there; :meth:`_begin_finish` waits for either. ``borrows``:
+        the batch's borrowing so far (a batch's begins share its time for loans)."""
         st = st if st is not None else self._serving(record.shard)
         o = record.order
         payer = (o.payer_id, o.amount.currency)
@@ -737,7 +775,14 @@ class ShardedStore:
                     st.apply_intent(record)
                     return _Begun(st, p, pending)
             # Short of headroom: borrow from the payer's home shard, outside the lock.
-            granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall)
+            if borrows is not None:
+                borrows.check(payer, self.clock())
+            try:
+                granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall)
+            except Unavailable as e:
+                if borrows is not None:
+                    borrows.failed[payer] = e
+                raise
             receipt = CapTransfer(
                 o.payer_id, o.amount.currency, home_shard(*payer), granted, self.clock()
             )
