@@ -51,6 +51,9 @@ COORDINATOR_SHARD = 0
 # How many of the newest windows each step looks at (one closes at a time; the others
 # may still be clearing).
 WINDOWS_WATCHED = 4
+# How far back a keeper looks once, at its first step, for a window still CLOSED (its
+# clearing failed while later windows closed, so it is no longer among the newest).
+WINDOWS_SCANNED_AT_START = 64
 PART_CLEARING = "clearing.json"
 PART_MERKLE_ROOT = "merkle_root"
 
@@ -158,6 +161,10 @@ class WindowKeeper:
         self.interval_s = interval_s
         self._recorded: set[tuple[int, int, int]] = set()  # (window, shard, seq)
         self._started_us = clock()
+        # Windows seen CLOSED and not yet seen cleared: cleared when this node
+        # coordinates, however many windows closed after them (a clearing that keeps
+        # failing must not drop out of view when later windows close on schedule).
+        self._uncleared: set[int] | None = None  # None: not scanned yet
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(WINDOW_POLL_S):
@@ -169,7 +176,12 @@ class WindowKeeper:
                 log.exception("settlement window step failed")
 
     def step(self) -> None:
+        if self._uncleared is None:
+            scanned = self.windows.recent(WINDOWS_SCANNED_AT_START)
+            self._uncleared = {w.window_id for w in scanned if w.state == "CLOSED"}
         recent = self.windows.recent(WINDOWS_WATCHED)
+        self._uncleared |= {w.window_id for w in recent if w.state == "CLOSED"}
+        self._uncleared -= {w.window_id for w in recent if w.state != "CLOSED"}
         closing = sorted(w.window_id for w in recent if w.state == "CLOSING")
         for window_id in closing:
             self.store.cut_window(window_id)
@@ -182,6 +194,17 @@ class WindowKeeper:
                 window_id, WindowEvent.CLOSED, self.clock(), self.node_id
             ):
                 log.info("settlement window %d closed: every shard cut it", window_id)
+        watched = {w.window_id for w in recent}
+        for window_id in sorted(self._uncleared - watched):  # older than the newest few
+            state = self.windows.status(window_id).state
+            if state != "CLOSED":
+                self._uncleared.discard(window_id)
+                continue
+            log.error(
+                "settlement window %d is still not cleared while %d later windows closed; "
+                "clearing it again", window_id, max(watched, default=window_id) - window_id,
+            )  # fmt: skip
+            self._clear(window_id)
         for w in sorted(recent, key=lambda w: w.window_id):
             if w.state == "CLOSED":
                 self._clear(w.window_id)
@@ -209,6 +232,8 @@ class WindowKeeper:
         detail = f"clearing sha256 {stored.clearing_digest.hex()}, merkle root {root.hex()}"
         if self.windows.record(window_id, WindowEvent.CLEARED, self.clock(), self.node_id, detail):
             log.info("settlement window %d cleared: %s", window_id, detail)
+        if self._uncleared is not None:
+            self._uncleared.discard(window_id)
 
     def _maybe_schedule(self, recent: list[WindowStatus]) -> None:
         if self.interval_s <= 0:

@@ -17,6 +17,7 @@ from itertools import count
 
 import pytest
 
+from clearinghouse import settlement
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import FailedPrecondition, PaymentState
 from clearinghouse.domain.clearing import WindowClearing
@@ -162,6 +163,40 @@ def test_a_second_close_before_the_first_is_closed_clears_both_in_order(
     assert world.close_window() == 2
     assert decision_keys(world, 1) == Counter(r.key for r in first)
     assert decision_keys(world, 2) == Counter(r.key for r in second)
+
+
+def test_a_window_whose_clearing_kept_failing_is_cleared_after_later_windows_closed(
+    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clearing window 1 fails while windows 2..5 close: window 1 is no longer among the
+    newest four the keeper reads. It was never cleared, and nothing said so; now it is
+    cleared first as soon as clearing works again, then the others in order."""
+    real = settlement.compute_clearing
+    failing = {1}
+
+    def compute(ledger: object, windows: object, window_id: int, kinds: object) -> object:
+        if window_id in failing:
+            raise FailedPrecondition("replicas unreadable", reason="TEST_OUTAGE")
+        return real(ledger, windows, window_id, kinds)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(settlement, "compute_clearing", compute)
+    paid = {}
+    for window_id in range(1, 6):
+        paid[window_id] = world.pay(100 * window_id)
+        assert request_close(world.windows, "op", world.clock()) == (window_id, True)
+        if window_id == 1:
+            world.step()  # cut everywhere: CLOSED
+        with pytest.raises(FailedPrecondition):
+            world.step()  # (cut and CLOSED;) window 1's clearing fails, the others wait
+    assert [w.window_id for w in world.windows.recent(4)] == [5, 4, 3, 2]
+    assert [world.state(w) for w in range(1, 6)] == ["CLOSED"] * 5
+
+    failing.clear()
+    world.step()
+
+    assert [world.state(w) for w in range(1, 6)] == ["CLEARED"] * 5
+    for window_id, rec in paid.items():
+        assert decision_keys(world, window_id) == Counter([rec.key])
 
 
 def test_every_cut_of_a_shard_is_recorded_not_only_its_latest(world: SettlementWorld) -> None:

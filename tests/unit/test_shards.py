@@ -1132,6 +1132,31 @@ def test_a_shard_short_of_headroom_needs_its_lender(world: World) -> None:
     assert world.chain() == []
 
 
+def test_a_group_commit_that_fails_before_its_write_gives_its_shards_up(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An entry nobody waits for (a CAP_RECEIVE) was appended to the chain in memory and
+    # never written; with the shard still served, the next commit built on it: a gap.
+    a = world.node("node-a")
+    assert a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+    a.begin(debit(pid))
+    written = world.chain()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug between the chain's append and the write")
+
+    monkeypatch.setattr(shards, "ShardWrite", broken)
+    st = a.store._shards[SHARD]
+    pending = a.store._enqueue(st, KIND_CAP_RECEIVE, BANK_CAP, b"not awaited")
+
+    assert pending.done.wait(WAIT_S) and not pending.ok
+    assert a.gave_up.wait(WAIT_S)
+    assert a.relinquished == [SHARD]
+    assert SHARD not in a.store.owned()
+    assert world.chain() == written  # nothing past what was acknowledged
+
+
 def _slow_lender_for(world: World, slow: str, asked: list[str]) -> shards.Borrow:
     """The router's borrow, except that ``slow``'s lender never answers: each loan for
     it waits out the router's Lend deadline (5 s) and fails."""

@@ -1118,6 +1118,11 @@ class Committer:
                     self.commit_once(batch)
                 except Exception:
                     log.exception("group commit failed")
+                    # Its shards' chains in memory may have moved past what was written
+                    # (an entry nobody waits for, a CAP_RECEIVE, would leave a gap under
+                    # the next commit): give them up, to be rebuilt from the ledger.
+                    for shard, epoch in sorted({(p.shard, p.epoch) for p in batch if not p.ok}):
+                        self.store.fail(shard, epoch)
                     for p in batch:
                         p.done.set()
 
