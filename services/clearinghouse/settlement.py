@@ -40,6 +40,7 @@ from clearinghouse.domain.entries import Intent
 from clearinghouse.domain.merkle import merkle_root, window_leaves
 from clearinghouse.ledger_view import WindowData, read_window
 from clearinghouse.storage.windows import CassandraWindows, CutRow, WindowEvent, WindowStatus
+from clearinghouse.switch import heap
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.shards import ShardedStore
@@ -227,7 +228,10 @@ class WindowKeeper:
         # the kinds of the clearing already stored, so that it stays the same bytes.
         earlier = stored_clearing(self.windows, window_id)
         kinds = stored_kinds(earlier) if earlier is not None else self.kinds()
-        _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, kinds)
+        try:
+            _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, kinds)
+        finally:
+            heap.release_free_memory()  # the window was read whole
         stored = store_clearing(self.windows, window_id, clearing, root, self.clock())
         detail = f"clearing sha256 {stored.clearing_digest.hex()}, merkle root {root.hex()}"
         if self.windows.record(window_id, WindowEvent.CLEARED, self.clock(), self.node_id, detail):

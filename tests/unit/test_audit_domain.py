@@ -15,12 +15,25 @@ from typing import Any
 
 import pytest
 
-from clearinghouse.audit.export import CLEARING_FILE, MANIFEST_FILE, Manifest
+from clearinghouse.audit import service
+from clearinghouse.audit.export import (
+    CLEARING_FILE,
+    ENTRIES_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    render_export,
+)
 from clearinghouse.audit.service import AuditDomain
 from clearinghouse.domain import DataLoss, FailedPrecondition, NotFound, ParticipantKind
 from clearinghouse.domain.clearing import WindowClearing
 from clearinghouse.domain.merkle import verify_inclusion
-from clearinghouse.settlement import PART_CLEARING, PART_MERKLE_ROOT, stored_clearing
+from clearinghouse.ledger_view import read_window
+from clearinghouse.settlement import (
+    PART_CLEARING,
+    PART_MERKLE_ROOT,
+    stored_clearing,
+    stored_kinds,
+)
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.records import PaymentRecord
 from tests.fakes import FakeCqlSession, FakeLedger, fake_windows
@@ -145,6 +158,37 @@ def test_the_export_is_the_stored_clearing_after_a_participant_registers(
     # A clearing computed again by the keeper (a second coordinator) keeps its kinds too.
     world.node_a.keeper._clear(1)
     assert stored_clearing(world.windows, 1) == stored
+
+
+def test_the_streamed_export_is_the_rendered_export_byte_for_byte(
+    cleared: SettlementWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server makes each file when its turn comes and sends it in chunks (it used to
+    # render the whole export, then copy it into chunks: 1.3 GiB kept by a node after a
+    # window of 405 MiB of entries). What arrives must not change.
+    world = cleared
+    for _ in range(40):
+        world.pay(1_500)
+    world.close_window()
+    monkeypatch.setattr(service, "EXPORT_CHUNK_BYTES", 1_000)
+    audit = audit_of(world)
+    chunks = list(audit.export(2))
+    data = read_window(world.ledger, world.windows, 2)
+    stored = stored_clearing(world.windows, 2)
+    assert stored is not None
+    rendered = render_export(2, data.entries_by_shard, data.referenced_intents,
+                             stored_kinds(stored), signing_keys=audit.signing_keys())  # fmt: skip
+    files: dict[str, bytes] = {}
+    for path, chunk in chunks:
+        files[path] = files.get(path, b"") + chunk
+    assert files == {path: text.encode() for path, text in rendered.items()}
+    assert [path for path, _ in chunks] == sorted(path for path, _ in chunks)  # path order
+    assert all(len(chunk) <= 1_000 for _, chunk in chunks)
+    entries = [chunk for path, chunk in chunks if path == ENTRIES_FILE]
+    assert len(entries) > 3 and all(len(c) == 1_000 for c in entries[:-1])
+    empty = [path for path, text in rendered.items() if not text]
+    assert empty  # intents.jsonl: no decision of window 2 has its intent in window 1
+    assert [(p, c) for p, c in chunks if p in empty] == [(p, b"") for p in sorted(empty)]
 
 
 def test_an_export_that_differs_from_the_stored_clearing_is_refused(

@@ -47,8 +47,9 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -254,8 +255,14 @@ def _entry_from_obj(obj: object) -> LedgerEntry:
 
 def render_entries(entries: Iterable[LedgerEntry]) -> str:
     """JSON lines in (shard, seq) order."""
-    ordered = sorted(entries, key=lambda e: (e.shard, e.seq))
-    return "".join(entry_to_json(e) + "\n" for e in ordered)
+    return "".join(entry_lines(entries))
+
+
+def entry_lines(entries: Iterable[LedgerEntry]) -> Iterator[str]:
+    """:func:`render_entries` a line at a time (a window's entries file can be hundreds
+    of MiB: a server streams it without ever holding it whole)."""
+    for e in sorted(entries, key=lambda e: (e.shard, e.seq)):
+        yield entry_to_json(e) + "\n"
 
 
 def parse_entries(text: str, file: str) -> tuple[LedgerEntry, ...]:
@@ -335,16 +342,21 @@ def read_signing_keys(directory: str | os.PathLike[str]) -> tuple[SigningKeyReco
 
 def clearing_files(clearing: WindowClearing) -> dict[str, str]:
     """The clearing's files of an export, by path relative to the folder."""
-    files = {
-        CLEARING_FILE: clearing.to_json(),
-        NET_POSITIONS_FILE: clearing.net_positions_csv(),
-        BILATERAL_FILE: clearing.bilateral_csv(),
-        INSTRUCTIONS_FILE: clearing.instructions_csv(),
+    return {path: make() for path, make in clearing_file_makers(clearing).items()}
+
+
+def clearing_file_makers(clearing: WindowClearing) -> dict[str, Callable[[], str]]:
+    """:func:`clearing_files`, each file rendered only when asked for."""
+    files: dict[str, Callable[[], str]] = {
+        CLEARING_FILE: clearing.to_json,
+        NET_POSITIONS_FILE: clearing.net_positions_csv,
+        BILATERAL_FILE: clearing.bilateral_csv,
+        INSTRUCTIONS_FILE: clearing.instructions_csv,
     }
     for pid, _ in clearing.participants:
         invariant(_FILE_SAFE_ID.fullmatch(pid), f"participant id {pid!r} cannot name a file")
-        files[f"{RECONCILIATION_DIR}/{pid}.csv"] = clearing.reconciliation_csv(pid)
-        files[f"{RECONCILIATION_DIR}/{pid}.json"] = clearing.reconciliation_json(pid)
+        files[f"{RECONCILIATION_DIR}/{pid}.csv"] = partial(clearing.reconciliation_csv, pid)
+        files[f"{RECONCILIATION_DIR}/{pid}.json"] = partial(clearing.reconciliation_json, pid)
     return files
 
 
@@ -371,7 +383,25 @@ def render_export(
     *,
     signing_keys: Iterable[SigningKeyRecord] = (),
 ) -> dict[str, str]:
-    """Every file of the export, by relative path, after checking the input.
+    """Every file of the export, by relative path, after checking the input (as
+    :func:`export_parts` says)."""
+    parts = export_parts(
+        window_id, entries_by_shard, referenced_intents, kinds, signing_keys=signing_keys
+    )
+    return {path: "".join(make()) for path, make in parts.items()}
+
+
+def export_parts(
+    window_id: int,
+    entries_by_shard: Mapping[int, Sequence[LedgerEntry]],
+    referenced_intents: Sequence[LedgerEntry],
+    kinds: Mapping[str, ParticipantKind],
+    *,
+    signing_keys: Iterable[SigningKeyRecord] = (),
+) -> dict[str, Callable[[], Iterator[str]]]:
+    """Every file of the export, by relative path, as a function giving its text in
+    pieces, after checking the input; nothing is rendered until asked for, so a caller
+    can hold one file's piece at a time, not the export.
 
     ``signing_keys`` is every signing key the participants ever registered.
 
@@ -401,12 +431,18 @@ def render_export(
     )
     intents = intents_by_key(referenced_intents) | intents_by_key(entries)
     clearing = clear_window(window_id, entries, kinds, intents)
+    del intents
+    keys = tuple(signing_keys)
+
+    def one(text: Callable[[], str]) -> Callable[[], Iterator[str]]:
+        return lambda: iter((text(),))
+
     return {
-        MANIFEST_FILE: manifest.to_json(),
-        ENTRIES_FILE: render_entries(entries),
-        INTENTS_FILE: render_entries(referenced_intents),
-        SIGNING_KEYS_FILE: render_signing_keys(signing_keys),
-        **clearing_files(clearing),
+        MANIFEST_FILE: one(manifest.to_json),
+        ENTRIES_FILE: partial(entry_lines, entries),
+        INTENTS_FILE: partial(entry_lines, referenced_intents),
+        SIGNING_KEYS_FILE: one(partial(render_signing_keys, keys)),
+        **{path: one(make) for path, make in clearing_file_makers(clearing).items()},
     }
 
 
@@ -650,9 +686,12 @@ __all__ = [
     "Manifest",
     "ShardRange",
     "WindowExport",
+    "clearing_file_makers",
     "clearing_files",
     "entry_from_json",
+    "entry_lines",
     "entry_to_json",
+    "export_parts",
     "intents_by_key",
     "is_window_cut",
     "parse_entries",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clearinghouse._invariant import InvariantViolation
-from clearinghouse.audit.export import CLEARING_FILE, render_export
+from clearinghouse.audit.export import CLEARING_FILE, export_parts
 from clearinghouse.domain import DataLoss, FailedPrecondition, NotFound, ParticipantKind
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
 from clearinghouse.domain.entries import KIND_DECISION, KIND_WINDOW_CUT, WindowCut
@@ -255,9 +255,10 @@ class AuditDomain:
         stored = self._cleared(window_id)
         data = read_window(self.ledger, self.windows, window_id)
         _same_root(window_id, merkle_root(window_leaves(_flatten(data))), stored)
-        files = render_export(window_id, data.entries_by_shard, data.referenced_intents,
-                              stored_kinds(stored), signing_keys=self.signing_keys())  # fmt: skip
-        body = files[CLEARING_FILE].encode()
+        parts = export_parts(window_id, data.entries_by_shard, data.referenced_intents,
+                             stored_kinds(stored), signing_keys=self.signing_keys())  # fmt: skip
+        del data
+        body = "".join(parts[CLEARING_FILE]()).encode()
         if hashlib.sha256(body).digest() != stored.clearing_digest:
             raise DataLoss(
                 f"window {window_id}: the clearing recomputed from the ledger (sha256 "
@@ -265,11 +266,30 @@ class AuditDomain:
                 f"was cleared (sha256 {stored.clearing_digest.hex()})",
                 reason="STORED_CLEARING_MISMATCH",
             )
-        for path in sorted(files):
-            data_bytes = files[path].encode()
-            yield path, data_bytes[:EXPORT_CHUNK_BYTES]  # an empty file too: it is exported
-            for at in range(EXPORT_CHUNK_BYTES, len(data_bytes), EXPORT_CHUNK_BYTES):
-                yield path, data_bytes[at : at + EXPORT_CHUNK_BYTES]
+        # Each file rendered when its turn comes and sent a chunk at a time: the largest
+        # (the entries, about 0.5 KiB a row) is never held whole, as text or as bytes.
+        for path in sorted(parts):
+            yield from _chunks(path, parts[path]())
+
+
+def _chunks(path: str, pieces: Iterator[str]) -> Iterator[tuple[str, bytes]]:
+    """(path, up to EXPORT_CHUNK_BYTES of the file) pairs; an empty file is one empty
+    chunk (it is exported too)."""
+    held: list[bytes] = []
+    size = 0
+    sent = False
+    for piece in pieces:
+        data = piece.encode()
+        held.append(data)
+        size += len(data)
+        while size >= EXPORT_CHUNK_BYTES:
+            joined = b"".join(held)
+            yield path, joined[:EXPORT_CHUNK_BYTES]
+            sent = True
+            rest = joined[EXPORT_CHUNK_BYTES:]
+            held, size = ([rest] if rest else []), len(rest)
+    if size or not sent:
+        yield path, b"".join(held)
 
 
 def row_digest(e: LedgerEntry) -> bytes:

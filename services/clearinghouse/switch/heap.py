@@ -21,16 +21,63 @@ die before the collector ever walks them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 
 GC_YOUNG_ALLOCATIONS = 50_000
 GC_MIDDLE_PER_YOUNG_COLLECTIONS = 20
 GC_OLD_PER_MIDDLE_COLLECTIONS = 10
 
 log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc: nothing to trim with
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def resident_mib() -> float:
+    """This process's resident memory, from /proc (0.0 where there is none)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def release_free_memory() -> None:
+    """Give the memory freed by a large one-off piece of work (an export, a window's
+    clearing, a wave of takeovers) back to the system.
+
+    glibc keeps freed memory for reuse inside its heap; after reading a window of
+    hundreds of thousands of entries a node kept about 1.3 GiB it no longer used (an
+    export of a 405 MiB entries file, measured on the local cluster). ``malloc_trim``
+    returns the free pages (measured in-process: 7 ms for a heap of about 0.9 GiB; ctypes
+    releases the GIL for it). Nothing where libc is not glibc."""
+    if _TRIM is None:
+        return
+    before = resident_mib()
+    started = time.monotonic()
+    _TRIM(0)
+    log.info(
+        "returned free memory to the system: resident %.0f -> %.0f MiB in %.3f s",
+        before, resident_mib(), time.monotonic() - started,
+    )  # fmt: skip
 
 
 def configure_collector() -> None:
@@ -60,6 +107,7 @@ class TakeoverHeap:
         gc.unfreeze()  # what an earlier wave froze and has since become garbage goes too
         collected = gc.collect()
         gc.freeze()
+        release_free_memory()  # what the chains read and decoded left free
         log.info(
             "takeovers done: %d objects frozen after a collection (%d freed) in %.2f s",
             gc.get_freeze_count(), collected, time.monotonic() - started,

@@ -56,7 +56,7 @@ from clearinghouse.security.identity import Identity
 from clearinghouse.security.revocation import Revocations, caller_serial
 from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
-from clearinghouse.switch import convert
+from clearinghouse.switch import convert, heap
 from clearinghouse.switch.processor import Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
@@ -458,11 +458,15 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 raise InvalidArgument([FieldViolation("shards", f"each in 0..{SHARD_COUNT - 1}")])
             if len(set(shards)) != len(shards):  # each names a whole chain to read
                 raise InvalidArgument([FieldViolation("shards", "each shard at most once")])
+            try:
+                checks = self.audit.verify_chains(shards)
+            finally:
+                heap.release_free_memory()  # every chain named was read whole
             return audit_pb2.VerifyChainsResponse(reports=[
                 audit_pb2.ChainReport(shard=c.shard, ok=c.ok, entries=c.entries,
                                       head_seq=c.head_seq, head_hash=c.head_hash,
                                       problem=c.problem)
-                for c in self.audit.verify_chains(shards)
+                for c in checks
             ])  # fmt: skip
 
     def GetInclusionProof(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -470,7 +474,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             _check_ref(request.institution_id, request.payment_id)
             if request.window_id < 0:
                 raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
-            p = self.audit.inclusion(request.window_id, request.institution_id, request.payment_id)
+            try:
+                p = self.audit.inclusion(
+                    request.window_id, request.institution_id, request.payment_id
+                )
+            finally:
+                heap.release_free_memory()  # the window was read whole
             return audit_pb2.GetInclusionProofResponse(
                 window_id=p.window_id, entry=_entry_ref(p.entry), leaf_index=p.leaf_index,
                 tree_size=p.tree_size, audit_path=p.audit_path, merkle_root=p.merkle_root,
@@ -480,7 +489,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         with grpc_errors(context):
             if request.window_id <= 0:
                 raise InvalidArgument([FieldViolation("window_id", "must be positive")])
-            cmp = self.audit.compare_cities(request.window_id)
+            try:
+                cmp = self.audit.compare_cities(request.window_id)
+            finally:
+                heap.release_free_memory()  # the window was read from every city
             return audit_pb2.CompareCitiesResponse(agree=cmp.agree, cities=[
                 audit_pb2.CityDigest(city=v.city, merkle_root=v.merkle_root,
                                      entry_count=v.entry_count, differing_rows=diff[:1000],
@@ -492,17 +504,29 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         if request.window_id <= 0:
             with grpc_errors(context):
                 raise InvalidArgument([FieldViolation("window_id", "must be positive")])
+        # Every check (the stored root, the stored clearing) runs before the first chunk
+        # is made, so an export that is refused sends nothing; after it, the files are
+        # made and sent a chunk at a time (a window's export can be hundreds of MiB).
+        # Every check (the stored root, the stored clearing) runs before the first chunk,
+        # so a refused export sends nothing; then each file is made and sent a chunk at a
+        # time (a window's export can be hundreds of MiB: it is never held whole).
+        chunks = self.audit.export(request.window_id)
         try:
-            chunks = list(self.audit.export(request.window_id))
+            for path, data in chunks:
+                yield audit_pb2.ExportWindowResponse(path=path, data=data)
+        except InvariantViolation as e:  # the entries read do not verify (before any chunk)
+            abort_with(context, convert.error_to_pb(
+                DataLoss(f"the stored ledger does not verify: {e}")
+            ))  # fmt: skip
         except ClearingError as e:
             abort_with(context, convert.error_to_pb(e))
-            return
         except Exception:
             log.exception("exporting window %d failed", request.window_id)
             context.abort(grpc.StatusCode.INTERNAL, "internal error; the node logged the details")
-            return
-        for path, data in chunks:
-            yield audit_pb2.ExportWindowResponse(path=path, data=data)
+        finally:
+            chunks.close()
+            del chunks
+            heap.release_free_memory()
 
 
 def _list_payments(
