@@ -1157,6 +1157,29 @@ def test_a_group_commit_that_fails_before_its_write_gives_its_shards_up(
     assert world.chain() == written  # nothing past what was acknowledged
 
 
+def test_a_payment_still_short_after_its_last_loan_asks_for_no_other(world: World) -> None:
+    # Each loan covers less than the shortfall (as when other payments take the headroom
+    # first): the payment is refused after BORROW_ROUNDS_MAX loans. It took one more,
+    # recorded in both chains and never tried.
+    needs: list[int] = []
+
+    def stingy(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+        needs.append(need)
+        return 1
+
+    a = Node("node-a", world.ledger, world.clock, stingy)
+    world.nodes.append(a)
+    assert a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+
+    with pytest.raises(InsufficientLiquidity) as err:
+        a.begin(debit(pid, 100))
+
+    assert err.value.reason == InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED
+    assert needs == [100 - n for n in range(shards.BORROW_ROUNDS_MAX)]
+    assert a.load(pid) is None
+
+
 def _slow_lender_for(world: World, slow: str, asked: list[str]) -> shards.Borrow:
     """The router's borrow, except that ``slow``'s lender never answers: each loan for
     it waits out the router's Lend deadline (5 s) and fails."""

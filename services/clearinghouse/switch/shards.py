@@ -752,7 +752,7 @@ class ShardedStore:
         st = st if st is not None else self._serving(record.shard)
         o = record.order
         payer = (o.payer_id, o.amount.currency)
-        for _ in range(BORROW_ROUNDS_MAX + 1):
+        for rounds_left in range(BORROW_ROUNDS_MAX, -1, -1):
             with st.lock:
                 if st.dropped:
                     raise _not_owner(st.shard)
@@ -774,6 +774,10 @@ class ShardedStore:
                     st.payments[record.key] = p
                     st.apply_intent(record)
                     return _Begun(st, p, pending)
+            if rounds_left == 0:
+                # Every loan so far was taken by other payments before this one: a loan
+                # now would be recorded and never tried (the loop has no round left).
+                raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
             # Short of headroom: borrow from the payer's home shard, outside the lock.
             if borrows is not None:
                 borrows.check(payer, self.clock())
@@ -792,9 +796,7 @@ class ShardedStore:
                 # Recorded before any intent that relies on it (the queue keeps order).
                 self._enqueue(st, KIND_CAP_RECEIVE, cap_key(*payer), receipt.encode())
                 st.allowance[payer] += granted
-        else:
-            raise _cap_exceeded(o.payer_id, o.amount.currency, "headroom kept being taken")
-        assert settled is not None
+        assert settled is not None  # the loop ends only by this break (for mypy)
         rec = _record_of_settled(st.shard, st.epoch, record.key, settled)
         return _Begun(st, _Payment(rec), None)
 
