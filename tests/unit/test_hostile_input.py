@@ -374,7 +374,9 @@ def switch_world() -> Iterator[SwitchWorld]:
     settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
         SettlementServicer(windows, NODE, wall_clock_us), server
     )
-    shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, describe), server)
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(
+        ShardServicer(local, describe, registry), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = signing_channel(

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clearing.v1 import common_pb2, payment_pb2
+from clearing.v1 import common_pb2, payment_pb2, shard_pb2
 from clearinghouse.domain import (
     Participant,
     ParticipantKind,
@@ -35,7 +35,7 @@ from clearinghouse.signing_keys import KEY_FILE, SigningKeyStore
 from clearinghouse.switch import convert
 from clearinghouse.switch.processor import PaymentProcessor, Registry
 from clearinghouse.switch.routing import LocalOwner
-from clearinghouse.switch.servicers import PaymentServicer
+from clearinghouse.switch.servicers import PaymentServicer, ShardServicer
 from clearinghouse.switch.shards import _intent_of, _intent_record
 from tests.fakes import START_US, FakeBank, FakeClock, FakePaymentStore, begun_record
 
@@ -209,6 +209,59 @@ def test_each_batch_item_is_judged_on_its_own(node: Any) -> None:
     assert [x.error.reason for x in r.results[1:]] == ["SIGNATURE_MISSING", "SIGNING_KEY_UNKNOWN"]
     assert router.submitted == 1
     assert [pid for _, pid in store.records] == ["b-1"]
+
+
+class NodeContext(FakeContext):
+    """A call from another switch node: its certificate names ``node:<zone>``."""
+
+    def __init__(self, zone: str) -> None:
+        super().__init__()
+        self.zone = zone
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_common_name": [f"node:{self.zone}".encode()]}
+
+
+def _owner(node: Any) -> ShardServicer:
+    _, _, _, router = node
+    return ShardServicer(router.local, describe=lambda: None, registry=Registry(PARTICIPANTS),
+                         clock=FakeClock())  # fmt: skip
+
+
+def test_the_owner_admits_a_forwarded_order_again(node: Any) -> None:
+    # A holder of a node certificate forwarded an unsigned order straight to the owner
+    # (ShardService.SubmitOwned): it was APPROVED, with a bank transfer, and the window
+    # holding it no longer passed `audit verify`.
+    _, store, bank, _ = node
+    owner = _owner(node)
+    good, unsigned, forged = _signed("f-1"), _order("f-2"), _signed("f-3", key=OTHER)
+    stale = _signed("f-4", requested_at=convert.us_to_ts(START_US - 600 * 10**6))
+    request = shard_pb2.SubmitOwnedRequest(
+        orders=[good, unsigned, forged, stale], paths=[f"orders[{i}]" for i in range(4)],
+        received_zone="beijing-b",
+    )  # fmt: skip
+    r = owner.SubmitOwned(request, NodeContext("beijing-b"))
+    assert [x.HasField("payment") for x in r.results] == [True, False, False, False]
+    assert [x.error.reason for x in r.results[1:]] == [
+        "SIGNATURE_MISSING", "SIGNING_KEY_UNKNOWN", "ORDER_EXPIRED",
+    ]  # fmt: skip
+    assert [pid for _, pid in store.records] == ["f-1"]
+    assert bank.calls["transfer"] == 1
+
+
+def test_a_forwarded_order_names_the_forwarding_node_as_its_receiver(node: Any) -> None:
+    _, store, bank, _ = node
+    owner = _owner(node)
+    request = shard_pb2.SubmitOwnedRequest(
+        orders=[_signed("z-1")], paths=["order"], received_zone="shenzhen-a"
+    )
+    ctx = NodeContext("beijing-b")
+    with pytest.raises(Aborted):
+        owner.SubmitOwned(request, ctx)
+    assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert ctx.error is not None
+    assert [v.field for v in ctx.error.field_violations] == ["received_zone"]
+    assert store.records == {} and bank.calls.total() == 0
 
 
 def test_the_intent_entry_keeps_the_signature_for_a_new_owner() -> None:

@@ -348,7 +348,9 @@ def build(cfg: NodeConfig) -> Node:
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
         PaymentServicer(router, ledger, registry), server
     )
-    shard_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(local, node.describe), server)
+    shard_pb2_grpc.add_ShardServiceServicer_to_server(
+        ShardServicer(local, node.describe, registry), server
+    )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(admin, on_change=node.after_admin_change, revocations=revocations), server
     )

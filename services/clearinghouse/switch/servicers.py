@@ -52,7 +52,7 @@ from clearinghouse.domain.validation import (
     list_page_rows,
     timestamp_violations,
 )
-from clearinghouse.security.identity import Identity
+from clearinghouse.security.identity import Identity, Role
 from clearinghouse.security.revocation import Revocations, caller_serial
 from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
@@ -126,16 +126,7 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         self.clock = clock
 
     def _admit(self, order_pb: Any, path: str, now_us: int) -> None:
-        """Raise the ClearingError that refuses ``order_pb`` here; return if it may be routed."""
-        order = convert.order_from_pb(order_pb, path)
-        check_order_shape(order, now_us=now_us, path=path)
-        institution = self.registry.snapshot().get(order.institution_id)
-        if institution is None:
-            raise UnknownParticipant(
-                f"{path}.institution_id: participant {order.institution_id!r} does not exist"
-            )
-        verify_signed_order(order, institution.signing_key_map())
-        check_fresh(order, now_us)
+        admit_order(order_pb, path, self.registry, now_us)
 
     def SubmitPayment(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
@@ -187,12 +178,40 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             return payment_pb2.ListPaymentsResponse(payments=mine, next_page_token=token)
 
 
-class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
-    """Node to node: what another node forwards to this node as the shards' owner."""
+def admit_order(order_pb: Any, path: str, registry: Registry, now_us: int) -> None:
+    """Raise the ClearingError that refuses ``order_pb``; return if it may be recorded:
+    well formed, from an institution the registry holds, signed with one of its keys,
+    fresh."""
+    order = convert.order_from_pb(order_pb, path)
+    check_order_shape(order, now_us=now_us, path=path)
+    institution = registry.snapshot().get(order.institution_id)
+    if institution is None:
+        raise UnknownParticipant(
+            f"{path}.institution_id: participant {order.institution_id!r} does not exist"
+        )
+    verify_signed_order(order, institution.signing_key_map())
+    check_fresh(order, now_us)
 
-    def __init__(self, local: LocalOwner, describe: Callable[[], Any]) -> None:
+
+class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
+    """Node to node: what another node forwards to this node as the shards' owner.
+
+    The owner admits a forwarded order again (signature, freshness) before it records
+    it: the ledger's intent must carry a signature that verifies whoever sent it, and a
+    node certificate is not a licence to write unsigned orders (a review sent one and it
+    was APPROVED). A forwarded order also names the caller's own zone as received."""
+
+    def __init__(
+        self,
+        local: LocalOwner,
+        describe: Callable[[], Any],
+        registry: Registry,
+        clock: Callable[[], int] = wall_clock_us,
+    ) -> None:
         self.local = local
         self.describe = describe
+        self.registry = registry
+        self.clock = clock
 
     def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
@@ -200,11 +219,36 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
 
     def SubmitOwned(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            validate_batch_size(len(request.orders))
-            paths = list(request.paths) or [f"orders[{i}]" for i in range(len(request.orders))]
-            if len(paths) != len(request.orders):
+            orders = list(request.orders)
+            validate_batch_size(len(orders))
+            paths = list(request.paths) or [f"orders[{i}]" for i in range(len(orders))]
+            if len(paths) != len(orders):
                 raise InvalidArgument([FieldViolation("paths", "one path per order")])
-            results = self.local.submit(request.orders, paths, request.received_zone)
+            caller = Identity.of_caller(context)
+            if (
+                caller is not None
+                and caller.role is Role.NODE
+                and (request.received_zone != caller.name)
+            ):
+                raise InvalidArgument([FieldViolation(
+                    "received_zone", f"must be the forwarding node's zone ({caller.name})"
+                )])  # fmt: skip
+            results: list[Any] = [None] * len(orders)
+            now = self.clock()
+            for i, (o, path) in enumerate(zip(orders, paths, strict=True)):
+                try:
+                    admit_order(o, path, self.registry, now)
+                except ClearingError as e:
+                    results[i] = payment_pb2.PaymentResult(
+                        payment_id=o.payment_id, error=convert.error_to_pb(e)
+                    )
+            todo = [i for i, r in enumerate(results) if r is None]
+            if todo:
+                owned = self.local.submit(
+                    [orders[i] for i in todo], [paths[i] for i in todo], request.received_zone
+                )
+                for i, r in zip(todo, owned, strict=True):
+                    results[i] = r
             return shard_pb2.SubmitOwnedResponse(results=results)
 
     def Lend(self, request: Any, context: grpc.ServicerContext) -> Any:
