@@ -290,7 +290,10 @@ def test_compare_cities_reads_each_city_at_the_windows_positions(
     assert views["beijing"][1] == [f"{row}: no majority ({decision.entry_hash.hex()[:16]})"]
     assert not cmp.agree
 
-    # No city holds the window's cuts: nothing to compare.
-    with pytest.raises(FailedPrecondition) as none:
+    # The open window has no cuts to compare by yet; a window that does not exist is
+    # NOT_FOUND (both were "no city's replica holds window N").
+    with pytest.raises(FailedPrecondition) as open_window:
         audit_of(world, reader).compare_cities(3)
-    assert none.value.reason == "WINDOW_NOT_FOUND"
+    assert open_window.value.reason == "WINDOW_NOT_CLOSED"
+    with pytest.raises(NotFound):
+        audit_of(world, reader).compare_cities(99)

@@ -193,6 +193,13 @@ class AuditDomain:
         """
         if self.city_reader is None:
             raise FailedPrecondition("no per-city readers configured", reason="NOT_CONFIGURED")
+        status, _ = self.window(window_id)  # NotFound for a window that does not exist
+        if status.state in ("OPEN", "CLOSING"):
+            raise FailedPrecondition(
+                f"window {window_id} is {status.state}: which rows it holds is known once "
+                "every shard has cut it (CLOSED)",
+                reason="WINDOW_NOT_CLOSED",
+            )
         opened: dict[str, Any] = {}
         errors: dict[str, str] = {}
         positions: dict[tuple[int, int], int] = {}  # (shard, seq) -> epoch

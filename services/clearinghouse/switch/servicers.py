@@ -32,11 +32,13 @@ from clearinghouse import settlement, telemetry
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import (
     PAYMENT_ID_LEN_MAX,
+    AlreadyExists,
     ClearingError,
     DataLoss,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     ParticipantKind,
     Unavailable,
     UnknownParticipant,
@@ -370,28 +372,66 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
 
     def CloseWindow(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
+            violations = _text_violations("reason", request.reason, required=False)
             if request.window_id < 0:
-                raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
+                violations.insert(0, FieldViolation("window_id", "must not be negative"))
+            if violations:
+                raise InvalidArgument(violations)
             window_id, made = settlement.request_close(
-                self.windows, self.node_id, self.clock(), request.window_id, request.reason[:200]
+                self.windows, self.node_id, self.clock(), request.window_id, request.reason
             )
             return settlement_pb2.CloseWindowResponse(window_id=window_id, requested_now=made)
 
     def ConfirmSettlement(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """SETTLED once, with the settlement system's reference: the same reference again
+        is the same confirmation (``confirmed_now`` false), another one is ALREADY_EXISTS
+        (a window is settled by one batch; the first reference stands)."""
         with grpc_errors(context):
+            violations = _text_violations("reference", request.reference, required=True)
             if request.window_id <= 0:
-                raise InvalidArgument([FieldViolation("window_id", "must be positive")])
-            status = self.windows.status(request.window_id)
+                violations.insert(0, FieldViolation("window_id", "must be positive"))
+            if violations:
+                raise InvalidArgument(violations)
+            window_id, reference = request.window_id, request.reference
+            status = self.windows.status(window_id)
+            if not status.events and window_id != self.windows.current():
+                raise NotFound(f"no settlement window {window_id}")
             if status.state not in ("CLEARED", "SETTLED"):
                 raise FailedPrecondition(
-                    f"window {request.window_id} is {status.state}, not CLEARED",
+                    f"window {window_id} is {status.state}, not CLEARED",
                     reason="WINDOW_NOT_CLEARED",
                 )
-            made = self.windows.record(
-                request.window_id, WindowEvent.SETTLED, self.clock(), self.node_id,
-                request.reference[:200],
-            )  # fmt: skip
+            made = status.state == "CLEARED" and self.windows.record(
+                window_id, WindowEvent.SETTLED, self.clock(), self.node_id, reference
+            )
+            if not made:  # settled already, by this call's retry or by another
+                settled = _settlement_reference(self.windows.status(window_id))
+                if settled != reference:
+                    raise AlreadyExists(
+                        f"window {window_id} was settled with reference {settled!r}, not "
+                        f"{reference!r}",
+                        reason="SETTLEMENT_ALREADY_CONFIRMED",
+                    )
             return settlement_pb2.ConfirmSettlementResponse(confirmed_now=made)
+
+
+# A close's reason and a settlement's reference: kept with the window's event, shown to
+# auditors; refused when longer (they were cut silently to this).
+WINDOW_TEXT_CHARS_MAX = 200
+
+
+def _text_violations(field: str, text: str, *, required: bool) -> list[FieldViolation]:
+    if required and not text.strip():
+        return [FieldViolation(field, "must not be empty")]
+    if len(text) > WINDOW_TEXT_CHARS_MAX:
+        return [FieldViolation(field, f"must be at most {WINDOW_TEXT_CHARS_MAX} characters")]
+    if not text.isprintable():
+        return [FieldViolation(field, "must be printable (no control characters)")]
+    return []
+
+
+def _settlement_reference(status: Any) -> str:
+    return next((e.detail for e in status.events if e.event is WindowEvent.SETTLED), "")
 
 
 def _window_summary(status: Any) -> Any:
@@ -403,6 +443,7 @@ def _window_summary(status: Any) -> Any:
         window_id=status.window_id, state=status.state,
         closing_at=ts(WindowEvent.CLOSING), closed_at=ts(WindowEvent.CLOSED),
         cleared_at=ts(WindowEvent.CLEARED), settled_at=ts(WindowEvent.SETTLED),
+        settlement_reference=_settlement_reference(status),
     )  # fmt: skip
 
 
