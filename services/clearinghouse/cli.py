@@ -6,7 +6,8 @@ verifies the ledger (``audit verify DIR`` offline); ``window close|settle`` runs
 settlement windows; ``console`` serves the operator's web page; ``drill SCENARIO`` runs a
 failover drill under load and reports it; ``pki ...`` issues, lists and revokes
 certificates. Exit codes: 0 success,
-1 the operation failed (the message names the component and its log), 2 bad usage.
+1 the operation failed (the message names the component and its log), 2 bad usage, 141
+the reader of the output closed it early (``| head``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from clearinghouse.security.pki import PkiError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# What a shell reports for a process a closed pipe ended (128 + SIGPIPE), e.g. the writer
+# of `clearingctl audit window 2 | head -3`.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _say(msg: str) -> None:
@@ -50,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cluster", help="run the local three-city cluster")
     cs = c.add_subparsers(dest="cmd", required=True)
     up = cs.add_parser(
-        "up", help="start etcd and Cassandra (whatever is not running) and apply the schema"
+        "up",
+        help="start whatever is not running: etcd, Cassandra (and apply the schema) and a "
+        "switch node per zone (the bank simulators start with demo, bench and drill)",
     )
     up.add_argument(
         "--cassandra-nodes",
@@ -139,6 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command's exit status. A reader that closed our standard output early (``|
+    head``) ends the command quietly, as Python's documentation advises for SIGPIPE."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # buffered output meets a closed pipe here at the latest
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null: the interpreter flushes it again on exit, and
+    would report the broken pipe there."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a file descriptor (a test's captured output)
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         topo = topology.load(args.topology)
@@ -160,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.group in ("audit", "window"):
             from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
 
-            return audit_cli.run(args.group, args, topo)
+            return audit_cli.run(args.group, args, topo, switch_log=_switch_log(lc))
         if args.group == "bench":
             from clearinghouse import bench  # noqa: PLC0415 (imports generated gRPC code)
 
@@ -181,11 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.group == "pki":
             from clearinghouse.security import cli as pki_cli  # noqa: PLC0415
 
-            return pki_cli.run(args, topo)
-    except (ClusterError, ProcessError, FileNotFoundError, KeyError, PkiError) as e:
+            return pki_cli.run(args, topo, switch_log=_switch_log(lc))
+    except KeyError as e:  # str() of a KeyError is its argument's repr, quotes and all
+        print(f"clearingctl: {e.args[0] if e.args else e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ClusterError, ProcessError, FileNotFoundError, PkiError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_USAGE
+
+
+def _switch_log(lc: LocalCluster) -> Callable[[str], Path]:
+    """A zone's switch node's log, as the local cluster keeps it."""
+    return lambda zone: lc.switch_managed(lc.topo.zone(zone)).log
 
 
 def _repair(lc: LocalCluster, city: str) -> int:

@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +238,23 @@ def send_burst(
         return [o for f in futs for o in f.result()]
 
 
+def ledger_table(totals: Mapping[tuple[str, str], Sequence[int]]) -> list[str]:
+    """The ledger's totals per (participant, currency) as aligned lines: each column as
+    wide as its widest cell, so a long participant id does not push its row out of line."""
+    header = ("PARTICIPANT", "CCY", "DEBITS", "CREDITS", "NET")
+    rows = [(pid, ccy, f"{d:,}", f"{c:,}", f"{d - c:,}")
+            for (pid, ccy), (d, c) in sorted(totals.items())]  # fmt: skip
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        text, amounts = cells[:2], cells[2:]  # names left-aligned, amounts right-aligned
+        left = [cell.ljust(w) for cell, w in zip(text, widths[:2], strict=True)]
+        right = [cell.rjust(w) for cell, w in zip(amounts, widths[2:], strict=True)]
+        return f"  {'  '.join(left + right)}"
+
+    return [line(header)] + [line(r) for r in rows]
+
+
 def ledger_totals(lc: LocalCluster) -> LedgerSummary:
     """Every shard's chain read back at QUORUM and verified, summarised."""
     nodes = lc.cassandra_nodes()
@@ -288,9 +305,8 @@ def run(
         f"{summary.entries} entries in {summary.shards_with_entries} shards), "
         "all time, net = debits - credits:"
     )
-    progress(f"  {'PARTICIPANT':<14}{'CCY':<5}{'DEBITS':>16}{'CREDITS':>16}{'NET':>16}")
-    for (pid, ccy), (debits, credits) in sorted(summary.totals.items()):
-        progress(f"  {pid:<14}{ccy:<5}{debits:>16,}{credits:>16,}{debits - credits:>16,}")
+    for line in ledger_table(summary.totals):
+        progress(line)
     net_by_ccy = summary.net_by_currency()
     for ccy, net in net_by_ccy.items():
         invariant(net == 0, f"net positions in {ccy} sum to {net}, not zero")

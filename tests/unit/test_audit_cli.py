@@ -39,11 +39,19 @@ SETTLEMENT = "/clearing.v1.SettlementService/"
 
 
 class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    def __init__(self, code: grpc.StatusCode, trailers: tuple[tuple[str, bytes], ...] = ()):
-        self._code, self._trailers = code, trailers
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        trailers: tuple[tuple[str, bytes], ...] = (),
+        details: str = "",
+    ):
+        self._code, self._trailers, self._details = code, trailers, details
 
     def code(self) -> grpc.StatusCode:
         return self._code
+
+    def details(self) -> str:
+        return self._details
 
     def trailing_metadata(self) -> Any:
         return self._trailers
@@ -57,11 +65,15 @@ class FakeChannel:
     def __init__(self, answers: dict[str, Any]) -> None:
         self.answers = answers
         self.calls: list[tuple[str, Any]] = []
+        self.timeouts: list[float] = []
 
-    def _record(self, method: str, request: Any, serializer: Callable[[Any], bytes]) -> Any:
+    def _record(
+        self, method: str, request: Any, serializer: Callable[[Any], bytes], timeout: float
+    ) -> Any:
         serializer(request)  # a request of the wrong type fails here, as it would in gRPC
         name = method.rsplit("/", 1)[1]
         self.calls.append((method, request))
+        self.timeouts.append(timeout)
         answer = self.answers[name]
         if isinstance(answer, Exception):
             raise answer
@@ -70,14 +82,14 @@ class FakeChannel:
     def unary_unary(self, method: str, request_serializer: Any = None, **_: Any) -> Any:
         def call(request: Any, timeout: float | None = None, **__: Any) -> Any:
             assert timeout is not None, "every call has a deadline"
-            return self._record(method, request, request_serializer)
+            return self._record(method, request, request_serializer, timeout)
 
         return call
 
     def unary_stream(self, method: str, request_serializer: Any = None, **_: Any) -> Any:
         def call(request: Any, timeout: float | None = None, **__: Any) -> Iterator[Any]:
             assert timeout is not None, "every call has a deadline"
-            return iter(self._record(method, request, request_serializer))
+            return iter(self._record(method, request, request_serializer, timeout))
 
         return call
 
@@ -179,8 +191,8 @@ def test_payments_of_a_participant_page_through(capsys: pytest.CaptureFixture[st
     ])  # fmt: skip
 
     class Pages(FakeChannel):
-        def _record(self, method: str, request: Any, serializer: Any) -> Any:
-            super()._record(method, request, serializer)
+        def _record(self, method: str, request: Any, serializer: Any, timeout: float) -> Any:
+            super()._record(method, request, serializer, timeout)
             return next(pages)
 
     args = parse("audit", "payments", "BANK_ICBC", "--from", "2026-11-25T00:00",
@@ -321,6 +333,230 @@ def test_window_settle_and_a_refusal(capsys: pytest.CaptureFixture[str]) -> None
     code, _ = run({"ConfirmSettlement": refused}, *argv)
     assert code == 1
     assert "FAILED_PRECONDITION WINDOW_NOT_CLEARED" in capsys.readouterr().err
+
+
+# -- failed calls -----------------------------------------------------------------------------
+
+
+def test_a_call_the_node_never_answered_names_the_node_and_where_to_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the log is shown as from the checkout: .state/...
+    log = tmp_path / ".state" / "switch" / "beijing-a" / "switch.log"
+    node = audit_cli.Node("beijing-a", "127.0.0.1:15051", log)
+    down = FakeRpcError(grpc.StatusCode.UNAVAILABLE, details="failed to connect to all addresses")
+    args = parse("audit", "windows")
+    assert audit_cli.call(args.group, args, FakeChannel({"ListWindows": down}), node) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line
+    assert err.startswith(
+        "clearingctl: UNAVAILABLE: failed to connect to all addresses "
+        "(switch node beijing-a at 127.0.0.1:15051); is the switch node up? "
+        "see `clearingctl cluster status`"
+    )
+    assert err.rstrip().endswith("log .state/switch/beijing-a/switch.log")
+    # Slower than its deadline: the deadline it had, and how to give it longer.
+    slow = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+    args = parse("audit", "compare-cities", "1", "--deadline-s", "30")
+    assert audit_cli.call(args.group, args, FakeChannel({"CompareCities": slow}), node) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("clearingctl: DEADLINE_EXCEEDED: Deadline Exceeded (switch node")
+    assert "it had 30 s" in err and "--deadline-s" in err and "is the switch node up?" in err
+
+
+def test_a_refusal_names_its_reason_once(capsys: pytest.CaptureFixture[str]) -> None:
+    err = common_pb2.Error(reason="NOT_FOUND", message="no settlement window 99")
+    missing = FakeRpcError(
+        grpc.StatusCode.NOT_FOUND, ((ERROR_METADATA_KEY, err.SerializeToString()),)
+    )
+    code, _ = run({"GetWindow": missing}, "audit", "window", "99")
+    assert code == 1
+    assert capsys.readouterr().err == "clearingctl: NOT_FOUND: no settlement window 99\n"
+
+
+# -- deadlines ----------------------------------------------------------------------------------
+
+
+def test_each_call_has_its_commands_deadline_or_the_one_given() -> None:
+    # Whole windows and whole chains read from the replicas: a comparison took 138 s.
+    for argv in (("compare-cities", "5"), ("verify-chains",), ("export", "5", "--out", "x")):
+        assert parse("audit", *argv).deadline_s == audit_cli.LONG_CALL_DEADLINE_S > 138
+    assert parse("audit", "windows").deadline_s == audit_cli.CALL_DEADLINE_S
+    agree = {"CompareCities": audit_pb2.CompareCitiesResponse(agree=True)}
+    _, ch = run(agree, "audit", "compare-cities", "5")
+    assert ch.timeouts == [audit_cli.LONG_CALL_DEADLINE_S]
+    _, ch = run(agree, "audit", "compare-cities", "5", "--deadline-s", "1500")
+    assert ch.timeouts == [1500.0]
+    _, ch = run({"CloseWindow": settlement_pb2.CloseWindowResponse()}, "window", "close",
+                "--deadline-s", "2.5")  # fmt: skip
+    assert ch.timeouts == [2.5]
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            parse("audit", "windows", "--deadline-s", bad)
+        assert exit_.value.code == audit_cli.EXIT_USAGE, bad
+
+
+# -- what the commands take -------------------------------------------------------------------
+
+
+def _subparser(group: str, cmd: str) -> argparse.ArgumentParser:
+    groups = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cmds = next(
+        a for a in groups.choices[group]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    parser: argparse.ArgumentParser = cmds.choices[cmd]
+    return parser
+
+
+def test_a_time_it_cannot_read_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse("audit", "payments", "INST_ALIPAY", "--from", "yesterday", "--to", "2026-12-04")
+    assert exit_.value.code == audit_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--from: not a time: 'yesterday'" in err and "2026-11-25T08:00" in err
+    # A zone named is kept; none is UTC.
+    args = parse("audit", "payments", "INST_ALIPAY", "--from", "2026-11-25T08:00+08:00",
+                 "--to", "2026-11-25")  # fmt: skip
+    assert args.start == args.end == 1_795_564_800_000_000
+
+
+def test_payments_refuse_an_empty_range(capsys: pytest.CaptureFixture[str]) -> None:
+    answers = {"ListParticipantPayments": audit_pb2.ListParticipantPaymentsResponse()}
+    for start in ("2026-12-05", "2026-12-04"):  # after --to, or at it
+        code, ch = run(answers, "audit", "payments", "INST_ALIPAY", "--from", start,
+                       "--to", "2026-12-04")  # fmt: skip
+        assert code == audit_cli.EXIT_USAGE and ch.calls == []
+        captured = capsys.readouterr()
+        assert "must be before --to" in captured.err and captured.out == ""
+
+
+def test_offline_verify_offers_no_node_options(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _subparser("audit", "verify").format_help()
+    assert "--zone" not in text and "--deadline-s" not in text and "--format" in text
+    for flag in ("--zone", "--deadline-s"):
+        with pytest.raises(SystemExit):
+            parse("audit", "verify", "folder", flag, "1")
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_window_close_and_settle_print_the_format_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    closed = {"CloseWindow": settlement_pb2.CloseWindowResponse(window_id=7, requested_now=True)}
+    code, _ = run(closed, "window", "close", "--format", "json")
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == [{"window": 7, "requested_now": True}]
+    code, _ = run(closed, "window", "close", "--format", "csv")
+    assert list(csv.DictReader(io.StringIO(capsys.readouterr().out))) == [
+        {"window": "7", "requested_now": "True"}
+    ]
+    settled = {"ConfirmSettlement": settlement_pb2.ConfirmSettlementResponse(confirmed_now=True)}
+    code, _ = run(settled, "window", "settle", "7", "--reference", "RTGS-1", "--format", "json")
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"window": 7, "reference": "RTGS-1", "confirmed_now": True}
+    ]
+    code, _ = run(settled, "window", "settle", "7", "--reference", "RTGS-1")  # for people
+    assert capsys.readouterr().out == "window 7 settled\n"
+
+
+# -- a window not cleared yet -------------------------------------------------------------------
+
+
+def test_a_window_not_cleared_yet_is_not_shown_as_an_empty_clearing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    answer = audit_pb2.GetWindowResponse()  # no clearing: no root, no clearing_json
+    answer.summary.window_id, answer.summary.state = 3, "CLOSING"
+    answers = {"GetWindow": answer}
+    code, _ = run(answers, "audit", "window", "3")
+    out = capsys.readouterr().out
+    assert code == 0 and "CLOSING" in out and "window 3 is CLOSING, not cleared yet" in out
+    assert "ENTRIES" not in out and "(none)" not in out and "NET_DEBIT" not in out
+    code, _ = run(answers, "audit", "window", "3", "--format", "json")
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0 and (shown["state"], shown["cleared"]) == ("CLOSING", False)
+    assert "entries" not in shown and "merkle_root" not in shown
+    code, _ = run(answers, "audit", "window", "3", "--format", "csv", "--part", "summary")
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert code == 0 and (row["state"], row["cleared"]) == ("CLOSING", "False")
+    for part in ("net-positions", "instructions"):  # no empty table to settle by
+        code, _ = run(answers, "audit", "window", "3", "--format", "csv", "--part", part)
+        captured = capsys.readouterr()
+        assert code == 1 and captured.out == "" and "not cleared yet" in captured.err, part
+    code, _ = run({"GetWindow": _window_answer()}, "audit", "window", "3", "--format", "json")
+    assert json.loads(capsys.readouterr().out)["cleared"] is True
+
+
+# -- a participant's payments, page by page -----------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", audit_cli.FORMATS)
+def test_payments_print_each_page_as_it_arrives(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pages = [
+        audit_pb2.ListParticipantPaymentsResponse(payments=[_payment("p1")], next_page_token="t"),
+        audit_pb2.ListParticipantPaymentsResponse(
+            payments=[_payment("p2-with-a-longer-id"), _payment("p3")]
+        ),
+    ]
+    printed_before_page_2: list[str] = []
+
+    class Pages(FakeChannel):
+        def _record(self, method: str, request: Any, serializer: Any, timeout: float) -> Any:
+            super()._record(method, request, serializer, timeout)
+            if len(self.calls) == 2:
+                printed_before_page_2.append(capsys.readouterr().out)
+            return pages[len(self.calls) - 1]
+
+    args = parse("audit", "payments", "BANK_ICBC", "--from", "2026-11-25", "--to", "2026-11-26",
+                 "--format", fmt)  # fmt: skip
+    assert audit_cli.call(args.group, args, Pages({"ListParticipantPayments": None})) == 0
+    (first,) = printed_before_page_2
+    assert "p1" in first and "p3" not in first
+    whole = first + capsys.readouterr().out
+    ids = ["p1", "p2-with-a-longer-id", "p3"]
+    if fmt == "json":  # one array, the same text as printed whole
+        rows = json.loads(whole)
+        assert [r["payment_id"] for r in rows] == ids
+        assert whole == json.dumps(rows, indent=2) + "\n"
+    elif fmt == "csv":  # one header
+        assert [r["payment_id"] for r in csv.DictReader(io.StringIO(whole))] == ids
+    else:
+        lines = whole.splitlines()
+        assert len(lines) == 4 and lines[0].startswith("INSTITUTION_ID  PAYMENT_ID")
+        assert [line.split()[1] for line in lines[1:]] == ids
+
+
+@pytest.mark.parametrize(("fmt", "printed"), [("json", "[]\n"), ("table", "(none)\n")])
+def test_no_payments_is_still_valid_output(
+    fmt: str, printed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answers = {"ListParticipantPayments": audit_pb2.ListParticipantPaymentsResponse()}
+    code, _ = run(answers, "audit", "payments", "BANK_ICBC", "--from", "2026-11-25",
+                  "--to", "2026-11-26", "--format", fmt)  # fmt: skip
+    assert code == 0 and capsys.readouterr().out == printed
+
+
+# -- settlement reference ---------------------------------------------------------------------
+
+
+def test_a_settled_window_shows_its_settlement_reference(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    listed = audit_pb2.ListWindowsResponse()
+    listed.windows.add(window_id=2, state="CLEARED")
+    listed.windows.add(window_id=1, state="SETTLED").settlement_reference = "RTGS-20261203-7"
+    code, _ = run({"ListWindows": listed}, "audit", "windows")
+    header, cleared, settled = capsys.readouterr().out.splitlines()
+    assert code == 0 and header.split()[-1] == "REFERENCE"
+    assert settled.split()[-1] == "RTGS-20261203-7" and "RTGS" not in cleared
+    code, _ = run({"ListWindows": listed}, "audit", "windows", "--format", "json")
+    assert [w["reference"] for w in json.loads(capsys.readouterr().out)] == ["", "RTGS-20261203-7"]
+    window = _window_answer()
+    window.summary.state, window.summary.settlement_reference = "SETTLED", "RTGS-20261203-7"
+    code, _ = run({"GetWindow": window}, "audit", "window", "3", "--part", "summary")
+    lines = capsys.readouterr().out.splitlines()
+    assert "REFERENCE" in lines[0] and "RTGS-20261203-7" in lines[1]
 
 
 def test_every_subcommand_is_covered() -> None:

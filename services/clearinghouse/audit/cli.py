@@ -9,6 +9,11 @@ needs no cluster at all: it checks an exported window offline (chains, Merkle ro
 clearing, net positions summing to zero, signatures: with ``--keys``, against the keys
 the participants published themselves rather than the export's; with
 ``--expected-root``, the root obtained independently).
+
+A command that calls a switch node takes ``--zone`` (which node) and ``--deadline-s``
+(how long its call may take). A failed call prints one line: its code, the switch's
+reason or gRPC's own details, the node called and, when the node did not answer, where
+to look.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import functools
 import io
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +52,9 @@ from clearinghouse.switch.records import payment_key
 from clearinghouse.topology import Topology
 
 CALL_DEADLINE_S = 120.0
+# Reading a whole window or whole chains from the replicas (compare-cities, verify-chains,
+# export) outlasts CALL_DEADLINE_S on a big window: one city comparison took 138 s.
+LONG_CALL_DEADLINE_S = 900.0
 # A listing refused for the caller's quota is asked again after the advised pause.
 RATE_LIMITED_RETRIES_MAX = 20
 RATE_LIMITED_PAUSE_MS = 500
@@ -52,20 +62,38 @@ RATE_LIMITED_PAUSE_MAX_MS = 5_000
 T = TypeVar("T")
 FORMATS = ("table", "csv", "json")
 WINDOW_PARTS = ("summary", "net-positions", "instructions")
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Codes of a call the node never answered (down, stopped, unreachable, or slower than the
+# deadline): the message says where to look rather than only the code.
+NO_ANSWER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+TIME_EXAMPLES = "2026-11-25, 2026-11-25T08:00 or 2026-11-25T08:00:00+08:00"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The switch node a command calls, for its error messages."""
+
+    zone: str
+    target: str  # address:port
+    log: Path | None = None  # its log, when this machine runs it (the local cluster)
 
 
 def add_parsers(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
-    common.add_argument(
+    node = argparse.ArgumentParser(add_help=False)
+    node.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
         "--format", choices=FORMATS, default="table", help="output (default: table)"
     )
+    common = [node, output]
     a = sub.add_parser("audit", help="read and verify the replicated ledger (read-only)")
     s = a.add_subparsers(dest="cmd", required=True)
-    s.add_parser("windows", parents=[common], help="settlement windows, newest first")
-    w = s.add_parser(
-        "window", parents=[common], help="a window's state, net positions and instructions"
+    _deadline(s.add_parser("windows", parents=common, help="settlement windows, newest first"))
+    w = _deadline(
+        s.add_parser(
+            "window", parents=common, help="a window's state, net positions and instructions"
+        )
     )
     w.add_argument("window_id", type=int)
     w.add_argument(
@@ -73,40 +101,70 @@ def add_parsers(sub: Any) -> None:
         choices=WINDOW_PARTS,
         help="print only this table (required with --format csv: one table per CSV)",
     )
-    p = s.add_parser("payment", parents=[common], help="a payment and its ledger entries")
+    p = _deadline(s.add_parser("payment", parents=common, help="a payment and its ledger entries"))
     p.add_argument("institution_id")
     p.add_argument("payment_id")
-    ps = s.add_parser(
-        "payments",
-        parents=[common],
-        help="a participant's payments by receipt time: an institution's own, or those "
-        "routed to a bank",
+    ps = _deadline(
+        s.add_parser(
+            "payments",
+            parents=common,
+            help="a participant's payments by receipt time: an institution's own, or those "
+            "routed to a bank",
+        )
     )
     ps.add_argument("participant_id", help="an institution or a bank")
-    ps.add_argument("--from", dest="start", required=True, help="ISO time, e.g. 2026-11-25T00:00")
-    ps.add_argument("--to", dest="end", required=True, help="ISO time (exclusive)")
+    ps.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=time_us,
+        metavar="TIME",
+        help=f"ISO time, e.g. {TIME_EXAMPLES} (UTC unless it names a zone)",
+    )
+    ps.add_argument(
+        "--to",
+        dest="end",
+        required=True,
+        type=time_us,
+        metavar="TIME",
+        help="ISO time (exclusive), after --from",
+    )
     ps.add_argument("--page-size", type=int, default=100)
-    vc = s.add_parser(
-        "verify-chains", parents=[common], help="verify shards' hash chains (default: all)"
+    vc = _deadline(
+        s.add_parser(
+            "verify-chains", parents=common, help="verify shards' hash chains (default: all)"
+        ),
+        LONG_CALL_DEADLINE_S,
     )
     vc.add_argument("--shard", type=int, action="append", default=[])
-    pr = s.add_parser(
-        "proof", parents=[common], help="prove a payment's decision is in its window's Merkle root"
+    pr = _deadline(
+        s.add_parser(
+            "proof",
+            parents=common,
+            help="prove a payment's decision is in its window's Merkle root",
+        )
     )
     pr.add_argument("institution_id")
     pr.add_argument("payment_id")
     pr.add_argument("--window", type=int, default=0)
-    cc = s.add_parser(
-        "compare-cities", parents=[common], help="a window read from each city's own replica"
+    cc = _deadline(
+        s.add_parser(
+            "compare-cities", parents=common, help="a window read from each city's own replica"
+        ),
+        LONG_CALL_DEADLINE_S,
     )
     cc.add_argument("window_id", type=int)
-    ex = s.add_parser(
-        "export", parents=[common], help="write a cleared window's files for offline checking"
+    ex = _deadline(
+        s.add_parser(
+            "export", parents=common, help="write a cleared window's files for offline checking"
+        ),
+        LONG_CALL_DEADLINE_S,
     )
     ex.add_argument("window_id", type=int)
     ex.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    # Offline: no node to ask, so no --zone or --deadline-s.
     v = s.add_parser(
-        "verify", parents=[common], help="check an exported window offline (no cluster needed)"
+        "verify", parents=[output], help="check an exported window offline (no cluster needed)"
     )
     v.add_argument("folder", type=Path)
     v.add_argument(
@@ -123,16 +181,65 @@ def add_parsers(sub: Any) -> None:
 
     win = sub.add_parser("window", help="close settlement windows, confirm settlements")
     ws = win.add_subparsers(dest="cmd", required=True)
-    c = ws.add_parser("close", parents=[common], help="close the open window (every shard cuts it)")
+    c = _deadline(
+        ws.add_parser("close", parents=common, help="close the open window (every shard cuts it)")
+    )
     c.add_argument("--reason", default="operator")
-    st = ws.add_parser(
-        "settle", parents=[common], help="record that a cleared window's settlement ran"
+    st = _deadline(
+        ws.add_parser(
+            "settle", parents=common, help="record that a cleared window's settlement ran"
+        )
     )
     st.add_argument("window_id", type=int)
     st.add_argument("--reference", required=True, help="the settlement system's reference")
 
 
-def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
+def _deadline(
+    p: argparse.ArgumentParser, default_s: float = CALL_DEADLINE_S
+) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--deadline-s",
+        type=positive_seconds,
+        default=default_s,
+        help="seconds each call to the switch node may take (default: %(default)g)",
+    )
+    return p
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return seconds
+
+
+def time_us(text: str) -> int:
+    """An argparse type: an ISO 8601 time as microseconds since the epoch (UTC when it
+    names no zone)."""
+    try:
+        d = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r}; give an ISO 8601 time, e.g. {TIME_EXAMPLES} (UTC "
+            "unless it names a zone)"
+        ) from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=UTC)
+    return int(d.timestamp() * 1_000_000)
+
+
+def run(
+    group: str,
+    args: argparse.Namespace,
+    topo: Topology,
+    switch_log: Callable[[str], Path] | None = None,
+) -> int:
+    """Run the command; ``switch_log(zone)``, when the node runs on this machine, is its
+    log, named when the node does not answer."""
     if group == "audit" and args.cmd == "verify":
         report = verify_export(
             args.folder, args.previous, args.keys, expected_root=args.expected_root
@@ -145,43 +252,82 @@ def run(group: str, args: argparse.Namespace, topo: Topology) -> int:
     # Auditors read as the auditor; closing and settling windows is the operator's.
     identity = pki.operator() if group == "window" else pki.auditor()
     target = f"{zone.address}:{zone.ports.switch}"
+    node = Node(zone.name, target, switch_log(zone.name) if switch_log else None)
     with local_credentials().channel(target, identity, server=pki.node(zone.name)) as channel:
-        return call(group, args, channel)
+        return call(group, args, channel, node)
 
 
-def call(group: str, args: argparse.Namespace, channel: Any) -> int:
-    """Run the command's RPCs over ``channel``; a failed RPC is printed (its code and
-    the switch's reason) and is exit status 1."""
+def call(group: str, args: argparse.Namespace, channel: Any, node: Node | None = None) -> int:
+    """Run the command's RPCs over ``channel`` (to ``node``); a failed RPC is printed
+    (``rpc_failure``) and is exit status 1."""
     try:
         if group == "window":
             return _window(settlement_pb2_grpc.SettlementServiceStub(channel), args)
         return _audit(audit_pb2_grpc.AuditServiceStub(channel), args)
     except grpc.RpcError as e:
-        err = error_details(e)
-        code = e.code().name if isinstance(e, grpc.Call) else "?"
-        reason = f" {err.reason}: {err.message}" if err else ""
-        print(f"clearingctl: {code}{reason}", file=sys.stderr)
-        return 1
+        print(rpc_failure(e, node, args.deadline_s), file=sys.stderr)
+        return EXIT_FAILED
+
+
+def rpc_failure(e: grpc.RpcError, node: Node | None, deadline_s: float | None = None) -> str:
+    """One line for a failed call: its code; the switch's reason (when it says more than
+    the code) and message, or, without them, gRPC's own details; the node called; and,
+    when the node did not answer, where to look."""
+    code = e.code() if isinstance(e, grpc.Call) else None
+    name = code.name if code is not None else "?"
+    err = error_details(e)
+    if err is not None:
+        head = name if err.reason in ("", name) else f"{name} {err.reason}"
+        text = err.message
+    else:
+        head = name
+        text = (e.details() if isinstance(e, grpc.Call) else "") or ""
+    line = f"clearingctl: {head}: {text}" if text else f"clearingctl: {head}"
+    if node is not None:
+        line += f" (switch node {node.zone} at {node.target})"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline_s is not None:
+        line += f"; it had {deadline_s:g} s: a longer --deadline-s may be what it needs"
+    if code in NO_ANSWER_CODES:
+        log = f" {_shown(node.log)}" if node is not None and node.log is not None else ""
+        line += f"; is the switch node up? see `clearingctl cluster status` and the node's log{log}"
+    return line
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it lies under it (``.state/...`` from
+    the checkout), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _window(stub: Any, args: argparse.Namespace) -> int:
     if args.cmd == "close":
         r = stub.CloseWindow(settlement_pb2.CloseWindowRequest(reason=args.reason),
-                             timeout=CALL_DEADLINE_S)  # fmt: skip
-        print(f"window {r.window_id} {'closing' if r.requested_now else 'was already closing'}")
-        return 0
-    r = stub.ConfirmSettlement(
-        settlement_pb2.ConfirmSettlementRequest(window_id=args.window_id, reference=args.reference),
-        timeout=CALL_DEADLINE_S,
-    )
-    print(f"window {args.window_id} {'settled' if r.confirmed_now else 'was already settled'}")
+                             timeout=args.deadline_s)  # fmt: skip
+        row = {"window": r.window_id, "requested_now": r.requested_now}
+        text = f"window {r.window_id} {'closing' if r.requested_now else 'was already closing'}"
+    else:
+        r = stub.ConfirmSettlement(
+            settlement_pb2.ConfirmSettlementRequest(window_id=args.window_id,
+                                                    reference=args.reference),
+            timeout=args.deadline_s,
+        )  # fmt: skip
+        row = {"window": args.window_id, "reference": args.reference,
+               "confirmed_now": r.confirmed_now}  # fmt: skip
+        text = f"window {args.window_id} {'settled' if r.confirmed_now else 'was already settled'}"
+    if args.format == "table":  # for people: a sentence
+        print(text)
+    else:
+        _emit([row], args.format)
     return 0
 
 
 def _audit(stub: Any, args: argparse.Namespace) -> int:
     fmt, cmd = args.format, args.cmd
     if cmd == "windows":
-        r = stub.ListWindows(audit_pb2.ListWindowsRequest(page_size=50), timeout=CALL_DEADLINE_S)
+        r = stub.ListWindows(audit_pb2.ListWindowsRequest(page_size=50), timeout=args.deadline_s)
         _emit([_summary(w) for w in r.windows], fmt)
         return 0
     if cmd == "window":
@@ -190,7 +336,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         r = stub.GetPaymentHistory(
             audit_pb2.GetPaymentHistoryRequest(institution_id=args.institution_id,
                                                payment_id=args.payment_id),
-            timeout=CALL_DEADLINE_S,
+            timeout=args.deadline_s,
         )  # fmt: skip
         p = r.payment
         state = common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_")
@@ -203,7 +349,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         return _payments(stub, args)
     if cmd == "verify-chains":
         r = stub.VerifyChains(audit_pb2.VerifyChainsRequest(shards=args.shard),
-                              timeout=CALL_DEADLINE_S)  # fmt: skip
+                              timeout=args.deadline_s)  # fmt: skip
         _emit([{"shard": c.shard, "ok": c.ok, "entries": c.entries, "head_seq": c.head_seq,
                 "head_hash": c.head_hash.hex()[:16], "problem": c.problem}
                for c in r.reports], fmt)  # fmt: skip
@@ -213,7 +359,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
             audit_pb2.GetInclusionProofRequest(window_id=args.window,
                                                institution_id=args.institution_id,
                                                payment_id=args.payment_id),
-            timeout=CALL_DEADLINE_S,
+            timeout=args.deadline_s,
         )  # fmt: skip
         leaf = _decision_hash(r.entry, payment_key(args.institution_id, args.payment_id))
         ok = leaf is not None and verify_inclusion(leaf, r.leaf_index, r.tree_size,
@@ -224,7 +370,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         return 0 if ok else 1
     if cmd == "compare-cities":
         r = stub.CompareCities(audit_pb2.CompareCitiesRequest(window_id=args.window_id),
-                               timeout=CALL_DEADLINE_S)  # fmt: skip
+                               timeout=args.deadline_s)  # fmt: skip
         _emit([{"city": c.city, "merkle_root": c.merkle_root.hex()[:16], "entries": c.entry_count,
                 "differing_rows": len(c.differing_rows), "error": c.error}
                for c in r.cities], fmt)  # fmt: skip
@@ -245,17 +391,21 @@ def _window_parts(stub: Any, args: argparse.Namespace) -> int:
               f"({', '.join(WINDOW_PARTS)})", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     r = stub.GetWindow(audit_pb2.GetWindowRequest(window_id=args.window_id),
-                       timeout=CALL_DEADLINE_S)  # fmt: skip
+                       timeout=args.deadline_s)  # fmt: skip
+    if not (r.clearing_json or r.merkle_root):
+        return _not_cleared(_summary(r.summary), fmt, part)
     if fmt == "json" and part is None:
         print(json.dumps({
-            **_summary(r.summary), "merkle_root": r.merkle_root.hex(),
+            **_summary(r.summary), "cleared": True, "merkle_root": r.merkle_root.hex(),
             "clearing_sha256": r.clearing_digest.hex(), "entries": r.entry_count,
             "payments": r.payment_count,
             "clearing": json.loads(r.clearing_json) if r.clearing_json else None,
         }, indent=2))  # fmt: skip
         return 0
+    # A machine reader is told in so many words; people read the table's Merkle root.
+    cleared = {"cleared": True} if fmt != "table" else {}
     tables = {
-        "summary": [_summary(r.summary) | {
+        "summary": [_summary(r.summary) | cleared | {
             "merkle_root": r.merkle_root.hex() if fmt != "table" else r.merkle_root.hex()[:16],
             "entries": r.entry_count, "payments": r.payment_count}],
         "net-positions": [{"participant": n.participant_id, "currency": n.net_debit.currency,
@@ -275,6 +425,28 @@ def _window_parts(stub: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_cleared(summary: dict[str, Any], fmt: str, part: str | None) -> int:
+    """A window without its clearing yet (OPEN, CLOSING, CLOSED): its state and times,
+    and that it is not cleared; never tables of zeros, which read as an empty cleared
+    window."""
+    window, state = summary["window"], summary["state"]
+    if part not in (None, "summary"):
+        # No table at all: an empty one would pass for a cleared window that owes nothing.
+        print(f"clearingctl: window {window} is {state}, not cleared yet: its "
+              f"{part.replace('-', ' ')} come with its clearing", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    if fmt == "json" and part is None:
+        print(json.dumps(summary | {"cleared": False}, indent=2))
+        return 0
+    if fmt != "table":
+        _emit([summary | {"cleared": False}], fmt)
+        return 0
+    _emit([summary], fmt)
+    print(f"\nwindow {window} is {state}, not cleared yet: its net positions, instructions "
+          "and Merkle root come with its clearing")  # fmt: skip
+    return 0
+
+
 def _decision_hash(entry: Any, key: str) -> bytes | None:
     """The hash of ``entry`` (a returned ``LedgerEntryRef``) recomputed from its fields,
     if it is the DECISION of payment ``key`` and its stated hash is that hash."""
@@ -291,8 +463,12 @@ def _decision_hash(entry: Any, key: str) -> bytes | None:
 
 
 def _payments(stub: Any, args: argparse.Namespace) -> int:
-    start, end = _ts(args.start), _ts(args.end)
-    token, rows = "", []
+    start, end = args.start, args.end
+    if start >= end:
+        print(f"clearingctl: --from ({_iso(start)}) must be before --to ({_iso(end)}): the "
+              "range is empty", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    token, out = "", RowWriter(args.format)
     while True:
         req = audit_pb2.ListParticipantPaymentsRequest(
             participant_id=args.participant_id, page_size=args.page_size, page_token=token
@@ -300,19 +476,23 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
         req.start_time.FromMicroseconds(start)
         req.end_time.FromMicroseconds(end)
         r = _within_quota(
-            functools.partial(stub.ListParticipantPayments, req, timeout=CALL_DEADLINE_S)
+            functools.partial(stub.ListParticipantPayments, req, timeout=args.deadline_s)
         )
-        rows += [{"institution_id": p.order.institution_id, "payment_id": p.order.payment_id,
-                  "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
-                  "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
-                  "amount_minor": p.order.amount.amount_minor,
-                  "currency": p.order.amount.currency, "shard": p.shard,
-                  "received_at": p.received_at.ToJsonString()} for p in r.payments]  # fmt: skip
+        out.write([_payment_row(p) for p in r.payments])  # printed before the next page
         token = r.next_page_token
         if not token:
             break
-    _emit(rows, args.format)
+    out.close()
     return 0
+
+
+def _payment_row(p: Any) -> dict[str, Any]:
+    return {"institution_id": p.order.institution_id, "payment_id": p.order.payment_id,
+            "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
+            "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
+            "amount_minor": p.order.amount.amount_minor,
+            "currency": p.order.amount.currency, "shard": p.shard,
+            "received_at": p.received_at.ToJsonString()}  # fmt: skip
 
 
 def _within_quota(call: Callable[[], T]) -> T:
@@ -338,7 +518,7 @@ def _export(stub: Any, args: argparse.Namespace) -> int:
         return 2
     files = 0
     for chunk in stub.ExportWindow(audit_pb2.ExportWindowRequest(window_id=args.window_id),
-                                   timeout=CALL_DEADLINE_S):  # fmt: skip
+                                   timeout=args.deadline_s):  # fmt: skip
         path = (out / chunk.path).resolve()
         if out.resolve() not in path.parents:
             print(f"clearingctl: refusing path {chunk.path!r} outside {out}", file=sys.stderr)
@@ -363,35 +543,86 @@ def _summary(w: Any) -> dict[str, Any]:
         "closed_at": t(w.closed_at, w.HasField("closed_at")),
         "cleared_at": t(w.cleared_at, w.HasField("cleared_at")),
         "settled_at": t(w.settled_at, w.HasField("settled_at")),
+        # The settlement system's reference, once SETTLED. Read by name: stubs generated
+        # before WindowSummary had the field have no such attribute.
+        "reference": getattr(w, "settlement_reference", ""),
     }  # fmt: skip
 
 
-def _ts(text: str) -> int:
-    d = datetime.fromisoformat(text)
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=UTC)
-    return int(d.timestamp() * 1_000_000)
+def _iso(us: int) -> str:
+    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat()
 
 
 def _emit(rows: Sequence[dict[str, Any]], fmt: str) -> None:
-    if fmt == "json":
-        print(json.dumps(list(rows), indent=2, default=str))
-        return
-    if not rows:
-        print("(none)" if fmt == "table" else "")
-        return
-    cols = list(rows[0])
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        print(buf.getvalue(), end="")
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
+    out = RowWriter(fmt)
+    out.write(rows)
+    out.close()
 
 
-__all__ = ["add_parsers", "call", "run"]
+class RowWriter:
+    """Rows printed as they arrive, a page at a time, so a long listing shows at once:
+    the table's and the CSV's header once; JSON as one array, written element by element
+    (the same text as ``json.dumps(rows, indent=2)`` of all the rows). A table's columns
+    are as wide as the first page needs, widened by later pages as they need."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.columns: list[str] = []
+        self.widths: dict[str, int] = {}
+        self.count = 0
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        if self.fmt == "json":
+            for row in rows:
+                item = textwrap.indent(json.dumps(row, indent=2, default=str), "  ")
+                print("[\n" if self.count == 0 else ",\n", item, sep="", end="")
+                self.count += 1
+        elif self.fmt == "csv":
+            first = not self.columns
+            if first:
+                self.columns = list(rows[0])
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+            if first:
+                w.writeheader()
+            w.writerows(rows)
+            self.count += len(rows)
+            print(buf.getvalue(), end="")
+        else:
+            self._table(rows)
+        sys.stdout.flush()  # a page reaches a pipe now, not when the buffer fills
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            print("\n]" if self.count else "[]")
+        elif not self.count:
+            print("(none)" if self.fmt == "table" else "")
+        sys.stdout.flush()
+
+    def _table(self, rows: Sequence[dict[str, Any]]) -> None:
+        first = not self.columns
+        if first:
+            self.columns = list(rows[0])
+        for c in self.columns:
+            self.widths[c] = max(
+                self.widths.get(c, len(c)), *(len(str(r.get(c, ""))) for r in rows)
+            )
+        if first:
+            print("  ".join(c.upper().ljust(self.widths[c]) for c in self.columns).rstrip())
+        for r in rows:
+            print("  ".join(str(r.get(c, "")).ljust(self.widths[c]) for c in self.columns).rstrip())
+        self.count += len(rows)
+
+
+__all__ = [
+    "Node",
+    "RowWriter",
+    "add_parsers",
+    "call",
+    "positive_seconds",
+    "rpc_failure",
+    "run",
+    "time_us",
+]

@@ -29,19 +29,20 @@ def add_parser(sub: Any) -> None:
         "--seed",
         type=int,
         default=runner.DEFAULT_SEED,
-        help="picks the victims and the payment mix; rerun with it to repeat",
+        help="picks the victims and the payment mix; rerun with it to repeat "
+        "(default: %(default)s)",
     )
     d.add_argument(
         "--duration-s",
         type=float,
         default=runner.DEFAULT_DURATION_S,
-        help="seconds of load (longer if the recovery needs it)",
+        help="seconds of load, longer if the recovery needs it (default: %(default)g)",
     )
     d.add_argument(
         "--rate",
         type=float,
         default=runner.DEFAULT_RATE_PER_S,
-        help="payments per second; 0 sends as fast as the workers go",
+        help="payments per second; 0 sends as fast as the workers go (default: %(default)g)",
     )
     d.add_argument(
         "--out",
@@ -59,14 +60,15 @@ def add_parser(sub: Any) -> None:
         "--ledger-wait-s",
         type=float,
         default=runner.LEDGER_WAIT_S,
-        help="how long a city's replica may take to hold every acknowledged payment",
+        help="seconds a city's replica may take to hold every acknowledged payment "
+        "(default: %(default)g)",
     )
     d.add_argument(
         "--repair-after-s",
         type=float,
         default=runner.REPAIR_AFTER_S,
-        help="a city's replica that still lacks rows after this long is repaired (nodetool "
-        "repair --full) and read again; the report says so",
+        help="a city's replica that still lacks rows after this many seconds is repaired "
+        "(nodetool repair --full) and read again; the report says so (default: %(default)g)",
     )
     d.add_argument(
         "--no-repair",

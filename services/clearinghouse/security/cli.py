@@ -41,6 +41,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -121,13 +122,21 @@ def add_parser(sub: Any) -> None:
     )
 
 
-def run(args: argparse.Namespace, topo: Topology | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    topo: Topology | None = None,
+    switch_log: Callable[[str], Path] | None = None,
+) -> int:
+    """Run the command; ``switch_log(zone)``, when the node runs on this machine, is its
+    log, named when the node ``revoke``/``revoked`` asks does not answer."""
     try:
         if args.cmd in ("revoke", "revoked"):
             if topo is None:
                 raise ValueError(f"pki {args.cmd} needs the cluster's topology")
-            return _revocation(args, topo)
+            return _revocation(args, topo, switch_log)
         return _run(args)
+    except BrokenPipeError:
+        raise  # not the command's failure: a reader stopped reading (clearingctl's main)
     except (pki.PkiError, ValueError, OSError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return 1
@@ -195,9 +204,12 @@ def revocation_target(args: argparse.Namespace, ca: pki.LocalCA) -> tuple[str, s
     return serial_hex(cert.serial_number), identity
 
 
-def _revocation(args: argparse.Namespace, topo: Topology) -> int:
+def _revocation(
+    args: argparse.Namespace, topo: Topology, switch_log: Callable[[str], Path] | None
+) -> int:
     from clearing.v1 import admin_pb2, admin_pb2_grpc  # noqa: PLC0415 (only these need gRPC)
-    from clearinghouse.client import error_details, local_credentials  # noqa: PLC0415
+    from clearinghouse.audit.cli import Node, rpc_failure  # noqa: PLC0415
+    from clearinghouse.client import local_credentials  # noqa: PLC0415
 
     ca = pki.LocalCA(args.dir or pki.default_directory())
     request = None
@@ -229,10 +241,8 @@ def _revocation(args: argparse.Namespace, topo: Topology) -> int:
                 return 0
             r = stub.RevokeCertificate(request, timeout=REVOCATION_CALL_S).revoked
         except grpc.RpcError as e:
-            err = error_details(e)
-            code = e.code().name if isinstance(e, grpc.Call) else "?"
-            print(f"clearingctl: {code} {err.reason + ': ' + err.message if err else ''}",
-                  file=sys.stderr)  # fmt: skip
+            node = Node(zone.name, target, switch_log(zone.name) if switch_log else None)
+            print(rpc_failure(e, node), file=sys.stderr)
             return 1
     print(f"revoked {r.identity}'s certificate, serial {r.serial} (by {r.revoked_by}, "
           f"{r.revoked_at.ToJsonString()}): refused by switch node {zone.name} now, by the "
@@ -354,11 +364,17 @@ def _sign_order(text: str, directory: Path, key_file: Path | None) -> int:
     from google.protobuf import json_format  # noqa: PLC0415 (only this command needs it)
 
     from clearing.v1 import payment_pb2  # noqa: PLC0415
+    from clearinghouse.domain.errors import InvalidArgument  # noqa: PLC0415
     from clearinghouse.order_signing import sign_order_pb  # noqa: PLC0415
     from clearinghouse.signing_keys import SigningKeyStore  # noqa: PLC0415
 
     raw = sys.stdin.read() if text == "-" else text
-    order = json_format.Parse(raw, payment_pb2.PaymentOrder())
+    try:
+        order = json_format.Parse(raw, payment_pb2.PaymentOrder())
+    except json_format.ParseError as e:  # not JSON, or not a PaymentOrder's fields
+        what = " ".join(str(e).split())  # one line: its list of fields spans two
+        print(f"clearingctl: not a PaymentOrder in proto JSON: {what}", file=sys.stderr)
+        return 1
     key = (
         read_signing_key(key_file)
         if key_file is not None
@@ -367,7 +383,12 @@ def _sign_order(text: str, directory: Path, key_file: Path | None) -> int:
     if key is None:
         print(f"no signing key for {order.institution_id!r} in the key store", file=sys.stderr)
         return 1
-    sign_order_pb(order, key)
+    try:
+        sign_order_pb(order, key)
+    except InvalidArgument as e:  # an order the switch would refuse has no bytes to sign
+        bad = "; ".join(f"{v.field}: {v.description}" for v in e.violations)
+        print(f"clearingctl: the order is not valid, not signed: {bad}", file=sys.stderr)
+        return 1
     request = payment_pb2.SubmitPaymentRequest(order=order)
     print(json_format.MessageToJson(request, indent=None))
     return 0
