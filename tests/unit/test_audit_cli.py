@@ -148,6 +148,25 @@ def test_windows(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)[0]["window"] == 4
 
 
+def test_windows_page_on_from_where_the_last_page_ended(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # At most 50 windows could be listed, and nothing older at all.
+    answer = audit_pb2.ListWindowsResponse(next_before_window_id=151)
+    for w in range(200, 150, -1):
+        answer.windows.add(window_id=w, state="SETTLED")
+    code, ch = run({"ListWindows": answer}, "audit", "windows", "--limit", "50",
+                   "--before", "201")  # fmt: skip
+    assert code == 0
+    assert ch.calls == [
+        (AUDIT + "ListWindows", audit_pb2.ListWindowsRequest(page_size=50, before_window_id=201))
+    ]
+    assert "--before 151" in capsys.readouterr().err
+    for bad in (("--limit", "0"), ("--limit", "201"), ("--before", "-1")):
+        code, ch = run({"ListWindows": answer}, "audit", "windows", *bad)
+        assert code == audit_cli.EXIT_USAGE and ch.calls == [], bad
+
+
 @covers("audit", "window")
 def test_window_csv_is_one_table_per_output(capsys: pytest.CaptureFixture[str]) -> None:
     answers = {"GetWindow": _window_answer()}

@@ -90,15 +90,29 @@ def test_windows_are_listed_by_window_not_by_event_row(
 ) -> None:
     world, _ = many
     audit = audit_of(world)
-    listed = audit.list_windows(20)
+    listed, next_before = audit.list_windows(20)
     assert [w.window_id for w in listed] == list(range(WINDOW_COUNT + 1, WINDOW_COUNT - 19, -1))
+    assert next_before == WINDOW_COUNT - 18
     assert listed[0].state == "OPEN"
     assert {w.state for w in listed[1:]} == {"CLEARED"}
     assert all(len(w.events) == 3 for w in listed[1:])  # CLOSING, CLOSED, CLEARED, whole
-    everything = audit.list_windows(200)
+    everything, none_older = audit.list_windows(200)
     assert [w.window_id for w in everything] == list(range(WINDOW_COUNT + 1, 0, -1))
+    assert none_older == 0
     assert [w.window_id for w in world.windows.recent(3)] == [30, 29, 28]
     assert world.windows.recent(0) == []
+    # Paged by window: every window once, in order, each page whole (the listing stopped
+    # at the newest 200 and had no way on).
+    pages, before = [], 0
+    while True:
+        page, before = audit.list_windows(7, before)
+        pages.append([w.window_id for w in page])
+        assert all(len(w.events) == 3 for w in page if w.state != "OPEN")
+        if before == 0:
+            break
+    assert [i for p in pages for i in p] == list(range(WINDOW_COUNT + 1, 0, -1))
+    assert {len(p) for p in pages[:-1]} == {7}
+    assert [w.window_id for w in world.windows.recent(2, before_window_id=5)] == [4, 3]
 
 
 def test_an_inclusion_proof_finds_the_window_of_an_old_payment(

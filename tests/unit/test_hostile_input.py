@@ -210,9 +210,11 @@ class FakeWindows:
             self.events[(window_id, event)] = EventRow(window_id, event, at_us, node_id, detail)
             return True
 
-    def recent(self, limit: int = 64) -> list[WindowStatus]:
+    def recent(self, limit: int = 64, before_window_id: int = 0) -> list[WindowStatus]:
+        _bind((before_window_id, limit), (LongType, Int32Type))
         with self._lock:
-            ids = sorted({w for w, _ in self.events}, reverse=True)[:limit]
+            ids = sorted({w for w, _ in self.events}, reverse=True)
+            ids = [w for w in ids if before_window_id <= 0 or w < before_window_id][:limit]
         return [self.status(w) for w in ids]
 
     def status(self, window_id: int) -> WindowStatus:

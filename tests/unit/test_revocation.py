@@ -330,7 +330,15 @@ def test_pki_revoke_names_a_certificate_exactly_one_way(ca: pki.LocalCA, tmp_pat
         serial, "institution:INST_ALIPAY"
     )  # fmt: skip
     by_serial = _revoke_args("--serial", "7A:3F", "--identity", "operator:bob")
-    assert revocation_target(by_serial, ca) == ("7A:3F", "operator:bob")
+    assert revocation_target(by_serial, ca) == ("7A:3F", "operator:bob")  # not in the folder
+    # A serial of a certificate in the CA folder must be named with its holder: the switch
+    # stores the identity it is told, and a reviewer's typo listed a participant that
+    # does not exist as the holder.
+    own = _revoke_args("--serial", serial.upper(), "--identity", "institution:INST_ALIPAY")
+    assert revocation_target(own, ca) == (serial.upper(), "institution:INST_ALIPAY")
+    wrong = _revoke_args("--serial", serial, "--identity", "institution:INST_SOMEONE_ELSE")
+    with pytest.raises(ValueError, match="is the certificate of institution:INST_ALIPAY"):
+        revocation_target(wrong, ca)
     for argv in (
         (),
         ("--serial", "7a3f"),  # whose?

@@ -55,6 +55,9 @@ CALL_DEADLINE_S = 120.0
 # Reading a whole window or whole chains from the replicas (compare-cities, verify-chains,
 # export) outlasts CALL_DEADLINE_S on a big window: one city comparison took 138 s.
 LONG_CALL_DEADLINE_S = 900.0
+# Windows per page of `audit windows` (the switch sends at most 200 a call).
+WINDOWS_PAGE_DEFAULT = 50
+WINDOWS_PAGE_MAX = 200
 # A listing refused for the caller's quota is asked again after the advised pause.
 RATE_LIMITED_RETRIES_MAX = 20
 RATE_LIMITED_PAUSE_MS = 500
@@ -89,7 +92,17 @@ def add_parsers(sub: Any) -> None:
     common = [node, output]
     a = sub.add_parser("audit", help="read and verify the replicated ledger (read-only)")
     s = a.add_subparsers(dest="cmd", required=True)
-    _deadline(s.add_parser("windows", parents=common, help="settlement windows, newest first"))
+    ws_list = _deadline(
+        s.add_parser("windows", parents=common, help="settlement windows, newest first")
+    )
+    ws_list.add_argument(
+        "--limit", type=int, default=WINDOWS_PAGE_DEFAULT,
+        help=f"at most this many windows (1-{WINDOWS_PAGE_MAX}; default: %(default)s)",
+    )  # fmt: skip
+    ws_list.add_argument(
+        "--before", type=int, default=0, metavar="WINDOW_ID",
+        help="only windows older than this one (the next page: the id printed after a page)",
+    )  # fmt: skip
     w = _deadline(
         s.add_parser(
             "window", parents=common, help="a window's state, net positions and instructions"
@@ -327,8 +340,18 @@ def _window(stub: Any, args: argparse.Namespace) -> int:
 def _audit(stub: Any, args: argparse.Namespace) -> int:
     fmt, cmd = args.format, args.cmd
     if cmd == "windows":
-        r = stub.ListWindows(audit_pb2.ListWindowsRequest(page_size=50), timeout=args.deadline_s)
+        if not 1 <= args.limit <= WINDOWS_PAGE_MAX or args.before < 0:
+            print(f"clearingctl: --limit takes 1-{WINDOWS_PAGE_MAX}, --before a window id",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        r = stub.ListWindows(
+            audit_pb2.ListWindowsRequest(page_size=args.limit, before_window_id=args.before),
+            timeout=args.deadline_s,
+        )
         _emit([_summary(w) for w in r.windows], fmt)
+        if r.next_before_window_id:
+            print(f"older windows: clearingctl audit windows --before {r.next_before_window_id}",
+                  file=sys.stderr)  # fmt: skip
         return 0
     if cmd == "window":
         return _window_parts(stub, args)

@@ -120,10 +120,18 @@ class AuditDomain:
 
     # -- windows ------------------------------------------------------------------------
 
-    def list_windows(self, limit: int) -> list[WindowStatus]:
-        recent = self.windows.recent(limit)
-        current = recent[0].window_id + 1 if recent else 1
-        return [WindowStatus(current, ()), *recent][:limit]
+    def list_windows(self, limit: int, before_window_id: int = 0) -> tuple[list[WindowStatus], int]:
+        """Up to ``limit`` windows newest first, from the open one (``before_window_id``
+        0) or from the one below ``before_window_id``; and where the next page starts
+        (0: no older window). Window ids run from 1 without gaps."""
+        if before_window_id > 0:
+            page = self.windows.recent(limit, before_window_id)
+        else:
+            recent = self.windows.recent(limit)
+            current = recent[0].window_id + 1 if recent else 1
+            page = [WindowStatus(current, ()), *recent][:limit]
+        oldest = page[-1].window_id if page else 1
+        return page, (oldest if oldest > 1 else 0)
 
     def window(self, window_id: int) -> tuple[WindowStatus, Any]:
         status = self.windows.status(window_id)

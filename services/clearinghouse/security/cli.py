@@ -58,7 +58,7 @@ from cryptography.x509.oid import NameOID
 
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
-from clearinghouse.security.revocation import serial_hex
+from clearinghouse.security.revocation import parse_serial, serial_hex
 from clearinghouse.topology import Topology
 
 GIT_TIMEOUT_S: Final = 10.0
@@ -179,6 +179,23 @@ def _certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.expanduser().read_bytes())
 
 
+def _holder_in_folder(ca: pki.LocalCA, serial: str) -> str | None:
+    """Whose certificate in the CA folder has ``serial`` (its subject's common name), or
+    None: not there (issued elsewhere, or since re-issued) or not a serial at all."""
+    wanted = parse_serial(serial)
+    if wanted is None or not ca.directory.is_dir():
+        return None
+    for path in sorted(ca.directory.glob("*/cert.pem")):
+        try:
+            cert = _certificate(path)
+        except (OSError, ValueError):
+            continue
+        if cert.serial_number == wanted:
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            return str(names[0].value) if names else ""
+    return None
+
+
 def revocation_target(args: argparse.Namespace, ca: pki.LocalCA) -> tuple[str, str]:
     """(serial in hex, identity) that ``pki revoke`` names, from exactly one of ROLE
     NAME, ``--cert`` or ``--serial`` with ``--identity``; ValueError otherwise."""
@@ -188,6 +205,14 @@ def revocation_target(args: argparse.Namespace, ca: pki.LocalCA) -> tuple[str, s
     if args.serial is not None:
         if not args.identity:
             raise ValueError("--serial needs --identity ROLE:NAME (whose certificate it is)")
+        holder = _holder_in_folder(ca, args.serial)
+        if holder is not None and holder != args.identity:
+            # The switch stores the identity it is told: a typo would name the wrong
+            # holder in every auditor's list of revocations.
+            raise ValueError(
+                f"serial {args.serial} is the certificate of {holder} in {ca.directory}, "
+                f"not of {args.identity}"
+            )
         return args.serial, args.identity
     if args.identity:
         raise ValueError("--identity goes with --serial only")

@@ -81,6 +81,10 @@ class CassandraWindows:
             "SELECT window_id, event, at_us, node_id, detail FROM settlement_windows "
             "WHERE bucket = ? LIMIT ?"
         )
+        self._select_events_before = p(
+            "SELECT window_id, event, at_us, node_id, detail FROM settlement_windows "
+            "WHERE bucket = ? AND window_id < ? LIMIT ?"
+        )
         self._select_window = p(
             "SELECT window_id, event, at_us, node_id, detail FROM settlement_windows "
             "WHERE bucket = ? AND window_id = ?"
@@ -98,7 +102,8 @@ class CassandraWindows:
         )
         self._select_parts = p("SELECT part, body, digest FROM window_clearing WHERE window_id = ?")
         for stmt in (
-            self._select_events, self._select_window, self._insert_cut, self._select_cuts,
+            self._select_events, self._select_events_before, self._select_window,
+            self._insert_cut, self._select_cuts,
             self._insert_part, self._select_parts,
         ):  # fmt: skip
             stmt.consistency_level = consistency
@@ -118,9 +123,12 @@ class CassandraWindows:
         )
         return bool(result.was_applied)
 
-    def recent(self, limit: int = WINDOWS_READ_DEFAULT) -> list[WindowStatus]:
+    def recent(
+        self, limit: int = WINDOWS_READ_DEFAULT, before_window_id: int = 0
+    ) -> list[WindowStatus]:
         """The ``limit`` newest windows that have events (fewer if there are fewer),
-        newest first, each with all of its events.
+        newest first, each with all of its events; with ``before_window_id``, only
+        windows older than it (a page after the one that ended there).
 
         The rows come newest window first, each window's events together, at most
         :data:`EVENT_ROWS_PER_WINDOW_MAX` of them: that many rows per window wanted hold
@@ -132,7 +140,13 @@ class CassandraWindows:
         rows_max = limit * EVENT_ROWS_PER_WINDOW_MAX
         rows = with_retries(
             "reading settlement windows",
-            lambda: list(self.session.execute(self._select_events, (WINDOW_BUCKET, rows_max))),
+            lambda: list(
+                self.session.execute(
+                    self._select_events_before, (WINDOW_BUCKET, before_window_id, rows_max)
+                )
+                if before_window_id > 0
+                else self.session.execute(self._select_events, (WINDOW_BUCKET, rows_max))
+            ),
         )
         by_window: dict[int, list[EventRow]] = {}
         for r in rows:

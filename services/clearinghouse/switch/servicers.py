@@ -503,11 +503,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     def ListWindows(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
+            violations = []
             if request.page_size < 0:
-                raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+                violations.append(FieldViolation("page_size", "must not be negative"))
+            if request.before_window_id < 0:
+                violations.append(FieldViolation("before_window_id", "must not be negative"))
+            if violations:
+                raise InvalidArgument(violations)
             size = min(request.page_size or 20, 200)
+            page, next_before = self.audit.list_windows(size, request.before_window_id)
             return audit_pb2.ListWindowsResponse(
-                windows=[_window_summary(w) for w in self.audit.list_windows(size)]
+                windows=[_window_summary(w) for w in page], next_before_window_id=next_before
             )
 
     def GetWindow(self, request: Any, context: grpc.ServicerContext) -> Any:
