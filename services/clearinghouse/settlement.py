@@ -197,19 +197,30 @@ class WindowKeeper:
                 log.info("settlement window %d closed: every shard cut it", window_id)
         watched = {w.window_id for w in recent}
         for window_id in sorted(self._uncleared - watched):  # older than the newest few
-            state = self.windows.status(window_id).state
-            if state != "CLOSED":
+            if self.windows.status(window_id).state != "CLOSED":
                 self._uncleared.discard(window_id)
                 continue
             log.error(
                 "settlement window %d is still not cleared while %d later windows closed; "
                 "clearing it again", window_id, max(watched, default=window_id) - window_id,
             )  # fmt: skip
-            self._clear(window_id)
+            self._clear_or_log(window_id)
         for w in sorted(recent, key=lambda w: w.window_id):
             if w.state == "CLOSED":
-                self._clear(w.window_id)
+                self._clear_or_log(w.window_id)
         self._maybe_schedule(recent)
+
+    def _clear_or_log(self, window_id: int) -> None:
+        """Clear one window; a failure is logged and tried again at the next step, and
+        does not hold back the later windows' clearings or the schedule (each window's
+        clearing reads its own entries only)."""
+        try:
+            self._clear(window_id)
+        except Exception as e:  # every failure: logged, tried again at the next step
+            if isinstance(e, ClearingError):
+                log.error("settlement window %d not cleared: %s", window_id, e)
+            else:
+                log.exception("settlement window %d not cleared", window_id)
 
     def _record_cuts(self, closing: list[int]) -> None:
         """Record every cut that the shards served here made of a window still closing."""

@@ -19,7 +19,13 @@ from typing import Any
 
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.audit.export import CLEARING_FILE, export_parts
-from clearinghouse.domain import DataLoss, FailedPrecondition, NotFound, ParticipantKind
+from clearinghouse.domain import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ParticipantKind,
+    Unavailable,
+)
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, verify_chain
 from clearinghouse.domain.entries import KIND_DECISION, KIND_WINDOW_CUT, WindowCut
 from clearinghouse.domain.merkle import inclusion_proof, merkle_root, window_leaves
@@ -201,8 +207,11 @@ class AuditDomain:
         """
         if self.city_reader is None:
             raise FailedPrecondition("no per-city readers configured", reason="NOT_CONFIGURED")
-        status, _ = self.window(window_id)  # NotFound for a window that does not exist
-        if status.state in ("OPEN", "CLOSING"):
+        try:
+            status: WindowStatus | None = self.window(window_id)[0]  # NotFound if none
+        except Unavailable:  # no quorum: each city's replica is still read on its own
+            status = None
+        if status is not None and status.state in ("OPEN", "CLOSING"):
             raise FailedPrecondition(
                 f"window {window_id} is {status.state}: which rows it holds is known once "
                 "every shard has cut it (CLOSED)",
@@ -290,21 +299,19 @@ class AuditDomain:
 def _chunks(path: str, pieces: Iterator[str]) -> Iterator[tuple[str, bytes]]:
     """(path, up to EXPORT_CHUNK_BYTES of the file) pairs; an empty file is one empty
     chunk (it is exported too)."""
-    held: list[bytes] = []
-    size = 0
+    pending = bytearray()
     sent = False
     for piece in pieces:
-        data = piece.encode()
-        held.append(data)
-        size += len(data)
-        while size >= EXPORT_CHUNK_BYTES:
-            joined = b"".join(held)
-            yield path, joined[:EXPORT_CHUNK_BYTES]
-            sent = True
-            rest = joined[EXPORT_CHUNK_BYTES:]
-            held, size = ([rest] if rest else []), len(rest)
-    if size or not sent:
-        yield path, b"".join(held)
+        pending += piece.encode()
+        at = 0
+        with memoryview(pending) as view:  # each byte copied once more, not once a chunk
+            while len(pending) - at >= EXPORT_CHUNK_BYTES:
+                yield path, bytes(view[at : at + EXPORT_CHUNK_BYTES])
+                at += EXPORT_CHUNK_BYTES
+                sent = True
+        del pending[:at]
+    if pending or not sent:
+        yield path, bytes(pending)
 
 
 def row_digest(e: LedgerEntry) -> bytes:

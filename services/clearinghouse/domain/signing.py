@@ -45,7 +45,8 @@ SIGNATURE_TAG: Final = b"clearing.sig.v1\x00"
 PUBLIC_KEY_LEN: Final = 32
 SIGNATURE_LEN: Final = 64
 KEY_ID_HEX_LEN: Final = 16
-# The freshness window of an order's requested_at, against the receiving node's clock.
+# The freshness window of an order's requested_at, against the receiving node's clock (the
+# owner of a forwarded order allows OWNER_FRESHNESS_GRACE_S more on each side).
 ORDER_MAX_AGE_S: Final = 300
 ORDER_MAX_SKEW_S: Final = 30
 _US_PER_S: Final = 1_000_000
@@ -121,17 +122,19 @@ def verify_signed_order(order: PaymentOrder, keys: Mapping[str, bytes]) -> None:
     verify_order_signature(order, order.signing_key_id, order.signature, keys)
 
 
-def check_fresh(order: PaymentOrder, now_us: int) -> None:
-    """Raise OrderNotFresh unless ``requested_at_us`` lies in the freshness window."""
+def check_fresh(order: PaymentOrder, now_us: int, *, grace_s: int = 0) -> None:
+    """Raise OrderNotFresh unless ``requested_at_us`` lies in the freshness window,
+    widened by ``grace_s`` on both sides (the owner of a forwarded order: see
+    ``OWNER_FRESHNESS_GRACE_S``)."""
     age_us = now_us - order.requested_at_us
-    if age_us > ORDER_MAX_AGE_S * _US_PER_S:
+    if age_us > (ORDER_MAX_AGE_S + grace_s) * _US_PER_S:
         raise OrderNotFresh(
             f"order {order.payment_id!r} was requested {age_us // _US_PER_S} s ago, more "
             f"than {ORDER_MAX_AGE_S} s: refused as a possible replay; GetPayment tells "
             "whether an earlier attempt was recorded",
             reason=OrderNotFresh.ORDER_EXPIRED,
         )
-    if -age_us > ORDER_MAX_SKEW_S * _US_PER_S:
+    if -age_us > (ORDER_MAX_SKEW_S + grace_s) * _US_PER_S:
         raise OrderNotFresh(
             f"order {order.payment_id!r} is dated {-age_us // _US_PER_S} s ahead of the "
             f"switch's clock, more than {ORDER_MAX_SKEW_S} s: check the client's clock",

@@ -60,6 +60,15 @@ def resident_mib() -> float:
         return 0.0
 
 
+# Trim only when the process grew at least this much since the last trim: an inclusion
+# proof of a small window, refused early or not, costs no malloc_trim, no log line.
+RELEASE_MIN_GROWTH_MIB = 64.0
+
+
+class _LastTrim:
+    resident_mib = 0.0  # the process's size right after the last trim
+
+
 def release_free_memory() -> None:
     """Give the memory freed by a large one-off piece of work (an export, a window's
     clearing, a wave of takeovers) back to the system.
@@ -72,11 +81,14 @@ def release_free_memory() -> None:
     if _TRIM is None:
         return
     before = resident_mib()
+    if before - _LastTrim.resident_mib < RELEASE_MIN_GROWTH_MIB:
+        return
     started = time.monotonic()
     _TRIM(0)
+    _LastTrim.resident_mib = resident_mib()
     log.info(
         "returned free memory to the system: resident %.0f -> %.0f MiB in %.3f s",
-        before, resident_mib(), time.monotonic() - started,
+        before, _LastTrim.resident_mib, time.monotonic() - started,
     )  # fmt: skip
 
 

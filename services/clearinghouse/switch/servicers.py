@@ -29,7 +29,7 @@ from clearing.v1 import (
     shard_pb2_grpc,
 )
 from clearinghouse import settlement, telemetry
-from clearinghouse._invariant import InvariantViolation
+from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import (
     PAYMENT_ID_LEN_MAX,
     AlreadyExists,
@@ -59,6 +59,7 @@ from clearinghouse.security.revocation import Revocations, caller_serial
 from clearinghouse.storage.ledger import DAY_US, LIST_DAYS_MAX, CassandraLedger
 from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch import convert, heap
+from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.processor import Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
@@ -180,19 +181,47 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             return payment_pb2.ListPaymentsResponse(payments=mine, next_page_token=token)
 
 
-def admit_order(order_pb: Any, path: str, registry: Registry, now_us: int) -> None:
+# The owner of a forwarded order checks its freshness with this much room on each side:
+# the receiving node checked it when the order arrived, and the hop to the owner (the
+# router's whole forwarding budget, FORWARD_DEADLINE_S, waits for a new owner included)
+# and the two nodes' clocks must not turn a retry of a recorded payment into a refusal.
+OWNER_FRESHNESS_GRACE_S = 60
+# Reasons the owner's own registry may give only because its 2 s refresh has not yet
+# seen what the receiving node saw (a new signing key, a new participant): answered
+# UNAVAILABLE, to retry, not as the definite refusal the receiving node would give.
+_REGISTRY_LAG_REASONS = frozenset({"SIGNING_KEY_UNKNOWN", "PARTICIPANT_NOT_FOUND"})
+invariant(
+    OWNER_FRESHNESS_GRACE_S > FORWARD_DEADLINE_S,
+    "the owner's freshness grace must outlast the router's forwarding budget",
+)
+
+
+def admit_order(
+    order_pb: Any, path: str, registry: Registry, now_us: int, *, forwarded: bool = False
+) -> None:
     """Raise the ClearingError that refuses ``order_pb``; return if it may be recorded:
     well formed, from an institution the registry holds, signed with one of its keys,
-    fresh."""
+    fresh. ``forwarded``: checked again by the shard's owner (freshness with
+    :data:`OWNER_FRESHNESS_GRACE_S`; what its registry does not know yet is UNAVAILABLE)."""
     order = convert.order_from_pb(order_pb, path)
     check_order_shape(order, now_us=now_us, path=path)
-    institution = registry.snapshot().get(order.institution_id)
-    if institution is None:
-        raise UnknownParticipant(
-            f"{path}.institution_id: participant {order.institution_id!r} does not exist"
-        )
-    verify_signed_order(order, institution.signing_key_map())
-    check_fresh(order, now_us)
+    try:
+        institution = registry.snapshot().get(order.institution_id)
+        if institution is None:
+            raise UnknownParticipant(
+                f"{path}.institution_id: participant {order.institution_id!r} does not exist"
+            )
+        verify_signed_order(order, institution.signing_key_map())
+    except ClearingError as e:
+        if forwarded and e.reason in _REGISTRY_LAG_REASONS:
+            raise Unavailable(
+                f"{e} at the shard's owner, whose registry may not have caught up yet; "
+                "retry with the same id",
+                retry_after_ms=int(REGISTRY_REFRESH_S * 1000),
+                reason="OWNER_REGISTRY_BEHIND",
+            ) from e
+        raise
+    check_fresh(order, now_us, grace_s=OWNER_FRESHNESS_GRACE_S if forwarded else 0)
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -239,7 +268,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             now = self.clock()
             for i, (o, path) in enumerate(zip(orders, paths, strict=True)):
                 try:
-                    admit_order(o, path, self.registry, now)
+                    admit_order(o, path, self.registry, now, forwarded=True)
                 except ClearingError as e:
                     results[i] = payment_pb2.PaymentResult(
                         payment_id=o.payment_id, error=convert.error_to_pb(e)
@@ -595,9 +624,6 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         if request.window_id <= 0:
             with grpc_errors(context):
                 raise InvalidArgument([FieldViolation("window_id", "must be positive")])
-        # Every check (the stored root, the stored clearing) runs before the first chunk
-        # is made, so an export that is refused sends nothing; after it, the files are
-        # made and sent a chunk at a time (a window's export can be hundreds of MiB).
         # Every check (the stored root, the stored clearing) runs before the first chunk,
         # so a refused export sends nothing; then each file is made and sent a chunk at a
         # time (a window's export can be hundreds of MiB: it is never held whole).
