@@ -40,6 +40,9 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
+
+from clearing.v1 import common_pb2
 from clearinghouse._invariant import invariant
 from clearinghouse.domain import (
     ClearingError,
@@ -53,6 +56,7 @@ from clearinghouse.domain import (
     fingerprint,
 )
 from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.domain.errors import ERROR_METADATA_KEY
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import (
     BankAnswer,
@@ -824,6 +828,31 @@ def _comparison(
     return test
 
 
+class Aborted(Exception):
+    """What :meth:`FakeServicerContext.abort` raises, as grpc's own abort does."""
+
+
+class FakeServicerContext:
+    """What a servicer uses of a grpc.ServicerContext: abort, trailers, time left. The
+    refusal's code and its clearing.v1.Error (from the trailer) are kept for the test."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.error: common_pb2.Error | None = None
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    def set_trailing_metadata(self, md: Any) -> None:
+        for key, value in md:
+            if key == ERROR_METADATA_KEY:
+                self.error = common_pb2.Error.FromString(value)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise Aborted(details)
+
+
 def fake_windows(session: FakeCqlSession | None = None) -> CassandraWindows:
     """The real :class:`CassandraWindows` over a :class:`FakeCqlSession`."""
     return CassandraWindows(session if session is not None else FakeCqlSession())
@@ -834,6 +863,7 @@ __all__ = [
     "OUTAGE_RETRY_AFTER_MS",
     "REVERSED_BEFORE_ARRIVAL",
     "START_US",
+    "Aborted",
     "BankCall",
     "CommitRecord",
     "FakeBank",
@@ -841,6 +871,7 @@ __all__ = [
     "FakeCqlSession",
     "FakeLedger",
     "FakePaymentStore",
+    "FakeServicerContext",
     "Reply",
     "begun_record",
     "fake_windows",

@@ -8,36 +8,16 @@ from typing import Any
 import grpc
 import pytest
 
-from clearing.v1 import audit_pb2, common_pb2, settlement_pb2
-from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearing.v1 import audit_pb2, settlement_pb2
 from clearinghouse.storage.windows import CassandraWindows, WindowEvent
 from clearinghouse.switch.servicers import (
     WINDOW_TEXT_CHARS_MAX,
     SettlementServicer,
     _window_summary,
 )
-from tests.fakes import FakeClock, FakeCqlSession, fake_windows
+from tests.fakes import Aborted, FakeClock, FakeCqlSession, FakeServicerContext, fake_windows
 
 pytestmark = pytest.mark.unit
-
-
-class Refused(Exception):
-    pass
-
-
-class Context:
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.error: common_pb2.Error | None = None
-
-    def set_trailing_metadata(self, md: Any) -> None:
-        for key, value in md:
-            if key == ERROR_METADATA_KEY:
-                self.error = common_pb2.Error.FromString(value)
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
-        raise Refused(details)
 
 
 class World:
@@ -53,12 +33,12 @@ class World:
 
     def settle(self, window_id: int, reference: str) -> Any:
         request = settlement_pb2.ConfirmSettlementRequest(window_id=window_id, reference=reference)
-        return self.servicer.ConfirmSettlement(request, Context())
+        return self.servicer.ConfirmSettlement(request, FakeServicerContext())
 
     def refused(self, window_id: int, reference: str) -> tuple[str, str, list[str]]:
-        ctx = Context()
+        ctx = FakeServicerContext()
         request = settlement_pb2.ConfirmSettlementRequest(window_id=window_id, reference=reference)
-        with pytest.raises(Refused):
+        with pytest.raises(Aborted):
             self.servicer.ConfirmSettlement(request, ctx)
         assert ctx.code is not None and ctx.error is not None
         return ctx.code.name, ctx.error.reason, [v.field for v in ctx.error.field_violations]
@@ -115,9 +95,9 @@ def test_settling_a_window_that_does_not_exist_is_not_found(world: World) -> Non
 
 
 def test_a_close_reason_over_the_limit_is_refused_not_cut(world: World) -> None:
-    ctx = Context()
+    ctx = FakeServicerContext()
     request = settlement_pb2.CloseWindowRequest(reason="r" * (WINDOW_TEXT_CHARS_MAX + 1))
-    with pytest.raises(Refused):
+    with pytest.raises(Aborted):
         world.servicer.CloseWindow(request, ctx)
     assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
     assert world.rows() == {}

@@ -22,7 +22,6 @@ from clearinghouse.domain import (
     PaymentOrder,
 )
 from clearinghouse.domain.entries import Intent
-from clearinghouse.domain.errors import ERROR_METADATA_KEY
 from clearinghouse.domain.model import SigningKey
 from clearinghouse.domain.signing import (
     ORDER_MAX_AGE_S,
@@ -41,7 +40,15 @@ from clearinghouse.switch.servicers import (
     ShardServicer,
 )
 from clearinghouse.switch.shards import _intent_of, _intent_record
-from tests.fakes import START_US, FakeBank, FakeClock, FakePaymentStore, begun_record
+from tests.fakes import (
+    START_US,
+    Aborted,
+    FakeBank,
+    FakeClock,
+    FakePaymentStore,
+    FakeServicerContext,
+    begun_record,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -65,30 +72,6 @@ PARTICIPANTS = {
     INST: _participant(INST, ParticipantKind.INSTITUTION, (SigningKey(key_id_of(PUB), PUB),)),
     BANK: _participant(BANK, ParticipantKind.BANK),
 }
-
-
-class Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    """What the servicer uses of a grpc.ServicerContext: abort, trailers, time left."""
-
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.error: common_pb2.Error | None = None
-
-    def time_remaining(self) -> float:
-        return 30.0
-
-    def set_trailing_metadata(self, md: Any) -> None:
-        for key, value in md:
-            if key == ERROR_METADATA_KEY:
-                self.error = common_pb2.Error.FromString(value)
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
-        raise Aborted(details)
 
 
 class DirectRouter:
@@ -136,7 +119,7 @@ def _signed(payment_id: str = "pay-1", key: Ed25519PrivateKey = KEY, **kw: Any) 
 
 
 def _refused(servicer: PaymentServicer, order: Any) -> tuple[grpc.StatusCode | None, str]:
-    ctx = FakeContext()
+    ctx = FakeServicerContext()
     with pytest.raises(Aborted):
         servicer.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), ctx)
     assert ctx.error is not None
@@ -194,8 +177,12 @@ def test_a_signed_order_is_stored_with_its_signature_and_a_replay_has_one_effect
 ) -> None:
     servicer, store, bank, _ = node
     order = _signed()
-    first = servicer.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), FakeContext())
-    again = servicer.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), FakeContext())
+    first = servicer.SubmitPayment(
+        payment_pb2.SubmitPaymentRequest(order=order), FakeServicerContext()
+    )
+    again = servicer.SubmitPayment(
+        payment_pb2.SubmitPaymentRequest(order=order), FakeServicerContext()
+    )
     assert (first.replayed, again.replayed) == (False, True)
     assert first.payment.order == order and again.payment.order == order
     (rec,) = store.records.values()
@@ -207,7 +194,7 @@ def test_each_batch_item_is_judged_on_its_own(node: Any) -> None:
     servicer, store, _, router = node
     good, unsigned, forged = _signed("b-1"), _order("b-2"), _signed("b-3", key=OTHER)
     r = servicer.SubmitPayments(
-        payment_pb2.SubmitPaymentsRequest(orders=[good, unsigned, forged]), FakeContext()
+        payment_pb2.SubmitPaymentsRequest(orders=[good, unsigned, forged]), FakeServicerContext()
     )
     assert [x.HasField("payment") for x in r.results] == [True, False, False]
     assert [x.error.reason for x in r.results[1:]] == ["SIGNATURE_MISSING", "SIGNING_KEY_UNKNOWN"]
@@ -215,7 +202,7 @@ def test_each_batch_item_is_judged_on_its_own(node: Any) -> None:
     assert [pid for _, pid in store.records] == ["b-1"]
 
 
-class NodeContext(FakeContext):
+class NodeContext(FakeServicerContext):
     """A call from another switch node: its certificate names ``node:<zone>``."""
 
     def __init__(self, zone: str) -> None:
@@ -401,7 +388,9 @@ def test_a_replay_after_the_freshness_window_is_refused_and_changes_nothing(
     a captured order cannot be replayed later, and the original payment stays as it was."""
     servicer, store, bank, router = node
     order = _signed()
-    first = servicer.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), FakeContext())
+    first = servicer.SubmitPayment(
+        payment_pb2.SubmitPaymentRequest(order=order), FakeServicerContext()
+    )
     assert first.payment.state == common_pb2.PAYMENT_STATE_APPROVED
     records = dict(store.records)
     calls = store.calls.total()
