@@ -239,10 +239,8 @@ class WindowKeeper:
         # the kinds of the clearing already stored, so that it stays the same bytes.
         earlier = stored_clearing(self.windows, window_id)
         kinds = stored_kinds(earlier) if earlier is not None else self.kinds()
-        try:
+        with heap.freed_afterwards():  # the window is read whole
             _, clearing, root = compute_clearing(self.ledger, self.windows, window_id, kinds)
-        finally:
-            heap.release_free_memory()  # the window was read whole
         stored = store_clearing(self.windows, window_id, clearing, root, self.clock())
         detail = f"clearing sha256 {stored.clearing_digest.hex()}, merkle root {root.hex()}"
         if self.windows.record(window_id, WindowEvent.CLEARED, self.clock(), self.node_id, detail):

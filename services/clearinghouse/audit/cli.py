@@ -566,9 +566,7 @@ def _summary(w: Any) -> dict[str, Any]:
         "closed_at": t(w.closed_at, w.HasField("closed_at")),
         "cleared_at": t(w.cleared_at, w.HasField("cleared_at")),
         "settled_at": t(w.settled_at, w.HasField("settled_at")),
-        # The settlement system's reference, once SETTLED. Read by name: stubs generated
-        # before WindowSummary had the field have no such attribute.
-        "reference": getattr(w, "settlement_reference", ""),
+        "reference": w.settlement_reference,  # the settlement system's, once SETTLED
     }  # fmt: skip
 
 

@@ -185,14 +185,9 @@ def _holder_in_folder(ca: pki.LocalCA, serial: str) -> str | None:
     wanted = parse_serial(serial)
     if wanted is None or not ca.directory.is_dir():
         return None
-    for path in sorted(ca.directory.glob("*/cert.pem")):
-        try:
-            cert = _certificate(path)
-        except (OSError, ValueError):
-            continue
-        if cert.serial_number == wanted:
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            return str(names[0].value) if names else ""
+    for ident, _ in ca.identities():
+        if _certificate(ca.folder(ident) / "cert.pem").serial_number == wanted:
+            return str(ident)
     return None
 
 

@@ -28,7 +28,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 GC_YOUNG_ALLOCATIONS = 50_000
 GC_MIDDLE_PER_YOUNG_COLLECTIONS = 20
@@ -90,6 +91,15 @@ def release_free_memory() -> None:
         "returned free memory to the system: resident %.0f -> %.0f MiB in %.3f s",
         before, _LastTrim.resident_mib, time.monotonic() - started,
     )  # fmt: skip
+
+
+@contextmanager
+def freed_afterwards() -> Iterator[None]:
+    """:func:`release_free_memory` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        release_free_memory()
 
 
 def configure_collector() -> None:

@@ -93,18 +93,26 @@ class LocalOwner:
                 todo.append(i)
             except ClearingError as e:
                 results[i] = _error_result(order_pb.payment_id, e)
-        done = self.processor.submit_many(domain, received_zone, [paths[i] for i in todo])
-        for i, out in zip(todo, done, strict=True):
-            pid = orders[i].payment_id
-            if isinstance(out, ClearingError):
-                results[i] = _error_result(pid, out)
-            else:
-                results[i] = payment_pb2.PaymentResult(
-                    payment_id=pid,
-                    payment=convert.payment_to_pb(out.record),
-                    replayed=out.replayed,
-                )
+        done = self.submit_orders(domain, [paths[i] for i in todo], received_zone)
+        for i, r in zip(todo, done, strict=True):
+            results[i] = r
         return results
+
+    def submit_orders(
+        self, orders: Sequence[PaymentOrder], paths: Sequence[str], received_zone: str
+    ) -> list[Any]:
+        """:meth:`submit` of orders already converted (and admitted, by the owner)."""
+        done = self.processor.submit_many(orders, received_zone, paths)
+        return [
+            _error_result(o.payment_id, out)
+            if isinstance(out, ClearingError)
+            else payment_pb2.PaymentResult(
+                payment_id=o.payment_id,
+                payment=convert.payment_to_pb(out.record),
+                replayed=out.replayed,
+            )
+            for o, out in zip(orders, done, strict=True)
+        ]
 
     def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
         store = self.processor.store

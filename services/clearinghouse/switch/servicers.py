@@ -40,6 +40,7 @@ from clearinghouse.domain import (
     InvalidArgument,
     NotFound,
     ParticipantKind,
+    PaymentOrder,
     Unavailable,
     UnknownParticipant,
     validate_batch_size,
@@ -198,10 +199,10 @@ invariant(
 
 def admit_order(
     order_pb: Any, path: str, registry: Registry, now_us: int, *, forwarded: bool = False
-) -> None:
-    """Raise the ClearingError that refuses ``order_pb``; return if it may be recorded:
-    well formed, from an institution the registry holds, signed with one of its keys,
-    fresh. ``forwarded``: checked again by the shard's owner (freshness with
+) -> PaymentOrder:
+    """The order, if it may be recorded: well formed, from an institution the registry
+    holds, signed with one of its keys, fresh; else raise the ClearingError refusing it.
+    ``forwarded``: checked again by the shard's owner (freshness with
     :data:`OWNER_FRESHNESS_GRACE_S`; what its registry does not know yet is UNAVAILABLE)."""
     order = convert.order_from_pb(order_pb, path)
     check_order_shape(order, now_us=now_us, path=path)
@@ -222,6 +223,7 @@ def admit_order(
             ) from e
         raise
     check_fresh(order, now_us, grace_s=OWNER_FRESHNESS_GRACE_S if forwarded else 0)
+    return order
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -265,20 +267,20 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                     "received_zone", f"must be the forwarding node's zone ({caller.name})"
                 )])  # fmt: skip
             results: list[Any] = [None] * len(orders)
+            admitted: dict[int, PaymentOrder] = {}
             now = self.clock()
             for i, (o, path) in enumerate(zip(orders, paths, strict=True)):
                 try:
-                    admit_order(o, path, self.registry, now, forwarded=True)
+                    admitted[i] = admit_order(o, path, self.registry, now, forwarded=True)
                 except ClearingError as e:
                     results[i] = payment_pb2.PaymentResult(
                         payment_id=o.payment_id, error=convert.error_to_pb(e)
                     )
-            todo = [i for i, r in enumerate(results) if r is None]
-            if todo:
-                owned = self.local.submit(
-                    [orders[i] for i in todo], [paths[i] for i in todo], request.received_zone
+            if admitted:
+                owned = self.local.submit_orders(
+                    list(admitted.values()), [paths[i] for i in admitted], request.received_zone
                 )
-                for i, r in zip(todo, owned, strict=True):
+                for i, r in zip(admitted, owned, strict=True):
                     results[i] = r
             return shard_pb2.SubmitOwnedResponse(results=results)
 
@@ -483,6 +485,10 @@ def _entry_ref(e: Any) -> Any:
     )  # fmt: skip
 
 
+def _does_not_verify(e: InvariantViolation) -> DataLoss:
+    return DataLoss(f"the stored ledger does not verify: {e}")
+
+
 class _LedgerChecked:
     """Wraps the audit domain: a chain that fails verification while being read is
     DATA_LOSS for the caller (the stored ledger is inconsistent), not an internal bug."""
@@ -497,7 +503,7 @@ class _LedgerChecked:
             try:
                 return fn(*args, **kwargs)
             except InvariantViolation as e:
-                raise DataLoss(f"the stored ledger does not verify: {e}") from e
+                raise _does_not_verify(e) from e
 
         return call
 
@@ -578,10 +584,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 raise InvalidArgument([FieldViolation("shards", f"each in 0..{SHARD_COUNT - 1}")])
             if len(set(shards)) != len(shards):  # each names a whole chain to read
                 raise InvalidArgument([FieldViolation("shards", "each shard at most once")])
-            try:
+            with heap.freed_afterwards():  # every chain named is read whole
                 checks = self.audit.verify_chains(shards)
-            finally:
-                heap.release_free_memory()  # every chain named was read whole
             return audit_pb2.VerifyChainsResponse(reports=[
                 audit_pb2.ChainReport(shard=c.shard, ok=c.ok, entries=c.entries,
                                       head_seq=c.head_seq, head_hash=c.head_hash,
@@ -594,12 +598,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             _check_ref(request.institution_id, request.payment_id)
             if request.window_id < 0:
                 raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
-            try:
+            with heap.freed_afterwards():  # the window is read whole
                 p = self.audit.inclusion(
                     request.window_id, request.institution_id, request.payment_id
                 )
-            finally:
-                heap.release_free_memory()  # the window was read whole
             return audit_pb2.GetInclusionProofResponse(
                 window_id=p.window_id, entry=_entry_ref(p.entry), leaf_index=p.leaf_index,
                 tree_size=p.tree_size, audit_path=p.audit_path, merkle_root=p.merkle_root,
@@ -609,10 +611,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         with grpc_errors(context):
             if request.window_id <= 0:
                 raise InvalidArgument([FieldViolation("window_id", "must be positive")])
-            try:
+            with heap.freed_afterwards():  # the window is read from every city
                 cmp = self.audit.compare_cities(request.window_id)
-            finally:
-                heap.release_free_memory()  # the window was read from every city
             return audit_pb2.CompareCitiesResponse(agree=cmp.agree, cities=[
                 audit_pb2.CityDigest(city=v.city, merkle_root=v.merkle_root,
                                      entry_count=v.entry_count, differing_rows=diff[:1000],
@@ -632,9 +632,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             for path, data in chunks:
                 yield audit_pb2.ExportWindowResponse(path=path, data=data)
         except InvariantViolation as e:  # the entries read do not verify (before any chunk)
-            abort_with(context, convert.error_to_pb(
-                DataLoss(f"the stored ledger does not verify: {e}")
-            ))  # fmt: skip
+            abort_with(context, convert.error_to_pb(_does_not_verify(e)))
         except ClearingError as e:
             abort_with(context, convert.error_to_pb(e))
         except Exception:
