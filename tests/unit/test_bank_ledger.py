@@ -190,12 +190,16 @@ def test_journal_replays_records_and_totals(tmp_path: Path) -> None:
     book.transfer("c", _transfer(), DECLINE)
     book.reverse("a", "TEST")
     book.reverse("z", "TEST")
+    records = {ref: book.inquire(ref) for ref in "abcz"}
+    totals = book.totals()
     book.close()
+    with pytest.raises(JournalError, match="closed"):
+        book.inquire("a")  # the book is its journal: closed, it answers nothing
 
     again = BankLedger("BANK_T", path)
-    for ref in "abcz":
-        assert again.inquire(ref) == book.inquire(ref)
-    assert again.totals() == book.totals()
+    assert {ref: again.inquire(ref) for ref in "abcz"} == records
+    assert records["a"] is not None and records["a"].status is TxnStatus.REVERSED
+    assert again.totals() == totals
     assert again.transfer(
         "b", _transfer(kind=TransferKind.CREDIT, amount=40, ccy="USD"), DECLINE
     ).replayed
@@ -255,11 +259,12 @@ def test_any_history_survives_a_restart_and_nets_out(ops: list[tuple[str, str, b
             # A reference reused for the other direction is refused; that is tested above.
             with contextlib.suppress(SwitchRefReused):
                 book.transfer(ref, _transfer(kind=kind, amount=7), APPROVE if approve else DECLINE)
+        records = {ref: book.inquire(ref) for _, ref, _ in ops}
+        totals = book.totals()
         book.close()
         replayed = BankLedger("BANK_H", path)
-        assert replayed.totals() == book.totals()
-        for ref in {ref for _, ref, _ in ops}:
-            assert replayed.inquire(ref) == book.inquire(ref)
+        assert replayed.totals() == totals
+        assert {ref: replayed.inquire(ref) for _, ref, _ in ops} == records
         # What stands in the totals is exactly the APPROVED transfers in the book.
         standing = {TransferKind.DEBIT: 0, TransferKind.CREDIT: 0}
         for ref in {ref for _, ref, _ in ops}:
@@ -271,3 +276,31 @@ def test_any_history_survives_a_restart_and_nets_out(ops: list[tuple[str, str, b
         assert (totals.net_debits_minor if totals else 0) == standing[TransferKind.DEBIT]
         assert (totals.net_credits_minor if totals else 0) == standing[TransferKind.CREDIT]
         replayed.close()
+
+
+@pytest.mark.parametrize("stored", ["file", "memory"])
+def test_a_record_is_read_back_whole_from_its_journal_line(tmp_path: Path, stored: str) -> None:
+    # The book keeps only where each record's line starts; a line longer than one
+    # read-back piece, and the records around it, come back exactly as written.
+    book = BankLedger("BANK_T", tmp_path / "bank.jsonl" if stored == "file" else None)
+    long = Transfer(
+        kind=TransferKind.CREDIT,
+        institution_id="INST_" + "L" * 3_000,
+        bank_account="6222-" + "9" * 2_500,
+        amount_minor=77,
+        currency="CNY",
+    )
+    book.transfer("before", _transfer(), APPROVE)
+    book.transfer("long", long, APPROVE)
+    book.transfer("after", _transfer(amount=5), DECLINE)
+    assert book.reverse("long", "TEST").status is TxnStatus.REVERSED
+    got = book.inquire("long")
+    assert got is not None and got.transfer == long and got.status is TxnStatus.REVERSED
+    assert book.transfer("long", long, APPROVE).replayed
+    with pytest.raises(SwitchRefReused):
+        book.transfer("long", _transfer(), APPROVE)
+    before, after = book.inquire("before"), book.inquire("after")
+    assert before is not None and before.transfer == _transfer()
+    assert after is not None and after.status is TxnStatus.DECLINED
+    assert after.bank_ref == "BANK_T-0000000003"
+    assert book.totals()["CNY"].net_credits_minor == 0

@@ -350,9 +350,10 @@ def test_outage_answers_unavailable_and_applies_nothing(start_bank: StartBank) -
 # ---- who may call ----------------------------------------------------------------------------
 
 
-def _book(bank: Bank) -> dict[str, object]:
-    with bank.handle.ledger._lock:
-        return dict(bank.handle.ledger._records)
+def _book(bank: Bank) -> tuple[int, dict[str, object]]:
+    """How many switch_refs the bank's book holds, and its totals."""
+    ledger = bank.handle.ledger
+    return len(ledger), dict(ledger.totals())
 
 
 @pytest.mark.parametrize(
@@ -381,7 +382,7 @@ def test_only_a_switch_node_moves_money_at_a_bank(
             with _raises(grpc.StatusCode.PERMISSION_DENIED) as caught:
                 call()
             assert _error_of(caught[0]).reason == "NOT_AUTHORIZED"
-    assert _book(bank) == {}  # nothing applied, not even a reversal marker
+    assert _book(bank) == (0, {})  # nothing applied, not even a reversal marker
     # A node asking about those references finds nothing.
     assert [bank.inquire(ref).status for ref in ("evil-1", "evil-2", "evil-3")] == [UNKNOWN_REF] * 3
 
@@ -402,7 +403,7 @@ def test_a_caller_without_a_certificate_never_reaches_the_bank(
         with _raises(grpc.StatusCode.UNAVAILABLE):  # the handshake is refused
             stub.Debit(_transfer("anon-1"), timeout=CALL_TIMEOUT_S)
         channel.close()
-    assert _book(bank) == {}
+    assert _book(bank) == (0, {})
     assert bank.inquire("anon-1").status == UNKNOWN_REF
 
 
