@@ -108,8 +108,7 @@ def test_a_bank_answering_on_another_banks_address_is_refused(
     says BANK_A listens: the gateway refuses the handshake, so BANK_B's approval never
     counts as BANK_A's, and nothing reaches BANK_B's book."""
     _refused_everywhere(gateway, _bank("BANK_A", bank_b.address), "sw-1")
-    with bank_b.ledger._lock:
-        assert bank_b.ledger._records == {}
+    assert len(bank_b.ledger) == 0
     # The same server, called as the bank it is, answers: the refusal was its identity.
     real = gateway.transfer(_bank("BANK_B", bank_b.address), _transfer("sw-2"), DEADLINE_S)
     assert real.answer is BankAnswer.APPROVED, real
