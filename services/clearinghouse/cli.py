@@ -323,7 +323,7 @@ def print_live(st: dict[str, Any]) -> None:
     _say(f"switch nodes (ShardService/Describe): {served}")
     _say(
         f"  {'ZONE':<12}{'SHARDS':>7}{'COMMITS':>10}{'ENTRIES':>10}{'LOCAL':>9}{'FORWARDED':>11}"
-        f"  {'EPOCHS':<14}SHARD NUMBERS"
+        f"  {'CODE':<19}{'EPOCHS':<14}SHARD NUMBERS"
     )
     for zone, d in st["switch_nodes"].items():
         if d is None:
@@ -332,10 +332,17 @@ def print_live(st: dict[str, Any]) -> None:
         shards = [s["shard"] for s in d["shards"]]
         epochs = [s["epoch"] for s in d["shards"]]
         ep = f"{min(epochs)}..{max(epochs)}" if epochs else "-"
+        code = d["code_version"] or "-"
         _say(
             f"  {zone:<12}{len(shards):>7}{d['commits']:>10}{d['entries']:>10}"
-            f"{d['routed_local']:>9}{d['routed_forwarded']:>11}  {ep:<14}"
+            f"{d['routed_local']:>9}{d['routed_forwarded']:>11}  {code:<19}{ep:<14}"
             f"{observe.shard_ranges(shards) or '-'}"
+        )
+    if st["other_code"]:
+        _say(
+            f"  not the code of this checkout ({st['checkout_code_version']}): "
+            f"{', '.join(st['other_code'])}; restart each with `clearingctl cluster stop "
+            f"switch@<zone>` and `clearingctl cluster start switch@<zone>`, one zone at a time"
         )
     for shard, zones in own["contested"].items():
         _say(f"  shard {shard} is claimed by {', '.join(zones)} (a handover in progress)")

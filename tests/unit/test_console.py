@@ -24,6 +24,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from clearing.v1 import shard_pb2, shard_pb2_grpc
 from clearinghouse import cli, topology
+from clearinghouse.code_version import code_version
 from clearinghouse.console import observe
 from clearinghouse.console.server import Console, ConsoleServer, page, run
 from clearinghouse.localcluster.cluster import LocalCluster
@@ -133,6 +134,7 @@ def describe(zone: str, shards: list[int], epoch: int = 100) -> dict[str, Any]:
         "entries": 40,
         "routed_local": 7,
         "routed_forwarded": 3,
+        "code_version": code_version(),
     }
 
 
@@ -354,7 +356,26 @@ def test_live_status_gathers_ownership_and_rates(metrics: MetricsStub) -> None:
     assert live["ownership"]["served"] == 128 - len(fake.nodes["beijing-b"]["shards"])
     assert set(live["throughput"]) == set(ZONES)
     assert live["throughput"]["beijing-a"]["payments_per_s"] == 0.0
+    assert live["checkout_code_version"] == code_version() and live["other_code"] == []
     json.dumps(live)  # what `cluster status --json` prints
+
+
+def test_status_names_the_nodes_that_run_other_code(
+    metrics: MetricsStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeCluster(metrics)
+    for z in ZONES:
+        metrics.texts[z] = metrics_text({"APPROVED": 1}, 1, {})
+    fake.nodes["shanghai-b"]["code_version"] = "0.1.0+000000000000"  # started before an edit
+    fake.down.add("beijing-b")  # not answering: nothing known of its code
+    live = observe.live_status(fake, interval_s=0.1)
+    assert live["other_code"] == ["shanghai-b"]
+    cli.print_live(live)
+    out = capsys.readouterr().out
+    assert "0.1.0+000000000000" in out and code_version() in out
+    hint = next(line for line in out.splitlines() if "not the code of this checkout" in line)
+    assert "shanghai-b" in hint and "beijing" not in hint
+    assert "cluster start switch@<zone>" in hint
 
 
 # -- LocalCluster.describe_nodes against stub gRPC nodes ------------------------------
@@ -371,6 +392,7 @@ class StubShards(shard_pb2_grpc.ShardServiceServicer):  # type: ignore[misc]
             node_id=self.node_id,
             shards=[shard_pb2.OwnedShard(shard=s, epoch=1000 + s) for s in self.shards],
             commits=5, entries=20, routed_local=3, routed_forwarded=2,
+            code_version="0.1.0+0123456789ab",
         )  # fmt: skip
 
 
@@ -419,6 +441,7 @@ def test_describe_nodes_asks_every_node_at_once_and_bounds_dead_ones(
         "node_id": "beijing-a",
         "shards": [{"shard": s, "epoch": 1000 + s} for s in (0, 1, 2)],
         "commits": 5, "entries": 20, "routed_local": 3, "routed_forwarded": 2,
+        "code_version": "0.1.0+0123456789ab",
     }  # fmt: skip
     assert got["beijing-b"] is not None and got["beijing-b"]["shards"][0]["shard"] == 3
     assert got["shanghai-a"] is None  # deadline passed

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from clearinghouse.code_version import code_version
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.topology import Topology
 
@@ -294,8 +295,15 @@ def live_status(
         described = pool.submit(source.describe_nodes, describe_timeout_s)
         throughput = live_rates(source.metrics_urls(), interval_s, scrape_timeout_s)
         nodes = described.result()
+    checkout = code_version()
     return {
         "switch_nodes": nodes,
+        # What the nodes would run if started now from this checkout, and the nodes that
+        # run something else (started before an update: a restart loads the new code).
+        "checkout_code_version": checkout,
+        "other_code": sorted(
+            zone for zone, d in nodes.items() if d is not None and d["code_version"] != checkout
+        ),
         "ownership": ownership(nodes),
         "throughput": throughput,
         "throughput_interval_s": interval_s,

@@ -621,6 +621,7 @@ class LocalCluster:
                     "entries": d.entries,
                     "routed_local": d.routed_local,
                     "routed_forwarded": d.routed_forwarded,
+                    "code_version": d.code_version,
                 }
             return out
         finally:

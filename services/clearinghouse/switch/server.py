@@ -34,6 +34,7 @@ from clearing.v1 import (
 )
 from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
+from clearinghouse.code_version import code_version
 from clearinghouse.ownership import etcd_backend
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
@@ -160,6 +161,7 @@ class Node:
             entries=committer.entries,
             routed_local=self.router.local_count,
             routed_forwarded=self.router.forwarded,
+            code_version=code_version(),
         )
 
     def set_serving(self, serving: bool) -> None:
@@ -188,7 +190,13 @@ class Node:
             target=self.window_keeper.run, args=(self.stopping,), name="windows", daemon=True
         ).start()
         self.set_serving(True)
-        log.info("switch node %s serving on %s:%d", cfg.zone, cfg.listen_host, self.port)
+        log.info(
+            "switch node %s (code %s) serving on %s:%d",
+            cfg.zone,
+            code_version(),
+            cfg.listen_host,
+            self.port,
+        )
 
     def stop(self) -> None:
         self.stopping.set()
@@ -202,6 +210,7 @@ class Node:
 
 
 def build(cfg: NodeConfig) -> Node:
+    code_version()  # read the sources now: what this process loaded, not later edits
     cluster, session = connect(cfg.cassandra)
     cl = consistency_level(cfg.cassandra.consistency)
     # This process's commits go to a stream of its own (storage.ledger, "Streams").
