@@ -303,6 +303,33 @@ def test_export_writes_the_streamed_files(tmp_path: Path) -> None:
     evil = [audit_pb2.ExportWindowResponse(path="../outside", data=b"x")]
     code, _ = run({"ExportWindow": evil}, "audit", "export", "5", "--out", str(tmp_path / "e"))
     assert code == 1 and not (tmp_path / "outside").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w5"]  # no half-made folder left
+
+
+@covers("audit", "export")
+def test_an_export_broken_off_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken_off() -> Iterator[Any]:
+        yield audit_pb2.ExportWindowResponse(path=MANIFEST_FILE, data=b"{")
+        yield audit_pb2.ExportWindowResponse(path="entries.jsonl", data=b"x" * 1000)
+        raise FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+
+    out = tmp_path / "w5"
+    out.mkdir()  # an empty folder may be named; it is left as it was
+    code, _ = run({"ExportWindow": broken_off()}, "audit", "export", "5", "--out", str(out))
+    assert code != 0
+    assert out.is_dir() and not any(out.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["w5"]
+    err = capsys.readouterr().err
+    assert "broken off after 2 files" in err and "nothing was written" in err
+    # The same command, once the node answers, writes the whole export there.
+    whole = [audit_pb2.ExportWindowResponse(path=MANIFEST_FILE, data=b"{}\n")]
+    code, _ = run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(out))
+    assert code == 0 and (out / MANIFEST_FILE).read_bytes() == b"{}\n"
+    (tmp_path / "file").write_text("x")
+    code, _ = run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(tmp_path / "file"))
+    assert code == 2 and "not an empty folder" in capsys.readouterr().err
 
 
 @covers("audit", "verify")

@@ -23,6 +23,8 @@ import csv
 import functools
 import io
 import json
+import os
+import shutil
 import sys
 import textwrap
 import time
@@ -534,25 +536,70 @@ def _within_quota(call: Callable[[], T]) -> T:
             time.sleep(pause_ms / 1000)
 
 
+# An export says how far it got after each this many bytes (a large window is hundreds
+# of MiB and minutes of streaming).
+EXPORT_PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
+
+
 def _export(stub: Any, args: argparse.Namespace) -> int:
+    """Stream the window's files into a hidden folder beside ``--out`` and rename it to
+    ``--out`` once the last chunk arrived: ``--out`` holds a whole export or nothing, and
+    an export broken off (node gone, deadline, Ctrl-C) leaves nothing behind to clean."""
     out: Path = args.out
-    if out.exists() and any(out.iterdir()):
-        print(f"clearingctl: {out} is not empty", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"clearingctl: {out} exists and is not an empty folder", file=sys.stderr)
         return 2
-    files = 0
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    received = _Received()
+    try:
+        code = _receive_export(stub, args, partial, received)
+        if code == 0:
+            if out.exists():
+                out.rmdir()  # empty (checked above); the rename needs the name free
+            partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        print(
+            f"clearingctl: the export of window {args.window_id} was broken off after "
+            f"{received.files} files ({received.size / 2**20:.1f} MiB); nothing was written "
+            f"to {out}",
+            file=sys.stderr,
+        )
+        raise
+    if code != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        return code
+    print(f"window {args.window_id}: {received.files} files ({received.size / 2**20:.1f} MiB) "
+          f"in {out}; check them with `clearingctl audit verify {out}`")  # fmt: skip
+    return 0
+
+
+@dataclass
+class _Received:
+    files: int = 0
+    size: int = 0
+
+
+def _receive_export(stub: Any, args: argparse.Namespace, into: Path, got: _Received) -> int:
+    into.mkdir(parents=True)
+    root = into.resolve()
+    reported = 0
     for chunk in stub.ExportWindow(audit_pb2.ExportWindowRequest(window_id=args.window_id),
                                    timeout=args.deadline_s):  # fmt: skip
-        path = (out / chunk.path).resolve()
-        if out.resolve() not in path.parents:
-            print(f"clearingctl: refusing path {chunk.path!r} outside {out}", file=sys.stderr)
+        path = (into / chunk.path).resolve()
+        if root not in path.parents:
+            print(f"clearingctl: refusing path {chunk.path!r} outside {args.out}", file=sys.stderr)
             return 1
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            files += 1
+            got.files += 1
         with path.open("ab") as f:
             f.write(chunk.data)
-    print(f"window {args.window_id}: {files} files in {out}; check them with "
-          f"`clearingctl audit verify {out}`")  # fmt: skip
+        got.size += len(chunk.data)
+        if got.size - reported >= EXPORT_PROGRESS_EVERY_BYTES:
+            reported = got.size
+            print(f"  window {args.window_id}: {got.files} files, {got.size / 2**20:.0f} MiB "
+                  "so far", file=sys.stderr)  # fmt: skip
     return 0
 
 
