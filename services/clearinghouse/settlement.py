@@ -200,27 +200,25 @@ class WindowKeeper:
             if self.windows.status(window_id).state != "CLOSED":
                 self._uncleared.discard(window_id)
                 continue
-            log.error(
-                "settlement window %d is still not cleared while %d later windows closed; "
-                "clearing it again", window_id, max(watched, default=window_id) - window_id,
-            )  # fmt: skip
-            self._clear_or_log(window_id)
+            later = max(watched, default=window_id) - window_id
+            self._clear_or_log(window_id, f" ({later} later windows closed since)")
         for w in sorted(recent, key=lambda w: w.window_id):
             if w.state == "CLOSED":
                 self._clear_or_log(w.window_id)
         self._maybe_schedule(recent)
 
-    def _clear_or_log(self, window_id: int) -> None:
-        """Clear one window; a failure is logged and tried again at the next step, and
-        does not hold back the later windows' clearings or the schedule (each window's
-        clearing reads its own entries only)."""
+    def _clear_or_log(self, window_id: int, since: str = "") -> None:
+        """Clear one window; a failure is logged (one ERROR, with ``since``: how long the
+        window has waited) and tried again at the next step, and does not hold back the
+        later windows' clearings or the schedule (each window's clearing reads its own
+        entries only)."""
         try:
             self._clear(window_id)
         except Exception as e:  # every failure: logged, tried again at the next step
             if isinstance(e, ClearingError):
-                log.error("settlement window %d not cleared: %s", window_id, e)
+                log.error("settlement window %d not cleared%s: %s", window_id, since, e)
             else:
-                log.exception("settlement window %d not cleared", window_id)
+                log.exception("settlement window %d not cleared%s", window_id, since)
 
     def _record_cuts(self, closing: list[int]) -> None:
         """Record every cut that the shards served here made of a window still closing."""

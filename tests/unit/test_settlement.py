@@ -9,6 +9,7 @@ The real :class:`~clearinghouse.settlement.WindowKeeper`, shard stores and
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -166,7 +167,7 @@ def test_a_second_close_before_the_first_is_closed_clears_both_in_order(
 
 
 def test_a_window_whose_clearing_kept_failing_is_cleared_after_later_windows_closed(
-    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch
+    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Clearing window 1 fails while windows 2..5 close: window 1 is no longer among the
     newest four the keeper reads. It was never cleared, and nothing said so; now it is
@@ -189,6 +190,12 @@ def test_a_window_whose_clearing_kept_failing_is_cleared_after_later_windows_clo
         world.step()  # window 1's clearing fails (logged); a later window is cleared
     assert [w.window_id for w in world.windows.recent(4)] == [5, 4, 3, 2]
     assert [world.state(w) for w in range(1, 6)] == ["CLOSED"] + ["CLEARED"] * 4
+    caplog.clear()
+    world.step()  # one ERROR a step for the window left behind, saying how long it waited
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "window 1 not cleared (4 later windows closed since)" in errors[0]
+    assert "replicas unreadable" in errors[0]
 
     failing.clear()
     world.step()
