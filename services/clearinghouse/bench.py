@@ -7,7 +7,9 @@ payment sent straight to its shard's owner, to price the forwarding hop; batches
 then single submissions paced at half the measured single rate, for the latency a
 lightly loaded switch gives. CPU seconds per 1,000 payments come from /proc for every
 process kind (Cassandra, etcd, switch, bank, and this load generator), and resident
-memory is summed over all of them.
+memory (at the end) is given by process, by kind, summed over every process the cluster
+runs, and summed over the default cluster alone (without bank simulators that are not in
+``cluster/participants.json``, which the cluster tests start and leave running).
 
 Signed orders: every order is signed by the load generator (the clients' interceptor,
 :mod:`clearinghouse.order_signing`) and verified by the receiving switch node. The cost
@@ -287,8 +289,15 @@ def _signature_share(phases: list[dict[str, Any]], verify_us: float) -> dict[str
 
 
 def _cpu_and_rss(lc: LocalCluster) -> tuple[dict[str, float], int]:
+    cpu, rss = _cpu_and_rss_by_process(lc)
+    return cpu, sum(rss.values())
+
+
+def _cpu_and_rss_by_process(lc: LocalCluster) -> tuple[dict[str, float], dict[str, int]]:
+    """CPU seconds by process kind (and this load generator), and resident bytes of
+    every running process the cluster's state names, as ``kind@name``."""
     cpu: dict[str, float] = {}
-    rss = 0
+    rss: dict[str, int] = {}
     for record in lc.paths.state.glob("*/*/process.json"):
         kind = record.parent.parent.name
         pid = procs.read_pid(procs.Managed(kind, record.parent.name, record.parent, record))
@@ -298,10 +307,31 @@ def _cpu_and_rss(lc: LocalCluster) -> tuple[dict[str, float], int]:
         except (OSError, IndexError):
             continue
         cpu[kind] = cpu.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-        rss += int(statm[1]) * PAGE_BYTES
+        rss[f"{kind}@{record.parent.name}"] = int(statm[1]) * PAGE_BYTES
     t = os.times()
     cpu["loadgen"] = t.user + t.system
     return cpu, rss
+
+
+def memory_report(rss: dict[str, int], default_banks: set[str]) -> dict[str, Any]:
+    """Resident memory in MiB: of everything running, of the default cluster alone (what
+    the target is about: without bank simulators that other work started, such as the
+    cluster tests' BANK_SLOW), by kind and by process."""
+    extra = sorted(
+        name for name in rss if name.startswith("bank@") and name[5:] not in default_banks
+    )
+    by_kind: dict[str, int] = {}
+    for name, size in rss.items():
+        kind = name.split("@", 1)[0]
+        by_kind[kind] = by_kind.get(kind, 0) + size
+    default = sum(size for name, size in rss.items() if name not in extra)
+    return {
+        "resident_memory_all_processes_mib": round(sum(rss.values()) / 2**20),
+        "resident_memory_default_cluster_mib": round(default / 2**20),
+        "resident_memory_not_default_cluster": extra,
+        "resident_memory_by_kind_mib": {k: round(v / 2**20) for k, v in sorted(by_kind.items())},
+        "resident_memory_by_process_mib": {k: round(v / 2**20) for k, v in sorted(rss.items())},
+    }
 
 
 def _shard_owners(lc: LocalCluster) -> dict[int, str]:
@@ -492,7 +522,15 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     progress(f"phase batched at half rate: {batch_half:.0f}/s in batches of {BATCH_SIZE}")
     phase("batched_half_rate", pool_run(BATCH_CLIENTS, batch_worker, batch_pace),
           BATCH_POOL_ORDERS // 2)  # fmt: skip
-    _, rss = _cpu_and_rss(lc)
+    _, rss = _cpu_and_rss_by_process(lc)
+    memory = memory_report(rss, {b["participant_id"] for b in parts["banks"]})
+    kinds = ", ".join(f"{k} {v:,}" for k, v in memory["resident_memory_by_kind_mib"].items())
+    progress(
+        f"resident memory: {memory['resident_memory_default_cluster_mib']:,} MiB the default "
+        f"cluster, {memory['resident_memory_all_processes_mib']:,} MiB every process "
+        f"(also: {', '.join(memory['resident_memory_not_default_cluster']) or 'nothing'}); "
+        f"by kind, MiB: {kinds}"
+    )
     spec = lc.spec()
     for c in clients:
         c.close()
@@ -518,7 +556,7 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
             ),
         },
         "storage": storage,
-        "resident_memory_all_processes_mib": round(rss / 2**20),
+        **memory,
     }  # fmt: skip
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -527,4 +565,4 @@ def run(lc: LocalCluster, seconds: float = PHASE_S, progress: Progress = print,
     return report
 
 
-__all__ = ["run", "signing_cost"]
+__all__ = ["memory_report", "run", "signing_cost"]
