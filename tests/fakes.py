@@ -56,7 +56,9 @@ from clearinghouse.domain import (
     fingerprint,
 )
 from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.domain.entries import KIND_WINDOW_CUT
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
+from clearinghouse.storage.ledger import SEQ_MAX
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import (
     BankAnswer,
@@ -364,6 +366,11 @@ class FakeLedger:
         self.between_write_and_check: Callable[[Sequence[ShardWrite]], None] | None = None
         self._commit_failures: list[tuple[bool, int | None]] = []
         self._failures: Counter[str] = Counter()
+        # Where each committed entry went, as a stream's block: each commit is a block
+        # of its own. ``entries(from_block=...)`` sees only what is at or after it, as a
+        # Cassandra reader starting at that block does.
+        self.block_of: dict[tuple[int, int, int], int] = {}
+        self._blocks = 0
 
     # -- test controls -----------------------------------------------------------------
 
@@ -406,6 +413,8 @@ class FakeLedger:
                 other.fences[shard] = dict(fences)
             for shard, seals in self._seals.items():
                 other._seals[shard] = dict(seals)
+            other.block_of = dict(self.block_of)
+            other._blocks = self._blocks
         return other
 
     def drop(self, shard: int, epoch: int, seq: int) -> None:
@@ -454,7 +463,13 @@ class FakeLedger:
             return [part[q] for q in sorted(part) if from_seq <= q <= to_seq]
 
     def entries(
-        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+        self,
+        shard: int,
+        epoch: int,
+        from_seq: int,
+        until_seq: int | None = None,
+        *,
+        from_block: int | None = None,
     ) -> list[LedgerEntry]:
         with self._lock:
             self._enter("entries")
@@ -462,9 +477,27 @@ class FakeLedger:
             out: list[LedgerEntry] = []
             seq = from_seq
             while seq in part and (until_seq is None or seq <= until_seq):
+                if (
+                    from_block is not None
+                    and self.block_of.get((shard, epoch, seq), 0) < from_block
+                ):
+                    break  # stored before the block the read starts at: not seen
                 out.append(part[seq])
                 seq += 1
+            # What a Cassandra reader decodes for this: every entry of the partition from
+            # the block it starts at (the epoch's first without from_block) to until_seq.
+            start, last = from_block or 0, SEQ_MAX if until_seq is None else until_seq
+            self.calls["entries_scanned"] += sum(
+                1 for q in part if q <= last and self.block_of.get((shard, epoch, q), 0) >= start
+            )
             return out
+
+    def cut_block(self, shard: int, epoch: int, seq: int) -> int | None:
+        with self._lock:
+            e = self.stored.get((shard, epoch), {}).get(seq)
+            if e is None or e.kind != KIND_WINDOW_CUT:
+                return None
+            return self.block_of.get((shard, epoch, seq))
 
     def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
         with self._lock:
@@ -472,9 +505,11 @@ class FakeLedger:
             failure = self._pending_commit_failure({w.shard for w in writes})
             if failure is False:
                 raise _storage_down("commit")
+            self._blocks += 1
             for w in writes:
                 part = self.stored[(w.shard, w.epoch)]
                 for e in w.entries:
+                    self.block_of.setdefault((e.shard, e.epoch, e.seq), self._blocks)
                     invariant(
                         (e.shard, e.epoch) == (w.shard, w.epoch),
                         f"entry of shard {e.shard} epoch {e.epoch} in the write of "

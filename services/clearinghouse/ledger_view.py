@@ -7,17 +7,18 @@ the decisions per participant and currency.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from clearinghouse._invariant import invariant
-from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.domain.chain import GENESIS_HASH, LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
 from clearinghouse.switch.ports import ChainReader
 from clearinghouse.switch.records import SHARD_COUNT
-from clearinghouse.switch.shards import map_shards, read_chain
+from clearinghouse.switch.shards import map_shards, read_chain, read_chain_part
 
 
 @dataclass
@@ -70,39 +71,87 @@ def read_window(
 
     The window starts after the previous window's cut in each shard, so that cut must be
     recorded too (window 1 starts at the chain's start): a window is never read from a
-    guessed start, which would take in earlier windows' entries."""
+    guessed start, which would take in earlier windows' entries. Each shard's part is
+    read alone, from the previous cut's recorded block on where it is known, and checked
+    to link from the previous cut's hash to this cut's: the cost of a window is its own
+    entries, not the ledger before it. A decision whose intent lies in an earlier window
+    has that intent looked up in the windows before, newest first, each read and checked
+    between its own two cuts, until every such intent is found."""
     cuts = windows.cuts(window_id)
     missing = sorted(set(range(shard_count)) - set(cuts))
     invariant(not missing, f"window {window_id} is not cut in shards {missing[:8]}")
-    prev = windows.cuts(window_id - 1) if window_id > 1 else {}
-    if window_id > 1:
-        missing = sorted(set(range(shard_count)) - set(prev))
-        invariant(
-            not missing,
-            f"window {window_id - 1}'s cut is not recorded in shards {missing[:8]}, so "
-            f"window {window_id}'s start is unknown there",
-        )
+    earlier = _EarlierCuts(windows, window_id, shard_count)
     by_shard: dict[int, list[LedgerEntry]] = {}
     intents: list[LedgerEntry] = []
 
-    def read(shard: int) -> list[LedgerEntry]:
-        return read_chain(ledger, shard, verify=verify)[0]
+    def read(shard: int) -> tuple[list[LedgerEntry], list[LedgerEntry]]:
+        after = earlier.cut(window_id - 1, shard)
+        part = _window_part(ledger, shard, after, cuts[shard], window_id=window_id, verify=verify)
+        inside = {e.payment_key for e in part if e.kind == KIND_INTENT}
+        wanted = {e.payment_key for e in part if e.kind == KIND_DECISION} - inside
+        found: list[LedgerEntry] = []
+        before = window_id - 1
+        while wanted and before >= 1:
+            older = _window_part(
+                ledger, shard, earlier.cut(before - 1, shard), earlier.cut(before, shard),
+                window_id=before, verify=verify,
+            )  # fmt: skip
+            hits = [e for e in older if e.kind == KIND_INTENT and e.payment_key in wanted]
+            found = hits + found
+            wanted -= {e.payment_key for e in hits}
+            before -= 1
+        return part, found
 
     # Closed on the way out: a window that does not verify stops the reads there.
-    with closing(map_shards(read, range(shard_count))) as chains:
-        for shard, chain in enumerate(chains):
-            lo = prev[shard].seq if window_id > 1 else 0
-            cut = cuts[shard]
-            part = [e for e in chain if lo < e.seq <= cut.seq]
-            invariant(
-                bool(part) and (part[-1].entry_hash == cut.entry_hash or not verify),
-                f"shard {shard}: the chain does not hold window {window_id}'s recorded cut",
-            )
+    with closing(map_shards(read, range(shard_count))) as parts:
+        for shard, (part, found) in enumerate(parts):
             by_shard[shard] = part
-            inside = {e.payment_key for e in part if e.kind == KIND_INTENT}
-            wanted = {e.payment_key for e in part if e.kind == KIND_DECISION} - inside
-            intents += [e for e in chain if e.kind == KIND_INTENT and e.payment_key in wanted]
+            intents += found
     return WindowData(window_id, by_shard, intents)
+
+
+class _EarlierCuts:
+    """The recorded cuts of the windows before one, read once each when first needed
+    (shards are read on several threads)."""
+
+    def __init__(self, windows: Any, window_id: int, shard_count: int) -> None:
+        self.windows = windows
+        self.window_id = window_id
+        self.shard_count = shard_count
+        self._cuts: dict[int, dict[int, Any]] = {}
+        self._lock = threading.Lock()
+
+    def cut(self, window_id: int, shard: int) -> Any | None:
+        """Window ``window_id``'s cut of ``shard``; None before window 1 (the chain's
+        start). Raises InvariantViolation if a window before has not recorded it."""
+        if window_id < 1:
+            return None
+        with self._lock:
+            if window_id not in self._cuts:
+                self._cuts[window_id] = self.windows.cuts(window_id)
+            cuts = self._cuts[window_id]
+        missing = sorted(set(range(self.shard_count)) - set(cuts))
+        invariant(
+            not missing,
+            f"window {window_id}'s cut is not recorded in shards {missing[:8]}, so window "
+            f"{window_id + 1}'s start is unknown there",
+        )
+        return cuts[shard]
+
+
+def _window_part(
+    ledger: ChainReader, shard: int, after: Any | None, cut: Any, *, window_id: int, verify: bool
+) -> list[LedgerEntry]:
+    """The shard's entries after ``after`` (the previous window's cut; None: from the
+    chain's start) through ``cut``, checked to end at the cut's recorded hash."""
+    start = (0, GENESIS_HASH) if after is None else (after.seq, after.entry_hash)
+    at = None if after is None or after.block is None else (after.epoch, after.block)
+    part = read_chain_part(ledger, shard, start, cut.seq, start_at=at, verify=verify)
+    invariant(
+        bool(part) and (part[-1].entry_hash == cut.entry_hash or not verify),
+        f"shard {shard}: the chain does not hold window {window_id}'s recorded cut",
+    )
+    return part
 
 
 def read_ledger(ledger: ChainReader, shard_count: int = SHARD_COUNT) -> LedgerSummary:

@@ -227,7 +227,8 @@ class WindowKeeper:
                 key = (window_id, shard, entry.seq)
                 if key in self._recorded:
                     continue
-                cut = CutRow(window_id, shard, entry.epoch, entry.seq, entry.entry_hash)
+                block = self.ledger.cut_block(shard, entry.epoch, entry.seq)
+                cut = CutRow(window_id, shard, entry.epoch, entry.seq, entry.entry_hash, block)
                 self.windows.put_cut(cut, self.node_id, self.clock())
                 self._recorded.add(key)
         self._recorded = {k for k in self._recorded if k[0] in closing}

@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -230,7 +230,11 @@ class FakeWindows:
 
     def put_cut(self, cut: Any, node_id: str, at_us: int) -> None:
         with self._lock:
-            self.cut_rows.setdefault(cut.window_id, {})[cut.shard] = cut
+            rows = self.cut_rows.setdefault(cut.window_id, {})
+            known = rows.get(cut.shard)
+            if cut.block is None and known is not None and known.block is not None:
+                cut = replace(cut, block=known.block)  # a cut without a block leaves it
+            rows[cut.shard] = cut
 
     def cuts(self, window_id: int) -> dict[int, Any]:
         _bind((window_id,), (LongType,))

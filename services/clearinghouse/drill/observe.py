@@ -161,7 +161,7 @@ class _ReadOnce:
     def __init__(self, inner: LedgerStore) -> None:
         self.inner = inner
         self._seals: dict[int, list[Seal]] = {}
-        self._entries: dict[tuple[int, int, int, int | None], list[LedgerEntry]] = {}
+        self._entries: dict[tuple[int, int, int, int | None, int | None], list[LedgerEntry]] = {}
 
     def seals(self, shard: int) -> list[Seal]:
         if shard not in self._seals:
@@ -169,12 +169,23 @@ class _ReadOnce:
         return self._seals[shard]
 
     def entries(
-        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+        self,
+        shard: int,
+        epoch: int,
+        from_seq: int,
+        until_seq: int | None = None,
+        *,
+        from_block: int | None = None,
     ) -> list[LedgerEntry]:
-        key = (shard, epoch, from_seq, until_seq)
+        key = (shard, epoch, from_seq, until_seq, from_block)
         if key not in self._entries:
-            self._entries[key] = self.inner.entries(shard, epoch, from_seq, until_seq)
+            self._entries[key] = self.inner.entries(
+                shard, epoch, from_seq, until_seq, from_block=from_block
+            )
         return self._entries[key]
+
+    def cut_block(self, shard: int, epoch: int, seq: int) -> int | None:
+        return self.inner.cut_block(shard, epoch, seq)
 
     def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None:
         raise InvariantViolation("the drill reads the ledger; it never writes a fence")

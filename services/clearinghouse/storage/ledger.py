@@ -42,6 +42,7 @@ from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import FieldViolation, InvalidArgument
 from clearinghouse.domain import Unavailable as DomainUnavailable
 from clearinghouse.domain.chain import LedgerEntry
+from clearinghouse.domain.entries import KIND_WINDOW_CUT
 from clearinghouse.storage.retry import TRANSIENT, with_retries
 from clearinghouse.switch.ports import IndexRow, Seal, ShardWrite
 
@@ -61,6 +62,9 @@ READ_PAGE_RUNS = 50
 COMMIT_WRITE_TIMEOUT_S = 5.0
 # The mark of a chain part whose index rows were written in its commits (before streams).
 INDEXED_IN_COMMIT = SEQ_MAX
+# Blocks of WINDOW_CUT entries remembered (a window cuts each of the 128 shards once):
+# those of the last 32 windows, about 100 KiB.
+CUT_BLOCKS_KEPT = 128 * 32
 # The one partition of index_marks (migration 010).
 MARKS_BUCKET = 0
 # Time-index rows per batch (one partition each): bounded, whatever the indexer holds.
@@ -204,6 +208,10 @@ class CassandraLedger:
         # (shard, epoch) -> (stream, first block), or None for a chain part in the legacy
         # table. Seals are written once, so what was read stays true.
         self._locations: dict[tuple[int, int], tuple[str, int] | None] = {}
+        # (shard, epoch, seq) -> the block holding that WINDOW_CUT entry, for the cuts
+        # this object wrote or read (a window's reader starts there: :meth:`cut_block`).
+        self._cut_blocks: dict[tuple[int, int, int], int] = {}
+        self._cut_blocks_lock = threading.Lock()
         p = session.prepare
         self._insert_stream = p(
             "INSERT INTO ledger_stream (stream, block, shard, epoch, first_seq, last_seq, "
@@ -337,26 +345,61 @@ class CassandraLedger:
         return self._read(shard, epoch, from_seq, to_seq, contiguous=False)
 
     def entries(
-        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+        self,
+        shard: int,
+        epoch: int,
+        from_seq: int,
+        until_seq: int | None = None,
+        *,
+        from_block: int | None = None,
     ) -> list[LedgerEntry]:
         """Entries of ``epoch`` from ``from_seq`` on (up to ``until_seq``, if given: a
         part of the chain whose end the next seal tells), as long as they are
-        contiguous."""
+        contiguous. ``from_block``: a block of the epoch's stream that no entry from
+        ``from_seq`` on comes before (:meth:`cut_block` of an earlier entry); the read
+        starts there instead of at the epoch's first block."""
         last = SEQ_MAX if until_seq is None else until_seq
-        return self._read(shard, epoch, from_seq, last, contiguous=True)
+        return self._read(shard, epoch, from_seq, last, contiguous=True, from_block=from_block)
+
+    def cut_block(self, shard: int, epoch: int, seq: int) -> int | None:
+        """The block of this object's stream, or of the stream it read, that holds the
+        WINDOW_CUT entry ``(shard, epoch, seq)``; None if it neither wrote nor read it."""
+        with self._cut_blocks_lock:
+            return self._cut_blocks.get((shard, epoch, seq))
+
+    def _saw_cuts(self, block: int, entries: Sequence[LedgerEntry]) -> None:
+        cuts = [e for e in entries if e.kind == KIND_WINDOW_CUT]
+        if not cuts:
+            return
+        with self._cut_blocks_lock:
+            for e in cuts:
+                # The first block seen is kept: a lower bound for what comes after it.
+                self._cut_blocks.setdefault((e.shard, e.epoch, e.seq), block)
+            while len(self._cut_blocks) > CUT_BLOCKS_KEPT:
+                del self._cut_blocks[next(iter(self._cut_blocks))]  # the oldest first
 
     def _read(
-        self, shard: int, epoch: int, from_seq: int, to_seq: int, *, contiguous: bool
+        self,
+        shard: int,
+        epoch: int,
+        from_seq: int,
+        to_seq: int,
+        *,
+        contiguous: bool,
+        from_block: int | None = None,
     ) -> list[LedgerEntry]:
         where = self._location(shard, epoch)
         if where is None:
             return self._read_legacy(shard, epoch, from_seq, to_seq, contiguous=contiguous)
         stream, block = where
+        if from_block is not None:
+            block = max(block, from_block)
         out: list[LedgerEntry] = []
         expected = from_seq
         while True:
             runs = self._runs(stream, block, shard, epoch, to_seq)
             for _, run in runs:
+                self._saw_cuts(block, run)
                 for e in run:
                     if e.seq < expected or e.seq > to_seq:
                         continue
@@ -479,6 +522,8 @@ class CassandraLedger:
             except TRANSIENT:
                 return {w.shard: False for w in writes}
         self.blocks.written(block, held, count)
+        for w in writes:
+            self._saw_cuts(block, w.entries)
         try:
             fences = self.max_fences(sorted({w.shard for w in writes}))
         except DomainUnavailable:

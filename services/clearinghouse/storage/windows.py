@@ -48,6 +48,9 @@ class CutRow:
     epoch: int
     seq: int
     entry_hash: bytes
+    # The block of the epoch's stream that holds the cut entry, if the recorder knew it:
+    # the next window's entries of this epoch are read from there (migration 013).
+    block: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +96,14 @@ class CassandraWindows:
             "INSERT INTO window_cuts (window_id, shard, epoch, seq, entry_hash, node_id, at_us) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
+        # A cut recorded without its block leaves a block recorded by another as it is.
+        self._insert_cut_with_block = p(
+            "INSERT INTO window_cuts (window_id, shard, epoch, seq, entry_hash, node_id, at_us, "
+            "stream_block) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         self._select_cuts = p(
-            "SELECT shard, epoch, seq, entry_hash FROM window_cuts WHERE window_id = ?"
+            "SELECT shard, epoch, seq, entry_hash, stream_block FROM window_cuts "
+            "WHERE window_id = ?"
         )
         self._insert_part = p(
             "INSERT INTO window_clearing (window_id, part, body, digest, at_us) "
@@ -103,7 +112,7 @@ class CassandraWindows:
         self._select_parts = p("SELECT part, body, digest FROM window_clearing WHERE window_id = ?")
         for stmt in (
             self._select_events, self._select_events_before, self._select_window,
-            self._insert_cut, self._select_cuts,
+            self._insert_cut, self._insert_cut_with_block, self._select_cuts,
             self._insert_part, self._select_parts,
         ):  # fmt: skip
             stmt.consistency_level = consistency
@@ -173,17 +182,23 @@ class CassandraWindows:
     # -- cuts and clearing --------------------------------------------------------------
 
     def put_cut(self, cut: CutRow, node_id: str, at_us: int) -> None:
-        values = (cut.window_id, cut.shard, cut.epoch, cut.seq, cut.entry_hash, node_id, at_us)
-        with_retries(
-            "recording a window cut", lambda: self.session.execute(self._insert_cut, values)
-        )
+        values: tuple[Any, ...] = (
+            cut.window_id, cut.shard, cut.epoch, cut.seq, cut.entry_hash, node_id, at_us,
+        )  # fmt: skip
+        statement = self._insert_cut
+        if cut.block is not None:
+            statement, values = self._insert_cut_with_block, (*values, cut.block)
+        with_retries("recording a window cut", lambda: self.session.execute(statement, values))
 
     def cuts(self, window_id: int) -> dict[int, CutRow]:
         rows = with_retries(
             f"reading the cuts of window {window_id}",
             lambda: list(self.session.execute(self._select_cuts, (window_id,))),
         )
-        return {r.shard: CutRow(window_id, r.shard, r.epoch, r.seq, r.entry_hash) for r in rows}
+        return {
+            r.shard: CutRow(window_id, r.shard, r.epoch, r.seq, r.entry_hash, r.stream_block)
+            for r in rows
+        }
 
     def put_part(self, window_id: int, part: str, body: str, digest: bytes, at_us: int) -> None:
         values = (window_id, part, body, digest, at_us)

@@ -178,10 +178,17 @@ class ChainReader(Protocol):
     def seals(self, shard: int) -> list[Seal]: ...
 
     def entries(
-        self, shard: int, epoch: int, from_seq: int, until_seq: int | None = None
+        self,
+        shard: int,
+        epoch: int,
+        from_seq: int,
+        until_seq: int | None = None,
+        *,
+        from_block: int | None = None,
     ) -> list[LedgerEntry]:
         """The contiguous entries of ``epoch`` from ``from_seq`` on (to ``until_seq``
-        at most, when given: the reader knows where the part ends)."""
+        at most, when given: the reader knows where the part ends). ``from_block``: where
+        in the epoch's stream to start looking (a window cut's recorded block), if known."""
         ...
 
 
@@ -191,6 +198,12 @@ class LedgerStore(ChainReader, Protocol):
     def fence(self, shard: int, epoch: int, node_id: str, at_us: int) -> None: ...
 
     def write_seal(self, seal: Seal, node_id: str, at_us: int) -> None: ...
+
+    def cut_block(self, shard: int, epoch: int, seq: int) -> int | None:
+        """Where the WINDOW_CUT entry ``(shard, epoch, seq)`` is stored (its stream block),
+        if this store wrote or read it; recorded with the cut so that the window's
+        readers start there instead of at the epoch's first entry."""
+        ...
 
     def commit(self, writes: Sequence[ShardWrite]) -> dict[int, bool]:
         """Write, then check fences; per shard, whether the commit may be acknowledged.

@@ -1240,18 +1240,7 @@ def read_chain(
     (the last part: as far as its entries are contiguous). Raises InvariantViolation if
     the chain does not verify: an owner must not build on a broken chain.
     """
-    seals = {
-        s.epoch: s for s in ledger.seals(shard) if below_epoch is None or s.epoch < below_epoch
-    }
-    segments: list[Seal] = []
-    cur = seals.get(max(seals)) if seals else None
-    while cur is not None:
-        segments.insert(0, cur)
-        if cur.prev_epoch == 0:
-            break
-        prev = seals.get(cur.prev_epoch)
-        invariant(prev is not None, f"shard {shard}: seal {cur.epoch} names a missing epoch")
-        cur = prev
+    segments = _sealed_segments(ledger, shard, below_epoch)
     entries: list[LedgerEntry] = []
     for i, seg in enumerate(segments):
         # The next owner's seal ends this part; the last part runs as far as it goes.
@@ -1267,6 +1256,65 @@ def read_chain(
         why = f"shard {shard}: chain broken at {report.broken_seq}: {report.detail}"
         invariant(report.ok, why)
     return entries, (segments[-1].epoch if segments else 0)
+
+
+def _sealed_segments(ledger: ChainReader, shard: int, below_epoch: int | None) -> list[Seal]:
+    """The seals that make the shard's chain, oldest first: ``prev_epoch`` followed from
+    the newest seal (below ``below_epoch``, if given) back to the first."""
+    seals = {
+        s.epoch: s for s in ledger.seals(shard) if below_epoch is None or s.epoch < below_epoch
+    }
+    segments: list[Seal] = []
+    cur = seals.get(max(seals)) if seals else None
+    while cur is not None:
+        segments.insert(0, cur)
+        if cur.prev_epoch == 0:
+            break
+        prev = seals.get(cur.prev_epoch)
+        invariant(prev is not None, f"shard {shard}: seal {cur.epoch} names a missing epoch")
+        cur = prev
+    return segments
+
+
+def read_chain_part(
+    ledger: ChainReader,
+    shard: int,
+    after: tuple[int, bytes],
+    through_seq: int,
+    *,
+    start_at: tuple[int, int] | None = None,
+    verify: bool = True,
+) -> list[LedgerEntry]:
+    """The entries of the shard's chain (as its seals define it) after ``after`` =
+    (seq, entry hash) up to ``through_seq``, verified to link on from that hash (seq 0
+    and GENESIS_HASH: from the chain's start). A window's part of a chain, read without
+    the chain before it: ``after`` is the previous window's recorded cut.
+
+    ``start_at`` = (epoch, block): where the entry at ``after`` is stored, if known (the
+    cut's recorded block); that epoch's entries are read from that block of its stream
+    on, instead of from the epoch's first block. Raises InvariantViolation if the part
+    does not verify (``verify=False``: the rows as read, for comparing replicas)."""
+    after_seq, after_hash = after
+    segments = _sealed_segments(ledger, shard, None)
+    entries: list[LedgerEntry] = []
+    for i, seg in enumerate(segments):
+        seg_end = segments[i + 1].start_seq - 1 if i + 1 < len(segments) else None
+        lo = max(after_seq + 1, seg.start_seq)
+        hi = through_seq if seg_end is None else min(through_seq, seg_end)
+        if lo > hi:
+            continue
+        block = start_at[1] if start_at is not None and start_at[0] == seg.epoch else None
+        part = ledger.entries(shard, seg.epoch, lo, hi, from_block=block)
+        invariant(
+            hi != seg_end or (part[-1].seq if part else lo - 1) == hi,
+            f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
+        )
+        entries += part
+    if verify:
+        report = verify_chain(entries, after_seq + 1, after_hash, shard=shard)
+        why = f"shard {shard}: chain broken at {report.broken_seq}: {report.detail}"
+        invariant(report.ok, why)
+    return entries
 
 
 def _intent_of(rec: PaymentRecord) -> Intent:
@@ -1317,4 +1365,5 @@ __all__ = [
     "loan_minor",
     "map_shards",
     "read_chain",
+    "read_chain_part",
 ]
