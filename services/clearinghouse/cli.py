@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clearinghouse import topology
+from clearinghouse.argtypes import TCP_PORT_MAX, bounded_int
 from clearinghouse.console import observe
 from clearinghouse.console import server as console_server
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
@@ -29,6 +30,8 @@ from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import ProcessError
 from clearinghouse.security.pki import PkiError
 
+# The demo's --payments: a burst to show the switch working, not a load test (see bench).
+DEMO_PAYMENTS_MAX = 100_000
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 # What a shell reports for a process a closed pipe ended (128 + SIGPIPE), e.g. the writer
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--cassandra-nodes",
         type=int,
+        choices=(3, 6),
         default=None,
         help="3 (one per city, default) or 6 (one per zone)",
     )
@@ -106,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="cluster up, banks, participants, a burst of payments, a summary"
     )
-    d.add_argument("--payments", type=int, default=600)
+    d.add_argument(
+        "--payments",
+        type=bounded_int(1, DEMO_PAYMENTS_MAX),
+        default=600,
+        help=f"how many payments to send (1-{DEMO_PAYMENTS_MAX:,}; default: %(default)s)",
+    )
     b = sub.add_parser("bench", help="durable payments/s and latency against the local cluster")
     b.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     b.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -123,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     con = sub.add_parser(
         "console", help="serve the operator console (zones, shard ownership, payments/s)"
     )
-    con.add_argument("--port", type=int, default=console_server.DEFAULT_PORT)
+    con.add_argument(
+        "--port",
+        type=bounded_int(0, TCP_PORT_MAX),
+        default=console_server.DEFAULT_PORT,
+        help="TCP port to serve on (0: any free port; default: %(default)s)",
+    )
     con.add_argument(
         "--host",
         default=console_server.DEFAULT_HOST,
@@ -217,6 +231,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyError as e:  # str() of a KeyError is its argument's repr, quotes and all
         print(f"clearingctl: {e.args[0] if e.args else e}", file=sys.stderr)
         return EXIT_FAILED
+    except topology.TopologyError as e:  # e.g. --cassandra-nodes 5
+        print(f"clearingctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ClusterError, ProcessError, FileNotFoundError, PkiError) as e:
         print(f"clearingctl: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -299,6 +316,9 @@ def print_status(st: dict[str, Any]) -> None:
         f"answering: {', '.join(e['members_answering']) or 'none'}"
     )
     ring = st["cassandra_ring"]
+    if not st.get("cassandra_ring_read", True):
+        _say("cassandra ring: not read (--no-ring)")
+        return
     if ring is None:
         _say("cassandra ring: unavailable (no node answered nodetool)")
         return

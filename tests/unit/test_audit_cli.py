@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from clearing.v1 import audit_pb2, common_pb2, payment_pb2, settlement_pb2
+from clearinghouse import topology
 from clearinghouse.audit import cli as audit_cli
 from clearinghouse.audit.export import MANIFEST_FILE, read_manifest, write_export
 from clearinghouse.cli import build_parser
@@ -163,8 +164,9 @@ def test_windows_page_on_from_where_the_last_page_ended(
     ]
     assert "--before 151" in capsys.readouterr().err
     for bad in (("--limit", "0"), ("--limit", "201"), ("--before", "-1")):
-        code, ch = run({"ListWindows": answer}, "audit", "windows", *bad)
-        assert code == audit_cli.EXIT_USAGE and ch.calls == [], bad
+        with pytest.raises(SystemExit) as exited:
+            run({"ListWindows": answer}, "audit", "windows", *bad)
+        assert exited.value.code == audit_cli.EXIT_USAGE, bad
 
 
 @covers("audit", "window")
@@ -285,6 +287,31 @@ def test_compare_cities(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1
     assert ch.calls == [(AUDIT + "CompareCities", audit_pb2.CompareCitiesRequest(window_id=5))]
     assert "shenzhen: shard 1 seq 2: missing" in capsys.readouterr().err
+    # A machine reader gets each city's whole root (to check an export against it); the
+    # table shows its first 16 hex digits.
+    answer.cities.add(city="beijing", merkle_root=bytes(range(32)))
+    run({"CompareCities": answer}, "audit", "compare-cities", "5", "--format", "json")
+    roots = {c["city"]: c["merkle_root"] for c in json.loads(capsys.readouterr().out)}
+    assert roots["beijing"] == bytes(range(32)).hex()
+    run({"CompareCities": answer}, "audit", "compare-cities", "5")
+    assert bytes(range(32)).hex()[:16] + " " in capsys.readouterr().out
+
+
+def test_numbers_beyond_a_fields_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (
+        ("audit", "window", "99999999999999999999"),
+        ("audit", "export", "9223372036854775808", "--out", "x"),
+        ("audit", "payments", "P", "--from", "2026-11-25", "--to", "2026-11-26",
+         "--page-size", "2147483648"),
+        ("audit", "verify-chains", "--shard", "-1"),
+        ("window", "settle", "0", "--reference", "R"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            parse(*argv)
+        assert exited.value.code == 2, argv
+        assert "is not from" in capsys.readouterr().err, argv
 
 
 @covers("audit", "export")
@@ -398,7 +425,7 @@ def test_a_call_the_node_never_answered_names_the_node_and_where_to_look(
     assert err.startswith(
         "clearingctl: UNAVAILABLE: failed to connect to all addresses "
         "(switch node beijing-a at 127.0.0.1:15051); is the switch node up? "
-        "see `clearingctl cluster status`"
+        "(any zone's node answers the same: --zone) see `clearingctl cluster status`"
     )
     assert err.rstrip().endswith("log .state/switch/beijing-a/switch.log")
     # Slower than its deadline: the deadline it had, and how to give it longer.
@@ -614,3 +641,17 @@ def test_every_subcommand_is_covered() -> None:
         cmds = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
         found |= {(group, cmd) for cmd in cmds.choices}
     assert found == COVERED
+
+
+@covers("audit", "verify")
+def test_verify_names_a_folder_or_keys_file_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nothing-here"
+    args = parse("audit", "verify", str(missing))
+    assert audit_cli.run("audit", args, topology.load(None)) == audit_cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"clearingctl: folder {missing}: no such folder"
+    tmp_path.joinpath("w").mkdir()
+    args = parse("audit", "verify", str(tmp_path / "w"), "--keys", str(missing))
+    assert audit_cli.run("audit", args, topology.load(None)) == audit_cli.EXIT_USAGE
+    assert "--keys" in capsys.readouterr().err

@@ -241,6 +241,8 @@ def test_a_window_not_cleared_is_not_exported(cleared: SettlementWorld) -> None:
     with pytest.raises(FailedPrecondition) as e:
         export_files(audit_of(cleared), 2)
     assert e.value.reason == "WINDOW_NOT_CLEARED"
+    with pytest.raises(NotFound, match="no settlement window 99"):  # not "not cleared yet"
+        export_files(audit_of(cleared), 99)
 
 
 # -- the cross-city comparison ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -280,6 +281,13 @@ def test_unknown_participant_kind_wrong_cut_and_duplicates_are_refused() -> None
         clear_window(1, led.entries, kinds, led.intents)
     with pytest.raises(InvariantViolation, match="cut of window 1, not 2"):
         clear_window(2, led.entries, KINDS, led.intents)
+    # The cut's body says window 1 but its key another window: the key is named.
+    rekeyed = [
+        dataclasses.replace(e, payment_key="window:7") if e.kind == KIND_WINDOW_CUT else e
+        for e in led.entries
+    ]
+    with pytest.raises(InvariantViolation, match="keyed 'window:7', not 'window:1'"):
+        clear_window(1, rekeyed, KINDS, led.intents)
     with pytest.raises(InvariantViolation, match="twice"):
         clear_window(1, [*led.entries, led.entries[3]], KINDS, led.intents)
 

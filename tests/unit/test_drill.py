@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -788,11 +789,21 @@ def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
     assert reps[0].detail.endswith("completed successfully") and "failed" in reps[1].detail
     assert reps[1].log.endswith("system.log")
     assert reps[0].left_out == ("cassandra@beijing-a",)
-    timed_out, unrunnable = lc.repair("beijing")[1], lc.repair("shanghai")[1]
+    timed_out, unrunnable = lc.repair("beijing")[-1], lc.repair("shanghai")[-1]
     assert not timed_out.ok and "may still run on the node" in timed_out.detail
     assert not unrunnable.ok and "could not run" in unrunnable.detail
     with pytest.raises(ClusterError, match="cities are beijing, shanghai, shenzhen"):
         lc.repair("mars")
+    # A city's node that is down is not asked (it is named as left out); a city whose
+    # nodes are all down has nothing to repair from.
+    asked.clear()
+    down.add("shenzhen-a")
+    reps = lc.repair("shenzhen")
+    assert [z for z, _ in asked] == ["shenzhen-b"]
+    assert "cassandra@shenzhen-a" in reps[0].left_out
+    down.add("shenzhen-b")
+    with pytest.raises(ClusterError, match="no Cassandra node of shenzhen runs"):
+        lc.repair("shenzhen")
 
 
 def test_cluster_repair_exits_non_zero_unless_every_node_was_repaired(
@@ -945,3 +956,31 @@ def test_the_timeline_page_is_self_contained_and_marks_the_fault(tmp_path: Path)
     assert "recovered (+4.0s)" in page
     assert "&lt;beijing&gt;" in page and "start &lt;b&gt;" in page  # escaped
     assert json.loads(report.write_json(rep, tmp_path).read_text())["lost"] == 0
+
+
+def test_pause_and_resume_name_only_the_processes_they_changed(
+    topo: topology.Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lc = LocalCluster(topo, Paths.default(tmp_path), progress=lambda _: None)
+    states = {c.label: "up" for c in lc.select("shenzhen")}
+    states["switch@shenzhen-b"] = "down"
+    signalled: list[tuple[str, int]] = []
+
+    def state(m: Any) -> Any:
+        label = f"{m.kind}@{m.name}"
+        return SimpleNamespace(state=states.get(label, "down"), alive=states.get(label) != "down")
+
+    def signal_proc(m: Any, sig: int) -> bool:
+        label = f"{m.kind}@{m.name}"
+        signalled.append((label, sig))
+        states[label] = "paused" if sig == signal.SIGSTOP else "up"
+        return True
+
+    monkeypatch.setattr(cluster_mod.procs, "state", state)
+    monkeypatch.setattr(cluster_mod.procs, "signal_proc", signal_proc)
+    first = lc.pause("etcd@shenzhen-a")
+    assert first == ["etcd@shenzhen-a"] and lc.pause("etcd@shenzhen-a") == []
+    assert len(signalled) == 1  # the second pause sent nothing
+    assert lc.resume("shenzhen") == ["etcd@shenzhen-a"]  # not the running or the down ones
+    assert lc.resume("shenzhen") == []
+    assert [sig for _, sig in signalled] == [signal.SIGSTOP, signal.SIGCONT]

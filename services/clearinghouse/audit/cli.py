@@ -43,6 +43,7 @@ from clearing.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
+from clearinghouse.argtypes import INT32_MAX, INT64_MAX, bounded_int
 from clearinghouse.audit.verify import add_expected_root, verify_export
 from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.chain import entry_hash
@@ -98,11 +99,11 @@ def add_parsers(sub: Any) -> None:
         s.add_parser("windows", parents=common, help="settlement windows, newest first")
     )
     ws_list.add_argument(
-        "--limit", type=int, default=WINDOWS_PAGE_DEFAULT,
+        "--limit", type=bounded_int(1, WINDOWS_PAGE_MAX), default=WINDOWS_PAGE_DEFAULT,
         help=f"at most this many windows (1-{WINDOWS_PAGE_MAX}; default: %(default)s)",
     )  # fmt: skip
     ws_list.add_argument(
-        "--before", type=int, default=0, metavar="WINDOW_ID",
+        "--before", type=WINDOW_ID_OR_NONE, default=0, metavar="WINDOW_ID",
         help="only windows older than this one (the next page: the id printed after a page)",
     )  # fmt: skip
     w = _deadline(
@@ -110,7 +111,7 @@ def add_parsers(sub: Any) -> None:
             "window", parents=common, help="a window's state, net positions and instructions"
         )
     )
-    w.add_argument("window_id", type=int)
+    w.add_argument("window_id", type=WINDOW_ID)
     w.add_argument(
         "--part",
         choices=WINDOW_PARTS,
@@ -144,14 +145,14 @@ def add_parsers(sub: Any) -> None:
         metavar="TIME",
         help="ISO time (exclusive), after --from",
     )
-    ps.add_argument("--page-size", type=int, default=100)
+    ps.add_argument("--page-size", type=PAGE_SIZE, default=100)
     vc = _deadline(
         s.add_parser(
             "verify-chains", parents=common, help="verify shards' hash chains (default: all)"
         ),
         LONG_CALL_DEADLINE_S,
     )
-    vc.add_argument("--shard", type=int, action="append", default=[])
+    vc.add_argument("--shard", type=SHARD, action="append", default=[])
     pr = _deadline(
         s.add_parser(
             "proof",
@@ -161,21 +162,21 @@ def add_parsers(sub: Any) -> None:
     )
     pr.add_argument("institution_id")
     pr.add_argument("payment_id")
-    pr.add_argument("--window", type=int, default=0)
+    pr.add_argument("--window", type=WINDOW_ID_OR_NONE, default=0)
     cc = _deadline(
         s.add_parser(
             "compare-cities", parents=common, help="a window read from each city's own replica"
         ),
         LONG_CALL_DEADLINE_S,
     )
-    cc.add_argument("window_id", type=int)
+    cc.add_argument("window_id", type=WINDOW_ID)
     ex = _deadline(
         s.add_parser(
             "export", parents=common, help="write a cleared window's files for offline checking"
         ),
         LONG_CALL_DEADLINE_S,
     )
-    ex.add_argument("window_id", type=int)
+    ex.add_argument("window_id", type=WINDOW_ID)
     ex.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     # Offline: no node to ask, so no --zone or --deadline-s.
     v = s.add_parser(
@@ -205,7 +206,7 @@ def add_parsers(sub: Any) -> None:
             "settle", parents=common, help="record that a cleared window's settlement ran"
         )
     )
-    st.add_argument("window_id", type=int)
+    st.add_argument("window_id", type=WINDOW_ID)
     st.add_argument("--reference", required=True, help="the settlement system's reference")
 
 
@@ -232,6 +233,12 @@ def positive_seconds(text: str) -> float:
     return seconds
 
 
+WINDOW_ID = bounded_int(1, INT64_MAX)
+WINDOW_ID_OR_NONE = bounded_int(0, INT64_MAX)
+PAGE_SIZE = bounded_int(1, INT32_MAX)
+SHARD = bounded_int(0, INT32_MAX)
+
+
 def time_us(text: str) -> int:
     """An argparse type: an ISO 8601 time as microseconds since the epoch (UTC when it
     names no zone)."""
@@ -256,6 +263,13 @@ def run(
     """Run the command; ``switch_log(zone)``, when the node runs on this machine, is its
     log, named when the node does not answer."""
     if group == "audit" and args.cmd == "verify":
+        for name, path in (("folder", args.folder), ("--previous", args.previous)):
+            if path is not None and not path.is_dir():
+                print(f"clearingctl: {name} {path}: no such folder", file=sys.stderr)
+                return EXIT_USAGE
+        if args.keys is not None and not args.keys.is_file():
+            print(f"clearingctl: --keys {args.keys}: no such file", file=sys.stderr)
+            return EXIT_USAGE
         report = verify_export(
             args.folder, args.previous, args.keys, expected_root=args.expected_root
         )
@@ -304,7 +318,10 @@ def rpc_failure(e: grpc.RpcError, node: Node | None, deadline_s: float | None = 
         line += f"; it had {deadline_s:g} s: a longer --deadline-s may be what it needs"
     if code in NO_ANSWER_CODES:
         log = f" {_shown(node.log)}" if node is not None and node.log is not None else ""
-        line += f"; is the switch node up? see `clearingctl cluster status` and the node's log{log}"
+        line += (
+            "; is the switch node up? (any zone's node answers the same: --zone) see "
+            f"`clearingctl cluster status` and the node's log{log}"
+        )
     return line
 
 
@@ -342,10 +359,6 @@ def _window(stub: Any, args: argparse.Namespace) -> int:
 def _audit(stub: Any, args: argparse.Namespace) -> int:
     fmt, cmd = args.format, args.cmd
     if cmd == "windows":
-        if not 1 <= args.limit <= WINDOWS_PAGE_MAX or args.before < 0:
-            print(f"clearingctl: --limit takes 1-{WINDOWS_PAGE_MAX}, --before a window id",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_USAGE
         r = stub.ListWindows(
             audit_pb2.ListWindowsRequest(page_size=args.limit, before_window_id=args.before),
             timeout=args.deadline_s,
@@ -396,7 +409,9 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
     if cmd == "compare-cities":
         r = stub.CompareCities(audit_pb2.CompareCitiesRequest(window_id=args.window_id),
                                timeout=args.deadline_s)  # fmt: skip
-        _emit([{"city": c.city, "merkle_root": c.merkle_root.hex()[:16], "entries": c.entry_count,
+        digits = 64 if fmt != "table" else 16  # a machine reader gets the whole root
+        _emit([{"city": c.city, "merkle_root": c.merkle_root.hex()[:digits],
+                "entries": c.entry_count,
                 "differing_rows": len(c.differing_rows), "error": c.error}
                for c in r.cities], fmt)  # fmt: skip
         for c in r.cities:
@@ -559,12 +574,13 @@ def _export(stub: Any, args: argparse.Namespace) -> int:
             partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        print(
-            f"clearingctl: the export of window {args.window_id} was broken off after "
-            f"{received.files} files ({received.size / 2**20:.1f} MiB); nothing was written "
-            f"to {out}",
-            file=sys.stderr,
-        )
+        if received.files:  # a refusal before the first file is said by the error alone
+            print(
+                f"clearingctl: the export of window {args.window_id} was broken off after "
+                f"{received.files} files ({received.size / 2**20:.1f} MiB); nothing was "
+                f"written to {out}",
+                file=sys.stderr,
+            )
         raise
     if code != 0:
         shutil.rmtree(partial, ignore_errors=True)

@@ -148,6 +148,7 @@ class AuditDomain:
     def _cleared(self, window_id: int) -> StoredClearing:
         stored = stored_clearing(self.windows, window_id)
         if stored is None:
+            self.window(window_id)  # NotFound for a window that does not exist
             raise FailedPrecondition(
                 f"window {window_id} is not cleared yet", reason="WINDOW_NOT_CLEARED"
             )

@@ -290,8 +290,13 @@ def clear_window(
         if e.kind == KIND_WINDOW_CUT:
             cut = WindowCut.decode(e.body)
             invariant(
-                cut.window_id == window_id and e.payment_key == window_key(window_id),
+                cut.window_id == window_id,
                 f"shard {e.shard} seq {e.seq}: cut of window {cut.window_id}, not {window_id}",
+            )
+            invariant(
+                e.payment_key == window_key(window_id),
+                f"shard {e.shard} seq {e.seq}: the cut of window {window_id} is keyed "
+                f"{e.payment_key!r}, not {window_key(window_id)!r}",
             )
         elif e.kind == KIND_DECISION:
             decided.append(_decided(e, intents.get(e.payment_key)))

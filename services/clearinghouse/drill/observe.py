@@ -295,8 +295,16 @@ def wait_for_city(
     repaired = False
     before = ""
     while True:
+        began = clock()
+        # A read is every shard's whole chain in that city: minutes on a long ledger, and
+        # the deadline is checked between reads, so a read begun before it runs past it.
+        progress(f"  {city}'s replica ({role}): reading every shard's chain "
+                 f"({began - start:.0f}s of up to {deadline - start:.0f}s)")  # fmt: skip
         try:
             summary, decisions = read()
+            if summary is not None:
+                progress(f"  {city}'s replica ({role}): {summary.entries:,} entries read in "
+                         f"{clock() - began:.0f}s")  # fmt: skip
             if summary is None:
                 twice = sorted(k for k, n in decisions.items() if n > 1)
                 return CityLedger(city, role, decisions={k: decisions[k] for k in twice},

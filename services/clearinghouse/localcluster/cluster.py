@@ -468,11 +468,14 @@ class LocalCluster:
         return hit
 
     def pause(self, target: str) -> list[str]:
-        comps = self.select(target)
+        """SIGSTOP the running processes of ``target``; the ones it stopped (a process
+        already paused, or down, is not named)."""
+        comps = [c for c in self.select(target) if procs.state(c.managed).state == "up"]
         return [c.label for c in comps if procs.signal_proc(c.managed, signal.SIGSTOP)]
 
     def resume(self, target: str) -> list[str]:
-        comps = self.select(target)
+        """SIGCONT the paused processes of ``target``; the ones it resumed."""
+        comps = [c for c in self.select(target) if procs.state(c.managed).state == "paused"]
         return [c.label for c in comps if procs.signal_proc(c.managed, signal.SIGCONT)]
 
     def start(self, target: str) -> list[str]:
@@ -675,6 +678,15 @@ class LocalCluster:
         if not nodes:
             cities = ", ".join(self.topo.city_names())
             raise ClusterError(f"no Cassandra node in city {city!r}; cities are {cities}")
+        running = [n for n in nodes if procs.state(n.managed).alive]
+        if not running:
+            names = ", ".join(f"cassandra@{n.zone.name}" for n in nodes)
+            raise ClusterError(
+                f"no Cassandra node of {city} runs ({names} down): a repair runs from a city's "
+                f"running nodes; start them (clearingctl cluster start {city}) or repair from "
+                "another city (clearingctl cluster repair)"
+            )
+        nodes = running
         ks = self.topo.keyspace.name
         out = []
         for node in nodes:
@@ -787,6 +799,8 @@ class LocalCluster:
             },
             "cassandra_ring": ring,
             "cassandra_ring_via": ring_via,
+            # False with --no-ring: a ring of None then means "not asked", not "no answer".
+            "cassandra_ring_read": with_ring,
         }
 
 

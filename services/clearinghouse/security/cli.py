@@ -395,13 +395,20 @@ def _sign_order(text: str, directory: Path, key_file: Path | None) -> int:
         what = " ".join(str(e).split())  # one line: its list of fields spans two
         print(f"clearingctl: not a PaymentOrder in proto JSON: {what}", file=sys.stderr)
         return 1
+    if key_file is None and not order.institution_id:
+        print("clearingctl: the order names no institution_id, whose signing key signs it "
+              "(or give the key with --key)", file=sys.stderr)  # fmt: skip
+        return 1
     key = (
         read_signing_key(key_file)
         if key_file is not None
         else SigningKeyStore(directory).existing(order.institution_id)
     )
     if key is None:
-        print(f"no signing key for {order.institution_id!r} in the key store", file=sys.stderr)
+        print(f"clearingctl: no signing key for {order.institution_id!r} in the key store "
+              f"({directory}); give the institution's key with --key (a new one: "
+              "`clearingctl pki signing-key new --out FILE`, its public half registered)",
+              file=sys.stderr)  # fmt: skip
         return 1
     try:
         sign_order_pb(order, key)

@@ -529,6 +529,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     def ListParticipantPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
+            pid = request.participant_id
+            # A participant that was never registered has no payments to list: said so,
+            # rather than an empty page (a typo would look like a quiet day).
+            if is_valid_id(pid, PARTICIPANT_ID_LEN_MAX) and pid not in self.audit.kinds():
+                raise NotFound(
+                    f"no participant {pid!r} is registered", reason="PARTICIPANT_NOT_FOUND"
+                )
             payments, token = _list_payments(
                 self.router, self.ledger, request, request.participant_id, "participant_id"
             )

@@ -1,0 +1,40 @@
+"""``AuditService.ListParticipantPayments`` for a participant that was never registered:
+NOT_FOUND, before anything is read (an empty page would look like a quiet day)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+
+from clearing.v1 import audit_pb2
+from clearinghouse.switch.servicers import AuditServicer
+from tests.fakes import Aborted, FakeServicerContext
+
+pytestmark = pytest.mark.unit
+
+
+class NoReads:
+    """A router and ledger that fail the test if the listing reads anything."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the listing read {name}")
+
+
+def test_an_unregistered_participant_is_not_found_and_nothing_is_read() -> None:
+    audit = SimpleNamespace(kinds=lambda: {"INST_ALIPAY": "INSTITUTION"})
+    servicer = AuditServicer(audit, NoReads(), NoReads())  # type: ignore[arg-type]
+    ctx = FakeServicerContext()
+    request = audit_pb2.ListParticipantPaymentsRequest(participant_id="INST_NOPE", page_size=10)
+    with pytest.raises(Aborted, match="INST_NOPE"):
+        servicer.ListParticipantPayments(request, ctx)  # type: ignore[arg-type]
+    assert ctx.code is grpc.StatusCode.NOT_FOUND
+    assert ctx.error is not None and ctx.error.reason == "PARTICIPANT_NOT_FOUND"
+    # A malformed id is still INVALID_ARGUMENT, as before.
+    bad = audit_pb2.ListParticipantPaymentsRequest(participant_id="no spaces", page_size=10)
+    ctx = FakeServicerContext()
+    with pytest.raises(Aborted):
+        servicer.ListParticipantPayments(bad, ctx)  # type: ignore[arg-type]
+    assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
