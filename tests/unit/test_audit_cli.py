@@ -655,3 +655,38 @@ def test_verify_names_a_folder_or_keys_file_that_is_not_there(
     args = parse("audit", "verify", str(tmp_path / "w"), "--keys", str(missing))
     assert audit_cli.run("audit", args, topology.load(None)) == audit_cli.EXIT_USAGE
     assert "--keys" in capsys.readouterr().err
+
+
+@covers("audit", "export")
+def test_an_export_goes_into_any_empty_folder_the_user_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = [
+        audit_pb2.ExportWindowResponse(path="entries.jsonl", data=b"e\n"),
+        audit_pb2.ExportWindowResponse(path=MANIFEST_FILE, data=b"{}\n"),
+        audit_pb2.ExportWindowResponse(path="reconciliation/BANK_ICBC.csv", data=b"r\n"),
+    ]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert run({"ExportWindow": whole}, "audit", "export", "5", "--out", ".")[0] == 0
+    assert sorted(p.name for p in here.iterdir()) == [
+        "entries.jsonl", MANIFEST_FILE, "reconciliation",
+    ]  # fmt: skip
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    out = str(tmp_path / "link")
+    assert run({"ExportWindow": whole}, "audit", "export", "5", "--out", out)[0] == 0
+    assert (target / MANIFEST_FILE).read_bytes() == b"{}\n"
+    # A folder that cannot be written: one line, nothing left behind.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(Path, "mkdir", _refuse_mkdir)
+    assert run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(locked))[0] == 1
+    assert "cannot write the export" in capsys.readouterr().err
+    assert not any(locked.iterdir())
+
+
+def _refuse_mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+    raise PermissionError(13, "Permission denied", str(self))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from clearinghouse.bank import (
     TransferKind,
     TxnStatus,
 )
+from clearinghouse.bank import _ledger as bank_ledger
 from clearinghouse.bank._behaviour import (
     CREDIT_DECLINE_CODES,
     DEBIT_DECLINE_CODES,
@@ -304,3 +306,35 @@ def test_a_record_is_read_back_whole_from_its_journal_line(tmp_path: Path, store
     assert after is not None and after.status is TxnStatus.DECLINED
     assert after.bank_ref == "BANK_T-0000000003"
     assert book.totals()["CNY"].net_credits_minor == 0
+
+
+@pytest.mark.parametrize("failure", ["raises", "cut short"])
+def test_a_failed_journal_write_leaves_the_book_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A full disk: the write of one transfer fails (or writes part of its line). That
+    transfer is not booked; the journal is cut back, so every later record still reads
+    back from its own line, now and after a restart."""
+    path = tmp_path / "bank.jsonl"
+    book = BankLedger("BANK_T", path)
+    book.transfer("r1", _transfer(amount=1), APPROVE)
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(bank_ledger.os, "write", real_write)  # once
+        if failure == "raises":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(bank_ledger.os, "write", full_disk)
+    with pytest.raises(OSError):
+        book.transfer("r2", _transfer(amount=2), APPROVE)
+    assert book.inquire("r2") is None and len(book) == 1
+    book.transfer("r3", _transfer(amount=3), APPROVE)
+    book.reverse("r1", "TEST")
+    records = {ref: book.inquire(ref) for ref in ("r1", "r2", "r3")}
+    assert records["r3"] is not None and records["r3"].transfer == _transfer(amount=3)
+    assert records["r1"] is not None and records["r1"].status is TxnStatus.REVERSED
+    book.close()
+    again = BankLedger("BANK_T", path)
+    assert {ref: again.inquire(ref) for ref in ("r1", "r2", "r3")} == records

@@ -748,6 +748,10 @@ def test_without_repair_a_replica_short_at_the_deadline_is_unread() -> None:
     assert "successor's seal" in led.error and led.waited_s >= 30.0
 
 
+# Nodes the six-node fixture shows as paused (SIGSTOP): alive, not running.
+PAUSED_NODES: set[str] = set()
+
+
 @pytest.fixture()
 def six_node_cluster(
     topo: topology.Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -758,6 +762,8 @@ def six_node_cluster(
     monkeypatch.setattr(lc, "spec", lambda: SimpleNamespace(cassandra_nodes=6))
     asked: list[tuple[str, tuple[str, ...]]] = []
     down: set[str] = set()
+    paused = PAUSED_NODES
+    paused.clear()
 
     def nodetool(zone: str, *args: str, timeout_s: float) -> Any:
         asked.append((zone, args))
@@ -770,7 +776,9 @@ def six_node_cluster(
         return subprocess.CompletedProcess([], 0, "[x] Repair completed successfully\n", "")
 
     def state(m: Any) -> Any:
-        return SimpleNamespace(alive=m.name not in down)
+        if m.name in paused:
+            return SimpleNamespace(alive=True, state="paused")
+        return SimpleNamespace(alive=m.name not in down, state="down" if m.name in down else "up")
 
     monkeypatch.setattr(lc, "nodetool", nodetool)
     monkeypatch.setattr(cluster_mod.procs, "state", state)
@@ -804,6 +812,12 @@ def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
     down.add("shenzhen-b")
     with pytest.raises(ClusterError, match="no Cassandra node of shenzhen runs"):
         lc.repair("shenzhen")
+    # A paused node is not asked either (nodetool would wait out its timeout).
+    PAUSED_NODES.add("shanghai-a")
+    asked.clear()
+    reps = lc.repair("shanghai")
+    assert [z for z, _ in asked] == ["shanghai-b"]
+    assert "cassandra@shanghai-a" in reps[0].left_out
 
 
 def test_cluster_repair_exits_non_zero_unless_every_node_was_repaired(

@@ -18,7 +18,6 @@ from clearinghouse.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     Unauthenticated,
-    UnknownParticipant,
 )
 from clearinghouse.security import pki, revocation
 from clearinghouse.security.identity import Identity, Role
@@ -70,11 +69,7 @@ class World:
         self.session = FakeCqlSession()
         self.clock = FakeClock()
         self.revoked = RevocationList()
-        # The registered participants: INST_X and INST_Y institutions, BANK_X a bank.
-        roles = {"INST_X": Role.INSTITUTION, "INST_Y": Role.INSTITUTION, "BANK_X": Role.BANK}
-        self.revocations = Revocations(
-            CassandraRevocations(self.session), self.revoked, self.clock, roles.get
-        )
+        self.revocations = Revocations(CassandraRevocations(self.session), self.revoked, self.clock)
 
     def revoke(self, serial: str, identity: str = "institution:INST_X", reason: str = "key lost",
                *, by_serial: int | None = OPERATOR_SERIAL) -> RevokedCertificate:  # fmt: skip
@@ -185,21 +180,6 @@ def test_the_certificate_of_the_call_itself_is_not_revoked(world: World) -> None
         world.revoke(serial_hex(OPERATOR_SERIAL), "operator:operator")
     assert e.value.reason == REVOKES_CALLER
     assert world.stored() == {}
-
-
-def test_a_participant_that_is_not_registered_or_another_role_revokes_nothing(
-    world: World,
-) -> None:
-    """Revocations are never deleted: a typo in a participant's identity would stay in
-    the list for good, naming no one. Other roles have no registry to check."""
-    with pytest.raises(UnknownParticipant, match="INST_NOPE"):
-        world.revoke("7a3f", "institution:INST_NOPE")
-    with pytest.raises(FailedPrecondition, match="bank:BANK_X") as e:
-        world.revoke("7a3f", "institution:BANK_X")
-    assert e.value.reason == "IDENTITY_ROLE_MISMATCH"
-    assert world.stored() == {} and len(world.revoked) == 0
-    assert world.revoke("7a3f", "bank:BANK_X").identity == "bank:BANK_X"
-    assert world.revoke("7a40", "auditor:anyone").identity == "auditor:anyone"
 
 
 def test_a_call_without_a_certificate_revokes_nothing(world: World) -> None:

@@ -12,12 +12,13 @@ import pytest
 from clearinghouse._invariant import InvariantViolation
 from clearinghouse.domain import PaymentEvent, PaymentState, postings_for
 from clearinghouse.domain.chain import LedgerEntry
-from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT
+from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, KIND_WINDOW_CUT
 from clearinghouse.ledger_view import WindowData, read_window
 from clearinghouse.settlement import request_close
+from clearinghouse.storage.ledger import CUT_BLOCKS_PER_SHARD, CassandraLedger
 from clearinghouse.switch.records import SHARD_COUNT, STEP_DECIDED, PaymentRecord, StepRecord
 from clearinghouse.switch.shards import read_chain
-from tests.fakes import begun_record
+from tests.fakes import FakeCqlSession, begun_record
 from tests.unit.settlement_world import BANKS, INSTITUTIONS, ZONE, SettlementWorld, order
 
 pytestmark = pytest.mark.unit
@@ -152,3 +153,26 @@ def test_a_wrong_recorded_block_fails_the_read_instead_of_shortening_it(
     row["stream_block"] += 1_000  # past where window 2's entries of this shard are
     with pytest.raises(InvariantViolation, match=f"shard {shard}"):
         read_window(world.ledger, world.windows, 2)
+
+
+def test_a_node_remembers_the_newest_cut_blocks_of_every_shard_after_a_takeover() -> None:
+    """A takeover replays shard after shard, each with all its cuts: the newest cuts of
+    the shards replayed first must still have their blocks when the new owner records
+    them (a cut recorded without one makes the next window read its epoch whole)."""
+    ledger = CassandraLedger(FakeCqlSession())
+    cuts_per_shard = CUT_BLOCKS_PER_SHARD + 8
+    for shard in range(SHARD_COUNT):
+        run = [
+            LedgerEntry(shard, 3, seq, KIND_WINDOW_CUT, f"window:{seq}", b"", b"", b"")
+            for seq in range(1, cuts_per_shard + 1)
+        ]
+        ledger._saw_cuts(100 + shard, run)
+    for shard in range(SHARD_COUNT):
+        assert ledger.cut_block(shard, 3, cuts_per_shard) == 100 + shard
+        assert ledger.cut_block(shard, 3, cuts_per_shard - CUT_BLOCKS_PER_SHARD + 1) is not None
+        assert ledger.cut_block(shard, 3, 1) is None  # the oldest of each shard went
+    # The same cut seen again further on keeps its first block: a lower bound.
+    again = LedgerEntry(0, 3, cuts_per_shard, KIND_WINDOW_CUT, "w", b"", b"", b"")
+    ledger._saw_cuts(999, [again])
+    assert ledger.cut_block(0, 3, cuts_per_shard) == 100
+    assert ledger.cut_block(0, 4, cuts_per_shard) is None  # another epoch: not known

@@ -19,6 +19,7 @@ to look.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -44,6 +45,7 @@ from clearing.v1 import (
     settlement_pb2_grpc,
 )
 from clearinghouse.argtypes import INT32_MAX, INT64_MAX, bounded_int
+from clearinghouse.audit.export import MANIFEST_FILE
 from clearinghouse.audit.verify import add_expected_root, verify_export
 from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.chain import entry_hash
@@ -557,23 +559,38 @@ EXPORT_PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
 
 
 def _export(stub: Any, args: argparse.Namespace) -> int:
-    """Stream the window's files into a hidden folder beside ``--out`` and rename it to
-    ``--out`` once the last chunk arrived: ``--out`` holds a whole export or nothing, and
-    an export broken off (node gone, deadline, Ctrl-C) leaves nothing behind to clean."""
+    """Stream the window's files into a hidden folder inside ``--out`` and move them up
+    once the last chunk arrived, the manifest last (``audit verify`` needs it): ``--out``
+    holds a whole export or nothing, and an export broken off (node gone, deadline,
+    Ctrl-C) leaves ``--out`` as it was. Works for any empty or new folder the user may
+    write to (``.``, a symlink to one)."""
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"clearingctl: {out} exists and is not an empty folder", file=sys.stderr)
-        return 2
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        return EXIT_USAGE
+    made = not out.exists()
+    partial = out / f".export-partial-{os.getpid()}"
     received = _Received()
+
+    def undo() -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
     try:
         code = _receive_export(stub, args, partial, received)
         if code == 0:
-            if out.exists():
-                out.rmdir()  # empty (checked above); the rename needs the name free
-            partial.rename(out)
+            names = sorted(partial.iterdir(), key=lambda f: (f.name == MANIFEST_FILE, f.name))
+            for f in names:
+                f.rename(out / f.name)
+            partial.rmdir()
+    except OSError as e:  # the folder: not writable, disk full
+        undo()
+        print(f"clearingctl: cannot write the export to {out}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        undo()
         if received.files:  # a refusal before the first file is said by the error alone
             print(
                 f"clearingctl: the export of window {args.window_id} was broken off after "
@@ -583,7 +600,7 @@ def _export(stub: Any, args: argparse.Namespace) -> int:
             )
         raise
     if code != 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        undo()
         return code
     print(f"window {args.window_id}: {received.files} files ({received.size / 2**20:.1f} MiB) "
           f"in {out}; check them with `clearingctl audit verify {out}`")  # fmt: skip

@@ -142,19 +142,29 @@ class _Journal:
         self.closed = False
         self.size = 0
         if path is not None:
-            # Read and append: lines are read back with pread while the book grows.
-            self._file = path.open("a+b")
+            # Read and append, unbuffered: a line is in the file (the OS's) when append
+            # returns, or not at all; lines are read back with pread while the book grows.
+            self._file = path.open("a+b", buffering=0)
             self.size = os.fstat(self._file.fileno()).st_size
 
     def append(self, line: bytes) -> int:
+        """Write ``line`` whole at the end, or raise with the journal as it was (a write
+        that failed or was cut short, e.g. a full disk, is cut off again): every offset
+        handed out stays the start of its own line."""
         if self.closed:
             raise JournalError("the bank's book is closed")
         offset = self.size
-        if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
-        else:
+        if self._file is None:
             self._buffer += line
+        else:
+            fd = self._file.fileno()
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"journal write cut short: {written} of {len(line)} bytes")
+            except OSError:
+                os.ftruncate(fd, offset)
+                raise
         self.size += len(line)
         return offset
 

@@ -671,20 +671,21 @@ class LocalCluster:
         every = self.cassandra_nodes()
         if city is None:
             up = {n.zone.city for n in every} - {
-                n.zone.city for n in every if not procs.state(n.managed).alive
+                n.zone.city for n in every if procs.state(n.managed).state != "up"
             }
             city = next((c for c in self.topo.city_names() if c in up), every[0].zone.city)
         nodes = [n for n in every if n.zone.city == city]
         if not nodes:
             cities = ", ".join(self.topo.city_names())
             raise ClusterError(f"no Cassandra node in city {city!r}; cities are {cities}")
-        running = [n for n in nodes if procs.state(n.managed).alive]
+        # Running and not paused: nodetool against a stopped JVM waits out its timeout.
+        running = [n for n in nodes if procs.state(n.managed).state == "up"]
         if not running:
             names = ", ".join(f"cassandra@{n.zone.name}" for n in nodes)
             raise ClusterError(
-                f"no Cassandra node of {city} runs ({names} down): a repair runs from a city's "
-                f"running nodes; start them (clearingctl cluster start {city}) or repair from "
-                "another city (clearingctl cluster repair)"
+                f"no Cassandra node of {city} runs ({names} down or paused): a repair runs "
+                f"from a city's running nodes; start or resume them (clearingctl cluster "
+                f"start|resume {city}) or repair from another city (clearingctl cluster repair)"
             )
         nodes = running
         ks = self.topo.keyspace.name
@@ -692,7 +693,7 @@ class LocalCluster:
         for node in nodes:
             zone = node.zone.name
             down = tuple(f"cassandra@{n.zone.name}" for n in every
-                         if not procs.state(n.managed).alive)  # fmt: skip
+                         if procs.state(n.managed).state != "up")  # fmt: skip
             say(f"repair: nodetool repair --full {ks} on {zone} (up to "
                 f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})"
                 + (f"; left out, down: {', '.join(down)}" if down else ""))  # fmt: skip

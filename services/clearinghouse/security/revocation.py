@@ -38,9 +38,8 @@ from clearinghouse.domain.errors import (
     FieldViolation,
     InvalidArgument,
     Unauthenticated,
-    UnknownParticipant,
 )
-from clearinghouse.security.identity import Identity, Role
+from clearinghouse.security.identity import Identity
 
 # RFC 5280 4.1.2.2: a serial is a positive integer of at most 20 octets.
 SERIAL_OCTETS_MAX: Final = 20
@@ -177,19 +176,11 @@ class Revocations:
     revocation this node takes is in its :class:`RevocationList` before it answers."""
 
     def __init__(
-        self,
-        store: RevocationStore,
-        revoked: RevocationList,
-        clock: Callable[[], int],
-        participant_role: Callable[[str], Role | None] | None = None,
+        self, store: RevocationStore, revoked: RevocationList, clock: Callable[[], int]
     ) -> None:
         self.store = store
         self.revoked = revoked
         self.clock = clock
-        # The role a registered participant's certificates carry (institution or bank),
-        # None for an id never registered: a participant's identity is checked against
-        # it (a revocation is never deleted, so a typo would stay in the list for good).
-        self.participant_role = participant_role
 
     def all(self) -> list[RevokedCertificate]:
         return self.store.all()
@@ -237,21 +228,6 @@ class Revocations:
             violations.append(FieldViolation("reason", rule))
         if violations or serial is None:
             raise InvalidArgument(violations)
-        holder = Identity.parse(identity)
-        if holder is not None and holder.role.is_participant and self.participant_role:
-            registered = self.participant_role(holder.name)
-            if registered is None:
-                raise UnknownParticipant(
-                    f"no participant {holder.name} is registered: check the identity (the "
-                    "certificate's common name); nothing was revoked"
-                )
-            if registered is not holder.role:
-                raise FailedPrecondition(
-                    f"{holder.name} is registered as a {registered.value}, so its "
-                    f"certificates name {registered.value}:{holder.name}, not {identity}; "
-                    "nothing was revoked",
-                    reason="IDENTITY_ROLE_MISMATCH",
-                )
         if by is None:  # the security interceptor lets no such call through
             raise Unauthenticated("the call carries no client certificate the switch issued")
         if serial == by_serial:

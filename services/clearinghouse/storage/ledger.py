@@ -62,9 +62,9 @@ READ_PAGE_RUNS = 50
 COMMIT_WRITE_TIMEOUT_S = 5.0
 # The mark of a chain part whose index rows were written in its commits (before streams).
 INDEXED_IN_COMMIT = SEQ_MAX
-# Blocks of WINDOW_CUT entries remembered (a window cuts each of the 128 shards once):
-# those of the last 32 windows, about 100 KiB.
-CUT_BLOCKS_KEPT = 128 * 32
+# Blocks of WINDOW_CUT entries remembered per shard (a window cuts each shard once): the
+# newest 32 cuts of each, about 100 KiB for 128 shards.
+CUT_BLOCKS_PER_SHARD = 32
 # The one partition of index_marks (migration 010).
 MARKS_BUCKET = 0
 # Time-index rows per batch (one partition each): bounded, whatever the indexer holds.
@@ -208,9 +208,11 @@ class CassandraLedger:
         # (shard, epoch) -> (stream, first block), or None for a chain part in the legacy
         # table. Seals are written once, so what was read stays true.
         self._locations: dict[tuple[int, int], tuple[str, int] | None] = {}
-        # (shard, epoch, seq) -> the block holding that WINDOW_CUT entry, for the cuts
-        # this object wrote or read (a window's reader starts there: :meth:`cut_block`).
-        self._cut_blocks: dict[tuple[int, int, int], int] = {}
+        # shard -> {(epoch, seq): the block holding that WINDOW_CUT entry}, for the newest
+        # cuts of each shard this object wrote or read (a window's reader starts there:
+        # :meth:`cut_block`). Per shard: a takeover replays shard after shard, each with
+        # all its cuts, and must not push out the newest cuts of the shards read first.
+        self._cut_blocks: dict[int, dict[tuple[int, int], int]] = {}
         self._cut_blocks_lock = threading.Lock()
         p = session.prepare
         self._insert_stream = p(
@@ -365,7 +367,7 @@ class CassandraLedger:
         """The block of this object's stream, or of the stream it read, that holds the
         WINDOW_CUT entry ``(shard, epoch, seq)``; None if it neither wrote nor read it."""
         with self._cut_blocks_lock:
-            return self._cut_blocks.get((shard, epoch, seq))
+            return self._cut_blocks.get(shard, {}).get((epoch, seq))
 
     def _saw_cuts(self, block: int, entries: Sequence[LedgerEntry]) -> None:
         cuts = [e for e in entries if e.kind == KIND_WINDOW_CUT]
@@ -373,10 +375,11 @@ class CassandraLedger:
             return
         with self._cut_blocks_lock:
             for e in cuts:
+                kept = self._cut_blocks.setdefault(e.shard, {})
                 # The first block seen is kept: a lower bound for what comes after it.
-                self._cut_blocks.setdefault((e.shard, e.epoch, e.seq), block)
-            while len(self._cut_blocks) > CUT_BLOCKS_KEPT:
-                del self._cut_blocks[next(iter(self._cut_blocks))]  # the oldest first
+                kept.setdefault((e.epoch, e.seq), block)
+                if len(kept) > CUT_BLOCKS_PER_SHARD:
+                    del kept[min(kept, key=lambda k: k[1])]  # the oldest cut of the shard
 
     def _read(
         self,

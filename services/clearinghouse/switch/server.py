@@ -35,14 +35,13 @@ from clearing.v1 import (
 from clearinghouse import telemetry
 from clearinghouse.audit.service import AuditDomain
 from clearinghouse.code_version import code_version
-from clearinghouse.domain import ParticipantKind
 from clearinghouse.ownership import etcd_backend
 from clearinghouse.ownership.etcd_backend import OwnershipAgent
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.request_guard import RequestGuardInterceptor
 from clearinghouse.security import pki
 from clearinghouse.security.authz import SWITCH_POLICY, SecurityInterceptor
-from clearinghouse.security.identity import Identity, Role
+from clearinghouse.security.identity import Identity
 from clearinghouse.security.ratelimit import RateLimiter
 from clearinghouse.security.revocation import RevocationList, Revocations
 from clearinghouse.settlement import WindowKeeper
@@ -282,16 +281,7 @@ def build(cfg: NodeConfig) -> Node:
     )  # fmt: skip
     admin = AdminDomain(participants, wall_clock_us)
     revoked = RevocationList()
-
-    def participant_role(participant_id: str) -> Role | None:
-        p = participants.get(participant_id)  # the store, not the registry (2 s behind)
-        if p is None:
-            return None
-        return Role.BANK if p.kind is ParticipantKind.BANK else Role.INSTITUTION
-
-    revocations = Revocations(
-        CassandraRevocations(session, cl), revoked, wall_clock_us, participant_role
-    )
+    revocations = Revocations(CassandraRevocations(session, cl), revoked, wall_clock_us)
     router_pool = ThreadPoolExecutor(cfg.router_workers, thread_name_prefix="route")
     local = LocalOwner(processor)
     router = Router(
