@@ -17,15 +17,20 @@ pytestmark = pytest.mark.unit
 
 
 class NoReads:
-    """A router and ledger that fail the test if the listing reads anything."""
+    """A router and ledger that note what the listing reads, and refuse it."""
+
+    def __init__(self) -> None:
+        self.read: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
+        self.read.append(name)
         raise AssertionError(f"the listing read {name}")
 
 
 def test_an_unregistered_participant_is_not_found_and_nothing_is_read() -> None:
     audit = SimpleNamespace(kinds=lambda: {"INST_ALIPAY": "INSTITUTION"})
-    servicer = AuditServicer(audit, NoReads(), NoReads())  # type: ignore[arg-type]
+    router, ledger = NoReads(), NoReads()
+    servicer = AuditServicer(audit, router, ledger)  # type: ignore[arg-type]
     ctx = FakeServicerContext()
     request = audit_pb2.ListParticipantPaymentsRequest(participant_id="INST_NOPE", page_size=10)
     with pytest.raises(Aborted, match="INST_NOPE"):
@@ -38,3 +43,17 @@ def test_an_unregistered_participant_is_not_found_and_nothing_is_read() -> None:
     with pytest.raises(Aborted):
         servicer.ListParticipantPayments(bad, ctx)  # type: ignore[arg-type]
     assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert router.read == [] and ledger.read == []
+
+
+def test_a_participant_registered_since_the_last_refresh_is_listed() -> None:
+    """The registry is refreshed every 2 s; a participant the store already holds is
+    not refused meanwhile: the listing goes on to read its payments."""
+    audit = SimpleNamespace(kinds=lambda: {})  # the registry has not seen it yet
+    store = {"INST_NEW"}
+    router, ledger = NoReads(), NoReads()
+    servicer = AuditServicer(audit, router, ledger, store.__contains__)  # type: ignore[arg-type]
+    request = audit_pb2.ListParticipantPaymentsRequest(participant_id="INST_NEW", page_size=10)
+    with pytest.raises(Aborted):  # the fake ledger refuses the read, as INTERNAL
+        servicer.ListParticipantPayments(request, FakeServicerContext())  # type: ignore[arg-type]
+    assert ledger.read == ["list_index"]  # past the check: it went on to read the index

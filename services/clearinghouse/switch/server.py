@@ -353,7 +353,14 @@ def build(cfg: NodeConfig) -> Node:
     settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
         SettlementServicer(windows, cfg.node_id, wall_clock_us), server
     )
-    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit, router, ledger), server)
+
+    def registered(participant_id: str) -> bool:
+        # The registry first; the store for one registered since its last refresh (2 s).
+        return participant_id in registry.snapshot() or participants.get(participant_id) is not None
+
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(
+        AuditServicer(audit, router, ledger, registered), server
+    )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
         PaymentServicer(router, ledger, registry), server
     )

@@ -511,10 +511,19 @@ class _LedgerChecked:
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """Auditors' read-only RPCs over :class:`clearinghouse.audit.service.AuditDomain`."""
 
-    def __init__(self, audit: Any, router: Router, ledger: CassandraLedger) -> None:
+    def __init__(
+        self,
+        audit: Any,
+        router: Router,
+        ledger: CassandraLedger,
+        registered: Callable[[str], bool] | None = None,
+    ) -> None:
         self.audit = _LedgerChecked(audit)
         self.router = router
         self.ledger = ledger
+        # Whether a participant id was ever registered: the node's registry, then the
+        # store for one registered since its last refresh. Default: the registry alone.
+        self.registered = registered or (lambda pid: pid in self.audit.kinds())
 
     def GetPaymentHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
@@ -532,7 +541,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             pid = request.participant_id
             # A participant that was never registered has no payments to list: said so,
             # rather than an empty page (a typo would look like a quiet day).
-            if is_valid_id(pid, PARTICIPANT_ID_LEN_MAX) and pid not in self.audit.kinds():
+            if is_valid_id(pid, PARTICIPANT_ID_LEN_MAX) and not self.registered(pid):
                 raise NotFound(
                     f"no participant {pid!r} is registered", reason="PARTICIPANT_NOT_FOUND"
                 )
