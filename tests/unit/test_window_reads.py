@@ -14,7 +14,6 @@ from clearinghouse.domain import PaymentEvent, PaymentState, postings_for
 from clearinghouse.domain.chain import LedgerEntry
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, KIND_WINDOW_CUT
 from clearinghouse.ledger_view import WindowData, read_window
-from clearinghouse.settlement import request_close
 from clearinghouse.storage.ledger import CUT_BLOCKS_PER_SHARD, CassandraLedger
 from clearinghouse.switch.records import SHARD_COUNT, STEP_DECIDED, PaymentRecord, StepRecord
 from clearinghouse.switch.shards import read_chain
@@ -69,13 +68,11 @@ def decide(world: SettlementWorld, rec: PaymentRecord) -> None:
     world.owner(rec.shard).store.decide(rec, step, postings)
 
 
-def close(world: SettlementWorld) -> int:
-    window_id, _ = request_close(world.windows, "operator", world.clock())
-    for _ in range(4):
-        world.step()
-        if world.state(window_id) == "CLEARED":
-            return window_id
-    raise AssertionError(f"window {window_id} is {world.state(window_id)}")
+def pay_a_window(world: SettlementWorld) -> int:
+    """PAYMENTS_PER_WINDOW payments, then the window closed and cleared; its id."""
+    for i in range(PAYMENTS_PER_WINDOW):
+        world.pay(100 + i)
+    return world.close_window()
 
 
 def test_a_window_reads_as_the_whole_chain_cut_at_its_two_cuts(world: SettlementWorld) -> None:
@@ -98,7 +95,7 @@ def test_a_window_reads_as_the_whole_chain_cut_at_its_two_cuts(world: Settlement
         if window == 2:
             world.node_a.lose(MOVED_SHARD)
             world.node("node-b").take(MOVED_SHARD, 2)
-        close(world)
+        world.close_window()
     for window in range(1, 6):
         got, want = (
             read_window(world.ledger, world.windows, window),
@@ -115,10 +112,9 @@ def test_a_window_reads_as_the_whole_chain_cut_at_its_two_cuts(world: Settlement
 def test_reading_a_window_costs_its_own_entries_not_the_ledger_before(
     world: SettlementWorld,
 ) -> None:
-    for _ in range(6):
-        for i in range(PAYMENTS_PER_WINDOW):
-            world.pay(100 + i)
-        last = close(world)
+    for _ in range(5):
+        pay_a_window(world)
+    last = pay_a_window(world)
     window_entries = sum(
         len(part)
         for part in read_window(world.ledger, world.windows, last).entries_by_shard.values()
@@ -143,10 +139,8 @@ def test_reading_a_window_costs_its_own_entries_not_the_ledger_before(
 def test_a_wrong_recorded_block_fails_the_read_instead_of_shortening_it(
     world: SettlementWorld,
 ) -> None:
-    for _ in range(2):
-        for i in range(PAYMENTS_PER_WINDOW):
-            world.pay(100 + i)
-        close(world)
+    pay_a_window(world)
+    pay_a_window(world)
     shard = 7
     row = world.session.tables["window_cuts"][(1, shard)]
     assert row["stream_block"] is not None  # the keeper recorded where the cut is

@@ -142,6 +142,7 @@ class _Journal:
         self.closed = False
         self.size = 0
         if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             # Read and append, unbuffered: a line is in the file (the OS's) when append
             # returns, or not at all; lines are read back with pread while the book grows.
             self._file = path.open("a+b", buffering=0)
@@ -229,20 +230,17 @@ class BankLedger:
         self._index: dict[str, int] = {}
         self._totals: dict[str, _Totals] = {}
         self.journal_path = journal_path
-        replayed = 0
-        if journal_path is not None:
-            journal_path.parent.mkdir(parents=True, exist_ok=True)
         self._journal = _Journal(journal_path)
+        replayed = 0
         if journal_path is not None:
             try:
                 replayed = self._replay(journal_path)
             except BaseException:
                 self._journal.close()
                 raise
+            _log.info("bank %s: replayed %d journal entries", bank_id, replayed)
         if replayed == 0:
             self._append({"op": "open", "bank_id": bank_id, "v": JOURNAL_FORMAT_VERSION})
-        if journal_path is not None:
-            _log.info("bank %s: replayed %d journal entries", bank_id, replayed)
 
     # ---- the BankService operations -------------------------------------------------
 

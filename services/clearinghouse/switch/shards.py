@@ -1241,20 +1241,9 @@ def read_chain(
     the chain does not verify: an owner must not build on a broken chain.
     """
     segments = _sealed_segments(ledger, shard, below_epoch)
-    entries: list[LedgerEntry] = []
-    for i, seg in enumerate(segments):
-        # The next owner's seal ends this part; the last part runs as far as it goes.
-        until = segments[i + 1].start_seq - 1 if i + 1 < len(segments) else None
-        part = ledger.entries(shard, seg.epoch, seg.start_seq, until)
-        invariant(
-            until is None or (part[-1].seq if part else seg.start_seq - 1) == until,
-            f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
-        )
-        entries += part
-    if verify:  # only comparisons of replicas read rows without trusting them
-        report = verify_chain(entries, FIRST_SEQ, GENESIS_HASH, shard=shard)
-        why = f"shard {shard}: chain broken at {report.broken_seq}: {report.detail}"
-        invariant(report.ok, why)
+    entries = _read_segments(
+        ledger, shard, segments, (0, GENESIS_HASH), through_seq=None, start_at=None, verify=verify
+    )
     return entries, (segments[-1].epoch if segments else 0)
 
 
@@ -1294,19 +1283,39 @@ def read_chain_part(
     cut's recorded block); that epoch's entries are read from that block of its stream
     on, instead of from the epoch's first block. Raises InvariantViolation if the part
     does not verify (``verify=False``: the rows as read, for comparing replicas)."""
-    after_seq, after_hash = after
     segments = _sealed_segments(ledger, shard, None)
+    return _read_segments(
+        ledger, shard, segments, after, through_seq=through_seq, start_at=start_at, verify=verify
+    )
+
+
+def _read_segments(
+    ledger: ChainReader,
+    shard: int,
+    segments: list[Seal],
+    after: tuple[int, bytes],
+    *,
+    through_seq: int | None,
+    start_at: tuple[int, int] | None,
+    verify: bool,
+) -> list[LedgerEntry]:
+    """The entries of ``segments`` after ``after`` = (seq, hash) up to ``through_seq``
+    (None: as far as the last part's entries are contiguous); each part ends where the
+    next owner's seal begins. Verified to link on from ``after``'s hash unless
+    ``verify`` is False (comparisons of replicas read rows without trusting them)."""
+    after_seq, after_hash = after
     entries: list[LedgerEntry] = []
     for i, seg in enumerate(segments):
         seg_end = segments[i + 1].start_seq - 1 if i + 1 < len(segments) else None
         lo = max(after_seq + 1, seg.start_seq)
-        hi = through_seq if seg_end is None else min(through_seq, seg_end)
-        if lo > hi:
+        ends = [end for end in (seg_end, through_seq) if end is not None]
+        hi = min(ends) if ends else None
+        if hi is not None and lo > hi:
             continue
         block = start_at[1] if start_at is not None and start_at[0] == seg.epoch else None
         part = ledger.entries(shard, seg.epoch, lo, hi, from_block=block)
         invariant(
-            hi != seg_end or (part[-1].seq if part else lo - 1) == hi,
+            seg_end is None or hi != seg_end or (part[-1].seq if part else lo - 1) == hi,
             f"shard {shard}: epoch {seg.epoch} ends before its successor's seal",
         )
         entries += part
