@@ -433,6 +433,9 @@ def valid_request(rpc: Rpc, institution: str = INSTITUTION, bank: str = BANK) ->
         "ShardService.Lend": lambda: shard_pb2.LendRequest(
             participant_id=bank, currency=CURRENCY, for_shard=1, need_minor=1
         ),
+        "ShardService.Repay": lambda: shard_pb2.RepayRequest(
+            participant_id=bank, currency=CURRENCY, from_shard=1, returned_total_minor=1
+        ),
         "ShardService.Describe": shard_pb2.DescribeRequest,
         "BankService.Debit": lambda: bank_pb2.BankTransferRequest(
             switch_ref=new_payment_id("ref"),

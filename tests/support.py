@@ -126,6 +126,18 @@ class SwitchEnv:
     clients: dict[str, SwitchClient]
     parts: dict[str, Any]
 
+    def register_capped_institution(self, prefix: str, name: str, cap_cny_minor: int) -> str:
+        """A new institution (``prefix`` and a random suffix) with a net debit cap in CNY,
+        registered and seen by every node's registry; its id."""
+        inst = f"{prefix}{uuid.uuid4().hex[:6].upper()}"
+        institution = {"participant_id": inst, "name": name, "currencies": ["CNY"],
+                       "net_debit_caps": {"CNY": cap_cny_minor}}  # fmt: skip
+        demo.register_participants(
+            next(iter(self.clients.values())), {"institutions": [institution], "banks": []}, print
+        )
+        time.sleep(REGISTRY_REFRESH_S * 1.5)
+        return inst
+
     def order(self, **kw: Any) -> payment_pb2.PaymentOrder:
         base: dict[str, Any] = {
             "payment_id": f"t-{uuid.uuid4().hex[:20]}",

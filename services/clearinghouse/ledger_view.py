@@ -15,7 +15,13 @@ from typing import Any
 
 from clearinghouse._invariant import invariant
 from clearinghouse.domain.chain import GENESIS_HASH, LedgerEntry
-from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT, Decision
+from clearinghouse.domain.entries import (
+    KIND_DECISION,
+    KIND_INTENT,
+    KIND_WINDOW_CUT,
+    Decision,
+    WindowCut,
+)
 from clearinghouse.switch.ports import ChainReader
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.shards import map_shards, read_chain, read_chain_part
@@ -35,6 +41,13 @@ class LedgerSummary:
     undecided: set[str] = field(default_factory=set)
     # payment_key -> how many postings its decision wrote
     postings: Counter[str] = field(default_factory=Counter)
+    # window id -> (participant, currency) -> [debits, credits] of the decisions in that
+    # window (the one its shard's next cut ends; the open one is the last cut's + 1).
+    window_totals: defaultdict[int, defaultdict[tuple[str, str], list[int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    )
+    # The windows SETTLED, when the reader also read the windows (the drill does).
+    settled_windows: frozenset[int] = frozenset()
 
     def net(self, participant_id: str, currency: str) -> int:
         d, c = self.totals.get((participant_id, currency), (0, 0))
@@ -162,8 +175,11 @@ def read_ledger(ledger: ChainReader, shard_count: int = SHARD_COUNT) -> LedgerSu
         if entries:
             out.shards_with_entries += 1
         out.entries += len(entries)
+        window = 1
         for e in entries:
-            if e.kind == KIND_INTENT:
+            if e.kind == KIND_WINDOW_CUT:
+                window = WindowCut.decode(e.body).window_id + 1
+            elif e.kind == KIND_INTENT:
                 out.undecided.add(e.payment_key)
             elif e.kind == KIND_DECISION:
                 invariant(e.payment_key in out.undecided, f"{e.payment_key}: decision first")
@@ -175,10 +191,12 @@ def read_ledger(ledger: ChainReader, shard_count: int = SHARD_COUNT) -> LedgerSu
                 credits = sum(p.credit_minor for p in d.postings)
                 invariant(debits == credits, f"{e.payment_key}: debits {debits} != {credits}")
                 out.postings[e.payment_key] += len(d.postings)
+                in_window = out.window_totals[window]
                 for p in d.postings:
-                    t = out.totals[(p.participant_id, p.currency)]
-                    t[0] += p.debit_minor
-                    t[1] += p.credit_minor
+                    for t in (out.totals[(p.participant_id, p.currency)],
+                              in_window[(p.participant_id, p.currency)]):  # fmt: skip
+                        t[0] += p.debit_minor
+                        t[1] += p.credit_minor
     return out
 
 

@@ -8,7 +8,14 @@ Every switch node runs :class:`WindowKeeper` once per :data:`WINDOW_POLL_S`:
    CLOSING, not only a shard's latest one. A new owner finds the cuts in the chain it
    rebuilt and records them again (same values), so a crash between the cut and its
    record loses nothing.
-2. The owner of shard 0 (the coordinator; ownership moves with it) records CLOSED once
+2. It tells the shards it serves which windows are SETTLED (an operator confirmed that
+   the window's settlement ran): their payments no longer count against the
+   participants' net debit caps (:meth:`ShardedStore.release_settled`), and each shard
+   then gives the headroom it no longer needs back to the participant's home shard
+   (:meth:`ShardedStore.give_back`), to be lent again wherever it is needed. The newest
+   windows are seen at every step; an older window some shard still counts is asked
+   about every :data:`SETTLED_SCAN_S`.
+3. The owner of shard 0 (the coordinator; ownership moves with it) records CLOSED once
    every shard's cut is recorded, then computes the window's clearing from the ledger
    (:func:`clear_window`), stores it (``window_clearing``) and records CLEARED; and,
    when a schedule is set, asks the open window to close once it has been open for the
@@ -55,6 +62,10 @@ WINDOWS_WATCHED = 4
 # How far back a keeper looks once, at its first step, for a window still CLOSED (its
 # clearing failed while later windows closed, so it is no longer among the newest).
 WINDOWS_SCANNED_AT_START = 64
+# How often a keeper asks whether windows older than the newest few were settled, and
+# how many of them (the oldest first) at most each time.
+SETTLED_SCAN_S = 10.0
+SETTLED_SCAN_WINDOWS_MAX = 16
 PART_CLEARING = "clearing.json"
 PART_MERKLE_ROOT = "merkle_root"
 
@@ -166,6 +177,8 @@ class WindowKeeper:
         # coordinates, however many windows closed after them (a clearing that keeps
         # failing must not drop out of view when later windows close on schedule).
         self._uncleared: set[int] | None = None  # None: not scanned yet
+        self._settled_scan_at_us = 0  # the first step scans
+        self._settled_scan_after = 0  # each scan goes on after the last window it asked
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(WINDOW_POLL_S):
@@ -187,6 +200,7 @@ class WindowKeeper:
         for window_id in closing:
             self.store.cut_window(window_id)
         self._record_cuts(closing)
+        self._release_settled(recent)
         if not self.store.owns_now(COORDINATOR_SHARD):
             return
         for window_id in closing:
@@ -206,6 +220,37 @@ class WindowKeeper:
             if w.state == "CLOSED":
                 self._clear_or_log(w.window_id)
         self._maybe_schedule(recent)
+
+    def _release_settled(self, recent: list[WindowStatus]) -> None:
+        """Tell the shards served here which windows are SETTLED: the newest ones from
+        this step's read; older ones that a shard still counts, by asking, at most every
+        :data:`SETTLED_SCAN_S`."""
+        settled = {w.window_id for w in recent if w.state == "SETTLED"}
+        watched = {w.window_id for w in recent}
+        now = self.clock()
+        if now >= self._settled_scan_at_us:
+            older = [w for w in self.store.unsettled_windows() if w not in watched]
+            if older:
+                self._settled_scan_at_us = now + int(SETTLED_SCAN_S * 1e6)
+            # In turns, so that old windows never settled cannot hide a later one.
+            after = self._settled_scan_after
+            turn = [w for w in older if w > after] + [w for w in older if w <= after]
+            for window_id in turn[:SETTLED_SCAN_WINDOWS_MAX]:
+                self._settled_scan_after = window_id
+                if self.windows.status(window_id).state == "SETTLED":
+                    settled.add(window_id)
+        released = self.store.release_settled(settled) if settled else []
+        if released:
+            log.info("settlement windows %s are settled: their payments no longer count "
+                     "against the net debit caps (shards served here)",
+                     ", ".join(map(str, released)))  # fmt: skip
+        if self.store.give_back_due:
+            returned = self.store.give_back()
+            if returned:
+                log.info("%d shard allowances gave their unused headroom back to the "
+                         "participants' home shards", returned)  # fmt: skip
+        else:
+            self.store.resend_returns()
 
     def _clear_or_log(self, window_id: int, since: str = "") -> None:
         """Clear one window; a failure is logged (one ERROR, with ``since``: how long the
@@ -260,6 +305,7 @@ class WindowKeeper:
 
 
 __all__ = [
+    "SETTLED_SCAN_S",
     "WINDOWS_WATCHED",
     "WINDOW_POLL_S",
     "StoredClearing",

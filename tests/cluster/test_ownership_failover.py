@@ -36,7 +36,6 @@ import grpc
 import pytest
 
 from clearing.v1 import common_pb2, payment_pb2
-from clearinghouse import demo
 from clearinghouse.client import error_details
 from clearinghouse.ledger_view import read_ledger
 from clearinghouse.ownership import placement
@@ -44,7 +43,6 @@ from clearinghouse.ownership.etcd_backend import HOME_PROBE_INTERVAL_S
 from clearinghouse.ownership.node import LEASE_TTL_S, SUSPEND_TTLS
 from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.storage.ledger import CassandraLedger
-from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.records import payment_key, shard_of
 from clearinghouse.switch.routing import OWNER_WAIT_S
 from tests.support import SwitchEnv, eventually, session_preferring
@@ -297,16 +295,9 @@ def test_a_frozen_etcd_member_moves_no_shard(switch_env: SwitchEnv, role: str) -
 def test_net_debit_cap_holds_under_concurrency_from_every_zone(switch_env: SwitchEnv) -> None:
     env = switch_env
     zones = [z.name for z in env.lc.topo.zones]
-    inst = f"INST_CAP{uuid.uuid4().hex[:6].upper()}"
     per_shard, amount = 3_000, 1_000
     cap = per_shard * 128
-    demo.register_participants(
-        env.clients[zones[0]],
-        {"institutions": [{"participant_id": inst, "name": "capped", "currencies": ["CNY"],
-                           "net_debit_caps": {"CNY": cap}}], "banks": []},
-        print,
-    )  # fmt: skip
-    time.sleep(REGISTRY_REFRESH_S * 1.5)
+    inst = env.register_capped_institution("INST_CAP", "capped", cap)
     big = env.order(
         institution_id=inst,
         type=CREDIT,

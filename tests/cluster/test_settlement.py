@@ -11,6 +11,9 @@
   check names that city and rows it lacks (all of them rows of that window), and after
   a repair the three cities agree again.
 * A stored entry changed in place is caught by the chain verification.
+* A participant at its net debit cap is refused until the window holding its payments
+  is SETTLED; then the cap can be used again in full, in any shard (the shards give
+  their unused headroom back to the participant's home shard).
 """
 
 from __future__ import annotations
@@ -28,18 +31,21 @@ import pytest
 from clearing.v1 import audit_pb2, audit_pb2_grpc, common_pb2, settlement_pb2, settlement_pb2_grpc
 from clearinghouse.audit.export import read_manifest
 from clearinghouse.audit.verify import verify_export
+from clearinghouse.client import error_details
 from clearinghouse.domain.entries import KIND_DECISION, Decision
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.ledger_view import read_ledger, read_window
 from clearinghouse.storage.ledger import CassandraLedger, encode_run
 from clearinghouse.storage.windows import CassandraWindows
-from clearinghouse.switch.records import SHARD_COUNT, payment_key
+from clearinghouse.switch.records import SHARD_COUNT, payment_key, shard_of
 from clearinghouse.switch.shards import read_chain
 from tests.support import SwitchEnv, eventually, session_preferring
 
 pytestmark = pytest.mark.cluster
 
 CLEAR_TIMEOUT_S = 90.0
+# How long the nodes may take to see a window SETTLED and give the headroom back.
+SETTLED_SEEN_S = 30.0
 COMPARE_RETRY_S = 90.0
 # Payments per window (and of the open tail) whose history is asked of the audit service.
 HISTORY_SAMPLE_PER_WINDOW = 3
@@ -314,3 +320,57 @@ def test_an_entry_changed_in_place_breaks_its_chain(switch_env: SwitchEnv) -> No
             s.execute(stmt, (stored, *run.key))
     restored = audit.VerifyChains(audit_pb2.VerifyChainsRequest(shards=[shard]), timeout=60)
     assert restored.reports[0].ok
+
+
+def test_a_settled_window_gives_the_whole_cap_back_to_every_shard(switch_env: SwitchEnv) -> None:
+    env = switch_env
+    zones = [z.name for z in env.lc.topo.zones]
+    cap = 10_000
+    inst = env.register_capped_institution("INST_SETL", "settles", cap)
+
+    def payout(amount: int) -> Any:
+        return env.order(institution_id=inst, type=common_pb2.PAYMENT_TYPE_CREDIT, payer_id=inst,
+                         payee_id="BANK_FLAKY", memo="payout",
+                         amount=common_pb2.Money(amount_minor=amount, currency="CNY"))  # fmt: skip
+
+    def refused(order: Any, zone: str) -> bool:
+        try:
+            env.submit(zone, order)
+        except grpc.RpcError as e:
+            err = error_details(e)
+            assert e.code() is grpc.StatusCode.FAILED_PRECONDITION, e
+            assert err is not None and err.reason == "NET_DEBIT_CAP_EXCEEDED", err
+            return True
+        return False
+
+    first = payout(cap)
+    assert env.submit(zones[0], first).payment.state == common_pb2.PAYMENT_STATE_APPROVED
+    assert refused(payout(1), zones[1])
+    window = close_and_wait_cleared(env, zones[2])
+    assert refused(payout(1), zones[3]), "cleared but not settled: the position is still owed"
+
+    settle, audit = stubs(env, zones[4])
+    r = settle.ConfirmSettlement(
+        settlement_pb2.ConfirmSettlementRequest(window_id=window, reference="RTGS-TEST-1"),
+        timeout=10,
+    )
+    assert r.confirmed_now
+
+    # The whole cap again, in another shard than the one that held it: a refusal writes
+    # nothing, so the same order is sent until the headroom is back at the home shard.
+    again = next(o for o in (payout(cap) for _ in range(64))
+                 if shard_of(inst, o.payment_id) != shard_of(inst, first.payment_id))  # fmt: skip
+    assert eventually(lambda: not refused(again, zones[5]), SETTLED_SEEN_S, every_s=1), (
+        "the settled window's headroom never came back"
+    )
+    got = env.submit(zones[5], again)
+    assert got.replayed and got.payment.state == common_pb2.PAYMENT_STATE_APPROVED
+    assert refused(payout(1), zones[0]), "the cap binds again"
+    # The ledger says the same: the settled window holds the first payout, what is owed
+    # since is the second.
+    with session_preferring(env.lc, "shanghai") as s:
+        summary = read_ledger(CassandraLedger(s))
+    assert summary.window_totals[window][(inst, "CNY")] == [cap, 0]
+    assert summary.net(inst, "CNY") == 2 * cap
+    summary_window = audit.GetWindow(audit_pb2.GetWindowRequest(window_id=window), timeout=30)
+    assert summary_window.summary.state == "SETTLED"

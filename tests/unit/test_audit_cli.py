@@ -528,7 +528,10 @@ def test_window_close_and_settle_print_the_format_asked(capsys: pytest.CaptureFi
         {"window": 7, "reference": "RTGS-1", "confirmed_now": True}
     ]
     code, _ = run(settled, "window", "settle", "7", "--reference", "RTGS-1")  # for people
-    assert capsys.readouterr().out == "window 7 settled\n"
+    assert capsys.readouterr().out == (
+        "window 7 settled: its payments no longer count against the net debit caps (every "
+        "node within a few seconds)\n"
+    )
 
 
 # -- a window not cleared yet -------------------------------------------------------------------

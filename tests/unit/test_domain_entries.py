@@ -15,6 +15,8 @@ from clearinghouse.domain._codec import I64_MAX, I64_MIN
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_REPAID,
+    KIND_CAP_RETURN,
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
@@ -90,9 +92,9 @@ def _decode(kind: str, body: bytes) -> object:
 def test_kinds() -> None:
     assert set(KINDS) == {
         KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
-        KIND_WINDOW_CUT,
+        KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_WINDOW_CUT,
     }  # fmt: skip
-    assert len(KINDS) == 6
+    assert len(KINDS) == 8
 
 
 def test_cap_entries_have_a_key_no_payment_can_have() -> None:

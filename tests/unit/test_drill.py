@@ -236,6 +236,33 @@ def test_caps_are_checked_in_every_city_and_no_cap_means_zero() -> None:
     assert failing(evidence(traces, over, caps=None)) == ["within_caps"]
 
 
+def test_caps_bound_the_windows_not_settled() -> None:
+    traces = [trace(0)]
+    states = {traces[0].key: "APPROVED"}
+    by_window = {  # 100 in window 1, 60 in window 2, 30 in the open window 3
+        1: {("INST_A", "CNY"): (100, 0), ("BANK_B", "CNY"): (0, 100)},
+        2: {("INST_A", "CNY"): (60, 0), ("BANK_B", "CNY"): (0, 60)},
+        3: {("INST_A", "CNY"): (30, 0), ("BANK_B", "CNY"): (0, 30)},
+    }
+
+    def cities(settled: frozenset[int], where: str = "beijing") -> list[CityLedger]:
+        return [
+            city_ledger(c, states, totals_by_window=by_window,
+                        settled_windows=settled if c == where else frozenset())
+            for c in CITIES
+        ]  # fmt: skip
+
+    cap = {("INST_A", "CNY"): 100}
+    assert failing(evidence(traces, cities(frozenset()), caps=cap)) == ["within_caps"]
+    assert failing(evidence(traces, cities(frozenset({2})), caps=cap)) == ["within_caps"]
+    # Window 1 settled (as any one city's rows say): 90 is owed, within the cap.
+    assert judge(evidence(traces, cities(frozenset({1})), caps=cap)).ok
+    assert judge(evidence(traces, cities(frozenset({1}), where="shenzhen"), caps=cap)).ok
+    tight = {("INST_A", "CNY"): 89}
+    assert failing(evidence(traces, cities(frozenset({1})), caps=tight)) == ["within_caps"]
+    assert judge(evidence(traces, cities(frozenset({1, 2})), caps={("INST_A", "CNY"): 30})).ok
+
+
 def test_nets_must_sum_to_zero_per_currency() -> None:
     traces = [trace(0)]
     skewed = {("INST_A", "CNY"): (100, 0), ("BANK_B", "CNY"): (0, 90)}

@@ -335,6 +335,7 @@ def switch_world() -> Iterator[SwitchWorld]:
         node_id=NODE, zone=ZONE, ledger=ledger, participants=lambda: PARTICIPANTS,
         still_owner=lambda shard, epoch: epoch == EPOCH, relinquish=lambda shard: None,
         clock=wall_clock_us, borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (bound later)
+        repay=lambda *args: router.repay(*args),  # noqa: PLW0108 (bound later)
     )  # fmt: skip
     store.committer.start()
     stop = threading.Event()

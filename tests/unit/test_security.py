@@ -575,6 +575,13 @@ def _lend(stub: Any) -> Any:
     return stub.Lend(request, timeout=CALL_TIMEOUT_S)
 
 
+def _repay(stub: Any) -> Any:
+    request = shard_pb2.RepayRequest(
+        participant_id="BANK_ICBC", currency="CNY", from_shard=1, returned_total_minor=10**9
+    )
+    return stub.Repay(request, timeout=CALL_TIMEOUT_S)
+
+
 @pytest.mark.parametrize("who", [pki.operator(), pki.auditor(), ICBC, ALIPAY], ids=str)
 def test_only_nodes_submit_to_owners_or_borrow_cap(
     server: Server, ca: pki.LocalCA, who: Identity
@@ -582,11 +589,13 @@ def test_only_nodes_submit_to_owners_or_borrow_cap(
     shard = shard_pb2_grpc.ShardServiceStub(server.channel(ca, who))
     _denied(lambda: _submit_owned(shard))
     _denied(lambda: _lend(shard))
-    assert server.others.calls == []  # no order processed, no cap lent
+    _denied(lambda: _repay(shard))  # a participant cannot hand itself headroom
+    assert server.others.calls == []  # no order processed, no cap lent or taken back
     as_node = shard_pb2_grpc.ShardServiceStub(server.channel(ca, pki.node("shanghai-a")))
     _submit_owned(as_node)
     _lend(as_node)
-    assert [n for n, _ in server.others.calls] == ["SubmitOwned", "Lend"]
+    _repay(as_node)
+    assert [n for n, _ in server.others.calls] == ["SubmitOwned", "Lend", "Repay"]
 
 
 def test_a_bank_does_not_administer_the_switch(server: Server, ca: pki.LocalCA) -> None:

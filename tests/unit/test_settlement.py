@@ -14,17 +14,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import count
 
 import pytest
 
 from clearinghouse import settlement
 from clearinghouse._invariant import InvariantViolation
-from clearinghouse.domain import FailedPrecondition, PaymentState
+from clearinghouse.domain import FailedPrecondition, InsufficientLiquidity, PaymentState
 from clearinghouse.domain.clearing import WindowClearing
 from clearinghouse.domain.entries import KIND_DECISION, KIND_WINDOW_CUT, WindowCut
 from clearinghouse.domain.merkle import merkle_root, window_leaves
-from clearinghouse.ledger_view import read_window
+from clearinghouse.ledger_view import read_ledger, read_window
 from clearinghouse.settlement import request_close, stored_clearing
 from clearinghouse.storage.windows import WindowEvent
 from clearinghouse.switch.records import SHARD_COUNT, PaymentRecord, shard_of
@@ -382,3 +383,91 @@ def test_payments_racing_a_cut_end_up_in_exactly_one_window(world: SettlementWor
         stored = stored_clearing(world.windows, window_id)
         assert stored is not None
         assert WindowClearing.from_json(stored.clearing_json).payments_decided == len(keys)
+
+
+# -- net debit caps and settlement ----------------------------------------------------------
+
+
+def test_a_settled_window_frees_its_payments_share_of_the_cap(world: SettlementWorld) -> None:
+    bank, cap = BANKS[1], 1_000
+    world.participants[bank] = replace(world.participants[bank], net_debit_caps={"CNY": cap})
+    world.pay(cap, bank=bank)  # the bank pays an institution: its whole cap
+    with pytest.raises(InsufficientLiquidity):
+        world.pay(1, bank=bank)
+    window = world.close_window()
+    world.step()
+    with pytest.raises(InsufficientLiquidity):  # cleared, not settled: still owed
+        world.pay(1, bank=bank)
+
+    assert world.windows.record(window, WindowEvent.SETTLED, world.clock(), "op", "RTGS-1")
+    world.step()
+
+    assert world.pay(cap, bank=bank).state is S.APPROVED  # window 2's
+    with pytest.raises(InsufficientLiquidity):
+        world.pay(1, bank=bank)
+    assert world.node_a.store.unsettled_windows() == []
+
+
+def test_a_window_settled_long_after_it_closed_is_found_by_the_scan(
+    world: SettlementWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    bank, cap = BANKS[1], 1_000
+    world.participants[bank] = replace(world.participants[bank], net_debit_caps={"CNY": cap})
+    world.pay(cap, bank=bank)
+    first = world.close_window()
+    later = [world.close_window() for _ in range(settlement.WINDOWS_WATCHED)]
+    assert first not in {w.window_id for w in world.windows.recent(settlement.WINDOWS_WATCHED)}
+    assert world.node_a.store.unsettled_windows() == [first]
+    world.step()  # scans now, and not again for SETTLED_SCAN_S
+    assert world.windows.record(first, WindowEvent.SETTLED, world.clock(), "op", "RTGS-1")
+
+    world.step()
+    with pytest.raises(InsufficientLiquidity):
+        world.pay(1, bank=bank)  # not asked yet
+    world.clock.advance(settlement.SETTLED_SCAN_S)
+    with caplog.at_level(logging.INFO, logger="clearinghouse.settlement"):
+        world.step()
+
+    assert world.pay(cap, bank=bank).state is S.APPROVED
+    assert f"settlement windows {first} are settled" in caplog.text
+    assert later == list(range(first + 1, first + 1 + settlement.WINDOWS_WATCHED))
+
+
+def test_the_ledger_summary_keeps_each_windows_totals(world: SettlementWorld) -> None:
+    world.pay(100)
+    world.pay(40, S.DECLINED)
+    world.close_window()
+    world.pay(70)
+
+    summary = read_ledger(world.ledger)
+
+    inst, bank = INSTITUTIONS[0], BANKS[0]
+    assert {w: dict(t) for w, t in summary.window_totals.items()} == {
+        1: {(bank, "CNY"): [100, 0], (inst, "CNY"): [0, 100]},
+        2: {(bank, "CNY"): [70, 0], (inst, "CNY"): [0, 70]},
+    }
+    assert summary.totals[(bank, "CNY")] == [170, 0]
+
+
+def test_old_windows_never_settled_do_not_hide_a_later_settled_one(
+    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settlement, "SETTLED_SCAN_WINDOWS_MAX", 2)
+    bank, cap = BANKS[1], 1_000
+    world.participants[bank] = replace(world.participants[bank], net_debit_caps={"CNY": cap})
+    for _ in range(4):  # windows 1-4 each hold a payment of the bank's; none is settled
+        world.pay(10, bank=bank)
+        world.close_window()
+    world.pay(cap - 40, bank=bank)
+    last = world.close_window()
+    for _ in range(settlement.WINDOWS_WATCHED):
+        world.close_window()
+    assert world.node_a.store.unsettled_windows() == [1, 2, 3, 4, last]
+    assert world.windows.record(last, WindowEvent.SETTLED, world.clock(), "op", "RTGS-5")
+
+    for _ in range(3):  # three scans of two windows: 1-2, 3-4, then 5 (and 1)
+        world.clock.advance(settlement.SETTLED_SCAN_S)
+        world.step()
+
+    assert world.node_a.store.unsettled_windows() == [1, 2, 3, 4]
+    assert world.pay(cap - 40, bank=bank).state is S.APPROVED

@@ -43,6 +43,8 @@ from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, ver
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_REPAID,
+    KIND_CAP_RETURN,
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
@@ -153,6 +155,7 @@ class Node:
         clock: FakeClock,
         borrow: shards.Borrow | None,
         full_reader: FakeLedger | None = None,
+        repay: shards.Repay | None = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
@@ -171,6 +174,7 @@ class Node:
             relinquish=self._relinquish,
             clock=clock,
             borrow=borrow,
+            repay=repay,
             full_reader=full_reader,
             unconfirmed=lambda shard, epoch: self.suspended.get(shard) == epoch,
         )
@@ -195,6 +199,11 @@ class Node:
         step = decision_step(state, self.clock(), bank_ref)
         return self.store.decide(rec, step, postings, reversal_owed=owed)
 
+    def approve(self, order: PaymentOrder) -> PaymentRecord:
+        """Begin the order and decide it APPROVED."""
+        rec, _ = self.begin(order)
+        return self.decide(rec, S.APPROVED)
+
     def load(self, payment_id: str) -> PaymentRecord | None:
         return self.store.load(INST, payment_id)
 
@@ -212,7 +221,8 @@ class World:
             assert self.lender.take(home, 1)
 
     def node(self, node_id: str, *, own_lender: bool = False) -> Node:
-        n = Node(node_id, self.ledger, self.clock, None if own_lender else self.borrow)
+        n = Node(node_id, self.ledger, self.clock, None if own_lender else self.borrow,
+                 repay=None if own_lender else self.repay)  # fmt: skip
         self.nodes.append(n)
         return n
 
@@ -223,6 +233,14 @@ class World:
         for n in reversed(self.nodes):
             if home in n.store.owned():
                 return n.store.lend(participant_id, currency, for_shard, need)
+        raise Unavailable("no owner of the home shard", reason=Unavailable.NOT_SHARD_OWNER)
+
+    def repay(self, participant_id: str, currency: str, from_shard: int, total: int) -> int:
+        """The router's part for headroom given back: to the home shard's owner."""
+        home = home_shard(participant_id, currency)
+        for n in reversed(self.nodes):
+            if home in n.store.owned():
+                return n.store.repay(participant_id, currency, from_shard, total)
         raise Unavailable("no owner of the home shard", reason=Unavailable.NOT_SHARD_OWNER)
 
     def chain(self, shard: int = SHARD) -> list[LedgerEntry]:
@@ -1675,3 +1693,245 @@ def test_map_shards_raises_the_first_failure_in_shard_order() -> None:
             got.append(r)
     assert got == [0, 1, 2]
     assert list(shards.map_shards(read, [5])) == [5]
+
+
+# -- caps and settlement ---------------------------------------------------------------------
+
+
+def test_a_settled_window_gives_its_approved_payments_headroom_back(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3, p4 = ids_in(SHARD, 4)
+    r1, _ = a.begin(debit(p1, SMALL_CAP, payer=SMALL))  # borrows the whole cap
+    a.decide(r1, S.APPROVED)
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p2, 1, payer=SMALL))
+    a.store.cut_window(1)
+    assert a.store.unsettled_windows() == [1]
+
+    # Cut, cleared, not settled: the position is still owed, the cap still binds.
+    assert a.store.release_settled([]) == []
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p2, 1, payer=SMALL))
+
+    assert a.store.release_settled([1]) == [1]
+
+    assert a.store.exposure() == {(SMALL, CNY): 0, (INST, CNY): 0}
+    assert a.store.unsettled_windows() == []
+    r2, won = a.begin(debit(p2, SMALL_CAP - 300, payer=SMALL))
+    assert won
+    a.decide(r2, S.APPROVED)  # window 2's, which is not settled
+    _, won = a.begin(debit(p3, 300, payer=SMALL))
+    assert won  # the rest of the same allowance: no new loan
+    assert len(world.transfers(home_shard(SMALL, CNY), KIND_CAP_GRANT)) == 1
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p4, 1, payer=SMALL))  # in flight counts too
+    assert a.store.release_settled([1]) == []  # again: nothing more to release
+
+
+def test_only_a_window_the_shard_has_cut_is_released(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2 = ids_in(SHARD, 2)
+    a.approve(debit(p1, SMALL_CAP, payer=SMALL))  # in window 1, still open
+
+    assert a.store.release_settled([1]) == []  # settled before its cut: a fault, ignored
+
+    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): -SMALL_CAP}
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p2, 1, payer=SMALL))
+    a.store.cut_window(1)
+    assert a.store.release_settled([]) == [1]  # known settled, released once cut
+
+
+def test_a_decision_queued_before_the_cut_counts_in_the_window_it_belongs_to(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    r1, _ = a.begin(debit(p1, 400, payer=SMALL))
+    r2, _ = a.begin(debit(p2, 600, payer=SMALL))
+    a.decide(r1, S.APPROVED)
+    a.store.cut_window(1)  # p1's approval is window 1's, p2 (in flight) window 2's
+    a.decide(r2, S.APPROVED)
+
+    a.store.release_settled([1])
+
+    assert a.store.exposure() == {(SMALL, CNY): 600, (INST, CNY): -600}
+    _, won = a.begin(debit(p3, 400, payer=SMALL))
+    assert won
+    assert a.store.unsettled_windows() == []  # window 2 is not cut yet
+
+
+def test_a_new_owner_counts_only_the_windows_not_settled(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    a.approve(debit(p1, 700, payer=SMALL))
+    a.store.cut_window(1)
+    a.approve(debit(p2, 200, payer=SMALL))
+    a.store.cut_window(2)
+    a.store.release_settled([2])  # settled out of order: window 1 is still owed
+
+    b = world.node("node-b")
+    a.store.lose(SHARD)
+    assert b.take(SHARD, 11)
+    # b has not heard of any settlement yet: everything decided counts.
+    assert b.store.exposure() == {(SMALL, CNY): 900, (INST, CNY): -900}
+    assert b.store.unsettled_windows() == [1, 2]
+    assert b.store.release_settled([2]) == [2]
+    assert b.store.exposure() == {(SMALL, CNY): 700, (INST, CNY): -700}
+
+    c = world.node("node-c")
+    c.store.release_settled([1, 2])  # heard before its takeover
+    b.store.lose(SHARD)
+    assert c.take(SHARD, 12)
+    assert {k: v for k, v in c.store.exposure().items() if v} == {}
+    assert c.store.unsettled_windows() == []
+    _, won = c.begin(debit(p3, SMALL_CAP, payer=SMALL))
+    assert won
+
+
+def test_an_approval_of_a_window_settled_before_it_was_applied_counts_nothing() -> None:
+    st = shards._Shard(SHARD, 10)
+    rec = begun_record(debit("p-late", 500, payer=SMALL), at_us=START_US, zone=ZONE)
+    st.apply_intent(rec)
+    st.last_cut = 1
+
+    st.apply_decision(rec, S.APPROVED, 1, frozenset({1}))
+
+    assert dict(st.exposure) == {(SMALL, CNY): 0}
+    assert st.window_nets == {}
+
+
+def _amounts(world: World, shard: int, kind: str) -> list[int]:
+    return [t.amount_minor for t in world.transfers(shard, kind)]
+
+
+def test_headroom_given_back_after_a_settlement_is_lent_where_it_is_needed(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    (p1,), (p2,) = ids_in(SHARD, 1), ids_in(OTHER_SHARD, 1)
+    home = home_shard(SMALL, CNY)
+    a.approve(debit(p1, SMALL_CAP, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+    with pytest.raises(InsufficientLiquidity):  # the whole cap is lent to SHARD
+        a.begin(debit(p2, SMALL_CAP, payer=SMALL))
+    assert a.store.give_back_due
+
+    assert a.store.give_back() == 1
+
+    assert not a.store.give_back_due
+    assert [t.other_shard for t in world.transfers(SHARD, KIND_CAP_RETURN)] == [home]
+    assert _amounts(world, SHARD, KIND_CAP_RETURN) == [SMALL_CAP]
+    assert [t.other_shard for t in world.transfers(home, KIND_CAP_REPAID)] == [SHARD]
+    assert _amounts(world, home, KIND_CAP_REPAID) == [SMALL_CAP]
+    _, won = a.begin(debit(p2, SMALL_CAP, payer=SMALL))
+    assert won
+    assert _amounts(world, home, KIND_CAP_GRANT) == [SMALL_CAP, SMALL_CAP]
+    assert a.store.give_back() == 0  # in flight: nothing spare
+    assert a.store.resend_returns() == 0  # confirmed already: nothing sent again
+
+
+def test_a_shard_gives_back_only_what_its_exposure_does_not_need(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    a.approve(debit(p1, 300, payer=SMALL))
+    a.store.cut_window(1)
+    a.approve(debit(p2, 200, payer=SMALL))  # window 2's: still owed
+    a.begin(debit(p3, 100, payer=SMALL))  # in flight
+    allowance = sum(_amounts(world, SHARD, KIND_CAP_RECEIVE))
+    a.store.release_settled([1])
+
+    a.store.give_back()
+
+    assert _amounts(world, SHARD, KIND_CAP_RETURN) == [allowance - 300]
+    assert a.store.exposure()[(SMALL, CNY)] == 300
+
+
+def test_a_repayment_sent_again_takes_nothing_twice(world: World) -> None:
+    lender = world.lender.store
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (p1,) = ids_in(SHARD, 1)
+    a.approve(debit(p1, 400, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+    a.store.give_back()
+    home = home_shard(SMALL, CNY)
+    total = sum(_amounts(world, SHARD, KIND_CAP_RETURN))
+
+    assert lender.repay(SMALL, CNY, SHARD, total) == total
+    assert lender.repay(SMALL, CNY, SHARD, total - 1) == total  # an older total: late
+
+    assert _amounts(world, home, KIND_CAP_REPAID) == [total]
+    # A new owner of each side rebuilds the same: SHARD sends its total again once (it
+    # cannot know it arrived), the home shard's new owner takes nothing twice.
+    b = world.node("node-b")
+    a.store.lose(SHARD)
+    b.take(SHARD, 11)
+    lender2 = world.node("lender-2", own_lender=True)
+    world.lender.store.lose(home)
+    assert lender2.take(home, 2)
+    b.store.repay_to_home = lender2.store.repay
+
+    assert b.store.resend_returns() == 1
+    assert b.store.resend_returns() == 0
+
+    assert _amounts(world, home, KIND_CAP_REPAID) == [total]
+    (p2,) = ids_in(OTHER_SHARD, 1)
+    b.take(OTHER_SHARD, 11)
+    b.store.borrow = lender2.store.lend
+    assert b.begin(debit(p2, SMALL_CAP, payer=SMALL))[1]  # the whole cap, lent again
+
+
+def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (p1,) = ids_in(SHARD, 1)
+    a.approve(debit(p1, 400, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+    calls: list[int] = []
+
+    def away(participant_id: str, currency: str, from_shard: int, total: int) -> int:
+        calls.append(total)
+        raise Unavailable("the home shard's owner is away", reason=Unavailable.NOT_SHARD_OWNER)
+
+    a.store.repay_to_home = away
+    assert a.store.give_back() == 1  # written in SHARD's chain, not repaid
+    assert "failed (1 returns sent again later)" in caplog.text
+    home = home_shard(SMALL, CNY)
+    assert _amounts(world, home, KIND_CAP_REPAID) == []
+    a.store.repay_to_home = world.lender.store.repay
+
+    assert a.store.resend_returns() == 1
+
+    returned = _amounts(world, SHARD, KIND_CAP_RETURN)
+    assert _amounts(world, home, KIND_CAP_REPAID) == calls == returned
+
+
+def test_a_lowered_cap_binds_the_headroom_given_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    a.approve(debit(p1, 600, payer=SMALL))
+    monkeypatch.setitem(PARTICIPANTS, SMALL, replace(PARTICIPANTS[SMALL],
+                                                     net_debit_caps={CNY: 250}))  # fmt: skip
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+    a.store.give_back()
+
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p2, 251, payer=SMALL))
+    assert a.begin(debit(p3, 250, payer=SMALL))[1]

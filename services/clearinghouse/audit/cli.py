@@ -350,7 +350,11 @@ def _window(stub: Any, args: argparse.Namespace) -> int:
         )  # fmt: skip
         row = {"window": args.window_id, "reference": args.reference,
                "confirmed_now": r.confirmed_now}  # fmt: skip
-        text = f"window {args.window_id} {'settled' if r.confirmed_now else 'was already settled'}"
+        text = (
+            f"window {args.window_id} {'settled' if r.confirmed_now else 'was already settled'}"
+            ": its payments no longer count against the net debit caps (every node within a "
+            "few seconds)"
+        )
     if args.format == "table":  # for people: a sentence
         print(text)
     else:

@@ -1,6 +1,6 @@
 """What each kind of ledger entry carries, and its exact bytes (the body that is hashed).
 
-A shard's chain (:mod:`.chain`) holds three kinds of entries; everything an owner needs
+A shard's chain (:mod:`.chain`) holds these kinds of entries; everything an owner needs
 to rebuild a shard, and everything an auditor needs to check it, is in their bodies:
 
 * ``INTENT`` - the payment was received and routed: the order's canonical bytes, its
@@ -11,8 +11,10 @@ to rebuild a shard, and everything an auditor needs to check it, is in their bod
 * ``REVERSAL_CONFIRMED`` - a bank confirmed a reversal the switch owed it.
 * ``CAP_GRANT`` (in a participant's home shard for a currency) - the home shard lent
   part of the participant's net debit cap to a shard; ``CAP_RECEIVE`` (in that shard) -
-  the shard took the loan into its allowance. Their ``payment_key`` is
-  ``cap:<participant>/<currency>``.
+  the shard took the loan into its allowance. ``CAP_RETURN`` (in a shard, after a
+  settlement) - the shard gave headroom it no longer needs out of its allowance;
+  ``CAP_REPAID`` (in the home shard, after that) - the home shard took it back. Their
+  ``payment_key`` is ``cap:<participant>/<currency>``.
 * ``WINDOW_CUT`` - the end of a settlement window in this shard: every entry of the
   shard after the previous cut and before this one belongs to the window. Its
   ``payment_key`` is ``window:<window_id>``.
@@ -23,8 +25,9 @@ i64(received_at_us) lp(switch_ref) [lp(signing_key_id) lp(signature)];
 DECISION = lp(state) i64(at_us) lp(zone) lp(detail) lp(bank_ref) i64(reversal_owed 0|1)
 i64(n) then n x [lp(participant) lp(currency) i64(debit) i64(credit) lp(leg)];
 REVERSAL_CONFIRMED = i64(at_us) lp(zone);
-CAP_GRANT and CAP_RECEIVE = lp(participant) lp(currency) i64(other shard) i64(amount)
-i64(at_us), where the other shard is the borrower for a grant and the lender for a receipt;
+CAP_GRANT, CAP_RECEIVE, CAP_RETURN and CAP_REPAID = lp(participant) lp(currency)
+i64(other shard) i64(amount) i64(at_us), where the other shard is the borrower for a
+grant or a repayment and the lender for a receipt or a return;
 WINDOW_CUT = i64(window_id) i64(at_us).
 
 The INTENT's bracketed tail is the institution's signature of the order
@@ -50,6 +53,8 @@ KIND_DECISION: Final = "DECISION"
 KIND_REVERSAL_CONFIRMED: Final = "REVERSAL_CONFIRMED"
 KIND_CAP_GRANT: Final = "CAP_GRANT"
 KIND_CAP_RECEIVE: Final = "CAP_RECEIVE"
+KIND_CAP_RETURN: Final = "CAP_RETURN"
+KIND_CAP_REPAID: Final = "CAP_REPAID"
 KIND_WINDOW_CUT: Final = "WINDOW_CUT"
 POSTINGS_MAX: Final = 16
 
@@ -67,7 +72,7 @@ def _enum(cls: type[E], value: str) -> E:
 
 KINDS: Final = (
     KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
-    KIND_WINDOW_CUT,
+    KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_WINDOW_CUT,
 )  # fmt: skip
 
 
@@ -228,6 +233,8 @@ __all__ = [
     "KINDS",
     "KIND_CAP_GRANT",
     "KIND_CAP_RECEIVE",
+    "KIND_CAP_REPAID",
+    "KIND_CAP_RETURN",
     "KIND_DECISION",
     "KIND_INTENT",
     "KIND_REVERSAL_CONFIRMED",

@@ -17,8 +17,9 @@ shard map. The checks:
 * ``not_found_left_no_trace`` and ``rejected_left_no_trace`` - a payment the switch
   says it never recorded, or refused, is in no ledger and moved no money at its bank.
 * ``bank_agrees`` - money stands at the bank exactly for the APPROVED payments.
-* ``within_caps`` - no participant's net debit position (all time, every city's ledger)
-  is above its registered cap (no cap in a currency means zero).
+* ``within_caps`` - no participant's net debit position (over the windows not settled,
+  the open one included; every city's ledger) is above its registered cap (no cap in
+  a currency means zero). A window is settled if any city's rows say so.
 * ``nets_sum_to_zero`` - per city and currency, net positions sum to zero.
 * ``ownership_converged`` - every shard is served, by the node placement assigns it to.
 * ``ledger_readable`` - every city's ledger could be read and verified.
@@ -58,6 +59,12 @@ class CityLedger:
     decisions: Mapping[str, int] = field(default_factory=dict)
     # (participant, currency) -> (debits, credits), minor units, all time.
     totals: Mapping[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    # The same by window (the window whose cut follows the decision; empty when not
+    # read), and the windows SETTLED as this city's rows say.
+    totals_by_window: Mapping[int, Mapping[tuple[str, str], tuple[int, int]]] = field(
+        default_factory=dict
+    )
+    settled_windows: frozenset[int] = frozenset()
     entries: int = 0
     # Seconds spent waiting for this replica to hold every confirmed payment.
     waited_s: float = 0.0
@@ -96,6 +103,19 @@ class Evidence:
     served: Mapping[int, str]
     placement: Mapping[int, str]
     shard_count: int = SHARD_COUNT
+
+
+def unsettled_nets(c: CityLedger, settled: frozenset[int]) -> dict[tuple[str, str], int]:
+    """Net debit per (participant, currency) over the windows not in ``settled``: what
+    a cap bounds (all time when the ledger was not read by window)."""
+    if not c.totals_by_window:
+        return {k: d - cr for k, (d, cr) in c.totals.items()}
+    out: Counter[tuple[str, str]] = Counter()
+    for w, totals in c.totals_by_window.items():
+        if w not in settled:
+            for k, (d, cr) in totals.items():
+                out[k] += d - cr
+    return dict(out)
 
 
 @dataclass
@@ -236,11 +256,12 @@ def judge(ev: Evidence) -> Verdict:
 
     breaches = []
     caps = ev.caps or {}
+    settled = frozenset().union(*(c.settled_windows for c in readable))
     for c in readable if ev.caps is not None else ():
-        for (pid, ccy), (d, cr) in sorted(c.totals.items()):
+        for (pid, ccy), net in sorted(unsettled_nets(c, settled).items()):
             cap = caps.get((pid, ccy), 0)
-            if d - cr > cap:
-                breaches.append(f"{pid} {ccy}: net debit {d - cr} > cap {cap} in {c.city}")
+            if net > cap:
+                breaches.append(f"{pid} {ccy}: net debit {net} > cap {cap} in {c.city}")
     positions = sum(len(c.totals) for c in readable)
     if ev.caps is None:
         checks.append(Check("within_caps", False, "the registered caps could not be read"))

@@ -43,6 +43,7 @@ from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import connect_to_node
+from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import LedgerStore, Seal, ShardWrite
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.shards import map_shards, read_chain
@@ -214,6 +215,22 @@ def ledger_facts(ledger: LedgerStore) -> tuple[LedgerSummary | None, Counter[str
         raise
 
 
+# Windows read per page when the drill looks for the settled ones.
+WINDOWS_PAGE = 200
+
+
+def settled_windows(windows: CassandraWindows) -> frozenset[int]:
+    """Every window SETTLED, as these window rows say."""
+    out: set[int] = set()
+    before = 0
+    while True:
+        page = windows.recent(WINDOWS_PAGE, before)
+        out.update(w.window_id for w in page if w.state == "SETTLED")
+        if len(page) < WINDOWS_PAGE:
+            return frozenset(out)
+        before = page[-1].window_id
+
+
 def cassandra_zone_of(lc: LocalCluster, city: str) -> tuple[str, int]:
     node = next(n for n in lc.cassandra_nodes() if n.zone.city == city)
     return node.zone.address, node.zone.ports.cql
@@ -242,7 +259,12 @@ def read_city(
             timeout_s=LEDGER_SESSION_TIMEOUT_S,
         )  # fmt: skip
         try:
-            return ledger_facts(CassandraLedger(session, ConsistencyLevel.LOCAL_ONE))
+            summary, decisions = ledger_facts(CassandraLedger(session, ConsistencyLevel.LOCAL_ONE))
+            if summary is not None:
+                summary.settled_windows = settled_windows(
+                    CassandraWindows(session, ConsistencyLevel.LOCAL_ONE)
+                )
+            return summary, decisions
         finally:
             cluster.shutdown()
 
@@ -318,6 +340,11 @@ def wait_for_city(
                 undecided=frozenset(summary.undecided),
                 decisions={k: n for k, n in decisions.items() if n},
                 totals={k: (v[0], v[1]) for k, v in summary.totals.items()},
+                totals_by_window={
+                    w: {k: (v[0], v[1]) for k, v in t.items()}
+                    for w, t in summary.window_totals.items()
+                },
+                settled_windows=summary.settled_windows,
                 entries=summary.entries, waited_s=clock() - start, repairs=repairs,
                 short_before_repair=before,
             )  # fmt: skip

@@ -173,7 +173,7 @@ SWITCH_POLICY: Final[Mapping[str, Rule]] = MappingProxyType(
         **_rules(
             "clearing.v1.ShardService",
             {
-                **{name: Rule(_NODE) for name in ("SubmitOwned", "GetOwned", "Lend")},
+                **{name: Rule(_NODE) for name in ("SubmitOwned", "GetOwned", "Lend", "Repay")},
                 # What a node owns and has done: for operators' status pages too.
                 "Describe": Rule(_NODE | _OPERATOR),
             },

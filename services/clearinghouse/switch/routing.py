@@ -30,6 +30,7 @@ from clearinghouse.client import error_details
 from clearinghouse.domain import (
     ClearingError,
     DeadlineExceeded,
+    FailedPrecondition,
     InsufficientLiquidity,
     NotFound,
     PaymentOrder,
@@ -59,6 +60,9 @@ OWNER_POLL_S = 0.05
 FORWARD_DEADLINE_S = 28.0
 GET_DEADLINE_S = 5.0
 LEND_DEADLINE_S = 5.0
+# Giving headroom back is not urgent (it is sent again at the next step of the window
+# keeper, whose thread it runs on): the whole attempt, owner lookup included, is bounded.
+REPAY_WAIT_S = 2.0
 NO_OWNER_RETRY_AFTER_MS = 1000
 
 
@@ -119,6 +123,14 @@ class LocalOwner:
         invariant(isinstance(store, ShardedStore), "lending needs the shard owner's store")
         assert isinstance(store, ShardedStore)
         return store.lend(participant_id, currency, for_shard, need_minor)
+
+    def repay(
+        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+    ) -> int:
+        store = self.processor.store
+        invariant(isinstance(store, ShardedStore), "repaying needs the shard owner's store")
+        assert isinstance(store, ShardedStore)
+        return store.repay(participant_id, currency, from_shard, returned_total_minor)
 
     def get(self, refs: Sequence[tuple[str, str]]) -> list[Any]:
         out = []
@@ -351,38 +363,90 @@ class Router:
 
     def borrow(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
         """Cap headroom from the owner of the participant's home shard (see shards.py)."""
-        home = home_shard(participant_id, currency)
-        until = self.clock() + OWNER_WAIT_S
+        request = shard_pb2.LendRequest(
+            participant_id=participant_id, currency=currency, for_shard=for_shard,
+            need_minor=need_minor,
+        )  # fmt: skip
+
+        def refused(reason: str) -> ClearingError:
+            return InsufficientLiquidity(
+                f"{participant_id} would exceed its net debit cap in {currency}",
+                reason=reason or InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED,
+            )
+
+        return self._at_home(
+            request, "lend", self.clock() + OWNER_WAIT_S, refused,
+            local=lambda: self.local.lend(participant_id, currency, for_shard, need_minor),
+            remote=lambda stub, _left_s: int(
+                stub.Lend(request, timeout=LEND_DEADLINE_S).granted_minor
+            ),
+        )  # fmt: skip
+
+    def repay(
+        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+    ) -> int:
+        """Give headroom back to the owner of the participant's home shard; the total it
+        has taken back from ``from_shard`` (see shards.py, ``give_back``)."""
+        request = shard_pb2.RepayRequest(
+            participant_id=participant_id, currency=currency, from_shard=from_shard,
+            returned_total_minor=returned_total_minor,
+        )  # fmt: skip
+
+        def refused(reason: str) -> ClearingError:
+            return FailedPrecondition(
+                f"the owner of {participant_id}'s cap in {currency} refused shard "
+                f"{from_shard}'s headroom",
+                reason=reason,
+            )
+
+        return self._at_home(
+            request, "take headroom back", self.clock() + REPAY_WAIT_S, refused,
+            local=lambda: self.local.repay(
+                participant_id, currency, from_shard, returned_total_minor
+            ),
+            remote=lambda stub, left_s: int(
+                stub.Repay(request, timeout=left_s).repaid_total_minor
+            ),
+        )  # fmt: skip
+
+    def _at_home(
+        self,
+        request: Any,
+        what: str,
+        until: float,
+        refused: Callable[[str], ClearingError],
+        *,
+        local: Callable[[], int],
+        remote: Callable[[Any, float], int],
+    ) -> int:
+        """Call the owner of ``request``'s participant's home shard (this node's own store
+        when it is the owner), asking the next owner when one is dead or was not the
+        owner, until ``until``. FAILED_PRECONDITION is ``refused(reason)``."""
+        home = home_shard(request.participant_id, request.currency)
         avoid: tuple[OwnerRef, bool] | None = None
         for _ in range(FORWARD_ATTEMPTS):
             owner = self._owner(home, avoid, until)
-            if owner is None:
+            left_s = until - self.clock()
+            if owner is None or left_s <= 0:
                 raise _no_owner(home)
             if owner.node_id == self.node_id:
-                return self.local.lend(participant_id, currency, for_shard, need_minor)
-            request = shard_pb2.LendRequest(
-                participant_id=participant_id, currency=currency, for_shard=for_shard,
-                need_minor=need_minor,
-            )  # fmt: skip
+                return local()
             try:
-                return int(self._stub(owner).Lend(request, timeout=LEND_DEADLINE_S).granted_minor)
+                return remote(self._stub(owner), left_s)
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
                 err = error_details(e)
                 reason = err.reason if err is not None else ""
                 if code is grpc.StatusCode.FAILED_PRECONDITION:
-                    raise InsufficientLiquidity(
-                        f"{participant_id} would exceed its net debit cap in {currency}",
-                        reason=reason or InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED,
-                    ) from e
+                    raise refused(reason) from e
                 if code is grpc.StatusCode.UNAVAILABLE and (
                     reason in ("", Unavailable.NOT_SHARD_OWNER, Unavailable.OWNERSHIP_UNCONFIRMED)
                 ):
                     avoid = (owner, reason == "")  # dead owner or stale map: ask the next
                     continue
                 raise Unavailable(
-                    f"the owner of {participant_id}'s cap ({owner.node_id}) did not lend: "
-                    f"{code.name} {reason}",
+                    f"the owner of {request.participant_id}'s cap ({owner.node_id}) did not "
+                    f"{what}: {code.name} {reason}",
                     retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
                     reason="CAP_LENDER_UNAVAILABLE",
                 ) from e

@@ -238,6 +238,7 @@ def build(cfg: NodeConfig) -> Node:
         relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)
         clock=wall_clock_us,
         borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (router is bound later)
+        repay=lambda *args: router.repay(*args),  # noqa: PLW0108 (router is bound later)
         full_reader=CassandraLedger(session, consistency_level("ALL")),
     )
 

@@ -295,6 +295,18 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             )
             return shard_pb2.LendResponse(granted_minor=granted)
 
+    def Repay(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with grpc_errors(context):
+            if request.returned_total_minor <= 0:
+                raise InvalidArgument([FieldViolation("returned_total_minor", "must be positive")])
+            if not 0 <= request.from_shard < SHARD_COUNT:
+                raise InvalidArgument([FieldViolation("from_shard", f"in 0..{SHARD_COUNT - 1}")])
+            repaid = self.local.repay(
+                request.participant_id, request.currency, request.from_shard,
+                request.returned_total_minor,
+            )  # fmt: skip
+            return shard_pb2.RepayResponse(repaid_total_minor=repaid)
+
     def GetOwned(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
             validate_batch_size(len(request.refs))

@@ -25,8 +25,19 @@ in their chains (``CAP_GRANT``, ``CAP_RECEIVE``) before the payment's intent, so
 owner rebuilds allowances and loans with everything else. Allowances sum to at most the
 loans, and the loans to at most the cap: the participant's position never exceeds it,
 whatever the concurrency and whichever nodes own the shards. A loan whose receipt was
-never recorded (a crash in between) is headroom lost until the next cap change or
-settlement, never headroom gained.
+never recorded (a crash in between) is headroom lost, never headroom gained.
+
+**Settlement.** The position a cap bounds is what is not settled yet: amounts in flight
+and the approved payments of every window not SETTLED (the open one included). When a
+window is settled (:meth:`ShardedStore.release_settled`, told by the window keeper), its
+approved payments leave the exposure of the shards that decided them, and each shard
+gives the headroom it no longer needs back (:meth:`ShardedStore.give_back`): a
+``CAP_RETURN`` in its chain first (the allowance is smaller from then on), then
+``ShardService.Repay`` to the home shard's owner, which records ``CAP_REPAID`` and lends
+it again. A repayment names everything the shard ever returned of that cap, so one sent
+twice (a retry, a new owner that cannot know it arrived) is taken once. A return never
+repaid (the home shard away) is sent again at the next step; until then it is headroom
+lost, never gained.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from clearinghouse import telemetry
 from clearinghouse._invariant import InvariantViolation, invariant
 from clearinghouse.domain import (
     ClearingError,
+    FailedPrecondition,
     InsufficientLiquidity,
     Participant,
     PaymentEvent,
@@ -67,6 +79,8 @@ from clearinghouse.domain.chain import (
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_REPAID,
+    KIND_CAP_RETURN,
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
@@ -185,6 +199,15 @@ BORROW_ROUNDS_MAX = 3
 # (participant_id, currency, for_shard, need_minor) -> granted_minor; raises
 # InsufficientLiquidity when the cap cannot cover it, Unavailable when the lender is away.
 Borrow = Callable[[str, str, int, int], int]
+# (participant_id, currency, from_shard, returned_total_minor) -> repaid_total_minor:
+# headroom a shard gives back to the home shard's owner (idempotent on the total).
+Repay = Callable[[str, str, int, int], int]
+# Repayments a node sends again at most per step of its window keeper (a new owner
+# sends each of its shards' returns once: it cannot know which reached the home shard).
+REPAY_RESENDS_PER_STEP_MAX = 64
+# A home shard being taken over is not waited for when headroom comes back: the shard
+# that gives it sends it again later.
+REPAY_SERVING_WAIT_S = 0.5
 
 
 def home_shard(participant_id: str, currency: str) -> int:
@@ -247,9 +270,20 @@ class _Shard:
         # record when asked for (:meth:`read`). About a fifth of the memory.
         self.settled: dict[str, bytes] = {}
         self.exposure: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Of ``exposure``: the net debit of the approved payments decided in each window
+        # not known to be SETTLED (the open one included), by window. A window's share
+        # leaves the exposure once it is settled (:meth:`release`).
+        self.window_nets: dict[int, defaultdict[tuple[str, str], int]] = {}
         # Cap headroom this shard may use, and (in a home shard) what it has lent out.
         self.allowance: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.lent: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Headroom given back after settlements: in any shard, the total it returned
+        # (CAP_RETURN), and how much of that the home shard confirmed (memory only: a new
+        # owner sends every total again); in a home shard, per (participant, currency,
+        # shard), the total it took back (CAP_REPAID).
+        self.returned: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.return_acked: dict[tuple[str, str], int] = {}
+        self.repaid: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self.chain: ChainBuilder | None = None
         self.serving = threading.Event()
         self.dropped = False
@@ -268,8 +302,12 @@ class _Shard:
         self.payments.clear()
         self.settled.clear()
         self.exposure.clear()
+        self.window_nets.clear()
         self.allowance.clear()
         self.lent.clear()
+        self.returned.clear()
+        self.return_acked.clear()
+        self.repaid.clear()
         self.chain = None
         self.last_cut = 0
         self.cuts.clear()
@@ -313,18 +351,42 @@ class _Shard:
             del self.cuts[old]
 
     # Exposure: the payer's amount counts from the intent on; a decision other than
-    # APPROVED gives it back; an approval credits the payee.
+    # APPROVED gives it back; an approval credits the payee, and both sides of it count
+    # until the window it was decided in (the one its shard's next cut ends) is settled.
     def apply_intent(self, rec: PaymentRecord) -> None:
         o = rec.order
         self.exposure[(o.payer_id, o.amount.currency)] += o.amount.amount_minor
 
-    def apply_decision(self, rec: PaymentRecord, state: PaymentState) -> None:
+    def apply_decision(
+        self, rec: PaymentRecord, state: PaymentState, window_id: int, settled: frozenset[int]
+    ) -> None:
+        """``window_id``: the window the decision's entry belongs to (the shard's last
+        cut before it, plus one); ``settled``: the windows known to be SETTLED."""
         o = rec.order
         amount, ccy = o.amount.amount_minor, o.amount.currency
-        if state is PaymentState.APPROVED:
-            self.exposure[(o.payee_id, ccy)] -= amount
-        else:
-            self.exposure[(o.payer_id, ccy)] -= amount
+        payer, payee = (o.payer_id, ccy), (o.payee_id, ccy)
+        if state is not PaymentState.APPROVED or window_id in settled:
+            # Declined, failed, reversed; or approved in a window settled meanwhile (its
+            # decision was acknowledged after the window was cut, cleared and settled).
+            self.exposure[payer] -= amount
+            return
+        self.exposure[payee] -= amount
+        nets = self.window_nets.get(window_id)
+        if nets is None:
+            nets = self.window_nets[window_id] = defaultdict(int)
+        nets[payer] += amount
+        nets[payee] -= amount
+
+    def release(self, settled: frozenset[int]) -> list[int]:
+        """Take the net debit of every settled window out of the exposure; the windows
+        released (caller holds ``lock``)."""
+        # Only a window this shard has cut: one SETTLED can be neither open nor still
+        # closing, so another window named settled would be a fault, and keeps counting.
+        done = sorted(w for w in self.window_nets if w in settled and w <= self.last_cut)
+        for w in done:
+            for k, net in self.window_nets.pop(w).items():
+                self.exposure[k] -= net
+        return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +407,8 @@ class _Deciding:
     pending: _Pending
     step: StepRecord
     reversal_owed: bool
+    # The window the decision's entry belongs to: queued before the shard's next cut.
+    window_id: int
 
 
 @dataclass
@@ -374,6 +438,7 @@ class ShardedStore:
         relinquish: Callable[[int], None],
         clock: Clock,
         borrow: Borrow | None = None,
+        repay: Repay | None = None,
         full_reader: ChainReader | None = None,
         unconfirmed: Callable[[int, int], bool] = lambda shard, epoch: False,
     ) -> None:
@@ -392,6 +457,7 @@ class ShardedStore:
         self.clock = clock
         # Through the router in a node; to this very store when none is given (tests).
         self.borrow: Borrow = borrow or self.lend
+        self.repay_to_home: Repay = repay or self.repay
         self._shards: dict[int, _Shard] = {}
         self._lock = threading.Lock()
         self.indexer = Indexer(ledger, clock)
@@ -399,6 +465,13 @@ class ShardedStore:
         # Set by the node: called with a payment that needs resolving (no live attempt).
         self.on_unresolved: Callable[[PaymentRecord], None] = lambda rec: None
         self.takeover_durations_s: deque[float] = deque(maxlen=256)
+        # The settlement windows known to be SETTLED (the window keeper tells): their
+        # payments no longer count against the participants' caps. Replaced whole, never
+        # changed in place, so a reader needs no lock.
+        self._settled_windows: frozenset[int] = frozenset()
+        # Set when a settlement released exposure: the window keeper then gives the
+        # shards' unused headroom back (:meth:`give_back`).
+        self.give_back_due = False
 
     # -- ownership events ---------------------------------------------------------------
 
@@ -488,6 +561,8 @@ class ShardedStore:
                 if not p.record.is_final:
                     p.busy = True
                     unresolved.append(p.record)
+            # Settled while the chain was replayed (the keeper releases served shards).
+            st.release(self._settled_windows)
             st.serving.set()
         took = time.monotonic() - started
         self.takeover_durations_s.append(took)
@@ -629,7 +704,7 @@ class ShardedStore:
             p.record = p.record.with_step(_decided_step(d), ledger_seq=e.seq)
             p.decision_body = e.body
             st.set_owed(e.payment_key, d.reversal_owed)
-            st.apply_decision(p.record, d.state)
+            st.apply_decision(p.record, d.state, st.last_cut + 1, self._settled_windows)
             p.done.set()
             st.settle(e.payment_key)
         elif e.kind == KIND_REVERSAL_CONFIRMED:
@@ -645,6 +720,14 @@ class ShardedStore:
         elif e.kind == KIND_CAP_RECEIVE:
             t = CapTransfer.decode(e.body)
             st.allowance[(t.participant_id, t.currency)] += t.amount_minor
+        elif e.kind == KIND_CAP_RETURN:
+            t = CapTransfer.decode(e.body)
+            st.allowance[(t.participant_id, t.currency)] -= t.amount_minor
+            st.returned[(t.participant_id, t.currency)] += t.amount_minor
+        elif e.kind == KIND_CAP_REPAID:
+            t = CapTransfer.decode(e.body)
+            st.lent[(t.participant_id, t.currency)] -= t.amount_minor
+            st.repaid[(t.participant_id, t.currency, t.other_shard)] += t.amount_minor
         elif e.kind == KIND_WINDOW_CUT:
             cut = WindowCut.decode(e.body)
             invariant(cut.window_id == st.last_cut + 1, f"shard {st.shard}: cut out of order")
@@ -831,6 +914,98 @@ class ShardedStore:
         self._await(pending)
         return granted
 
+    def repay(
+        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+    ) -> int:
+        """As the owner of the participant's home shard: take back headroom that
+        ``from_shard`` gave back (``returned_total_minor``: all it ever gave back of this
+        cap, so a retry takes nothing twice). Returns the total taken back from it."""
+        st = self._serving(home_shard(participant_id, currency), REPAY_SERVING_WAIT_S)
+        key = (participant_id, currency)
+        with st.lock:
+            took = st.repaid[(*key, from_shard)]
+            more = returned_total_minor - took
+            if more <= 0:
+                return took
+            if more > st.lent[key]:
+                # A shard gives back only what its loans gave it: this is no return.
+                raise FailedPrecondition(
+                    f"{participant_id} {currency}: shard {from_shard} would give back "
+                    f"{more}, more than the {max(st.lent[key], 0)} lent out",
+                    reason="CAP_RETURN_EXCEEDS_LOANS",
+                )
+            body = CapTransfer(participant_id, currency, from_shard, more, self.clock()).encode()
+            pending = self._enqueue(st, KIND_CAP_REPAID, cap_key(*key), body)
+            st.lent[key] -= more
+            st.repaid[(*key, from_shard)] = returned_total_minor
+        self._await(pending)
+        return returned_total_minor
+
+    def give_back(self) -> int:
+        """Give every shard's unused headroom back to its home shards: what a shard's
+        allowance holds beyond its exposure (in flight and not settled). Called after a
+        settlement, so that the cap can be lent again wherever it is needed (and a cap
+        lowered since binds the headroom given back). Returns how many returns were
+        recorded; each is repaid to the home shard by :meth:`resend_returns`."""
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        self.give_back_due = False
+        pendings: list[tuple[_Shard, tuple[str, str], int, _Pending]] = []
+        try:
+            for st in shards:
+                with st.lock:
+                    if st.dropped:
+                        continue
+                    for key, allowance in list(st.allowance.items()):
+                        spare = allowance - max(st.exposure.get(key, 0), 0)
+                        if spare <= 0:
+                            continue
+                        body = CapTransfer(*key, home_shard(*key), spare, self.clock()).encode()
+                        pending = self._enqueue(st, KIND_CAP_RETURN, cap_key(*key), body)
+                        st.allowance[key] -= spare  # given up before it is written: never used
+                        pendings.append((st, key, spare, pending))
+        except ResourceExhausted:
+            self.give_back_due = True  # the commit queue is full: the rest at the next step
+        written = 0
+        for st, key, spare, pending in pendings:
+            try:
+                self._await(pending)
+            except Unavailable:
+                continue  # not written: the shard is given up, its next owner rebuilds it
+            with st.lock:  # only once written may the home shard take it back
+                st.returned[key] += spare
+            written += 1
+        self.resend_returns()
+        return written
+
+    def resend_returns(self, limit: int = REPAY_RESENDS_PER_STEP_MAX) -> int:
+        """Send the home shards the returns they have not confirmed (at most ``limit``,
+        stopping at the first that fails); how many were confirmed now. ``returned``
+        counts a CAP_RETURN only once it is written (:meth:`give_back`): the home shard
+        never takes back what the shard may still use."""
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        todo: list[tuple[_Shard, tuple[str, str], int]] = []
+        for st in shards:
+            with st.lock:
+                todo += [(st, key, total) for key, total in st.returned.items()
+                         if st.return_acked.get(key, 0) < total]  # fmt: skip
+        confirmed = 0
+        for st, key, total in todo[:limit]:
+            try:
+                repaid = self.repay_to_home(*key, st.shard, total)
+            except ClearingError as e:
+                # The rest waits for the next step too: a home shard that does not answer
+                # (being taken over, its node away) must not hold the caller up for each.
+                log.warning("shard %d: giving %s's %s headroom back to its home shard "
+                            "failed (%d returns sent again later): %s", st.shard, *key,
+                            len(todo) - confirmed, e)  # fmt: skip
+                break
+            with st.lock:
+                st.return_acked[key] = max(st.return_acked.get(key, 0), repaid)
+            confirmed += 1
+        return confirmed
+
     def decide(
         self,
         record: PaymentRecord,
@@ -901,7 +1076,7 @@ class ShardedStore:
                              reversal_owed, tuple(postings))  # fmt: skip
                 pending = self._enqueue(st, KIND_DECISION, record.key, d.encode())
                 p.deciding = True  # only once it is queued: a full queue leaves it unset
-                return _Deciding(st, p, pending, step, reversal_owed)
+                return _Deciding(st, p, pending, step, reversal_owed, st.last_cut + 1)
         # Another attempt is writing its decision: the first one stands.
         p.done.wait(COMMIT_WAIT_S)
         with st.lock:
@@ -929,7 +1104,7 @@ class ShardedStore:
             p.decision_body = h.pending.body
             st.set_owed(h.pending.key, h.reversal_owed)
             p.busy = False
-            st.apply_decision(p.record, h.step.event.state)
+            st.apply_decision(p.record, h.step.event.state, h.window_id, self._settled_windows)
             p.done.set()
             st.settle(h.pending.key)
             return p.record
@@ -1005,6 +1180,37 @@ class ShardedStore:
                 st.add_cut(window_id, entry)
             out.append(entry)
         return out
+
+    def release_settled(self, window_ids: Iterable[int]) -> list[int]:
+        """Windows now SETTLED: their net debit positions were paid, so they no longer
+        count against the participants' net debit caps; the shards' headroom they leave
+        unused is given back next (:attr:`give_back_due`, :meth:`give_back`).
+        Idempotent. Returns the windows whose share this call released in some shard
+        served here."""
+        with self._lock:
+            known = frozenset(window_ids)
+            if not known <= self._settled_windows:
+                self._settled_windows = self._settled_windows | known
+            settled = self._settled_windows
+            shards = [st for st in self._shards.values() if _live(st)]
+        released: set[int] = set()
+        for st in shards:
+            with st.lock:
+                released.update(st.release(settled))
+        if released:
+            self.give_back_due = True
+        return sorted(released)
+
+    def unsettled_windows(self) -> list[int]:
+        """The cut windows whose approved payments still count against the caps in some
+        shard served here (not known to be SETTLED)."""
+        with self._lock:
+            shards = [st for st in self._shards.values() if _live(st)]
+        out: set[int] = set()
+        for st in shards:
+            with st.lock:
+                out.update(w for w in st.window_nets if w <= st.last_cut)
+        return sorted(out)
 
     def cuts_of(self, window_id: int) -> dict[int, LedgerEntry]:
         """Per shard served here that has cut ``window_id``: the cut's entry. Any of the
