@@ -14,6 +14,9 @@ import csv
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -357,6 +360,31 @@ def test_an_export_broken_off_leaves_nothing(
     (tmp_path / "file").write_text("x")
     code, _ = run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(tmp_path / "file"))
     assert code == 2 and "not an empty folder" in capsys.readouterr().err
+
+
+@covers("audit", "export")
+def test_an_export_killed_before_it_could_undo_is_cleared_by_the_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no process has now (until the system reuses it)
+    out = tmp_path / "w5"
+    killed = out / f".export-partial-{gone.pid}"
+    killed.mkdir(parents=True)
+    (killed / "entries.jsonl").write_bytes(b"x" * 100)
+    whole = [audit_pb2.ExportWindowResponse(path=MANIFEST_FILE, data=b"{}\n")]
+
+    code, _ = run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(out))
+
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE]
+    assert f"removed {killed}" in capsys.readouterr().out
+    # One of a process still running is its own: the folder is not empty.
+    running = tmp_path / "w6" / f".export-partial-{os.getppid()}"
+    running.mkdir(parents=True)
+    code, _ = run({"ExportWindow": whole}, "audit", "export", "5", "--out", str(running.parent))
+    assert code == 2 and "not an empty folder" in capsys.readouterr().err
+    assert running.is_dir()
 
 
 @covers("audit", "verify")

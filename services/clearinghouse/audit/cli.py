@@ -569,11 +569,15 @@ def _export(stub: Any, args: argparse.Namespace) -> int:
     Ctrl-C) leaves ``--out`` as it was. Works for any empty or new folder the user may
     write to (``.``, a symlink to one)."""
     out: Path = args.out
+    if out.is_dir():
+        for stale in _stale_partials(out):  # an export killed before it could undo
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}: the files of an export broken off earlier")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"clearingctl: {out} exists and is not an empty folder", file=sys.stderr)
         return EXIT_USAGE
     made = not out.exists()
-    partial = out / f".export-partial-{os.getpid()}"
+    partial = out / f"{EXPORT_PARTIAL_PREFIX}{os.getpid()}"
     received = _Received()
 
     def undo() -> None:
@@ -609,6 +613,26 @@ def _export(stub: Any, args: argparse.Namespace) -> int:
     print(f"window {args.window_id}: {received.files} files ({received.size / 2**20:.1f} MiB) "
           f"in {out}; check them with `clearingctl audit verify {out}`")  # fmt: skip
     return 0
+
+
+# The hidden folder an export streams into, named after the exporting process.
+EXPORT_PARTIAL_PREFIX = ".export-partial-"
+
+
+def _stale_partials(out: Path) -> list[Path]:
+    """The hidden folders in ``out`` of exports whose process is gone (killed before it
+    could undo): an export that is still running keeps its own."""
+    stale = []
+    for p in out.iterdir():
+        pid = p.name.removeprefix(EXPORT_PARTIAL_PREFIX)
+        if p.name.startswith(EXPORT_PARTIAL_PREFIX) and pid.isdigit() and p.is_dir():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                stale.append(p)
+            except OSError:
+                pass  # another user's process: running
+    return stale
 
 
 @dataclass
