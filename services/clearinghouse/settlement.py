@@ -177,19 +177,38 @@ class WindowKeeper:
         # coordinates, however many windows closed after them (a clearing that keeps
         # failing must not drop out of view when later windows close on schedule).
         self._uncleared: set[int] | None = None  # None: not scanned yet
-        self._settled_scan_at_us = 0  # the first step scans
+        self._settled_read = False  # every SETTLED window read once, at the first step
+        self._settled_scan_at_us = 0
         self._settled_scan_after = 0  # each scan goes on after the last window it asked
 
     def run(self, stop: threading.Event) -> None:
+        """Steps until ``stop``; the headroom shards give back after a settlement goes
+        on a thread of its own, so that a home shard slow to take it back never holds up
+        the cuts of a closing window."""
+        returns = threading.Thread(
+            target=self._run_returns, args=(stop,), name="cap-returns", daemon=True
+        )
+        returns.start()
         while not stop.wait(WINDOW_POLL_S):
             try:
-                self.step()
+                self.step(returns=False)
             except ClearingError as e:
                 log.warning("settlement window step: %s", e)
             except Exception:
                 log.exception("settlement window step failed")
+        returns.join(WINDOW_POLL_S * 2)
 
-    def step(self) -> None:
+    def _run_returns(self, stop: threading.Event) -> None:
+        while not stop.wait(WINDOW_POLL_S):
+            try:
+                self.return_headroom()
+            except Exception:
+                log.exception("giving cap headroom back failed (tried again in %.0f s)",
+                              WINDOW_POLL_S)  # fmt: skip
+
+    def step(self, *, returns: bool = True) -> None:
+        """One step (see the module docstring); ``returns``: also give headroom back
+        (:meth:`return_headroom`), which :meth:`run` does on its own thread."""
         if self._uncleared is None:
             scanned = self.windows.recent(WINDOWS_SCANNED_AT_START)
             self._uncleared = {w.window_id for w in scanned if w.state == "CLOSED"}
@@ -201,6 +220,8 @@ class WindowKeeper:
             self.store.cut_window(window_id)
         self._record_cuts(closing)
         self._release_settled(recent)
+        if returns:
+            self.return_headroom()
         if not self.store.owns_now(COORDINATOR_SHARD):
             return
         for window_id in closing:
@@ -222,13 +243,19 @@ class WindowKeeper:
         self._maybe_schedule(recent)
 
     def _release_settled(self, recent: list[WindowStatus]) -> None:
-        """Tell the shards served here which windows are SETTLED: the newest ones from
-        this step's read; older ones that a shard still counts, by asking, at most every
+        """Tell the shards served here which windows are SETTLED: every one at the first
+        step (a node that starts knows none, and its takeovers count every window not
+        known settled); then the newest ones from this step's read, and older ones that
+        a shard still counts by asking, :data:`SETTLED_SCAN_WINDOWS_MAX` at most every
         :data:`SETTLED_SCAN_S`."""
         settled = {w.window_id for w in recent if w.state == "SETTLED"}
         watched = {w.window_id for w in recent}
         now = self.clock()
-        if now >= self._settled_scan_at_us:
+        if not self._settled_read:
+            settled |= self.windows.settled_ids()
+            self._settled_read = True
+            self._settled_scan_at_us = now + int(SETTLED_SCAN_S * 1e6)
+        elif now >= self._settled_scan_at_us:
             older = [w for w in self.store.unsettled_windows() if w not in watched]
             if older:
                 self._settled_scan_at_us = now + int(SETTLED_SCAN_S * 1e6)
@@ -239,11 +266,15 @@ class WindowKeeper:
                 self._settled_scan_after = window_id
                 if self.windows.status(window_id).state == "SETTLED":
                     settled.add(window_id)
-        released = self.store.release_settled(settled) if settled else []
+        released = self.store.release_settled(settled)
         if released:
             log.info("settlement windows %s are settled: their payments no longer count "
                      "against the net debit caps (shards served here)",
                      ", ".join(map(str, released)))  # fmt: skip
+
+    def return_headroom(self) -> None:
+        """After a settlement, the shards served here give the headroom they no longer
+        need back to the home shards; returns not yet taken back are sent again."""
         if self.store.give_back_due:
             returned = self.store.give_back()
             if returned:

@@ -261,6 +261,12 @@ def test_caps_bound_the_windows_not_settled() -> None:
     tight = {("INST_A", "CNY"): 89}
     assert failing(evidence(traces, cities(frozenset({1})), caps=tight)) == ["within_caps"]
     assert judge(evidence(traces, cities(frozenset({1, 2})), caps={("INST_A", "CNY"): 30})).ok
+    # A credit of one window does not cover a debit of another: either may settle first.
+    by_window[1] = {("INST_A", "CNY"): (0, 100), ("BANK_B", "CNY"): (100, 0)}
+    bank = {("BANK_B", "CNY"): 100}
+    short = {("INST_A", "CNY"): 89, **bank}  # 90 owed in windows 2 and 3, -100 in 1
+    assert failing(evidence(traces, cities(frozenset()), caps=short)) == ["within_caps"]
+    assert judge(evidence(traces, cities(frozenset()), caps={("INST_A", "CNY"): 90, **bank})).ok
 
 
 def test_nets_must_sum_to_zero_per_currency() -> None:

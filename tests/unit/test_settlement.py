@@ -471,3 +471,23 @@ def test_old_windows_never_settled_do_not_hide_a_later_settled_one(
 
     assert world.node_a.store.unsettled_windows() == [1, 2, 3, 4]
     assert world.pay(cap - 40, bank=bank).state is S.APPROVED
+
+
+def test_a_node_that_starts_learns_every_settled_window_at_its_first_step(
+    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settlement, "SETTLED_SCAN_WINDOWS_MAX", 0)  # one read, not a scan
+    (pid,) = ids_in(MOVED_SHARD, 1, "m")
+    world.pay(100, payment_id=pid)
+    first = world.close_window()
+    assert world.windows.record(first, WindowEvent.SETTLED, world.clock(), "op", "RTGS-1")
+    for _ in range(settlement.WINDOWS_WATCHED + 1):  # window 1 is no longer among the newest
+        world.close_window()
+    b = world.node("node-b")
+    world.node_a.lose(MOVED_SHARD)
+    b.take(MOVED_SHARD, 2)
+    assert b.store.unsettled_windows() == [first]  # replayed: not known settled yet
+
+    b.keeper.step()
+
+    assert b.store.unsettled_windows() == []

@@ -377,7 +377,7 @@ def test_begin_of_a_known_payment_returns_it_and_writes_nothing(world: World) ->
     assert a.begin(debit(pid, amount=CAP)) == (decided, False)
     assert world.chain() == written
     assert len(world.loans) == 1
-    assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+    assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): 0}
 
 
 def test_begin_of_an_in_flight_payment_waits_for_its_decision(world: World) -> None:
@@ -496,7 +496,7 @@ def test_takeover_rebuilds_the_shard_and_continues_its_chain(world: World) -> No
     assert _kept(a) == ({in_flight, owed}, {approved, declined, confirmed})
     ids = [approved, declined, in_flight, owed, confirmed]
     before = {pid: a.load(pid) for pid in ids}
-    exposure = {(BANK, CNY): 100 + 300, (INST, CNY): -100}
+    exposure = {(BANK, CNY): 100 + 300, (INST, CNY): 0}
     assert a.store.exposure() == exposure
     allowance = sum(t.amount_minor for t in world.transfers(SHARD, KIND_CAP_RECEIVE))
     written = world.ledger.partition(SHARD, 10)
@@ -544,7 +544,7 @@ def test_takeover_rebuilds_the_shard_and_continues_its_chain(world: World) -> No
         KIND_DECISION, KIND_INTENT, KIND_CAP_RECEIVE, KIND_INTENT,
     ]  # fmt: skip
     assert entries[n].prev_hash == head.entry_hash
-    assert b.store.exposure() == {(BANK, CNY): allowance + 1, (INST, CNY): -400}
+    assert b.store.exposure() == {(BANK, CNY): allowance + 1, (INST, CNY): 0}
 
     with pytest.raises(Unavailable) as err:
         a.begin(debit(fits))
@@ -668,7 +668,7 @@ def test_a_fenced_owner_is_not_acknowledged_and_its_late_entry_is_cut_off(
     assert c.load(late) is None
     assert c.load(next_) == replace(mine, owner_epoch=30)
     assert c.unresolved == [replace(mine, owner_epoch=30)]
-    assert c.store.exposure() == {(BANK, CNY): 200, (INST, CNY): -100}
+    assert c.store.exposure() == {(BANK, CNY): 200, (INST, CNY): 0}
     assert world.ledger.seals(SHARD)[-1] == Seal(SHARD, 30, 20, 5, entries[-1].entry_hash)
     with pytest.raises(Unavailable) as again:
         a.begin(debit(late))
@@ -699,7 +699,7 @@ def test_a_write_the_new_owner_read_is_kept_though_never_acknowledged(world: Wor
     assert a.gave_up.wait(WAIT_S)
     (left,) = b.unresolved
     assert (left.order.payment_id, left.ledger_seq, left.state) == (raced, 4, S.ROUTED)
-    assert b.store.exposure() == {(BANK, CNY): 100 + 300, (INST, CNY): -100}
+    assert b.store.exposure() == {(BANK, CNY): 100 + 300, (INST, CNY): 0}
     assert world.ledger.seals(SHARD)[-1].start_seq == 5
     resolved = b.decide(left, S.REVERSED)
     assert resolved.ledger_seq == 5
@@ -736,7 +736,7 @@ def test_a_failed_commit_gives_the_shard_up_to_be_rebuilt(world: World, applied:
     else:
         assert a.load(pid) is None
         assert a.unresolved == []
-        assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+        assert a.store.exposure() == {(BANK, CNY): 100, (INST, CNY): 0}
         again, won = a.begin(debit(pid))
         assert (again.ledger_seq, won) == (4, True)
         assert summary(world.chain())[3:] == [(4, 11, KIND_INTENT, k(pid))]
@@ -1023,7 +1023,7 @@ def test_a_broken_shard_is_read_again_and_served_once_its_replicas_agree(
     assert c.store.owned() == {SHARD: 30}
     got = c.load(ids[0])
     assert got is not None and got.state is S.APPROVED
-    assert c.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+    assert c.store.exposure() == {(BANK, CNY): 100, (INST, CNY): 0}
     r, won = c.begin(debit(ids[1]))
     assert won and r.ledger_seq > last
 
@@ -1038,7 +1038,7 @@ def test_a_takeover_tried_again_after_its_replay_counts_each_payment_once(
 
     assert b.take(SHARD, 20) is True
 
-    assert b.store.exposure() == {(BANK, CNY): 100, (INST, CNY): -100}
+    assert b.store.exposure() == {(BANK, CNY): 100, (INST, CNY): 0}
     got = b.load(pid)
     assert got is not None and got.state is S.APPROVED
 
@@ -1296,7 +1296,7 @@ def test_a_decision_other_than_approved_gives_the_reservation_back(
     assert won
     assert len(world.transfers(home_shard(SMALL, CNY), KIND_CAP_GRANT)) == 1  # no new loan
     a.decide(r2, S.APPROVED)  # an approval keeps it, and credits the payee
-    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): -SMALL_CAP}
+    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): 0}
     with pytest.raises(InsufficientLiquidity):
         a.begin(debit(p3, 1, payer=SMALL))
 
@@ -1392,7 +1392,7 @@ def test_concurrent_traffic_keeps_the_shard_within_its_allowance(world: World) -
         amounts[e.payment_key] for e in chain if e.kind == KIND_DECISION and _approved(e)
     )
     assert approved > 0
-    assert a.store.exposure() == {(SMALL, CNY): approved, (INST, CNY): -approved}
+    assert a.store.exposure() == {(SMALL, CNY): approved, (INST, CNY): 0}
 
 
 # -- the processor on the owner's store ------------------------------------------------------
@@ -1737,7 +1737,7 @@ def test_only_a_window_the_shard_has_cut_is_released(world: World) -> None:
 
     assert a.store.release_settled([1]) == []  # settled before its cut: a fault, ignored
 
-    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): -SMALL_CAP}
+    assert a.store.exposure() == {(SMALL, CNY): SMALL_CAP, (INST, CNY): 0}
     with pytest.raises(InsufficientLiquidity):
         a.begin(debit(p2, 1, payer=SMALL))
     a.store.cut_window(1)
@@ -1758,7 +1758,7 @@ def test_a_decision_queued_before_the_cut_counts_in_the_window_it_belongs_to(
 
     a.store.release_settled([1])
 
-    assert a.store.exposure() == {(SMALL, CNY): 600, (INST, CNY): -600}
+    assert a.store.exposure() == {(SMALL, CNY): 600, (INST, CNY): 0}
     _, won = a.begin(debit(p3, 400, payer=SMALL))
     assert won
     assert a.store.unsettled_windows() == []  # window 2 is not cut yet
@@ -1778,10 +1778,10 @@ def test_a_new_owner_counts_only_the_windows_not_settled(world: World) -> None:
     a.store.lose(SHARD)
     assert b.take(SHARD, 11)
     # b has not heard of any settlement yet: everything decided counts.
-    assert b.store.exposure() == {(SMALL, CNY): 900, (INST, CNY): -900}
+    assert b.store.exposure() == {(SMALL, CNY): 900, (INST, CNY): 0}
     assert b.store.unsettled_windows() == [1, 2]
     assert b.store.release_settled([2]) == [2]
-    assert b.store.exposure() == {(SMALL, CNY): 700, (INST, CNY): -700}
+    assert b.store.exposure() == {(SMALL, CNY): 700, (INST, CNY): 0}
 
     c = world.node("node-c")
     c.store.release_settled([1, 2])  # heard before its takeover
@@ -1908,7 +1908,7 @@ def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
 
     a.store.repay_to_home = away
     assert a.store.give_back() == 1  # written in SHARD's chain, not repaid
-    assert "failed (1 returns sent again later)" in caplog.text
+    assert "failed (sent again later)" in caplog.text
     home = home_shard(SMALL, CNY)
     assert _amounts(world, home, KIND_CAP_REPAID) == []
     a.store.repay_to_home = world.lender.store.repay
@@ -1935,3 +1935,98 @@ def test_a_lowered_cap_binds_the_headroom_given_back(
     with pytest.raises(InsufficientLiquidity):
         a.begin(debit(p2, 251, payer=SMALL))
     assert a.begin(debit(p3, 250, payer=SMALL))[1]
+
+
+def test_a_credit_never_covers_a_debit_of_another_window(world: World) -> None:
+    # Windows settle one by one: a credit of window 1 settled away must not leave the
+    # debit of window 2 it would have covered without headroom (found by review).
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    q1, q2 = ids_in(SHARD, 2, prefix="q")
+    (r1,) = ids_in(OTHER_SHARD, 1, prefix="r")
+    a.approve(replace(debit(q1, SMALL_CAP), payee_id=SMALL))  # SMALL is paid, window 1
+    a.store.cut_window(1)
+    a.approve(debit(q2, SMALL_CAP, payer=SMALL))  # window 2: the whole cap, borrowed
+    assert _amounts(world, home_shard(SMALL, CNY), KIND_CAP_GRANT) == [SMALL_CAP]
+
+    a.store.release_settled([1])
+    a.store.give_back()
+
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(r1, 1, payer=SMALL))
+    assert a.store.exposure()[(SMALL, CNY)] == SMALL_CAP
+
+
+def test_credits_offset_the_debits_of_their_own_window(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3, p4 = ids_in(SHARD, 4)
+    a.approve(debit(p1, SMALL_CAP, payer=SMALL))
+    a.approve(replace(debit(p2, 600), payee_id=SMALL))  # SMALL is paid 600, same window
+
+    assert a.store.exposure()[(SMALL, CNY)] == SMALL_CAP - 600
+    a.approve(debit(p3, 600, payer=SMALL))  # in flight, it needs the 600 freed
+    with pytest.raises(InsufficientLiquidity):
+        a.begin(debit(p4, 1, payer=SMALL))
+    assert a.store.exposure()[(SMALL, CNY)] == SMALL_CAP
+
+
+def test_one_home_shard_that_refuses_holds_no_other_repayment_back(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2 = ids_in(SHARD, 2)
+    a.approve(debit(p1, 100, payer=BANK))
+    a.approve(debit(p2, 100, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+
+    def bank_home_broken(pid: str, ccy: str, shard: int, total: int) -> int:
+        if pid == BANK:
+            raise Unavailable("out of service", reason="SHARD_CHAIN_BROKEN")
+        return world.repay(pid, ccy, shard, total)
+
+    a.store.repay_to_home = bank_home_broken
+    a.store.give_back()
+
+    assert _amounts(world, home_shard(SMALL, CNY), KIND_CAP_REPAID) != []
+    assert _amounts(world, home_shard(BANK, CNY), KIND_CAP_REPAID) == []
+
+
+def test_a_shard_cannot_give_back_more_than_was_lent_to_it(world: World) -> None:
+    lender = world.lender.store
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    (p1,), (p2,) = ids_in(SHARD, 1), ids_in(OTHER_SHARD, 1)
+    a.begin(debit(p1, 300, payer=SMALL))
+    a.begin(debit(p2, 300, payer=SMALL))
+    lent_to_shard = sum(_amounts(world, SHARD, KIND_CAP_RECEIVE))
+    home = home_shard(SMALL, CNY)
+
+    with pytest.raises(FailedPrecondition) as err:  # OTHER_SHARD's loan is not SHARD's
+        lender.repay(SMALL, CNY, SHARD, lent_to_shard + 1)
+
+    assert err.value.reason == "CAP_RETURN_EXCEEDS_LOANS"
+    assert _amounts(world, home, KIND_CAP_REPAID) == []
+    assert lender.repay(SMALL, CNY, SHARD, lent_to_shard) == lent_to_shard
+
+
+def test_give_back_records_a_bounded_number_of_returns_per_step(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "GIVE_BACK_RETURNS_PER_STEP_MAX", 1)
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    (p1,), (p2,) = ids_in(SHARD, 1), ids_in(OTHER_SHARD, 1)
+    a.approve(debit(p1, 100, payer=SMALL))
+    a.approve(debit(p2, 100, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+
+    assert a.store.give_back() == 1
+    assert a.store.give_back_due  # one shard's return waits for the next step
+    assert a.store.give_back() == 1
+    assert not a.store.give_back_due
+    assert len(_amounts(world, home_shard(SMALL, CNY), KIND_CAP_REPAID)) == 2

@@ -18,8 +18,9 @@ shard map. The checks:
   says it never recorded, or refused, is in no ledger and moved no money at its bank.
 * ``bank_agrees`` - money stands at the bank exactly for the APPROVED payments.
 * ``within_caps`` - no participant's net debit position (over the windows not settled,
-  the open one included; every city's ledger) is above its registered cap (no cap in
-  a currency means zero). A window is settled if any city's rows say so.
+  the open one included, a window where it is net creditor counting zero; every city's
+  ledger) is above its registered cap (no cap in a currency means zero). A window is
+  settled if any city's rows say so.
 * ``nets_sum_to_zero`` - per city and currency, net positions sum to zero.
 * ``ownership_converged`` - every shard is served, by the node placement assigns it to.
 * ``ledger_readable`` - every city's ledger could be read and verified.
@@ -106,15 +107,17 @@ class Evidence:
 
 
 def unsettled_nets(c: CityLedger, settled: frozenset[int]) -> dict[tuple[str, str], int]:
-    """Net debit per (participant, currency) over the windows not in ``settled``: what
-    a cap bounds (all time when the ledger was not read by window)."""
+    """Net debit per (participant, currency) over the windows not in ``settled``, a
+    window where it is net creditor counting zero (credits offset debits of their own
+    window only: windows settle one by one): what a cap bounds. All time when the ledger
+    was not read by window."""
     if not c.totals_by_window:
         return {k: d - cr for k, (d, cr) in c.totals.items()}
     out: Counter[tuple[str, str]] = Counter()
     for w, totals in c.totals_by_window.items():
         if w not in settled:
             for k, (d, cr) in totals.items():
-                out[k] += d - cr
+                out[k] += max(d - cr, 0)
     return dict(out)
 
 

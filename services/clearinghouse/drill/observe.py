@@ -215,22 +215,6 @@ def ledger_facts(ledger: LedgerStore) -> tuple[LedgerSummary | None, Counter[str
         raise
 
 
-# Windows read per page when the drill looks for the settled ones.
-WINDOWS_PAGE = 200
-
-
-def settled_windows(windows: CassandraWindows) -> frozenset[int]:
-    """Every window SETTLED, as these window rows say."""
-    out: set[int] = set()
-    before = 0
-    while True:
-        page = windows.recent(WINDOWS_PAGE, before)
-        out.update(w.window_id for w in page if w.state == "SETTLED")
-        if len(page) < WINDOWS_PAGE:
-            return frozenset(out)
-        before = page[-1].window_id
-
-
 def cassandra_zone_of(lc: LocalCluster, city: str) -> tuple[str, int]:
     node = next(n for n in lc.cassandra_nodes() if n.zone.city == city)
     return node.zone.address, node.zone.ports.cql
@@ -261,9 +245,9 @@ def read_city(
         try:
             summary, decisions = ledger_facts(CassandraLedger(session, ConsistencyLevel.LOCAL_ONE))
             if summary is not None:
-                summary.settled_windows = settled_windows(
-                    CassandraWindows(session, ConsistencyLevel.LOCAL_ONE)
-                )
+                summary.settled_windows = CassandraWindows(
+                    session, ConsistencyLevel.LOCAL_ONE
+                ).settled_ids()
             return summary, decisions
         finally:
             cluster.shutdown()

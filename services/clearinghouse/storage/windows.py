@@ -30,6 +30,8 @@ class WindowEvent(enum.Enum):
 WINDOW_STATES = ("OPEN", *[e.value for e in WindowEvent])
 # A window has at most one row per event (they are written IF NOT EXISTS).
 EVENT_ROWS_PER_WINDOW_MAX = len(WindowEvent)
+# Windows per read when every settled window is looked for.
+SETTLED_READ_PAGE_WINDOWS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,17 @@ class CassandraWindows:
             WindowStatus(w, tuple(sorted(evs, key=lambda e: list(WindowEvent).index(e.event))))
             for w, evs in newest
         ]
+
+    def settled_ids(self) -> frozenset[int]:
+        """Every window SETTLED, read :data:`SETTLED_READ_PAGE_WINDOWS` windows a page."""
+        out: set[int] = set()
+        before = 0
+        while True:
+            page = self.recent(SETTLED_READ_PAGE_WINDOWS, before)
+            out.update(w.window_id for w in page if w.state == "SETTLED")
+            if len(page) < SETTLED_READ_PAGE_WINDOWS:
+                return frozenset(out)
+            before = page[-1].window_id
 
     def status(self, window_id: int) -> WindowStatus:
         rows = with_retries(

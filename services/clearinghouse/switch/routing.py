@@ -60,8 +60,8 @@ OWNER_POLL_S = 0.05
 FORWARD_DEADLINE_S = 28.0
 GET_DEADLINE_S = 5.0
 LEND_DEADLINE_S = 5.0
-# Giving headroom back is not urgent (it is sent again at the next step of the window
-# keeper, whose thread it runs on): the whole attempt, owner lookup included, is bounded.
+# Giving headroom back is not urgent (it is sent again a second later, from the window
+# keeper's returns thread): an attempt at a remote owner, lookup included, is bounded.
 REPAY_WAIT_S = 2.0
 NO_OWNER_RETRY_AFTER_MS = 1000
 

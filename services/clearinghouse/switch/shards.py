@@ -28,7 +28,9 @@ whatever the concurrency and whichever nodes own the shards. A loan whose receip
 never recorded (a crash in between) is headroom lost, never headroom gained.
 
 **Settlement.** The position a cap bounds is what is not settled yet: amounts in flight
-and the approved payments of every window not SETTLED (the open one included). When a
+and the approved payments of every window not SETTLED (the open one included), where a
+participant's credits offset its debits of the same window only (windows settle one
+by one: a credit settled away must not leave a later debit without headroom). When a
 window is settled (:meth:`ShardedStore.release_settled`, told by the window keeper), its
 approved payments leave the exposure of the shards that decided them, and each shard
 gives the headroom it no longer needs back (:meth:`ShardedStore.give_back`): a
@@ -205,6 +207,12 @@ Repay = Callable[[str, str, int, int], int]
 # Repayments a node sends again at most per step of its window keeper (a new owner
 # sends each of its shards' returns once: it cannot know which reached the home shard).
 REPAY_RESENDS_PER_STEP_MAX = 64
+# Returns one call of give_back records at most (the rest at the next), and how full the
+# commit queue may be for it to record any: payments come first.
+GIVE_BACK_RETURNS_PER_STEP_MAX = 256
+GIVE_BACK_QUEUE_ENTRIES_MAX = 1_000
+# How long one call of resend_returns may spend on home shards that do not answer.
+RESEND_BUDGET_S = 6.0
 # A home shard being taken over is not waited for when headroom comes back: the shard
 # that gives it sends it again later.
 REPAY_SERVING_WAIT_S = 0.5
@@ -284,6 +292,9 @@ class _Shard:
         self.returned: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.return_acked: dict[tuple[str, str], int] = {}
         self.repaid: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        # In a home shard: per (participant, currency, shard), all it ever lent that shard
+        # (a shard can give back no more than that).
+        self.granted_to: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self.chain: ChainBuilder | None = None
         self.serving = threading.Event()
         self.dropped = False
@@ -308,6 +319,7 @@ class _Shard:
         self.returned.clear()
         self.return_acked.clear()
         self.repaid.clear()
+        self.granted_to.clear()
         self.chain = None
         self.last_cut = 0
         self.cuts.clear()
@@ -350,9 +362,12 @@ class _Shard:
         for old in sorted(self.cuts)[:-CUTS_KEPT_PER_SHARD]:
             del self.cuts[old]
 
-    # Exposure: the payer's amount counts from the intent on; a decision other than
-    # APPROVED gives it back; an approval credits the payee, and both sides of it count
-    # until the window it was decided in (the one its shard's next cut ends) is settled.
+    # Exposure = amounts in flight (in full, from the intent on) + the net debit of each
+    # window not settled, where a window that left a participant net creditor counts
+    # zero: its credits offset the debits of their own window only. Windows settle one
+    # by one, and a credit settled away must not leave a later debit it offset without
+    # headroom. So no settlement and no decision can raise the exposure above what was
+    # admitted: the position over any windows still unsettled stays within it.
     def apply_intent(self, rec: PaymentRecord) -> None:
         o = rec.order
         self.exposure[(o.payer_id, o.amount.currency)] += o.amount.amount_minor
@@ -365,17 +380,24 @@ class _Shard:
         o = rec.order
         amount, ccy = o.amount.amount_minor, o.amount.currency
         payer, payee = (o.payer_id, ccy), (o.payee_id, ccy)
-        if state is not PaymentState.APPROVED or window_id in settled:
+        self.exposure[payer] -= amount  # no longer in flight
+        if state is not PaymentState.APPROVED or (
+            window_id in settled and window_id <= self.last_cut
+        ):
             # Declined, failed, reversed; or approved in a window settled meanwhile (its
             # decision was acknowledged after the window was cut, cleared and settled).
-            self.exposure[payer] -= amount
             return
-        self.exposure[payee] -= amount
         nets = self.window_nets.get(window_id)
         if nets is None:
             nets = self.window_nets[window_id] = defaultdict(int)
-        nets[payer] += amount
-        nets[payee] -= amount
+        self._add_net(nets, payer, amount)
+        self._add_net(nets, payee, -amount)
+
+    def _add_net(self, nets: defaultdict[tuple[str, str], int], key: tuple[str, str],
+                 amount: int) -> None:  # fmt: skip
+        before = nets[key]
+        nets[key] = before + amount
+        self.exposure[key] += max(before + amount, 0) - max(before, 0)
 
     def release(self, settled: frozenset[int]) -> list[int]:
         """Take the net debit of every settled window out of the exposure; the windows
@@ -385,7 +407,8 @@ class _Shard:
         done = sorted(w for w in self.window_nets if w in settled and w <= self.last_cut)
         for w in done:
             for k, net in self.window_nets.pop(w).items():
-                self.exposure[k] -= net
+                self.exposure[k] -= max(net, 0)
+                invariant(self.exposure[k] >= 0, f"shard {self.shard}: {k} exposure < 0")
         return done
 
 
@@ -562,7 +585,8 @@ class ShardedStore:
                     p.busy = True
                     unresolved.append(p.record)
             # Settled while the chain was replayed (the keeper releases served shards).
-            st.release(self._settled_windows)
+            if st.release(self._settled_windows):
+                self.give_back_due = True
             st.serving.set()
         took = time.monotonic() - started
         self.takeover_durations_s.append(took)
@@ -717,6 +741,7 @@ class ShardedStore:
         elif e.kind == KIND_CAP_GRANT:
             t = CapTransfer.decode(e.body)
             st.lent[(t.participant_id, t.currency)] += t.amount_minor
+            st.granted_to[(t.participant_id, t.currency, t.other_shard)] += t.amount_minor
         elif e.kind == KIND_CAP_RECEIVE:
             t = CapTransfer.decode(e.body)
             st.allowance[(t.participant_id, t.currency)] += t.amount_minor
@@ -911,6 +936,7 @@ class ShardedStore:
             grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock())
             pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode())
             st.lent[key] += granted
+            st.granted_to[(*key, for_shard)] += granted
         self._await(pending)
         return granted
 
@@ -927,11 +953,12 @@ class ShardedStore:
             more = returned_total_minor - took
             if more <= 0:
                 return took
-            if more > st.lent[key]:
+            lent_to = st.granted_to[(*key, from_shard)]
+            if returned_total_minor > lent_to:
                 # A shard gives back only what its loans gave it: this is no return.
                 raise FailedPrecondition(
-                    f"{participant_id} {currency}: shard {from_shard} would give back "
-                    f"{more}, more than the {max(st.lent[key], 0)} lent out",
+                    f"{participant_id} {currency}: shard {from_shard} would have given back "
+                    f"{returned_total_minor} in all, more than the {lent_to} lent to it",
                     reason="CAP_RETURN_EXCEEDS_LOANS",
                 )
             body = CapTransfer(participant_id, currency, from_shard, more, self.clock()).encode()
@@ -951,6 +978,9 @@ class ShardedStore:
             shards = [st for st in self._shards.values() if _live(st)]
         self.give_back_due = False
         pendings: list[tuple[_Shard, tuple[str, str], int, _Pending]] = []
+        if self.committer.queued() > GIVE_BACK_QUEUE_ENTRIES_MAX:
+            self.give_back_due = True  # busy with payments: at the next step
+            shards = []
         try:
             for st in shards:
                 with st.lock:
@@ -960,6 +990,9 @@ class ShardedStore:
                         spare = allowance - max(st.exposure.get(key, 0), 0)
                         if spare <= 0:
                             continue
+                        if len(pendings) >= GIVE_BACK_RETURNS_PER_STEP_MAX:
+                            self.give_back_due = True  # the rest at the next step
+                            break
                         body = CapTransfer(*key, home_shard(*key), spare, self.clock()).encode()
                         pending = self._enqueue(st, KIND_CAP_RETURN, cap_key(*key), body)
                         st.allowance[key] -= spare  # given up before it is written: never used
@@ -980,7 +1013,7 @@ class ShardedStore:
 
     def resend_returns(self, limit: int = REPAY_RESENDS_PER_STEP_MAX) -> int:
         """Send the home shards the returns they have not confirmed (at most ``limit``,
-        stopping at the first that fails); how many were confirmed now. ``returned``
+        for at most :data:`RESEND_BUDGET_S`); how many were confirmed now. ``returned``
         counts a CAP_RETURN only once it is written (:meth:`give_back`): the home shard
         never takes back what the shard may still use."""
         with self._lock:
@@ -991,16 +1024,24 @@ class ShardedStore:
                 todo += [(st, key, total) for key, total in st.returned.items()
                          if st.return_acked.get(key, 0) < total]  # fmt: skip
         confirmed = 0
+        # A home shard that failed is not asked again in this call: one that does not
+        # answer (out of service, its node away) holds up neither the caller nor the
+        # returns owed to the others.
+        failed: set[int] = set()
+        until = time.monotonic() + RESEND_BUDGET_S
         for st, key, total in todo[:limit]:
+            home = home_shard(*key)
+            if home in failed:
+                continue
+            if time.monotonic() > until:
+                break
             try:
                 repaid = self.repay_to_home(*key, st.shard, total)
             except ClearingError as e:
-                # The rest waits for the next step too: a home shard that does not answer
-                # (being taken over, its node away) must not hold the caller up for each.
-                log.warning("shard %d: giving %s's %s headroom back to its home shard "
-                            "failed (%d returns sent again later): %s", st.shard, *key,
-                            len(todo) - confirmed, e)  # fmt: skip
-                break
+                failed.add(home)
+                log.warning("shard %d: giving %s's %s headroom back to its home shard %d "
+                            "failed (sent again later): %s", st.shard, *key, home, e)  # fmt: skip
+                continue
             with st.lock:
                 st.return_acked[key] = max(st.return_acked.get(key, 0), repaid)
             confirmed += 1
@@ -1297,6 +1338,11 @@ class Committer:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(COMMIT_WAIT_S)
+
+    def queued(self) -> int:
+        """Entries waiting for a group commit."""
+        with self._cond:
+            return len(self._queue)
 
     def submit(self, pending: _Pending) -> None:
         with self._cond:
