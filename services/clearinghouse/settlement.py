@@ -10,11 +10,12 @@ Every switch node runs :class:`WindowKeeper` once per :data:`WINDOW_POLL_S`:
    record loses nothing.
 2. It tells the shards it serves which windows are SETTLED (an operator confirmed that
    the window's settlement ran): their payments no longer count against the
-   participants' net debit caps (:meth:`ShardedStore.release_settled`), and each shard
-   then gives the headroom it no longer needs back to the participant's home shard
-   (:meth:`ShardedStore.give_back`), to be lent again wherever it is needed. The newest
-   windows are seen at every step; an older window some shard still counts is asked
-   about every :data:`SETTLED_SCAN_S`.
+   participants' net debit caps (:meth:`ShardedStore.release_settled`). Every settled
+   window is read at the first step; then the newest windows at every step, and older
+   ones a shard still counts :data:`SETTLED_SCAN_WINDOWS_MAX` at a time every
+   :data:`SETTLED_SCAN_S`. On a thread of its own (:meth:`WindowKeeper.return_headroom`)
+   each shard then gives the headroom it no longer needs back to the participant's home
+   shard (:meth:`ShardedStore.give_back`), to be lent again wherever it is needed.
 3. The owner of shard 0 (the coordinator; ownership moves with it) records CLOSED once
    every shard's cut is recorded, then computes the window's clearing from the ledger
    (:func:`clear_window`), stores it (``window_clearing``) and records CLEARED; and,
@@ -252,9 +253,13 @@ class WindowKeeper:
         watched = {w.window_id for w in recent}
         now = self.clock()
         if not self._settled_read:
-            settled |= self.windows.settled_ids()
-            self._settled_read = True
-            self._settled_scan_at_us = now + int(SETTLED_SCAN_S * 1e6)
+            try:
+                settled |= self.windows.settled_ids()
+                self._settled_read = True
+                self._settled_scan_at_us = now + int(SETTLED_SCAN_S * 1e6)
+            except ClearingError as e:  # the rest of the step goes on; read again next
+                log.warning("the settled windows could not be read (again in %.0f s): %s",
+                            WINDOW_POLL_S, e)  # fmt: skip
         elif now >= self._settled_scan_at_us:
             older = [w for w in self.store.unsettled_windows() if w not in watched]
             if older:
@@ -278,8 +283,8 @@ class WindowKeeper:
         if self.store.give_back_due:
             returned = self.store.give_back()
             if returned:
-                log.info("%d shard allowances gave their unused headroom back to the "
-                         "participants' home shards", returned)  # fmt: skip
+                log.info("headroom no longer needed given back to the participants' home "
+                         "shards: %d returns", returned)  # fmt: skip
         else:
             self.store.resend_returns()
 

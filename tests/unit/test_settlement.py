@@ -21,7 +21,12 @@ import pytest
 
 from clearinghouse import settlement
 from clearinghouse._invariant import InvariantViolation
-from clearinghouse.domain import FailedPrecondition, InsufficientLiquidity, PaymentState
+from clearinghouse.domain import (
+    FailedPrecondition,
+    InsufficientLiquidity,
+    PaymentState,
+    Unavailable,
+)
 from clearinghouse.domain.clearing import WindowClearing
 from clearinghouse.domain.entries import KIND_DECISION, KIND_WINDOW_CUT, WindowCut
 from clearinghouse.domain.merkle import merkle_root, window_leaves
@@ -491,3 +496,21 @@ def test_a_node_that_starts_learns_every_settled_window_at_its_first_step(
     b.keeper.step()
 
     assert b.store.unsettled_windows() == []
+
+
+def test_a_first_step_that_cannot_read_the_settled_windows_still_cuts(
+    world: SettlementWorld, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def down() -> frozenset[int]:
+        raise Unavailable("storage down", retry_after_ms=1000)
+
+    monkeypatch.setattr(world.windows, "settled_ids", down)
+    world.pay(100)
+    request_close(world.windows, "op", world.clock())
+
+    world.step()  # the settled windows are not read; the window is cut all the same
+
+    assert world.state(1) == "CLOSED"
+    assert "the settled windows could not be read" in caplog.text
+    monkeypatch.undo()
+    world.close_window()  # read at the next step

@@ -10,6 +10,7 @@ Waits are on events and futures, never on fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1892,8 +1893,9 @@ def test_a_repayment_sent_again_takes_nothing_twice(world: World) -> None:
 
 
 def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
-    world: World, caplog: pytest.LogCaptureFixture
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(shards, "REPAY_HOME_RETRY_S", 0.0)  # asked again at once
     a = world.node("node-a")
     a.take(SHARD, 10)
     (p1,) = ids_in(SHARD, 1)
@@ -1907,8 +1909,15 @@ def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
         raise Unavailable("the home shard's owner is away", reason=Unavailable.NOT_SHARD_OWNER)
 
     a.store.repay_to_home = away
-    assert a.store.give_back() == 1  # written in SHARD's chain, not repaid
-    assert "failed (sent again later)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="clearinghouse.switch.shards"):
+        assert a.store.give_back() == 1  # written in SHARD's chain, not repaid
+    assert "not taken back yet by 1 home shards (for 0 s" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["INFO"]  # not for long: INFO
+    monkeypatch.setattr(shards, "REPAY_WARN_AFTER_S", 0.0)
+    monkeypatch.setattr(shards, "REPAY_LOG_EVERY_S", 0.0)
+    caplog.clear()
+    assert a.store.resend_returns() == 0
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
     home = home_shard(SMALL, CNY)
     assert _amounts(world, home, KIND_CAP_REPAID) == []
     a.store.repay_to_home = world.lender.store.repay
@@ -1916,7 +1925,8 @@ def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
     assert a.store.resend_returns() == 1
 
     returned = _amounts(world, SHARD, KIND_CAP_RETURN)
-    assert _amounts(world, home, KIND_CAP_REPAID) == calls == returned
+    assert calls == returned * 2  # the same total, sent twice while the home was away
+    assert _amounts(world, home, KIND_CAP_REPAID) == returned
 
 
 def test_a_lowered_cap_binds_the_headroom_given_back(
@@ -2030,3 +2040,118 @@ def test_give_back_records_a_bounded_number_of_returns_per_step(
     assert a.store.give_back() == 1
     assert not a.store.give_back_due
     assert len(_amounts(world, home_shard(SMALL, CNY), KIND_CAP_REPAID)) == 2
+
+
+def _owe_returns(world: World, orders: list[PaymentOrder], monkeypatch: pytest.MonkeyPatch) -> Node:
+    """node-a approved ``orders`` in SHARD's window 1, which settled: it owes a return to
+    each payer's home shard, written and not yet taken back (each home asked again at
+    once, not after REPAY_HOME_RETRY_S)."""
+    monkeypatch.setattr(shards, "REPAY_HOME_RETRY_S", 0.0)
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    for o in orders:
+        a.approve(o)
+    a.store.cut_window(1)
+    a.store.release_settled([1])
+
+    def away(*_: object) -> int:
+        raise Unavailable("away", reason=Unavailable.NOT_SHARD_OWNER)
+
+    a.store.repay_to_home = away
+    assert a.store.give_back() == len(orders)
+    return a
+
+
+def test_returns_past_the_limit_are_reached_though_an_earlier_home_refuses(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p1, p2 = ids_in(SHARD, 2)
+    orders = [debit(p1, 100, payer=BANK), debit(p2, 100, payer=SMALL)]
+    a = _owe_returns(world, orders, monkeypatch)
+
+    def bank_home_broken(pid: str, ccy: str, shard: int, total: int) -> int:
+        if pid == BANK:
+            raise Unavailable("out of service", reason="SHARD_CHAIN_BROKEN")
+        return world.repay(pid, ccy, shard, total)
+
+    a.store.repay_to_home = bank_home_broken
+    for _ in range(3):
+        a.store.resend_returns(limit=1)  # one call a step stands for the limit of 64
+
+    assert _amounts(world, home_shard(SMALL, CNY), KIND_CAP_REPAID) != []
+    assert _amounts(world, home_shard(BANK, CNY), KIND_CAP_REPAID) == []
+
+
+def test_homes_that_do_not_answer_do_not_starve_the_others(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(PARTICIPANTS, BANK, replace(PARTICIPANTS[BANK],
+                        net_debit_caps={CNY: 10**9, "USD": 10**9}))  # fmt: skip
+    monkeypatch.setattr(shards, "RESEND_BUDGET_S", 0.05)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    orders = [debit(p1, 100, payer=BANK), debit(p2, 100, payer=SMALL),
+              debit(p3, 100, currency="USD", payer=BANK)]  # fmt: skip
+    a = _owe_returns(world, orders, monkeypatch)
+
+    def cny_slow(pid: str, ccy: str, shard: int, total: int) -> int:
+        if ccy == CNY:
+            time.sleep(0.03)
+            raise Unavailable("no answer", reason="CAP_LENDER_UNAVAILABLE")
+        return world.repay(pid, ccy, shard, total)
+
+    a.store.repay_to_home = cny_slow
+    for _ in range(5):
+        a.store.resend_returns()
+
+    assert _amounts(world, home_shard(BANK, "USD"), KIND_CAP_REPAID) != []
+
+
+def test_a_takeover_during_give_back_keeps_its_return_due(world: World) -> None:
+    a, b = world.node("node-a"), world.node("node-b")
+    a.take(OTHER_SHARD, 10)
+    (p1,) = ids_in(OTHER_SHARD, 1)
+    a.approve(debit(p1, 400, payer=SMALL))
+    a.store.cut_window(1)
+    a.store.lose(OTHER_SHARD)
+    b.store.release_settled([1])
+    real_lock = b.store._lock
+
+    class TakeOverAfterTheList:
+        """The store's lock; OTHER_SHARD's takeover ends right after its first use."""
+
+        done = False
+
+        def __enter__(self) -> None:
+            real_lock.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.__exit__(*exc)
+            if not TakeOverAfterTheList.done:
+                TakeOverAfterTheList.done = True
+                b.store._lock = real_lock
+                assert b.take(OTHER_SHARD, 11)
+
+    b.store._lock = TakeOverAfterTheList()  # type: ignore[assignment]
+    b.store.give_back()
+
+    assert TakeOverAfterTheList.done
+    assert _amounts(world, OTHER_SHARD, KIND_CAP_RETURN) or b.store.give_back_due
+
+
+def test_a_home_that_did_not_answer_is_asked_again_after_a_pause(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (p1,) = ids_in(SHARD, 1)
+    a = _owe_returns(world, [debit(p1, 100, payer=SMALL)], monkeypatch)
+    monkeypatch.setattr(shards, "REPAY_HOME_RETRY_S", 3600.0)
+    asked: list[int] = []
+
+    def away(pid: str, ccy: str, shard: int, total: int) -> int:
+        asked.append(total)
+        raise Unavailable("away", reason=Unavailable.NOT_SHARD_OWNER)
+
+    a.store.repay_to_home = away
+    for _ in range(3):
+        a.store.resend_returns()
+
+    assert len(asked) == 1  # then left alone for REPAY_HOME_RETRY_S

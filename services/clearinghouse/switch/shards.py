@@ -213,6 +213,13 @@ GIVE_BACK_RETURNS_PER_STEP_MAX = 256
 GIVE_BACK_QUEUE_ENTRIES_MAX = 1_000
 # How long one call of resend_returns may spend on home shards that do not answer.
 RESEND_BUDGET_S = 6.0
+# Home shards that do not take headroom back are logged at INFO (they are being taken
+# over after a start or a failover), at WARNING once they have refused for this long.
+REPAY_WARN_AFTER_S = 60.0
+# ... in one line at most this often.
+REPAY_LOG_EVERY_S = 10.0
+# A home shard that did not take headroom back is asked again after this long.
+REPAY_HOME_RETRY_S = 5.0
 # A home shard being taken over is not waited for when headroom comes back: the shard
 # that gives it sends it again later.
 REPAY_SERVING_WAIT_S = 0.5
@@ -495,6 +502,11 @@ class ShardedStore:
         # Set when a settlement released exposure: the window keeper then gives the
         # shards' unused headroom back (:meth:`give_back`).
         self.give_back_due = False
+        # Since when repayments keep failing (time.monotonic()); None when the last went.
+        self._repay_failing_since: float | None = None
+        self._repay_logged_at = -REPAY_LOG_EVERY_S
+        self._resend_after_home = -1  # where the last resend_returns ended
+        self._home_retry_at: dict[int, float] = {}  # home shard -> time.monotonic()
 
     # -- ownership events ---------------------------------------------------------------
 
@@ -974,9 +986,11 @@ class ShardedStore:
         settlement, so that the cap can be lent again wherever it is needed (and a cap
         lowered since binds the headroom given back). Returns how many returns were
         recorded; each is repaid to the home shard by :meth:`resend_returns`."""
+        # Cleared before the shards are listed: a takeover that ends meanwhile and sets it
+        # again (its shard not listed) keeps it set for the next call.
+        self.give_back_due = False
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
-        self.give_back_due = False
         pendings: list[tuple[_Shard, tuple[str, str], int, _Pending]] = []
         if self.committer.queued() > GIVE_BACK_QUEUE_ENTRIES_MAX:
             self.give_back_due = True  # busy with payments: at the next step
@@ -1012,40 +1026,64 @@ class ShardedStore:
         return written
 
     def resend_returns(self, limit: int = REPAY_RESENDS_PER_STEP_MAX) -> int:
-        """Send the home shards the returns they have not confirmed (at most ``limit``,
-        for at most :data:`RESEND_BUDGET_S`); how many were confirmed now. ``returned``
+        """Send the home shards the returns they have not confirmed (at most ``limit``
+        calls, for at most :data:`RESEND_BUDGET_S`); how many were confirmed now. ``returned``
         counts a CAP_RETURN only once it is written (:meth:`give_back`): the home shard
         never takes back what the shard may still use."""
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
-        todo: list[tuple[_Shard, tuple[str, str], int]] = []
+        by_home: defaultdict[int, list[tuple[_Shard, tuple[str, str], int]]] = defaultdict(list)
         for st in shards:
             with st.lock:
-                todo += [(st, key, total) for key, total in st.returned.items()
-                         if st.return_acked.get(key, 0) < total]  # fmt: skip
-        confirmed = 0
-        # A home shard that failed is not asked again in this call: one that does not
-        # answer (out of service, its node away) holds up neither the caller nor the
+                for key, total in st.returned.items():
+                    if st.return_acked.get(key, 0) < total:
+                        by_home[home_shard(*key)].append((st, key, total))
+        # Home by home, each call starting after the home the last one ended at; a home
+        # that failed is not asked again for REPAY_HOME_RETRY_S. So homes that do not
+        # answer (out of service, their node away) hold up neither the caller nor the
         # returns owed to the others.
-        failed: set[int] = set()
-        until = time.monotonic() + RESEND_BUDGET_S
-        for st, key, total in todo[:limit]:
-            home = home_shard(*key)
-            if home in failed:
-                continue
-            if time.monotonic() > until:
+        homes = sorted(by_home)
+        cut = next((i for i, h in enumerate(homes) if h > self._resend_after_home), 0)
+        now = time.monotonic()
+        until, calls, confirmed = now + RESEND_BUDGET_S, 0, 0
+        failed: dict[int, ClearingError] = {}
+        for home in homes[cut:] + homes[:cut]:
+            if calls >= limit or time.monotonic() > until:
                 break
-            try:
-                repaid = self.repay_to_home(*key, st.shard, total)
-            except ClearingError as e:
-                failed.add(home)
-                log.warning("shard %d: giving %s's %s headroom back to its home shard %d "
-                            "failed (sent again later): %s", st.shard, *key, home, e)  # fmt: skip
+            self._resend_after_home = home
+            if self._home_retry_at.get(home, 0.0) > now:
                 continue
-            with st.lock:
-                st.return_acked[key] = max(st.return_acked.get(key, 0), repaid)
-            confirmed += 1
+            for st, key, total in by_home[home][: limit - calls]:
+                calls += 1
+                try:
+                    repaid = self.repay_to_home(*key, st.shard, total)
+                except ClearingError as e:
+                    failed[home] = e
+                    self._home_retry_at[home] = time.monotonic() + REPAY_HOME_RETRY_S
+                    break
+                with st.lock:
+                    st.return_acked[key] = max(st.return_acked.get(key, 0), repaid)
+                confirmed += 1
+        self._log_repay_failures(failed)
         return confirmed
+
+    def _log_repay_failures(self, failed: Mapping[int, ClearingError]) -> None:
+        """One line for the home shards that did not take headroom back in a call."""
+        now = time.monotonic()
+        if not failed:
+            self._repay_failing_since = None
+            return
+        since = self._repay_failing_since = self._repay_failing_since or now
+        if now - self._repay_logged_at < REPAY_LOG_EVERY_S:
+            return
+        self._repay_logged_at = now
+        first = min(failed)
+        log.log(
+            logging.WARNING if now - since >= REPAY_WARN_AFTER_S else logging.INFO,
+            "headroom given back is not taken back yet by %d home shards (for %.0f s; sent "
+            "again every second), e.g. shard %d: %s",
+            len(failed), now - since, first, failed[first],
+        )  # fmt: skip
 
     def decide(
         self,
