@@ -1080,9 +1080,9 @@ class ShardedStore:
         first = min(failed)
         log.log(
             logging.WARNING if now - since >= REPAY_WARN_AFTER_S else logging.INFO,
-            "headroom given back is not taken back yet by %d home shards (for %.0f s; sent "
-            "again every second), e.g. shard %d: %s",
-            len(failed), now - since, first, failed[first],
+            "headroom given back is not taken back yet by %d home shards (for %.0f s; each "
+            "asked again %.0f s after it failed), e.g. shard %d: %s",
+            len(failed), now - since, REPAY_HOME_RETRY_S, first, failed[first],
         )  # fmt: skip
 
     def decide(
