@@ -64,7 +64,7 @@ WINDOWS_WATCHED = 4
 # clearing failed while later windows closed, so it is no longer among the newest).
 WINDOWS_SCANNED_AT_START = 64
 # How often a keeper asks whether windows older than the newest few were settled, and
-# how many of them (the oldest first) at most each time.
+# how many of them at most each time (in turns: each scan goes on after the last).
 SETTLED_SCAN_S = 10.0
 SETTLED_SCAN_WINDOWS_MAX = 16
 PART_CLEARING = "clearing.json"
