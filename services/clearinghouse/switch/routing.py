@@ -60,8 +60,9 @@ OWNER_POLL_S = 0.05
 FORWARD_DEADLINE_S = 28.0
 GET_DEADLINE_S = 5.0
 LEND_DEADLINE_S = 5.0
-# Giving headroom back is not urgent (it is sent again a second later, from the window
-# keeper's returns thread): an attempt at a remote owner, lookup included, is bounded.
+# Giving headroom back is not urgent (a home shard that did not take it is asked again
+# later, from the window keeper's returns thread): an attempt at a remote owner, lookup
+# included, is bounded.
 REPAY_WAIT_S = 2.0
 NO_OWNER_RETRY_AFTER_MS = 1000
 
@@ -118,19 +119,19 @@ class LocalOwner:
             for o, out in zip(orders, done, strict=True)
         ]
 
-    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+    def _shards(self) -> ShardedStore:
         store = self.processor.store
-        invariant(isinstance(store, ShardedStore), "lending needs the shard owner's store")
+        invariant(isinstance(store, ShardedStore), "cap headroom needs the shard owner's store")
         assert isinstance(store, ShardedStore)
-        return store.lend(participant_id, currency, for_shard, need_minor)
+        return store
+
+    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+        return self._shards().lend(participant_id, currency, for_shard, need_minor)
 
     def repay(
         self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
     ) -> int:
-        store = self.processor.store
-        invariant(isinstance(store, ShardedStore), "repaying needs the shard owner's store")
-        assert isinstance(store, ShardedStore)
-        return store.repay(participant_id, currency, from_shard, returned_total_minor)
+        return self._shards().repay(participant_id, currency, from_shard, returned_total_minor)
 
     def get(self, refs: Sequence[tuple[str, str]]) -> list[Any]:
         out = []

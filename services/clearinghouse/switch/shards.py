@@ -37,9 +37,9 @@ gives the headroom it no longer needs back (:meth:`ShardedStore.give_back`): a
 ``CAP_RETURN`` in its chain first (the allowance is smaller from then on), then
 ``ShardService.Repay`` to the home shard's owner, which records ``CAP_REPAID`` and lends
 it again. A repayment names everything the shard ever returned of that cap, so one sent
-twice (a retry, a new owner that cannot know it arrived) is taken once. A return never
-repaid (the home shard away) is sent again at the next step; until then it is headroom
-lost, never gained.
+twice (a retry, a new owner that cannot know it arrived) is taken once. A return the
+home shard did not take (it is away) is sent again :data:`REPAY_HOME_RETRY_S` later;
+until then it is headroom lost, never gained.
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ Borrow = Callable[[str, str, int, int], int]
 # (participant_id, currency, from_shard, returned_total_minor) -> repaid_total_minor:
 # headroom a shard gives back to the home shard's owner (idempotent on the total).
 Repay = Callable[[str, str, int, int], int]
-# Repayments a node sends again at most per step of its window keeper (a new owner
-# sends each of its shards' returns once: it cannot know which reached the home shard).
+# Repayments one call of resend_returns sends at most (a new owner sends each of its
+# shards' returns once: it cannot know which reached the home shard).
 REPAY_RESENDS_PER_STEP_MAX = 64
 # Returns one call of give_back records at most (the rest at the next), and how full the
 # commit queue may be for it to record any: payments come first.
@@ -1001,7 +1001,7 @@ class ShardedStore:
                     if st.dropped:
                         continue
                     for key, allowance in list(st.allowance.items()):
-                        spare = allowance - max(st.exposure.get(key, 0), 0)
+                        spare = allowance - st.exposure[key]  # exposure is never negative
                         if spare <= 0:
                             continue
                         if len(pendings) >= GIVE_BACK_RETURNS_PER_STEP_MAX:
