@@ -35,6 +35,7 @@ from clearinghouse.domain import (
     PaymentOrder,
     PaymentState,
     PaymentType,
+    ResourceExhausted,
     Unavailable,
     canonical_bytes,
     fingerprint,
@@ -49,10 +50,12 @@ from clearinghouse.domain.entries import (
     KIND_DECISION,
     KIND_INTENT,
     KIND_REVERSAL_CONFIRMED,
+    KIND_WINDOW_CUT,
     CapTransfer,
     Decision,
     Intent,
     ReversalConfirmed,
+    WindowCut,
     cap_key,
 )
 from clearinghouse.switch import shards
@@ -1694,6 +1697,36 @@ def test_map_shards_raises_the_first_failure_in_shard_order() -> None:
             got.append(r)
     assert got == [0, 1, 2]
     assert list(shards.map_shards(read, [5])) == [5]
+
+
+def test_a_cut_the_full_commit_queue_refused_is_made_at_the_next_call_and_none_is_lost(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    a.take(OTHER_SHARD, 10)
+    submit = a.store.committer.submit
+    calls = count()
+
+    def full_after_one(pending: Any) -> None:
+        if next(calls) >= 1:
+            raise ResourceExhausted("the ledger commit queue is full", reason="COMMIT_QUEUE_FULL")
+        submit(pending)
+
+    monkeypatch.setattr(a.store.committer, "submit", full_after_one)
+    first = a.store.cut_window(1)
+
+    assert len(first) == 1  # the one queued is waited for, and known as cut
+    assert set(a.store.cuts_of(1)) == {first[0].shard}
+    monkeypatch.setattr(a.store.committer, "submit", submit)
+    second = a.store.cut_window(1)
+
+    assert [e.shard for e in second] == sorted({SHARD, OTHER_SHARD} - {first[0].shard})
+    assert set(a.store.cuts_of(1)) == {SHARD, OTHER_SHARD}
+    assert a.store.cut_window(1) == []  # each shard cut the window once
+    for shard in (SHARD, OTHER_SHARD):
+        cuts = [e for e in world.chain(shard) if e.kind == KIND_WINDOW_CUT]
+        assert [WindowCut.decode(e.body).window_id for e in cuts] == [1]
 
 
 # -- caps and settlement ---------------------------------------------------------------------

@@ -1240,15 +1240,22 @@ class ShardedStore:
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
         pendings: list[tuple[_Shard, _Pending]] = []
-        for st in shards:
-            with st.lock:
-                if st.dropped or st.last_cut != window_id - 1:
-                    continue
-                body = WindowCut(window_id, self.clock()).encode()
-                pendings.append(
-                    (st, self._enqueue(st, KIND_WINDOW_CUT, window_key(window_id), body))
-                )
-                st.last_cut = window_id
+        try:
+            for st in shards:
+                with st.lock:
+                    if st.dropped or st.last_cut != window_id - 1:
+                        continue
+                    body = WindowCut(window_id, self.clock()).encode()
+                    pendings.append(
+                        (st, self._enqueue(st, KIND_WINDOW_CUT, window_key(window_id), body))
+                    )
+                    st.last_cut = window_id
+        except ResourceExhausted:
+            # The commit queue is full: the shards not cut yet are cut at the next call
+            # (their last_cut is unchanged); those queued are waited for below, so that
+            # their cuts are recorded and the window does not stay CLOSING for them.
+            log.info("settlement window %d: the commit queue is full, %d shards cut now, "
+                     "the rest at the next step", window_id, len(pendings))  # fmt: skip
         out: list[LedgerEntry] = []
         for st, pending in pendings:
             try:
