@@ -256,8 +256,14 @@ def test_caps_bound_the_windows_not_settled() -> None:
     assert failing(evidence(traces, cities(frozenset()), caps=cap)) == ["within_caps"]
     assert failing(evidence(traces, cities(frozenset({2})), caps=cap)) == ["within_caps"]
     # Window 1 settled (as any one city's rows say): 90 is owed, within the cap.
-    assert judge(evidence(traces, cities(frozenset({1})), caps=cap)).ok
+    settled_one = judge(evidence(traces, cities(frozenset({1})), caps=cap))
+    assert settled_one.ok
+    within = {c.name: c.detail for c in settled_one.checks}["within_caps"]
+    assert within == "all 6 positions within their caps"  # 2 participants x 3 cities
     assert judge(evidence(traces, cities(frozenset({1}), where="shenzhen"), caps=cap)).ok
+    all_settled = judge(evidence(traces, cities(frozenset({1, 2, 3})), caps=cap))
+    within = {c.name: c.detail for c in all_settled.checks}["within_caps"]
+    assert within == "all 0 positions within their caps"  # nothing left owed
     tight = {("INST_A", "CNY"): 89}
     assert failing(evidence(traces, cities(frozenset({1})), caps=tight)) == ["within_caps"]
     assert judge(evidence(traces, cities(frozenset({1, 2})), caps={("INST_A", "CNY"): 30})).ok

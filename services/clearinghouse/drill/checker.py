@@ -260,12 +260,14 @@ def judge(ev: Evidence) -> Verdict:
     breaches = []
     caps = ev.caps or {}
     settled = frozenset().union(*(c.settled_windows for c in readable))
+    positions = 0  # per city: the participants and currencies with unsettled windows
     for c in readable if ev.caps is not None else ():
-        for (pid, ccy), net in sorted(unsettled_nets(c, settled).items()):
+        nets = unsettled_nets(c, settled)
+        positions += len(nets)
+        for (pid, ccy), net in sorted(nets.items()):
             cap = caps.get((pid, ccy), 0)
             if net > cap:
                 breaches.append(f"{pid} {ccy}: net debit {net} > cap {cap} in {c.city}")
-    positions = sum(len(c.totals) for c in readable)
     if ev.caps is None:
         checks.append(Check("within_caps", False, "the registered caps could not be read"))
     else:
