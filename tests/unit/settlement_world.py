@@ -124,9 +124,11 @@ class SettlementWorld:
     def owner(self, shard: int) -> Node:
         return next(n for n in reversed(self.nodes) if shard in n.store.owned())
 
-    def _borrow(self, participant_id: str, currency: str, for_shard: int, need: int) -> int:
+    def _borrow(
+        self, participant_id: str, currency: str, for_shard: int, need: int, epoch: int = 0, /
+    ) -> int:
         return self.owner(home_shard(participant_id, currency)).store.lend(
-            participant_id, currency, for_shard, need
+            participant_id, currency, for_shard, need, epoch
         )
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ and the allowances sum to at most the home shard's loans, which never exceed the
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import replace
 from itertools import count
@@ -30,6 +31,7 @@ from clearinghouse.domain.entries import (
     KIND_WINDOW_CUT,
     CapTransfer,
     Decision,
+    cap_key,
 )
 from clearinghouse.switch import shards
 from clearinghouse.switch.records import StepRecord
@@ -62,6 +64,8 @@ op = hst.one_of(
     hst.tuples(hst.just("settle"), hst.integers(0, 50)),
     hst.tuples(hst.just("give_back")),
     hst.tuples(hst.just("takeover"), hst.sampled_from(SH), hst.booleans()),
+    hst.tuples(hst.just("lost_loan"), hst.sampled_from(SH), hst.integers(1, 600)),
+    hst.tuples(hst.just("resend")),
 )
 
 
@@ -150,6 +154,15 @@ def test_random_runs_keep_the_cap(ops: list[tuple[object, ...]]) -> None:
             elif o[0] == "give_back":
                 for n in set(owner.values()):
                     n.store.give_back()
+            elif o[0] == "lost_loan":
+                # A loan granted to the shard's owner whose answer never reached it (or
+                # whose receipt was never written): lent at the home shard, received nowhere.
+                _, s, amt = o
+                with contextlib.suppress(InsufficientLiquidity):
+                    world.borrow(SMALL, CNY, s, amt, epoch[s])
+            elif o[0] == "resend":  # returns, and loans received at earlier epochs
+                for n in set(owner.values()):
+                    n.store.resend_returns()
             elif o[0] == "takeover":
                 _, s, heard = o
                 new = world.node(f"n{len(nodes)}")
@@ -179,6 +192,29 @@ def test_random_runs_keep_the_cap(ops: list[tuple[object, ...]]) -> None:
                 total_allowance += allow
             home = world.lender.store._shards[shards.home_shard(*KEY)]
             assert total_exposure <= total_allowance <= home.lent[KEY] <= SMALL_CAP
+        # Every shard taken over once more and every return and receipt told: the home
+        # shard's loans are the allowances, but for loans to shards whose chain received
+        # none of this cap (a reclaim is told by an owner that found receipts).
+        for s in SH:
+            new = world.node(f"n{len(nodes)}")
+            nodes.append(new)
+            owner[s].store.lose(s)
+            epoch[s] += 1
+            assert new.take(s, epoch[s])
+            owner[s] = new
+            new.store.release_settled(settled)
+            new.store.resend_returns()
+        home = world.lender.store._shards[shards.home_shard(*KEY)]
+        allowances = sum(owner[s].store._shards[s].allowance.get(KEY, 0) for s in SH)
+        unclaimed = sum(
+            home.granted_to[(*KEY, s)] - home.reclaimed[(*KEY, s)]
+            for s in SH
+            if not any(
+                e.kind == KIND_CAP_RECEIVE and e.payment_key == cap_key(*KEY)
+                for e in world.chain(s)
+            )
+        )
+        assert home.lent[KEY] == allowances + unclaimed
     finally:
         for n in world.nodes:
             n.store.committer.stop()

@@ -15,6 +15,7 @@ from clearinghouse.domain._codec import I64_MAX, I64_MIN
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_RECLAIMED,
     KIND_CAP_REPAID,
     KIND_CAP_RETURN,
     KIND_DECISION,
@@ -70,12 +71,14 @@ DECISION = Decision(
 )
 REVERSAL = ReversalConfirmed(1_750_000_000_456, "shenzhen-a")
 TRANSFER = CapTransfer("bank-a", "CNY", 17, 5_000, 1_750_000_000_789)
+GRANT = CapTransfer("bank-a", "CNY", 17, 5_000, 1_750_000_000_789, epoch=42)
 BODIES = {
     "intent": INTENT.encode(),
     "signed_intent": SIGNED_INTENT.encode(),
     "decision": DECISION.encode(),
     "reversal": REVERSAL.encode(),
     "cap": TRANSFER.encode(),
+    "cap_with_epoch": GRANT.encode(),
 }
 
 
@@ -84,7 +87,7 @@ def _decode(kind: str, body: bytes) -> object:
         return Intent.decode(body)
     if kind == "decision":
         return Decision.decode(body, KEY)
-    if kind == "cap":
+    if kind in ("cap", "cap_with_epoch"):
         return CapTransfer.decode(body)
     return ReversalConfirmed.decode(body)
 
@@ -92,9 +95,9 @@ def _decode(kind: str, body: bytes) -> object:
 def test_kinds() -> None:
     assert set(KINDS) == {
         KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
-        KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_WINDOW_CUT,
+        KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_CAP_RECLAIMED, KIND_WINDOW_CUT,
     }  # fmt: skip
-    assert len(KINDS) == 8
+    assert len(KINDS) == 9
 
 
 def test_cap_entries_have_a_key_no_payment_can_have() -> None:
@@ -223,12 +226,24 @@ def test_reversal_confirmed_round_trips(at_us: int, zone: str) -> None:
 
 
 @settings(deadline=None)
-@given(TEXT, TEXT, I64, st.integers(1, I64_MAX), I64)
+@given(TEXT, TEXT, I64, st.integers(1, I64_MAX), I64, st.integers(0, I64_MAX))
 def test_cap_transfer_round_trips(
-    participant: str, currency: str, other_shard: int, amount: int, at_us: int
+    participant: str, currency: str, other_shard: int, amount: int, at_us: int, epoch: int
 ) -> None:
-    t = CapTransfer(participant, currency, other_shard, amount, at_us)
+    t = CapTransfer(participant, currency, other_shard, amount, at_us, epoch)
     assert CapTransfer.decode(t.encode()) == t
+
+
+def test_a_cap_transfer_s_epoch_is_written_only_when_positive() -> None:
+    plain = CapTransfer("bank-a", "CNY", 17, 5_000, 1_750_000_000_789)
+    with_epoch = CapTransfer("bank-a", "CNY", 17, 5_000, 1_750_000_000_789, epoch=42)
+
+    assert with_epoch.encode() == plain.encode() + (42).to_bytes(8, "big")
+    assert CapTransfer.decode(plain.encode()).epoch == 0  # a grant written before epochs
+    with pytest.raises(InvariantViolation, match="epoch is positive"):
+        CapTransfer.decode(plain.encode() + (0).to_bytes(8, "big"))  # a second encoding
+    with pytest.raises(InvariantViolation):
+        CapTransfer.decode(with_epoch.encode() + b"\x00")
 
 
 @pytest.mark.parametrize("amount", [0, -1])
@@ -249,11 +264,17 @@ def test_every_truncation_is_refused(kind: str) -> None:
             # the tail to the entry, and the switch and the auditor refuse unsigned orders.
             assert _decode(kind, body[:cut]) == INTENT
             continue
+        if kind == "cap_with_epoch" and cut == len(TRANSFER.encode()):
+            # Without its epoch a grant is one written before epochs were recorded: the
+            # chain's hash binds the epoch to the entry, and it can only hold back a
+            # reclaim (a grant without an epoch is never reclaimed).
+            assert _decode(kind, body[:cut]) == TRANSFER
+            continue
         with pytest.raises(InvariantViolation, match="ends early"):
             _decode(kind, body[:cut])
 
 
-@pytest.mark.parametrize("kind", [k for k in BODIES if k != "intent"])
+@pytest.mark.parametrize("kind", [k for k in BODIES if k not in ("intent", "cap")])
 @settings(deadline=None)
 @given(extra=st.binary(min_size=1, max_size=16))
 def test_trailing_bytes_are_refused(kind: str, extra: bytes) -> None:

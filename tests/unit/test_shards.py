@@ -45,6 +45,7 @@ from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, LedgerEntry, ver
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_RECLAIMED,
     KIND_CAP_REPAID,
     KIND_CAP_RETURN,
     KIND_DECISION,
@@ -72,6 +73,7 @@ from clearinghouse.switch.records import (
 )
 from clearinghouse.switch.shards import (
     LEND_SPARE_DIVISOR,
+    ReceivedBefore,
     ShardedStore,
     home_shard,
     loan_minor,
@@ -230,21 +232,31 @@ class World:
         self.nodes.append(n)
         return n
 
-    def borrow(self, participant_id: str, currency: str, for_shard: int, need: int) -> int:
+    def borrow(
+        self, participant_id: str, currency: str, for_shard: int, need: int, epoch: int = 0, /
+    ) -> int:
         """The router's part: find the home shard's owner and ask it to lend."""
         self.loans.append((participant_id, currency, for_shard, need))
         home = home_shard(participant_id, currency)
         for n in reversed(self.nodes):
             if home in n.store.owned():
-                return n.store.lend(participant_id, currency, for_shard, need)
+                return n.store.lend(participant_id, currency, for_shard, need, epoch)
         raise Unavailable("no owner of the home shard", reason=Unavailable.NOT_SHARD_OWNER)
 
-    def repay(self, participant_id: str, currency: str, from_shard: int, total: int) -> int:
+    def repay(
+        self,
+        participant_id: str,
+        currency: str,
+        from_shard: int,
+        total: int,
+        received: ReceivedBefore | None = None,
+        /,
+    ) -> int:
         """The router's part for headroom given back: to the home shard's owner."""
         home = home_shard(participant_id, currency)
         for n in reversed(self.nodes):
             if home in n.store.owned():
-                return n.store.repay(participant_id, currency, from_shard, total)
+                return n.store.repay(participant_id, currency, from_shard, total, received)
         raise Unavailable("no owner of the home shard", reason=Unavailable.NOT_SHARD_OWNER)
 
     def chain(self, shard: int = SHARD) -> list[LedgerEntry]:
@@ -314,7 +326,10 @@ def test_a_new_shard_serves_and_chains_its_entries(world: World) -> None:
     home = home_shard(BANK, CNY)
     assert world.loans == [(BANK, CNY, SHARD, 250)]
     assert CapTransfer.decode(entries[0].body) == CapTransfer(BANK, CNY, home, loan, START_US)
-    assert world.transfers(home, KIND_CAP_GRANT) == [CapTransfer(BANK, CNY, SHARD, loan, START_US)]
+    # The grant records the epoch of the owner that borrowed (10).
+    assert world.transfers(home, KIND_CAP_GRANT) == [
+        CapTransfer(BANK, CNY, SHARD, loan, START_US, 10)
+    ]
     assert Intent.decode(entries[1].body) == Intent(
         canonical_bytes(order), fingerprint(order), BANK, ZONE, START_US, rec.switch_ref
     )
@@ -346,7 +361,9 @@ def test_a_store_lends_to_itself_when_it_owns_the_home_shard(world: World) -> No
 
     assert world.loans == []  # not through the router
     loan = loan_minor(CAP, 100)
-    assert world.transfers(home, KIND_CAP_GRANT) == [CapTransfer(BANK, CNY, SHARD, loan, START_US)]
+    assert world.transfers(home, KIND_CAP_GRANT) == [
+        CapTransfer(BANK, CNY, SHARD, loan, START_US, 10)
+    ]
     assert world.transfers(SHARD, KIND_CAP_RECEIVE) == [
         CapTransfer(BANK, CNY, home, loan, START_US)
     ]
@@ -1091,8 +1108,8 @@ def test_a_shard_borrows_only_when_its_allowance_falls_short(world: World) -> No
     second = loan_minor(CAP - first, 50)
     assert world.loans == [(BANK, CNY, SHARD, 100), (BANK, CNY, SHARD, 50)]
     assert world.transfers(home, KIND_CAP_GRANT) == [
-        CapTransfer(BANK, CNY, SHARD, first, START_US),
-        CapTransfer(BANK, CNY, SHARD, second, START_US),
+        CapTransfer(BANK, CNY, SHARD, first, START_US, 10),
+        CapTransfer(BANK, CNY, SHARD, second, START_US, 10),
     ]
     assert [e.kind for e in world.chain()] == [
         KIND_CAP_RECEIVE, KIND_INTENT, KIND_INTENT, KIND_CAP_RECEIVE, KIND_INTENT,
@@ -1185,7 +1202,7 @@ def test_a_payment_still_short_after_its_last_loan_asks_for_no_other(world: Worl
     # recorded in both chains and never tried.
     needs: list[int] = []
 
-    def stingy(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+    def stingy(participant_id: str, currency: str, for_shard: int, need: int, *_: int) -> int:
         needs.append(need)
         return 1
 
@@ -1206,13 +1223,15 @@ def _slow_lender_for(world: World, slow: str, asked: list[str]) -> shards.Borrow
     """The router's borrow, except that ``slow``'s lender never answers: each loan for
     it waits out the router's Lend deadline (5 s) and fails."""
 
-    def borrow(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+    def borrow(
+        participant_id: str, currency: str, for_shard: int, need: int, epoch: int = 0, /
+    ) -> int:
         asked.append(participant_id)
         if participant_id == slow:
             world.clock.advance(5.0)
             raise Unavailable("lender did not answer", retry_after_ms=1000,
                               reason="CAP_LENDER_UNAVAILABLE")  # fmt: skip
-        return world.borrow(participant_id, currency, for_shard, need)
+        return world.borrow(participant_id, currency, for_shard, need, epoch)
 
     return borrow
 
@@ -1255,9 +1274,11 @@ def test_a_batch_stops_borrowing_when_its_time_for_loans_is_spent(world: World) 
     assert a.take(SHARD, 10)
     assert a.take(OTHER_SHARD, 10)
 
-    def slow_borrow(participant_id: str, currency: str, for_shard: int, need: int) -> int:
+    def slow_borrow(
+        participant_id: str, currency: str, for_shard: int, need: int, epoch: int = 0, /
+    ) -> int:
         world.clock.advance(shards.BATCH_BORROW_S * 0.75)
-        return world.borrow(participant_id, currency, for_shard, need)
+        return world.borrow(participant_id, currency, for_shard, need, epoch)
 
     a.store.borrow = slow_borrow
     first, second, third = (
@@ -1937,7 +1958,9 @@ def test_a_repayment_that_fails_is_sent_again_at_the_next_step(
     a.store.release_settled([1])
     calls: list[int] = []
 
-    def away(participant_id: str, currency: str, from_shard: int, total: int) -> int:
+    def away(
+        participant_id: str, currency: str, from_shard: int, total: int, _told: object = None, /
+    ) -> int:
         calls.append(total)
         raise Unavailable("the home shard's owner is away", reason=Unavailable.NOT_SHARD_OWNER)
 
@@ -2024,10 +2047,12 @@ def test_one_home_shard_that_refuses_holds_no_other_repayment_back(world: World)
     a.store.cut_window(1)
     a.store.release_settled([1])
 
-    def bank_home_broken(pid: str, ccy: str, shard: int, total: int) -> int:
+    def bank_home_broken(
+        pid: str, ccy: str, shard: int, total: int, told: ReceivedBefore | None = None, /
+    ) -> int:
         if pid == BANK:
             raise Unavailable("out of service", reason="SHARD_CHAIN_BROKEN")
-        return world.repay(pid, ccy, shard, total)
+        return world.repay(pid, ccy, shard, total, told)
 
     a.store.repay_to_home = bank_home_broken
     a.store.give_back()
@@ -2102,10 +2127,12 @@ def test_returns_past_the_limit_are_reached_though_an_earlier_home_refuses(
     orders = [debit(p1, 100, payer=BANK), debit(p2, 100, payer=SMALL)]
     a = _owe_returns(world, orders, monkeypatch)
 
-    def bank_home_broken(pid: str, ccy: str, shard: int, total: int) -> int:
+    def bank_home_broken(
+        pid: str, ccy: str, shard: int, total: int, told: ReceivedBefore | None = None, /
+    ) -> int:
         if pid == BANK:
             raise Unavailable("out of service", reason="SHARD_CHAIN_BROKEN")
-        return world.repay(pid, ccy, shard, total)
+        return world.repay(pid, ccy, shard, total, told)
 
     a.store.repay_to_home = bank_home_broken
     for _ in range(3):
@@ -2126,11 +2153,13 @@ def test_homes_that_do_not_answer_do_not_starve_the_others(
               debit(p3, 100, currency="USD", payer=BANK)]  # fmt: skip
     a = _owe_returns(world, orders, monkeypatch)
 
-    def cny_slow(pid: str, ccy: str, shard: int, total: int) -> int:
+    def cny_slow(
+        pid: str, ccy: str, shard: int, total: int, told: ReceivedBefore | None = None, /
+    ) -> int:
         if ccy == CNY:
             time.sleep(0.03)
             raise Unavailable("no answer", reason="CAP_LENDER_UNAVAILABLE")
-        return world.repay(pid, ccy, shard, total)
+        return world.repay(pid, ccy, shard, total, told)
 
     a.store.repay_to_home = cny_slow
     for _ in range(5):
@@ -2179,7 +2208,7 @@ def test_a_home_that_did_not_answer_is_asked_again_after_a_pause(
     monkeypatch.setattr(shards, "REPAY_HOME_RETRY_S", 3600.0)
     asked: list[int] = []
 
-    def away(pid: str, ccy: str, shard: int, total: int) -> int:
+    def away(pid: str, ccy: str, shard: int, total: int, _told: object = None, /) -> int:
         asked.append(total)
         raise Unavailable("away", reason=Unavailable.NOT_SHARD_OWNER)
 
@@ -2188,3 +2217,91 @@ def test_a_home_that_did_not_answer_is_asked_again_after_a_pause(
         a.store.resend_returns()
 
     assert len(asked) == 1  # then left alone for REPAY_HOME_RETRY_S
+
+
+# -- loans never received ---------------------------------------------------------------------
+
+
+def _answer_lost(world: World) -> shards.Borrow:
+    """The router's borrow, except that the lender's answer never comes back: the loan
+    is granted (and recorded) at the home shard, and the borrower hears UNAVAILABLE."""
+
+    def borrow(pid: str, ccy: str, for_shard: int, need: int, epoch: int = 0, /) -> int:
+        world.borrow(pid, ccy, for_shard, need, epoch)
+        raise Unavailable("the Lend call timed out", reason="CAP_LENDER_UNAVAILABLE")
+
+    return borrow
+
+
+def test_a_loan_never_received_is_reclaimed_once_the_shard_has_a_new_owner(
+    world: World,
+) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2, p3 = ids_in(SHARD, 3)
+    a.approve(debit(p1, 500, payer=SMALL))  # borrows 500 of the 1,000 cap, received
+    a.store.borrow = _answer_lost(world)
+    with pytest.raises(Unavailable):
+        a.begin(debit(p2, 500, payer=SMALL))  # the other 500 lent, never received
+    home = home_shard(SMALL, CNY)
+    assert _amounts(world, home, KIND_CAP_GRANT) == [500, 500]
+    lender = world.lender.store._shards[home]
+    assert lender.lent[(SMALL, CNY)] == SMALL_CAP  # the whole cap is out
+
+    b = world.node("node-b")
+    a.store.lose(SHARD)
+    b.take(SHARD, 20)
+    with pytest.raises(InsufficientLiquidity):  # not yet told: no headroom anywhere
+        b.begin(debit(p3, 500, payer=SMALL))
+    assert b.store.resend_returns() == 1  # tells the home shard what it received before 20
+
+    reclaimed = world.transfers(home, KIND_CAP_RECLAIMED)
+    assert reclaimed == [CapTransfer(SMALL, CNY, SHARD, 500, START_US, 20)]
+    assert lender.lent[(SMALL, CNY)] == 500
+    assert b.store.resend_returns() == 0  # told once: nothing due any more
+    _, won = b.begin(debit(p3, 500, payer=SMALL))  # the reclaimed headroom, lent again
+    assert won
+    # Told again (a retry, or the next repayment): nothing is taken twice.
+    again = ReceivedBefore(20, 500)
+    assert world.repay(SMALL, CNY, SHARD, 0, again) == 0
+    assert len(world.transfers(home, KIND_CAP_RECLAIMED)) == 1
+    # A new owner of the home shard rebuilds the same loans from its chain.
+    c = world.node("lender-2", own_lender=True)
+    world.lender.store.lose(home)
+    assert c.take(home, 2)
+    assert c.store._shards[home].lent[(SMALL, CNY)] == lender.lent[(SMALL, CNY)]
+    assert c.store._shards[home].reclaimed[(SMALL, CNY, SHARD)] == 500
+
+
+def test_a_loan_to_the_owner_that_tells_is_never_reclaimed(world: World) -> None:
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    p1, p2 = ids_in(SHARD, 2)
+    a.approve(debit(p1, 500, payer=SMALL))
+    home = home_shard(SMALL, CNY)
+    lender = world.lender.store._shards[home]
+
+    # Lent at the teller's own epoch (its receipt may be on its way): not final.
+    assert world.repay(SMALL, CNY, SHARD, 0, ReceivedBefore(10, 0)) == 0
+    # An older owner's word, told late: loans at epochs before 5 were none.
+    assert world.repay(SMALL, CNY, SHARD, 0, ReceivedBefore(5, 0)) == 0
+
+    assert world.transfers(home, KIND_CAP_RECLAIMED) == []
+    assert lender.lent[(SMALL, CNY)] == 500
+    with pytest.raises(FailedPrecondition) as err:  # more received than was ever lent
+        world.repay(SMALL, CNY, SHARD, 0, ReceivedBefore(11, 501))
+    assert err.value.reason == "CAP_RECEIPTS_EXCEED_LOANS"
+    assert lender.lent[(SMALL, CNY)] == 500
+    _, won = a.begin(debit(p2, 500, payer=SMALL))
+    assert won
+
+
+def test_loans_recorded_without_an_epoch_are_never_reclaimed(world: World) -> None:
+    home = home_shard(SMALL, CNY)
+    world.lender.store.lend(SMALL, CNY, SHARD, 300)  # as before epochs were recorded
+    assert world.transfers(home, KIND_CAP_GRANT)[0].epoch == 0
+
+    assert world.repay(SMALL, CNY, SHARD, 0, ReceivedBefore(20, 0)) == 0
+
+    assert world.transfers(home, KIND_CAP_RECLAIMED) == []
+    assert world.lender.store._shards[home].lent[(SMALL, CNY)] == 300

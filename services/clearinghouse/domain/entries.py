@@ -13,8 +13,10 @@ to rebuild a shard, and everything an auditor needs to check it, is in their bod
   part of the participant's net debit cap to a shard; ``CAP_RECEIVE`` (in that shard) -
   the shard took the loan into its allowance. ``CAP_RETURN`` (in a shard, after a
   settlement) - the shard gave headroom it no longer needs out of its allowance;
-  ``CAP_REPAID`` (in the home shard, after that) - the home shard took it back. Their
-  ``payment_key`` is ``cap:<participant>/<currency>``.
+  ``CAP_REPAID`` (in the home shard, after that) - the home shard took it back.
+  ``CAP_RECLAIMED`` (in the home shard) - it took back loans lent to a shard at epochs
+  that shard has since left, whose receipts were never written. Their ``payment_key``
+  is ``cap:<participant>/<currency>``.
 * ``WINDOW_CUT`` - the end of a settlement window in this shard: every entry of the
   shard after the previous cut and before this one belongs to the window. Its
   ``payment_key`` is ``window:<window_id>``.
@@ -25,9 +27,12 @@ i64(received_at_us) lp(switch_ref) [lp(signing_key_id) lp(signature)];
 DECISION = lp(state) i64(at_us) lp(zone) lp(detail) lp(bank_ref) i64(reversal_owed 0|1)
 i64(n) then n x [lp(participant) lp(currency) i64(debit) i64(credit) lp(leg)];
 REVERSAL_CONFIRMED = i64(at_us) lp(zone);
-CAP_GRANT, CAP_RECEIVE, CAP_RETURN and CAP_REPAID = lp(participant) lp(currency)
-i64(other shard) i64(amount) i64(at_us), where the other shard is the borrower for a
-grant or a repayment and the lender for a receipt or a return;
+CAP_GRANT, CAP_RECEIVE, CAP_RETURN, CAP_REPAID and CAP_RECLAIMED = lp(participant)
+lp(currency) i64(other shard) i64(amount) i64(at_us) [i64(epoch)], where the other shard
+is the borrower for a grant, a repayment or a reclaim and the lender for a receipt or a
+return; the bracketed epoch is the borrower's epoch in a grant (absent in grants
+written before it was recorded) and the epoch below which loans were reconciled in a
+reclaim, absent otherwise;
 WINDOW_CUT = i64(window_id) i64(at_us).
 
 The INTENT's bracketed tail is the institution's signature of the order
@@ -55,6 +60,7 @@ KIND_CAP_GRANT: Final = "CAP_GRANT"
 KIND_CAP_RECEIVE: Final = "CAP_RECEIVE"
 KIND_CAP_RETURN: Final = "CAP_RETURN"
 KIND_CAP_REPAID: Final = "CAP_REPAID"
+KIND_CAP_RECLAIMED: Final = "CAP_RECLAIMED"
 KIND_WINDOW_CUT: Final = "WINDOW_CUT"
 POSTINGS_MAX: Final = 16
 
@@ -72,7 +78,7 @@ def _enum(cls: type[E], value: str) -> E:
 
 KINDS: Final = (
     KIND_INTENT, KIND_DECISION, KIND_REVERSAL_CONFIRMED, KIND_CAP_GRANT, KIND_CAP_RECEIVE,
-    KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_WINDOW_CUT,
+    KIND_CAP_RETURN, KIND_CAP_REPAID, KIND_CAP_RECLAIMED, KIND_WINDOW_CUT,
 )  # fmt: skip
 
 
@@ -181,23 +187,33 @@ class CapTransfer:
     other_shard: int
     amount_minor: int
     at_us: int
+    # A grant's borrower epoch, a reclaim's epoch bound; 0 (not written) otherwise.
+    epoch: int = 0
 
     def encode(self) -> bytes:
         invariant(
             self.amount_minor > 0,
             f"a cap transfer moves a positive amount, not {self.amount_minor}",
         )
-        return b"".join((
+        invariant(self.epoch >= 0, f"a cap transfer's epoch is not negative: {self.epoch}")
+        parts = [
             _codec.text(self.participant_id), _codec.text(self.currency),
             _codec.i64(self.other_shard), _codec.i64(self.amount_minor), _codec.i64(self.at_us),
-        ))  # fmt: skip
+        ]  # fmt: skip
+        if self.epoch:
+            parts.append(_codec.i64(self.epoch))
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, body: bytes) -> CapTransfer:
         r = _codec.Reader(body)
-        out = cls(r.text(), r.text(), r.i64(), r.i64(), r.i64())
+        head = (r.text(), r.text(), r.i64(), r.i64(), r.i64())
+        written = r.pos < len(body)  # absent in grants written before epochs were
+        epoch = r.i64() if written else 0
         r.done()
-        return out
+        # One encoding per transfer: an epoch is written only when it is positive.
+        invariant(epoch > 0 or not written, f"a cap transfer's epoch is positive, not {epoch}")
+        return cls(*head, epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +249,7 @@ __all__ = [
     "KINDS",
     "KIND_CAP_GRANT",
     "KIND_CAP_RECEIVE",
+    "KIND_CAP_RECLAIMED",
     "KIND_CAP_REPAID",
     "KIND_CAP_RETURN",
     "KIND_DECISION",

@@ -41,7 +41,7 @@ from clearinghouse.security import pki
 from clearinghouse.switch import convert
 from clearinghouse.switch.processor import PaymentProcessor
 from clearinghouse.switch.records import shard_of
-from clearinghouse.switch.shards import ShardedStore, home_shard
+from clearinghouse.switch.shards import ReceivedBefore, ShardedStore, home_shard
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,26 @@ class LocalOwner:
         assert isinstance(store, ShardedStore)
         return store
 
-    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
-        return self._shards().lend(participant_id, currency, for_shard, need_minor)
+    def lend(
+        self,
+        participant_id: str,
+        currency: str,
+        for_shard: int,
+        need_minor: int,
+        for_epoch: int = 0,
+    ) -> int:
+        return self._shards().lend(participant_id, currency, for_shard, need_minor, for_epoch)
 
     def repay(
-        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+        self,
+        participant_id: str,
+        currency: str,
+        from_shard: int,
+        returned_total_minor: int,
+        received: ReceivedBefore | None = None,
     ) -> int:
-        return self._shards().repay(participant_id, currency, from_shard, returned_total_minor)
+        return self._shards().repay(participant_id, currency, from_shard, returned_total_minor,
+                                    received)  # fmt: skip
 
     def get(self, refs: Sequence[tuple[str, str]]) -> list[Any]:
         out = []
@@ -362,11 +375,19 @@ class Router:
 
     # -- cap headroom -------------------------------------------------------------------
 
-    def borrow(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
+    def borrow(
+        self,
+        participant_id: str,
+        currency: str,
+        for_shard: int,
+        need_minor: int,
+        for_epoch: int = 0,
+        /,
+    ) -> int:
         """Cap headroom from the owner of the participant's home shard (see shards.py)."""
         request = shard_pb2.LendRequest(
             participant_id=participant_id, currency=currency, for_shard=for_shard,
-            need_minor=need_minor,
+            need_minor=need_minor, for_epoch=for_epoch,
         )  # fmt: skip
 
         def refused(reason: str) -> ClearingError:
@@ -377,20 +398,30 @@ class Router:
 
         return self._at_home(
             request, "lend", self.clock() + OWNER_WAIT_S, refused,
-            local=lambda: self.local.lend(participant_id, currency, for_shard, need_minor),
+            local=lambda: self.local.lend(participant_id, currency, for_shard, need_minor,
+                                          for_epoch),
             remote=lambda stub, _left_s: int(
                 stub.Lend(request, timeout=LEND_DEADLINE_S).granted_minor
             ),
         )  # fmt: skip
 
     def repay(
-        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+        self,
+        participant_id: str,
+        currency: str,
+        from_shard: int,
+        returned_total_minor: int,
+        received: ReceivedBefore | None = None,
+        /,
     ) -> int:
-        """Give headroom back to the owner of the participant's home shard; the total it
-        has taken back from ``from_shard`` (see shards.py, ``give_back``)."""
+        """Give headroom back to the owner of the participant's home shard, and tell it
+        the loans received at earlier epochs; the total it has taken back from
+        ``from_shard`` (see shards.py, ``give_back`` and ``repay``)."""
         request = shard_pb2.RepayRequest(
             participant_id=participant_id, currency=currency, from_shard=from_shard,
             returned_total_minor=returned_total_minor,
+            borrower_epoch=received.epoch if received is not None else 0,
+            received_before_epoch_minor=received.amount_minor if received is not None else 0,
         )  # fmt: skip
 
         def refused(reason: str) -> ClearingError:
@@ -403,7 +434,7 @@ class Router:
         return self._at_home(
             request, "take headroom back", self.clock() + REPAY_WAIT_S, refused,
             local=lambda: self.local.repay(
-                participant_id, currency, from_shard, returned_total_minor
+                participant_id, currency, from_shard, returned_total_minor, received
             ),
             remote=lambda stub, left_s: int(
                 stub.Repay(request, timeout=left_s).repaid_total_minor

@@ -65,7 +65,7 @@ from clearinghouse.switch.servicers import (
     SettlementServicer,
     ShardServicer,
 )
-from clearinghouse.switch.shards import ShardedStore
+from clearinghouse.switch.shards import ReceivedBefore, ShardedStore
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,18 @@ def build(cfg: NodeConfig) -> Node:
     stopping = threading.Event()
     takeover_pool = ThreadPoolExecutor(cfg.takeover_workers, thread_name_prefix="takeover")
     resolver_pool = ThreadPoolExecutor(cfg.resolver_workers, thread_name_prefix="resolve")
+
     # The store asks the agent (defined below, started by Node.start) whether it still
-    # owns a shard at an epoch, and gives a shard back through it.
+    # owns a shard at an epoch, and gives a shard back through it; it borrows and repays
+    # cap headroom through the router (also bound later).
+    def borrow(pid: str, ccy: str, for_shard: int, need: int, for_epoch: int = 0, /) -> int:
+        return router.borrow(pid, ccy, for_shard, need, for_epoch)
+
+    def repay(
+        pid: str, ccy: str, from_shard: int, total: int, received: ReceivedBefore | None = None, /
+    ) -> int:
+        return router.repay(pid, ccy, from_shard, total, received)
+
     store = ShardedStore(
         node_id=cfg.node_id,
         zone=cfg.zone,
@@ -237,8 +247,8 @@ def build(cfg: NodeConfig) -> Node:
         unconfirmed=lambda shard, epoch: agent.unconfirmed(shard, epoch),  # noqa: PLW0108
         relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)
         clock=wall_clock_us,
-        borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (router is bound later)
-        repay=lambda *args: router.repay(*args),  # noqa: PLW0108 (router is bound later)
+        borrow=borrow,
+        repay=repay,
         full_reader=CassandraLedger(session, consistency_level("ALL")),
     )
 

@@ -64,6 +64,7 @@ from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.processor import Registry, wall_clock_us
 from clearinghouse.switch.records import SHARD_COUNT
 from clearinghouse.switch.routing import FORWARD_DEADLINE_S, LocalOwner, Router
+from clearinghouse.switch.shards import ReceivedBefore
 
 log = logging.getLogger(__name__)
 
@@ -290,20 +291,41 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 raise InvalidArgument([FieldViolation("need_minor", "must be positive")])
             if not 0 <= request.for_shard < SHARD_COUNT:
                 raise InvalidArgument([FieldViolation("for_shard", f"in 0..{SHARD_COUNT - 1}")])
+            if request.for_epoch < 0:
+                raise InvalidArgument([FieldViolation("for_epoch", "must not be negative")])
             granted = self.local.lend(
-                request.participant_id, request.currency, request.for_shard, request.need_minor
+                request.participant_id,
+                request.currency,
+                request.for_shard,
+                request.need_minor,
+                request.for_epoch,
             )
             return shard_pb2.LendResponse(granted_minor=granted)
 
     def Repay(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
-            if request.returned_total_minor <= 0:
-                raise InvalidArgument([FieldViolation("returned_total_minor", "must be positive")])
+            violations = []
+            if request.borrower_epoch < 0:
+                violations.append(FieldViolation("borrower_epoch", "must not be negative"))
+            if request.received_before_epoch_minor < 0:
+                violations.append(
+                    FieldViolation("received_before_epoch_minor", "must not be negative")
+                )
+            if request.returned_total_minor < 0 or (
+                request.returned_total_minor == 0 and request.borrower_epoch <= 0
+            ):
+                violations.append(FieldViolation(
+                    "returned_total_minor", "must be positive (or 0 with borrower_epoch set)"
+                ))  # fmt: skip
             if not 0 <= request.from_shard < SHARD_COUNT:
-                raise InvalidArgument([FieldViolation("from_shard", f"in 0..{SHARD_COUNT - 1}")])
+                violations.append(FieldViolation("from_shard", f"in 0..{SHARD_COUNT - 1}"))
+            if violations:
+                raise InvalidArgument(violations)
             repaid = self.local.repay(
                 request.participant_id, request.currency, request.from_shard,
                 request.returned_total_minor,
+                ReceivedBefore(request.borrower_epoch, request.received_before_epoch_minor)
+                if request.borrower_epoch > 0 else None,
             )  # fmt: skip
             return shard_pb2.RepayResponse(repaid_total_minor=repaid)
 

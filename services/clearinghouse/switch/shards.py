@@ -25,7 +25,13 @@ in their chains (``CAP_GRANT``, ``CAP_RECEIVE``) before the payment's intent, so
 owner rebuilds allowances and loans with everything else. Allowances sum to at most the
 loans, and the loans to at most the cap: the participant's position never exceeds it,
 whatever the concurrency and whichever nodes own the shards. A loan whose receipt was
-never recorded (a crash in between) is headroom lost, never headroom gained.
+never recorded (the borrower lost the shard, or the lender's answer, in between) is
+headroom lost, never headroom gained, until it is *reclaimed*: a loan records the
+borrower's epoch, and once the shard has a later owner no receipt of it can be written
+any more (the fence is above that epoch). That owner tells the home shard what its
+chain received at earlier epochs (``Repay`` with ``borrower_epoch``, after its takeover
+and with every repayment), and the home shard takes back, as ``CAP_RECLAIMED``, what it
+lent at those epochs beyond that.
 
 **Settlement.** The position a cap bounds is what is not settled yet: amounts in flight
 and the approved payments of every window not SETTLED (the open one included), where a
@@ -53,7 +59,7 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from clearinghouse import telemetry
 from clearinghouse._invariant import InvariantViolation, invariant
@@ -81,6 +87,7 @@ from clearinghouse.domain.chain import (
 from clearinghouse.domain.entries import (
     KIND_CAP_GRANT,
     KIND_CAP_RECEIVE,
+    KIND_CAP_RECLAIMED,
     KIND_CAP_REPAID,
     KIND_CAP_RETURN,
     KIND_DECISION,
@@ -198,12 +205,39 @@ class _BatchBorrows:
 LEND_SPARE_DIVISOR = 8 * SHARD_COUNT
 BORROW_ROUNDS_MAX = 3
 
-# (participant_id, currency, for_shard, need_minor) -> granted_minor; raises
-# InsufficientLiquidity when the cap cannot cover it, Unavailable when the lender is away.
-Borrow = Callable[[str, str, int, int], int]
-# (participant_id, currency, from_shard, returned_total_minor) -> repaid_total_minor:
-# headroom a shard gives back to the home shard's owner (idempotent on the total).
-Repay = Callable[[str, str, int, int], int]
+
+class Borrow(Protocol):
+    """(participant_id, currency, for_shard, need_minor, for_epoch) -> granted_minor;
+    raises InsufficientLiquidity when the cap cannot cover it, Unavailable when the
+    lender is away. ``for_epoch``: the epoch of ``for_shard``'s owner that asks."""
+
+    def __call__(
+        self, participant_id: str, currency: str, for_shard: int, need_minor: int,
+        for_epoch: int = 0, /,
+    ) -> int: ...  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedBefore:
+    """What a shard's chain received of a cap (its CAP_RECEIVE entries) at epochs below
+    ``epoch``, the epoch of the owner that tells: every loan to those epochs is final."""
+
+    epoch: int
+    amount_minor: int
+
+
+class Repay(Protocol):
+    """(participant_id, currency, from_shard, returned_total_minor, received) ->
+    repaid_total_minor: headroom a shard gives back to the home shard's owner
+    (idempotent on the total), and what it received at earlier epochs (None: not told),
+    so that loans it never received are reclaimed (idempotent too)."""
+
+    def __call__(
+        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int,
+        received: ReceivedBefore | None = None, /,
+    ) -> int: ...  # fmt: skip
+
+
 # Repayments one call of resend_returns sends at most (a new owner sends each of its
 # shards' returns once: it cannot know which reached the home shard).
 REPAY_RESENDS_PER_STEP_MAX = 64
@@ -302,6 +336,16 @@ class _Shard:
         # In a home shard: per (participant, currency, shard), all it ever lent that shard
         # (a shard can give back no more than that).
         self.granted_to: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        # ... the same by the borrower's epoch (0: loans recorded before epochs were),
+        # and the total taken back of loans whose receipts were never written.
+        self.granted_by_epoch: defaultdict[tuple[str, str, int], defaultdict[int, int]] = (
+            defaultdict(lambda: defaultdict(int))
+        )
+        self.reclaimed: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        # In any shard: the loans its chain received at epochs below its owner's, and the
+        # caps whose home shard has not been told them since this owner took it over.
+        self.received_before: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.reconcile_due: set[tuple[str, str]] = set()
         self.chain: ChainBuilder | None = None
         self.serving = threading.Event()
         self.dropped = False
@@ -327,6 +371,10 @@ class _Shard:
         self.return_acked.clear()
         self.repaid.clear()
         self.granted_to.clear()
+        self.granted_by_epoch.clear()
+        self.reclaimed.clear()
+        self.received_before.clear()
+        self.reconcile_due.clear()
         self.chain = None
         self.last_cut = 0
         self.cuts.clear()
@@ -752,11 +800,16 @@ class ShardedStore:
             st.settle(e.payment_key)
         elif e.kind == KIND_CAP_GRANT:
             t = CapTransfer.decode(e.body)
+            to = (t.participant_id, t.currency, t.other_shard)
             st.lent[(t.participant_id, t.currency)] += t.amount_minor
-            st.granted_to[(t.participant_id, t.currency, t.other_shard)] += t.amount_minor
+            st.granted_to[to] += t.amount_minor
+            st.granted_by_epoch[to][t.epoch] += t.amount_minor
         elif e.kind == KIND_CAP_RECEIVE:
             t = CapTransfer.decode(e.body)
             st.allowance[(t.participant_id, t.currency)] += t.amount_minor
+            if e.epoch < st.epoch:  # an earlier owner's: the home shard is told (reconcile)
+                st.received_before[(t.participant_id, t.currency)] += t.amount_minor
+                st.reconcile_due.add((t.participant_id, t.currency))
         elif e.kind == KIND_CAP_RETURN:
             t = CapTransfer.decode(e.body)
             st.allowance[(t.participant_id, t.currency)] -= t.amount_minor
@@ -765,6 +818,10 @@ class ShardedStore:
             t = CapTransfer.decode(e.body)
             st.lent[(t.participant_id, t.currency)] -= t.amount_minor
             st.repaid[(t.participant_id, t.currency, t.other_shard)] += t.amount_minor
+        elif e.kind == KIND_CAP_RECLAIMED:
+            t = CapTransfer.decode(e.body)
+            st.lent[(t.participant_id, t.currency)] -= t.amount_minor
+            st.reclaimed[(t.participant_id, t.currency, t.other_shard)] += t.amount_minor
         elif e.kind == KIND_WINDOW_CUT:
             cut = WindowCut.decode(e.body)
             invariant(cut.window_id == st.last_cut + 1, f"shard {st.shard}: cut out of order")
@@ -902,7 +959,8 @@ class ShardedStore:
             if borrows is not None:
                 borrows.check(payer, self.clock())
             try:
-                granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall)
+                granted = self.borrow(o.payer_id, o.amount.currency, st.shard, shortfall,
+                                      st.epoch)  # fmt: skip
             except Unavailable as e:
                 if borrows is not None:
                     borrows.failed[payer] = e
@@ -934,8 +992,16 @@ class ShardedStore:
             p.record = replace(p.record, ledger_seq=entry.seq)
             return p.record, True
 
-    def lend(self, participant_id: str, currency: str, for_shard: int, need_minor: int) -> int:
-        """As the owner of the participant's home shard: lend cap headroom to a shard."""
+    def lend(
+        self,
+        participant_id: str,
+        currency: str,
+        for_shard: int,
+        need_minor: int,
+        for_epoch: int = 0,
+    ) -> int:
+        """As the owner of the participant's home shard: lend cap headroom to a shard
+        (``for_epoch``: the epoch of its owner that asks, recorded with the loan)."""
         st = self._serving(home_shard(participant_id, currency))
         key = (participant_id, currency)
         participant = self._participants().get(participant_id)
@@ -945,27 +1011,36 @@ class ShardedStore:
             if need_minor > available:
                 raise _cap_exceeded(participant_id, currency, f"{max(available, 0)} left")
             granted = loan_minor(available, need_minor)
-            grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock())
+            grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock(),
+                                max(for_epoch, 0))  # fmt: skip
             pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode())
             st.lent[key] += granted
             st.granted_to[(*key, for_shard)] += granted
+            st.granted_by_epoch[(*key, for_shard)][grant.epoch] += granted
         self._await(pending)
         return granted
 
     def repay(
-        self, participant_id: str, currency: str, from_shard: int, returned_total_minor: int
+        self,
+        participant_id: str,
+        currency: str,
+        from_shard: int,
+        returned_total_minor: int,
+        received: ReceivedBefore | None = None,
     ) -> int:
         """As the owner of the participant's home shard: take back headroom that
         ``from_shard`` gave back (``returned_total_minor``: all it ever gave back of this
-        cap, so a retry takes nothing twice). Returns the total taken back from it."""
+        cap, so a retry takes nothing twice), and reclaim what was lent to it at epochs
+        below ``received.epoch`` beyond ``received.amount_minor`` (what its chain
+        received at those epochs: the rest never reached it, and no receipt of it can be
+        written any more). Returns the total taken back from it by repayments."""
         st = self._serving(home_shard(participant_id, currency), REPAY_SERVING_WAIT_S)
         key = (participant_id, currency)
+        to = (*key, from_shard)
+        pendings: list[_Pending] = []
         with st.lock:
-            took = st.repaid[(*key, from_shard)]
-            more = returned_total_minor - took
-            if more <= 0:
-                return took
-            lent_to = st.granted_to[(*key, from_shard)]
+            took = st.repaid[to]
+            lent_to = st.granted_to[to]
             if returned_total_minor > lent_to:
                 # A shard gives back only what its loans gave it: this is no return.
                 raise FailedPrecondition(
@@ -973,12 +1048,45 @@ class ShardedStore:
                     f"{returned_total_minor} in all, more than the {lent_to} lent to it",
                     reason="CAP_RETURN_EXCEEDS_LOANS",
                 )
-            body = CapTransfer(participant_id, currency, from_shard, more, self.clock()).encode()
-            pending = self._enqueue(st, KIND_CAP_REPAID, cap_key(*key), body)
-            st.lent[key] -= more
-            st.repaid[(*key, from_shard)] = returned_total_minor
-        self._await(pending)
-        return returned_total_minor
+            lost = self._lost_loans(st, to, received) if received is not None else 0
+            bound = received.epoch if received is not None else 0
+            more = returned_total_minor - took
+            if more > 0:
+                body = CapTransfer(*key, from_shard, more, self.clock()).encode()
+                pendings.append(self._enqueue(st, KIND_CAP_REPAID, cap_key(*key), body))
+                st.lent[key] -= more
+                st.repaid[to] = took = returned_total_minor
+            if lost > 0:
+                body = CapTransfer(*key, from_shard, lost, self.clock(), bound).encode()
+                pendings.append(self._enqueue(st, KIND_CAP_RECLAIMED, cap_key(*key), body))
+                st.lent[key] -= lost
+                st.reclaimed[to] += lost
+                log.info("shard %d: %d %s of %s's cap lent to shard %d before its epoch %d was "
+                         "never received there: reclaimed", st.shard, lost, currency,
+                         participant_id, from_shard, bound)  # fmt: skip
+            invariant(st.lent[key] >= 0, f"{participant_id} {currency}: lent below zero")
+        for pending in pendings:
+            self._await(pending)
+        return took
+
+    @staticmethod
+    def _lost_loans(st: _Shard, to: tuple[str, str, int], received: ReceivedBefore) -> int:
+        """What is still to reclaim of the loans to ``to`` at epochs below
+        ``received.epoch`` that its shard's chain never received. Nothing while loans
+        recorded without an epoch remain (which epoch took them is not known)."""
+        borrower_epoch, received_before = received.epoch, received.amount_minor
+        by_epoch = st.granted_by_epoch.get(to)
+        if borrower_epoch <= 0 or by_epoch is None or by_epoch.get(0, 0) > 0:
+            return 0
+        lent_before = sum(n for epoch, n in by_epoch.items() if epoch < borrower_epoch)
+        if received_before > lent_before:
+            # Receipts are written only for loans this shard recorded: not a borrower's.
+            raise FailedPrecondition(
+                f"{to[0]} {to[1]}: shard {to[2]} says it received {received_before} before "
+                f"its epoch {borrower_epoch}, more than the {lent_before} lent to it then",
+                reason="CAP_RECEIPTS_EXCEED_LOANS",
+            )
+        return lent_before - received_before - st.reclaimed[to]
 
     def give_back(self) -> int:
         """Give every shard's unused headroom back to its home shards: what a shard's
@@ -1032,12 +1140,15 @@ class ShardedStore:
         never takes back what the shard may still use."""
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
-        by_home: defaultdict[int, list[tuple[_Shard, tuple[str, str], int]]] = defaultdict(list)
+        by_home: defaultdict[int, list[tuple[_Shard, tuple[str, str], int, ReceivedBefore]]] = (
+            defaultdict(list)
+        )
         for st in shards:
             with st.lock:
-                for key, total in st.returned.items():
-                    if st.return_acked.get(key, 0) < total:
-                        by_home[home_shard(*key)].append((st, key, total))
+                keys = {k for k, total in st.returned.items() if st.return_acked.get(k, 0) < total}
+                for key in sorted(keys | st.reconcile_due):
+                    told = ReceivedBefore(st.epoch, st.received_before[key])
+                    by_home[home_shard(*key)].append((st, key, st.returned[key], told))
         # Home by home, each call starting after the home the last one ended at; a home
         # that failed is not asked again for REPAY_HOME_RETRY_S. So homes that do not
         # answer (out of service, their node away) hold up neither the caller nor the
@@ -1053,16 +1164,17 @@ class ShardedStore:
             self._resend_after_home = home
             if self._home_retry_at.get(home, 0.0) > now:
                 continue
-            for st, key, total in by_home[home][: limit - calls]:
+            for st, key, total, received in by_home[home][: limit - calls]:
                 calls += 1
                 try:
-                    repaid = self.repay_to_home(*key, st.shard, total)
+                    repaid = self.repay_to_home(*key, st.shard, total, received)
                 except ClearingError as e:
                     failed[home] = e
                     self._home_retry_at[home] = time.monotonic() + REPAY_HOME_RETRY_S
                     break
                 with st.lock:
                     st.return_acked[key] = max(st.return_acked.get(key, 0), repaid)
+                    st.reconcile_due.discard(key)
                 confirmed += 1
         self._log_repay_failures(failed)
         return confirmed
@@ -1080,8 +1192,9 @@ class ShardedStore:
         first = min(failed)
         log.log(
             logging.WARNING if now - since >= REPAY_WARN_AFTER_S else logging.INFO,
-            "headroom given back is not taken back yet by %d home shards (for %.0f s; each "
-            "asked again %.0f s after it failed), e.g. shard %d: %s",
+            "headroom given back (or loans received at earlier epochs, told after a "
+            "takeover) not taken back yet by %d home shards (for %.0f s; each asked again "
+            "%.0f s after it failed), e.g. shard %d: %s",
             len(failed), now - since, REPAY_HOME_RETRY_S, first, failed[first],
         )  # fmt: skip
 
@@ -1666,6 +1779,8 @@ __all__ = [
     "COMMIT_ENTRIES_MAX",
     "Borrow",
     "Committer",
+    "ReceivedBefore",
+    "Repay",
     "ShardedStore",
     "home_shard",
     "loan_minor",
