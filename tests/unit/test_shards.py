@@ -2305,3 +2305,28 @@ def test_loans_recorded_without_an_epoch_are_never_reclaimed(world: World) -> No
 
     assert world.transfers(home, KIND_CAP_RECLAIMED) == []
     assert world.lender.store._shards[home].lent[(SMALL, CNY)] == 300
+
+
+def test_a_home_shard_whose_registry_lacks_the_payer_asks_for_a_retry_and_records_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Registered a moment ago: the node that took the order knows it, the home shard's
+    # owner not yet. Its cap is not 0: the answer is UNAVAILABLE, never "cap exceeded".
+    home = home_shard(SMALL, CNY)
+    before = len(world.chain(home))
+    behind = {pid: p for pid, p in PARTICIPANTS.items() if pid != SMALL}
+    monkeypatch.setattr(world.lender.store, "_participants", lambda: behind)
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+    (pid,) = ids_in(SHARD, 1)
+
+    with pytest.raises(Unavailable) as err:
+        a.begin(debit(pid, 100, payer=SMALL))
+
+    assert err.value.reason == "OWNER_REGISTRY_BEHIND"
+    assert err.value.retry_after_ms == 2000
+    assert len(world.chain(home)) == before
+    assert [e.kind for e in world.chain()] == []
+    monkeypatch.setattr(world.lender.store, "_participants", lambda: PARTICIPANTS)
+    _, won = a.begin(debit(pid, 100, payer=SMALL))  # caught up: the retry is lent
+    assert won

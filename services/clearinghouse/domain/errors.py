@@ -133,6 +133,11 @@ class UnknownParticipant(FailedPrecondition):
     resending the order as it is, is what helps)."""
 
     default_reason = "PARTICIPANT_NOT_FOUND"
+    # Every node learns of a new participant at its next registry refresh (2 s).
+    JUST_REGISTERED = (
+        "; one registered in the last few seconds is not known to every node yet: "
+        "send the order again (same id) 2 s after registering"
+    )
 
 
 class PermissionDenied(ClearingError):

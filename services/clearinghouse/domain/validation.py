@@ -244,7 +244,10 @@ def _lookup(
 ) -> Participant:
     participant = participants.get(participant_id)
     if participant is None:
-        raise UnknownParticipant(f"{field}: participant {participant_id!r} does not exist")
+        raise UnknownParticipant(
+            f"{field}: participant {participant_id!r} does not exist"
+            + UnknownParticipant.JUST_REGISTERED
+        )
     invariant(
         participant.participant_id == participant_id,
         f"registry key {participant_id!r} holds participant {participant.participant_id!r}",

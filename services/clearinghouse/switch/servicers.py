@@ -212,6 +212,7 @@ def admit_order(
         if institution is None:
             raise UnknownParticipant(
                 f"{path}.institution_id: participant {order.institution_id!r} does not exist"
+                + UnknownParticipant.JUST_REGISTERED
             )
         verify_signed_order(order, institution.signing_key_map())
     except ClearingError as e:

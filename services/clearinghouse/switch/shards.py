@@ -103,6 +103,7 @@ from clearinghouse.domain.entries import (
     window_key,
 )
 from clearinghouse.ownership.node import LEASE_TTL_S, RPC_TIMEOUT_S, Timing
+from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.indexer import (
     REINDEX_CHUNK_ROWS,
     Indexer,
@@ -1005,7 +1006,17 @@ class ShardedStore:
         st = self._serving(home_shard(participant_id, currency))
         key = (participant_id, currency)
         participant = self._participants().get(participant_id)
-        cap = participant.net_debit_cap(currency) if participant is not None else 0
+        if participant is None:
+            # The order was checked against the registry of the node that took it: this
+            # node's has not caught up yet (a participant registered in the last 2 s).
+            # Its cap is not known to be 0: nothing is recorded, and a retry will lend.
+            raise Unavailable(
+                f"the owner of {participant_id}'s cap in {currency} does not know it yet "
+                "(registry refreshed every 2 s); nothing was recorded: retry with the same id",
+                retry_after_ms=int(REGISTRY_REFRESH_S * 1000),
+                reason="OWNER_REGISTRY_BEHIND",
+            )
+        cap = participant.net_debit_cap(currency)
         with st.lock:
             available = cap - st.lent[key]
             if need_minor > available:
