@@ -51,7 +51,7 @@ from clearinghouse.storage.windows import CassandraWindows, CutRow, WindowEvent,
 from clearinghouse.switch import heap
 from clearinghouse.switch.ports import LedgerStore
 from clearinghouse.switch.records import SHARD_COUNT
-from clearinghouse.switch.shards import ShardedStore
+from clearinghouse.switch.shards import CAP_IDLE_CHECK_S, CAP_IDLE_GIVE_BACK_S, ShardedStore
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class WindowKeeper:
         self._settled_read = False  # every SETTLED window read once, at the first step
         self._settled_scan_at_us = 0
         self._settled_scan_after = 0  # each scan goes on after the last window it asked
+        self._idle_check_at_us = clock() + int(CAP_IDLE_CHECK_S * 1e6)
 
     def run(self, stop: threading.Event) -> None:
         """Steps until ``stop``; the headroom shards give back after a settlement goes
@@ -279,12 +280,21 @@ class WindowKeeper:
 
     def return_headroom(self) -> None:
         """After a settlement, the shards served here give the headroom they no longer
-        need back to the home shards; returns not yet taken back are sent again."""
+        need back to the home shards; every :data:`CAP_IDLE_CHECK_S`, the headroom they
+        have not used for :data:`CAP_IDLE_GIVE_BACK_S`; returns not yet taken back are
+        sent again."""
+        now = self.clock()
         if self.store.give_back_due:
             returned = self.store.give_back()
             if returned:
                 log.info("headroom no longer needed given back to the participants' home "
                          "shards: %d returns", returned)  # fmt: skip
+        elif now >= self._idle_check_at_us:
+            self._idle_check_at_us = now + int(CAP_IDLE_CHECK_S * 1e6)
+            returned = self.store.give_back(idle_for_s=CAP_IDLE_GIVE_BACK_S)
+            if returned:
+                log.info("headroom unused for %.0f s given back to the participants' home "
+                         "shards: %d returns", CAP_IDLE_GIVE_BACK_S, returned)  # fmt: skip
         else:
             self.store.resend_returns()
 

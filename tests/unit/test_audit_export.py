@@ -592,6 +592,17 @@ def test_an_insider_rewrite_is_caught_with_the_keys_participants_published(
     )
     assert verify_export(honest, keys=published).ok
     assert main([str(honest), "--keys", str(published)]) == 0
+    # What was verified, in clearingctl's answer: the window, its size and its root.
+    args.folder = honest
+    capsys.readouterr()
+    assert audit_cli.run("audit", args, topology.load()) == 0
+    (said,) = json.loads(capsys.readouterr().out)
+    root = verify_export(honest, keys=published).merkle_root_hex
+    assert len(root) == 64  # whole, to give --expected-root next time
+    assert said == {"ok": True, "window": 2, "shards": said["shards"], "entries": said["entries"],
+                    "payments_decided": said["payments_decided"], "merkle_root": root,
+                    "problems": 0}  # fmt: skip
+    assert said["entries"] > 0 and said["payments_decided"] > 0
 
 
 def test_a_key_the_export_lists_but_no_participant_published_is_reported(

@@ -1136,7 +1136,7 @@ def test_begin_past_the_payers_cap_is_refused_and_writes_nothing(world: World) -
 
     assert isinstance(err.value, FailedPrecondition)
     assert err.value.reason == InsufficientLiquidity.NET_DEBIT_CAP_EXCEEDED
-    assert "0 left" in str(err.value)
+    assert "0 of the cap not lent to any ledger shard" in str(err.value)
     assert a.load(over) is None
     assert world.chain() == written
     assert world.transfers(home, KIND_CAP_GRANT) == grants
@@ -2330,3 +2330,33 @@ def test_a_home_shard_whose_registry_lacks_the_payer_asks_for_a_retry_and_record
     monkeypatch.setattr(world.lender.store, "_participants", lambda: PARTICIPANTS)
     _, won = a.begin(debit(pid, 100, payer=SMALL))  # caught up: the retry is lent
     assert won
+
+
+def test_headroom_a_shard_leaves_unused_goes_back_home_before_any_settlement(
+    world: World,
+) -> None:
+    # SMALL's cap is 1,000: 400 approved in one shard, 400 declined in another (whose
+    # loan stays there), then a shard that needs 400 more is refused at 400 exposure.
+    a = world.node("node-a")
+    used, idle, needy = SHARD, OTHER_SHARD, SPARE_SHARDS[0]
+    for s in (used, idle, needy):
+        a.take(s, 10)
+    a.approve(debit(ids_in(used, 1)[0], 400, payer=SMALL))
+    rec, _ = a.begin(debit(ids_in(idle, 1)[0], 400, payer=SMALL))
+    a.decide(rec, S.DECLINED)
+    (late,) = ids_in(needy, 1)
+    with pytest.raises(InsufficientLiquidity, match="unused for 10 s comes back"):
+        a.begin(debit(late, 400, payer=SMALL))
+
+    assert a.store.give_back(idle_for_s=shards.CAP_IDLE_GIVE_BACK_S) == 0  # used just now
+    world.clock.advance(shards.CAP_IDLE_GIVE_BACK_S)
+    a.approve(debit(ids_in(used, 2)[1], 1, payer=SMALL))  # ``used`` is busy again
+    assert a.store.give_back(idle_for_s=shards.CAP_IDLE_GIVE_BACK_S) == 1
+
+    home = home_shard(SMALL, CNY)
+    assert _amounts(world, idle, KIND_CAP_RETURN) == [400]  # the declined payment's loan
+    assert _amounts(world, home, KIND_CAP_REPAID) == [400]
+    assert _amounts(world, used, KIND_CAP_RETURN) == []  # in use: kept
+    _, won = a.begin(debit(late, 400, payer=SMALL))
+    assert won
+    assert a.store.exposure()[(SMALL, CNY)] <= SMALL_CAP

@@ -275,7 +275,11 @@ def run(
         report = verify_export(
             args.folder, args.previous, args.keys, expected_root=args.expected_root
         )
-        _emit([{"ok": report.ok, "problems": len(report.problems)}], args.format)
+        _emit([{
+            "ok": report.ok, "window": report.window_id, "shards": report.shard_count,
+            "entries": report.entry_count, "payments_decided": report.payments_decided,
+            "merkle_root": report.merkle_root_hex, "problems": len(report.problems),
+        }], args.format)  # fmt: skip
         for problem in report.problems:
             print(f"  {problem}", file=sys.stderr)
         return 0 if report.ok else 1

@@ -258,6 +258,11 @@ REPAY_HOME_RETRY_S = 5.0
 # A home shard being taken over is not waited for when headroom comes back: the shard
 # that gives it sends it again later.
 REPAY_SERVING_WAIT_S = 0.5
+# Headroom a shard has not used for a payer for this long is given back to the home
+# shard between settlements too (looked for every CAP_IDLE_CHECK_S), so that a loan a
+# declined payment left, or one a payer no longer uses here, can be lent elsewhere.
+CAP_IDLE_GIVE_BACK_S = 10.0
+CAP_IDLE_CHECK_S = 5.0
 
 
 def home_shard(participant_id: str, currency: str) -> int:
@@ -347,6 +352,10 @@ class _Shard:
         # caps whose home shard has not been told them since this owner took it over.
         self.received_before: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.reconcile_due: set[tuple[str, str]] = set()
+        # When each payer's headroom was last used here (memory only; a new owner counts
+        # from its takeover): unused for CAP_IDLE_GIVE_BACK_S, it is given back.
+        self.taken_at_us = 0
+        self.last_use_us: dict[tuple[str, str], int] = {}
         self.chain: ChainBuilder | None = None
         self.serving = threading.Event()
         self.dropped = False
@@ -572,6 +581,7 @@ class ShardedStore:
             if old is not None and old.epoch > epoch:
                 return None  # a newer ownership already replaced this one
             st = _Shard(shard, epoch)
+            st.taken_at_us = self.clock()
             self._shards[shard] = st
         if old is not None:
             self._drop(old)
@@ -948,6 +958,7 @@ class ShardedStore:
                     )
                     body = _intent_of(record).encode()
                     pending = self._enqueue(st, KIND_INTENT, record.key, body, rows)
+                    st.last_use_us[payer] = self.clock()
                     p = _Payment(record, busy=True, intent_body=body)
                     st.payments[record.key] = p
                     st.apply_intent(record)
@@ -1020,7 +1031,12 @@ class ShardedStore:
         with st.lock:
             available = cap - st.lent[key]
             if need_minor > available:
-                raise _cap_exceeded(participant_id, currency, f"{max(available, 0)} left")
+                raise _cap_exceeded(
+                    participant_id, currency,
+                    f"{max(available, 0)} of the cap not lent to any ledger shard; headroom "
+                    f"a shard leaves unused for {CAP_IDLE_GIVE_BACK_S:.0f} s comes back to be "
+                    "lent again, the rest at the next settlement",
+                )  # fmt: skip
             granted = loan_minor(available, need_minor)
             grant = CapTransfer(participant_id, currency, for_shard, granted, self.clock(),
                                 max(for_epoch, 0))  # fmt: skip
@@ -1099,20 +1115,27 @@ class ShardedStore:
             )
         return lent_before - received_before - st.reclaimed[to]
 
-    def give_back(self) -> int:
+    def give_back(self, idle_for_s: float | None = None) -> int:
         """Give every shard's unused headroom back to its home shards: what a shard's
         allowance holds beyond its exposure (in flight and not settled). Called after a
         settlement, so that the cap can be lent again wherever it is needed (and a cap
-        lowered since binds the headroom given back). Returns how many returns were
-        recorded; each is repaid to the home shard by :meth:`resend_returns`."""
+        lowered since binds the headroom given back); and, with ``idle_for_s``, every
+        :data:`CAP_IDLE_CHECK_S` for the payers whose headroom a shard has not used for
+        that long (a declined payment's loan, a payer that moved on to other shards),
+        which other shards may need before the next settlement. Returns how many returns
+        were recorded; each is repaid to the home shard by :meth:`resend_returns`."""
+        idle_only = idle_for_s is not None
+        idle_since_us = self.clock() - int((idle_for_s or 0.0) * 1e6)
         # Cleared before the shards are listed: a takeover that ends meanwhile and sets it
         # again (its shard not listed) keeps it set for the next call.
-        self.give_back_due = False
+        due_again = False
+        if not idle_only:
+            self.give_back_due = False
         with self._lock:
             shards = [st for st in self._shards.values() if _live(st)]
         pendings: list[tuple[_Shard, tuple[str, str], int, _Pending]] = []
         if self.committer.queued() > GIVE_BACK_QUEUE_ENTRIES_MAX:
-            self.give_back_due = True  # busy with payments: at the next step
+            due_again = True  # busy with payments: at the next step
             shards = []
         try:
             for st in shards:
@@ -1123,15 +1146,19 @@ class ShardedStore:
                         spare = allowance - st.exposure[key]  # exposure is never negative
                         if spare <= 0:
                             continue
+                        if idle_only and st.last_use_us.get(key, st.taken_at_us) > idle_since_us:
+                            continue
                         if len(pendings) >= GIVE_BACK_RETURNS_PER_STEP_MAX:
-                            self.give_back_due = True  # the rest at the next step
+                            due_again = True  # the rest at the next step
                             break
                         body = CapTransfer(*key, home_shard(*key), spare, self.clock()).encode()
                         pending = self._enqueue(st, KIND_CAP_RETURN, cap_key(*key), body)
                         st.allowance[key] -= spare  # given up before it is written: never used
                         pendings.append((st, key, spare, pending))
         except ResourceExhausted:
-            self.give_back_due = True  # the commit queue is full: the rest at the next step
+            due_again = True  # the commit queue is full: the rest at the next step
+        if due_again and not idle_only:  # idle headroom is looked for again anyway
+            self.give_back_due = True
         written = 0
         for st, key, spare, pending in pendings:
             try:
@@ -1787,6 +1814,8 @@ def _intent_record(
 
 
 __all__ = [
+    "CAP_IDLE_CHECK_S",
+    "CAP_IDLE_GIVE_BACK_S",
     "COMMIT_ENTRIES_MAX",
     "Borrow",
     "Committer",
