@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
 
     audit_cli.add_parsers(sub)
+    from clearinghouse import admin_cli  # noqa: PLC0415 (loads gRPC code)
+
+    admin_cli.add_parsers(sub)
     from clearinghouse.drill import cli as drill_cli  # noqa: PLC0415 (loads gRPC code)
 
     drill_cli.add_parser(sub)
@@ -207,6 +210,10 @@ def _main(argv: Sequence[str] | None) -> int:
             from clearinghouse.audit import cli as audit_cli  # noqa: PLC0415 (loads gRPC code)
 
             return audit_cli.run(args.group, args, topo, switch_log=_switch_log(lc))
+        if args.group in ("participant", "payment"):
+            from clearinghouse import admin_cli  # noqa: PLC0415 (loads gRPC code)
+
+            return admin_cli.run(args.group, args, topo, switch_log=_switch_log(lc))
         if args.group == "bench":
             from clearinghouse import bench  # noqa: PLC0415 (imports generated gRPC code)
 

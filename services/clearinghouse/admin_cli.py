@@ -1,0 +1,319 @@
+"""``clearingctl participant ...`` and ``clearingctl payment ...``: the operator's
+registry commands over ``clearing.v1.AdminService``, and a payment sent or read as an
+institution over ``PaymentService``, without grpcurl.
+
+``participant`` calls as the local CA's operator (``operator:operator``); ``payment``
+as the institution the command names, with its certificate from the local CA and its
+order-signing key from the local key store (both in ``.state/pki``, made on first use,
+as the demo's). Outputs and failures are printed as ``clearingctl audit`` prints them:
+a table, CSV or JSON; one line per failed call with its code, the switch's reason and
+message, the node called and, when it did not answer, its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from clearing.v1 import admin_pb2, common_pb2, payment_pb2
+from clearinghouse.argtypes import INT64_MAX, bounded_int
+from clearinghouse.audit.cli import FORMATS, Node, RowWriter, rpc_failure
+from clearinghouse.client import SwitchClient, institution
+from clearinghouse.domain.signing import key_id_of
+from clearinghouse.security import pki
+from clearinghouse.signing_keys import default_store
+from clearinghouse.switch.convert import us_to_ts
+from clearinghouse.topology import Topology
+
+CALL_DEADLINE_S = 30.0
+LIST_PAGE_SIZE = 200
+# Pages of ListParticipants one `participant list` reads at most (200 each).
+LIST_PAGES_MAX = 500
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+KINDS = {
+    "institution": common_pb2.PARTICIPANT_KIND_INSTITUTION,
+    "bank": common_pb2.PARTICIPANT_KIND_BANK,
+}
+TYPES = {"debit": common_pb2.PAYMENT_TYPE_DEBIT, "credit": common_pb2.PAYMENT_TYPE_CREDIT}
+AMOUNT = bounded_int(1, INT64_MAX)
+
+
+def add_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    common.add_argument(
+        "--format", choices=FORMATS, default="table", help="output (default: table)"
+    )
+    common.add_argument(
+        "--deadline-s", type=float, default=CALL_DEADLINE_S,
+        help="how long the call may take (default: %(default)s)",
+    )  # fmt: skip
+
+    p = sub.add_parser("participant", help="register, change and list participants (operator)")
+    s = p.add_subparsers(dest="cmd", required=True)
+    ls = s.add_parser("list", parents=[common], help="every participant, by id")
+    ls.add_argument("--kind", choices=sorted(KINDS), help="only institutions or only banks")
+    get = s.add_parser("get", parents=[common], help="one participant")
+    get.add_argument("participant_id")
+    reg = s.add_parser(
+        "register",
+        parents=[common],
+        help="add a participant, ACTIVE at version 1 (ALREADY_EXISTS if the id is taken)",
+    )
+    reg.add_argument("participant_id", help="1 to 64 characters of A-Z, 0-9 and _")
+    reg.add_argument("--kind", choices=sorted(KINDS), required=True)
+    reg.add_argument("--name", required=True, help="the display name")
+    reg.add_argument(
+        "--currency", action="append", required=True, dest="currencies", metavar="CCY",
+        help="an ISO 4217 code it pays and is paid in (repeat for more)",
+    )  # fmt: skip
+    reg.add_argument(
+        "--cap", action="append", default=[], type=_cap, metavar="CCY=MINOR",
+        help="net debit cap in minor units, e.g. CNY=1000000 (repeat per currency; "
+        "without one it may not be net debtor in that currency)",
+    )  # fmt: skip
+    reg.add_argument("--bank-code", default="", help="a bank's short code, e.g. ICBC")
+    reg.add_argument("--endpoint", default="", help="where a bank serves BankService (host:port)")
+    reg.add_argument(
+        "--signing-key", default=None, metavar="JSON",
+        help="an institution's order-signing public key: the line `clearingctl pki "
+        "signing-key new` printed (default: the local key store's, made if missing, so "
+        "that `clearingctl payment submit` can sign for it)",
+    )  # fmt: skip
+    reg.add_argument(
+        "--quota", type=bounded_int(0, 1_000_000), default=0,
+        help="payments per second on each switch node (default 0: the switch's)",
+    )  # fmt: skip
+    for name, what in (("suspend", "stop new payments that name it"),
+                       ("resume", "make a suspended participant ACTIVE again")):  # fmt: skip
+        c = s.add_parser(name, parents=[common], help=what)
+        c.add_argument("participant_id")
+        c.add_argument("--reason", required=True, help="why, kept with its status")
+    cap = s.add_parser(
+        "set-cap", parents=[common], help="set or replace its net debit cap in one currency"
+    )
+    cap.add_argument("participant_id")
+    cap.add_argument("currency")
+    cap.add_argument("amount_minor", type=bounded_int(0, INT64_MAX))
+
+    pay = sub.add_parser("payment", help="send or read a payment as an institution")
+    ps = pay.add_subparsers(dest="cmd", required=True)
+    submit = ps.add_parser(
+        "submit",
+        parents=[common],
+        help="send one signed payment order; the same id again returns the first answer",
+    )
+    submit.add_argument("institution_id")
+    submit.add_argument("payment_id", help="chosen by the institution, unique for it")
+    submit.add_argument(
+        "--type", choices=sorted(TYPES), required=True,
+        help="debit: the payer's bank pays the institution; credit: the institution pays out",
+    )  # fmt: skip
+    submit.add_argument("--payer", required=True, help="the paying participant's id")
+    submit.add_argument("--payee", required=True, help="the paid participant's id")
+    submit.add_argument("--account", required=True, help="the customer's bank account")
+    submit.add_argument("--amount", type=AMOUNT, required=True, help="in minor units")
+    submit.add_argument("--currency", required=True, help="ISO 4217, e.g. CNY")
+    submit.add_argument("--memo", default="")
+    pget = ps.add_parser("get", parents=[common], help="one of the institution's payments")
+    pget.add_argument("institution_id")
+    pget.add_argument("payment_id")
+
+
+def _cap(text: str) -> tuple[str, int]:
+    currency, sep, amount = text.partition("=")
+    if not sep or not currency:
+        raise argparse.ArgumentTypeError(f"{text!r}: give CCY=MINOR, e.g. CNY=1000000")
+    try:
+        return currency, int(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the amount is whole minor units") from None
+
+
+def run(group: str, args: argparse.Namespace, topo: Topology, switch_log: Any = None) -> int:
+    zone = topo.zone(args.zone or topo.zones[0].name)
+    identity = pki.operator() if group == "participant" else institution(args.institution_id)
+    node = Node(zone.name, f"{zone.address}:{zone.ports.switch}",
+                switch_log(zone.name) if switch_log else None)  # fmt: skip
+    client = SwitchClient.connect(topo, zone.name, identity=identity)
+    try:
+        if group == "participant":
+            return _participant(client, args)
+        return _payment(client, args)
+    except grpc.RpcError as e:
+        print(rpc_failure(e, node, args.deadline_s), file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        client.close()
+
+
+def _participant(client: SwitchClient, args: argparse.Namespace) -> int:
+    admin, timeout = client.admin, args.deadline_s
+    pid = getattr(args, "participant_id", "")
+    if args.cmd == "list":
+        out = RowWriter(args.format)
+        token = ""
+        for _ in range(LIST_PAGES_MAX):
+            page = admin.ListParticipants(admin_pb2.ListParticipantsRequest(
+                kind=KINDS[args.kind] if args.kind else common_pb2.PARTICIPANT_KIND_UNSPECIFIED,
+                page_size=LIST_PAGE_SIZE, page_token=token,
+            ), timeout=timeout)  # fmt: skip
+            out.write([_participant_row(p) for p in page.participants])
+            token = page.next_page_token
+            if not token:
+                break
+        out.close()
+        return 0
+    if args.cmd == "get":
+        got = admin.GetParticipant(admin_pb2.GetParticipantRequest(participant_id=pid),
+                                   timeout=timeout)  # fmt: skip
+        return _show(_participant_row(got.participant), args.format)
+    if args.cmd == "register":
+        try:
+            participant = _new_participant(args)
+        except ValueError as e:
+            print(f"clearingctl: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        made = admin.RegisterParticipant(
+            admin_pb2.RegisterParticipantRequest(participant=participant), timeout=timeout
+        )
+        print("every switch node knows it within 2 s (its registry refresh)", file=sys.stderr)
+        return _show(_participant_row(made.participant), args.format)
+    if args.cmd in ("suspend", "resume"):
+        if args.cmd == "suspend":
+            done = admin.SuspendParticipant(
+                admin_pb2.SuspendParticipantRequest(participant_id=pid, reason=args.reason),
+                timeout=timeout,
+            ).participant
+        else:
+            done = admin.ResumeParticipant(
+                admin_pb2.ResumeParticipantRequest(participant_id=pid, reason=args.reason),
+                timeout=timeout,
+            ).participant
+        print("every switch node applies it within 2 s (its registry refresh)", file=sys.stderr)
+        return _show(_participant_row(done), args.format)
+    # set-cap
+    money = common_pb2.Money(amount_minor=args.amount_minor, currency=args.currency)
+    changed = admin.SetNetDebitCap(
+        admin_pb2.SetNetDebitCapRequest(participant_id=pid, cap=money), timeout=timeout
+    ).participant
+    print("new loans of headroom follow it at once; headroom already lent, at the next "
+          "settlement", file=sys.stderr)  # fmt: skip
+    return _show(_participant_row(changed), args.format)
+
+
+def _new_participant(args: argparse.Namespace) -> admin_pb2.Participant:
+    kind = KINDS[args.kind]
+    signing: list[admin_pb2.SigningKey] = []
+    if kind == common_pb2.PARTICIPANT_KIND_INSTITUTION:
+        public = (
+            _public_key(args.signing_key)
+            if args.signing_key is not None
+            else default_store().public_key(args.participant_id)
+        )
+        signing = [admin_pb2.SigningKey(key_id=key_id_of(public), public_key=public)]
+    elif args.signing_key is not None:
+        raise ValueError("--signing-key is for institutions: banks sign no orders")
+    return admin_pb2.Participant(
+        participant_id=args.participant_id, kind=kind, name=args.name,
+        bank_code=args.bank_code, endpoint=args.endpoint, currencies=args.currencies,
+        net_debit_caps=[common_pb2.Money(amount_minor=n, currency=c) for c, n in args.cap],
+        signing_keys=signing, payments_per_s_quota=args.quota,
+    )  # fmt: skip
+
+
+def _public_key(text: str) -> bytes:
+    """The raw key of ``pki signing-key new``'s line ({"key_id", "public_key"}), or of a
+    file holding it."""
+    path = Path(text)
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text()
+    try:
+        given = json.loads(text)
+        public = base64.b64decode(given["public_key"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        raise ValueError(
+            f"--signing-key: not the line `clearingctl pki signing-key new` prints ({e})"
+        ) from e
+    if len(public) != 32:
+        raise ValueError(f"--signing-key: an Ed25519 key is 32 bytes, not {len(public)}")
+    if given.get("key_id") not in (None, key_id_of(public)):
+        raise ValueError("--signing-key: its key_id is not the one of its public_key")
+    return public
+
+
+def _participant_row(p: admin_pb2.Participant) -> dict[str, Any]:
+    def name(enum: Any, value: int, prefix: str) -> str:
+        return str(enum.Name(value)).removeprefix(prefix)
+
+    return {
+        "participant_id": p.participant_id,
+        "kind": name(common_pb2.ParticipantKind, p.kind, "PARTICIPANT_KIND_"),
+        "status": name(common_pb2.ParticipantStatus, p.status, "PARTICIPANT_STATUS_"),
+        "name": p.name,
+        "currencies": " ".join(p.currencies),
+        "net_debit_caps": " ".join(f"{m.currency}={m.amount_minor}" for m in p.net_debit_caps),
+        "bank_code": p.bank_code,
+        "endpoint": p.endpoint,
+        "signing_keys": " ".join(k.key_id for k in p.signing_keys),
+        "quota": p.payments_per_s_quota,
+        "version": p.version,
+        "status_reason": p.status_reason,
+    }
+
+
+def _payment(client: SwitchClient, args: argparse.Namespace) -> int:
+    stub, timeout = client.payments_as(args.institution_id), args.deadline_s
+    if args.cmd == "get":
+        got = stub.GetPayment(payment_pb2.GetPaymentRequest(
+            institution_id=args.institution_id, payment_id=args.payment_id,
+        ), timeout=timeout).payment  # fmt: skip
+        return _show(_payment_row(got), args.format)
+    order = payment_pb2.PaymentOrder(
+        payment_id=args.payment_id, institution_id=args.institution_id, type=TYPES[args.type],
+        payer_id=args.payer, payee_id=args.payee, bank_account=args.account,
+        amount=common_pb2.Money(amount_minor=args.amount, currency=args.currency),
+        memo=args.memo, requested_at=us_to_ts(int(time.time() * 1e6)),
+    )  # fmt: skip
+    res = stub.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), timeout=timeout)
+    # Answered with its state (approved, declined, ...): the command did its job.
+    return _show(_payment_row(res.payment) | {"replayed": res.replayed}, args.format)
+
+
+def _payment_row(p: payment_pb2.Payment) -> dict[str, Any]:
+    return {
+        "institution_id": p.order.institution_id,
+        "payment_id": p.order.payment_id,
+        "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
+        "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
+        "payer_id": p.order.payer_id,
+        "payee_id": p.order.payee_id,
+        "amount_minor": p.order.amount.amount_minor,
+        "currency": p.order.amount.currency,
+        "decline_reason": p.decline_reason,
+        "switch_ref": p.switch_ref,
+        "bank_ref": p.bank_ref,
+        "shard": p.shard,
+        "received_zone": p.received_zone,
+        "received_at": p.received_at.ToJsonString() if p.HasField("received_at") else "",
+        "decided_at": p.decided_at.ToJsonString() if p.HasField("decided_at") else "",
+    }
+
+
+def _show(row: dict[str, Any], fmt: str) -> int:
+    out = RowWriter(fmt)
+    out.write([row])
+    out.close()
+    return 0
+
+
+__all__ = ["add_parsers", "run"]
