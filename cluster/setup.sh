@@ -65,9 +65,12 @@ if [ ! -f "$CASSANDRA_LIB/cassandra-all-$CASSANDRA_VERSION.jar" ]; then
     step "fetching Apache Cassandra $CASSANDRA_VERSION jars from Maven Central (about 70 MB, once)"
     tmp="$CASSANDRA_LIB.partial"
     rm -rf "$tmp"
-    mvn -q -B -f cluster/cassandra/pom.xml dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="$tmp" \
-        || fail "mvn could not fetch org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION"
+    # Maven 3.8 writes colour codes whatever it is told: stripped, so a log stays text.
+    # (pipefail: the pipeline fails when mvn does.)
+    if ! mvn -q -B -f cluster/cassandra/pom.xml dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" 2>&1 | sed -u 's/\x1b\[[0-9;]*m//g'; then
+        fail "mvn could not fetch org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION"
+    fi
     rm -rf "$CASSANDRA_LIB"
     mv "$tmp" "$CASSANDRA_LIB"
     step "cassandra jars in .cache/cassandra-$CASSANDRA_VERSION/lib ($(ls "$CASSANDRA_LIB" | wc -l) jars)"

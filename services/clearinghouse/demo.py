@@ -36,6 +36,7 @@ from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import CassandraConfig, connect, consistency_level
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from clearinghouse.switch.convert import us_to_ts
+from clearinghouse.switch.records import SHARD_COUNT
 
 BANK_READY_TIMEOUT_S = 30.0
 DEMO_PAYMENTS = 600
@@ -302,7 +303,8 @@ def run(
     summary = ledger_totals(lc)
     progress(
         f"\nledger (every shard's hash chain read back at QUORUM and verified: "
-        f"{summary.entries} entries in {summary.shards_with_entries} shards), "
+        f"{summary.entries} entries; {summary.shards_with_entries} of the {SHARD_COUNT} "
+        "shards hold some), "
         "all time, net = debits - credits:"
     )
     for line in ledger_table(summary.totals):

@@ -79,3 +79,14 @@ def test_drill_help_shows_its_defaults() -> None:
     text = " ".join(drill.format_help().split())  # as wrapped at any terminal width
     assert f"(default: {runner.LEDGER_WAIT_S:g})" in text.split("--ledger-wait-s")[2]
     assert f"(default: {runner.REPAIR_AFTER_S:g})" in text.split("--repair-after-s")[2]
+
+
+def test_a_repair_with_no_cassandra_node_running_says_to_start_the_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = cli.main(["--state-dir", str(tmp_path), "cluster", "repair"])
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "no Cassandra node runs at all" in err and "clearingctl cluster up" in err
+    assert "repair from another city" not in err  # not the command just run

@@ -954,7 +954,8 @@ def fake_report(secs: list[timeline.Second], ok: bool) -> dict[str, Any]:
         "ok": v.ok, "lost": v.lost, "duplicated": v.duplicated,
         "plan": {"summary": "SIGKILL every process of city <beijing>", "hold_s": 15.0},
         "load": {"rate_per_s": 20, "seconds": 40.0, "sent": 1, "retries": 0,
-                 "skipped_payments": 0},
+                 "skipped_payments": 0, "duration_s": 30.0, "after_fault_s": 10.0,
+                 "run_s": 71.5},
         "fault": {"start_s": 10.0, "end_s": 20.0},
         "events": [{"t": 10.0, "what": "kill beijing"}, {"t": 20.0, "what": "start <b>"}],
         "verdict": v.to_json(), "success_rate_before_fault": 1.0,
@@ -973,6 +974,10 @@ def test_the_summary_says_lost_duplicated_and_the_result() -> None:
     assert "LOST 0   DUPLICATED 0" in good and good.endswith("RESULT: PASS")
     assert "recovery time 4.0s" in good and "error rate during the fault 40.00%" in good
     assert "hints replayed unavailable" in good
+    # Sending ran 40 s (30 asked, on to 10 s after the fault); the run itself 72 s.
+    assert "for 40s (asked: 30s, and on to 10s after the fault ended); the run ended at 72s" in (
+        good
+    )
     bad = "\n".join(report.summary_lines(fake_report(secs, ok=False)))
     assert "FAIL bank_agrees" in bad and bad.endswith("RESULT: FAIL")
 

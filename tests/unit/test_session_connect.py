@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -65,3 +66,16 @@ def test_the_payment_path_session_does_not_wait_for_remote_pools(
     assert c.connected["wait_for_all_pools"] is False
     assert _remote_hosts(c) == storage_session.REMOTE_HOSTS_PER_DC
     assert c.kw["max_schema_agreement_wait"] == storage_session.SCHEMA_AGREEMENT_WAIT_S
+
+
+def test_only_cassandra_s_use_keyspace_warning_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    driver = logging.getLogger("cassandra.protocol")
+    with caplog.at_level(logging.WARNING, logger="cassandra.protocol"):
+        driver.warning("Server warning: %s", "`USE <keyspace>` with prepared statements is "
+                       "considered to be an anti-pattern ...")  # fmt: skip
+        driver.warning("Server warning: %s", "Batch for [clearing.t] is of size 51000")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Server warning: Batch for [clearing.t] is of size 51000"
+    ]

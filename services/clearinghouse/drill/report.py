@@ -57,7 +57,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"drill {report['scenario']} (seed {report['seed']}): {report['plan']['summary']}",
         f"  fault {fault['start_s']:.1f}s -> {fault['end_s']:.1f}s "
         f"(held {report['plan']['hold_s']:.0f}s); load "
-        f"{rate_text(load['rate_per_s'])} for {load['seconds']:.0f}s",
+        f"{rate_text(load['rate_per_s'])} for {load['seconds']:.0f}s (asked: "
+        f"{load.get('duration_s', load['seconds']):.0f}s, and on to "
+        f"{load.get('after_fault_s', 0):.0f}s after the fault ended); the run ended at "
+        f"{load.get('run_s', load['seconds']):.0f}s, the load drained and the victims restored",
         f"  payments: {load['sent']} sent, {v['acknowledged']} acknowledged ({states}), "
         f"{v['rejected']} refused{f' ({refused})' if refused else ''}, {v['unknown']} unknown "
         f"(resolved: {', '.join(f'{k} {n}' for k, n in v['resolutions'].items()) or 'none'})",

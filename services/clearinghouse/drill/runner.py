@@ -108,8 +108,9 @@ class _Run:
     monitor: observe.ShardMonitor
     channels: dict[str, Any]
     restarted: set[str]
-    load_s: float
+    load_s: float  # the run's end (the load drained, the victims restored)
     in_flight: int
+    sending_s: float = 0.0  # when the load stopped sending new payments
 
 
 class Drill:
@@ -223,6 +224,7 @@ class Drill:
         baseline = threading.Thread(target=self._hints_baseline, name="drill-hints", daemon=True)
         before_s = max(BEFORE_MIN_S, BEFORE_FRACTION * o.duration_s)
         in_flight = 0
+        sending_s = 0.0
         self.t0 = time.monotonic()  # the timeline's 0 s: the load starts now
         try:
             baseline.start()
@@ -235,11 +237,13 @@ class Drill:
             self.sleep_until(max(o.duration_s, (self.fault_end_s or 0.0) + AFTER_MIN_S))
         finally:
             gen.stop()
+            sending_s = self.clock()
             self.event("load stopped: no new payments")
             in_flight = gen.drain(DRAIN_TIMEOUT_S)
             monitor.stop()
             self.restore()
-        run = _Run(run_id, started_at, gen, monitor, channels, restarted, self.clock(), in_flight)
+        run = _Run(run_id, started_at, gen, monitor, channels, restarted, self.clock(), in_flight,
+                   sending_s)  # fmt: skip
         try:
             return self._check_and_report(run)
         finally:
@@ -312,7 +316,9 @@ class Drill:
                      "hold_s": plan.hold_s, "inject": [str(s) for s in plan.inject],
                      "recover": [str(s) for s in plan.recover]},
             "load": {"rate_per_s": o.rate_per_s, "duration_s": o.duration_s,
-                     "seconds": round(load_s, 1), "sent": len(traces),
+                     "seconds": round(run.sending_s or load_s, 1), "run_s": round(load_s, 1),
+                     "after_fault_s": AFTER_MIN_S,
+                     "sent": len(traces),
                      "batched": sum(t.batched for t in traces), "jobs": gen.jobs_sent,
                      "retries": sum(t.retries for t in traces), "workers": gen.workers,
                      "skipped_payments": gen.skipped_payments,

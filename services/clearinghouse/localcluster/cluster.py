@@ -680,6 +680,11 @@ class LocalCluster:
             raise ClusterError(f"no Cassandra node in city {city!r}; cities are {cities}")
         # Running and not paused: nodetool against a stopped JVM waits out its timeout.
         running = [n for n in nodes if procs.state(n.managed).state == "up"]
+        if not any(procs.state(n.managed).state == "up" for n in every):
+            raise ClusterError(
+                "no Cassandra node runs at all: nothing to repair from; start the cluster "
+                "(clearingctl cluster up), then repair"
+            )
         if not running:
             names = ", ".join(f"cassandra@{n.zone.name}" for n in nodes)
             raise ClusterError(

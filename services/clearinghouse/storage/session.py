@@ -24,6 +24,21 @@ from clearinghouse.topology import Topology
 
 log = logging.getLogger(__name__)
 
+
+class _UseKeyspaceWarning(logging.Filter):
+    """Drops Cassandra's warning (logged by the driver once per statement prepared on a
+    connection) that a session bound to a keyspace prepares statements with unqualified
+    table names (CASSANDRA-17248). Its concern is a statement prepared under one keyspace
+    and run under another; every session here is bound to one keyspace for its life,
+    so the warning only buried the logs (18 lines per switch node at each start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`USE <keyspace>` with prepared statements" not in record.getMessage()
+
+
+USE_KEYSPACE_WARNING = _UseKeyspaceWarning()
+logging.getLogger("cassandra.protocol").addFilter(USE_KEYSPACE_WARNING)
+
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
 RECONNECT_DELAY_S = 1.0
