@@ -25,7 +25,7 @@ import grpc
 
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse.argtypes import INT64_MAX, bounded_int
-from clearinghouse.audit.cli import FORMATS, Node, RowWriter, rpc_failure
+from clearinghouse.audit.cli import FORMATS, Node, RowWriter, rpc_failure, time_us
 from clearinghouse.client import SwitchClient, institution
 from clearinghouse.domain.signing import key_id_of
 from clearinghouse.security import pki
@@ -124,6 +124,11 @@ def add_parsers(sub: Any) -> None:
     submit.add_argument("--amount", type=AMOUNT, required=True, help="in minor units")
     submit.add_argument("--currency", required=True, help="ISO 4217, e.g. CNY")
     submit.add_argument("--memo", default="")
+    submit.add_argument(
+        "--requested-at", type=time_us, default=None, metavar="TIME",
+        help="when the institution made the order (default: now). It is part of the order: "
+        "to send the same order again, give the requested_at its first answer printed",
+    )  # fmt: skip
     pget = ps.add_parser("get", parents=[common], help="one of the institution's payments")
     pget.add_argument("institution_id")
     pget.add_argument("payment_id")
@@ -282,7 +287,8 @@ def _payment(client: SwitchClient, args: argparse.Namespace) -> int:
         payment_id=args.payment_id, institution_id=args.institution_id, type=TYPES[args.type],
         payer_id=args.payer, payee_id=args.payee, bank_account=args.account,
         amount=common_pb2.Money(amount_minor=args.amount, currency=args.currency),
-        memo=args.memo, requested_at=us_to_ts(int(time.time() * 1e6)),
+        memo=args.memo,
+        requested_at=us_to_ts(args.requested_at or int(time.time() * 1e6)),
     )  # fmt: skip
     res = stub.SubmitPayment(payment_pb2.SubmitPaymentRequest(order=order), timeout=timeout)
     # Answered with its state (approved, declined, ...): the command did its job.
@@ -299,6 +305,7 @@ def _payment_row(p: payment_pb2.Payment) -> dict[str, Any]:
         "payee_id": p.order.payee_id,
         "amount_minor": p.order.amount.amount_minor,
         "currency": p.order.amount.currency,
+        "requested_at": p.order.requested_at.ToJsonString(),
         "decline_reason": p.decline_reason,
         "switch_ref": p.switch_ref,
         "bank_ref": p.bank_ref,

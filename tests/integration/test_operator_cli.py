@@ -50,11 +50,16 @@ def test_an_operator_registers_caps_suspends_and_the_institution_pays(
     assert status == 0, err
     assert first["state"] in FINAL and first["replayed"] is False
     assert first["received_zone"] == "shenzhen-b"
-    status, (again,), _ = ctl(capsys, *pay[:-1], "beijing-a")  # a retry, another zone
+    # A retry of the same order (its requested_at too), to another zone.
+    retry = (*pay[:-1], "beijing-a", "--requested-at", first["requested_at"])
+    status, (again,), _ = ctl(capsys, *retry)
     assert again["replayed"] is True
     assert (again["state"], again["switch_ref"]) == (first["state"], first["switch_ref"])
     status, (got,), _ = ctl(capsys, "payment", "get", inst, pay[3], "--zone", "shanghai-a")
     assert (status, got["state"], got["amount_minor"]) == (0, first["state"], 1200)
+    status, out, err = ctl(capsys, *pay[:-2], "--amount", "1300")  # same id, other order
+    assert (status, out) == (1, None)
+    assert "ALREADY_EXISTS" in err
 
     status, (capped,), err = ctl(capsys, "participant", "set-cap", inst, "CNY", "100")
     assert status == 0, err

@@ -33,6 +33,7 @@ from clearinghouse.switch.admin import (
     VERSION_CONFLICT,
     AdminDomain,
 )
+from clearinghouse.switch.convert import participant_to_pb
 
 pytestmark = pytest.mark.unit
 
@@ -374,6 +375,24 @@ def test_suspend_and_resume_each_write_a_new_version(
     assert [w.now_us for w in history] == sorted({w.now_us for w in history})
     # Nothing but the status changed.
     assert dataclasses.replace(resumed, version=1) == history[0].participant
+
+
+def test_the_status_reason_is_the_operator_s_and_outlives_other_changes(
+    admin: AdminDomain,
+) -> None:
+    admin.register(institution())
+    assert admin.get("INST_ALIPAY").status_reason == ""
+    admin.suspend("INST_ALIPAY", "compliance review")
+    assert admin.get("INST_ALIPAY").status_reason == "compliance review"
+    capped = admin.set_cap("INST_ALIPAY", "CNY", 5)
+    stored = admin.get("INST_ALIPAY")
+    updated = admin.update(dataclasses.replace(stored, name="Alipay (renamed)"), stored.version)
+
+    assert capped.status_reason == updated.status_reason == "compliance review"
+    assert admin.suspend("INST_ALIPAY", "another reason").status_reason == "compliance review"
+    assert admin.resume("INST_ALIPAY", "review passed").status_reason == "review passed"
+    pb = participant_to_pb(admin.get("INST_ALIPAY"))
+    assert pb.status_reason == "review passed"
 
 
 def test_suspend_and_resume_are_idempotent(admin: AdminDomain, store: FakeParticipantStore) -> None:

@@ -134,6 +134,11 @@ class Participant:
     signing_keys: tuple[SigningKey, ...] = ()
     # Payments per second on each node; 0: the switch's default.
     payments_per_s_quota: int = 0
+    # Why the status last changed (the operator's words), and when this version was
+    # stored (0: not stored yet). Neither is compared: they describe a version, and a
+    # change that sets nothing else is no change.
+    status_reason: str = field(default="", compare=False)
+    updated_at_us: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         # Copy the caller's containers so that a later change to them cannot alter a

@@ -29,8 +29,9 @@ from clearinghouse.localcluster import cassandra, etcd, procs
 from clearinghouse.localcluster.paths import Paths
 from clearinghouse.localcluster.procs import Managed
 from clearinghouse.localcluster.repair import Repair, nodetool_gist
-from clearinghouse.ownership import etcd_backend
+from clearinghouse.ownership import etcd_backend, placement
 from clearinghouse.ownership.etcd_backend import EtcdClient
+from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity
 from clearinghouse.storage import schema
@@ -59,6 +60,11 @@ SWITCH_READY_TIMEOUT_S = 90.0
 SHARDS_STALL_S = 90.0
 SHARDS_SERVED_TIMEOUT_S = 900.0
 SHARDS_NOTE_EVERY_S = 5.0
+# After every shard is served, how long `cluster up`/`start` waits for each shard to be
+# with the node placement gives it among the running nodes (a node that starts is handed
+# its share by the others, shard by shard: each is briefly unserved in between).
+PLACEMENT_WAIT_S = 120.0
+PLACEMENT_POLL_S = 0.5
 DESCRIBE_TIMEOUT_S = 2.0
 # Share of the traces a local switch node starts that it records (CLEARING_TRACE_SAMPLE_RATIO
 # overrides it); a trace follows its first node's decision across the hops.
@@ -579,6 +585,37 @@ class LocalCluster:
             every_s=30.0,
         )
         self.progress(f"every ledger shard is served ({waited:.1f}s)")
+        self.wait_for_placement()
+
+    def wait_for_placement(self, timeout_s: float = PLACEMENT_WAIT_S) -> bool:
+        """Wait, at most ``timeout_s``, until every shard is served by the node placement
+        gives it among the running switch nodes; whether it is. Until then shards move to
+        nodes that started (each briefly unserved), which ``cluster status`` shows."""
+        start = noted = time.monotonic()
+        while True:
+            running = [NodeInfo(z.name, z.name, z.city) for z in self.topo.zones
+                       if procs.state(self.switch_managed(z)).alive]  # fmt: skip
+            target = placement.assign(SHARD_COUNT, running)
+            served = self.served_shards()
+            moving = sum(1 for s, zone in target.items() if served.get(s) != zone)
+            now = time.monotonic()
+            if not moving:
+                if now - start >= 1.0:
+                    self.progress(f"every ledger shard is with the node placement gives it "
+                                  f"({now - start:.1f}s)")  # fmt: skip
+                return True
+            if now - start > timeout_s:
+                self.progress(
+                    f"  {moving} ledger shards are still moving to the nodes placement gives "
+                    f"them after {timeout_s:.0f}s: `clearingctl cluster status` shows them; "
+                    "read the switch nodes' logs if the number does not fall"
+                )
+                return False
+            if now - noted >= SHARDS_NOTE_EVERY_S:
+                noted = now
+                self.progress(f"  ... {moving} ledger shards moving to the nodes placement "
+                              "gives them (each briefly unserved)")  # fmt: skip
+            time.sleep(PLACEMENT_POLL_S)
 
     def served_shards(self) -> dict[int, str]:
         """Shard -> the zone whose switch node serves it now, as the nodes themselves say."""

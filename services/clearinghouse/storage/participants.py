@@ -38,8 +38,8 @@ from clearinghouse.switch.admin import VERSION_CONFLICT
 
 _SELECT: Final = (
     "SELECT participant_id, version, kind, name, status, bank_code, endpoint, currencies, "
-    "net_debit_caps, updated_at_us, reason, payments_per_s_quota, signing_keys "
-    "FROM participant_versions"
+    "net_debit_caps, updated_at_us, reason, payments_per_s_quota, signing_keys, "
+    "status_reason FROM participant_versions"
 )
 # Absent text is stored as "" rather than null: binding None writes a tombstone.
 _ABSENT_TEXT: Final = ""
@@ -65,8 +65,8 @@ class CassandraParticipantStore:
         self._insert = p(
             "INSERT INTO participant_versions (participant_id, version, kind, name, status, "
             "bank_code, endpoint, currencies, net_debit_caps, updated_at_us, reason, "
-            "payments_per_s_quota, signing_keys) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            "payments_per_s_quota, signing_keys, status_reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
         )
         self._insert.consistency_level = self.cl
         self._insert.serial_consistency_level = ConsistencyLevel.SERIAL
@@ -172,6 +172,7 @@ class CassandraParticipantStore:
             participant,
             bank_code=participant.bank_code or None,
             endpoint=participant.endpoint or None,
+            updated_at_us=now_us,
         )
         if result.was_applied:
             self._revoke_dropped(before, stored, now_us)
@@ -207,6 +208,8 @@ def participant_from_row(row: Any) -> Participant:
         net_debit_caps=dict(row.net_debit_caps or {}),
         version=row.version,
         payments_per_s_quota=row.payments_per_s_quota or 0,
+        status_reason=row.status_reason or "",
+        updated_at_us=row.updated_at_us or 0,
         signing_keys=tuple(
             SigningKey(kid, bytes(pk)) for kid, pk in sorted((row.signing_keys or {}).items())
         ),
@@ -219,7 +222,7 @@ def _row_values(p: Participant, reason: str, now_us: int) -> tuple[Any, ...]:
         p.participant_id, p.version, p.kind.value, p.name, p.status.value,
         p.bank_code or _ABSENT_TEXT, p.endpoint or _ABSENT_TEXT,
         set(p.currencies), dict(p.net_debit_caps), now_us, reason, p.payments_per_s_quota,
-        {k.key_id: k.public_key for k in p.signing_keys},
+        {k.key_id: k.public_key for k in p.signing_keys}, p.status_reason or _ABSENT_TEXT,
     )  # fmt: skip
 
 
@@ -231,6 +234,7 @@ def _row_values_of(row: Any) -> tuple[Any, ...]:
         set(row.currencies or ()), dict(row.net_debit_caps or {}), row.updated_at_us, row.reason,
         row.payments_per_s_quota or 0,
         {kid: bytes(pk) for kid, pk in (row.signing_keys or {}).items()},
+        row.status_reason or _ABSENT_TEXT,
     )  # fmt: skip
 
 

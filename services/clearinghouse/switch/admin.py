@@ -154,7 +154,8 @@ class AdminDomain:
             )
         if stored.version != expected_version:
             raise _version_conflict(stored.participant_id, expected_version, stored.version)
-        wanted = replace(_normalized(participant), status=stored.status, version=stored.version)
+        wanted = replace(_normalized(participant), status=stored.status, version=stored.version,
+                         status_reason=stored.status_reason)  # fmt: skip
         if wanted == stored:
             return stored  # Nothing changes, so there is no new version to write.
         return self._write(replace(wanted, version=stored.version + 1), _REASON_UPDATED)
@@ -163,14 +164,18 @@ class AdminDomain:
         """Refuse new payments naming the participant. Suspending it again changes nothing."""
         _raise_if_bad_reason(reason)
         return self._change(
-            participant_id, lambda p: replace(p, status=ParticipantStatus.SUSPENDED), reason
+            participant_id,
+            lambda p: replace(p, status=ParticipantStatus.SUSPENDED, status_reason=reason),
+            reason,
         )
 
     def resume(self, participant_id: str, reason: str) -> Participant:
         """Make the participant ACTIVE again. Resuming an active one changes nothing."""
         _raise_if_bad_reason(reason)
         return self._change(
-            participant_id, lambda p: replace(p, status=ParticipantStatus.ACTIVE), reason
+            participant_id,
+            lambda p: replace(p, status=ParticipantStatus.ACTIVE, status_reason=reason),
+            reason,
         )
 
     def set_cap(self, participant_id: str, currency: str, cap_minor: int) -> Participant:

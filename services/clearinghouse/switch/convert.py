@@ -192,6 +192,8 @@ def participant_to_pb(p: Participant) -> admin_pb2.Participant:
         signing_keys=[
             admin_pb2.SigningKey(key_id=k.key_id, public_key=k.public_key) for k in p.signing_keys
         ],
+        status_reason=p.status_reason,
+        updated_at=us_to_ts(p.updated_at_us) if p.updated_at_us else None,
     )
 
 
