@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from clearinghouse.domain import (
     fingerprint,
     postings_for,
 )
+from clearinghouse.switch import processor
 from clearinghouse.switch.ports import BankAnswer, BankTransfer
 from clearinghouse.switch.processor import (
     BANK_TRANSFER_DEADLINE_S,
@@ -1101,3 +1103,37 @@ def test_a_batch_with_unanswered_transfers_at_two_banks_never_waits_on_its_own_p
         unknowns.shutdown(wait=False, cancel_futures=True)
     assert len(out) == len(lost)
     assert all(isinstance(o, Result) and o.record.is_final for o in out), out
+
+
+# -- the registry, read again for what it lacks -------------------------------------------
+
+
+def test_a_registry_reads_again_for_an_id_it_lacks_at_most_twice_a_second() -> None:
+    now = [100.0]
+    new = dataclasses.replace(PARTICIPANTS[INST_A], participant_id="INST_NEW")
+    later = {**PARTICIPANTS, "INST_NEW": new}
+    stored: list[Mapping[str, Participant]] = [later]
+    reg = Registry(PARTICIPANTS, reload=lambda: stored[0], clock=lambda: now[0])
+
+    def lacks_new(known: Mapping[str, Participant]) -> bool:
+        return "INST_NEW" not in known
+
+    assert "INST_NEW" not in reg.snapshot()
+    assert "INST_NEW" in reg.snapshot_knowing(lacks_new)  # registered a moment ago
+    assert reg.miss_reloads == 1
+    assert reg.snapshot_knowing(lacks_new) is reg.snapshot()  # known now: no read
+    nobody = reg.snapshot_knowing(lambda known: "INST_NOBODY" not in known)
+    assert "INST_NOBODY" not in nobody and reg.miss_reloads == 1  # read 0 s ago: not again
+    now[0] += processor.MISS_RELOAD_MIN_S
+    reg.snapshot_knowing(lambda known: "INST_NOBODY" not in known)
+    assert reg.miss_reloads == 2
+
+
+def test_a_registry_whose_store_is_away_keeps_its_snapshot() -> None:
+    def away() -> Mapping[str, Participant]:
+        raise Unavailable("no Cassandra node answered", reason="STORE_UNAVAILABLE")
+
+    reg = Registry(PARTICIPANTS, reload=away)
+
+    assert reg.snapshot_knowing(lambda known: True) == PARTICIPANTS
+    assert Registry(PARTICIPANTS).snapshot_knowing(lambda known: True) == PARTICIPANTS

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import count
@@ -2361,3 +2361,23 @@ def test_headroom_a_shard_leaves_unused_goes_back_home_before_any_settlement(
     _, won = a.begin(debit(late, 400, payer=SMALL))
     assert won
     assert a.store.exposure()[(SMALL, CNY)] <= SMALL_CAP
+
+
+def test_a_home_shard_reads_its_registry_again_for_a_payer_it_lacks(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    behind = {pid: p for pid, p in PARTICIPANTS.items() if pid != SMALL}
+    asked: list[str] = []
+
+    def knowing(pid: str) -> Mapping[str, Participant]:
+        asked.append(pid)
+        return PARTICIPANTS  # the store holds it: registered a moment ago
+
+    monkeypatch.setattr(world.lender.store, "_participants", lambda: behind)
+    monkeypatch.setattr(world.lender.store, "_participants_knowing", knowing)
+    a = world.node("node-a")
+    a.take(SHARD, 10)
+
+    _, won = a.begin(debit(ids_in(SHARD, 1)[0], 100, payer=SMALL))
+
+    assert won and asked == [SMALL]

@@ -26,6 +26,8 @@ registry: a payment already accepted completes even if its bank was suspended si
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -84,9 +86,13 @@ BANK_CALL_MIN_S = 0.2
 DECISION_BOUND_S = 20.0
 OWED_REVERSALS_PER_RUN_MAX = 100
 IN_PROGRESS_RETRY_AFTER_MS = 1000
+# A request naming a participant or signing key the registry lacks reads it again at once,
+# at most this often per node (the periodic refresh runs every 2 s anyway).
+MISS_RELOAD_MIN_S = 0.5
 
 Clock = Callable[[], int]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def wall_clock_us() -> int:
@@ -100,13 +106,54 @@ class Result:
 
 
 class Registry:
-    """A snapshot of participants, replaced whole when it changes (never mutated)."""
+    """A snapshot of participants, replaced whole when it changes (never mutated).
 
-    def __init__(self, participants: Mapping[str, Participant] | None = None) -> None:
+    ``reload`` (the participant store's ``all``), when given, lets a request that names
+    what the snapshot lacks read the registry at once (:meth:`snapshot_knowing`) instead
+    of waiting for the periodic refresh: a participant registered, or a signing key added,
+    a moment ago on another node."""
+
+    def __init__(
+        self,
+        participants: Mapping[str, Participant] | None = None,
+        *,
+        reload: Callable[[], Mapping[str, Participant]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._snapshot: Mapping[str, Participant] = dict(participants or {})
+        self._reload = reload
+        self._clock = clock
+        self._reload_lock = threading.Lock()
+        self._reloaded_at = -MISS_RELOAD_MIN_S
+        self.miss_reloads = 0
 
     def snapshot(self) -> Mapping[str, Participant]:
         return self._snapshot
+
+    def snapshot_knowing(
+        self, lacks: Callable[[Mapping[str, Participant]], bool]
+    ) -> Mapping[str, Participant]:
+        """The snapshot, read again first when ``lacks(snapshot)``: at most once per
+        :data:`MISS_RELOAD_MIN_S` on this node, so requests naming unknown ids cannot make
+        it read more, and never waiting for a read another request is making."""
+        snap = self._snapshot
+        if self._reload is None or not lacks(snap):
+            return snap
+        if not self._reload_lock.acquire(blocking=False):
+            return snap  # another request is reading it now
+        try:
+            now = self._clock()
+            if now - self._reloaded_at < MISS_RELOAD_MIN_S:
+                return self._snapshot
+            self._reloaded_at = now
+            self.miss_reloads += 1
+            try:
+                self._snapshot = dict(self._reload())
+            except ClearingError as e:  # the store is away: the periodic refresh catches up
+                log.warning("reading the participant registry for an unknown id failed: %s", e)
+            return self._snapshot
+        finally:
+            self._reload_lock.release()
 
     def replace(self, participants: Mapping[str, Participant]) -> None:
         self._snapshot = dict(participants)

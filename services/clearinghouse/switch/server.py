@@ -216,7 +216,7 @@ def build(cfg: NodeConfig) -> Node:
     # This process's commits go to a stream of its own (storage.ledger, "Streams").
     ledger = CassandraLedger(session, cl, stream=new_stream_id(cfg.node_id))
     participants = CassandraParticipantStore(session, cl)
-    registry = Registry()
+    registry = Registry(reload=participants.all)
     keys = pki.LocalCA(cfg.pki_dir).load(pki.node(cfg.zone))
     client_credentials = pki.channel_credentials(keys)
     bank = GrpcBankGateway(client_credentials)
@@ -243,6 +243,7 @@ def build(cfg: NodeConfig) -> Node:
         zone=cfg.zone,
         ledger=ledger,
         participants=registry.snapshot,
+        participants_knowing=lambda pid: registry.snapshot_knowing(lambda known: pid not in known),
         still_owner=lambda shard, epoch: agent.epoch_if_owner(shard) == epoch,
         unconfirmed=lambda shard, epoch: agent.unconfirmed(shard, epoch),  # noqa: PLW0108
         relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)

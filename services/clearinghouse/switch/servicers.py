@@ -9,7 +9,7 @@ logged with its stack and answered INTERNAL without details.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +39,7 @@ from clearinghouse.domain import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Participant,
     ParticipantKind,
     PaymentOrder,
     Unavailable,
@@ -207,8 +208,19 @@ def admit_order(
     :data:`OWNER_FRESHNESS_GRACE_S`; what its registry does not know yet is UNAVAILABLE)."""
     order = convert.order_from_pb(order_pb, path)
     check_order_shape(order, now_us=now_us, path=path)
+
+    def lacks(known: Mapping[str, Participant]) -> bool:
+        """The order names a participant, or its institution a key, ``known`` lacks."""
+        inst = known.get(order.institution_id)
+        return (
+            inst is None
+            or order.payer_id not in known
+            or order.payee_id not in known
+            or (bool(order.signing_key_id) and order.signing_key_id not in inst.signing_key_map())
+        )
+
     try:
-        institution = registry.snapshot().get(order.institution_id)
+        institution = registry.snapshot_knowing(lacks).get(order.institution_id)
         if institution is None:
             raise UnknownParticipant(
                 f"{path}.institution_id: participant {order.institution_id!r} does not exist"

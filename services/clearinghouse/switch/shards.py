@@ -529,6 +529,7 @@ class ShardedStore:
         repay: Repay | None = None,
         full_reader: ChainReader | None = None,
         unconfirmed: Callable[[int, int], bool] = lambda shard, epoch: False,
+        participants_knowing: Callable[[str], Mapping[str, Participant]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.zone = zone
@@ -537,6 +538,9 @@ class ShardedStore:
         # does not verify at the ledger's own consistency.
         self.full_reader = full_reader
         self._participants = participants
+        # The registry read again at once for a participant it lacks (registered a moment
+        # ago on another node); None: only the snapshot.
+        self._participants_knowing = participants_knowing
         self._still_owner = still_owner
         # Held at that epoch but not owned now: the lease is suspended (ownership.node),
         # owned again at the same epoch if etcd confirms it, else lost (on_lost follows).
@@ -1017,6 +1021,8 @@ class ShardedStore:
         st = self._serving(home_shard(participant_id, currency))
         key = (participant_id, currency)
         participant = self._participants().get(participant_id)
+        if participant is None and self._participants_knowing is not None:
+            participant = self._participants_knowing(participant_id).get(participant_id)
         if participant is None:
             # The order was checked against the registry of the node that took it: this
             # node's has not caught up yet (a participant registered in the last 2 s).
