@@ -108,7 +108,7 @@ class SettlementWorld:
     def node(self, node_id: str, *, interval_s: float = 0.0) -> Node:
         epochs: dict[int, int] = {}
         store = ShardedStore(
-            node_id=node_id, zone=ZONE, ledger=self.ledger, participants=lambda: self.participants,
+            node_id=node_id, zone=ZONE, ledger=self.ledger, participant=self.participants.get,
             still_owner=lambda shard, epoch: epochs.get(shard) == epoch,
             relinquish=lambda shard: None, clock=self.clock, borrow=self._borrow,
         )  # fmt: skip

@@ -207,7 +207,7 @@ def test_random_runs_keep_the_cap(ops: list[tuple[object, ...]]) -> None:
         home = world.lender.store._shards[shards.home_shard(*KEY)]
         allowances = sum(owner[s].store._shards[s].allowance.get(KEY, 0) for s in SH)
         unclaimed = sum(
-            home.granted_to[(*KEY, s)] - home.reclaimed[(*KEY, s)]
+            home.lent_to((*KEY, s)) - home.reclaimed[(*KEY, s)]
             for s in SH
             if not any(
                 e.kind == KIND_CAP_RECEIVE and e.payment_key == cap_key(*KEY)

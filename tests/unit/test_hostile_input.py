@@ -332,7 +332,7 @@ def switch_world() -> Iterator[SwitchWorld]:
     router: Router
 
     store = ShardedStore(
-        node_id=NODE, zone=ZONE, ledger=ledger, participants=lambda: PARTICIPANTS,
+        node_id=NODE, zone=ZONE, ledger=ledger, participant=PARTICIPANTS.get,
         still_owner=lambda shard, epoch: epoch == EPOCH, relinquish=lambda shard: None,
         clock=wall_clock_us, borrow=lambda *args: router.borrow(*args),  # noqa: PLW0108 (bound later)
         repay=lambda *args: router.repay(*args),  # noqa: PLW0108 (bound later)

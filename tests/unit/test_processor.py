@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +41,11 @@ from clearinghouse.domain import (
     fingerprint,
     postings_for,
 )
+from clearinghouse.domain.errors import SignatureRefused
+from clearinghouse.domain.model import SigningKey
+from clearinghouse.domain.signing import key_id_of, public_key_bytes, signed
 from clearinghouse.switch import processor
+from clearinghouse.switch.convert import order_to_pb
 from clearinghouse.switch.ports import BankAnswer, BankTransfer
 from clearinghouse.switch.processor import (
     BANK_TRANSFER_DEADLINE_S,
@@ -65,6 +70,7 @@ from clearinghouse.switch.records import (
     shard_of,
     switch_ref_for,
 )
+from clearinghouse.switch.servicers import admit_order
 from tests.fakes import (
     OUTAGE_RETRY_AFTER_MS,
     REVERSED_BEFORE_ARRIVAL,
@@ -1137,3 +1143,30 @@ def test_a_registry_whose_store_is_away_keeps_its_snapshot() -> None:
 
     assert reg.snapshot_knowing(lambda known: True) == PARTICIPANTS
     assert Registry(PARTICIPANTS).snapshot_knowing(lambda known: True) == PARTICIPANTS
+
+
+def test_an_order_naming_what_the_registry_lacks_reads_it_again_and_no_other_does() -> None:
+    key = Ed25519PrivateKey.generate()
+    public = public_key_bytes(key)
+    inst = dataclasses.replace(
+        PARTICIPANTS[INST_A], signing_keys=(SigningKey(key_id_of(public), public),)
+    )
+    stored = {**PARTICIPANTS, INST_A: inst}
+    reloads: list[int] = []
+
+    def reload() -> Mapping[str, Participant]:
+        reloads.append(1)
+        return stored
+
+    reg = Registry(stored, reload=reload, clock=lambda: float(len(reloads)))
+    now = START_US
+
+    admit_order(order_to_pb(signed(debit("known"), key)), "order", reg, now)
+    assert reloads == []  # everything known: no read
+    with pytest.raises(SignatureRefused):  # unsigned: refused whatever the registry says
+        admit_order(order_to_pb(debit("unsigned")), "order", reg, now)
+    assert reloads == []
+    unknown_payer = dataclasses.replace(debit("new-bank"), payer_id="BANK_NEW")
+    admit_order(order_to_pb(signed(unknown_payer, key)), "order", reg, now)
+    assert reloads == [1]  # read again (the payer is refused later, by validation)
+    assert "BANK_NEW" not in reg.snapshot()

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import count
@@ -175,7 +175,7 @@ class Node:
             node_id=node_id,
             zone=ZONE,
             ledger=ledger,
-            participants=lambda: PARTICIPANTS,
+            participant=PARTICIPANTS.get,
             still_owner=lambda shard, epoch: self.epochs.get(shard) == epoch,
             relinquish=self._relinquish,
             clock=clock,
@@ -2316,7 +2316,7 @@ def test_a_home_shard_whose_registry_lacks_the_payer_asks_for_a_retry_and_record
     home = home_shard(SMALL, CNY)
     before = len(world.chain(home))
     behind = {pid: p for pid, p in PARTICIPANTS.items() if pid != SMALL}
-    monkeypatch.setattr(world.lender.store, "_participants", lambda: behind)
+    monkeypatch.setattr(world.lender.store, "_participant", behind.get)
     a = world.node("node-a")
     a.take(SHARD, 10)
     (pid,) = ids_in(SHARD, 1)
@@ -2328,7 +2328,7 @@ def test_a_home_shard_whose_registry_lacks_the_payer_asks_for_a_retry_and_record
     assert err.value.retry_after_ms == 2000
     assert len(world.chain(home)) == before
     assert [e.kind for e in world.chain()] == []
-    monkeypatch.setattr(world.lender.store, "_participants", lambda: PARTICIPANTS)
+    monkeypatch.setattr(world.lender.store, "_participant", PARTICIPANTS.get)
     _, won = a.begin(debit(pid, 100, payer=SMALL))  # caught up: the retry is lent
     assert won
 
@@ -2361,23 +2361,3 @@ def test_headroom_a_shard_leaves_unused_goes_back_home_before_any_settlement(
     _, won = a.begin(debit(late, 400, payer=SMALL))
     assert won
     assert a.store.exposure()[(SMALL, CNY)] <= SMALL_CAP
-
-
-def test_a_home_shard_reads_its_registry_again_for_a_payer_it_lacks(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    behind = {pid: p for pid, p in PARTICIPANTS.items() if pid != SMALL}
-    asked: list[str] = []
-
-    def knowing(pid: str) -> Mapping[str, Participant]:
-        asked.append(pid)
-        return PARTICIPANTS  # the store holds it: registered a moment ago
-
-    monkeypatch.setattr(world.lender.store, "_participants", lambda: behind)
-    monkeypatch.setattr(world.lender.store, "_participants_knowing", knowing)
-    a = world.node("node-a")
-    a.take(SHARD, 10)
-
-    _, won = a.begin(debit(ids_in(SHARD, 1)[0], 100, payer=SMALL))
-
-    assert won and asked == [SMALL]

@@ -133,10 +133,10 @@ class UnknownParticipant(FailedPrecondition):
     resending the order as it is, is what helps)."""
 
     default_reason = "PARTICIPANT_NOT_FOUND"
-    # Every node learns of a new participant at its next registry refresh (2 s).
+    # A node that lacks a participant reads the registry again at once, at most twice a
+    # second (switch.processor.Registry); an order sent in between may still miss it.
     JUST_REGISTERED = (
-        "; one registered in the last few seconds is not known to every node yet: "
-        "send the order again (same id) 2 s after registering"
+        "; if it was registered a moment ago, send the order again (same id) in a second"
     )
 
 

@@ -38,8 +38,6 @@ from clearinghouse.ledger_view import LedgerSummary, read_ledger
 from clearinghouse.localcluster import procs
 from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.repair import Repair
-from clearinghouse.ownership import placement
-from clearinghouse.ownership.placement import NodeInfo
 from clearinghouse.security import pki
 from clearinghouse.storage.ledger import CassandraLedger
 from clearinghouse.storage.session import connect_to_node
@@ -52,7 +50,6 @@ from clearinghouse.topology import Topology
 MONITOR_INTERVAL_S = 1.0
 DESCRIBE_TIMEOUT_S = 1.5
 OWNERSHIP_CONVERGE_TIMEOUT_S = 90.0
-OWNERSHIP_POLL_S = 0.5
 LEDGER_READ_RETRY_S = 3.0
 # After a repair, a replica gets this long to read whole (a node busy merging what it
 # streamed can time a read out).
@@ -121,35 +118,6 @@ class ShardMonitor:
             sample = describe_all(self.topo, self._pool)
             self.samples.append((self.clock(), sample))
             self._stop.wait(max(0.0, MONITOR_INTERVAL_S - (time.monotonic() - started)))
-
-
-def live_members(lc: LocalCluster) -> list[NodeInfo]:
-    return [
-        NodeInfo(z.name, z.name, z.city)
-        for z in lc.topo.zones
-        if procs.state(lc.switch_managed(z)).alive
-    ]
-
-
-def wait_converged(
-    lc: LocalCluster, progress: Progress, timeout_s: float = OWNERSHIP_CONVERGE_TIMEOUT_S
-) -> tuple[dict[int, str], dict[int, str], float]:
-    """Wait (bounded) until every shard is served where placement puts it among the live
-    switch nodes; returns (served, placement, seconds waited), converged or not."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    noted = start
-    while True:
-        target = placement.assign(SHARD_COUNT, live_members(lc))
-        served = lc.served_shards()
-        if served == target or time.monotonic() > deadline:
-            return served, target, time.monotonic() - start
-        if time.monotonic() - noted > 10:
-            noted = time.monotonic()
-            off = sum(1 for s, z in target.items() if served.get(s) != z)
-            progress(f"  waiting for the shard map to settle: {off} shards not yet where "
-                     f"placement puts them ({noted - start:.0f}s of {timeout_s:.0f}s)")  # fmt: skip
-        time.sleep(OWNERSHIP_POLL_S)
 
 
 # -- ledgers ----------------------------------------------------------------------------------
@@ -524,10 +492,8 @@ __all__ = [
     "hints_replayed",
     "journal_effects",
     "ledger_facts",
-    "live_members",
     "read_city",
     "registered_caps",
     "resolve",
-    "wait_converged",
     "wait_for_city",
 ]

@@ -110,7 +110,7 @@ class _Run:
     restarted: set[str]
     load_s: float  # the run's end (the load drained, the victims restored)
     in_flight: int
-    sending_s: float = 0.0  # when the load stopped sending new payments
+    sending_s: float  # when the load stopped sending new payments
 
 
 class Drill:
@@ -147,7 +147,9 @@ class Drill:
 
     def step(self, s: Step) -> None:
         if s.action == "converge":
-            served, target, waited = observe.wait_converged(self.lc, self.progress)
+            served, target, waited = self.lc.converge(
+                observe.OWNERSHIP_CONVERGE_TIMEOUT_S, self.progress
+            )
             settled = "settled" if served == target else "NOT settled"
             self.event(f"shard map {settled} after {waited:.1f}s")
             return
@@ -205,7 +207,7 @@ class Drill:
         self.progress(f"drill {o.scenario}, seed {o.seed}: {plan.summary}; "
                       f"{report.rate_text(o.rate_per_s)} for {o.duration_s:.0f}s; "
                       f"files in {self.out}")  # fmt: skip
-        served, target, waited = observe.wait_converged(lc, self.progress)
+        served, target, waited = lc.converge(observe.OWNERSHIP_CONVERGE_TIMEOUT_S, self.progress)
         if served != target:
             raise ClusterError(f"the shard map did not settle within {waited:.0f}s before the "
                                "drill: `clearingctl cluster status`, then retry")  # fmt: skip
@@ -270,7 +272,7 @@ class Drill:
         )
         stubs = {z: stub for z, (_, stub) in channels.items()}
         say("checking: shard map, open outcomes, every city's ledger, bank journals, caps")
-        served, target, converge_s = observe.wait_converged(lc, say)
+        served, target, converge_s = lc.converge(observe.OWNERSHIP_CONVERGE_TIMEOUT_S, say)
         traces = self.log.traces()
         queries = [observe.Query(t.key, t.institution_id, t.payment_id)
                    for t in traces if needs_resolution(t)]  # fmt: skip
@@ -316,7 +318,7 @@ class Drill:
                      "hold_s": plan.hold_s, "inject": [str(s) for s in plan.inject],
                      "recover": [str(s) for s in plan.recover]},
             "load": {"rate_per_s": o.rate_per_s, "duration_s": o.duration_s,
-                     "seconds": round(run.sending_s or load_s, 1), "run_s": round(load_s, 1),
+                     "seconds": round(run.sending_s, 1), "run_s": round(load_s, 1),
                      "after_fault_s": AFTER_MIN_S,
                      "sent": len(traces),
                      "batched": sum(t.batched for t in traces), "jobs": gen.jobs_sent,

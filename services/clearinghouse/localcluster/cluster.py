@@ -585,36 +585,45 @@ class LocalCluster:
             every_s=30.0,
         )
         self.progress(f"every ledger shard is served ({waited:.1f}s)")
-        self.wait_for_placement()
+        owners, target, waited = self.converge(PLACEMENT_WAIT_S)
+        if owners == target:
+            if waited >= 1.0:
+                self.progress(f"every ledger shard is with the node placement gives it "
+                              f"({waited:.1f}s)")  # fmt: skip
+        else:
+            moving = sum(1 for s, zone in target.items() if owners.get(s) != zone)
+            self.progress(
+                f"  {moving} ledger shards are still moving to the nodes placement gives them "
+                f"after {waited:.0f}s: `clearingctl cluster status` shows them; read the "
+                "switch nodes' logs if the number does not fall"
+            )
 
-    def wait_for_placement(self, timeout_s: float = PLACEMENT_WAIT_S) -> bool:
+    def placement_target(self) -> dict[int, str]:
+        """Shard -> the zone placement gives it among the switch nodes running now."""
+        running = [NodeInfo(z.name, z.name, z.city) for z in self.topo.zones
+                   if procs.state(self.switch_managed(z)).alive]  # fmt: skip
+        return placement.assign(SHARD_COUNT, running)
+
+    def converge(
+        self, timeout_s: float, progress: Callable[[str], None] | None = None
+    ) -> tuple[dict[int, str], dict[int, str], float]:
         """Wait, at most ``timeout_s``, until every shard is served by the node placement
-        gives it among the running switch nodes; whether it is. Until then shards move to
-        nodes that started (each briefly unserved), which ``cluster status`` shows."""
+        gives it among the running switch nodes (a node that starts is handed its share by
+        the others, shard by shard, each briefly unserved); (served, placement, seconds
+        waited), settled or not."""
+        say = progress or self.progress
         start = noted = time.monotonic()
         while True:
-            running = [NodeInfo(z.name, z.name, z.city) for z in self.topo.zones
-                       if procs.state(self.switch_managed(z)).alive]  # fmt: skip
-            target = placement.assign(SHARD_COUNT, running)
+            target = self.placement_target()
             served = self.served_shards()
-            moving = sum(1 for s, zone in target.items() if served.get(s) != zone)
-            now = time.monotonic()
-            if not moving:
-                if now - start >= 1.0:
-                    self.progress(f"every ledger shard is with the node placement gives it "
-                                  f"({now - start:.1f}s)")  # fmt: skip
-                return True
-            if now - start > timeout_s:
-                self.progress(
-                    f"  {moving} ledger shards are still moving to the nodes placement gives "
-                    f"them after {timeout_s:.0f}s: `clearingctl cluster status` shows them; "
-                    "read the switch nodes' logs if the number does not fall"
-                )
-                return False
-            if now - noted >= SHARDS_NOTE_EVERY_S:
-                noted = now
-                self.progress(f"  ... {moving} ledger shards moving to the nodes placement "
-                              "gives them (each briefly unserved)")  # fmt: skip
+            waited = time.monotonic() - start
+            if served == target or waited > timeout_s:
+                return served, target, waited
+            if time.monotonic() - noted >= SHARDS_NOTE_EVERY_S:
+                noted = time.monotonic()
+                moving = sum(1 for s, zone in target.items() if served.get(s) != zone)
+                say(f"  ... {moving} ledger shards not yet with the node placement gives them "
+                    f"({waited:.0f}s of {timeout_s:.0f}s)")  # fmt: skip
             time.sleep(PLACEMENT_POLL_S)
 
     def served_shards(self) -> dict[int, str]:

@@ -242,8 +242,7 @@ def build(cfg: NodeConfig) -> Node:
         node_id=cfg.node_id,
         zone=cfg.zone,
         ledger=ledger,
-        participants=registry.snapshot,
-        participants_knowing=lambda pid: registry.snapshot_knowing(lambda known: pid not in known),
+        participant=lambda pid: registry.snapshot_knowing(lambda known: pid not in known).get(pid),
         still_owner=lambda shard, epoch: agent.epoch_if_owner(shard) == epoch,
         unconfirmed=lambda shard, epoch: agent.unconfirmed(shard, epoch),  # noqa: PLW0108
         relinquish=lambda shard: agent.relinquish(shard),  # noqa: PLW0108 (agent is bound later)

@@ -216,7 +216,10 @@ def admit_order(
             inst is None
             or order.payer_id not in known
             or order.payee_id not in known
-            or (bool(order.signing_key_id) and order.signing_key_id not in inst.signing_key_map())
+            or (
+                bool(order.signing_key_id)  # unsigned: refused whatever the registry says
+                and all(k.key_id != order.signing_key_id for k in inst.signing_keys)
+            )
         )
 
     try:

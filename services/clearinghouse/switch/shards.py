@@ -339,11 +339,10 @@ class _Shard:
         self.returned: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.return_acked: dict[tuple[str, str], int] = {}
         self.repaid: defaultdict[tuple[str, str, int], int] = defaultdict(int)
-        # In a home shard: per (participant, currency, shard), all it ever lent that shard
-        # (a shard can give back no more than that).
-        self.granted_to: defaultdict[tuple[str, str, int], int] = defaultdict(int)
-        # ... the same by the borrower's epoch (0: loans recorded before epochs were),
-        # and the total taken back of loans whose receipts were never written.
+        # In a home shard: per (participant, currency, shard), what it lent that shard by
+        # the borrower's epoch (0: loans recorded before epochs were; a shard can give
+        # back no more than all of it: :meth:`lent_to`), and the total taken back of
+        # loans whose receipts were never written.
         self.granted_by_epoch: defaultdict[tuple[str, str, int], defaultdict[int, int]] = (
             defaultdict(lambda: defaultdict(int))
         )
@@ -380,7 +379,6 @@ class _Shard:
         self.returned.clear()
         self.return_acked.clear()
         self.repaid.clear()
-        self.granted_to.clear()
         self.granted_by_epoch.clear()
         self.reclaimed.clear()
         self.received_before.clear()
@@ -421,6 +419,11 @@ class _Shard:
             self.owed.add(key)
         else:
             self.owed.discard(key)
+
+    def lent_to(self, to: tuple[str, str, int]) -> int:
+        """In a home shard: all it ever lent (participant, currency) to shard ``to[2]``."""
+        by_epoch = self.granted_by_epoch.get(to)
+        return sum(by_epoch.values()) if by_epoch is not None else 0
 
     def add_cut(self, window_id: int, entry: LedgerEntry) -> None:
         self.cuts[window_id] = entry
@@ -521,7 +524,7 @@ class ShardedStore:
         node_id: str,
         zone: str,
         ledger: LedgerStore,
-        participants: Callable[[], Mapping[str, Participant]],
+        participant: Callable[[str], Participant | None],
         still_owner: Callable[[int, int], bool],
         relinquish: Callable[[int], None],
         clock: Clock,
@@ -529,7 +532,6 @@ class ShardedStore:
         repay: Repay | None = None,
         full_reader: ChainReader | None = None,
         unconfirmed: Callable[[int, int], bool] = lambda shard, epoch: False,
-        participants_knowing: Callable[[str], Mapping[str, Participant]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.zone = zone
@@ -537,10 +539,9 @@ class ShardedStore:
         # Reads every city's replica (consistency ALL): the second read of a chain that
         # does not verify at the ledger's own consistency.
         self.full_reader = full_reader
-        self._participants = participants
-        # The registry read again at once for a participant it lacks (registered a moment
-        # ago on another node); None: only the snapshot.
-        self._participants_knowing = participants_knowing
+        # A participant as the registry knows it (in a node: the snapshot, read again at
+        # once for one it lacks, registered a moment ago on another node).
+        self._participant = participant
         self._still_owner = still_owner
         # Held at that epoch but not owned now: the lease is suspended (ownership.node),
         # owned again at the same epoch if etcd confirms it, else lost (on_lost follows).
@@ -817,7 +818,6 @@ class ShardedStore:
             t = CapTransfer.decode(e.body)
             to = (t.participant_id, t.currency, t.other_shard)
             st.lent[(t.participant_id, t.currency)] += t.amount_minor
-            st.granted_to[to] += t.amount_minor
             st.granted_by_epoch[to][t.epoch] += t.amount_minor
         elif e.kind == KIND_CAP_RECEIVE:
             t = CapTransfer.decode(e.body)
@@ -1020,9 +1020,7 @@ class ShardedStore:
         (``for_epoch``: the epoch of its owner that asks, recorded with the loan)."""
         st = self._serving(home_shard(participant_id, currency))
         key = (participant_id, currency)
-        participant = self._participants().get(participant_id)
-        if participant is None and self._participants_knowing is not None:
-            participant = self._participants_knowing(participant_id).get(participant_id)
+        participant = self._participant(participant_id)
         if participant is None:
             # The order was checked against the registry of the node that took it: this
             # node's has not caught up yet (a participant registered in the last 2 s).
@@ -1048,7 +1046,6 @@ class ShardedStore:
                                 max(for_epoch, 0))  # fmt: skip
             pending = self._enqueue(st, KIND_CAP_GRANT, cap_key(*key), grant.encode())
             st.lent[key] += granted
-            st.granted_to[(*key, for_shard)] += granted
             st.granted_by_epoch[(*key, for_shard)][grant.epoch] += granted
         self._await(pending)
         return granted
@@ -1073,7 +1070,7 @@ class ShardedStore:
         pendings: list[_Pending] = []
         with st.lock:
             took = st.repaid[to]
-            lent_to = st.granted_to[to]
+            lent_to = st.lent_to(to)
             if returned_total_minor > lent_to:
                 # A shard gives back only what its loans gave it: this is no return.
                 raise FailedPrecondition(
@@ -1081,15 +1078,14 @@ class ShardedStore:
                     f"{returned_total_minor} in all, more than the {lent_to} lent to it",
                     reason="CAP_RETURN_EXCEEDS_LOANS",
                 )
-            lost = self._lost_loans(st, to, received) if received is not None else 0
-            bound = received.epoch if received is not None else 0
             more = returned_total_minor - took
             if more > 0:
                 body = CapTransfer(*key, from_shard, more, self.clock()).encode()
                 pendings.append(self._enqueue(st, KIND_CAP_REPAID, cap_key(*key), body))
                 st.lent[key] -= more
                 st.repaid[to] = took = returned_total_minor
-            if lost > 0:
+            if received is not None and (lost := self._lost_loans(st, to, received)) > 0:
+                bound = received.epoch
                 body = CapTransfer(*key, from_shard, lost, self.clock(), bound).encode()
                 pendings.append(self._enqueue(st, KIND_CAP_RECLAIMED, cap_key(*key), body))
                 st.lent[key] -= lost
