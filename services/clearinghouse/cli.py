@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = cs.add_parser(
         "status",
         help="processes by city and zone, Cassandra's ring, etcd's leader, shard owners, "
-        "payments/s and errors per zone",
+        "payments/s and errors per zone, and a verdict it exits with: 0 healthy, "
+        "1 degraded (payments go on), 2 outage (payments, all or some, are refused)",
     )
     st.add_argument("--json", action="store_true")
     st.add_argument("--no-ring", action="store_true", help="skip nodetool (faster)")
@@ -278,13 +279,15 @@ def _cluster(lc: LocalCluster, args: argparse.Namespace) -> int:
         st = lc.status(with_ring=not args.no_ring)
         if not args.no_live:
             st.update(observe.live_status(lc))
+        verdict = observe.health(st)
         if args.json:
-            print(json.dumps(st, indent=2))
+            print(json.dumps({**st, "health": verdict.as_dict()}, indent=2))
         else:
             print_status(st)
             if not args.no_live:
                 print_live(st)
-        return 0
+            print_health(verdict)
+        return verdict.exit_code
     if cmd == "schema":
         lc.apply_schema()
         return 0
@@ -339,6 +342,14 @@ def print_status(st: dict[str, Any]) -> None:
             for r in rows
         )
         _say(f"  {dc:<10}{cells}")
+
+
+def print_health(h: observe.Health) -> None:
+    """The last lines of ``cluster status``: the verdict it exits with, and why."""
+    city = "yes" if h.survives_city_loss else "no"
+    _say(f"health: {h.verdict.upper()} (exit {h.exit_code}); would survive losing a city: {city}")
+    for p in h.problems:
+        _say(f"  - {p}")
 
 
 def print_live(st: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from clearing.v1 import audit_pb2, audit_pb2_grpc
+from clearinghouse.client import error_details
 from clearinghouse.switch.convert import us_to_ts
 from tests.support import SwitchEnv, listed
 
@@ -86,9 +87,14 @@ def test_an_unknown_payment_is_not_found_and_a_bad_window_is_refused(env: Switch
             timeout=30,
         )
     assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    assert error_details(e.value).reason == "PAYMENT_NOT_FOUND"  # type: ignore[union-attr]
     with pytest.raises(grpc.RpcError) as e:
         audit.GetWindow(audit_pb2.GetWindowRequest(window_id=0), timeout=30)
     assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        audit.GetWindow(audit_pb2.GetWindowRequest(window_id=999_999_999), timeout=30)
+    assert e.value.code() is grpc.StatusCode.NOT_FOUND
+    assert error_details(e.value).reason == "WINDOW_NOT_FOUND"  # type: ignore[union-attr]
     # A chain is read whole per shard named: each at most once, each a real shard.
     for shards in ([3, 3], [128], [-1]):
         with pytest.raises(grpc.RpcError) as e:

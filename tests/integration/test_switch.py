@@ -127,8 +127,9 @@ def test_bad_orders_get_a_precise_status_and_write_nothing(
     else:  # an unknown participant (payment.proto: FAILED_PRECONDITION)
         assert err is not None and err.reason == "PARTICIPANT_NOT_FOUND", err
     if o.payment_id and len(o.payment_id) <= 64 and " " not in o.payment_id:
-        miss, _ = _code_and_error(lambda: env.get("beijing-a", o))
+        miss, nf = _code_and_error(lambda: env.get("beijing-a", o))
         assert miss is grpc.StatusCode.NOT_FOUND
+        assert nf is not None and nf.reason == "PAYMENT_NOT_FOUND", nf
 
 
 def test_batch_has_a_result_per_item_and_rejects_oversize(env: SwitchEnv) -> None:

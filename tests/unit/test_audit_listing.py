@@ -1,5 +1,6 @@
-"""``AuditService.ListParticipantPayments`` for a participant that was never registered:
-NOT_FOUND, before anything is read (an empty page would look like a quiet day)."""
+"""``AuditService`` calls naming a participant that was never registered: NOT_FOUND
+(``PARTICIPANT_NOT_FOUND``, the same for every call), before anything is read (an empty
+page would look like a quiet day, "no such payment" like a wrong payment id)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,26 @@ def test_a_participant_registered_since_the_last_refresh_is_listed() -> None:
     with pytest.raises(Aborted):  # the fake ledger refuses the read, as INTERNAL
         servicer.ListParticipantPayments(request, FakeServicerContext())  # type: ignore[arg-type]
     assert ledger.read == ["list_index"]  # past the check: it went on to read the index
+
+
+@pytest.mark.parametrize(
+    ("method", "request_pb"),
+    [
+        ("GetPaymentHistory",
+         audit_pb2.GetPaymentHistoryRequest(institution_id="INST_NOPE", payment_id="p-1")),
+        ("GetInclusionProof",
+         audit_pb2.GetInclusionProofRequest(institution_id="INST_NOPE", payment_id="p-1")),
+    ],
+)  # fmt: skip
+def test_a_payment_of_an_unregistered_institution_says_so_and_reads_nothing(
+    method: str, request_pb: Any
+) -> None:
+    audit = SimpleNamespace(kinds=lambda: {"INST_ALIPAY": "INSTITUTION"})
+    router, ledger = NoReads(), NoReads()
+    servicer = AuditServicer(audit, router, ledger)  # type: ignore[arg-type]
+    ctx = FakeServicerContext()
+    with pytest.raises(Aborted, match="no participant 'INST_NOPE' is registered"):
+        getattr(servicer, method)(request_pb, ctx)
+    assert ctx.code is grpc.StatusCode.NOT_FOUND
+    assert ctx.error is not None and ctx.error.reason == "PARTICIPANT_NOT_FOUND"
+    assert router.read == [] and ledger.read == []

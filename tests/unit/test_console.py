@@ -635,3 +635,78 @@ def test_cli_parses_console_and_prints_live_status(
     assert "shenzhen-b" in out and "not answering" in out
     assert "0,6,12," in out  # beijing-a's shard numbers
     assert "PAYMENTS/S" in out and "ERROR RATE" in out
+
+
+# -- the verdict `cluster status` exits with ---------------------------------------------
+
+
+def _whole(fake: FakeCluster, metrics: MetricsStub) -> dict[str, Any]:
+    for z in ZONES:
+        metrics.texts[z] = metrics_text({"APPROVED": 1}, 1, {})
+    return {**fake.status(), **observe.live_status(fake, interval_s=0.05)}
+
+
+def test_health_is_healthy_only_with_everything_up_and_every_shard_served(
+    metrics: MetricsStub,
+) -> None:
+    fake = FakeCluster(metrics)
+    h = observe.health(_whole(fake, metrics))
+    assert (h.verdict, h.exit_code, h.problems, h.survives_city_loss) == ("healthy", 0, (), True)
+    # A switch node down whose shards moved elsewhere: payments go on, degraded.
+    fake.down.add("shanghai-b")
+    moved = fake.nodes["shanghai-b"]["shards"]
+    fake.nodes["shanghai-a"]["shards"] = fake.nodes["shanghai-a"]["shards"] + moved
+    h = observe.health(_whole(fake, metrics))
+    assert (h.verdict, h.exit_code) == ("degraded", 1)
+    assert h.problems == ("switch@shanghai-b down (log: x)",)
+    assert h.survives_city_loss
+
+
+def test_health_is_outage_when_shards_have_no_owner_or_quorums_are_lost(
+    metrics: MetricsStub,
+) -> None:
+    fake = FakeCluster(metrics)
+    fake.down.add("beijing-b")  # its shards not taken over yet
+    h = observe.health(_whole(fake, metrics))
+    assert (h.verdict, h.exit_code) == ("outage", 2)
+    assert "shards have no owner" in h.problems[0] and "UNAVAILABLE" in h.problems[0]
+    # A whole city stopped, shards taken over: degraded, and one more city would be fatal.
+    st = _whole(FakeCluster(metrics), metrics)
+    for r in st["processes"]:
+        if r["city"] == "shenzhen":
+            r["state"], r["listening"] = "down", False
+    h = observe.health(st)
+    assert h.verdict == "degraded" and not h.survives_city_loss
+    assert {p.split(" ")[0] for p in h.problems} == {
+        "etcd@shenzhen-a", "cassandra@shenzhen-a", "switch@shenzhen-a", "switch@shenzhen-b"
+    }  # fmt: skip
+    # Two Cassandra nodes of three gone: no QUORUM, down, whatever the switches say.
+    for r in st["processes"]:
+        if r["kind"] == "cassandra" and r["city"] == "shanghai":
+            r["state"] = "paused"
+    h = observe.health(st)
+    assert h.verdict == "outage" and "QUORUM needs 2" in h.problems[0]
+    st["etcd"]["leader"] = None
+    assert "etcd has no leader" in observe.health(st).problems[0]
+    assert observe.health({"started": False}).exit_code == 2
+
+
+def test_cluster_status_exits_with_the_verdict(
+    metrics: MetricsStub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeCluster(metrics)
+    for z in ZONES:
+        metrics.texts[z] = metrics_text({"APPROVED": 1}, 1, {})
+    fake.down.add("shenzhen-b")
+    quick = observe.live_status
+    monkeypatch.setattr(observe, "live_status", lambda lc: quick(lc, interval_s=0.05))
+    args = cli.build_parser().parse_args(["cluster", "status", "--no-ring"])
+    assert cli._cluster(fake, args) == 2  # shenzhen-b's shards have no owner
+    out = capsys.readouterr().out
+    assert "health: OUTAGE (exit 2)" in out and "shards have no owner" in out
+    fake.nodes["shenzhen-a"]["shards"] += fake.nodes["shenzhen-b"]["shards"]
+    args = cli.build_parser().parse_args(["cluster", "status", "--json"])
+    assert cli._cluster(fake, args) == 1
+    got = json.loads(capsys.readouterr().out)["health"]
+    assert (got["verdict"], got["exit_code"]) == ("degraded", 1)
+    assert got["problems"] == ["switch@shenzhen-b down (log: x)"]

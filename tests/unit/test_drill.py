@@ -47,6 +47,7 @@ from clearinghouse.drill.observe import (
     ledger_facts,
     wait_for_city,
 )
+from clearinghouse.drill.runner import Drill, DrillOptions
 from clearinghouse.localcluster import cluster as cluster_mod
 from clearinghouse.localcluster.cluster import ClusterError, LocalCluster
 from clearinghouse.localcluster.paths import Paths
@@ -1042,3 +1043,34 @@ def test_pause_and_resume_name_only_the_processes_they_changed(
     assert lc.resume("shenzhen") == ["etcd@shenzhen-a"]  # not the running or the down ones
     assert lc.resume("shenzhen") == []
     assert [sig for _, sig in signalled] == [signal.SIGSTOP, signal.SIGCONT]
+
+
+def test_a_long_step_is_said_when_it_starts_and_again_when_it_ends(tmp_path: Path) -> None:
+    """A drill's progress reads in time order: "start shanghai ..." before the 30 s the
+    start takes (and whatever is printed meanwhile), "done in" after it."""
+    said: list[str] = []
+
+    class SlowCluster:
+        paths = SimpleNamespace(state=tmp_path)
+
+        def start(self, target: str) -> list[str]:
+            said.append("(meanwhile)")
+            time.sleep(1.1)
+            return [f"switch@{target}-a"]
+
+        def kill(self, target: str) -> list[str]:
+            return []
+
+    opts = DrillOptions("kill-zone", out=tmp_path / "out")
+    d = Drill(SlowCluster(), opts, None, said.append)  # type: ignore[arg-type]
+    d.step(scenarios.Step("start", "shanghai"))
+    d.step(scenarios.Step("kill", "shenzhen"))
+    assert said[0].endswith("start shanghai ...") and said[1] == "(meanwhile)"
+    assert "start shanghai done in " in said[2] and said[2].endswith(": switch@shanghai-a")
+    assert said[3].endswith("kill shenzhen ...")
+    assert said[4].endswith("kill shenzhen: nothing (already in that state)")
+    what = [e["what"] for e in d.events]
+    assert what[0] == "start shanghai" and what[1].startswith("start shanghai done in ")
+    assert what[2:] == ["kill shenzhen: nothing (already in that state)"]
+    assert d.events[0]["t"] < d.events[1]["t"]
+    d.log.close()

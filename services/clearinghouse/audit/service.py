@@ -115,7 +115,10 @@ class AuditDomain:
         chain, _ = read_chain(self.ledger, shard_of(institution_id, payment_id))
         out = [e for e in chain if e.payment_key == key]
         if not out:
-            raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
+            raise NotFound(
+                f"no payment {payment_id!r} of institution {institution_id!r}",
+                reason="PAYMENT_NOT_FOUND",
+            )
         decision = next((e for e in out if e.kind == KIND_DECISION), None)
         return out, (window_in_chain(chain, decision) if decision is not None else 0)
 
@@ -142,7 +145,7 @@ class AuditDomain:
     def window(self, window_id: int) -> tuple[WindowStatus, Any]:
         status = self.windows.status(window_id)
         if not status.events and window_id != self.windows.current():
-            raise NotFound(f"no settlement window {window_id}")
+            raise NotFound(f"no settlement window {window_id}", reason="WINDOW_NOT_FOUND")
         return status, stored_clearing(self.windows, window_id)
 
     def _cleared(self, window_id: int) -> StoredClearing:
@@ -188,7 +191,8 @@ class AuditDomain:
             index = leaves.index(decision.entry_hash)
         except ValueError:
             raise NotFound(
-                f"payment {payment_id!r} was not decided in window {window_id}"
+                f"payment {payment_id!r} was not decided in window {window_id}",
+                reason="PAYMENT_NOT_IN_WINDOW",
             ) from None
         _same_root(window_id, merkle_root(leaves), stored)
         return Proof(window_id, decision, index, len(leaves), inclusion_proof(leaves, index),

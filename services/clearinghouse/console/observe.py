@@ -383,3 +383,105 @@ def zone_grid(
             )
         cities.append({"name": city.name, "zones": zones})
     return cities
+
+
+# -- one verdict for scripts: `cluster status` exits with it ---------------------------
+
+HEALTHY, DEGRADED, OUTAGE = "healthy", "degraded", "outage"
+EXIT_CODE = {HEALTHY: 0, DEGRADED: 1, OUTAGE: 2}
+
+
+@dataclass(frozen=True)
+class Health:
+    """What ``cluster status`` concludes, and exits with (``exit_code``).
+
+    - ``outage`` (2): payments, all or some, are refused now: no cluster, no etcd leader,
+      fewer Cassandra nodes answering than QUORUM needs, no switch node answering, or
+      shards with no owner (from the live part; not judged with ``--no-live``), as for
+      the seconds a lost zone's shards take to be taken over;
+    - ``degraded`` (1): payments go on, but something is not running or not answering;
+    - ``healthy`` (0): every process runs and answers, every shard is served.
+
+    ``survives_city_loss``: whether losing one more whole city, any of them, would still
+    leave etcd a quorum and Cassandra its QUORUM (one replica per node of each city).
+    """
+
+    verdict: str
+    problems: tuple[str, ...]
+    survives_city_loss: bool
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODE[self.verdict]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "problems": list(self.problems),
+            "survives_city_loss": self.survives_city_loss,
+        }
+
+
+def _majority(n: int) -> int:
+    return n // 2 + 1
+
+
+def health(st: Mapping[str, Any]) -> Health:
+    """The verdict on a ``LocalCluster.status`` (plus, when present, ``live_status``)."""
+    if not st.get("started"):
+        return Health(OUTAGE, ("no cluster has been started here (clearingctl cluster up)",), False)
+    problems: list[str] = []
+    fatal: list[str] = []
+    rows = list(st["processes"])
+    answering: dict[str, list[Mapping[str, Any]]] = {k: [] for k in KINDS}
+    for r in rows:
+        name = f"{r['kind']}@{r['zone']}"
+        if r["state"] != "up":
+            problems.append(f"{name} {r['state']} (log: {r['log']})")
+        elif not r["listening"]:
+            problems.append(f"{name} running but not answering yet (log: {r['log']})")
+        else:
+            answering[r["kind"]].append(r)
+    total = {k: sum(1 for r in rows if r["kind"] == k) for k in KINDS}
+    if not st["etcd"]["leader"]:
+        fatal.append("etcd has no leader: no switch node can confirm its shards")
+    if len(answering["cassandra"]) < _majority(total["cassandra"]):
+        fatal.append(
+            f"{len(answering['cassandra'])} of {total['cassandra']} Cassandra nodes answer: "
+            f"QUORUM needs {_majority(total['cassandra'])}"
+        )
+    ring = st.get("cassandra_ring")
+    if ring:
+        up_addresses = {r["address"] for r in answering["cassandra"]}
+        for r in ring:
+            if (r["status"], r["state"]) != ("U", "N") and r["address"] in up_addresses:
+                problems.append(
+                    f"cassandra {r['address']} ({r['dc']}) is {r['status']}{r['state']} in the "
+                    f"ring seen from {st.get('cassandra_ring_via')}"
+                )
+    nodes = st.get("switch_nodes")
+    if nodes is not None:
+        mute = [z for z, d in nodes.items() if d is None]
+        running = {r["zone"] for r in answering["switch"]}
+        problems += [f"switch@{z} does not answer Describe" for z in mute if z in running]
+        if len(mute) == len(nodes):
+            fatal.append("no switch node answers")
+        own = st["ownership"]
+        if own["unserved"]:
+            fatal.append(
+                f"{len(own['unserved'])} of {own['shard_count']} shards have no owner "
+                f"({shard_ranges(own['unserved'])}): their payments are refused UNAVAILABLE"
+            )
+    elif not answering["switch"]:
+        fatal.append("no switch node runs")
+    # One city more lost: what stays of each quorum.
+    cities = sorted({r["city"] for r in rows})
+    survives = bool(cities) and not fatal
+    for city in cities:
+        for kind in ("etcd", "cassandra"):
+            left = sum(1 for r in answering[kind] if r["city"] != city)
+            if left < _majority(total[kind]):
+                survives = False
+    verdict = OUTAGE if fatal else DEGRADED if problems else HEALTHY
+    return Health(verdict, tuple(fatal + problems), survives)

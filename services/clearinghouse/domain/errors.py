@@ -8,7 +8,10 @@ people. The hierarchy::
     ClearingError                      (not raised itself)
     ├── InvalidArgument                INVALID_ARGUMENT     violations: FieldViolation...
     ├── AlreadyExists                  ALREADY_EXISTS       same payment id, other payload
-    ├── NotFound                       NOT_FOUND
+    ├── NotFound                       NOT_FOUND            PAYMENT_NOT_FOUND |
+    │                                                       WINDOW_NOT_FOUND |
+    │                                                       PARTICIPANT_NOT_FOUND |
+    │                                                       PAYMENT_NOT_IN_WINDOW
     ├── FailedPrecondition             FAILED_PRECONDITION
     │   ├── InsufficientLiquidity      FAILED_PRECONDITION
     │   ├── ParticipantSuspended       FAILED_PRECONDITION
@@ -97,7 +100,9 @@ class AlreadyExists(ClearingError):
 
 
 class NotFound(ClearingError):
-    """A named payment or participant does not exist."""
+    """A named payment, window or participant does not exist. Raised with the reason
+    naming which (a client told "NOT_FOUND" alone cannot tell its payment id from its
+    window number being wrong); the default is for a thing no reason names yet."""
 
     default_reason = "NOT_FOUND"
 

@@ -134,11 +134,12 @@ class Drill:
     def clock(self) -> float:
         return time.monotonic() - self.t0
 
-    def event(self, what: str, t: float | None = None) -> None:
+    def event(self, what: str, t: float | None = None, say: bool = True) -> None:
         at = round(self.clock() if t is None else t, 3)
         self.events.append({"t": at, "what": what})
         self.log.record({"ev": "event", "t": at, "what": what})
-        self.progress(f"[{at:7.1f}s] {what}")
+        if say:
+            self.progress(f"[{at:7.1f}s] {what}")
 
     def sleep_until(self, t: float) -> None:
         time.sleep(max(0.0, t - self.clock()))
@@ -154,13 +155,17 @@ class Drill:
             self.event(f"shard map {settled} after {waited:.1f}s")
             return
         t = self.clock()
+        # Said now, in order with what the monitor prints meanwhile; recorded afterwards,
+        # as one event for a step that was quick.
+        self.progress(f"[{t:7.1f}s] {s.action} {s.target} ...")
         hit = getattr(self.lc, s.action)(s.target)
         took = self.clock() - t
         names = ", ".join(hit) or "nothing (already in that state)"
         if took < STEP_EVENT_SPLIT_S:
-            self.event(f"{s.action} {s.target}: {names}", t)
+            self.event(f"{s.action} {s.target}: {names}", t, say=False)
+            self.progress(f"{'':10}{s.action} {s.target}: {names}")
         else:
-            self.event(f"{s.action} {s.target}", t)
+            self.event(f"{s.action} {s.target}", t, say=False)
             self.event(f"{s.action} {s.target} done in {took:.1f}s: {names}")
 
     def run_fault(self, plan: FaultPlan) -> None:

@@ -93,7 +93,9 @@ class AdminDomain:
             raise InvalidArgument(violations)
         stored = self._store.get(participant_id)
         if stored is None:
-            raise NotFound(f"participant {participant_id!r} does not exist")
+            raise NotFound(
+                f"participant {participant_id!r} does not exist", reason="PARTICIPANT_NOT_FOUND"
+            )
         return stored
 
     def list(self, kind: ParticipantKind | None = None) -> Sequence[Participant]:

@@ -152,7 +152,10 @@ class LocalOwner:
             try:
                 rec = self.processor.store.load(institution_id, payment_id)
                 if rec is None:
-                    raise NotFound(f"no payment {payment_id!r} of institution {institution_id!r}")
+                    raise NotFound(
+                        f"no payment {payment_id!r} of institution {institution_id!r}",
+                        reason="PAYMENT_NOT_FOUND",
+                    )
                 out.append(
                     payment_pb2.PaymentResult(
                         payment_id=payment_id, payment=convert.payment_to_pb(rec)

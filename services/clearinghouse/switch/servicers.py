@@ -476,7 +476,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
             window_id, reference = request.window_id, request.reference
             status = self.windows.status(window_id)
             if not status.events and window_id != self.windows.current():
-                raise NotFound(f"no settlement window {window_id}")
+                raise NotFound(f"no settlement window {window_id}", reason="WINDOW_NOT_FOUND")
             if status.state not in ("CLEARED", "SETTLED"):
                 raise FailedPrecondition(
                     f"window {window_id} is {status.state}, not CLEARED",
@@ -575,9 +575,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         # store for one registered since its last refresh. Default: the registry alone.
         self.registered = registered or (lambda pid: pid in self.audit.kinds())
 
+    def _known(self, pid: str) -> None:
+        """A participant that was never registered has nothing to show: said so (the same
+        answer to every audit call naming one), rather than "no such payment" or an empty
+        page, either of which would hide a typo in the id."""
+        if not self.registered(pid):
+            raise NotFound(f"no participant {pid!r} is registered", reason="PARTICIPANT_NOT_FOUND")
+
     def GetPaymentHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
             _check_ref(request.institution_id, request.payment_id)
+            self._known(request.institution_id)
             (r,) = self.router.get([(request.institution_id, request.payment_id)])
             if r.HasField("error"):
                 raise RemoteError(r.error)
@@ -589,12 +597,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def ListParticipantPayments(self, request: Any, context: grpc.ServicerContext) -> Any:
         with grpc_errors(context):
             pid = request.participant_id
-            # A participant that was never registered has no payments to list: said so,
-            # rather than an empty page (a typo would look like a quiet day).
-            if is_valid_id(pid, PARTICIPANT_ID_LEN_MAX) and not self.registered(pid):
-                raise NotFound(
-                    f"no participant {pid!r} is registered", reason="PARTICIPANT_NOT_FOUND"
-                )
+            if is_valid_id(pid, PARTICIPANT_ID_LEN_MAX):  # else INVALID_ARGUMENT below
+                self._known(pid)
             payments, token = _list_payments(
                 self.router, self.ledger, request, request.participant_id, "participant_id"
             )
@@ -664,6 +668,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             _check_ref(request.institution_id, request.payment_id)
             if request.window_id < 0:
                 raise InvalidArgument([FieldViolation("window_id", "must not be negative")])
+            self._known(request.institution_id)
             with heap.freed_afterwards():  # the window is read whole
                 p = self.audit.inclusion(
                     request.window_id, request.institution_id, request.payment_id
@@ -744,7 +749,7 @@ def _list_payments(
     )
     results = router.get(refs)
     for r in results:
-        if r.HasField("error") and r.error.reason != "NOT_FOUND":
+        if r.HasField("error") and r.error.code != grpc.StatusCode.NOT_FOUND.value[0]:
             raise Unavailable(
                 f"could not read payment {r.payment_id!r}: {r.error.reason}",
                 retry_after_ms=max(r.error.retry_after_ms, 500),
