@@ -136,6 +136,10 @@ def shards_served(driver: Any) -> int:
     return int(v)
 
 
+def verdict(driver: Any) -> Any:
+    return js(driver, "return document.getElementById('health').dataset.verdict || null")
+
+
 def cells_owned_by(driver: Any, zone: str) -> int:
     return int(js(driver, f"return document.querySelectorAll('g[data-owner=\"{zone}\"]').length"))
 
@@ -158,6 +162,7 @@ def test_console_shows_a_zone_go_down_and_come_back(
         browser.get(console_url)
         wait_for(browser, "six zones up", lambda d: zones_up(d) == "6", 60)
         wait_for(browser, "every shard served", lambda d: shards_served(d) == 128, 60)
+        wait_for(browser, "health HEALTHY", lambda d: verdict(d) == "healthy", 30)
         assert zone_state(browser, KILLED) == "up"
         assert cells_owned_by(browser, KILLED) > 0
         wait_for(browser, "payments flowing", lambda d: total_rate(d) > 0, 60)
@@ -175,6 +180,7 @@ def test_console_shows_a_zone_go_down_and_come_back(
             90,
         )
         wait_for(browser, "payments flowing again", lambda d: total_rate(d) > 0, 60)
+        assert verdict(browser) == "degraded"  # served by five zones, one down
         shot = tmp_path / "console-zone-down.png"
         assert browser.save_screenshot(str(shot))
         assert shot.stat().st_size < 1_000_000

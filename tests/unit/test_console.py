@@ -511,6 +511,8 @@ def test_api_state_has_cities_zones_ownership_rates_and_history(
     assert len(st["ownership"]["owners"]) == 128 and st["ownership"]["owners"][1] == ZONES[1]
     assert st["etcd"]["leader"] == "shanghai-a"
     assert st["nodes"]["beijing-a"]["routed_forwarded"] == 3
+    assert st["health"] == {"verdict": "healthy", "exit_code": 0, "problems": [],
+                            "survives_city_loss": True}  # fmt: skip
 
     # Payments flow at beijing-a; shanghai-b's node dies.
     metrics.texts["beijing-a"] = metrics_text({"APPROVED": 1000}, 900, {"14": 100})
@@ -538,6 +540,9 @@ def test_api_state_has_cities_zones_ownership_rates_and_history(
     assert st["summary"]["shards_served"] == 128 - len(fake.nodes["shanghai-b"]["shards"])
     assert zones["beijing-a"]["rates"]["error_ratio"] == pytest.approx(0.1, abs=1e-3)
     assert zones["shanghai-b"]["rates"] is None
+    assert st["health"]["verdict"] == "outage"  # its shards have no owner yet
+    assert "shards have no owner" in st["health"]["problems"][0]
+    assert "switch@shanghai-b down (log: x)" in st["health"]["problems"]
     hist = st["history"]
     assert len(hist["t"]) >= 2 and hist["t"] == sorted(hist["t"])
     assert set(hist["series"]) == set(ZONES)

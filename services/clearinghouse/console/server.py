@@ -108,6 +108,10 @@ class Console:
             ring, ring_via, ring_at = self._ring, self._ring_via, self._ring_at
         live = [r for r in zone_rates.values() if r is not None]
         own = observe.ownership(nodes)
+        health = observe.health(
+            {**status, "cassandra_ring": ring, "cassandra_ring_via": ring_via,
+             "switch_nodes": nodes, "ownership": own}
+        )  # fmt: skip
         state: dict[str, Any] = {
             "cluster": topo.name,
             "generated_at": now,
@@ -126,6 +130,7 @@ class Console:
                 else None,
                 "errors_per_s": round(sum(r["errors_per_s"] for r in live), 3) if live else None,
             },
+            "health": health.as_dict(),
             "cities": cities,
             "zone_order": [z["name"] for z in zones],
             "nodes": nodes,
