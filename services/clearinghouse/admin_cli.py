@@ -1,13 +1,13 @@
-"""``clearingctl participant ...`` and ``clearingctl payment ...``: the operator's
-registry commands over ``clearing.v1.AdminService``, and a payment sent or read as an
-institution over ``PaymentService``, without grpcurl.
-
-``participant`` calls as the local CA's operator (``operator:operator``); ``payment``
-as the institution the command names, with its certificate from the local CA and its
-order-signing key from the local key store (both in ``.state/pki``, made on first use,
-as the demo's). Outputs and failures are printed as ``clearingctl audit`` prints them:
-a table, CSV or JSON; one line per failed call with its code, the switch's reason and
-message, the node called and, when it did not answer, its log.
+"""``clearingctl participant ...`` and ``clearingctl payment ...``: the operator's registry
+commands over ``clearing.v1.AdminService``, and a payment sent or read as an institution
+over ``PaymentService``, without grpcurl. ``participant`` calls as the local CA's
+operator (``operator:operator``); ``payment`` as the institution the command names, once
+the registry says it is one, with its certificate from the local CA and its
+order-signing key from the local key store (both in ``.state/pki``; the key made by
+``participant register``, the demo's by the demo). Outputs and failures are printed as
+``clearingctl audit`` prints them: a table, CSV or JSON; one line per failed call with
+its code, the switch's reason and message, the node called and, when it did not answer,
+its log.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import grpc
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse.argtypes import INT64_MAX, bounded_int
 from clearinghouse.audit.cli import FORMATS, Node, RowWriter, rpc_failure, time_us
-from clearinghouse.client import SwitchClient, institution
+from clearinghouse.client import SwitchClient, error_details, institution
 from clearinghouse.domain.signing import key_id_of
 from clearinghouse.security import pki
 from clearinghouse.signing_keys import default_store
+from clearinghouse.switch.config import PARTICIPANT_QUOTA_PER_S
 from clearinghouse.switch.convert import us_to_ts
 from clearinghouse.topology import Topology
 
@@ -146,19 +147,65 @@ def _cap(text: str) -> tuple[str, int]:
 
 def run(group: str, args: argparse.Namespace, topo: Topology, switch_log: Any = None) -> int:
     zone = topo.zone(args.zone or topo.zones[0].name)
-    identity = pki.operator() if group == "participant" else institution(args.institution_id)
     node = Node(zone.name, f"{zone.address}:{zone.ports.switch}",
                 switch_log(zone.name) if switch_log else None)  # fmt: skip
-    client = SwitchClient.connect(topo, zone.name, identity=identity)
+    operator = SwitchClient.connect(topo, zone.name, identity=pki.operator())
+    client: SwitchClient | None = None
     try:
         if group == "participant":
-            return _participant(client, args)
+            return _participant(operator, args)
+        # Acting as an institution needs its certificate, which the local CA makes on
+        # first use: not for a name the registry does not hold (a typo), nor a bank.
+        refused = _not_an_institution(operator, args.institution_id, args.deadline_s)
+        if refused:
+            print(f"clearingctl: {refused}", file=sys.stderr)
+            return EXIT_FAILED
+        client = SwitchClient.connect(topo, zone.name, identity=institution(args.institution_id))
         return _payment(client, args)
     except grpc.RpcError as e:
         print(rpc_failure(e, node, args.deadline_s), file=sys.stderr)
+        if _id_reused(e) and getattr(args, "requested_at", 0) is None:
+            print(REPLAY_HINT, file=sys.stderr)
         return EXIT_FAILED
     finally:
-        client.close()
+        operator.close()
+        if client is not None:
+            client.close()
+
+
+REPLAY_HINT = (
+    "clearingctl: an order's requested_at is part of it, and `payment submit` stamps a new "
+    "one (now) unless given: to send the same order again, pass --requested-at with the "
+    "requested_at the first answer printed (`clearingctl payment get` shows it)"
+)
+
+
+def _id_reused(e: grpc.RpcError) -> bool:
+    err = error_details(e)
+    return err is not None and err.reason == "PAYMENT_ID_REUSED"
+
+
+def _not_an_institution(operator: SwitchClient, pid: str, deadline_s: float) -> str:
+    """Why ``pid`` cannot send or read payments ("" if it can): never registered, or a
+    bank (payments are named by the institution that sent them)."""
+    try:
+        got = operator.admin.GetParticipant(
+            admin_pb2.GetParticipantRequest(participant_id=pid), timeout=deadline_s
+        ).participant
+    except grpc.RpcError as e:
+        err = error_details(e)
+        if err is None or err.reason != "PARTICIPANT_NOT_FOUND":
+            raise
+        return (
+            f"NOT_FOUND PARTICIPANT_NOT_FOUND: no participant {pid!r} is registered "
+            "(`clearingctl participant list`; `participant register` adds one)"
+        )
+    if got.kind != common_pb2.PARTICIPANT_KIND_INSTITUTION:
+        return (
+            f"{pid} is a bank: payments are sent, and named, by the institution whose "
+            "order they are (a bank's own are listed by `clearingctl audit payments`)"
+        )
+    return ""
 
 
 def _participant(client: SwitchClient, args: argparse.Namespace) -> int:
@@ -191,7 +238,8 @@ def _participant(client: SwitchClient, args: argparse.Namespace) -> int:
         made = admin.RegisterParticipant(
             admin_pb2.RegisterParticipantRequest(participant=participant), timeout=timeout
         )
-        print("every switch node knows it within 2 s (its registry refresh)", file=sys.stderr)
+        print("every switch node knows it at once (a node that lacks it reads the registry "
+              "again); it can pay now", file=sys.stderr)  # fmt: skip
         return _show(_participant_row(made.participant), args.format)
     if args.cmd in ("suspend", "resume"):
         if args.cmd == "suspend":
@@ -270,7 +318,8 @@ def _participant_row(p: admin_pb2.Participant) -> dict[str, Any]:
         "bank_code": p.bank_code,
         "endpoint": p.endpoint,
         "signing_keys": " ".join(k.key_id for k in p.signing_keys),
-        "quota": p.payments_per_s_quota,
+        # 0 is "the switch's default": shown as what it is.
+        "quota_per_s": p.payments_per_s_quota or PARTICIPANT_QUOTA_PER_S,
         "version": p.version,
         "status_reason": p.status_reason,
     }

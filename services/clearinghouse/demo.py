@@ -42,6 +42,8 @@ BANK_READY_TIMEOUT_S = 30.0
 DEMO_PAYMENTS = 600
 DEMO_BATCH_SIZE = 20
 DEMO_CLIENT_THREADS = 12
+# Payment states as people read them (APPROVED, not PAYMENT_STATE_APPROVED).
+STATE_ = "PAYMENT_STATE_"
 
 Progress = Callable[[str], None]
 
@@ -214,7 +216,7 @@ def send_burst(
             r = c.payments.SubmitPayment(
                 payment_pb2.SubmitPaymentRequest(order=singles[i]), timeout=CALL_DEADLINE_S
             )
-            state = common_pb2.PaymentState.Name(r.payment.state)
+            state = common_pb2.PaymentState.Name(r.payment.state).removeprefix(STATE_)
         except grpc.RpcError as e:
             err = error_details(e)
             state = f"ERROR {err.reason if err else e.code().name}"
@@ -228,7 +230,7 @@ def send_burst(
         )
         lat = time.monotonic() - t
         return [
-            Outcome(c.zone, common_pb2.PaymentState.Name(x.payment.state)
+            Outcome(c.zone, common_pb2.PaymentState.Name(x.payment.state).removeprefix(STATE_)
                     if x.HasField("payment") else f"ERROR {x.error.reason}", lat)
             for x in r.results
         ]  # fmt: skip

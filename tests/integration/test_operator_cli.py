@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from clearinghouse import cli
+from clearinghouse.security import pki
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
 from tests.support import SwitchEnv
 
@@ -60,7 +61,7 @@ def test_an_operator_registers_caps_suspends_and_the_institution_pays(
     assert (status, got["state"], got["amount_minor"]) == (0, first["state"], 1200)
     status, out, err = ctl(capsys, *pay[:-2], "--amount", "1300")  # same id, other order
     assert (status, out) == (1, None)
-    assert "ALREADY_EXISTS" in err
+    assert "ALREADY_EXISTS" in err and "pass --requested-at" in err  # how to resend
 
     status, (capped,), err = ctl(capsys, "participant", "set-cap", inst, "CNY", "100")
     assert status == 0, err
@@ -95,3 +96,17 @@ def test_mistakes_are_named_and_write_nothing(
     assert status == 1 and "INVALID_ARGUMENT" in err
     status, out, err = ctl(capsys, "participant", "get", inst)
     assert status == 1 and "NOT_FOUND" in err  # neither attempt registered anything
+    # Paying, or reading a payment, as a name the registry lacks or as a bank: refused
+    # before any certificate is made for it.
+    ghost = f"INST_GHOST{uuid.uuid4().hex[:6].upper()}"
+    for argv in (("payment", "get", ghost, "p-1"),
+                 ("payment", "submit", ghost, "p-1", "--type", "credit", "--payer", ghost,
+                  "--payee", "BANK_ICBC", "--account", "6222020000000001", "--amount", "5",
+                  "--currency", "CNY")):  # fmt: skip
+        status, out, err = ctl(capsys, *argv)
+        assert (status, out) == (1, None)
+        assert f"PARTICIPANT_NOT_FOUND: no participant '{ghost}' is registered" in err
+    made = [p for p in pki.default_directory().rglob("*") if ghost in str(p)]
+    assert made == [], "a certificate was made"
+    status, out, err = ctl(capsys, "payment", "get", "BANK_ICBC", "p-1")
+    assert status == 1 and "BANK_ICBC is a bank" in err

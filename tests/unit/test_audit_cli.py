@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -204,7 +205,15 @@ def test_payment(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     req = audit_pb2.GetPaymentHistoryRequest(institution_id="INST_ALIPAY", payment_id="p1")
     assert ch.calls == [(AUDIT + "GetPaymentHistory", req)]
-    assert "window 2" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    # The payment itself (the order as signed, its outcome), then its entries.
+    assert re.search(r"^amount_minor +100$", out, re.M) and re.search(r"^window +2$", out, re.M)
+    assert re.search(r"^state +APPROVED$", out, re.M)
+    assert "INTENT" in out and (b"\x02" * 32).hex() in out
+    run({"GetPaymentHistory": answer}, "audit", "payment", "INST_ALIPAY", "p1", "--format", "json")
+    got = json.loads(capsys.readouterr().out)
+    assert (got["payment"]["payment_id"], got["payment"]["currency"]) == ("p1", "CNY")
+    assert got["payment"]["window"] == 2 and got["entries"][0]["seq"] == 9
 
 
 @covers("audit", "payments")
@@ -269,7 +278,11 @@ def test_proof_recomputes_the_entry_hash(capsys: pytest.CaptureFixture[str]) -> 
                                              payment_id="p1")  # fmt: skip
     assert ch.calls == [(AUDIT + "GetInclusionProof", req)]
     assert code == 0
-    assert json.loads(capsys.readouterr().out)[0]["verified_here"] is True
+    shown = json.loads(capsys.readouterr().out)[0]
+    assert shown["verified_here"] is True
+    # The proof itself, for an auditor to check with any RFC 6962 implementation.
+    assert shown["audit_path"] == [h.hex() for h in good.audit_path] and shown["audit_path"]
+    assert shown["entry_hash"] == good.entry.entry_hash.hex()
     # A body changed under the hash the proof is about: the proof alone would still pass.
     forged = _proof_answer()
     forged.entry.body = b"D"
@@ -285,17 +298,20 @@ def test_proof_recomputes_the_entry_hash(capsys: pytest.CaptureFixture[str]) -> 
 @covers("audit", "compare-cities")
 def test_compare_cities(capsys: pytest.CaptureFixture[str]) -> None:
     answer = audit_pb2.CompareCitiesResponse(agree=False)
-    answer.cities.add(city="shenzhen", differing_rows=["shard 1 seq 2: missing"])
+    rows = [f"shard 1 seq {n}: missing" for n in range(2, 32)]
+    answer.cities.add(city="shenzhen", differing_rows=rows)
     code, ch = run({"CompareCities": answer}, "audit", "compare-cities", "5")
     assert code == 1
     assert ch.calls == [(AUDIT + "CompareCities", audit_pb2.CompareCitiesRequest(window_id=5))]
-    assert "shenzhen: shard 1 seq 2: missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert all(f"shenzhen: {r}\n" in err for r in rows)  # every one, not the first 20
     # Each city's whole root, in JSON and in the table alike: an auditor copies it into
     # `audit verify --expected-root`.
     answer.cities.add(city="beijing", merkle_root=bytes(range(32)))
     run({"CompareCities": answer}, "audit", "compare-cities", "5", "--format", "json")
-    roots = {c["city"]: c["merkle_root"] for c in json.loads(capsys.readouterr().out)}
-    assert roots["beijing"] == bytes(range(32)).hex()
+    cities = {c["city"]: c for c in json.loads(capsys.readouterr().out)}
+    assert cities["beijing"]["merkle_root"] == bytes(range(32)).hex()
+    assert cities["shenzhen"]["rows"] == rows and cities["shenzhen"]["differing_rows"] == 30
     run({"CompareCities": answer}, "audit", "compare-cities", "5")
     assert bytes(range(32)).hex() + " " in capsys.readouterr().out
 
@@ -463,6 +479,26 @@ def test_a_call_the_node_never_answered_names_the_node_and_where_to_look(
     err = capsys.readouterr().err
     assert err.startswith("clearingctl: DEADLINE_EXCEEDED: Deadline Exceeded (switch node")
     assert "it had 30 s" in err and "--deadline-s" in err and "is the switch node up?" in err
+
+
+def test_an_unavailable_node_that_answered_gives_its_reason_and_advice_not_a_guess(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """UNAVAILABLE with the switch's own error: the node is up (it said why); the line
+    gives its reason and retry advice, not "is the switch node up?"."""
+    err = common_pb2.Error(reason="SHARD_OWNERSHIP_UNCONFIRMED", message="etcd has no quorum",
+                           retry_after_ms=1500)  # fmt: skip
+    busy = FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE, ((ERROR_METADATA_KEY, err.SerializeToString()),)
+    )
+    code, _ = run({"GetWindow": busy}, "audit", "window", "3")
+    assert code == 1
+    line = capsys.readouterr().err
+    assert line.startswith(
+        "clearingctl: UNAVAILABLE SHARD_OWNERSHIP_UNCONFIRMED: etcd has no quorum"
+    )
+    assert line.rstrip().endswith("; the switch advises retrying after 1500 ms")
+    assert "is the switch node up?" not in line
 
 
 def test_a_refusal_names_its_reason_once(capsys: pytest.CaptureFixture[str]) -> None:

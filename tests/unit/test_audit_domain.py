@@ -130,8 +130,11 @@ def test_an_inclusion_proof_finds_the_window_of_an_old_payment(
         assert verify_inclusion(proof.entry.entry_hash, proof.leaf_index, proof.tree_size,
                                 proof.audit_path, proof.merkle_root)  # fmt: skip
         assert audit.inclusion(window_id, *_pid(rec)) == proof
-    with pytest.raises(NotFound, match="not decided in window 2"):
+    with pytest.raises(NotFound, match="not decided in window 2 but in window 1") as e:
         audit.inclusion(2, *_pid(paid[1][0]))
+    assert e.value.reason == "PAYMENT_NOT_IN_WINDOW"
+    with pytest.raises(NotFound, match="not decided in window 2 but in the open window"):
+        audit.inclusion(2, *_pid(paid[0][0]))
     with pytest.raises(FailedPrecondition) as open_window:
         audit.inclusion(0, *_pid(paid[0][0]))
     assert open_window.value.reason == "WINDOW_NOT_CLOSED"

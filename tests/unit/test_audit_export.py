@@ -4,6 +4,7 @@ refused when any file is tampered with."""
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import subprocess
@@ -636,6 +637,32 @@ def test_an_unsigned_intent_is_reported_with_the_participants_keys(tmp_path: Pat
     assert "INST_ALIPAY/p-0016" in missing.message
 
 
+def test_published_key_lines_are_the_keys_as_institutions_give_them(tmp_path: Path) -> None:
+    """The line `pki signing-key new` prints, with the participant's id: one a line."""
+    lines = tmp_path / "published.jsonl"
+    lines.write_text("".join(
+        json.dumps({"participant_id": k.participant_id, "key_id": k.key_id,
+                    "public_key": base64.b64encode(k.public_key).decode()}) + "\n"
+        for k in SIGNING_KEYS
+    ))  # fmt: skip
+    rewritten = _export_of(tmp_path, "rewritten", _insider, [*SIGNING_KEYS, INSIDER_RECORD])
+    by_lines = verify_export(rewritten, keys=lines)
+    by_shape = verify_export(rewritten, keys=_published(tmp_path, SIGNING_KEYS))
+    assert not by_lines.ok
+    assert [(p.file, p.message) for p in by_lines.problems] == [
+        (p.file, p.message) for p in by_shape.problems
+    ]  # the same findings: the insider's signature and its key
+    assert len(by_lines.problems) == 2
+    # A line whose key_id is not its key's: refused, naming the line.
+    k = SIGNING_KEYS[0]
+    b64 = base64.b64encode(k.public_key).decode()
+    lines.write_text(
+        json.dumps({"participant_id": k.participant_id, "key_id": "0" * 16, "public_key": b64})
+    )
+    (bad,) = verify_export(rewritten, keys=lines).problems
+    assert bad.file == f"--keys {lines}" and "line 1: key_id" in bad.message
+
+
 def test_an_unreadable_keys_file_is_a_problem(tmp_path: Path, exported: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "nope"}')
@@ -649,13 +676,19 @@ def test_an_expected_root_obtained_independently(
     exported: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = read_export(exported).manifest.merkle_root
-    assert verify_export(exported, expected_root=root).ok
+    matched = verify_export(exported, expected_root=root)
+    assert matched.ok  # and it says it compared the root: a pass without it reads the same
+    assert matched.also_checked == (f"the merkle root against --expected-root {root.hex()}",)
+    assert verify_export(exported).also_checked == ()
     other = hashlib.sha256(b"the root another city's node gave").digest()
     report = verify_export(exported, expected_root=other)
     assert [(p.file, p.message) for p in report.problems] == [
         (MANIFEST_FILE, f"merkle_root {root.hex()} is not the expected root {other.hex()}")
     ]
     assert main([str(exported), "--expected-root", root.hex()]) == 0
+    assert f"checked: the merkle root against --expected-root {root.hex()}" in (
+        capsys.readouterr().out
+    )
     assert main([str(exported), "--expected-root", other.hex().upper()]) == 1
     assert "not the expected root" in capsys.readouterr().out
     for bad in ("abc", "zz" * 32, root.hex()[:-2]):

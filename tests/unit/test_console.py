@@ -675,6 +675,7 @@ def test_health_is_outage_when_shards_have_no_owner_or_quorums_are_lost(
     h = observe.health(_whole(fake, metrics))
     assert (h.verdict, h.exit_code) == ("outage", 2)
     assert "shards have no owner" in h.problems[0] and "UNAVAILABLE" in h.problems[0]
+    assert h.survives_city_loss  # etcd and Cassandra have every member: it is about them
     # A whole city stopped, shards taken over: degraded, and one more city would be fatal.
     st = _whole(FakeCluster(metrics), metrics)
     for r in st["processes"]:

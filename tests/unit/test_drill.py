@@ -572,6 +572,20 @@ def synthetic(fail_from: float, fail_to: float, end: float = 40.0) -> list[Payme
     return out
 
 
+def test_the_baseline_skips_the_warm_up_and_what_the_fault_cut_off() -> None:
+    """Seconds 0-4 (cold channels and JVM paths) and payments whose 2 s to be answered
+    overlap the fault are not "before the fault"; a short lead-in keeps what it has."""
+    traces = [steady(i, i / 10, ok=i >= 30) for i in range(100)]  # the first 3 s fail
+    traces += [steady(1000 + i, 8.5 + i / 10, ok=False) for i in range(15)]  # cut off
+    secs = timeline.per_second(traces, 20.0)
+    fault = timeline.FaultWindow(10.0, 15.0)
+    assert timeline.baseline_span(fault) == (5, 8)
+    assert timeline.baseline_rate(secs, fault) == 1.0
+    assert timeline.success_rate(secs, 2, 10) is not None
+    assert timeline.success_rate(secs, 2, 10) < 1.0  # what the old span would have said
+    assert timeline.baseline_span(timeline.FaultWindow(4.0, 9.0)) == (3, 4)
+
+
 def test_recovery_time_and_error_rate_are_read_off_the_seconds() -> None:
     traces = synthetic(10.0, 14.0)
     secs = timeline.per_second(traces, 40.0)
@@ -820,9 +834,53 @@ def six_node_cluster(
             return SimpleNamespace(alive=True, state="paused")
         return SimpleNamespace(alive=m.name not in down, state="down" if m.name in down else "up")
 
+    def ring(via: Any) -> list[dict[str, str]]:
+        """Gossip as the repairing node sees it: a stopped node is D, unless GOSSIP_LAG
+        says it is seen up for that many more reads (killed a moment ago)."""
+        rows = []
+        for z in topo.zones:
+            stopped = z.name in down or z.name in paused
+            if stopped and GOSSIP_LAG.get(z.name, 0) > 0:
+                GOSSIP_LAG[z.name] -= 1
+                stopped = False
+            rows.append({"dc": z.city, "rack": z.name, "address": z.address,
+                         "status": "D" if stopped else "U", "state": "N"})  # fmt: skip
+        return rows
+
+    GOSSIP_LAG.clear()
     monkeypatch.setattr(lc, "nodetool", nodetool)
+    monkeypatch.setattr(lc, "ring", ring)
+    monkeypatch.setattr(cluster_mod, "GOSSIP_POLL_S", 0.0)
     monkeypatch.setattr(cluster_mod.procs, "state", state)
     return lc, asked, down
+
+
+GOSSIP_LAG: dict[str, int] = {}
+
+
+def test_a_repair_waits_until_gossip_holds_a_node_killed_a_moment_ago_down(
+    six_node_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force leaves out only nodes gossip already marked down; a repair started 2 s
+    after a kill would fail on the node gossip still thinks is up."""
+    lc, asked, down = six_node_cluster
+    said: list[str] = []
+    lc.progress = said.append
+    down.add("shenzhen-a")
+    GOSSIP_LAG["shenzhen-a"] = 2  # seen up by the next two reads of the ring
+    reps = lc.repair("beijing")
+    waits = [m for m in said if "waiting for beijing-a's gossip to mark" in m]
+    assert len(waits) == 2 and "127.0.3.1" in waits[0]
+    assert [z for z, _ in asked] == ["beijing-a", "beijing-b"]
+    assert reps[0].ok and reps[0].left_out == ("cassandra@shenzhen-a",)
+    # Gossip that never catches up is waited for a bounded time, then the repair runs.
+    monkeypatch.setattr(cluster_mod, "GOSSIP_DOWN_WAIT_S", 0.0)
+    GOSSIP_LAG["shenzhen-a"] = 10**6
+    said.clear()
+    asked.clear()
+    lc.repair("beijing")
+    assert any("still holds 127.0.3.1 up" in m for m in said)
+    assert [z for z, _ in asked] == ["beijing-a", "beijing-b"]
 
 
 def test_a_city_is_repaired_from_each_of_its_nodes_and_a_failure_is_named(
@@ -959,7 +1017,7 @@ def fake_report(secs: list[timeline.Second], ok: bool) -> dict[str, Any]:
                  "run_s": 71.5},
         "fault": {"start_s": 10.0, "end_s": 20.0},
         "events": [{"t": 10.0, "what": "kill beijing"}, {"t": 20.0, "what": "start <b>"}],
-        "verdict": v.to_json(), "success_rate_before_fault": 1.0,
+        "verdict": v.to_json(), "success_rate_before_fault": 1.0, "baseline_span_s": [5, 8],
         "error_rate_during_fault": 0.4, "recovery_time_s": 4.0, "shards_moved": 43,
         "last_degraded_s": 4.0,
         "answer_slo_s": 2.0, "success_rate_during_fault": 0.6,
@@ -973,7 +1031,9 @@ def test_the_summary_says_lost_duplicated_and_the_result() -> None:
     secs = timeline.per_second(synthetic(10.0, 14.0), 40.0)
     good = "\n".join(report.summary_lines(fake_report(secs, ok=True)))
     assert "LOST 0   DUPLICATED 0" in good and good.endswith("RESULT: PASS")
-    assert "recovery time 4.0s" in good and "error rate during the fault 40.00%" in good
+    assert "recovery time 4.0s after the fault's start" in good
+    assert "error rate during the fault 40.00%" in good
+    assert "before the fault 100.00% (payments sent 5-8 s into the load)" in good
     assert "hints replayed unavailable" in good
     # Sending ran 40 s (30 asked, on to 10 s after the fault); the run itself 72 s.
     assert "for 40s (asked: 30s, and on to 10s after the fault ended); the run ended at 72s" in (

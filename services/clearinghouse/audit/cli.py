@@ -280,6 +280,8 @@ def run(
             "entries": report.entry_count, "payments_decided": report.payments_decided,
             "merkle_root": report.merkle_root_hex, "problems": len(report.problems),
         }], args.format)  # fmt: skip
+        for what in report.also_checked:
+            print(f"checked: {what}", file=sys.stderr)
         for problem in report.problems:
             print(f"  {problem}", file=sys.stderr)
         return 0 if report.ok else 1
@@ -322,7 +324,10 @@ def rpc_failure(e: grpc.RpcError, node: Node | None, deadline_s: float | None = 
         line += f" (switch node {node.zone} at {node.target})"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED and deadline_s is not None:
         line += f"; it had {deadline_s:g} s: a longer --deadline-s may be what it needs"
-    if code in NO_ANSWER_CODES:
+    if err is not None and err.retry_after_ms > 0:
+        line += f"; the switch advises retrying after {err.retry_after_ms} ms"
+    # A node that sent the switch's own error answered: its reason says what is wrong.
+    if code in NO_ANSWER_CODES and err is None:
         log = f" {_shown(node.log)}" if node is not None and node.log is not None else ""
         line += (
             "; is the switch node up? (any zone's node answers the same: --zone) see "
@@ -386,12 +391,18 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
                                                payment_id=args.payment_id),
             timeout=args.deadline_s,
         )  # fmt: skip
-        p = r.payment
-        state = common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_")
-        print(f"{p.order.institution_id}/{p.order.payment_id}: {state}, shard {p.shard}, "
-              f"window {r.window_id or 'open'}", file=sys.stderr)  # fmt: skip
-        _emit([{"shard": e.shard, "epoch": e.epoch, "seq": e.seq, "kind": e.kind,
-                "entry_hash": e.entry_hash.hex()} for e in r.entries], fmt)  # fmt: skip
+        payment = _payment_detail(r.payment) | {"window": r.window_id or "open"}
+        entries = [{"shard": e.shard, "epoch": e.epoch, "seq": e.seq, "kind": e.kind,
+                    "entry_hash": e.entry_hash.hex()} for e in r.entries]  # fmt: skip
+        if fmt == "json":
+            print(json.dumps({"payment": payment, "entries": entries}, indent=2))
+            return 0
+        if fmt == "table":  # the payment as "field  value" lines, then its entries
+            width = max(len(k) for k in payment)
+            for k, v in payment.items():
+                print(f"{k:<{width}}  {v}")
+            print()
+        _emit(entries, fmt)  # a CSV is one table: the entries
         return 0
     if cmd == "payments":
         return _payments(stub, args)
@@ -412,21 +423,31 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         leaf = _decision_hash(r.entry, payment_key(args.institution_id, args.payment_id))
         ok = leaf is not None and verify_inclusion(leaf, r.leaf_index, r.tree_size,
                                                    list(r.audit_path), r.merkle_root)  # fmt: skip
-        _emit([{"window": r.window_id, "leaf_index": r.leaf_index, "tree_size": r.tree_size,
-                "merkle_root": r.merkle_root.hex(), "entry_hash_matches": leaf is not None,
-                "verified_here": ok}], fmt)  # fmt: skip
+        row = {"window": r.window_id, "leaf_index": r.leaf_index, "tree_size": r.tree_size,
+               "merkle_root": r.merkle_root.hex(), "entry_hash": r.entry.entry_hash.hex(),
+               "entry_hash_matches": leaf is not None, "verified_here": ok}  # fmt: skip
+        # All of it, to be checked elsewhere (RFC 6962 over SHA-256): the sibling hashes
+        # from the leaf up, a list in JSON, space-separated in a table or CSV.
+        path = [h.hex() for h in r.audit_path]
+        _emit([row | {"audit_path": path if fmt == "json" else " ".join(path)}], fmt)
         return 0 if ok else 1
     if cmd == "compare-cities":
         r = stub.CompareCities(audit_pb2.CompareCitiesRequest(window_id=args.window_id),
                                timeout=args.deadline_s)  # fmt: skip
         # The whole root, in the table too: it is what --expected-root takes.
-        _emit([{"city": c.city, "merkle_root": c.merkle_root.hex(),
-                "entries": c.entry_count,
-                "differing_rows": len(c.differing_rows), "error": c.error}
-               for c in r.cities], fmt)  # fmt: skip
-        for c in r.cities:
-            for row in c.differing_rows[:20]:
-                print(f"  {c.city}: {row}", file=sys.stderr)
+        rows = [{"city": c.city, "merkle_root": c.merkle_root.hex(),
+                 "entries": c.entry_count,
+                 "differing_rows": len(c.differing_rows), "error": c.error}
+                for c in r.cities]  # fmt: skip
+        if fmt == "json":  # each row named, for a program to act on
+            rows = [
+                row | {"rows": list(c.differing_rows)}
+                for row, c in zip(rows, r.cities, strict=True)
+            ]
+        _emit(rows, fmt)
+        for c in r.cities:  # every one: a city that differs is what an auditor is after
+            for text in c.differing_rows:
+                print(f"  {c.city}: {text}", file=sys.stderr)
         print(f"cities agree: {r.agree}", file=sys.stderr)
         return 0 if r.agree else 1
     if cmd == "export":
@@ -534,6 +555,29 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
             break
     out.close()
     return 0
+
+
+def _payment_detail(p: Any) -> dict[str, Any]:
+    """Everything the switch holds of one payment: the order as signed, and its outcome."""
+    o = p.order
+
+    def at(ts: Any, present: bool) -> str:
+        return str(ts.ToJsonString()) if present else ""
+
+    return {
+        "institution_id": o.institution_id, "payment_id": o.payment_id,
+        "type": common_pb2.PaymentType.Name(o.type).removeprefix("PAYMENT_TYPE_"),
+        "payer_id": o.payer_id, "payee_id": o.payee_id, "bank_account": o.bank_account,
+        "amount_minor": o.amount.amount_minor, "currency": o.amount.currency, "memo": o.memo,
+        "requested_at": at(o.requested_at, o.HasField("requested_at")),
+        "signing_key_id": o.signing_key_id, "signature": o.signature.hex(),
+        "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
+        "decline_reason": p.decline_reason, "switch_ref": p.switch_ref, "bank_ref": p.bank_ref,
+        "received_zone": p.received_zone,
+        "received_at": at(p.received_at, p.HasField("received_at")),
+        "decided_at": at(p.decided_at, p.HasField("decided_at")),
+        "shard": p.shard, "ledger_seq": p.ledger_seq,
+    }  # fmt: skip
 
 
 def _payment_row(p: Any) -> dict[str, Any]:

@@ -179,6 +179,12 @@ class AuditDomain:
                 f"payment {payment_id!r} is not decided yet", reason="PAYMENT_NOT_DECIDED"
             )
         decision = decisions[0]
+        if window_id and window_id != holding:  # said at once: no window read for it
+            where = f"window {holding}" if holding else "the open window"
+            raise NotFound(
+                f"payment {payment_id!r} was not decided in window {window_id} but in {where}",
+                reason="PAYMENT_NOT_IN_WINDOW",
+            )
         window_id = window_id or holding
         if window_id == 0:
             raise FailedPrecondition(

@@ -29,9 +29,11 @@ or participant concerned:
    The export's keys come from the switch, so an insider who rewrites an order, signs
    it with a key of its own and lists that key in ``signing_keys.json`` (recomputing
    every hash) passes this check. With ``keys`` (``--keys FILE``: the keys each
-   participant published itself, in the same JSON shape), every signature must verify
-   with *those* keys instead, and every key of ``signing_keys.json`` that the file does
-   not list is reported.
+   participant published itself, in the same JSON shape or as lines of
+   ``{"participant_id", "key_id", "public_key"}``: what ``clearingctl pki signing-key
+   new`` prints, with the participant's id added), every signature must verify with
+   *those* keys instead, and every key of ``signing_keys.json`` that the file does not
+   list is reported.
 
 7. With ``previous`` (``--previous <dir>``, the window before's export): every shard
    starts right after that window's cut, and the intents of ``intents.jsonl`` that lie
@@ -50,6 +52,8 @@ export verifies, 1 when it does not.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import csv
 import json
@@ -93,7 +97,7 @@ from clearinghouse.domain.errors import SignatureRefused
 from clearinghouse.domain.fingerprint import order_from_canonical_bytes
 from clearinghouse.domain.merkle import merkle_root, window_leaves
 from clearinghouse.domain.model import SigningKeyRecord
-from clearinghouse.domain.signing import verify_order_signature
+from clearinghouse.domain.signing import PUBLIC_KEY_LEN, key_id_of, verify_order_signature
 
 # How problems of the participants' keys file (``--keys``) name it.
 KEYS_OPTION: Final = "--keys {}"
@@ -137,6 +141,9 @@ class VerifyReport:
     payments_decided: int
     merkle_root_hex: str
     problems: tuple[Problem, ...]
+    # The checks asked for beyond the export itself (--expected-root, --keys,
+    # --previous), so that a report that passes says it made them.
+    also_checked: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The report as indented JSON with sorted keys; ``problems`` as objects with
@@ -151,6 +158,7 @@ class VerifyReport:
             f"  shards {self.shard_count}, entries {self.entry_count}, "
             f"payments decided {self.payments_decided}, merkle root {self.merkle_root_hex}",
         ]
+        lines += [f"  checked: {c}" for c in self.also_checked]
         lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines) + "\n"
 
@@ -256,7 +264,21 @@ def verify_export(
         payments_decided=clearing.payments_decided if clearing is not None else 0,
         merkle_root_hex=root_hex,
         problems=tuple(run.problems),
+        also_checked=_also_checked(expected_root, keys, previous),
     )
+
+
+def _also_checked(
+    expected_root: bytes | None, keys: str | Path | None, previous: str | Path | None
+) -> tuple[str, ...]:
+    out = []
+    if expected_root is not None:
+        out.append(f"the merkle root against --expected-root {expected_root.hex()}")
+    if keys is not None:
+        out.append(f"every signature against the published keys of --keys {keys}")
+    if previous is not None:
+        out.append(f"the window starts where the export of --previous {previous} ends")
+    return tuple(out)
 
 
 def _read(run: _Run, file: str, reader: Callable[[], _T]) -> _T | None:
@@ -363,14 +385,46 @@ def _check_decisions(run: _Run, entries: Iterable[LedgerEntry]) -> None:
 
 
 def _read_published_keys(path: Path, name: str) -> tuple[SigningKeyRecord, ...]:
+    """The keys of ``--keys``: the export's ``signing_keys.json`` shape, or one published
+    key per line (``{"participant_id", "key_id", "public_key": <base64>}``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ExportFormatError(name, f"not UTF-8: {e}") from e
+    if text.lstrip().startswith('{"participant_id"') or '\n{"participant_id"' in text:
+        return _published_lines(text, name)
     try:
         return parse_signing_keys(text)
     except ExportFormatError as e:
-        raise ExportFormatError(name, e.message) from e
+        raise ExportFormatError(
+            name, f"{e.message} (or give one published key a line: {PUBLISHED_LINE})"
+        ) from e
+
+
+PUBLISHED_LINE: Final = '{"participant_id": ..., "key_id": ..., "public_key": <base64>}'
+
+
+def _published_lines(text: str, name: str) -> tuple[SigningKeyRecord, ...]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            pid, key_id, b64 = item["participant_id"], item["key_id"], item["public_key"]
+            if not all(isinstance(v, str) for v in (pid, key_id, b64)):
+                raise TypeError("not text")
+            public = base64.b64decode(b64, validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            raise ExportFormatError(name, f"line {n}: not {PUBLISHED_LINE}: {e}") from e
+        if len(public) != PUBLIC_KEY_LEN or key_id_of(public) != key_id:
+            raise ExportFormatError(
+                name, f"line {n}: key_id {key_id} is not that of a 32-byte public_key"
+            )
+        out.append(SigningKeyRecord(pid, key_id, public, 0, 0))
+    if not out:
+        raise ExportFormatError(name, f"no key in it: give one a line, {PUBLISHED_LINE}")
+    return tuple(out)
 
 
 def _check_keys_published(

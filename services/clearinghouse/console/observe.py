@@ -477,7 +477,7 @@ def health(st: Mapping[str, Any]) -> Health:
         fatal.append("no switch node runs")
     # One city more lost: what stays of each quorum.
     cities = sorted({r["city"] for r in rows})
-    survives = bool(cities) and not fatal
+    survives = bool(cities)
     for city in cities:
         for kind in ("etcd", "cassandra"):
             left = sum(1 for r in answering[kind] if r["city"] != city)

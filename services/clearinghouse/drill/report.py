@@ -38,6 +38,13 @@ def rate_text(per_s: float) -> str:
     return f"{per_s:g} payments/s" if per_s else "as fast as possible"
 
 
+def _span(span: Any) -> str:
+    """Which payments the baseline is: those sent in [lo, hi) s of the load."""
+    if not span:
+        return ""
+    return f" (payments sent {span[0]}-{span[1]} s into the load)"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -67,10 +74,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"  retries {load['retries']}; not sent because the generator was saturated: "
         f"{load['skipped_payments']}",
         f"  LOST {v['lost']}   DUPLICATED {v['duplicated']}   UNRESOLVED {v['unresolved']}",
-        f"  success rate before the fault {_pct(report['success_rate_before_fault'])}; "
-        f"error rate during the fault {_pct(report['error_rate_during_fault'])}; "
-        f"recovery time {_secs(report['recovery_time_s'])} (last degraded second ends at "
-        f"{_secs(report['last_degraded_s'], never='-')})",
+        f"  success rate before the fault {_pct(report['success_rate_before_fault'])}"
+        f"{_span(report.get('baseline_span_s'))}; "
+        f"error rate during the fault {_pct(report['error_rate_during_fault'])}",
+        f"  recovery time {_secs(report['recovery_time_s'])} after the fault's start (the "
+        f"last degraded second ends {_secs(report['last_degraded_s'], never='-')} after it)",
         f"  payments answered within {report['answer_slo_s']:g}s during the fault: "
         f"{_pct(report['success_rate_during_fault'])}",
         f"  shards moved {report['shards_moved']} (at most {report['shards_unserved_max']} "

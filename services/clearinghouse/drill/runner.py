@@ -335,6 +335,7 @@ class Drill:
             "events": self.events,
             "verdict": verdict.to_json(),
             "success_rate_before_fault": base,
+            "baseline_span_s": list(timeline.baseline_span(fault)),
             "error_rate_during_fault": timeline.error_rate(secs, fault),
             "answer_slo_s": timeline.ANSWER_SLO_S,
             "success_rate_during_fault": timeline.success_rate(

@@ -51,6 +51,11 @@ NODETOOL_TIMEOUT_S = 30.0
 # A full repair of the keyspace from one node (validation of every range it holds,
 # streaming what differs); bounded so that a stuck repair cannot hang its caller.
 NODETOOL_REPAIR_TIMEOUT_S = 600.0
+# A repair leaves out (--force) only nodes the repairing node's gossip already holds
+# down; a node killed a moment ago is still "up" to it for several seconds (the failure
+# detector), and the repair would fail waiting on it. Waited for, this long at most.
+GOSSIP_DOWN_WAIT_S = 60.0
+GOSSIP_POLL_S = 2.0
 PEERS_QUERY_TIMEOUT_S = 5.0
 KINDS = ("etcd", "cassandra", "switch")
 SWITCH_READY_TIMEOUT_S = 90.0
@@ -743,8 +748,9 @@ class LocalCluster:
         out = []
         for node in nodes:
             zone = node.zone.name
-            down = tuple(f"cassandra@{n.zone.name}" for n in every
-                         if procs.state(n.managed).state != "up")  # fmt: skip
+            stopped = [n for n in every if procs.state(n.managed).state != "up"]
+            down = tuple(f"cassandra@{n.zone.name}" for n in stopped)
+            self._wait_gossip_down(node, stopped, say)
             say(f"repair: nodetool repair --full {ks} on {zone} (up to "
                 f"{NODETOOL_REPAIR_TIMEOUT_S:.0f}s; log: {node.system_log})"
                 + (f"; left out, down: {', '.join(down)}" if down else ""))  # fmt: skip
@@ -766,6 +772,35 @@ class LocalCluster:
             say(f"repair: {zone} {'done' if ok else 'FAILED'} in {rep.seconds:.1f}s: {detail}")
             out.append(rep)
         return out
+
+    def _wait_gossip_down(
+        self,
+        via: cassandra.CassandraNode,
+        stopped: Sequence[cassandra.CassandraNode],
+        say: Callable[[str], None],
+    ) -> None:
+        """Until ``via``'s ring shows every node of ``stopped`` down (bounded: the repair
+        then runs and says what failed)."""
+        if not stopped:
+            return
+        addresses = {n.zone.address for n in stopped}
+        deadline = time.monotonic() + GOSSIP_DOWN_WAIT_S
+        t0 = time.monotonic()
+        while True:
+            ring = self.ring(via) or []
+            still = sorted(r["address"] for r in ring
+                           if r["address"] in addresses and r["status"] != "D")  # fmt: skip
+            if ring and not still:
+                return
+            if time.monotonic() > deadline:
+                say(f"repair: {via.zone.name}'s gossip still holds {', '.join(still) or '?'} "
+                    f"up after {GOSSIP_DOWN_WAIT_S:.0f}s; repairing anyway")  # fmt: skip
+                return
+            waited = time.monotonic() - t0
+            say(f"repair: waiting for {via.zone.name}'s gossip to mark "
+                f"{', '.join(still) or 'the stopped nodes'} down, so that the repair can "
+                f"leave them out ({waited:.0f}s of {GOSSIP_DOWN_WAIT_S:.0f}s)")  # fmt: skip
+            time.sleep(GOSSIP_POLL_S)
 
     def ring(self, via: cassandra.CassandraNode) -> list[dict[str, str]] | None:
         """Cassandra's own view of the ring (``nodetool status``) from node ``via``."""
