@@ -12,8 +12,9 @@ import pytest
 
 from clearinghouse import cli
 from clearinghouse.security import pki
+from clearinghouse.storage.participants import CassandraParticipantStore
 from clearinghouse.switch.config import REGISTRY_REFRESH_S
-from tests.support import SwitchEnv
+from tests.support import SwitchEnv, session_preferring
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +67,11 @@ def test_an_operator_registers_caps_suspends_and_the_institution_pays(
     status, (capped,), err = ctl(capsys, "participant", "set-cap", inst, "CNY", "100")
     assert status == 0, err
     assert (capped["net_debit_caps"], capped["version"]) == ("CNY=100", 2)
+    # Its 1,200 of exposure is above the new cap, within the old one: what a drill's
+    # within_caps check judges it by.
+    with session_preferring(switch_env.lc, "beijing") as session:
+        ceilings = CassandraParticipantStore(session).cap_ceilings()
+    assert ceilings[(inst, "CNY")] == 5000 and ceilings[("INST_ALIPAY", "CNY")] > 0
     status, (stopped,), _ = ctl(capsys, "participant", "suspend", inst, "--reason", "audit")
     assert (stopped["status"], stopped["status_reason"]) == ("SUSPENDED", "audit")
     time.sleep(REGISTRY_REFRESH_S * 1.5)

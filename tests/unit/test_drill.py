@@ -237,6 +237,20 @@ def test_caps_are_checked_in_every_city_and_no_cap_means_zero() -> None:
     assert failing(evidence(traces, over, caps=None)) == ["within_caps"]
 
 
+def test_a_cap_lowered_below_the_exposure_taken_under_the_one_before_is_no_breach() -> None:
+    """SetNetDebitCap lowers the bound of new lending; what was lent stays until settled."""
+    traces = [trace(0)]
+    over = [city_ledger(c, {traces[0].key: "APPROVED"}) for c in CITIES]
+    lowered = {("INST_A", "CNY"): 10}  # the exposure is 100
+    v = judge(evidence(traces, over, caps=lowered, cap_ceilings={("INST_A", "CNY"): 100}))
+    within = next(c for c in v.checks if c.name == "within_caps")
+    assert within.ok and "3 above a cap lowered since" in within.detail
+    # Above every cap it ever had: a breach, lowered or not.
+    ceiling = {("INST_A", "CNY"): 99}
+    assert failing(evidence(traces, over, caps=lowered, cap_ceilings=ceiling)) == ["within_caps"]
+    assert failing(evidence(traces, over, caps=lowered)) == ["within_caps"]  # none read
+
+
 def test_caps_bound_the_windows_not_settled() -> None:
     traces = [trace(0)]
     states = {traces[0].key: "APPROVED"}

@@ -20,7 +20,9 @@ shard map. The checks:
 * ``within_caps`` - no participant's net debit position (over the windows not settled,
   the open one included, a window where it is net creditor counting zero; every city's
   ledger) is above its registered cap (no cap in a currency means zero). A window is
-  settled if any city's rows say so.
+  settled if any city's rows say so. A position above a cap that was lowered after it
+  was taken, but within the highest cap the participant had, is no breach (lending
+  already done stays until settled): counted apart.
 * ``nets_sum_to_zero`` - per city and currency, net positions sum to zero.
 * ``ownership_converged`` - every shard is served, by the node placement assigns it to.
 * ``ledger_readable`` - every city's ledger could be read and verified.
@@ -104,6 +106,9 @@ class Evidence:
     served: Mapping[int, str]
     placement: Mapping[int, str]
     shard_count: int = SHARD_COUNT
+    # The highest cap each (participant, currency) ever had (every registry version);
+    # None: not read, and the current caps alone are the bound.
+    cap_ceilings: Mapping[tuple[str, str], int] | None = None
 
 
 def unsettled_nets(c: CityLedger, settled: frozenset[int]) -> dict[tuple[str, str], int]:
@@ -259,19 +264,29 @@ def judge(ev: Evidence) -> Verdict:
 
     breaches = []
     caps = ev.caps or {}
+    ceilings = ev.cap_ceilings or {}
     settled = frozenset().union(*(c.settled_windows for c in readable))
     positions = 0  # per city: the participants and currencies with unsettled windows
+    lowered = 0  # above the cap now, within one it had before (lowered since)
     for c in readable if ev.caps is not None else ():
         nets = unsettled_nets(c, settled)
         positions += len(nets)
         for (pid, ccy), net in sorted(nets.items()):
             cap = caps.get((pid, ccy), 0)
-            if net > cap:
-                breaches.append(f"{pid} {ccy}: net debit {net} > cap {cap} in {c.city}")
+            if net <= cap:
+                continue
+            if net <= ceilings.get((pid, ccy), 0):
+                lowered += 1
+                continue
+            breaches.append(f"{pid} {ccy}: net debit {net} > cap {cap} in {c.city}")
     if ev.caps is None:
         checks.append(Check("within_caps", False, "the registered caps could not be read"))
     else:
-        checks.append(_check("within_caps", breaches, positions, "positions within their caps"))
+        what = "positions within their caps"
+        if lowered:
+            what += (f" ({lowered} above a cap lowered since, within the one they were "
+                     "taken under)")  # fmt: skip
+        checks.append(_check("within_caps", breaches, positions, what))
 
     unbalanced = []
     for c in readable:

@@ -40,6 +40,7 @@ from clearinghouse.localcluster.cluster import LocalCluster
 from clearinghouse.localcluster.repair import Repair
 from clearinghouse.security import pki
 from clearinghouse.storage.ledger import CassandraLedger
+from clearinghouse.storage.participants import CassandraParticipantStore
 from clearinghouse.storage.session import connect_to_node
 from clearinghouse.storage.windows import CassandraWindows
 from clearinghouse.switch.ports import LedgerStore, Seal, ShardWrite
@@ -363,6 +364,26 @@ def bank_effects(lc: LocalCluster, bank_ids: Iterable[str]) -> dict[str, BankEff
         if path.exists():
             out.update(journal_effects(path.read_text().splitlines()))
     return out
+
+
+def cap_ceilings(lc: LocalCluster, city: str) -> dict[tuple[str, str], int] | None:
+    """The highest cap each participant ever had, per currency, read at QUORUM through
+    ``city``'s node (``CassandraParticipantStore.cap_ceilings``); None if it could not
+    be read."""
+    address, port = cassandra_zone_of(lc, city)
+    try:
+        cluster, session = connect_to_node(
+            address, port, consistency="QUORUM", keyspace=lc.topo.keyspace.name,
+            timeout_s=LEDGER_SESSION_TIMEOUT_S,
+        )  # fmt: skip
+    except (NoHostAvailable, DriverException, OSError):
+        return None
+    try:
+        return CassandraParticipantStore(session).cap_ceilings()
+    except (DriverException, ClearingError):
+        return None
+    finally:
+        cluster.shutdown()
 
 
 def registered_caps(stubs: Mapping[str, Any]) -> dict[tuple[str, str], int] | None:

@@ -301,10 +301,12 @@ class Drill:
         bank = self._bank_effects(traces, expected)
         caps = observe.registered_caps(observe.admin_stubs(lc.topo, {
             z: c.channel for z, (c, _) in channels.items()}))  # fmt: skip
+        ceilings = observe.cap_ceilings(lc, cities[0])  # a city the fault did not hit
         hints_after = observe.hints_by_node(lc)
         hints_count, hints_note = observe.hints_replayed(self.hints_before, hints_after, restarted)
         self.log.close()
-        verdict = judge(Evidence(traces, ledgers, bank, caps, served, target))
+        verdict = judge(Evidence(traces, ledgers, bank, caps, served, target,
+                                 cap_ceilings=ceilings))  # fmt: skip
         verdict.checks.insert(0, Check(
             "drill_ran", not self.fault_error,
             self.fault_error or f"every step of the plan ran ({len(plan.inject)} inject, "

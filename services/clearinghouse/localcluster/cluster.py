@@ -797,9 +797,10 @@ class LocalCluster:
                     f"up after {GOSSIP_DOWN_WAIT_S:.0f}s; repairing anyway")  # fmt: skip
                 return
             waited = time.monotonic() - t0
+            them = "it" if len(still) == 1 else "them"
             say(f"repair: waiting for {via.zone.name}'s gossip to mark "
                 f"{', '.join(still) or 'the stopped nodes'} down, so that the repair can "
-                f"leave them out ({waited:.0f}s of {GOSSIP_DOWN_WAIT_S:.0f}s)")  # fmt: skip
+                f"leave {them} out ({waited:.0f}s of {GOSSIP_DOWN_WAIT_S:.0f}s)")  # fmt: skip
             time.sleep(GOSSIP_POLL_S)
 
     def ring(self, via: cassandra.CassandraNode) -> list[dict[str, str]] | None:

@@ -59,7 +59,8 @@ class CassandraParticipantStore:
         # The clustering order is version DESC, so one row per partition is the newest.
         self._select_all = p(_SELECT + " PER PARTITION LIMIT 1")
         self._select_one = p(_SELECT + " WHERE participant_id = ? LIMIT 1")
-        for stmt in (self._select_all, self._select_one):
+        self._select_every = p(_SELECT)  # every version: the registry's whole history
+        for stmt in (self._select_all, self._select_one, self._select_every):
             stmt.consistency_level = self.cl
             stmt.is_idempotent = True
         self._insert = p(
@@ -102,6 +103,20 @@ class CassandraParticipantStore:
             "reading the participants", lambda: list(self.session.execute(self._select_all))
         )
         return {r.participant_id: participant_from_row(r) for r in rows}
+
+    def cap_ceilings(self) -> dict[tuple[str, str], int]:
+        """(participant, currency) -> the highest net debit cap any version of the
+        participant had. A cap lowered below the exposure taken under the one before is
+        not a breach: headroom already lent stays lent until its window settles."""
+        rows = with_retries(
+            "reading every participant version",
+            lambda: list(self.session.execute(self._select_every)),
+        )
+        out: dict[tuple[str, str], int] = {}
+        for r in rows:
+            for ccy, cap in participant_from_row(r).net_debit_caps.items():
+                out[(r.participant_id, ccy)] = max(cap, out.get((r.participant_id, ccy), cap))
+        return out
 
     def get(self, participant_id: str) -> Participant | None:
         """The newest version of one participant, or None if it was never registered."""
