@@ -30,7 +30,14 @@ from clearinghouse import topology
 from clearinghouse.audit import cli as audit_cli
 from clearinghouse.audit.export import MANIFEST_FILE, read_manifest, write_export
 from clearinghouse.cli import build_parser
+from clearinghouse.domain import ParticipantKind
 from clearinghouse.domain.chain import FIRST_SEQ, GENESIS_HASH, ChainBuilder
+from clearinghouse.domain.clearing import (
+    BilateralTotal,
+    NetPosition,
+    SettlementInstruction,
+    WindowClearing,
+)
 from clearinghouse.domain.entries import KIND_DECISION, KIND_INTENT
 from clearinghouse.domain.errors import ERROR_METADATA_KEY
 from clearinghouse.domain.merkle import MerkleTree
@@ -117,9 +124,26 @@ def _payment(pid: str, participant: str = "INST_ALIPAY") -> Any:
     return p
 
 
+def _clearing() -> WindowClearing:
+    """A cleared window 3: ALIPAY paid ICBC 100 CNY (the ids as the proto answer says)."""
+    bank, inst = ParticipantKind.BANK, ParticipantKind.INSTITUTION
+    return WindowClearing(
+        window_id=3, entry_count=9, entry_counts=(("DECISION", 2),), decision_count=2,
+        payments_decided=2, state_counts=(("APPROVED", 2),),
+        participants=(("BANK_ICBC", bank), ("INST_ALIPAY", inst)),
+        net_positions=(NetPosition("BANK_ICBC", bank, "CNY", 150, 50, 100),
+                       NetPosition("INST_ALIPAY", inst, "CNY", 0, 100, -100)),
+        bilateral=(BilateralTotal("BANK_ICBC", "INST_ALIPAY", "CNY", 2, 150, 1, 50),),
+        instructions=(SettlementInstruction("3-CNY-1", "CNY", "PAY", "BANK_ICBC",
+                                            "SETTLEMENT:BANK_ICBC", "SWITCH:CNY", 100),),
+        reconciliations=(),
+    )  # fmt: skip
+
+
 def _window_answer() -> Any:
     r = audit_pb2.GetWindowResponse(merkle_root=b"\x01" * 32, entry_count=9, payment_count=2)
     r.summary.window_id, r.summary.state = 3, "CLEARED"
+    r.clearing_json = _clearing().to_json()
     r.net_positions.add(participant_id="BANK_ICBC").net_debit.CopyFrom(
         common_pb2.Money(amount_minor=100, currency="CNY")
     )
@@ -181,18 +205,27 @@ def test_window_csv_is_one_table_per_output(capsys: pytest.CaptureFixture[str]) 
     assert "--part" in capsys.readouterr().err
     expected = {
         "summary": (1, "merkle_root", "01" * 32),
-        "net-positions": (2, "participant", "BANK_ICBC"),
-        "instructions": (1, "from", "SETTLEMENT:BANK_ICBC"),
+        "net-positions": (2, "participant_id", "BANK_ICBC"),
+        "bilateral": (1, "approved_minor", "150"),
+        "instructions": (1, "from_account", "SETTLEMENT:BANK_ICBC"),
     }
     for part, (rows, column, first) in expected.items():
         code, ch = run(answers, "audit", "window", "3", "--format", "csv", "--part", part)
         assert code == 0
         assert ch.calls == [(AUDIT + "GetWindow", audit_pb2.GetWindowRequest(window_id=3))]
-        table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+        out = capsys.readouterr().out
+        table = list(csv.DictReader(io.StringIO(out)))
         assert len(table) == rows and table[0][column] == first, part
-    code, _ = run(answers, "audit", "window", "3")  # a table: all three, for people
+    # Byte for byte the export's CSV files: one auditor's script reads both.
+    exported = _clearing()
+    for part, made in (("net-positions", exported.net_positions_csv),
+                       ("bilateral", exported.bilateral_csv),
+                       ("instructions", exported.instructions_csv)):  # fmt: skip
+        run(answers, "audit", "window", "3", "--format", "csv", "--part", part)
+        assert capsys.readouterr().out == made(), part
+    code, _ = run(answers, "audit", "window", "3")  # a table: all four, for people
     out = capsys.readouterr().out
-    assert code == 0 and "NET_DEBIT_MINOR" in out and "SWITCH:CNY" in out
+    assert code == 0 and "NET_MINOR" in out and "APPROVED_COUNT" in out and "SWITCH:CNY" in out
     code, _ = run(answers, "audit", "window", "3", "--format", "json")
     assert json.loads(capsys.readouterr().out)["payments"] == 2
 

@@ -258,6 +258,9 @@ class FakeWindows:
 class AllMine:
     """The ownership map of a node that owns every shard."""
 
+    def ownership_doubt(self) -> str | None:
+        return None
+
     def owner_of(self, shard: int) -> OwnerRef:
         return OwnerRef(NODE, "unused:0", ZONE)
 

@@ -20,8 +20,13 @@ HERE = OwnerRef("beijing-a", "127.0.1.1:15051", "beijing-a")
 
 
 class OwnerHere:
+    doubt: str | None = None
+
     def owner_of(self, shard: int) -> OwnerRef:
         return HERE
+
+    def ownership_doubt(self) -> str | None:
+        return self.doubt
 
 
 class SuspendedThenConfirmed:
@@ -43,10 +48,10 @@ class SuspendedThenConfirmed:
         return [payment_pb2.PaymentResult(payment_id=o.payment_id) for o in orders]
 
 
-def _submit(local: SuspendedThenConfirmed, deadline_s: float = 10.0) -> Any:
+def _submit(local: SuspendedThenConfirmed, deadline_s: float = 10.0, owners: Any = None) -> Any:
     pool = futures.ThreadPoolExecutor(2)
     router = Router(
-        node_id=HERE.node_id, zone=HERE.zone, owners=OwnerHere(),  # type: ignore[arg-type]
+        node_id=HERE.node_id, zone=HERE.zone, owners=owners or OwnerHere(),
         local=local,  # type: ignore[arg-type]
         pool=pool, credentials=grpc.local_channel_credentials(),
     )  # fmt: skip
@@ -66,6 +71,22 @@ def test_an_unconfirmed_owner_is_asked_again_until_it_answers() -> None:
     result = _submit(local)
     assert not result.HasField("error"), result
     assert local.calls == 3
+
+
+def test_owners_that_disown_a_shard_while_etcd_is_out_of_reach_say_so() -> None:
+    """With etcd's quorum gone, leases lapse and owners drop their shards while the map
+    still names them: the answer is etcd's trouble, not a routing miss."""
+    cut_off = OwnerHere()
+    cut_off.doubt = "this node's etcd lease is past its deadline, unconfirmed"
+    local = SuspendedThenConfirmed(10**6, Unavailable.NOT_SHARD_OWNER)
+    result = _submit(local, deadline_s=1.0, owners=cut_off)
+    assert result.error.reason == Unavailable.OWNERSHIP_UNCONFIRMED
+    assert result.error.message.startswith(cut_off.doubt)
+    assert "SHARD_OWNER)" in result.error.message  # the miss it replaces, named
+    assert result.error.retry_after_ms > 0
+    # With etcd answering, the same miss is what it is.
+    local = SuspendedThenConfirmed(10**6, Unavailable.NOT_SHARD_OWNER)
+    assert _submit(local, deadline_s=1.0).error.reason in ("NO_SHARD_OWNER", "NOT_SHARD_OWNER")
 
 
 def test_other_unavailable_answers_are_the_answer() -> None:

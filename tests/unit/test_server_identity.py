@@ -172,6 +172,9 @@ class OneOwner:
     def __init__(self, owner: OwnerRef) -> None:
         self.owner = owner
 
+    def ownership_doubt(self) -> str | None:
+        return None
+
     def owner_of(self, shard: int) -> OwnerRef:
         return self.owner
 

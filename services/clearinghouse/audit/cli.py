@@ -3,8 +3,9 @@ operator's commands over ``clearing.v1.AuditService`` and ``SettlementService``.
 
 Every listing prints as a table (default), CSV (``--format csv``) or JSON
 (``--format json``). A CSV output is always one table with one header row, so that a
-spreadsheet loads it as it is: ``audit window`` has three tables (the summary, the net
-positions, the instructions) and prints the one ``--part`` names. ``audit verify DIR``
+spreadsheet loads it as it is: ``audit window`` has four tables (the summary, then the
+net positions, the bilateral totals and the instructions, column for column the CSV
+files of an export) and prints the one ``--part`` names. ``audit verify DIR``
 needs no cluster at all: it checks an exported window offline (chains, Merkle root,
 clearing, net positions summing to zero, signatures: with ``--keys``, against the keys
 the participants published themselves rather than the export's; with
@@ -49,6 +50,7 @@ from clearinghouse.audit.export import MANIFEST_FILE
 from clearinghouse.audit.verify import add_expected_root, verify_export
 from clearinghouse.client import error_details, local_credentials
 from clearinghouse.domain.chain import entry_hash
+from clearinghouse.domain.clearing import WindowClearing, table_rows
 from clearinghouse.domain.entries import KIND_DECISION
 from clearinghouse.domain.merkle import verify_inclusion
 from clearinghouse.security import pki
@@ -69,7 +71,9 @@ RATE_LIMITED_PAUSE_MS = 500
 RATE_LIMITED_PAUSE_MAX_MS = 5_000
 T = TypeVar("T")
 FORMATS = ("table", "csv", "json")
-WINDOW_PARTS = ("summary", "net-positions", "instructions")
+# The parts of `audit window`; all but the summary are the export's CSV files, column
+# for column (net_positions.csv, bilateral.csv, instructions.csv).
+WINDOW_PARTS = ("summary", "net-positions", "bilateral", "instructions")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 # Codes of a call the node never answered (down, stopped, unreachable, or slower than the
@@ -463,7 +467,7 @@ def _window_parts(stub: Any, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     r = stub.GetWindow(audit_pb2.GetWindowRequest(window_id=args.window_id),
                        timeout=args.deadline_s)  # fmt: skip
-    if not (r.clearing_json or r.merkle_root):
+    if not r.clearing_json:
         return _not_cleared(_summary(r.summary), fmt, part)
     if fmt == "json" and part is None:
         print(json.dumps({
@@ -475,16 +479,14 @@ def _window_parts(stub: Any, args: argparse.Namespace) -> int:
         return 0
     # A machine reader is told in so many words; people read the table's Merkle root.
     cleared = {"cleared": True} if fmt != "table" else {}
+    clearing = WindowClearing.from_json(r.clearing_json)
     tables = {
         "summary": [_summary(r.summary) | cleared | {
             "merkle_root": r.merkle_root.hex(),  # whole: what --expected-root takes
             "entries": r.entry_count, "payments": r.payment_count}],
-        "net-positions": [{"participant": n.participant_id, "currency": n.net_debit.currency,
-                           "net_debit_minor": n.net_debit.amount_minor}
-                          for n in r.net_positions],
-        "instructions": [{"from": i.from_account, "to": i.to_account,
-                          "currency": i.amount.currency, "amount_minor": i.amount.amount_minor}
-                         for i in r.instructions],
+        "net-positions": table_rows(clearing.net_positions),
+        "bilateral": table_rows(clearing.bilateral),
+        "instructions": table_rows(clearing.instructions),
     }  # fmt: skip
     if part is not None:
         _emit(tables[part], fmt)

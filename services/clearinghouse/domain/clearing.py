@@ -546,6 +546,11 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
 
 
+def table_rows(rows: Iterable[_Row]) -> list[dict[str, object]]:
+    """Rows as dicts of the CSV files' columns and cells (``clearingctl audit window``)."""
+    return [_row_obj(r) for r in rows]
+
+
 def _row_obj(row: _Row) -> dict[str, object]:
     return {name: _cell(getattr(row, name)) for name in _field_names(type(row))}
 

@@ -315,6 +315,21 @@ class OwnershipAgent:
             now = _clock()
             return self._core.suspended(now) and self._core.holdings.epoch(shard) == epoch
 
+    def ownership_doubt(self) -> str | None:
+        """Why this node cannot tell who owns what right now (None: it can): its own
+        lease is not confirmed by etcd (no quorum, or none reached), or its view of the
+        shard map lost its watch. A request no owner could take is then refused for that
+        reason, not as a routing miss."""
+        with self._lock:
+            now = _clock()
+            if self._core.suspended(now):
+                return "this node's etcd lease is past its deadline, unconfirmed"
+            if not self._core.valid(now):
+                return "this node holds no etcd lease"
+            if not self._view.synced:
+                return "this node's watch of the shard map is broken"
+        return None
+
     def owner_of(self, shard: int) -> Owner | None:
         """Who owns ``shard``: exact for this node, a routing hint for the others."""
         with self._lock:

@@ -79,6 +79,9 @@ class OwnerMap(Protocol):
     def owner_of(self, shard: int) -> Any:  # with node_id, address and zone; or None
         ...
 
+    def ownership_doubt(self) -> str | None:  # why the map cannot be trusted now
+        ...
+
 
 class LocalOwner:
     """The owner's side: processes orders and reads payments of shards owned here."""
@@ -170,6 +173,10 @@ class LocalOwner:
 
 def _error_result(payment_id: str, err: ClearingError) -> Any:
     return payment_pb2.PaymentResult(payment_id=payment_id, error=convert.error_to_pb(err))
+
+
+# Final answers that mean "the map named no owner that would take it".
+ROUTING_MISSES = frozenset({"NO_SHARD_OWNER", Unavailable.NOT_SHARD_OWNER, OWNER_UNREACHABLE})
 
 
 def _no_owner(shard: int) -> Unavailable:
@@ -305,7 +312,22 @@ class Router:
         for i, r in enumerate(results):
             if r is None:  # the call's time ran out before this order was ever sent
                 results[i] = _error_result(orders[i].payment_id, _not_sent())
+            elif r.HasField("error") and r.error.reason in ROUTING_MISSES:
+                results[i] = self._explained(r)
         return results
+
+    def _explained(self, r: Any) -> Any:
+        """A routing miss (no owner, or owners that disown the shard) while this node
+        cannot reach etcd is etcd's trouble, not a map about to settle: said so."""
+        doubt = self.owners.ownership_doubt()
+        if doubt is None:
+            return r
+        return _error_result(r.payment_id, Unavailable(
+            f"{doubt}: no shard's owner can be confirmed until etcd has a quorum again "
+            f"({r.error.reason}); nothing was recorded: retry with the same id",
+            retry_after_ms=NO_OWNER_RETRY_AFTER_MS,
+            reason=Unavailable.OWNERSHIP_UNCONFIRMED,
+        ))  # fmt: skip
 
     def _send_all(
         self,
