@@ -25,7 +25,14 @@ import grpc
 
 from clearing.v1 import admin_pb2, common_pb2, payment_pb2
 from clearinghouse.argtypes import INT64_MAX, bounded_int
-from clearinghouse.audit.cli import FORMATS, Node, RowWriter, rpc_failure, time_us
+from clearinghouse.audit.cli import (
+    FORMATS,
+    Node,
+    RowWriter,
+    payment_detail,
+    rpc_failure,
+    time_us,
+)
 from clearinghouse.client import SwitchClient, error_details, institution
 from clearinghouse.domain.signing import key_id_of
 from clearinghouse.security import pki
@@ -164,7 +171,7 @@ def run(group: str, args: argparse.Namespace, topo: Topology, switch_log: Any = 
         return _payment(client, args)
     except grpc.RpcError as e:
         print(rpc_failure(e, node, args.deadline_s), file=sys.stderr)
-        if _id_reused(e) and getattr(args, "requested_at", 0) is None:
+        if _id_reused(e) and args.cmd == "submit" and args.requested_at is None:
             print(REPLAY_HINT, file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -345,24 +352,9 @@ def _payment(client: SwitchClient, args: argparse.Namespace) -> int:
 
 
 def _payment_row(p: payment_pb2.Payment) -> dict[str, Any]:
-    return {
-        "institution_id": p.order.institution_id,
-        "payment_id": p.order.payment_id,
-        "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
-        "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
-        "payer_id": p.order.payer_id,
-        "payee_id": p.order.payee_id,
-        "amount_minor": p.order.amount.amount_minor,
-        "currency": p.order.amount.currency,
-        "requested_at": p.order.requested_at.ToJsonString(),
-        "decline_reason": p.decline_reason,
-        "switch_ref": p.switch_ref,
-        "bank_ref": p.bank_ref,
-        "shard": p.shard,
-        "received_zone": p.received_zone,
-        "received_at": p.received_at.ToJsonString() if p.HasField("received_at") else "",
-        "decided_at": p.decided_at.ToJsonString() if p.HasField("decided_at") else "",
-    }
+    """``clearingctl audit payment``'s fields but the signature (128 hex digits, in the way
+    of a one-row table; ``audit payment`` shows it)."""
+    return {k: v for k, v in payment_detail(p).items() if k != "signature"}
 
 
 def _show(row: dict[str, Any], fmt: str) -> int:

@@ -640,9 +640,10 @@ def test_an_unsigned_intent_is_reported_with_the_participants_keys(tmp_path: Pat
 def test_published_key_lines_are_the_keys_as_institutions_give_them(tmp_path: Path) -> None:
     """The line `pki signing-key new` prints, with the participant's id: one a line."""
     lines = tmp_path / "published.jsonl"
-    lines.write_text("".join(
+    lines.write_text("".join(  # in any key order (sorted here: key_id first)
         json.dumps({"participant_id": k.participant_id, "key_id": k.key_id,
-                    "public_key": base64.b64encode(k.public_key).decode()}) + "\n"
+                    "public_key": base64.b64encode(k.public_key).decode()},
+                   sort_keys=True) + "\n"
         for k in SIGNING_KEYS
     ))  # fmt: skip
     rewritten = _export_of(tmp_path, "rewritten", _insider, [*SIGNING_KEYS, INSIDER_RECORD])

@@ -395,7 +395,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
                                                payment_id=args.payment_id),
             timeout=args.deadline_s,
         )  # fmt: skip
-        payment = _payment_detail(r.payment) | {"window": r.window_id or "open"}
+        payment = payment_detail(r.payment) | {"window": r.window_id or "open"}
         entries = [{"shard": e.shard, "epoch": e.epoch, "seq": e.seq, "kind": e.kind,
                     "entry_hash": e.entry_hash.hex()} for e in r.entries]  # fmt: skip
         if fmt == "json":
@@ -559,7 +559,7 @@ def _payments(stub: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _payment_detail(p: Any) -> dict[str, Any]:
+def payment_detail(p: Any) -> dict[str, Any]:
     """Everything the switch holds of one payment: the order as signed, and its outcome."""
     o = p.order
 
@@ -582,13 +582,14 @@ def _payment_detail(p: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# A listing's columns: the payment_detail fields a page of payments is read by.
+LISTING_COLUMNS = ("institution_id", "payment_id", "state", "type", "amount_minor",
+                   "currency", "shard", "received_at")  # fmt: skip
+
+
 def _payment_row(p: Any) -> dict[str, Any]:
-    return {"institution_id": p.order.institution_id, "payment_id": p.order.payment_id,
-            "state": common_pb2.PaymentState.Name(p.state).removeprefix("PAYMENT_STATE_"),
-            "type": common_pb2.PaymentType.Name(p.order.type).removeprefix("PAYMENT_TYPE_"),
-            "amount_minor": p.order.amount.amount_minor,
-            "currency": p.order.amount.currency, "shard": p.shard,
-            "received_at": p.received_at.ToJsonString()}  # fmt: skip
+    detail = payment_detail(p)
+    return {k: detail[k] for k in LISTING_COLUMNS}
 
 
 def _within_quota(call: Callable[[], T]) -> T:

@@ -115,10 +115,7 @@ class AuditDomain:
         chain, _ = read_chain(self.ledger, shard_of(institution_id, payment_id))
         out = [e for e in chain if e.payment_key == key]
         if not out:
-            raise NotFound(
-                f"no payment {payment_id!r} of institution {institution_id!r}",
-                reason="PAYMENT_NOT_FOUND",
-            )
+            raise NotFound.payment(institution_id, payment_id)
         decision = next((e for e in out if e.kind == KIND_DECISION), None)
         return out, (window_in_chain(chain, decision) if decision is not None else 0)
 

@@ -391,14 +391,16 @@ def _read_published_keys(path: Path, name: str) -> tuple[SigningKeyRecord, ...]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ExportFormatError(name, f"not UTF-8: {e}") from e
-    if text.lstrip().startswith('{"participant_id"') or '\n{"participant_id"' in text:
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None  # several lines: not one JSON document
+    if not (isinstance(whole, dict) and "format" in whole):
         return _published_lines(text, name)
     try:
         return parse_signing_keys(text)
     except ExportFormatError as e:
-        raise ExportFormatError(
-            name, f"{e.message} (or give one published key a line: {PUBLISHED_LINE})"
-        ) from e
+        raise ExportFormatError(name, e.message) from e
 
 
 PUBLISHED_LINE: Final = '{"participant_id": ..., "key_id": ..., "public_key": <base64>}'

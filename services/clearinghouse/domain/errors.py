@@ -105,6 +105,13 @@ class NotFound(ClearingError):
     window number being wrong); the default is for a thing no reason names yet."""
 
     default_reason = "NOT_FOUND"
+    PAYMENT: ClassVar[str] = "PAYMENT_NOT_FOUND"
+
+    @classmethod
+    def payment(cls, institution_id: str, payment_id: str) -> NotFound:
+        """The answer for a payment the switch never recorded, wherever it is looked up."""
+        return cls(f"no payment {payment_id!r} of institution {institution_id!r}",
+                   reason=cls.PAYMENT)  # fmt: skip
 
 
 class FailedPrecondition(ClearingError):

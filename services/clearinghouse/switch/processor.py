@@ -223,10 +223,7 @@ class PaymentProcessor:
     def get(self, institution_id: str, payment_id: str) -> PaymentRecord:
         rec = self.store.load(institution_id, payment_id)
         if rec is None:
-            raise NotFound(
-                f"no payment {payment_id!r} of institution {institution_id!r}",
-                reason="PAYMENT_NOT_FOUND",
-            )
+            raise NotFound.payment(institution_id, payment_id)
         return rec
 
     # -- the payment path --------------------------------------------------------------

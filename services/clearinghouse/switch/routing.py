@@ -155,10 +155,7 @@ class LocalOwner:
             try:
                 rec = self.processor.store.load(institution_id, payment_id)
                 if rec is None:
-                    raise NotFound(
-                        f"no payment {payment_id!r} of institution {institution_id!r}",
-                        reason="PAYMENT_NOT_FOUND",
-                    )
+                    raise NotFound.payment(institution_id, payment_id)
                 out.append(
                     payment_pb2.PaymentResult(
                         payment_id=payment_id, payment=convert.payment_to_pb(rec)
