@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -598,6 +599,48 @@ def test_the_baseline_skips_the_warm_up_and_what_the_fault_cut_off() -> None:
     assert timeline.success_rate(secs, 2, 10) is not None
     assert timeline.success_rate(secs, 2, 10) < 1.0  # what the old span would have said
     assert timeline.baseline_span(timeline.FaultWindow(4.0, 9.0)) == (3, 4)
+
+
+def test_warm_needs_complete_seconds_in_a_row_at_the_threshold() -> None:
+    """A second counts once its payments all had their 2 s to be answered; three such
+    seconds in a row at 95 % make the cluster warm, and one slow second starts over."""
+    cold = [steady(i, i / 10, ok=i >= 40) for i in range(100)]  # seconds 0-3 fail
+    secs = timeline.per_second(cold, 10.0)
+    # At 9.5 s only seconds 0-6 are complete (7 + 1 + 2 s > 9.5): 4, 5, 6 are good.
+    rates = timeline.complete_rates(secs, 9.5)
+    assert rates == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert timeline.warm(rates)
+    assert not timeline.warm(timeline.complete_rates(secs, 8.5))  # only 4 and 5 done
+    slow = [*cold[:60], *(steady(200 + i, 6 + i / 10, ok=i >= 1) for i in range(10))]
+    # Second 6: 9 of 10 answered (90 %) breaks the run of good seconds 4 and 5.
+    assert not timeline.warm(timeline.complete_rates(timeline.per_second(slow, 10.0), 9.5))
+    assert not timeline.warm([1.0, 1.0])  # too few seconds
+
+
+def test_the_warm_up_sends_until_the_cluster_answers_and_logs_apart(tmp_path: Path) -> None:
+    """Load is sent, unmeasured, until three seconds in a row are answered in time; its
+    payments carry their own run id and go to their own log, not the drill's."""
+    unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "NO_OWNER", retry_after_ms=5)
+    zones = {f"z{i}": FakeZone(f"z{i}", [unavailable] * 40) for i in range(2)}
+    lc = SimpleNamespace(topo=SimpleNamespace(zones=list(zones)), paths=SimpleNamespace(
+        state=tmp_path))  # fmt: skip
+    said: list[str] = []
+    opts = DrillOptions("kill-zone", out=tmp_path / "out", rate_per_s=40, warmup_max_s=30)
+    d = Drill(lc, opts, None, said.append)  # type: ignore[arg-type]
+    w = d._warm_up(demo.load_participants(), dict(zones))
+    assert w["warm"] is True and w["sent"] > 0
+    assert len(w["rates"]) == timeline.WARM_STABLE_S
+    assert min(w["rates"]) >= timeline.WARM_SUCCESS_MIN
+    assert w["seconds"] >= timeline.WARM_STABLE_S + timeline.ANSWER_SLO_S
+    logged = read_log(tmp_path / "out" / report.WARMUP_LOG)
+    assert len(logged.traces) == w["sent"]
+    assert all(w["run_id"] in t.payment_id for t in logged.traces.values())
+    assert d.log.traces() == []  # the drill's own log holds none of them
+    assert said[0].startswith("warming up") and said[-1].startswith("  warm after")
+    d.log.close()
+    none = Drill(lc, replace(opts, warmup_max_s=0), None, said.append)  # type: ignore[arg-type]
+    assert none._warm_up(demo.load_participants(), dict(zones))["warm"] is None
+    none.log.close()
 
 
 def test_recovery_time_and_error_rate_are_read_off_the_seconds() -> None:

@@ -71,6 +71,14 @@ def add_parser(sub: Any) -> None:
         "(nodetool repair --full) and read again; the report says so (default: %(default)g)",
     )
     d.add_argument(
+        "--warmup-max-s",
+        type=float,
+        default=runner.WARMUP_MAX_S,
+        help="before the measured load, send it unmeasured until the cluster answers in "
+        "time (3 s in a row at 95 %%), for at most this long; 0: no warm-up "
+        "(default: %(default)g)",
+    )
+    d.add_argument(
         "--no-repair",
         action="store_true",
         help="never repair: see what hint replay alone brings",
@@ -83,12 +91,14 @@ def run(lc: LocalCluster, args: argparse.Namespace, progress: Any) -> int:
         rate_per_s=args.rate, out=args.out, hold_s=args.hold_s,
         ledger_wait_s=args.ledger_wait_s,
         repair_after_s=None if args.no_repair else args.repair_after_s,
+        warmup_max_s=args.warmup_max_s,
     )  # fmt: skip
     if opts.rate_per_s < 0 or opts.duration_s <= 0:
         print("clearingctl: --rate must be >= 0 and --duration-s > 0", file=sys.stderr)
         return EXIT_USAGE
-    if args.repair_after_s < 0 or opts.ledger_wait_s < 0:
-        print("clearingctl: --repair-after-s and --ledger-wait-s must be >= 0", file=sys.stderr)
+    if args.repair_after_s < 0 or opts.ledger_wait_s < 0 or opts.warmup_max_s < 0:
+        print("clearingctl: --repair-after-s, --ledger-wait-s and --warmup-max-s must be >= 0",
+              file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     try:
         rep = runner.run(lc, opts, progress)

@@ -19,6 +19,8 @@ from clearinghouse.drill.timeline import Second
 REPORT_JSON = "report.json"
 TIMELINE_HTML = "timeline.html"
 CLIENT_LOG = "client-log.jsonl"
+# The unmeasured warm-up's payments (runner.Drill._warm_up): not among those checked.
+WARMUP_LOG = "warmup-client-log.jsonl"
 
 CHART_W_PX = 960
 CHART_H_PX = 170
@@ -53,6 +55,15 @@ def _secs(x: float | None, never: str = "not within the run") -> str:
     return never if x is None else f"{x:.1f}s"
 
 
+def _warmup_line(w: dict[str, Any] | None) -> str:
+    if not w or w.get("warm") is None:
+        return "  no warm-up: the load was measured from its first second"
+    rates = ", ".join(f"{100 * r:.0f}%" for r in w.get("rates", [])) or "none"
+    state = "warm" if w["warm"] else "NOT warm (the baseline may read low)"
+    return (f"  warm-up (unmeasured, not checked): {w['seconds']:.0f}s, {w['sent']} payments; "
+            f"{state}, its last seconds answered {rates} in time")  # fmt: skip
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     v = report["verdict"]
     load = report["load"]
@@ -74,6 +85,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"  retries {load['retries']}; not sent because the generator was saturated: "
         f"{load['skipped_payments']}",
         f"  LOST {v['lost']}   DUPLICATED {v['duplicated']}   UNRESOLVED {v['unresolved']}",
+        _warmup_line(report.get("warmup")),
         f"  success rate before the fault {_pct(report['success_rate_before_fault'])}"
         f"{_span(report.get('baseline_span_s'))}; "
         f"error rate during the fault {_pct(report['error_rate_during_fault'])}",
@@ -319,6 +331,7 @@ __all__ = [
     "CLIENT_LOG",
     "REPORT_JSON",
     "TIMELINE_HTML",
+    "WARMUP_LOG",
     "chart",
     "rate_text",
     "render_html",

@@ -1,5 +1,9 @@
 """One drill from start to report: load, fault, recovery, checks, files.
 
+Before the timeline, the same load is sent unmeasured until the cluster answers as it
+will before the fault (``timeline.warm``), for at most ``warmup_max_s``: a cluster just
+started is still compiling its paths, and a baseline taken then reads low.
+
 Timeline: the load starts at 0 s; the fault is injected at ``max(BEFORE_MIN_S,
 BEFORE_FRACTION * duration)``; it is held ``hold_s``, then recovered (start, resume);
 the load goes on until the requested duration, and at least ``AFTER_MIN_S`` after the
@@ -61,6 +65,9 @@ REPAIR_AFTER_S = 60.0
 BANK_AGREEMENT_WAIT_S = 60.0
 HINTS_BASELINE_WAIT_S = 60.0
 STEP_EVENT_SPLIT_S = 1.0
+WARMUP_MAX_S = 60.0
+WARMUP_POLL_S = 1.0
+WARMUP_SAY_EVERY_S = 5.0
 
 Progress = Callable[[str], None]
 
@@ -78,6 +85,8 @@ class DrillOptions:
     ledger_wait_s: float = LEDGER_WAIT_S
     # None: never repair, to see what hints alone bring.
     repair_after_s: float | None = REPAIR_AFTER_S
+    # 0: no warm-up, the measured load starts at once.
+    warmup_max_s: float = WARMUP_MAX_S
 
 
 def prepare(lc: LocalCluster, progress: Progress) -> None:
@@ -111,6 +120,7 @@ class _Run:
     load_s: float  # the run's end (the load drained, the victims restored)
     in_flight: int
     sending_s: float  # when the load stopped sending new payments
+    warmup: dict[str, Any]  # what the unmeasured warm-up sent and saw
 
 
 class Drill:
@@ -224,6 +234,11 @@ class Drill:
                          "started_at": started_at, "victims": list(plan.victims)})  # fmt: skip
         channels = connect_zones(lc.topo)
         stubs = {z: stub for z, (_, stub) in channels.items()}
+        try:
+            warmup = self._warm_up(parts, stubs)
+        except BaseException:
+            close_zones(channels)
+            raise
         cfg = LoadConfig(o.rate_per_s, o.seed, run_id)
         stream = OrderStream(parts, len(lc.topo.zones), o.seed, run_id)
         gen = LoadGenerator(cfg, stream, stubs, self.log, self.clock)
@@ -250,11 +265,64 @@ class Drill:
             monitor.stop()
             self.restore()
         run = _Run(run_id, started_at, gen, monitor, channels, restarted, self.clock(), in_flight,
-                   sending_s)  # fmt: skip
+                   sending_s, warmup)  # fmt: skip
         try:
             return self._check_and_report(run)
         finally:
             close_zones(channels)
+
+    def _warm_up(self, parts: Any, stubs: dict[str, Any]) -> dict[str, Any]:
+        """Send the drill's load, unmeasured, until ``timeline.warm`` holds or
+        ``warmup_max_s`` passed; its payments (ids of their own run id) are logged apart
+        (``report.WARMUP_LOG``) and are not among those the checks follow."""
+        o = self.opts
+        if o.warmup_max_s <= 0:
+            return {"seconds": 0.0, "warm": None, "sent": 0, "rates": []}
+        path = self.out / report.WARMUP_LOG
+        wlog = ClientLog(path)
+        run_id = uuid.uuid4().hex[:8]
+        t0 = time.monotonic()
+
+        def clock() -> float:
+            return time.monotonic() - t0
+
+        stream = OrderStream(parts, len(self.lc.topo.zones), o.seed, run_id)
+        gen = LoadGenerator(LoadConfig(o.rate_per_s, o.seed, run_id), stream, stubs, wlog, clock)
+        self.progress(
+            f"warming up, unmeasured (at most {o.warmup_max_s:.0f}s): until "
+            f"{timeline.WARM_STABLE_S} seconds in a row each answer "
+            f"{timeline.WARM_SUCCESS_MIN:.0%} of their payments within "
+            f"{timeline.ANSWER_SLO_S:g}s"
+        )
+        rates: list[float] = []
+        is_warm = False
+        said_s = 0.0
+        try:
+            gen.start()
+            while not is_warm and clock() < o.warmup_max_s:
+                time.sleep(WARMUP_POLL_S)
+                now = clock()
+                rates = timeline.complete_rates(timeline.per_second(wlog.traces(), now), now)
+                is_warm = timeline.warm(rates)
+                if not is_warm and now - said_s >= WARMUP_SAY_EVERY_S:
+                    said_s = now
+                    seen = ", ".join(f"{r:.0%}" for r in rates[-timeline.WARM_STABLE_S :])
+                    self.progress(f"  warm-up at {now:.0f}s: the last complete seconds "
+                                  f"answered {seen or 'nothing yet'} in time")  # fmt: skip
+        finally:
+            gen.stop()
+            gen.drain(DRAIN_TIMEOUT_S)
+            wlog.close()
+        took = round(clock(), 1)
+        last = [round(r, 4) for r in rates[-timeline.WARM_STABLE_S :]]
+        if is_warm:
+            self.progress(f"  warm after {took:.0f}s")
+        else:
+            self.progress(f"  NOT warm after {took:.0f}s (last seconds: "
+                          f"{', '.join(f'{r:.0%}' for r in last) or 'none'}): the success "
+                          "rate before the fault may read low")  # fmt: skip
+        return {"seconds": took, "warm": is_warm, "sent": len(wlog.traces()), "rates": last,
+                "run_id": run_id, "client_log": str(path)}  # fmt: skip
 
     def _cassandra_victims(self, plan: FaultPlan) -> set[str]:
         zones: set[str] = set()
@@ -334,6 +402,7 @@ class Drill:
                      "jobs_in_flight_after_drain": in_flight},
             "fault": {"start_s": round(fault.start_s, 2), "end_s": round(fault.end_s, 2),
                       "error": self.fault_error},
+            "warmup": run.warmup,
             "events": self.events,
             "verdict": verdict.to_json(),
             "success_rate_before_fault": base,
