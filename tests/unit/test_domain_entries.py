@@ -174,6 +174,7 @@ def test_intent_round_trips(
 ) -> None:
     intent = Intent(order, fp, bank_id, zone, at_us, ref)
     assert Intent.decode(intent.encode()) == intent
+    assert Intent.order_bytes_of(intent.encode()) == order
 
 
 POSTINGS = st.lists(
@@ -206,6 +207,15 @@ def test_decision_round_trips(
     decoded = Decision.decode(decision.encode(), KEY)
     assert decoded == decision
     assert decoded.reversal_owed is owed
+    # What a takeover's replay reads of it, without the postings.
+    assert Decision.outcome_of(decision.encode()) == (state, owed)
+
+
+def test_a_replay_reads_a_non_final_decision_as_no_decision() -> None:
+    approved = _lp(PaymentState.APPROVED.value.encode())
+    body = _lp(PaymentState.RECEIVED.value.encode()) + DECISION.encode()[len(approved) :]
+    with pytest.raises(InvariantViolation):
+        Decision.outcome_of(body)
 
 
 def test_decision_postings_take_the_payment_key_from_the_entry() -> None:

@@ -18,6 +18,7 @@ from clearinghouse.domain.fingerprint import (
     check_replay,
     fingerprint,
     order_from_canonical_bytes,
+    order_money,
 )
 from clearinghouse.domain.model import PaymentOrder, PaymentType
 from clearinghouse.domain.money import Money
@@ -165,3 +166,16 @@ def test_truncated_or_padded_bytes_are_refused(cut: int) -> None:
         order_from_canonical_bytes(data[:-cut])
     with pytest.raises(InvariantViolation):
         order_from_canonical_bytes(data + b"\0")
+
+
+@given(orders)
+def test_order_money_reads_what_the_full_decode_reads(order: PaymentOrder) -> None:
+    """A takeover's replay reads payer, payee, currency and amount alone; they must be
+    what the whole order decodes to."""
+    data = canonical_bytes(order)
+    back = order_from_canonical_bytes(data)
+    assert order_money(data) == (
+        back.payer_id, back.payee_id, back.amount.currency, back.amount.amount_minor,
+    )  # fmt: skip
+    with pytest.raises(InvariantViolation):
+        order_money(b"\x00\x00\x00\x03xyz" + data)

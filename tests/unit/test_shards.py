@@ -929,8 +929,9 @@ def test_a_shard_lost_while_its_takeover_replays_is_dropped(
 ) -> None:
     """The agent's Lost can come while another thread still replays the chain, which
     adds payments without the shard's lock: dropping the shard must not trip over it.
-    The replay is held halfway and one payment, when woken by the drop, adds another
-    the way the replay would meanwhile: deterministic, not a race to win."""
+    The replay is held once it made the undecided intents payments, and one payment,
+    when woken by the drop, adds another the way the replay would meanwhile:
+    deterministic, not a race to win."""
     a = world.node("node-a")
     a.take(SHARD, 10)
     ids = ids_in(SHARD, 20)
@@ -940,13 +941,13 @@ def test_a_shard_lost_while_its_takeover_replays_is_dropped(
 
     b = world.node("node-b")
     halfway, resume = threading.Event(), threading.Event()
-    replay = b.store._replay_entry
+    finish = b.store._finish_replay
 
-    def held_halfway(st: shards._Shard, e: LedgerEntry) -> None:
-        replay(st, e)
-        if e.seq == len(ids) // 2:
-            halfway.set()
-            resume.wait(WAIT_S)
+    def held_halfway(st: shards._Shard) -> None:
+        finish(st)
+        assert len(st.payments) == len(ids)  # every intent undecided: in flight
+        halfway.set()
+        resume.wait(WAIT_S)
 
     class ReplayMeanwhile(threading.Event):
         """A payment's ``done``: when the drop wakes it, the replay adds a payment."""
@@ -959,7 +960,7 @@ def test_a_shard_lost_while_its_takeover_replays_is_dropped(
             self.st.payments[self.late.record.key + "-late"] = self.late
             super().set()
 
-    monkeypatch.setattr(b.store, "_replay_entry", held_halfway)
+    monkeypatch.setattr(b.store, "_finish_replay", held_halfway)
     with ThreadPoolExecutor(1) as pool:
         taking = pool.submit(b.take, SHARD, 20)
         assert halfway.wait(WAIT_S)

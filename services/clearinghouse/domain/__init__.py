@@ -40,6 +40,7 @@ from clearinghouse.domain.fingerprint import (
     check_replay,
     fingerprint,
     order_from_canonical_bytes,
+    order_money,
 )
 from clearinghouse.domain.model import (
     ALLOWED_TRANSITIONS,
@@ -129,6 +130,7 @@ __all__ = [
     "minor_exponent",
     "net_positions",
     "order_from_canonical_bytes",
+    "order_money",
     "postings_for",
     "status_for",
     "validate_batch_size",

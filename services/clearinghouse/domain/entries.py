@@ -108,6 +108,11 @@ class Intent:
             parts += [_codec.text(self.signing_key_id), _codec.blob(self.signature)]
         return b"".join(parts)
 
+    @staticmethod
+    def order_bytes_of(body: bytes) -> bytes:
+        """The order's canonical bytes of an encoded intent, read without the rest."""
+        return _codec.Reader(body).blob()
+
     @classmethod
     def decode(cls, body: bytes) -> Intent:
         r = _codec.Reader(body)
@@ -144,6 +149,15 @@ class Decision:
                 _codec.i64(p.debit_minor), _codec.i64(p.credit_minor), _codec.text(p.leg.value),
             ]  # fmt: skip
         return b"".join(parts)
+
+    @staticmethod
+    def outcome_of(body: bytes) -> tuple[PaymentState, bool]:
+        """(state, reversal owed) of an encoded decision, read without its postings."""
+        r = _codec.Reader(body)
+        state = _enum(PaymentState, r.text())
+        invariant(state.is_final, f"a decision must be final, not {state.value}")
+        r.i64(), r.blob(), r.blob(), r.blob()  # at, zone, detail, bank ref
+        return state, r.i64() != 0
 
     @classmethod
     def decode(cls, body: bytes, payment_key: str) -> Decision:

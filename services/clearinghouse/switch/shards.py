@@ -76,6 +76,7 @@ from clearinghouse.domain import (
     Unavailable,
     canonical_bytes,
     order_from_canonical_bytes,
+    order_money,
 )
 from clearinghouse.domain.chain import (
     FIRST_SEQ,
@@ -297,8 +298,26 @@ def _settled_form(p: _Payment) -> bytes:
         p.record.is_final and bool(p.intent_body) and bool(p.decision_body),
         f"{p.record.key}: only a decided payment with both entries written is settled",
     )
-    head = _SETTLED_HEAD.pack(p.record.ledger_seq, len(p.intent_body))
-    return b"".join((head, p.intent_body, p.decision_body))
+    return _settled_form_of(p.record.ledger_seq, p.intent_body, p.decision_body)
+
+
+def _settled_form_of(decided_seq: int, intent_body: bytes, decision_body: bytes) -> bytes:
+    head = _SETTLED_HEAD.pack(decided_seq, len(intent_body))
+    return b"".join((head, intent_body, decision_body))
+
+
+@dataclass(frozen=True, slots=True)
+class _Replayed:
+    """An intent a takeover's replay has read and no decision yet: its entry and the
+    little the exposure needs. Its record is decoded only if the chain leaves it in
+    flight or owing a reversal (most payments are settled forms at once)."""
+
+    seq: int
+    body: bytes
+    payer_id: str
+    payee_id: str
+    currency: str
+    amount_minor: int
 
 
 def _record_of_settled(shard: int, epoch: int, key: str, form: bytes) -> PaymentRecord:
@@ -367,6 +386,9 @@ class _Shard:
         # Keys of the payments whose reversal the bank has not confirmed yet: the owed
         # reversals loop reads these, not every payment of the shard.
         self.owed: set[str] = set()
+        # While a takeover replays the chain: the intents read and not decided yet (see
+        # :class:`_Replayed`); made payments when the replay ends (``finish_replay``).
+        self.replaying: dict[str, _Replayed] = {}
 
     def reset(self) -> None:
         """Forget what a takeover rebuilt: it is rebuilt from the ledger again."""
@@ -387,6 +409,7 @@ class _Shard:
         self.last_cut = 0
         self.cuts.clear()
         self.owed.clear()
+        self.replaying.clear()
 
     def find(self, key: str) -> PaymentRecord | bytes | None:
         """The payment's record if it is in flight or owes a reversal, its settled form
@@ -446,8 +469,23 @@ class _Shard:
         """``window_id``: the window the decision's entry belongs to (the shard's last
         cut before it, plus one); ``settled``: the windows known to be SETTLED."""
         o = rec.order
-        amount, ccy = o.amount.amount_minor, o.amount.currency
-        payer, payee = (o.payer_id, ccy), (o.payee_id, ccy)
+        self.apply_outcome(state, window_id, settled, payer_id=o.payer_id,
+                           payee_id=o.payee_id, ccy=o.amount.currency,
+                           amount=o.amount.amount_minor)  # fmt: skip
+
+    def apply_outcome(
+        self,
+        state: PaymentState,
+        window_id: int,
+        settled: frozenset[int],
+        *,
+        payer_id: str,
+        payee_id: str,
+        ccy: str,
+        amount: int,
+    ) -> None:
+        """:meth:`apply_decision` from the few fields it reads (a replay's, undecoded)."""
+        payer, payee = (payer_id, ccy), (payee_id, ccy)
         self.exposure[payer] -= amount  # no longer in flight
         if state is not PaymentState.APPROVED or (
             window_id in settled and window_id <= self.last_cut
@@ -753,6 +791,7 @@ class ShardedStore:
         head_hash = entries[-1].entry_hash if entries else GENESIS_HASH
         for e in entries:
             self._replay_entry(st, e)
+        self._finish_replay(st)
         seal = Seal(st.shard, st.epoch, prev_epoch, head_seq + 1, head_hash)
         self.ledger.write_seal(seal, self.node_id, self.clock())
         st.chain = ChainBuilder(st.shard, st.epoch, head_seq + 1, head_hash)
@@ -790,25 +829,37 @@ class ShardedStore:
             log.info("shard %d: %d payments to index again after takeover", shard, len(todo))
 
     def _replay_entry(self, st: _Shard, e: LedgerEntry) -> None:
+        """Apply one entry of the chain to the shard's state. A payment decided with
+        nothing owed becomes its settled form straight from its two entries' bodies: its
+        record is never decoded here (about half of a replay's time, when it was)."""
+        key = e.payment_key
         if e.kind == KIND_INTENT:
-            rec = _record_of_intent(e.body, st.shard, e.seq, st.epoch)
-            st.payments[e.payment_key] = _Payment(rec, intent_body=e.body)
-            st.apply_intent(rec)
+            payer, payee, ccy, amount = order_money(Intent.order_bytes_of(e.body))
+            st.payments.pop(key, None)  # a later intent of the key stands, as it did
+            st.replaying[key] = _Replayed(e.seq, e.body, payer, payee, ccy, amount)
+            st.exposure[(payer, ccy)] += amount
         elif e.kind == KIND_DECISION:
-            p = st.payments.get(e.payment_key)
-            if p is None or p.record.is_final:
+            r = st.replaying.pop(key, None)
+            if r is None:
                 raise InvariantViolation(
-                    f"{e.payment_key}: a decision before its intent, or a second decision"
+                    f"{key}: a decision before its intent, or a second decision"
                 )
-            d = Decision.decode(e.body, e.payment_key)
-            p.record = p.record.with_step(_decided_step(d), ledger_seq=e.seq)
-            p.decision_body = e.body
-            st.set_owed(e.payment_key, d.reversal_owed)
-            st.apply_decision(p.record, d.state, st.last_cut + 1, self._settled_windows)
-            p.done.set()
-            st.settle(e.payment_key)
+            state, owed = Decision.outcome_of(e.body)
+            st.apply_outcome(state, st.last_cut + 1, self._settled_windows, payer_id=r.payer_id,
+                             payee_id=r.payee_id, ccy=r.currency,
+                             amount=r.amount_minor)  # fmt: skip
+            if owed:  # kept as a payment: the owed reversals loop works on it
+                d = Decision.decode(e.body, key)
+                rec = _record_of_intent(r.body, st.shard, r.seq, st.epoch)
+                p = _Payment(rec.with_step(_decided_step(d), ledger_seq=e.seq),
+                             intent_body=r.body, decision_body=e.body)  # fmt: skip
+                p.done.set()
+                st.payments[key] = p
+                st.set_owed(key, True)
+            else:
+                st.settled[key] = _settled_form_of(e.seq, r.body, e.body)
         elif e.kind == KIND_REVERSAL_CONFIRMED:
-            if e.payment_key not in st.payments and e.payment_key not in st.settled:
+            if key not in st.payments and key not in st.settled and key not in st.replaying:
                 raise InvariantViolation(
                     f"{e.payment_key}: a reversal confirmed before its payment"
                 )
@@ -844,6 +895,15 @@ class ShardedStore:
             st.add_cut(cut.window_id, e)
         else:
             invariant(False, f"shard {st.shard} seq {e.seq}: unknown entry kind {e.kind!r}")
+
+    @staticmethod
+    def _finish_replay(st: _Shard) -> None:
+        """The intents the chain left undecided become payments (in flight: the
+        resolver takes them once the shard serves)."""
+        for key, r in st.replaying.items():
+            rec = _record_of_intent(r.body, st.shard, r.seq, st.epoch)
+            st.payments[key] = _Payment(rec, intent_body=r.body)
+        st.replaying.clear()
 
     # -- PaymentStore -------------------------------------------------------------------
 
