@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -33,6 +34,9 @@ from clearinghouse.domain import _codec
 ENTRY_HASH_TAG: Final = b"clearing.LedgerEntry.v1"
 HASH_LEN: Final = 32
 GENESIS_HASH: Final = bytes(HASH_LEN)
+_TAG_LP: Final = _codec.blob(ENTRY_HASH_TAG)
+_HEAD: Final = struct.Struct(">QQQI")  # shard, epoch, seq, len(kind)
+_U32: Final = struct.Struct(">I")
 # Sequence numbers start at 1, so that 0 can never be mistaken for a written entry.
 FIRST_SEQ: Final = 1
 
@@ -65,18 +69,19 @@ def entry_hash(
     swapping two of them would silently produce a different, wrong hash.
     """
     invariant(len(prev_hash) == HASH_LEN, f"prev_hash must be {HASH_LEN} bytes")
-    preimage = b"".join(
-        (
-            _codec.blob(ENTRY_HASH_TAG),
-            _codec.u64(shard),
-            _codec.u64(epoch),
-            _codec.u64(seq),
-            _codec.text(kind),
-            _codec.text(payment_key),
-            _codec.blob(body),
-            prev_hash,
-        )
-    )
+    # The encoding of the docstring in one pack of its fixed part (every takeover and
+    # audit hashes each entry again: the field-by-field form cost three times as much).
+    invariant(
+        0 <= shard <= _codec.U64_MAX and 0 <= epoch <= _codec.U64_MAX
+        and 0 <= seq <= _codec.U64_MAX,
+        f"shard {shard}, epoch {epoch}, seq {seq}: each must fit in an unsigned 64-bit integer",
+    )  # fmt: skip
+    invariant(len(body) <= _codec.U32_MAX, "a length-prefixed field must be shorter than 4 GiB")
+    k = kind.encode("utf-8", errors="strict")
+    key = payment_key.encode("utf-8", errors="strict")
+    fixed = _HEAD.pack(shard, epoch, seq, len(k))
+    preimage = b"".join((_TAG_LP, fixed, k, _U32.pack(len(key)), key, _U32.pack(len(body)),
+                         body, prev_hash))  # fmt: skip
     return hashlib.sha256(preimage).digest()
 
 
