@@ -1191,3 +1191,14 @@ def test_a_long_step_is_said_when_it_starts_and_again_when_it_ends(tmp_path: Pat
     assert what[2:] == ["kill shenzhen: nothing (already in that state)"]
     assert d.events[0]["t"] < d.events[1]["t"]
     d.log.close()
+
+
+def test_status_names_cassandra_s_own_log(topo: topology.Topology, tmp_path: Path) -> None:
+    """The log an SRE is sent to for a Cassandra node is system.log (the runbook's), not
+    the JVM's stdout.log, which stops being written once logging is set up."""
+    lc = LocalCluster(topo, Paths.default(tmp_path), progress=lambda _: None)
+    logs = {c.label: c.log for c in lc.components()}
+    cass = [label for label in logs if label.startswith("cassandra@")]
+    assert cass and all(logs[label].name == "system.log" for label in cass)
+    assert all(logs[label].parent.name == "logs" for label in cass)
+    assert logs["switch@beijing-a"].name == "switch.log"

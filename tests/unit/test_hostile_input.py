@@ -57,7 +57,6 @@ from clearinghouse.domain.signing import key_id_of, public_key_bytes
 from clearinghouse.domain.validation import (
     BANK_ACCOUNT_LEN_MAX,
     BATCH_SIZE_MAX,
-    MEMO_BYTES_MAX,
     MEMO_CHARS_MAX,
     PARTICIPANT_ID_LEN_MAX,
     PAYMENT_ID_LEN_MAX,
@@ -696,8 +695,8 @@ def _maximal_order(i: int) -> payment_pb2.PaymentOrder:
         type=common_pb2.PAYMENT_TYPE_CREDIT, payer_id=ident, payee_id="B" * PARTICIPANT_ID_LEN_MAX,
         bank_account="9" * BANK_ACCOUNT_LEN_MAX,
         amount=common_pb2.Money(amount_minor=MAX_AMOUNT_MINOR, currency="CNY"),
-        # Two bytes a character: the most bytes a memo may have.
-        memo="\u00e9" * (MEMO_BYTES_MAX // 2),
+        # Four bytes a character (outside the BMP): the most bytes a memo may have.
+        memo="\U0001f4b0" * MEMO_CHARS_MAX,
         requested_at=Timestamp(seconds=TIMESTAMP_SECONDS_MAX, nanos=TIMESTAMP_NANOS_MAX),
         signature=b"\xff" * 64, signing_key_id="f" * 16,
     )  # fmt: skip
@@ -708,7 +707,7 @@ def test_a_full_batch_of_maximal_orders_fits_the_request_limit(
 ) -> None:
     orders = [_maximal_order(i) for i in range(BATCH_SIZE_MAX)]
     o = orders[0]
-    assert len(o.memo) <= MEMO_CHARS_MAX and len(o.memo.encode()) == MEMO_BYTES_MAX
+    assert len(o.memo) == MEMO_CHARS_MAX and len(o.memo.encode()) == 4 * MEMO_CHARS_MAX
     batch = payment_pb2.SubmitPaymentsRequest(orders=orders)
     # What the receiving node forwards to a shard's owner: the same orders and more.
     owned = shard_pb2.SubmitOwnedRequest(

@@ -41,7 +41,7 @@ from clearinghouse.domain import (
     fingerprint,
     postings_for,
 )
-from clearinghouse.domain.errors import SignatureRefused
+from clearinghouse.domain.errors import OrderNotFresh, SignatureRefused
 from clearinghouse.domain.model import SigningKey
 from clearinghouse.domain.signing import key_id_of, public_key_bytes, signed
 from clearinghouse.switch import processor
@@ -1143,6 +1143,26 @@ def test_a_registry_whose_store_is_away_keeps_its_snapshot() -> None:
 
     assert reg.snapshot_knowing(lambda known: True) == PARTICIPANTS
     assert Registry(PARTICIPANTS).snapshot_knowing(lambda known: True) == PARTICIPANTS
+
+
+@pytest.mark.parametrize("ahead_s", [60, 200, 3 * 3600, 10 * 365 * 86400])
+def test_an_order_from_the_future_is_one_answer_however_far_ahead(ahead_s: int) -> None:
+    """More than 30 s ahead is FAILED_PRECONDITION ORDER_FROM_FUTURE, as documented; a
+    shape bound at 5 minutes used to answer INVALID_ARGUMENT beyond it."""
+    key = Ed25519PrivateKey.generate()
+    public = public_key_bytes(key)
+    inst = dataclasses.replace(
+        PARTICIPANTS[INST_A], signing_keys=(SigningKey(key_id_of(public), public),)
+    )
+    reg = Registry({**PARTICIPANTS, INST_A: inst})
+    ahead = dataclasses.replace(debit("ahead"), requested_at_us=START_US + ahead_s * 1_000_000)
+    with pytest.raises(OrderNotFresh) as err:
+        admit_order(order_to_pb(signed(ahead, key)), "order", reg, START_US)
+    assert err.value.reason == OrderNotFresh.ORDER_FROM_FUTURE
+    with pytest.raises(InvalidArgument) as bad:  # a time that is no time is still shape
+        admit_order(order_to_pb(signed(dataclasses.replace(ahead, requested_at_us=0), key)),
+                    "order", reg, START_US)  # fmt: skip
+    assert [v.field for v in bad.value.violations] == ["order.requested_at_us"]
 
 
 def test_an_order_naming_what_the_registry_lacks_reads_it_again_and_no_other_does() -> None:

@@ -14,6 +14,8 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor, FileDescriptor
 
 from clearing.v1 import admin_pb2, bank_pb2, common_pb2, payment_pb2
+from clearinghouse.domain.errors import FieldViolation, InvalidArgument
+from clearinghouse.switch.convert import error_to_pb
 
 pytestmark = pytest.mark.unit
 
@@ -204,3 +206,19 @@ def test_gen_proto_is_idempotent(tmp_path: Path) -> None:
         assert filecmp.cmp(out / name, generated / name, shallow=False), (
             f"services/clearing/v1/{name} is stale: run cluster/gen_proto.sh"
         )
+
+
+def test_an_invalid_argument_names_the_proto_s_fields_in_its_message_too() -> None:
+    """The domain's requested_at_us is the proto's requested_at: the field violations
+    said so and the message did not (a walkthrough saw both in one error)."""
+    err = error_to_pb(InvalidArgument([
+        FieldViolation("orders[2].requested_at_us", "must be positive"),
+        FieldViolation("orders[2].memo", "must be at most 140 characters"),
+    ]))  # fmt: skip
+    assert [v.field for v in err.field_violations] == ["orders[2].requested_at", "orders[2].memo"]
+    assert err.message == (
+        "orders[2].requested_at: must be positive; orders[2].memo: must be at most 140 characters"
+    )
+    # A message of its own is kept as written.
+    own = error_to_pb(InvalidArgument([FieldViolation("x", "y")], "the batch is empty"))
+    assert own.message == "the batch is empty"

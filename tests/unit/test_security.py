@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -44,8 +45,8 @@ from clearing.v1 import (
 from clearinghouse.client import error_details
 from clearinghouse.domain.errors import ResourceExhausted
 from clearinghouse.domain.signing import key_id_of, public_key_bytes, verify_signed_order
+from clearinghouse.security import authz, pki
 from clearinghouse.security import cli as pki_cli
-from clearinghouse.security import pki
 from clearinghouse.security.authz import BANK_POLICY, SWITCH_POLICY, SecurityInterceptor
 from clearinghouse.security.identity import NAME_PATTERN, Identity, Role
 from clearinghouse.security.ratelimit import RateLimiter
@@ -911,3 +912,18 @@ def test_an_institution_makes_its_own_key_and_signs_with_it(
     request = json_format.Parse(capsys.readouterr().out, payment_pb2.SubmitPaymentRequest())
     verify_signed_order(order_from_pb(request.order), {printed.key_id: printed.public_key})
     assert not (tmp_path / "pki" / "INST_NEWPAY").exists()  # nothing of it in the CA folder
+
+
+def test_a_refusal_quotes_a_long_name_clipped() -> None:
+    """A caller's 100,000-character institution id was echoed whole into the status and
+    the trailer (past gRPC's 16 KiB metadata limit): quoted names are clipped."""
+    caller = Identity(Role.INSTITUTION, "INST_A")
+    long_id = "X" * 100_000
+    order = SimpleNamespace(institution_id=long_id)
+    why = authz._own_order(caller, SimpleNamespace(order=order))
+    assert why is not None and len(why) < 200 and "(100000 characters)" in why
+    others = [SimpleNamespace(institution_id=f"INST_{i}") for i in range(8)]
+    why = authz._own_orders(caller, SimpleNamespace(orders=[*others, order]))
+    assert why is not None and "and 4 more" in why and len(why) < 400
+    assert authz._own_orders(caller, SimpleNamespace(orders=[SimpleNamespace(
+        institution_id="INST_A")])) is None  # fmt: skip

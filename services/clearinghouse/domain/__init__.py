@@ -71,7 +71,6 @@ from clearinghouse.domain.postings import (
 )
 from clearinghouse.domain.validation import (
     BATCH_SIZE_MAX,
-    CLOCK_SKEW_ALLOWED_US,
     MEMO_CHARS_MAX,
     PAYMENT_ID_LEN_MAX,
     validate_batch_size,
@@ -81,7 +80,6 @@ from clearinghouse.domain.validation import (
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "BATCH_SIZE_MAX",
-    "CLOCK_SKEW_ALLOWED_US",
     "CURRENCY_EXPONENTS",
     "FIRST_SEQ",
     "GENESIS_HASH",

@@ -39,17 +39,15 @@ PAYMENT_ID_LEN_MAX: Final = 64
 PARTICIPANT_ID_LEN_MAX: Final = 64
 # An IBAN has at most 34 characters; no domestic account number we route is longer.
 BANK_ACCOUNT_LEN_MAX: Final = 34
+# In characters (code points), as the API documents: 140 characters of any script, so
+# at most 560 bytes of UTF-8 to store and to send to a bank. (A byte limit of 280 held a
+# memo in Chinese to 93 characters.)
 MEMO_CHARS_MAX: Final = 140
-# The byte limit bounds what a memo costs to store and to send to a bank whatever the
-# script; it holds a memo in Chinese (3 bytes a character) to 93 characters.
-MEMO_BYTES_MAX: Final = 280
 BATCH_SIZE_MAX: Final = 500
 # Payments per page of a listing (ListPayments, ListParticipantPayments): page_size 0
 # means the default, anything above the maximum is the maximum.
 LIST_PAGE_SIZE_DEFAULT: Final = 100
 LIST_PAGE_SIZE_MAX: Final = 500
-# How far a client's requested_at may run ahead of the switch's clock.
-CLOCK_SKEW_ALLOWED_US: Final = 5 * 60 * 1_000_000
 
 # The range google.protobuf.Timestamp documents (0001-01-01T00:00:00Z to
 # 9999-12-31T23:59:59.999999999Z); a time outside it is no date the switch can store.
@@ -199,23 +197,23 @@ def _bank_account_violations(account: str, field: str) -> list[FieldViolation]:
 
 
 def _memo_violations(memo: str, field: str) -> list[FieldViolation]:
+    if len(memo) > MEMO_CHARS_MAX:
+        return [FieldViolation(field, f"must be at most {MEMO_CHARS_MAX} characters")]
     try:
-        encoded = memo.encode("utf-8")
+        memo.encode("utf-8")
     except UnicodeEncodeError:
         # Lone surrogates cannot be stored or sent; they are a client bug, not a memo.
         return [FieldViolation(field, "must be valid Unicode")]
-    if len(memo) > MEMO_CHARS_MAX:
-        return [FieldViolation(field, f"must be at most {MEMO_CHARS_MAX} characters")]
-    if len(encoded) > MEMO_BYTES_MAX:
-        return [FieldViolation(field, f"must be at most {MEMO_BYTES_MAX} bytes in UTF-8")]
     return []
 
 
 def _time_violations(requested_at_us: int, field: str, now_us: int) -> list[FieldViolation]:
+    # How far ahead of the switch's clock is freshness (signing.check_fresh): one answer,
+    # FAILED_PRECONDITION ORDER_FROM_FUTURE, however far ahead (a shape bound of 5
+    # minutes here answered INVALID_ARGUMENT beyond it, against the documented contract).
+    del now_us
     if requested_at_us <= 0:
         return [FieldViolation(field, "must be positive")]
-    if requested_at_us > now_us + CLOCK_SKEW_ALLOWED_US:
-        return [FieldViolation(field, "must not be more than 5 minutes in the future")]
     return []
 
 

@@ -102,6 +102,14 @@ class Component:
     def label(self) -> str:
         return f"{self.kind}@{self.zone.name}"
 
+    @property
+    def log(self) -> Path:
+        """The log an operator reads first: Cassandra's own ``system.log``, not the JVM's
+        ``stdout.log`` (which stops once logging is set up); the process's log else."""
+        if self.kind == "cassandra":
+            return self.managed.directory / "logs" / "system.log"
+        return self.managed.log
+
 
 class LocalCluster:
     def __init__(
@@ -862,7 +870,7 @@ class LocalCluster:
                     "port": port,
                     "listening": listening(c, port) if st.state == "up" else False,
                     "etcd_leader": c.kind == "etcd" and c.zone.name == leader_name,
-                    "log": str(c.managed.log),
+                    "log": str(c.log),
                 }
             )
         ring: list[dict[str, str]] | None = None

@@ -29,10 +29,12 @@ from clearinghouse import telemetry
 from clearinghouse._interceptor import Handler, WrappingServerInterceptor
 from clearinghouse.domain.errors import (
     ERROR_METADATA_KEY,
+    STATUS_DETAILS_BYTES_MAX,
     CertificateRevoked,
     ClearingError,
     PermissionDenied,
     Unauthenticated,
+    clipped,
     status_for,
 )
 from clearinghouse.domain.validation import list_page_rows
@@ -62,26 +64,42 @@ class Rule:
     cost: Callable[[Any], int] | None = None
 
 
+# A name from the request, as a refusal quotes it: a caller's 100,000-character id was
+# echoed whole into the status and the trailer (past gRPC's 16 KiB metadata limit).
+QUOTED_NAME_CHARS_MAX: Final = 64
+QUOTED_NAMES_MAX: Final = 5
+
+
+def _quoted(name: str) -> str:
+    if len(name) <= QUOTED_NAME_CHARS_MAX:
+        return repr(name)
+    return f"{name[:QUOTED_NAME_CHARS_MAX]!r}... ({len(name)} characters)"
+
+
 def _own_order(caller: Identity, request: Any) -> str | None:
     inst = request.order.institution_id
-    return None if inst == caller.name else f"the order is for institution {inst!r}"
+    return None if inst == caller.name else f"the order is for institution {_quoted(inst)}"
 
 
 def _own_orders(caller: Identity, request: Any) -> str | None:
     others = sorted({o.institution_id for o in request.orders} - {caller.name})
-    return None if not others else f"the batch has orders for institution(s) {others}"
+    if not others:
+        return None
+    named = ", ".join(_quoted(o) for o in others[:QUOTED_NAMES_MAX])
+    more = f" and {len(others) - QUOTED_NAMES_MAX} more" if len(others) > QUOTED_NAMES_MAX else ""
+    return f"the batch has orders of another institution: {named}{more}"
 
 
 def _own_institution(caller: Identity, request: Any) -> str | None:
     inst = request.institution_id
-    return None if inst == caller.name else f"the request is for institution {inst!r}"
+    return None if inst == caller.name else f"the request is for institution {_quoted(inst)}"
 
 
 def _own_participant_or_staff(caller: Identity, request: Any) -> str | None:
     if caller.role in STAFF:
         return None
     pid = request.participant_id
-    return None if pid == caller.name else f"the request is for participant {pid!r}"
+    return None if pid == caller.name else f"the request is for participant {_quoted(pid)}"
 
 
 # Quota units a whole-ledger audit read costs (a staff quota of 200/s: 4 such reads/s).
@@ -206,7 +224,7 @@ def _abort(context: grpc.ServicerContext, err: ClearingError) -> None:
     pb: common_pb2.Error = error_to_pb(err)
     context.set_trailing_metadata(((ERROR_METADATA_KEY, pb.SerializeToString()),))
     telemetry.metrics.rejection(err.reason)
-    context.abort(status_for(err), f"{err.reason}: {err}")
+    context.abort(status_for(err), clipped(f"{err.reason}: {err}", STATUS_DETAILS_BYTES_MAX))
 
 
 class SecurityInterceptor(WrappingServerInterceptor):

@@ -219,10 +219,14 @@ def error_to_pb(err: ClearingError) -> common_pb2.Error:
         if isinstance(err, (Unavailable, ResourceExhausted))
         else 0
     )
+    message = str(err)
+    if violations and message == "; ".join(f"{v.field}: {v.description}" for v in violations):
+        # The message made of the violations names the fields as the proto does too.
+        message = "; ".join(f"{_proto_path(v.field)}: {v.description}" for v in violations)
     return common_pb2.Error(
         code=status_for(err).value[0],
         reason=err.reason,
-        message=clipped(str(err), ERROR_MESSAGE_BYTES_MAX),
+        message=clipped(message, ERROR_MESSAGE_BYTES_MAX),
         field_violations=[
             common_pb2.FieldViolation(
                 field=clipped(_proto_path(v.field), VIOLATION_FIELD_BYTES_MAX),
