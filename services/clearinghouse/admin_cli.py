@@ -33,7 +33,7 @@ from clearinghouse.audit.cli import (
     rpc_failure,
     time_us,
 )
-from clearinghouse.client import SwitchClient, error_details, institution
+from clearinghouse.client import SwitchClient, answering_zone, error_details, institution
 from clearinghouse.domain.signing import key_id_of
 from clearinghouse.security import pki
 from clearinghouse.signing_keys import default_store
@@ -57,7 +57,9 @@ AMOUNT = bounded_int(1, INT64_MAX)
 
 def add_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    common.add_argument(
+        "--zone", default=None, help="the switch node to ask (default: the first that answers)"
+    )
     common.add_argument(
         "--format", choices=FORMATS, default="table", help="output (default: table)"
     )
@@ -153,7 +155,7 @@ def _cap(text: str) -> tuple[str, int]:
 
 
 def run(group: str, args: argparse.Namespace, topo: Topology, switch_log: Any = None) -> int:
-    zone = topo.zone(args.zone or topo.zones[0].name)
+    zone = answering_zone(topo, args.zone)
     node = Node(zone.name, f"{zone.address}:{zone.ports.switch}",
                 switch_log(zone.name) if switch_log else None)  # fmt: skip
     operator = SwitchClient.connect(topo, zone.name, identity=pki.operator())

@@ -22,6 +22,8 @@ carries a deadline.
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from clearinghouse.order_signing import signing_channel
 from clearinghouse.security import pki
 from clearinghouse.security.identity import Identity, Role
 from clearinghouse.signing_keys import default_store
-from clearinghouse.topology import Topology
+from clearinghouse.topology import Topology, Zone
 
 # A payment is decided within 20 s of receipt; a client waits a little longer.
 CALL_DEADLINE_S = 30.0
@@ -131,6 +133,33 @@ class _ActingPayments:
         self, request: payment_pb2.ListPaymentsRequest, **kw: Any
     ) -> payment_pb2.ListPaymentsResponse:
         return self._stub(request.institution_id).ListPayments(request, **kw)
+
+
+# How long the command line waits for a zone's switch port to accept a connection
+# before it asks the next zone's node (each node answers the same).
+ZONE_PROBE_TIMEOUT_S = 0.5
+
+
+def answering_zone(topo: Topology, asked: str | None, *, say: bool = True) -> Zone:
+    """The zone whose switch node a command asks: ``asked`` if given; else the first zone,
+    in the topology's order, whose node accepts a connection (with a city down, the
+    commands go on through another city; a note on stderr says so); else the first."""
+    if asked:
+        return topo.zone(asked)
+    skipped: list[str] = []
+    for z in topo.zones:
+        try:
+            with socket.create_connection((z.address, z.ports.switch), ZONE_PROBE_TIMEOUT_S):
+                pass
+        except OSError:
+            skipped.append(z.name)
+            continue
+        if skipped and say:
+            print(f"clearingctl: the switch node of {', '.join(skipped)} does not answer; "
+                  f"asking {z.name}'s (any zone's node answers the same; --zone picks "
+                  "one)", file=sys.stderr)  # fmt: skip
+        return z
+    return topo.zones[0]
 
 
 @dataclass

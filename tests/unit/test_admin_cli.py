@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
 from clearing.v1 import common_pb2
-from clearinghouse import admin_cli, cli
+from clearinghouse import admin_cli, cli, topology
+from clearinghouse.client import answering_zone
 from clearinghouse.domain.signing import key_id_of
 
 pytestmark = pytest.mark.unit
@@ -86,3 +89,33 @@ def test_a_payment_amount_is_positive_whole_minor_units(amount: str) -> None:
         parse("payment", "submit", "INST_A", "p-1", "--type", "debit", "--payer", "BANK_B",
               "--payee", "INST_A", "--account", "1", "--amount", amount,
               "--currency", "CNY")  # fmt: skip
+
+
+def test_commands_ask_the_first_zone_whose_node_answers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With beijing down, the commands went to beijing-a and failed unless given --zone:
+    the default is now the first zone, in the topology's order, whose port answers."""
+    topo = topology.load()
+    with socket.socket() as up, socket.socket() as closed:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses connections
+        ports = iter([closed.getsockname()[1], up.getsockname()[1]])
+
+        def local(z: topology.Zone, port: int) -> topology.Zone:
+            return dataclasses.replace(
+                z, address="127.0.0.1", ports=dataclasses.replace(z.ports, switch=port)
+            )
+
+        first, second = topo.cities[0].zones
+        city = dataclasses.replace(
+            topo.cities[0], zones=(local(first, next(ports)), local(second, next(ports)))
+        )
+        probed = dataclasses.replace(topo, cities=(city, *topo.cities[1:]))
+        assert answering_zone(probed, None).name == second.name
+        assert f"the switch node of {first.name} does not answer" in capsys.readouterr().err
+        assert answering_zone(probed, first.name).name == first.name  # asked: as asked
+        none = dataclasses.replace(topo, cities=(dataclasses.replace(
+            city, zones=(local(first, closed.getsockname()[1]),)),))  # fmt: skip
+        assert answering_zone(none, None).name == first.name  # nobody: the first, to fail

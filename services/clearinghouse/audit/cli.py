@@ -48,7 +48,7 @@ from clearing.v1 import (
 from clearinghouse.argtypes import INT32_MAX, INT64_MAX, bounded_int
 from clearinghouse.audit.export import MANIFEST_FILE
 from clearinghouse.audit.verify import add_expected_root, verify_export
-from clearinghouse.client import error_details, local_credentials
+from clearinghouse.client import answering_zone, error_details, local_credentials
 from clearinghouse.domain.chain import entry_hash
 from clearinghouse.domain.clearing import WindowClearing, table_rows
 from clearinghouse.domain.entries import KIND_DECISION
@@ -93,7 +93,9 @@ class Node:
 
 def add_parsers(sub: Any) -> None:
     node = argparse.ArgumentParser(add_help=False)
-    node.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    node.add_argument(
+        "--zone", default=None, help="the switch node to ask (default: the first that answers)"
+    )
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument(
         "--format", choices=FORMATS, default="table", help="output (default: table)"
@@ -289,7 +291,7 @@ def run(
         for problem in report.problems:
             print(f"  {problem}", file=sys.stderr)
         return 0 if report.ok else 1
-    zone = topo.zone(args.zone or topo.zones[0].name)
+    zone = answering_zone(topo, args.zone)
     # Auditors read as the auditor; closing and settling windows is the operator's.
     identity = pki.operator() if group == "window" else pki.auditor()
     target = f"{zone.address}:{zone.ports.switch}"

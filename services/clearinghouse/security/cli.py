@@ -96,9 +96,13 @@ def add_parser(sub: Any) -> None:
     rv.add_argument("--serial", default=None, help="the certificate's serial, in hex")
     rv.add_argument("--identity", default=None, help="with --serial: whose, as ROLE:NAME")
     rv.add_argument("--reason", required=True, help="why, kept with the revocation")
-    rv.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    rv.add_argument(
+        "--zone", default=None, help="the switch node to ask (default: the first that answers)"
+    )
     rl = ps.add_parser("revoked", help="every revoked certificate, as the switch keeps them")
-    rl.add_argument("--zone", default=None, help="the switch node to ask (default: the first)")
+    rl.add_argument(
+        "--zone", default=None, help="the switch node to ask (default: the first that answers)"
+    )
     rl.add_argument("--format", choices=("table", "json"), default="table")
     sk = ps.add_parser("signing-key", help="an institution's own order-signing key (Ed25519)")
     sks = sk.add_subparsers(dest="signing_cmd", required=True)
@@ -229,7 +233,7 @@ def _revocation(
 ) -> int:
     from clearing.v1 import admin_pb2, admin_pb2_grpc  # noqa: PLC0415 (only these need gRPC)
     from clearinghouse.audit.cli import Node, rpc_failure  # noqa: PLC0415
-    from clearinghouse.client import local_credentials  # noqa: PLC0415
+    from clearinghouse.client import answering_zone, local_credentials  # noqa: PLC0415
 
     ca = pki.LocalCA(args.dir or pki.default_directory())
     request = None
@@ -237,7 +241,7 @@ def _revocation(
         serial, identity = revocation_target(args, ca)
         request = admin_pb2.RevokeCertificateRequest(serial=serial, identity=identity,
                                                      reason=args.reason)  # fmt: skip
-    zone = topo.zone(args.zone or topo.zones[0].name)
+    zone = answering_zone(topo, args.zone)
     target = f"{zone.address}:{zone.ports.switch}"
     creds = local_credentials()
     with creds.channel(target, pki.operator(), server=pki.node(zone.name)) as channel:
