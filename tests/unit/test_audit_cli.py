@@ -276,12 +276,14 @@ def test_payments_of_a_participant_page_through(capsys: pytest.CaptureFixture[st
 
 
 @covers("audit", "verify-chains")
-def test_verify_chains() -> None:
+def test_verify_chains(capsys: pytest.CaptureFixture[str]) -> None:
     answer = audit_pb2.VerifyChainsResponse()
     answer.reports.add(shard=3, ok=False, problem="chain broken at 7")
     code, ch = run({"VerifyChains": answer}, "audit", "verify-chains", "--shard", "3")
     assert code == 1  # a chain that does not verify
     assert ch.calls == [(AUDIT + "VerifyChains", audit_pb2.VerifyChainsRequest(shards=[3]))]
+    # A read that answers only at its end says first what it waits for, and how long.
+    assert "waiting while every chain asked for is read" in capsys.readouterr().err
 
 
 def _proof_answer() -> Any:
@@ -338,6 +340,7 @@ def test_compare_cities(capsys: pytest.CaptureFixture[str]) -> None:
     assert ch.calls == [(AUDIT + "CompareCities", audit_pb2.CompareCitiesRequest(window_id=5))]
     err = capsys.readouterr().err
     assert all(f"shenzhen: {r}\n" in err for r in rows)  # every one, not the first 20
+    assert err.startswith("clearingctl: waiting while window 5 is read from each city")
     # Each city's whole root, in JSON and in the table alike: an auditor copies it into
     # `audit verify --expected-root`.
     answer.cities.add(city="beijing", merkle_root=bytes(range(32)))
@@ -509,7 +512,8 @@ def test_a_call_the_node_never_answered_names_the_node_and_where_to_look(
     slow = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
     args = parse("audit", "compare-cities", "1", "--deadline-s", "30")
     assert audit_cli.call(args.group, args, FakeChannel({"CompareCities": slow}), node) == 1
-    err = capsys.readouterr().err
+    waited, err = capsys.readouterr().err.split("\n", 1)
+    assert waited.startswith("clearingctl: waiting while window 1") and "30s" in waited
     assert err.startswith("clearingctl: DEADLINE_EXCEEDED: Deadline Exceeded (switch node")
     assert "it had 30 s" in err and "--deadline-s" in err and "is the switch node up?" in err
 

@@ -413,6 +413,7 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
     if cmd == "payments":
         return _payments(stub, args)
     if cmd == "verify-chains":
+        _waiting("every chain asked for is read and verified", args.deadline_s)
         r = stub.VerifyChains(audit_pb2.VerifyChainsRequest(shards=args.shard),
                               timeout=args.deadline_s)  # fmt: skip
         _emit([{"shard": c.shard, "ok": c.ok, "entries": c.entries, "head_seq": c.head_seq,
@@ -438,6 +439,8 @@ def _audit(stub: Any, args: argparse.Namespace) -> int:
         _emit([row | {"audit_path": path if fmt == "json" else " ".join(path)}], fmt)
         return 0 if ok else 1
     if cmd == "compare-cities":
+        _waiting(f"window {args.window_id} is read from each city's own replica",
+                 args.deadline_s)  # fmt: skip
         r = stub.CompareCities(audit_pb2.CompareCitiesRequest(window_id=args.window_id),
                                timeout=args.deadline_s)  # fmt: skip
         # The whole root, in the table too: it is what --expected-root takes.
@@ -613,6 +616,13 @@ def _within_quota(call: Callable[[], T]) -> T:
 # An export says how far it got after each this many bytes (a large window is hundreds
 # of MiB and minutes of streaming).
 EXPORT_PROGRESS_EVERY_BYTES = 64 * 1024 * 1024
+
+
+def _waiting(what: str, deadline_s: float) -> None:
+    """Say, before a long read that answers only at its end, what it waits for (a whole
+    ledger takes minutes: without a word it looked hung)."""
+    print(f"clearingctl: waiting while {what} (minutes on a long ledger; at most "
+          f"{deadline_s:.0f}s, --deadline-s)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _export(stub: Any, args: argparse.Namespace) -> int:
