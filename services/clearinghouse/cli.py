@@ -350,6 +350,8 @@ def print_health(h: observe.Health) -> None:
     _say(f"health: {h.verdict.upper()} (exit {h.exit_code}); would survive losing a city: {city}")
     for p in h.problems:
         _say(f"  - {p}")
+    for what in h.not_checked:
+        _say(f"  not checked: {what}")
 
 
 def print_live(st: dict[str, Any]) -> None:

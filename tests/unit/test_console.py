@@ -512,7 +512,7 @@ def test_api_state_has_cities_zones_ownership_rates_and_history(
     assert st["etcd"]["leader"] == "shanghai-a"
     assert st["nodes"]["beijing-a"]["routed_forwarded"] == 3
     assert st["health"] == {"verdict": "healthy", "exit_code": 0, "problems": [],
-                            "survives_city_loss": True}  # fmt: skip
+                            "survives_city_loss": True, "not_checked": []}  # fmt: skip
 
     # Payments flow at beijing-a; shanghai-b's node dies.
     metrics.texts["beijing-a"] = metrics_text({"APPROVED": 1000}, 900, {"14": 100})
@@ -665,6 +665,21 @@ def test_health_is_healthy_only_with_everything_up_and_every_shard_served(
     assert (h.verdict, h.exit_code) == ("degraded", 1)
     assert h.problems == ("switch@shanghai-b down (log: x)",)
     assert h.survives_city_loss
+    assert h.not_checked == ()
+
+
+def test_a_verdict_without_the_live_part_says_what_it_did_not_check(
+    metrics: MetricsStub,
+) -> None:
+    """`cluster status --no-live` said HEALTHY during an outage of every shard: it asks
+    no node. The verdict stands on what it saw, and says what it could not see."""
+    fake = FakeCluster(metrics)
+    fake.down.add("beijing-b")  # its shards not taken over: an outage, seen live
+    assert observe.health(_whole(fake, metrics)).verdict == "outage"
+    h = observe.health(fake.status())  # the processes only
+    assert h.verdict != "outage"
+    assert len(h.not_checked) == 1 and "--no-live" in h.not_checked[0]
+    assert h.as_dict()["not_checked"] == list(h.not_checked)
 
 
 def test_health_is_outage_when_shards_have_no_owner_or_quorums_are_lost(

@@ -409,6 +409,9 @@ class Health:
     verdict: str
     problems: tuple[str, ...]
     survives_city_loss: bool
+    # What the verdict could not look at (``--no-live``: the nodes' shards), so that a
+    # HEALTHY made without them does not read like one made with them.
+    not_checked: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -420,6 +423,7 @@ class Health:
             "exit_code": self.exit_code,
             "problems": list(self.problems),
             "survives_city_loss": self.survives_city_loss,
+            "not_checked": list(self.not_checked),
         }
 
 
@@ -484,4 +488,7 @@ def health(st: Mapping[str, Any]) -> Health:
             if left < _majority(total[kind]):
                 survives = False
     verdict = OUTAGE if fatal else DEGRADED if problems else HEALTHY
-    return Health(verdict, tuple(fatal + problems), survives)
+    unchecked = () if nodes is not None else (
+        "whether every shard has an owner and every switch node answers (--no-live)",
+    )  # fmt: skip
+    return Health(verdict, tuple(fatal + problems), survives, unchecked)
