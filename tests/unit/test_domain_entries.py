@@ -207,8 +207,10 @@ def test_decision_round_trips(
     decoded = Decision.decode(decision.encode(), KEY)
     assert decoded == decision
     assert decoded.reversal_owed is owed
-    # What a takeover's replay reads of it, without the postings.
+    # What a takeover's replay reads of it, and what a settled payment keeps of it.
     assert Decision.outcome_of(decision.encode()) == (state, owed)
+    kept = Decision.decode(Decision.without_postings(decision.encode()), KEY)
+    assert kept == Decision(state, at_us, zone, detail, bank_ref, owed, ())
 
 
 def test_a_replay_reads_a_non_final_decision_as_no_decision() -> None:

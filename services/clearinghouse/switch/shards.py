@@ -289,7 +289,8 @@ class _Payment:
 
 
 # A settled payment's form in memory: the decision's seq and the intent body's length,
-# then the two bodies as the chain holds them.
+# then the intent's body as the chain holds it and the decision's without its postings
+# (a payment's record does not show them; the ledger has them).
 _SETTLED_HEAD = struct.Struct("<QI")
 
 
@@ -303,7 +304,7 @@ def _settled_form(p: _Payment) -> bytes:
 
 def _settled_form_of(decided_seq: int, intent_body: bytes, decision_body: bytes) -> bytes:
     head = _SETTLED_HEAD.pack(decided_seq, len(intent_body))
-    return b"".join((head, intent_body, decision_body))
+    return b"".join((head, intent_body, Decision.without_postings(decision_body)))
 
 
 @dataclass(frozen=True, slots=True)
