@@ -388,7 +388,8 @@ class _Shard:
         # reversals loop reads these, not every payment of the shard.
         self.owed: set[str] = set()
         # While a takeover replays the chain: the intents read and not decided yet (see
-        # :class:`_Replayed`); made payments when the replay ends (``finish_replay``).
+        # :class:`_Replayed`); made payments when the replay ends
+        # (``ShardedStore._finish_replay``).
         self.replaying: dict[str, _Replayed] = {}
 
     def reset(self) -> None:
@@ -858,6 +859,7 @@ class ShardedStore:
                 st.payments[key] = p
                 st.set_owed(key, True)
             else:
+                st.owed.discard(key)
                 st.settled[key] = _settled_form_of(e.seq, r.body, e.body)
         elif e.kind == KIND_REVERSAL_CONFIRMED:
             if key not in st.payments and key not in st.settled and key not in st.replaying:
