@@ -140,7 +140,7 @@ class _ActingPayments:
 ZONE_PROBE_TIMEOUT_S = 0.5
 
 
-def answering_zone(topo: Topology, asked: str | None, *, say: bool = True) -> Zone:
+def answering_zone(topo: Topology, asked: str | None) -> Zone:
     """The zone whose switch node a command asks: ``asked`` if given; else the first zone,
     in the topology's order, whose node accepts a connection (with a city down, the
     commands go on through another city; a note on stderr says so); else the first."""
@@ -154,7 +154,7 @@ def answering_zone(topo: Topology, asked: str | None, *, say: bool = True) -> Zo
         except OSError:
             skipped.append(z.name)
             continue
-        if skipped and say:
+        if skipped:
             print(f"clearingctl: the switch node of {', '.join(skipped)} does not answer; "
                   f"asking {z.name}'s (any zone's node answers the same; --zone picks "
                   "one)", file=sys.stderr)  # fmt: skip

@@ -86,9 +86,7 @@ def _order(type_: PaymentType = PaymentType.DEBIT, **changes: Any) -> PaymentOrd
 
 
 def _validate(order: PaymentOrder, registry: dict[str, Participant] | None = None) -> None:
-    validate_order(
-        order, _registry() if registry is None else registry, max_amount_minor=LIMIT, now_us=NOW_US
-    )
+    validate_order(order, _registry() if registry is None else registry, max_amount_minor=LIMIT)
 
 
 def _violated_fields(order: PaymentOrder) -> set[str]:
@@ -191,7 +189,6 @@ def test_path_prefix_names_the_order_in_a_batch() -> None:
             _order(memo="m" * 141),
             _registry(),
             max_amount_minor=LIMIT,
-            now_us=NOW_US,
             path="orders[3]",
         )
     assert [v.field for v in caught.value.violations] == ["orders[3].memo"]
@@ -314,7 +311,7 @@ def test_registry_key_must_match_participant_id() -> None:
 @pytest.mark.parametrize("max_amount", [0, -1, MAX_AMOUNT_MINOR + 1])
 def test_max_amount_must_be_sane(max_amount: int) -> None:
     with pytest.raises(InvariantViolation):
-        validate_order(_order(), _registry(), max_amount_minor=max_amount, now_us=NOW_US)
+        validate_order(_order(), _registry(), max_amount_minor=max_amount)
 
 
 @pytest.mark.parametrize("n", [1, 2, BATCH_SIZE_MAX])

@@ -64,7 +64,6 @@ def validate_order(
     participants: Mapping[str, Participant],
     *,
     max_amount_minor: int,
-    now_us: int,
     path: str = "order",
 ) -> None:
     """Raise a ClearingError if ``order`` may not enter the switch; return None if it may.
@@ -75,7 +74,7 @@ def validate_order(
         0 < max_amount_minor <= MAX_AMOUNT_MINOR,
         f"max_amount_minor {max_amount_minor} outside 1..{MAX_AMOUNT_MINOR}",
     )
-    check_order_shape(order, max_amount_minor=max_amount_minor, now_us=now_us, path=path)
+    check_order_shape(order, max_amount_minor=max_amount_minor, path=path)
     _check_participants(order, participants, path)
 
 
@@ -83,7 +82,6 @@ def check_order_shape(
     order: PaymentOrder,
     *,
     max_amount_minor: int = MAX_AMOUNT_MINOR,
-    now_us: int,
     path: str = "order",
 ) -> None:
     """The first phase alone: the order by itself, every bad field at once.
@@ -97,7 +95,7 @@ def check_order_shape(
         *_amount_violations(order, path, max_amount_minor),
         *_bank_account_violations(order.bank_account, f"{path}.bank_account"),
         *_memo_violations(order.memo, f"{path}.memo"),
-        *_time_violations(order.requested_at_us, f"{path}.requested_at_us", now_us),
+        *_time_violations(order.requested_at_us, f"{path}.requested_at_us"),
     ]
     if violations:
         raise InvalidArgument(violations)
@@ -207,11 +205,10 @@ def _memo_violations(memo: str, field: str) -> list[FieldViolation]:
     return []
 
 
-def _time_violations(requested_at_us: int, field: str, now_us: int) -> list[FieldViolation]:
-    # How far ahead of the switch's clock is freshness (signing.check_fresh): one answer,
+def _time_violations(requested_at_us: int, field: str) -> list[FieldViolation]:
+    # How far from the switch's clock is freshness (signing.check_fresh): one answer,
     # FAILED_PRECONDITION ORDER_FROM_FUTURE, however far ahead (a shape bound of 5
     # minutes here answered INVALID_ARGUMENT beyond it, against the documented contract).
-    del now_us
     if requested_at_us <= 0:
         return [FieldViolation(field, "must be positive")]
     return []

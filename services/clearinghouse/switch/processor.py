@@ -233,7 +233,6 @@ class PaymentProcessor:
             order,
             self.registry.snapshot(),
             max_amount_minor=self.max_amount_minor,
-            now_us=self.clock(),
             path=path,
         )
 

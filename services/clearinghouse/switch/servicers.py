@@ -207,7 +207,7 @@ def admit_order(
     ``forwarded``: checked again by the shard's owner (freshness with
     :data:`OWNER_FRESHNESS_GRACE_S`; what its registry does not know yet is UNAVAILABLE)."""
     order = convert.order_from_pb(order_pb, path)
-    check_order_shape(order, now_us=now_us, path=path)
+    check_order_shape(order, path=path)
 
     def lacks(known: Mapping[str, Participant]) -> bool:
         """The order names a participant, or its institution a key, ``known`` lacks."""
